@@ -1,0 +1,1 @@
+//! Shared helpers for fairrank benchmarks and the gRPC load generator.

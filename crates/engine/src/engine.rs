@@ -1,0 +1,671 @@
+//! The [`Engine`]: request entry points (completion callbacks, blocking, batches), table
+//! reloads and rollbacks, the personalization switch and status.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Instant, SystemTime};
+
+use rayon::prelude::*;
+use store::Table;
+
+use crate::batcher::{Batcher, BatcherStatus, CatalogJob, ScanResult, scan_catalog};
+use crate::config::EngineConfig;
+use crate::error::{DeadlineStage, EngineError};
+use crate::pipeline::{Prepared, Snapshot, finish, prepare, score_inline};
+use crate::request::RankRequest;
+use crate::response::{BatchResponse, RankResponse, StageTimings, micros};
+use crate::tables::{ReloadOutcome, ReloadRequest, TableKind, TableSlot, TableStatus, same_dim};
+
+/// A callback that receives an answer or an error, exactly once.
+pub type Callback<T> = Box<dyn FnOnce(Result<T, EngineError>) + Send + 'static>;
+
+/// The callback that receives a request's answer.
+pub type RankCallback = Callback<RankResponse>;
+
+/// The callback that receives a batch's answer.
+pub type BatchCallback = Callback<BatchResponse>;
+
+/// The ranking engine: owns the serving tables, the micro-batcher and the request path.
+///
+/// `Engine` is `Send + Sync` and cheap to clone (clones share everything); the server
+/// keeps one and calls it from its async handlers. Heavy work never runs on the caller's
+/// thread: [`Engine::submit`] returns at once and answers from a rayon worker.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: EngineConfig,
+    items: TableSlot,
+    users: TableSlot,
+    paused: AtomicBool,
+    paused_since: Mutex<SystemTime>,
+    in_flight: Arc<AtomicUsize>,
+    batcher: Batcher,
+}
+
+/// The result of [`Engine::set_personalization_paused`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PauseChange {
+    /// Whether personalization is paused now.
+    pub paused: bool,
+    /// Whether the call changed the state.
+    pub changed: bool,
+    /// Since when the current state holds.
+    pub since: SystemTime,
+}
+
+/// What [`Engine::status`] reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineStatus {
+    /// The serving item table.
+    pub items: TableStatus,
+    /// The serving user table, if one is loaded.
+    pub users: Option<TableStatus>,
+    /// Requests submitted and not yet answered (batch entries count one each).
+    pub in_flight: usize,
+    /// Whether personalization is paused.
+    pub personalization_paused: bool,
+    /// Since when the pause state holds.
+    pub paused_since: SystemTime,
+    /// The micro-batcher's counters.
+    pub batcher: BatcherStatus,
+    /// The configuration in force.
+    pub config: EngineConfig,
+}
+
+/// One in-flight count per request, released on drop.
+struct InFlight {
+    counter: Arc<AtomicUsize>,
+    requests: usize,
+}
+
+impl InFlight {
+    fn new(counter: &Arc<AtomicUsize>, requests: usize) -> InFlight {
+        counter.fetch_add(requests, Ordering::AcqRel);
+        InFlight {
+            counter: Arc::clone(counter),
+            requests,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.requests, Ordering::AcqRel);
+    }
+}
+
+/// Calls a callback exactly once: with the answer, or, if dropped unanswered (a panic, a
+/// lost job), with an internal error. Holds the in-flight count of the requests it answers
+/// and releases it just before calling back.
+struct Completion<T> {
+    done: Option<Callback<T>>,
+    in_flight: Option<InFlight>,
+}
+
+impl<T> Completion<T> {
+    fn new(done: Callback<T>, in_flight: InFlight) -> Completion<T> {
+        Completion {
+            done: Some(done),
+            in_flight: Some(in_flight),
+        }
+    }
+
+    fn complete(mut self, result: Result<T, EngineError>) {
+        self.deliver(result);
+    }
+
+    fn deliver(&mut self, result: Result<T, EngineError>) {
+        drop(self.in_flight.take());
+        if let Some(done) = self.done.take() {
+            done(result);
+        }
+    }
+}
+
+impl<T> Drop for Completion<T> {
+    fn drop(&mut self) {
+        if self.done.is_some() {
+            self.deliver(Err(EngineError::internal(
+                "the request was dropped without an answer",
+            )));
+        }
+    }
+}
+
+/// Runs `task` on the rayon pool, containing panics (rayon aborts the process on a panic
+/// in a spawned task); the task's completion guards answer the caller.
+fn spawn_contained(task: impl FnOnce() + Send + 'static) {
+    rayon::spawn(move || {
+        let _ = catch_unwind(AssertUnwindSafe(task));
+    });
+}
+
+impl Engine {
+    /// An engine serving `items` and, optionally, `users` (both as generation 1).
+    ///
+    /// Fails on an invalid configuration, a user table whose dimension differs from the
+    /// item table's, or when the batcher thread cannot start.
+    pub fn new(
+        config: EngineConfig,
+        items: Table,
+        users: Option<Table>,
+    ) -> Result<Engine, EngineError> {
+        config.validate()?;
+        if let Some(users) = &users
+            && users.dim() != items.dim()
+        {
+            return Err(EngineError::Reload {
+                table: TableKind::Users,
+                path: users.path().to_path_buf(),
+                problem: crate::error::ReloadProblem::DimensionMismatch,
+                message: format!(
+                    "its dimension {} differs from the item table's {}",
+                    users.dim(),
+                    items.dim()
+                ),
+            });
+        }
+        let batcher = Batcher::start(&config)?;
+        let inner = Inner {
+            items: TableSlot::new(TableKind::Items, Some(items), config.max_pool),
+            users: TableSlot::new(TableKind::Users, users, config.max_pool),
+            paused: AtomicBool::new(false),
+            paused_since: Mutex::new(SystemTime::now()),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            batcher,
+            config,
+        };
+        Ok(Engine {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    /// Ranks asynchronously: returns at once; `done` is called exactly once, from a rayon
+    /// worker or the batcher, with the answer or the error.
+    ///
+    /// Candidate lists and non-personalized answers are computed on a rayon worker;
+    /// personalized whole-catalog requests go through the micro-batcher (see
+    /// [`crate::batcher`]).
+    pub fn submit(&self, request: RankRequest, done: RankCallback) {
+        let received = Instant::now();
+        let completion = Completion::new(done, InFlight::new(&self.inner.in_flight, 1));
+        let inner = Arc::clone(&self.inner);
+        spawn_contained(move || inner.run(request, completion, received));
+    }
+
+    /// Ranks and waits for the answer (for tests, the CLI and benchmarks).
+    ///
+    /// Called from a rayon worker thread, it runs the whole request inline on that thread
+    /// (no micro-batching) instead of blocking a worker the request itself needs.
+    pub fn rank_blocking(&self, request: RankRequest) -> Result<RankResponse, EngineError> {
+        let received = Instant::now();
+        if rayon::current_thread_index().is_some() {
+            let _in_flight = InFlight::new(&self.inner.in_flight, 1);
+            let snapshot = self.inner.snapshot()?;
+            let prepared = prepare(
+                &self.inner.config,
+                &snapshot,
+                request,
+                StageTimings::default(),
+                received,
+            )?;
+            prepared.check_deadline(DeadlineStage::BeforeScoring)?;
+            return score_and_finish(prepared);
+        }
+        let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+        self.submit(
+            request,
+            Box::new(move |result| {
+                // The receiver waits below; it is gone only if this thread panicked.
+                let _ = sender.send(result);
+            }),
+        );
+        receiver.recv().unwrap_or_else(|_| {
+            Err(EngineError::internal(
+                "the engine lost a request without answering it",
+            ))
+        })
+    }
+
+    /// Ranks many requests at once (the RankBatch RPC), asynchronously; `done` is called
+    /// exactly once.
+    ///
+    /// All entries use one snapshot of the tables. Every personalized whole-catalog entry
+    /// is scored by ONE batched kernel call; candidate-list and non-personalized entries are
+    /// scored in parallel. Each entry is validated and answered independently (its error
+    /// names the field inside the entry); the call itself fails only for batch-level
+    /// problems: no entries, more than `max_batch_requests`, or duplicate request ids
+    /// (field `requests[i].request_id`).
+    pub fn submit_batch(&self, requests: Vec<RankRequest>, done: BatchCallback) {
+        let received = Instant::now();
+        let completion =
+            Completion::new(done, InFlight::new(&self.inner.in_flight, requests.len()));
+        let inner = Arc::clone(&self.inner);
+        spawn_contained(move || {
+            let result = inner.run_batch(requests, received);
+            completion.complete(result);
+        });
+    }
+
+    /// [`Engine::submit_batch`], waiting for the answer. Called from a rayon worker it runs
+    /// inline.
+    pub fn rank_batch(&self, requests: Vec<RankRequest>) -> Result<BatchResponse, EngineError> {
+        let received = Instant::now();
+        if rayon::current_thread_index().is_some() {
+            let _in_flight = InFlight::new(&self.inner.in_flight, requests.len());
+            return self.inner.run_batch(requests, received);
+        }
+        let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+        self.submit_batch(
+            requests,
+            Box::new(move |result| {
+                let _ = sender.send(result);
+            }),
+        );
+        receiver.recv().unwrap_or_else(|_| {
+            Err(EngineError::internal(
+                "the engine lost a batch without answering it",
+            ))
+        })
+    }
+
+    /// Reloads the item table from `path` (`None`: its current path, re-opened). See
+    /// [`Engine::reload`].
+    pub fn reload_items(&self, path: Option<&Path>) -> Result<ReloadOutcome, EngineError> {
+        self.reload(
+            TableKind::Items,
+            &ReloadRequest {
+                path: path.map(Path::to_path_buf),
+                ..ReloadRequest::default()
+            },
+        )
+    }
+
+    /// Reloads (or first loads) the user table. See [`Engine::reload`].
+    pub fn reload_users(&self, path: Option<&Path>) -> Result<ReloadOutcome, EngineError> {
+        self.reload(
+            TableKind::Users,
+            &ReloadRequest {
+                path: path.map(Path::to_path_buf),
+                ..ReloadRequest::default()
+            },
+        )
+    }
+
+    /// Opens, validates (checksum too, unless disabled), checks the dimension against the
+    /// other table, warms, and atomically swaps in a table; the replaced table becomes the
+    /// rollback target. Requests already running finish on the table they started with.
+    /// On any failure the serving table is untouched and the error says why
+    /// ([`EngineError::Reload`], or `Aborted` for a concurrent change or a generation
+    /// mismatch).
+    pub fn reload(
+        &self,
+        kind: TableKind,
+        request: &ReloadRequest,
+    ) -> Result<ReloadOutcome, EngineError> {
+        let inner = &self.inner;
+        let verify = inner.config.verify_checksum_on_reload;
+        match kind {
+            TableKind::Items => {
+                let users = inner.users.snapshot();
+                inner.items.reload(
+                    request,
+                    verify,
+                    same_dim(users.as_deref(), TableKind::Users),
+                )
+            }
+            TableKind::Users => {
+                let items = inner.items.snapshot();
+                inner.users.reload(
+                    request,
+                    verify,
+                    same_dim(items.as_deref(), TableKind::Items),
+                )
+            }
+        }
+    }
+
+    /// Swaps the previous item table back in. See [`Engine::rollback`].
+    pub fn rollback_items(&self) -> Result<ReloadOutcome, EngineError> {
+        self.rollback(TableKind::Items, None)
+    }
+
+    /// Swaps the previous table of `kind` back in, under a new generation; the table it
+    /// replaces becomes the rollback target (a second rollback undoes the first).
+    /// `FailedPrecondition` when no previous table is retained.
+    pub fn rollback(
+        &self,
+        kind: TableKind,
+        if_generation: Option<u64>,
+    ) -> Result<ReloadOutcome, EngineError> {
+        let inner = &self.inner;
+        match kind {
+            TableKind::Items => {
+                let users = inner.users.snapshot();
+                inner
+                    .items
+                    .rollback(if_generation, same_dim(users.as_deref(), TableKind::Users))
+            }
+            TableKind::Users => {
+                let items = inner.items.snapshot();
+                inner
+                    .users
+                    .rollback(if_generation, same_dim(items.as_deref(), TableKind::Items))
+            }
+        }
+    }
+
+    /// Pauses or resumes personalization engine-wide (the operator switch). While paused,
+    /// every answer is non-personalized and no user embedding is read. Idempotent.
+    pub fn set_personalization_paused(&self, paused: bool) -> PauseChange {
+        let mut since = self
+            .inner
+            .paused_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let changed = self.inner.paused.swap(paused, Ordering::AcqRel) != paused;
+        if changed {
+            *since = SystemTime::now();
+        }
+        PauseChange {
+            paused,
+            changed,
+            since: *since,
+        }
+    }
+
+    /// Whether personalization is paused.
+    pub fn personalization_paused(&self) -> bool {
+        self.inner.paused.load(Ordering::Acquire)
+    }
+
+    /// Requests submitted and not yet answered (for the server's load shedding).
+    pub fn in_flight(&self) -> usize {
+        self.inner.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Tables, in-flight count, pause state and batcher counters.
+    pub fn status(&self) -> Result<EngineStatus, EngineError> {
+        let inner = &self.inner;
+        let items = inner
+            .items
+            .status()
+            .ok_or_else(|| EngineError::internal("no item table is serving"))?;
+        let paused_since = *inner
+            .paused_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(EngineStatus {
+            items,
+            users: inner.users.status(),
+            in_flight: self.in_flight(),
+            personalization_paused: self.personalization_paused(),
+            paused_since,
+            batcher: inner.batcher.status(),
+            config: inner.config.clone(),
+        })
+    }
+}
+
+impl Inner {
+    /// The tables and the pause switch, as one request sees them.
+    fn snapshot(&self) -> Result<Snapshot, EngineError> {
+        let items = self
+            .items
+            .snapshot()
+            .ok_or_else(|| EngineError::internal("no item table is serving"))?;
+        Ok(Snapshot {
+            items,
+            users: self.users.snapshot(),
+            paused: self.paused.load(Ordering::Acquire),
+        })
+    }
+
+    /// One request, on a rayon worker.
+    fn run(
+        self: Arc<Self>,
+        request: RankRequest,
+        completion: Completion<RankResponse>,
+        received: Instant,
+    ) {
+        let timings = StageTimings {
+            queue_us: micros(received.elapsed()),
+            ..StageTimings::default()
+        };
+        let prepared = self
+            .snapshot()
+            .and_then(|snapshot| prepare(&self.config, &snapshot, request, timings, received))
+            .and_then(|prepared| {
+                prepared.check_deadline(DeadlineStage::BeforeScoring)?;
+                Ok(prepared)
+            });
+        let prepared = match prepared {
+            Ok(prepared) => prepared,
+            Err(error) => return completion.complete(Err(error)),
+        };
+        if let Some(query) = prepared.catalog_query() {
+            let job = CatalogJob::new(
+                Arc::clone(&prepared.items),
+                query.clone(),
+                prepared.pool,
+                prepared.deadline,
+                Box::new(move |scan: ScanResult| {
+                    let mut prepared = prepared;
+                    prepared.timings.queue_us += micros(scan.queue_wait);
+                    prepared.timings.score_us = micros(scan.scan_time);
+                    completion.complete(scan.outcome.and_then(|scored| finish(prepared, scored)));
+                }),
+            );
+            self.batcher.submit(job);
+            return;
+        }
+        completion.complete(score_and_finish(prepared));
+    }
+
+    /// A batch of requests; see [`Engine::submit_batch`].
+    fn run_batch(
+        &self,
+        requests: Vec<RankRequest>,
+        received: Instant,
+    ) -> Result<BatchResponse, EngineError> {
+        let queue_us = micros(received.elapsed());
+        check_batch(&requests, self.config.max_batch_requests)?;
+        let snapshot = self.snapshot()?;
+        let validate_started = Instant::now();
+        let timings = StageTimings {
+            queue_us,
+            ..StageTimings::default()
+        };
+        let mut entries: Vec<Result<Prepared, EngineError>> = requests
+            .into_par_iter()
+            .map(|request| {
+                let prepared = prepare(&self.config, &snapshot, request, timings, received)?;
+                prepared.check_deadline(DeadlineStage::BeforeScoring)?;
+                Ok(prepared)
+            })
+            .collect();
+        let validate_us = micros(validate_started.elapsed());
+
+        // All personalized whole-catalog entries: one kernel call.
+        let score_started = Instant::now();
+        let catalog: Vec<usize> = entries
+            .iter()
+            .enumerate()
+            .filter(
+                |(_, entry)| matches!(entry, Ok(prepared) if prepared.catalog_query().is_some()),
+            )
+            .map(|(position, _)| position)
+            .collect();
+        let mut catalog_results = {
+            let queries: Vec<(&[f32], usize)> = catalog
+                .iter()
+                .filter_map(|&position| match &entries[position] {
+                    Ok(prepared) => prepared
+                        .catalog_query()
+                        .map(|query| (query.as_slice(), prepared.pool)),
+                    Err(_) => None,
+                })
+                .collect();
+            scan_catalog(&snapshot.items.data, &queries, &mut Vec::new())
+        };
+        let catalog_us = micros(score_started.elapsed());
+
+        // Finish every entry in parallel.
+        let mut scored: Vec<Option<Result<Vec<kernels::ScoredItem>, EngineError>>> =
+            (0..entries.len()).map(|_| None).collect();
+        match &mut catalog_results {
+            Ok(results) => {
+                for (&position, result) in catalog.iter().zip(results.drain(..)) {
+                    scored[position] = Some(Ok(result));
+                }
+            }
+            Err(error) => {
+                for &position in &catalog {
+                    scored[position] = Some(Err(error.clone()));
+                }
+            }
+        }
+        let results: Vec<Result<RankResponse, EngineError>> = entries
+            .par_drain(..)
+            .zip(scored.into_par_iter())
+            .map(|(entry, scored)| {
+                let prepared = entry?;
+                match scored {
+                    Some(result) => {
+                        let mut prepared = prepared;
+                        prepared.timings.score_us = catalog_us;
+                        finish(prepared, result?)
+                    }
+                    None => score_and_finish(prepared),
+                }
+            })
+            .collect();
+        let total_us = micros(received.elapsed());
+        Ok(BatchResponse {
+            results,
+            timings: StageTimings {
+                total_us,
+                queue_us,
+                validate_us,
+                score_us: micros(score_started.elapsed()),
+                ..StageTimings::default()
+            },
+        })
+    }
+}
+
+/// Scores a prepared request on this thread and finishes it.
+fn score_and_finish(mut prepared: Prepared) -> Result<RankResponse, EngineError> {
+    let started = Instant::now();
+    let scored = score_inline(&prepared)?;
+    prepared.timings.score_us = micros(started.elapsed());
+    finish(prepared, scored)
+}
+
+/// Batch-level checks: entry count and unique request ids.
+fn check_batch(requests: &[RankRequest], max: usize) -> Result<(), EngineError> {
+    if requests.is_empty() {
+        return Err(EngineError::invalid(
+            "requests",
+            "a batch needs at least one request",
+        ));
+    }
+    if requests.len() > max {
+        return Err(EngineError::limit(
+            "requests",
+            format!(
+                "{} requests exceed the batch limit of {max}",
+                requests.len()
+            ),
+        ));
+    }
+    let mut ids: Vec<(&str, usize)> = requests
+        .iter()
+        .enumerate()
+        .map(|(position, request)| (request.request_id.as_str(), position))
+        .collect();
+    ids.sort_unstable();
+    if let Some(pair) = ids
+        .windows(2)
+        .find(|pair| pair[0].0 == pair[1].0 && !pair[0].0.is_empty())
+    {
+        return Err(EngineError::invalid(
+            format!("requests[{}].request_id", pair[1].1),
+            format!(
+                "{:?} repeats the request id of requests[{}]",
+                pair[1].0, pair[0].1
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Validates and resolves `request` against the serving tables, as a request does before
+/// scoring (tests hold the result across a reload).
+#[cfg(test)]
+pub(crate) fn prepare_for_test(
+    engine: &Engine,
+    request: RankRequest,
+) -> Result<Prepared, EngineError> {
+    let snapshot = engine.inner.snapshot()?;
+    prepare(
+        &engine.inner.config,
+        &snapshot,
+        request,
+        StageTimings::default(),
+        Instant::now(),
+    )
+}
+
+/// Scores and finishes a prepared request on this thread.
+#[cfg(test)]
+pub(crate) fn score_and_finish_for_test(prepared: Prepared) -> Result<RankResponse, EngineError> {
+    score_and_finish(prepared)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::channel;
+
+    use super::*;
+
+    #[test]
+    fn a_dropped_completion_answers_with_an_internal_error_and_releases_in_flight() {
+        let counter = Arc::new(AtomicUsize::new(0));
+        let (sender, receiver) = channel();
+        let completion: Completion<()> = Completion::new(
+            Box::new(move |result| {
+                let _ = sender.send(result);
+            }),
+            InFlight::new(&counter, 3),
+        );
+        assert_eq!(counter.load(Ordering::SeqCst), 3);
+        drop(completion);
+        assert!(matches!(
+            receiver.recv(),
+            Ok(Err(EngineError::Internal { .. }))
+        ));
+        assert_eq!(counter.load(Ordering::SeqCst), 0);
+        assert!(receiver.recv().is_err(), "called once only");
+    }
+
+    #[test]
+    fn batch_ids_must_be_unique() {
+        let request = |id: &str| RankRequest::new(id, crate::UserRef::id("u"), 1);
+        assert!(check_batch(&[request("a"), request("b")], 10).is_ok());
+        let error = check_batch(&[request("a"), request("b"), request("a")], 10).unwrap_err();
+        assert_eq!(error.field(), Some("requests[2].request_id"));
+        assert!(error.to_string().contains("requests[0]"), "{error}");
+    }
+}

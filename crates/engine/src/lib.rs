@@ -1,0 +1,100 @@
+//! The ranking request path: validate, resolve user, score, select, re-rank, explain, report.
+//!
+//! # Overview
+//!
+//! An [`Engine`] serves one item table (and optionally a user table) and answers
+//! [`RankRequest`]s with [`RankResponse`]s. It is a synchronous library with completion
+//! callbacks: no gRPC types and no async runtime. The server converts `fairrank.v1`
+//! messages to these types (field for field; error field paths are the proto's) and maps
+//! [`EngineError`] to gRPC status codes in one place.
+//!
+//! A request goes through these stages (each timed in [`StageTimings`]):
+//!
+//! 1. **validate**: every field, with errors naming it (`k`, `pool_size`, `candidate_ids`,
+//!    `inline_user.embedding`, ...); candidate ids are resolved to rows here.
+//! 2. **resolve user**: an operator pause or a denied consent makes the answer
+//!    non-personalized (ranked by the item table's prior, or in row order without one) and
+//!    the user embedding is not read; otherwise the user table row or the inline embedding.
+//! 3. **score**: a candidate list is scored inline ([`kernels::candidates_topk`]); a
+//!    whole-catalog request goes to the micro-batcher ([`batcher`]), which scores concurrent
+//!    requests together ([`kernels::batch_topk`]) and a lone one at once
+//!    ([`kernels::par_scan_topk`]).
+//! 4. **select pool / re-rank**: the top `pool_size` items, re-ranked to `k` by the fairness
+//!    policy (this version implements constraint `none`: the unconstrained top-k).
+//! 5. **explain**: layered reasons (code, sentence, top contributing dimensions).
+//! 6. **report**: exposure share by group (DCG discount `1/log2(1+rank)`), utility kept,
+//!    privacy outcome (differential privacy arrives in a later version).
+//!
+//! Tables are hot-swapped: [`Engine::reload_items`] opens, validates, warms and swaps a new
+//! table atomically; requests already running finish on the table they started with;
+//! [`Engine::rollback_items`] swaps the previous one back.
+//!
+//! Heavy work runs on the global rayon pool (and the batcher thread), never on the thread
+//! that calls [`Engine::submit`].
+//!
+//! # Example
+//!
+//! ```
+//! use engine::{Engine, EngineConfig, RankRequest, UserRef};
+//! use store::{GroupAttribute, Table, TableData, write_table};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let path = dir.path().join("items.frt");
+//! write_table(&path, &TableData {
+//!     dim: 2,
+//!     rows: vec![1.0, 0.0, 0.0, 1.0, 0.7, 0.7],
+//!     ids: vec!["a".into(), "b".into(), "c".into()],
+//!     groups: vec![GroupAttribute { name: "provider_group".into(), labels: vec![0, 1, 1] }],
+//!     prior: Some(vec![0.5, 0.2, 0.3]),
+//!     dim_names: None,
+//! })?;
+//! let engine = Engine::new(EngineConfig::default(), Table::open(&path)?, None)?;
+//!
+//! let request = RankRequest::new("req-1", UserRef::embedding(vec![0.0, 1.0]), 2);
+//! let response = engine.rank_blocking(request)?;
+//! let ids: Vec<&str> = response.items.iter().map(|item| item.id.as_str()).collect();
+//! assert_eq!(ids, ["b", "c"]);
+//! assert!(response.personalized);
+//! assert_eq!(response.fairness.ndcg_vs_unconstrained, 1.0);
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod batcher;
+mod config;
+mod engine;
+mod error;
+mod explain;
+mod pipeline;
+mod report;
+mod request;
+mod response;
+mod tables;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+pub use batcher::BatcherStatus;
+pub use config::{CONSTRAINT_NONE, EngineConfig};
+pub use engine::{BatchCallback, Callback, Engine, EngineStatus, PauseChange, RankCallback};
+pub use error::{
+    AbortReason, DeadlineStage, EngineError, InvalidReason, NotFoundReason, PreconditionReason,
+    ReloadProblem,
+};
+pub use request::{
+    BudgetExhaustedAction, Consent, ConsentDecision, ExplainLevel, ExplainOptions, FairnessPolicy,
+    InfeasibleAction, ParamValue, PrivacyBudget, PrivacyMechanism, PrivacyPolicy, RankRequest,
+    UserRef,
+};
+pub use response::{
+    BatchResponse, DimensionContribution, Explanation, FairnessFallback, FairnessReport,
+    FairnessViolation, GroupExposure, NonPersonalizedReason, PrivacyReport, RankResponse,
+    RankedItem, Reason, ReasonCode, ScoreKind, StageTimings, TableVersion, ViolationKind,
+};
+pub use tables::{ReloadOutcome, ReloadRequest, TableKind, TableStatus, open_table};
+pub use validate::{
+    DEFAULT_EXPLAIN_DIMENSIONS, MAX_CONSENT_REFERENCE_BYTES, MAX_EXPLAIN_DIMENSIONS,
+    MAX_EXPOSURE_SCOPE_BYTES, MAX_REQUEST_ID_BYTES, MAX_USER_ID_BYTES,
+};

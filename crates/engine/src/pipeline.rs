@@ -1,0 +1,435 @@
+//! The stages of one request: prepare (validate, resolve user, consent), score, and finish
+//! (select pool, re-rank, explain, report). Pure functions over a table snapshot; the
+//! [`Engine`](crate::Engine) decides on which thread each runs.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+use std::time::Instant;
+
+use kernels::{ScoredItem, TopKScratch, candidates_topk, par_scan_topk};
+
+use crate::config::EngineConfig;
+use crate::error::{DeadlineStage, EngineError, NotFoundReason, PreconditionReason};
+use crate::explain::{Basis, Explainer, ItemFacts};
+use crate::report::{ReportInput, fairness_report};
+use crate::request::{ConsentDecision, ExplainLevel, ExplainOptions, RankRequest, UserRef};
+use crate::response::{
+    FairnessFallback, NonPersonalizedReason, PrivacyReport, RankResponse, RankedItem, ScoreKind,
+    StageTimings, TableVersion, micros,
+};
+use crate::tables::{Served, top_ranked};
+use crate::validate::{self, ResolvedFairness};
+
+/// The tables and switches one request (or one batch) uses from start to end.
+#[derive(Debug, Clone)]
+pub(crate) struct Snapshot {
+    pub items: Arc<Served>,
+    pub users: Option<Arc<Served>>,
+    pub paused: bool,
+}
+
+/// A user embedding: inline, or a row of a user table snapshot. Cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) enum Query {
+    Inline(Arc<[f32]>),
+    UserRow { users: Arc<Served>, row: usize },
+}
+
+impl Query {
+    pub fn as_slice(&self) -> &[f32] {
+        match self {
+            Query::Inline(values) => values,
+            Query::UserRow { users, row } => users.data.table.get_row(*row).unwrap_or(&[]),
+        }
+    }
+}
+
+/// Whether and how the answer is personalized.
+#[derive(Debug, Clone)]
+pub(crate) enum Personalization {
+    Personalized(Query),
+    NonPersonalized(NonPersonalizedReason),
+}
+
+/// What is scored.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Scope {
+    /// The whole item table.
+    Catalog,
+    /// These rows, in request order.
+    Candidates(Vec<u32>),
+}
+
+/// A validated request with its user resolved, ready to score.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    pub request_id: String,
+    pub k: usize,
+    pub pool: usize,
+    pub explain: ExplainOptions,
+    pub fairness: ResolvedFairness,
+    pub items: Arc<Served>,
+    pub users_version: Option<TableVersion>,
+    pub personalization: Personalization,
+    pub scope: Scope,
+    pub skipped: Vec<String>,
+    pub deadline: Option<Instant>,
+    pub timings: StageTimings,
+    /// When the engine received the request (for `total_us`).
+    pub received: Instant,
+}
+
+impl Prepared {
+    /// The query of a personalized whole-catalog request: such requests go to the
+    /// micro-batcher; all others are scored inline.
+    pub fn catalog_query(&self) -> Option<&Query> {
+        match (&self.personalization, &self.scope) {
+            (Personalization::Personalized(query), Scope::Catalog) => Some(query),
+            _ => None,
+        }
+    }
+
+    /// Fails with `DeadlineExceeded` if the deadline has passed.
+    pub fn check_deadline(&self, stage: DeadlineStage) -> Result<(), EngineError> {
+        check_deadline(self.deadline, stage)
+    }
+
+    fn scored_items(&self) -> usize {
+        match &self.scope {
+            Scope::Catalog => self.items.data.table.len(),
+            Scope::Candidates(rows) => rows.len(),
+        }
+    }
+}
+
+/// Fails with `DeadlineExceeded` if `deadline` has passed.
+pub(crate) fn check_deadline(
+    deadline: Option<Instant>,
+    stage: DeadlineStage,
+) -> Result<(), EngineError> {
+    match deadline {
+        Some(deadline) if Instant::now() >= deadline => {
+            Err(EngineError::DeadlineExceeded { stage })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Validates `request` against `snapshot` and resolves its user. `timings.queue_us` is
+/// kept; the validate and resolve stages are filled in.
+pub(crate) fn prepare(
+    config: &EngineConfig,
+    snapshot: &Snapshot,
+    request: RankRequest,
+    mut timings: StageTimings,
+    received: Instant,
+) -> Result<Prepared, EngineError> {
+    let started = Instant::now();
+    let items = &snapshot.items.data.table;
+    validate::request_id(&request.request_id)?;
+    validate::user(&request.user, items.dim())?;
+    let pool = validate::k_and_pool(request.k, request.pool_size, config)?;
+    let fairness = validate::fairness(&request.fairness, config, items)?;
+    validate::privacy(&request.privacy)?;
+    validate::consent(&request.consent)?;
+    let explain = validate::explain(request.explain)?;
+    let (scope, skipped) = if request.candidate_ids.is_empty() {
+        (Scope::Catalog, Vec::new())
+    } else {
+        let candidates = validate::candidates(
+            &request.candidate_ids,
+            request.skip_unknown_candidates,
+            items,
+            config.max_candidates,
+        )?;
+        (Scope::Candidates(candidates.rows), candidates.skipped)
+    };
+    let resolve_started = Instant::now();
+    timings.validate_us = micros(resolve_started - started);
+
+    let consented = match request.consent.personalization {
+        ConsentDecision::Granted => true,
+        ConsentDecision::Denied => false,
+        ConsentDecision::Unspecified => !config.require_explicit_consent,
+    };
+    let mut users_version = None;
+    let personalization = if snapshot.paused {
+        Personalization::NonPersonalized(NonPersonalizedReason::PersonalizationPaused)
+    } else if !consented {
+        Personalization::NonPersonalized(NonPersonalizedReason::ConsentDenied)
+    } else {
+        match request.user {
+            UserRef::Inline { embedding, .. } => {
+                Personalization::Personalized(Query::Inline(embedding.into()))
+            }
+            UserRef::Id(id) => {
+                let Some(users) = &snapshot.users else {
+                    return Err(EngineError::FailedPrecondition {
+                        field: Some("user_id".to_owned()),
+                        reason: PreconditionReason::TableNotLoaded,
+                        message: "no user table is loaded; send the embedding inline".to_owned(),
+                    });
+                };
+                match users.data.table.index_of(&id) {
+                    Some(row) => {
+                        users_version = Some(users.version());
+                        Personalization::Personalized(Query::UserRow {
+                            users: Arc::clone(users),
+                            row: row as usize,
+                        })
+                    }
+                    None if request.fallback_for_unknown_user => {
+                        Personalization::NonPersonalized(NonPersonalizedReason::UserNotFound)
+                    }
+                    None => {
+                        return Err(EngineError::NotFound {
+                            field: "user_id".to_owned(),
+                            reason: NotFoundReason::User,
+                            message: format!("user {id:?} is not in the user table"),
+                        });
+                    }
+                }
+            }
+        }
+    };
+    timings.resolve_user_us = micros(resolve_started.elapsed());
+    Ok(Prepared {
+        request_id: request.request_id,
+        k: request.k,
+        pool,
+        explain,
+        fairness,
+        items: Arc::clone(&snapshot.items),
+        users_version,
+        personalization,
+        scope,
+        skipped,
+        deadline: request.deadline,
+        timings,
+        received,
+    })
+}
+
+thread_local! {
+    /// Per-thread scratch of candidate scoring, reused across requests.
+    static CANDIDATE_SCRATCH: RefCell<TopKScratch> = RefCell::new(TopKScratch::new());
+}
+
+/// Scores a prepared request on the calling thread (a rayon worker): the candidate kernel,
+/// the prior order, or, for a personalized whole-catalog request that is not batched, the
+/// parallel scan. Returns the top `pool` items, best first.
+pub(crate) fn score_inline(prepared: &Prepared) -> Result<Vec<ScoredItem>, EngineError> {
+    let data = &prepared.items.data;
+    let pool = prepared.pool;
+    let mut out = Vec::with_capacity(pool);
+    match (&prepared.personalization, &prepared.scope) {
+        (Personalization::Personalized(query), Scope::Candidates(rows)) => {
+            if rows.is_empty() {
+                return Ok(out);
+            }
+            let matrix = data.matrix()?;
+            let query = query.as_slice();
+            CANDIDATE_SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+                Ok(mut scratch) => {
+                    candidates_topk(matrix, query, rows, pool, &mut scratch, &mut out)
+                }
+                Err(_) => {
+                    candidates_topk(matrix, query, rows, pool, &mut TopKScratch::new(), &mut out)
+                }
+            })?;
+        }
+        (Personalization::Personalized(query), Scope::Catalog) => {
+            if data.table.is_empty() {
+                return Ok(out);
+            }
+            par_scan_topk(data.matrix()?, query.as_slice(), pool, &mut out)?;
+        }
+        (Personalization::NonPersonalized(_), Scope::Catalog) => {
+            out.extend_from_slice(&data.prior_order[..pool.min(data.prior_order.len())]);
+        }
+        (Personalization::NonPersonalized(_), Scope::Candidates(rows)) => {
+            match data.table.prior() {
+                Some(prior) => out.extend(rows.iter().map(|&row| {
+                    ScoredItem::new(row, prior.get(row as usize).copied().unwrap_or(0.0))
+                })),
+                // Catalog order: the row index is the rank key (equal scores, index ties).
+                None => out.extend(rows.iter().map(|&row| ScoredItem::new(row, 0.0))),
+            }
+            top_ranked(&mut out, pool);
+        }
+    }
+    Ok(out)
+}
+
+/// The fairness re-ranking of a pool of `pool_len` items (best first) to at most `k`:
+/// positions into the pool, best first. Validation lets only constraint `none` through,
+/// whose answer is the unconstrained top-k; registered constraints plug in here.
+fn rerank(
+    fairness: &ResolvedFairness,
+    pool_len: usize,
+    k: usize,
+) -> Result<Vec<usize>, EngineError> {
+    match fairness.constraint.as_str() {
+        crate::config::CONSTRAINT_NONE => Ok((0..k.min(pool_len)).collect()),
+        other => Err(EngineError::internal(format!(
+            "constraint {other:?} reached the re-ranker without a registered implementation"
+        ))),
+    }
+}
+
+/// Turns the scored pool into the answer: select the pool, re-rank (constraint `none`:
+/// the unconstrained top-k), explain, report.
+pub(crate) fn finish(
+    mut prepared: Prepared,
+    mut scored: Vec<ScoredItem>,
+) -> Result<RankResponse, EngineError> {
+    prepared.check_deadline(DeadlineStage::AfterScoring)?;
+    let scored_items = prepared.scored_items();
+    let timings = &mut prepared.timings;
+
+    // Select: the kernels return the top `pool` (batched scans: the top of the largest
+    // pool in the batch), best first.
+    let stage = Instant::now();
+    scored.truncate(prepared.pool);
+    let pool = scored;
+    let now = Instant::now();
+    timings.select_pool_us = micros(now - stage);
+
+    // Re-rank: positions into the pool, best first.
+    let stage = now;
+    let unconstrained_len = prepared.k.min(pool.len());
+    let answer = rerank(&prepared.fairness, pool.len(), prepared.k)?;
+    let now = Instant::now();
+    timings.rerank_us = micros(now - stage);
+
+    // Explain and build the items.
+    let stage = now;
+    let data = &prepared.items.data;
+    let table = &data.table;
+    let has_prior = table.prior().is_some();
+    let (basis, score_kind) = match &prepared.personalization {
+        Personalization::Personalized(query) => (
+            Basis::Personalized {
+                user: query.as_slice(),
+            },
+            ScoreKind::DotProduct,
+        ),
+        Personalization::NonPersonalized(reason) => (
+            Basis::NonPersonalized {
+                reason: *reason,
+                has_prior,
+            },
+            if has_prior {
+                ScoreKind::Prior
+            } else {
+                ScoreKind::Withheld
+            },
+        ),
+    };
+    let explain_level = match basis {
+        Basis::NonPersonalized { .. } => prepared.explain.level.min(ExplainLevel::Text),
+        Basis::Personalized { .. } => prepared.explain.level,
+    };
+    let explainer = Explainer {
+        level: explain_level,
+        max_dimensions: prepared.explain.max_dimensions,
+        dim_names: table.dim_names(),
+        scored_items,
+        basis,
+    };
+    let attributes = table.group_attribute_names().len();
+    let mut items = Vec::with_capacity(answer.len());
+    for (position, &pool_position) in answer.iter().enumerate() {
+        let Some(scored) = pool.get(pool_position) else {
+            return Err(EngineError::internal(
+                "re-ranker returned a position outside the pool",
+            ));
+        };
+        let row = scored.index as usize;
+        let (Some(id), Some(embedding)) = (table.get_id(row), table.get_row(row)) else {
+            return Err(EngineError::internal(format!(
+                "scored row {row} is not in the item table"
+            )));
+        };
+        let rank = position as u32 + 1;
+        let unconstrained_rank = pool_position as u32 + 1;
+        let explanation = explainer.explain(&ItemFacts {
+            rank,
+            unconstrained_rank,
+            score: scored.score,
+            item: embedding,
+        });
+        let group_labels = (0..attributes)
+            .map(|attribute| {
+                table
+                    .get_group_labels(attribute)
+                    .and_then(|labels| labels.get(row).copied())
+                    .unwrap_or_default()
+            })
+            .collect();
+        items.push(RankedItem {
+            id: id.to_owned(),
+            rank,
+            score: (score_kind != ScoreKind::Withheld).then_some(scored.score),
+            unconstrained_rank,
+            group_labels,
+            explanation,
+        });
+    }
+    let now = Instant::now();
+    timings.explain_us = micros(now - stage);
+
+    // Report.
+    let stage = now;
+    let personalized = matches!(prepared.personalization, Personalization::Personalized(_));
+    let non_personalized_reason = match &prepared.personalization {
+        Personalization::NonPersonalized(reason) => Some(*reason),
+        Personalization::Personalized(_) => None,
+    };
+    let fallback_reason = non_personalized_reason
+        .map(|reason| format!("not personalized because {}", reason.describe()))
+        .unwrap_or_default();
+    let fallback = if personalized {
+        FairnessFallback::None
+    } else {
+        FairnessFallback::NonPersonalized
+    };
+    let fairness = fairness_report(&ReportInput {
+        constraint: &prepared.fairness.constraint,
+        groups: prepared
+            .fairness
+            .group_attribute
+            .as_ref()
+            .and_then(|(name, index)| {
+                table
+                    .get_group_labels(*index)
+                    .map(|labels| (name.as_str(), labels))
+            }),
+        pool: &pool,
+        answer: &answer,
+        unconstrained_len,
+        fallback: (fallback, &fallback_reason),
+        exposure_scope: "",
+    });
+    let now = Instant::now();
+    timings.report_us = micros(now - stage);
+    timings.total_us = micros(now - prepared.received);
+
+    Ok(RankResponse {
+        request_id: prepared.request_id,
+        items,
+        score_kind,
+        group_attributes: table.group_attribute_names().to_vec(),
+        personalized,
+        non_personalized_reason,
+        fairness,
+        privacy: PrivacyReport::not_applied(),
+        explain_level,
+        items_table: prepared.items.version(),
+        users_table: prepared.users_version,
+        scored_items,
+        pool_size: pool.len(),
+        skipped_candidate_ids: prepared.skipped,
+        timings: prepared.timings,
+    })
+}

@@ -1,0 +1,325 @@
+//! Hot swap: reload, refusal of bad files, in-flight requests on the old table, rollback.
+
+use std::fs;
+
+use super::util::{
+    DIM, ITEMS, brute_force, fixture, ids_scores, items_data, row, users_data, write,
+};
+use crate::engine::{prepare_for_test, score_and_finish_for_test};
+use crate::{
+    AbortReason, EngineError, PreconditionReason, RankRequest, ReloadProblem, ReloadRequest,
+    TableKind, UserRef,
+};
+
+fn request(id: &str) -> RankRequest {
+    RankRequest::new(id, UserRef::id("user-5"), 10)
+}
+
+#[test]
+fn reloading_a_good_file_swaps_and_bumps_the_generation() {
+    let fixture = fixture();
+    let before = fixture
+        .engine
+        .rank_blocking(request("before"))
+        .expect("ranks");
+    assert_eq!(before.items_table.generation, 1);
+
+    let new_items = items_data(77, ITEMS / 2, true);
+    let new_path = write(fixture.dir.path(), "items-v2.frt", &new_items);
+    let outcome = fixture
+        .engine
+        .reload_items(Some(&new_path))
+        .expect("reloads");
+    assert_eq!(outcome.table.version.generation, 2);
+    assert_eq!(outcome.previous, Some(before.items_table));
+    assert_eq!(outcome.table.rows, ITEMS / 2);
+    assert_eq!(outcome.table.path, new_path);
+    assert_ne!(outcome.table.version.checksum, before.items_table.checksum);
+
+    let after = fixture
+        .engine
+        .rank_blocking(request("after"))
+        .expect("ranks");
+    assert_eq!(after.items_table, outcome.table.version);
+    assert_eq!(
+        ids_scores(&after),
+        brute_force(&new_items, row(&fixture.users, 5), 0..ITEMS / 2, 10)
+    );
+    let status = fixture.engine.status().expect("status");
+    assert_eq!(status.items.version.generation, 2);
+    assert_eq!(
+        status.items.rollback_target.map(|v| v.checksum),
+        Some(before.items_table.checksum)
+    );
+}
+
+#[test]
+fn reloading_the_current_path_picks_up_a_republished_file() {
+    let fixture = fixture();
+    let new_items = items_data(78, ITEMS, true);
+    write(fixture.dir.path(), "items.frt", &new_items);
+    let outcome = fixture.engine.reload_items(None).expect("reloads");
+    assert_eq!(outcome.table.version.generation, 2);
+    assert_eq!(outcome.table.path, fixture.items_path);
+    let after = fixture
+        .engine
+        .rank_blocking(request("republished"))
+        .expect("ranks");
+    assert_eq!(
+        ids_scores(&after),
+        brute_force(&new_items, row(&fixture.users, 5), 0..ITEMS, 10)
+    );
+}
+
+#[test]
+fn bad_files_are_refused_and_the_old_table_keeps_serving() {
+    let fixture = fixture();
+    let before = fixture
+        .engine
+        .rank_blocking(request("before"))
+        .expect("ranks");
+
+    let good = write(fixture.dir.path(), "good.frt", &items_data(5, 50, true));
+    let bytes = fs::read(&good).expect("reads");
+    let truncated = fixture.dir.path().join("truncated.frt");
+    fs::write(&truncated, &bytes[..bytes.len() - 100]).expect("writes");
+    let corrupt = fixture.dir.path().join("corrupt.frt");
+    let mut flipped = bytes.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 0xff;
+    fs::write(&corrupt, &flipped).expect("writes");
+    let garbage = fixture.dir.path().join("garbage.frt");
+    fs::write(&garbage, b"not a table at all").expect("writes");
+    let missing = fixture.dir.path().join("missing.frt");
+
+    for (path, problem) in [
+        (&truncated, ReloadProblem::InvalidFile),
+        (&corrupt, ReloadProblem::InvalidFile),
+        (&garbage, ReloadProblem::InvalidFile),
+        (&missing, ReloadProblem::FileNotFound),
+    ] {
+        match fixture.engine.reload_items(Some(path)) {
+            Err(EngineError::Reload {
+                table,
+                path: reported,
+                problem: found,
+                message,
+            }) => {
+                assert_eq!(table, TableKind::Items);
+                assert_eq!(&reported, path);
+                assert_eq!(found, problem, "{message}");
+                assert!(!message.is_empty());
+            }
+            other => panic!("{}: expected a reload error, got {other:?}", path.display()),
+        }
+        let still = fixture
+            .engine
+            .rank_blocking(request("still"))
+            .expect("ranks");
+        assert_eq!(still.items_table, before.items_table);
+        assert_eq!(ids_scores(&still), ids_scores(&before));
+    }
+    // Nothing to roll back to: no reload succeeded.
+    assert!(matches!(
+        fixture.engine.rollback_items(),
+        Err(EngineError::FailedPrecondition {
+            reason: PreconditionReason::NoRollbackTarget,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn tables_of_another_dimension_are_refused() {
+    let fixture = fixture();
+    let wide_users = write(
+        fixture.dir.path(),
+        "wide-users.frt",
+        &users_data(3, 10, DIM + 1),
+    );
+    match fixture.engine.reload_users(Some(&wide_users)) {
+        Err(EngineError::Reload { problem, .. }) => {
+            assert_eq!(problem, ReloadProblem::DimensionMismatch)
+        }
+        other => panic!("expected a dimension refusal, got {other:?}"),
+    }
+    let users = fixture
+        .engine
+        .status()
+        .expect("status")
+        .users
+        .expect("users loaded");
+    assert_eq!(users.version.generation, 1);
+}
+
+#[test]
+fn rollback_restores_the_previous_table_and_a_second_rollback_undoes_it() {
+    let fixture = fixture();
+    let original = fixture.engine.rank_blocking(request("v1")).expect("ranks");
+    let new_path = write(
+        fixture.dir.path(),
+        "items-v2.frt",
+        &items_data(9, ITEMS, true),
+    );
+    let reloaded = fixture
+        .engine
+        .reload_items(Some(&new_path))
+        .expect("reloads");
+    let v2 = fixture.engine.rank_blocking(request("v2")).expect("ranks");
+
+    let rolled = fixture.engine.rollback_items().expect("rolls back");
+    assert_eq!(rolled.table.version.generation, 3);
+    assert_eq!(rolled.table.version.checksum, original.items_table.checksum);
+    assert_eq!(rolled.previous, Some(reloaded.table.version));
+    let back = fixture
+        .engine
+        .rank_blocking(request("back"))
+        .expect("ranks");
+    assert_eq!(ids_scores(&back), ids_scores(&original));
+
+    let again = fixture
+        .engine
+        .rollback_items()
+        .expect("undoes the rollback");
+    assert_eq!(again.table.version.generation, 4);
+    assert_eq!(
+        again.table.version.checksum,
+        reloaded.table.version.checksum
+    );
+    let forward = fixture
+        .engine
+        .rank_blocking(request("forward"))
+        .expect("ranks");
+    assert_eq!(ids_scores(&forward), ids_scores(&v2));
+}
+
+#[test]
+fn generation_preconditions_abort_on_mismatch() {
+    let fixture = fixture();
+    let reload = |if_generation| {
+        fixture.engine.reload(
+            TableKind::Items,
+            &ReloadRequest {
+                if_generation: Some(if_generation),
+                ..ReloadRequest::default()
+            },
+        )
+    };
+    assert!(matches!(
+        reload(7),
+        Err(EngineError::Aborted {
+            reason: AbortReason::GenerationMismatch,
+            ..
+        })
+    ));
+    assert_eq!(reload(1).expect("matches").table.version.generation, 2);
+    assert!(matches!(
+        fixture.engine.rollback(TableKind::Items, Some(1)),
+        Err(EngineError::Aborted {
+            reason: AbortReason::GenerationMismatch,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_request_in_flight_finishes_on_the_table_it_started_with() {
+    let fixture = fixture();
+    for candidates in [
+        Vec::new(),
+        vec!["item-001".to_owned(), "item-002".to_owned()],
+    ] {
+        let mut old_request = request("in-flight");
+        old_request.candidate_ids = candidates.clone();
+        let expected = fixture
+            .engine
+            .rank_blocking(old_request.clone())
+            .expect("ranks");
+        // Validated and holding its snapshot; then the file is republished and reloaded.
+        let prepared = prepare_for_test(&fixture.engine, old_request).expect("prepares");
+        let replacement = items_data(123, ITEMS, true);
+        write(fixture.dir.path(), "items.frt", &replacement);
+        let outcome = fixture.engine.reload_items(None).expect("reloads");
+        assert_ne!(
+            outcome.table.version.checksum,
+            expected.items_table.checksum
+        );
+
+        let finished = score_and_finish_for_test(prepared).expect("finishes on the old table");
+        assert_eq!(finished.items_table, expected.items_table);
+        assert_eq!(ids_scores(&finished), ids_scores(&expected));
+
+        let mut new_request = request("new");
+        new_request.candidate_ids = candidates;
+        let fresh = fixture.engine.rank_blocking(new_request).expect("ranks");
+        assert_eq!(fresh.items_table, outcome.table.version);
+        // Put the original content back for the next round.
+        write(fixture.dir.path(), "items.frt", &fixture.items);
+        fixture.engine.reload_items(None).expect("reloads");
+    }
+}
+
+#[test]
+fn requests_racing_reloads_answer_from_the_table_they_report() {
+    let fixture = fixture();
+    let contents = [items_data(31, ITEMS, true), items_data(32, ITEMS, true)];
+    let paths = [
+        write(fixture.dir.path(), "a.frt", &contents[0]),
+        write(fixture.dir.path(), "b.frt", &contents[1]),
+    ];
+    let checksum = |path| {
+        store::Table::open(path)
+            .expect("opens")
+            .header()
+            .data_checksum
+    };
+    let checksums = [checksum(&paths[0]), checksum(&paths[1])];
+    let engine = &fixture.engine;
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for round in 0..12 {
+                engine
+                    .reload_items(Some(&paths[round % 2]))
+                    .expect("reloads");
+            }
+        });
+        for thread in 0..3 {
+            let (contents, checksums, users) = (&contents, &checksums, &fixture.users);
+            scope.spawn(move || {
+                for i in 0..15 {
+                    let user = (thread * 15 + i) % super::util::USERS;
+                    let mut request = RankRequest::new(
+                        format!("race-{thread}-{i}"),
+                        UserRef::id(format!("user-{user}")),
+                        7,
+                    );
+                    if i % 2 == 1 {
+                        request.candidate_ids = (0..30)
+                            .map(|r| format!("item-{:03}", (r * 7 + i) % ITEMS))
+                            .collect();
+                    }
+                    let candidates: Vec<usize> = request
+                        .candidate_ids
+                        .iter()
+                        .map(|id| id[5..].parse().expect("numeric"))
+                        .collect();
+                    let response = engine.rank_blocking(request).expect("ranks");
+                    let checksum = response.items_table.checksum;
+                    let Some(content) = checksums.iter().position(|&c| c == checksum) else {
+                        // Generation 1: the fixture's own table.
+                        continue;
+                    };
+                    let rows: Vec<usize> = if candidates.is_empty() {
+                        (0..ITEMS).collect()
+                    } else {
+                        candidates
+                    };
+                    assert_eq!(
+                        ids_scores(&response),
+                        brute_force(&contents[content], row(users, user), rows, 7)
+                    );
+                }
+            });
+        }
+    });
+}

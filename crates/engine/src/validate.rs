@@ -1,0 +1,506 @@
+//! Request validation: one check per field, each refusal naming the field's proto path.
+
+use store::Table;
+
+use crate::config::{CONSTRAINT_NONE, EngineConfig};
+use crate::error::{EngineError, InvalidReason, NotFoundReason, PreconditionReason};
+use crate::request::{
+    Consent, ExplainOptions, FairnessPolicy, PrivacyBudget, PrivacyMechanism, PrivacyPolicy,
+    UserRef,
+};
+
+/// Longest request id, in bytes.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+/// Longest user id or inline subject id, in bytes.
+pub const MAX_USER_ID_BYTES: usize = 256;
+/// Longest consent reference, in bytes.
+pub const MAX_CONSENT_REFERENCE_BYTES: usize = 256;
+/// Longest amortized exposure scope, in bytes.
+pub const MAX_EXPOSURE_SCOPE_BYTES: usize = 128;
+/// Most contributing dimensions per explained item.
+pub const MAX_EXPLAIN_DIMENSIONS: usize = 32;
+/// Contributing dimensions per explained item when the request says 0.
+pub const DEFAULT_EXPLAIN_DIMENSIONS: usize = 3;
+/// Ids listed by name in an unknown- or duplicate-candidate error.
+const LISTED_IDS: usize = 5;
+
+/// Fairness constraints of the `fairrank.v1` registry that later engine versions add.
+const PLANNED_CONSTRAINTS: [&str; 8] = [
+    "fa*ir",
+    "det-greedy",
+    "det-cons",
+    "det-relaxed",
+    "det-const-sort",
+    "fairco",
+    "min-exposure",
+    "plackett-luce",
+];
+
+/// `request_id`: 1 to 128 bytes of ASCII letters, digits and `-_.:`.
+pub(crate) fn request_id(id: &str) -> Result<(), EngineError> {
+    const FIELD: &str = "request_id";
+    if id.is_empty() {
+        return Err(EngineError::invalid(
+            FIELD,
+            "is required and must not be empty",
+        ));
+    }
+    if id.len() > MAX_REQUEST_ID_BYTES {
+        return Err(EngineError::limit(
+            FIELD,
+            format!(
+                "is {} bytes long; at most {MAX_REQUEST_ID_BYTES} are allowed",
+                id.len()
+            ),
+        ));
+    }
+    if let Some((position, character)) = id
+        .char_indices()
+        .find(|&(_, c)| !(c.is_ascii_alphanumeric() || "-_.:".contains(c)))
+    {
+        return Err(EngineError::invalid(
+            FIELD,
+            format!(
+                "byte {position} is {character:?}; only ASCII letters, digits and `-_.:` are allowed"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The user reference's shape: id length, or the inline embedding's length and values.
+pub(crate) fn user(user: &UserRef, dim: usize) -> Result<(), EngineError> {
+    match user {
+        UserRef::Id(id) => {
+            if id.is_empty() {
+                return Err(EngineError::invalid("user_id", "must not be empty"));
+            }
+            if id.len() > MAX_USER_ID_BYTES {
+                return Err(EngineError::limit(
+                    "user_id",
+                    format!(
+                        "is {} bytes long; at most {MAX_USER_ID_BYTES} are allowed",
+                        id.len()
+                    ),
+                ));
+            }
+        }
+        UserRef::Inline {
+            embedding,
+            subject_id,
+        } => {
+            const FIELD: &str = "inline_user.embedding";
+            if embedding.len() != dim {
+                return Err(EngineError::InvalidArgument {
+                    field: FIELD.to_owned(),
+                    reason: InvalidReason::DimensionMismatch,
+                    message: format!(
+                        "has {} values; the item table's dimension is {dim}",
+                        embedding.len()
+                    ),
+                });
+            }
+            if let Some(index) = embedding.iter().position(|value| !value.is_finite()) {
+                let kind = if embedding[index].is_nan() {
+                    "NaN"
+                } else {
+                    "infinite"
+                };
+                return Err(EngineError::invalid(
+                    FIELD,
+                    format!("value at index {index} is {kind}; all values must be finite"),
+                ));
+            }
+            if subject_id.len() > MAX_USER_ID_BYTES {
+                return Err(EngineError::limit(
+                    "inline_user.subject_id",
+                    format!(
+                        "is {} bytes long; at most {MAX_USER_ID_BYTES} are allowed",
+                        subject_id.len()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `k` and `pool_size`; returns the pool size to use.
+pub(crate) fn k_and_pool(
+    k: usize,
+    pool_size: Option<usize>,
+    config: &EngineConfig,
+) -> Result<usize, EngineError> {
+    if k == 0 {
+        return Err(EngineError::invalid("k", "must be at least 1"));
+    }
+    if k > config.max_k {
+        return Err(EngineError::limit(
+            "k",
+            format!("{k} exceeds the limit of {}", config.max_k),
+        ));
+    }
+    match pool_size {
+        None => Ok(config.default_pool.max(k)),
+        Some(pool) if pool < k => Err(EngineError::invalid(
+            "pool_size",
+            format!("{pool} is smaller than k ({k})"),
+        )),
+        Some(pool) if pool > config.max_pool => Err(EngineError::limit(
+            "pool_size",
+            format!("{pool} exceeds the limit of {}", config.max_pool),
+        )),
+        Some(pool) => Ok(pool),
+    }
+}
+
+/// The fairness policy with defaults resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ResolvedFairness {
+    /// Registry name of the constraint.
+    pub constraint: String,
+    /// The group attribute (name and index in the item table), if the table has it.
+    pub group_attribute: Option<(String, usize)>,
+    /// Amortized scope (unused by `none`).
+    pub exposure_scope: String,
+}
+
+/// The fairness policy: the constraint must be `none` (others are not implemented yet),
+/// which takes no parameters; the group attribute must exist if named explicitly.
+pub(crate) fn fairness(
+    policy: &FairnessPolicy,
+    config: &EngineConfig,
+    items: &Table,
+) -> Result<ResolvedFairness, EngineError> {
+    let constraint = if policy.constraint.is_empty() {
+        config.default_fairness_constraint.as_str()
+    } else {
+        policy.constraint.as_str()
+    };
+    if constraint != CONSTRAINT_NONE {
+        let message = if PLANNED_CONSTRAINTS.contains(&constraint) {
+            format!(
+                "constraint {constraint:?} is not yet supported by this server version (supported: `none`)"
+            )
+        } else {
+            format!("{constraint:?} is not a registered constraint (supported: `none`)")
+        };
+        return Err(EngineError::Unsupported {
+            field: "fairness.constraint".to_owned(),
+            message,
+        });
+    }
+    if let Some(key) = policy.params.keys().next() {
+        return Err(EngineError::InvalidArgument {
+            field: format!("fairness.params.{key}"),
+            reason: InvalidReason::InvalidConstraintParams,
+            message: format!("constraint `{CONSTRAINT_NONE}` takes no parameters"),
+        });
+    }
+    if policy.exposure_scope.len() > MAX_EXPOSURE_SCOPE_BYTES {
+        return Err(EngineError::limit(
+            "fairness.exposure_scope",
+            format!(
+                "is {} bytes long; at most {MAX_EXPOSURE_SCOPE_BYTES} are allowed",
+                policy.exposure_scope.len()
+            ),
+        ));
+    }
+    let group_attribute = if policy.group_attribute.is_empty() {
+        let name = &config.default_group_attribute;
+        items
+            .group_attribute_index(name)
+            .map(|index| (name.clone(), index))
+    } else {
+        let name = &policy.group_attribute;
+        match items.group_attribute_index(name) {
+            Some(index) => Some((name.clone(), index)),
+            None => {
+                return Err(EngineError::FailedPrecondition {
+                    field: Some("fairness.group_attribute".to_owned()),
+                    reason: PreconditionReason::GroupAttributeNotFound,
+                    message: format!(
+                        "the item table has no group attribute {name:?} (it has {:?})",
+                        items.group_attribute_names()
+                    ),
+                });
+            }
+        }
+    };
+    Ok(ResolvedFairness {
+        constraint: constraint.to_owned(),
+        group_attribute,
+        exposure_scope: policy.exposure_scope.clone(),
+    })
+}
+
+/// The privacy policy: mechanism `none` (or unspecified) only, well-formed budget and delta.
+pub(crate) fn privacy(policy: &PrivacyPolicy) -> Result<(), EngineError> {
+    if policy.mechanism == PrivacyMechanism::GumbelTopK {
+        return Err(EngineError::Unsupported {
+            field: "privacy.mechanism".to_owned(),
+            message: format!(
+                "mechanism {} is not yet supported by this server version (supported: none)",
+                PrivacyMechanism::GumbelTopK.name()
+            ),
+        });
+    }
+    match policy.budget {
+        Some(PrivacyBudget::Rho(rho)) if !(rho.is_finite() && rho > 0.0) => {
+            return Err(EngineError::invalid(
+                "privacy.rho",
+                format!("{rho} is not a finite number above 0"),
+            ));
+        }
+        Some(PrivacyBudget::Epsilon(epsilon)) if !(epsilon.is_finite() && epsilon > 0.0) => {
+            return Err(EngineError::invalid(
+                "privacy.epsilon",
+                format!("{epsilon} is not a finite number above 0"),
+            ));
+        }
+        _ => {}
+    }
+    if let Some(delta) = policy.delta
+        && !(delta > 0.0 && delta < 1.0)
+    {
+        return Err(EngineError::invalid(
+            "privacy.delta",
+            format!("{delta} is not in the open interval (0, 1)"),
+        ));
+    }
+    Ok(())
+}
+
+/// The consent record's reference length.
+pub(crate) fn consent(consent: &Consent) -> Result<(), EngineError> {
+    if consent.reference.len() > MAX_CONSENT_REFERENCE_BYTES {
+        return Err(EngineError::limit(
+            "consent.consent_reference",
+            format!(
+                "is {} bytes long; at most {MAX_CONSENT_REFERENCE_BYTES} are allowed",
+                consent.reference.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Explanation options, with `max_dimensions` 0 resolved to the default.
+pub(crate) fn explain(options: ExplainOptions) -> Result<ExplainOptions, EngineError> {
+    match options.max_dimensions {
+        0 => Ok(ExplainOptions {
+            max_dimensions: DEFAULT_EXPLAIN_DIMENSIONS,
+            ..options
+        }),
+        n if n > MAX_EXPLAIN_DIMENSIONS => Err(EngineError::limit(
+            "explain.max_dimensions",
+            format!("{n} exceeds the limit of {MAX_EXPLAIN_DIMENSIONS}"),
+        )),
+        _ => Ok(options),
+    }
+}
+
+/// Resolved candidates: row indices in request order, and skipped unknown ids.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Candidates {
+    pub rows: Vec<u32>,
+    pub skipped: Vec<String>,
+}
+
+/// Resolves candidate ids to rows. Refuses too many ids, duplicates (naming up to five and
+/// the total) and, unless `skip_unknown`, unknown ids (likewise).
+pub(crate) fn candidates(
+    ids: &[String],
+    skip_unknown: bool,
+    items: &Table,
+    max_candidates: usize,
+) -> Result<Candidates, EngineError> {
+    const FIELD: &str = "candidate_ids";
+    if ids.len() > max_candidates {
+        return Err(EngineError::limit(
+            FIELD,
+            format!("{} ids exceed the limit of {max_candidates}", ids.len()),
+        ));
+    }
+    let mut rows = Vec::with_capacity(ids.len());
+    // Known ids as (row << 32 | position), unknown ids by position.
+    let mut known = Vec::with_capacity(ids.len());
+    let mut unknown = Vec::new();
+    for (position, id) in ids.iter().enumerate() {
+        match items.index_of(id) {
+            Some(row) => {
+                rows.push(row);
+                known.push((u64::from(row) << 32) | position as u64);
+            }
+            None => unknown.push(position),
+        }
+    }
+
+    // Duplicates: every occurrence after an id's first, in request order.
+    let mut duplicates = Vec::new();
+    known.sort_unstable();
+    for pair in known.windows(2) {
+        if pair[0] >> 32 == pair[1] >> 32 {
+            duplicates.push((pair[1] & 0xffff_ffff) as usize);
+        }
+    }
+    if unknown.len() > 1 {
+        let mut by_id = unknown.clone();
+        by_id.sort_by(|&a, &b| ids[a].cmp(&ids[b]).then(a.cmp(&b)));
+        for pair in by_id.windows(2) {
+            if ids[pair[0]] == ids[pair[1]] {
+                duplicates.push(pair[1]);
+            }
+        }
+    }
+    if !duplicates.is_empty() {
+        duplicates.sort_unstable();
+        return Err(EngineError::invalid(
+            FIELD,
+            format!(
+                "{} duplicate {} ({}); each id may appear once",
+                duplicates.len(),
+                plural(duplicates.len(), "entry", "entries"),
+                list_ids(ids, &duplicates),
+            ),
+        ));
+    }
+    if !unknown.is_empty() && !skip_unknown {
+        return Err(EngineError::NotFound {
+            field: FIELD.to_owned(),
+            reason: NotFoundReason::Item,
+            message: format!(
+                "{} {} not in the item table: {}",
+                unknown.len(),
+                plural(unknown.len(), "id is", "ids are"),
+                list_ids(ids, &unknown),
+            ),
+        });
+    }
+    let skipped = unknown
+        .iter()
+        .map(|&position| ids[position].clone())
+        .collect();
+    Ok(Candidates { rows, skipped })
+}
+
+fn plural<'a>(count: usize, one: &'a str, many: &'a str) -> &'a str {
+    if count == 1 { one } else { many }
+}
+
+/// Up to [`LISTED_IDS`] ids at `positions`, quoted, with "and N more" for the rest.
+fn list_ids(ids: &[String], positions: &[usize]) -> String {
+    let mut listed: Vec<String> = positions
+        .iter()
+        .take(LISTED_IDS)
+        .map(|&position| format!("{:?} at position {position}", ids[position]))
+        .collect();
+    if positions.len() > LISTED_IDS {
+        listed.push(format!("and {} more", positions.len() - LISTED_IDS));
+    }
+    listed.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::ExplainLevel;
+
+    #[test]
+    fn request_ids_follow_the_proto_rules() {
+        assert!(request_id("a-Z_0.9:x").is_ok());
+        for bad in ["", "has space", "ümlaut", &"x".repeat(129)] {
+            let error = request_id(bad).unwrap_err();
+            assert_eq!(error.field(), Some("request_id"), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn inline_embedding_errors_say_which_index() {
+        let error = user(&UserRef::embedding(vec![1.0, f32::NAN, 0.0]), 3).unwrap_err();
+        assert_eq!(error.field(), Some("inline_user.embedding"));
+        assert!(error.to_string().contains("index 1 is NaN"), "{error}");
+        let error = user(&UserRef::embedding(vec![1.0, 0.0, f32::NEG_INFINITY]), 3).unwrap_err();
+        assert!(error.to_string().contains("index 2 is infinite"), "{error}");
+        let error = user(&UserRef::embedding(vec![1.0; 2]), 3).unwrap_err();
+        assert!(matches!(
+            error,
+            EngineError::InvalidArgument {
+                reason: InvalidReason::DimensionMismatch,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn pool_defaults_to_the_configured_pool_raised_to_k() {
+        let config = EngineConfig::default();
+        assert_eq!(k_and_pool(10, None, &config), Ok(config.default_pool));
+        assert_eq!(k_and_pool(500, None, &config), Ok(500));
+        assert_eq!(k_and_pool(10, Some(10), &config), Ok(10));
+        assert_eq!(
+            k_and_pool(10, Some(9), &config).unwrap_err().field(),
+            Some("pool_size")
+        );
+        let too_big = k_and_pool(10, Some(config.max_pool + 1), &config).unwrap_err();
+        assert!(matches!(
+            too_big,
+            EngineError::InvalidArgument {
+                reason: InvalidReason::LimitExceeded,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn privacy_budget_and_delta_are_checked() {
+        let policy = |budget, delta| PrivacyPolicy {
+            budget,
+            delta,
+            ..PrivacyPolicy::default()
+        };
+        assert!(privacy(&policy(Some(PrivacyBudget::Rho(0.5)), Some(1e-6))).is_ok());
+        let cases = [
+            (policy(Some(PrivacyBudget::Rho(0.0)), None), "privacy.rho"),
+            (
+                policy(Some(PrivacyBudget::Epsilon(f64::NAN)), None),
+                "privacy.epsilon",
+            ),
+            (policy(None, Some(1.0)), "privacy.delta"),
+        ];
+        for (policy, field) in cases {
+            assert_eq!(privacy(&policy).unwrap_err().field(), Some(field));
+        }
+        let dp = PrivacyPolicy {
+            mechanism: PrivacyMechanism::GumbelTopK,
+            ..PrivacyPolicy::default()
+        };
+        assert!(
+            matches!(privacy(&dp), Err(EngineError::Unsupported { field, .. }) if field == "privacy.mechanism")
+        );
+    }
+
+    #[test]
+    fn explain_dimensions_default_and_limit() {
+        let options = |max_dimensions| ExplainOptions {
+            level: ExplainLevel::Dimensions,
+            max_dimensions,
+        };
+        assert_eq!(explain(options(0)).map(|o| o.max_dimensions), Ok(3));
+        assert_eq!(explain(options(32)).map(|o| o.max_dimensions), Ok(32));
+        assert_eq!(
+            explain(options(33)).unwrap_err().field(),
+            Some("explain.max_dimensions")
+        );
+    }
+
+    #[test]
+    fn id_lists_are_capped_at_five() {
+        let ids: Vec<String> = (0..8).map(|i| format!("id{i}")).collect();
+        let positions: Vec<usize> = (0..8).collect();
+        let listed = list_ids(&ids, &positions);
+        assert!(listed.contains("\"id4\""));
+        assert!(!listed.contains("\"id5\""));
+        assert!(listed.ends_with("and 3 more"));
+    }
+}

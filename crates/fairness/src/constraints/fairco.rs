@@ -1,0 +1,358 @@
+//! `fairco`: the FairCo controller for amortized fairness of exposure (Morik, Singh, Hong,
+//! Joachims, SIGIR 2020; reference code `MarcoMorik/Dynamic-Fairness`).
+//!
+//! At the `tau`-th ranking every item gets the score `sigma(d) = R(d) + lambda * err(d)` with
+//! `err(d) = (tau - 1) * max_G (Exp(G) / Merit(G) - Exp(G(d)) / Merit(G(d)))`, where `Exp(G)`
+//! and `Merit(G)` are the group's position-weighted exposure and estimated relevance averaged
+//! over the past rankings. Per ranking, a group's exposure is the mean over its items in the
+//! pool of `1 / log2(1 + rank)` (0 beyond the top k) and its merit is the mean relevance
+//! estimate of its items in the pool; the ratio of the cumulative sums equals the ratio of
+//! the averages, so the state keeps sums plus the ranking count `tau - 1`. Relevance
+//! estimates are the scores clamped at 0 (FairCo needs non-negative merits, e.g. calibrated
+//! probabilities). Groups without accumulated merit get no correction yet.
+
+use crate::candidate::{Candidate, dcg_weight, validate_pool};
+use crate::error::FairnessError;
+use crate::reranker::{AmortizedState, RerankOutput, Reranker};
+
+/// Above this many distinct groups in a pool, the ranking uses a selection over all items
+/// instead of a per-group merge.
+const MERGE_GROUP_LIMIT: usize = 16;
+
+/// FairCo with controller gain `lambda`.
+#[derive(Debug, Clone)]
+pub struct FairCo {
+    lambda: f64,
+}
+
+impl FairCo {
+    /// A controller with gain `lambda >= 0` (0 gives the score order).
+    pub fn new(lambda: f64) -> Result<Self, String> {
+        if !(lambda.is_finite() && lambda >= 0.0) {
+            return Err(format!("{lambda} must be a finite non-negative number"));
+        }
+        Ok(Self { lambda })
+    }
+}
+
+/// Index of `label` in `labels` (linear scan; groups per pool are few).
+fn find_label(labels: &[u32], label: u32) -> Option<usize> {
+    labels.iter().position(|&known| known == label)
+}
+
+/// The largest difference between two groups' cumulative exposure per unit of merit.
+pub fn amortized_disparity(state: &AmortizedState) -> Option<f64> {
+    let mut low = f64::INFINITY;
+    let mut high = f64::NEG_INFINITY;
+    for (group, &merit) in &state.group_relevance {
+        if merit > 0.0 {
+            let ratio = state.group_exposure.get(group).copied().unwrap_or(0.0) / merit;
+            low = low.min(ratio);
+            high = high.max(ratio);
+        }
+    }
+    (high >= low).then_some(high - low)
+}
+
+impl Reranker for FairCo {
+    fn name(&self) -> &str {
+        "fairco"
+    }
+
+    fn config(&self) -> serde_json::Value {
+        serde_json::json!({ "name": self.name(), "lambda": self.lambda })
+    }
+
+    fn is_amortized(&self) -> bool {
+        true
+    }
+
+    fn rerank(
+        &self,
+        pool: &[Candidate],
+        k: usize,
+        state: Option<&AmortizedState>,
+        _rng: &mut dyn rand::RngCore,
+        out: &mut RerankOutput,
+    ) -> Result<(), FairnessError> {
+        out.reset();
+        validate_pool(pool)?;
+        if let Some(state) = state {
+            state.validate()?;
+        }
+        let mut next_state = out.state.take().unwrap_or_default();
+        match state {
+            Some(state) => next_state.clone_from(state),
+            None => {
+                next_state.group_exposure.clear();
+                next_state.group_relevance.clear();
+                next_state.rankings = 0;
+            }
+        }
+        let length = k.min(pool.len());
+        let RerankOutput {
+            order,
+            report,
+            scratch,
+            ..
+        } = out;
+
+        // Per-group item counts and relevance sums over the pool, and each group's first
+        // `length` pool positions (enough for the merge).
+        let labels = &mut scratch.labels;
+        let sizes = &mut scratch.counts;
+        let relevance = &mut scratch.values;
+        let lists = &mut scratch.lists;
+        labels.clear();
+        sizes.clear();
+        relevance.clear();
+        let dense = &mut scratch.positions2;
+        dense.clear();
+        let index_of = &mut scratch.label_index;
+        index_of.clear();
+        let mut last = (u32::MAX, usize::MAX);
+        for (position, candidate) in pool.iter().enumerate() {
+            let index = if last.1 != usize::MAX && candidate.group == last.0 {
+                last.1
+            } else {
+                let known = if labels.len() <= MERGE_GROUP_LIMIT {
+                    find_label(labels, candidate.group)
+                } else {
+                    if index_of.is_empty() {
+                        index_of.extend(
+                            labels
+                                .iter()
+                                .enumerate()
+                                .map(|(index, &label)| (label, index)),
+                        );
+                    }
+                    index_of.get(&candidate.group).copied()
+                };
+                let index = match known {
+                    Some(index) => index,
+                    None => {
+                        labels.push(candidate.group);
+                        sizes.push(0);
+                        relevance.push(0.0);
+                        if lists.len() < labels.len() {
+                            lists.push(Vec::new());
+                        }
+                        lists[labels.len() - 1].clear();
+                        if !index_of.is_empty() {
+                            index_of.insert(candidate.group, labels.len() - 1);
+                        }
+                        labels.len() - 1
+                    }
+                };
+                last = (candidate.group, index);
+                index
+            };
+            sizes[index] += 1;
+            relevance[index] += f64::from(candidate.score).max(0.0);
+            dense.push(index);
+            if lists[index].len() < length {
+                lists[index].push(position);
+            }
+        }
+        let many_groups = labels.len() > MERGE_GROUP_LIMIT;
+
+        // Controller boost per group from the state before this ranking.
+        let boosts = &mut scratch.values2;
+        boosts.clear();
+        boosts.resize(labels.len(), 0.0);
+        let past = next_state.rankings as f64;
+        let ratio = |group: u32| -> Option<f64> {
+            let merit = next_state
+                .group_relevance
+                .get(&group)
+                .copied()
+                .unwrap_or(0.0);
+            (merit > 0.0).then(|| {
+                next_state
+                    .group_exposure
+                    .get(&group)
+                    .copied()
+                    .unwrap_or(0.0)
+                    / merit
+            })
+        };
+        let best_ratio = next_state
+            .group_relevance
+            .keys()
+            .filter_map(|&group| ratio(group))
+            .fold(f64::NEG_INFINITY, f64::max);
+        if self.lambda > 0.0 && past > 0.0 && best_ratio.is_finite() {
+            for (boost, &label) in boosts.iter_mut().zip(labels.iter()) {
+                if let Some(own) = ratio(label) {
+                    *boost = self.lambda * past * (best_ratio - own);
+                }
+            }
+        }
+
+        // Rank by boosted score, ties by pool position.
+        if !many_groups {
+            let cursors = &mut scratch.counts2;
+            cursors.clear();
+            cursors.resize(labels.len(), 0);
+            for _ in 0..length {
+                let mut best: Option<(usize, f64, usize)> = None;
+                for (index, list) in lists.iter().enumerate().take(labels.len()) {
+                    let Some(&position) = list.get(cursors[index]) else {
+                        continue;
+                    };
+                    let boosted = f64::from(pool[position].score) + boosts[index];
+                    if best.is_none_or(|(_, value, best_position)| {
+                        boosted > value || (boosted == value && position < best_position)
+                    }) {
+                        best = Some((index, boosted, position));
+                    }
+                }
+                let Some((index, _, position)) = best else {
+                    break;
+                };
+                cursors[index] += 1;
+                order.push(position);
+            }
+        } else {
+            let keys = &mut scratch.heap;
+            keys.clear();
+            keys.extend(dense.iter().enumerate().map(|(position, &index)| {
+                (f64::from(pool[position].score) + boosts[index], position)
+            }));
+            let by_rank =
+                |a: &(f64, usize), b: &(f64, usize)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+            if length < keys.len() && length > 0 {
+                keys.select_nth_unstable_by(length - 1, by_rank);
+                keys.truncate(length);
+            }
+            keys.sort_unstable_by(by_rank);
+            order.extend(keys.iter().take(length).map(|&(_, position)| position));
+        }
+
+        // Update the state with this ranking's mean exposure and merit per group.
+        let exposure = &mut scratch.values3;
+        exposure.clear();
+        exposure.resize(labels.len(), 0.0);
+        for (rank, &position) in order.iter().enumerate() {
+            exposure[dense[position]] += dcg_weight(rank + 1);
+        }
+        for (index, &label) in labels.iter().enumerate() {
+            let size = sizes[index] as f64;
+            *next_state.group_exposure.entry(label).or_insert(0.0) += exposure[index] / size;
+            *next_state.group_relevance.entry(label).or_insert(0.0) += relevance[index] / size;
+        }
+        next_state.rankings += 1;
+        report.amortized_disparity = amortized_disparity(&next_state);
+        out.state = Some(next_state);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::rng;
+
+    #[test]
+    fn first_ranking_is_the_score_order_and_state_accumulates_means() {
+        let pool = vec![
+            Candidate::new(0, 0.9, 0),
+            Candidate::new(1, 0.8, 0),
+            Candidate::new(2, 0.7, 1),
+            Candidate::new(3, 0.1, 1),
+        ];
+        let ranker = FairCo::new(1.0).expect("valid");
+        let mut out = RerankOutput::new();
+        ranker
+            .rerank(&pool, 2, None, &mut rng(0), &mut out)
+            .expect("reranks");
+        assert_eq!(out.order, vec![0, 1]);
+        let state = out.state.clone().expect("amortized state");
+        assert_eq!(state.rankings, 1);
+        let expected_exposure = (dcg_weight(1) + dcg_weight(2)) / 2.0;
+        assert!((state.group_exposure[&0] - expected_exposure).abs() < 1e-12);
+        assert_eq!(state.group_exposure[&1], 0.0);
+        assert!((state.group_relevance[&0] - 0.85).abs() < 1e-6);
+        assert!((state.group_relevance[&1] - 0.4).abs() < 1e-6);
+    }
+
+    #[test]
+    fn controller_drives_exposure_per_merit_towards_parity() {
+        // Group 1 is slightly less relevant, so score order starves it of exposure.
+        let pool: Vec<Candidate> = (0..20)
+            .map(|i| Candidate::new(i, 1.0 - 0.01 * i as f32, u32::from(i % 2 == 1 && i > 4)))
+            .collect();
+        let mut pool = pool;
+        pool.sort_by(|a, b| b.score.total_cmp(&a.score));
+        let ranker = FairCo::new(0.05).expect("valid");
+        let mut out = RerankOutput::new();
+        let mut state: Option<AmortizedState> = None;
+        let mut disparities = Vec::new();
+        for _ in 0..300 {
+            ranker
+                .rerank(&pool, 5, state.as_ref(), &mut rng(0), &mut out)
+                .expect("reranks");
+            state = out.state.clone();
+            disparities.push(
+                out.report
+                    .amortized_disparity
+                    .expect("two groups with merit"),
+            );
+        }
+        let unfair = FairCo::new(0.0).expect("valid");
+        let mut baseline: Option<AmortizedState> = None;
+        for _ in 0..300 {
+            unfair
+                .rerank(&pool, 5, baseline.as_ref(), &mut rng(0), &mut out)
+                .expect("reranks");
+            baseline = out.state.clone();
+        }
+        let baseline_disparity = out.report.amortized_disparity.expect("disparity");
+        let last = disparities[disparities.len() - 1];
+        assert!(
+            last < 0.25 * baseline_disparity,
+            "controller {last} vs score order {baseline_disparity}"
+        );
+    }
+
+    #[test]
+    fn rejects_invalid_state_and_lambda() {
+        assert!(FairCo::new(-1.0).is_err());
+        assert!(FairCo::new(f64::NAN).is_err());
+        let mut state = AmortizedState::default();
+        state.group_relevance.insert(0, f64::INFINITY);
+        let pool = vec![Candidate::new(0, 1.0, 0)];
+        let result = FairCo::new(1.0).expect("valid").rerank(
+            &pool,
+            1,
+            Some(&state),
+            &mut rng(0),
+            &mut RerankOutput::new(),
+        );
+        assert!(matches!(result, Err(FairnessError::InvalidState { .. })));
+    }
+
+    #[test]
+    fn many_groups_use_the_selection_path_consistently() {
+        let pool: Vec<Candidate> = (0..60)
+            .map(|i| Candidate::new(i, 1.0 - 0.01 * i as f32, i % 30))
+            .collect();
+        let ranker = FairCo::new(10.0).expect("valid");
+        let mut out = RerankOutput::new();
+        let mut state = None;
+        for _ in 0..5 {
+            ranker
+                .rerank(&pool, 10, state.as_ref(), &mut rng(0), &mut out)
+                .expect("reranks");
+            state = out.state.clone();
+            let mut sorted = out.order.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            assert_eq!(sorted.len(), 10);
+        }
+        // Groups never shown are boosted and eventually appear.
+        let shown: std::collections::BTreeSet<u32> =
+            out.order.iter().map(|&p| pool[p].group).collect();
+        assert!(shown.iter().any(|&group| group >= 10), "{shown:?}");
+    }
+}

@@ -1,0 +1,533 @@
+//! `min-exposure`: every listed group receives at least a given share of the position-weighted
+//! exposure of the top k, at the least utility loss found quickly, with a proven bound.
+//!
+//! Exposure of position `r` is `w_r = 1 / log2(1 + r)` (Singh & Joachims, KDD 2018); group
+//! `g` must get `E_g >= share_g * W` with `W = sum_{r<=k} w_r`. Utility is
+//! `U = sum_r w_r * score_r`. For a fixed assignment of positions to groups, the best items
+//! are each group's top items in score order (rearrangement inequality), so a ranking is a
+//! sequence of group labels.
+//!
+//! Method. Lagrangian relaxation: for multipliers `lambda_g >= 0`, ranking by boosted scores
+//! `score + lambda_g` maximizes `U + sum_g lambda_g (E_g - share_g W)` exactly (rearrangement),
+//! so `D(lambda) = max_pi [U + sum lambda_g (E_g - T_g)]` is an upper bound on the utility of
+//! every feasible ranking (weak duality), and `D(0)` is the unconstrained utility. The
+//! multipliers are raised group by group, each to the smallest value (bisection) at which its
+//! group meets its target, until all targets hold; adjacent swaps that raise utility without
+//! breaking a target then polish the ranking. The report gives the utility, the bound
+//! `min(D(0), D(lambda))` and the gap, which is at most `sum_g lambda_g (E_g - T_g)`; for one
+//! constrained group the multiplier found is the dual minimizer, so the bound is the best
+//! Lagrangian bound. When at most 2^16 label sequences exist (small k) an exhaustive
+//! branch-and-bound search returns the optimum instead (gap 0).
+
+use crate::candidate::{Candidate, dcg_weight, validate_pool};
+use crate::error::FairnessError;
+use crate::groups::{GroupLists, GroupShares};
+use crate::reranker::{AmortizedState, Measure, Optimality, RerankOutput, Reranker, Violation};
+
+/// Largest number of label sequences searched exhaustively.
+const EXACT_LIMIT: f64 = 65_536.0;
+
+/// Longest ranking searched exhaustively (bounds the recursion depth).
+const MAX_EXACT_LENGTH: usize = 24;
+
+/// Bisection steps per multiplier update (enough to resolve f32 score differences).
+const BISECTION_STEPS: usize = 64;
+
+/// Minimum exposure share per group with near-optimal utility.
+#[derive(Debug, Clone)]
+pub struct MinExposure {
+    targets: GroupShares,
+}
+
+impl MinExposure {
+    /// A re-ranker guaranteeing each listed group its exposure share when feasible.
+    pub fn new(targets: GroupShares) -> Self {
+        Self { targets }
+    }
+
+    /// The target exposure shares.
+    pub fn targets(&self) -> &GroupShares {
+        &self.targets
+    }
+}
+
+/// Working state of one call.
+struct Solver<'a, 'p> {
+    pool: &'p [Candidate],
+    lists: GroupLists<'p>,
+    targets: &'a GroupShares,
+    length: usize,
+    /// Required exposure per listed group.
+    required: Vec<f64>,
+    tolerance: f64,
+}
+
+/// Result of ranking by boosted scores.
+struct Merged {
+    utility: f64,
+}
+
+impl Solver<'_, '_> {
+    fn groups(&self) -> usize {
+        self.targets.len() + 1
+    }
+
+    fn score(&self, position: usize) -> f64 {
+        f64::from(self.pool[position].score)
+    }
+
+    /// Ranks by `score + lambda[group]` (ties: pool position), writing positions, per-group
+    /// exposures and per-position groups; `heads` caches each group's next boosted item.
+    #[allow(clippy::too_many_arguments)]
+    fn merge(
+        &mut self,
+        lambdas: &[f64],
+        counts: &mut Vec<usize>,
+        heads: &mut Vec<(f64, usize)>,
+        order: &mut Vec<usize>,
+        labels: &mut Vec<usize>,
+        exposure: &mut Vec<f64>,
+    ) -> Merged {
+        let groups = self.groups();
+        counts.clear();
+        counts.resize(groups, 0);
+        exposure.clear();
+        exposure.resize(groups, 0.0);
+        order.clear();
+        labels.clear();
+        heads.clear();
+        for (group, &lambda) in lambdas.iter().enumerate().take(groups) {
+            heads.push(match self.lists.get(group, 0) {
+                Some(position) => (self.score(position) + lambda, position),
+                None => (f64::NEG_INFINITY, usize::MAX),
+            });
+        }
+        let mut utility = 0.0;
+        for rank in 1..=self.length {
+            let mut best = usize::MAX;
+            for (group, &(boosted, position)) in heads.iter().enumerate() {
+                if position == usize::MAX {
+                    continue;
+                }
+                if best == usize::MAX
+                    || boosted > heads[best].0
+                    || (boosted == heads[best].0 && position < heads[best].1)
+                {
+                    best = group;
+                }
+            }
+            if best == usize::MAX {
+                break;
+            }
+            let position = heads[best].1;
+            let weight = dcg_weight(rank);
+            counts[best] += 1;
+            exposure[best] += weight;
+            utility += weight * self.score(position);
+            order.push(position);
+            labels.push(best);
+            heads[best] = match self.lists.get(best, counts[best]) {
+                Some(next) => (self.score(next) + lambdas[best], next),
+                None => (f64::NEG_INFINITY, usize::MAX),
+            };
+        }
+        Merged { utility }
+    }
+
+    fn deficit(&self, exposure: &[f64], group: usize) -> f64 {
+        self.required[group] - exposure[group]
+    }
+
+    fn satisfied(&self, exposure: &[f64]) -> bool {
+        (0..self.targets.len()).all(|group| self.deficit(exposure, group) <= self.tolerance)
+    }
+
+    /// Exhaustive branch and bound over label sequences; `None` if nothing is feasible.
+    fn exact(&mut self, counts: &mut Vec<usize>, best_labels: &mut Vec<usize>) -> Option<f64> {
+        let groups = self.groups();
+        counts.clear();
+        counts.resize(groups, 0);
+        let mut exposure = vec![0.0; groups];
+        let mut current = Vec::with_capacity(self.length);
+        let mut best = None;
+        self.search(
+            0,
+            0.0,
+            counts,
+            &mut exposure,
+            &mut current,
+            &mut best,
+            best_labels,
+        );
+        best
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn search(
+        &mut self,
+        filled: usize,
+        utility: f64,
+        counts: &mut Vec<usize>,
+        exposure: &mut Vec<f64>,
+        current: &mut Vec<usize>,
+        best: &mut Option<f64>,
+        best_labels: &mut Vec<usize>,
+    ) {
+        let groups = self.groups();
+        if filled == self.length {
+            if self.satisfied(exposure) && best.is_none_or(|value| utility > value) {
+                *best = Some(utility);
+                best_labels.clear();
+                best_labels.extend_from_slice(current);
+            }
+            return;
+        }
+        // Feasibility bound: each listed group can at most take the next free positions.
+        for group in 0..self.targets.len() {
+            let mut available = 0usize;
+            while available < self.length - filled
+                && self.lists.get(group, counts[group] + available).is_some()
+            {
+                available += 1;
+            }
+            let reachable: f64 = (filled + 1..=filled + available).map(dcg_weight).sum();
+            if exposure[group] + reachable < self.required[group] - self.tolerance {
+                return;
+            }
+        }
+        // Utility bound: the remaining positions filled in unconstrained score order.
+        if let Some(value) = *best {
+            let mut taken = counts.clone();
+            let mut bound = utility;
+            for rank in filled + 1..=self.length {
+                let mut next: Option<(usize, usize)> = None;
+                for (group, &count) in taken.iter().enumerate() {
+                    if let Some(position) = self.lists.get(group, count)
+                        && next.is_none_or(|(_, best_position)| position < best_position)
+                    {
+                        next = Some((group, position));
+                    }
+                }
+                let Some((group, position)) = next else { break };
+                taken[group] += 1;
+                bound += dcg_weight(rank) * self.score(position);
+            }
+            if bound <= value {
+                return;
+            }
+        }
+        // Branch on groups, best next item first.
+        let mut options: Vec<(usize, usize)> = (0..groups)
+            .filter_map(|group| {
+                self.lists
+                    .get(group, counts[group])
+                    .map(|position| (position, group))
+            })
+            .collect();
+        options.sort_unstable();
+        let weight = dcg_weight(filled + 1);
+        for (position, group) in options {
+            counts[group] += 1;
+            exposure[group] += weight;
+            current.push(group);
+            let gain = weight * self.score(position);
+            self.search(
+                filled + 1,
+                utility + gain,
+                counts,
+                exposure,
+                current,
+                best,
+                best_labels,
+            );
+            current.pop();
+            exposure[group] -= weight;
+            counts[group] -= 1;
+        }
+    }
+}
+
+/// Exposure shares of the listed groups in `order` and the first one below its target.
+pub fn check_min_exposure(
+    pool: &[Candidate],
+    order: &[usize],
+    targets: &GroupShares,
+) -> Option<Violation> {
+    let total: f64 = (1..=order.len()).map(dcg_weight).sum();
+    if total <= 0.0 {
+        return None;
+    }
+    let mut exposure = vec![0.0; targets.len() + 1];
+    for (index, &position) in order.iter().enumerate() {
+        if let Some(candidate) = pool.get(position) {
+            exposure[targets.dense(candidate.group)] += dcg_weight(index + 1);
+        }
+    }
+    for (dense, (label, share)) in targets.pairs().enumerate() {
+        let actual = exposure[dense] / total;
+        if actual < share - 1e-9 {
+            return Some(Violation {
+                prefix: order.len(),
+                group: label,
+                required: share,
+                actual,
+                measure: Measure::ExposureShare,
+            });
+        }
+    }
+    None
+}
+
+impl Reranker for MinExposure {
+    fn name(&self) -> &str {
+        "min-exposure"
+    }
+
+    fn config(&self) -> serde_json::Value {
+        serde_json::json!({ "name": self.name(), "targets": self.targets.to_json() })
+    }
+
+    fn rerank(
+        &self,
+        pool: &[Candidate],
+        k: usize,
+        _state: Option<&AmortizedState>,
+        _rng: &mut dyn rand::RngCore,
+        out: &mut RerankOutput,
+    ) -> Result<(), FairnessError> {
+        out.reset();
+        out.state = None;
+        validate_pool(pool)?;
+        let length = k.min(pool.len());
+        if length == 0 {
+            out.report.optimality = Some(Optimality {
+                utility: 0.0,
+                upper_bound: 0.0,
+                gap: 0.0,
+                exact: true,
+            });
+            return Ok(());
+        }
+        let RerankOutput {
+            order,
+            report,
+            scratch,
+            ..
+        } = out;
+        let total_weight: f64 = (1..=length).map(dcg_weight).sum();
+        let listed = self.targets.len();
+        let groups = listed + 1;
+        let mut required: Vec<f64> = self
+            .targets
+            .pairs()
+            .map(|(_, share)| share * total_weight)
+            .collect();
+        required.push(0.0);
+        let mut solver = Solver {
+            pool,
+            lists: GroupLists::new(pool, self.targets.labels(), &mut scratch.lists),
+            targets: &self.targets,
+            length,
+            required,
+            tolerance: 1e-12 * total_weight,
+        };
+        let counts = &mut scratch.counts;
+        let labels = &mut scratch.positions2;
+        let lambdas = &mut scratch.values;
+        let exposure = &mut scratch.values2;
+        lambdas.clear();
+        lambdas.resize(groups, 0.0);
+        let heads = &mut scratch.heap;
+        let unconstrained = solver
+            .merge(lambdas, counts, heads, order, labels, exposure)
+            .utility;
+        if solver.satisfied(exposure) {
+            report.optimality = Some(Optimality {
+                utility: unconstrained,
+                upper_bound: unconstrained,
+                gap: 0.0,
+                exact: true,
+            });
+            return Ok(());
+        }
+
+        // Small instances: exhaustive search.
+        let populated = (0..groups)
+            .filter(|&group| solver.lists.get(group, 0).is_some())
+            .count();
+        if length <= MAX_EXACT_LENGTH && (populated as f64).powi(length as i32) <= EXACT_LIMIT {
+            let best_labels = &mut scratch.positions;
+            if let Some(utility) = solver.exact(counts, best_labels) {
+                counts.clear();
+                counts.resize(groups, 0);
+                order.clear();
+                for &group in best_labels.iter() {
+                    if let Some(position) = solver.lists.get(group, counts[group]) {
+                        order.push(position);
+                        counts[group] += 1;
+                    }
+                }
+                report.optimality = Some(Optimality {
+                    utility,
+                    upper_bound: utility,
+                    gap: 0.0,
+                    exact: true,
+                });
+                return Ok(());
+            }
+        }
+
+        // Lagrangian multipliers. Phase 1: raise the deficient (and already boosted) groups
+        // together by the smallest common shift that satisfies all of them; a common shift
+        // keeps their relative order, so they only take positions from other groups.
+        let span = f64::from(pool[0].score) - f64::from(pool[pool.len() - 1].score);
+        // Multipliers closer than this cannot change the order except between near-ties.
+        let resolution = 1e-9 * (1.0 + span);
+        let base = &mut scratch.values3;
+        for _round in 0..listed + 2 {
+            solver.merge(lambdas, counts, heads, order, labels, exposure);
+            if solver.satisfied(exposure) {
+                break;
+            }
+            let active = &mut scratch.counts2;
+            active.clear();
+            active.extend((0..listed).filter(|&group| {
+                lambdas[group] > 0.0 || solver.deficit(exposure, group) > solver.tolerance
+            }));
+            let active = &*active;
+            let satisfied_with = |solver: &mut Solver<'_, '_>, exposure: &[f64]| {
+                active
+                    .iter()
+                    .all(|&group| solver.deficit(exposure, group) <= solver.tolerance)
+            };
+            base.clear();
+            base.extend_from_slice(lambdas);
+            let ceiling = lambdas.iter().copied().fold(0.0, f64::max);
+            let (mut low, mut high) = (0.0f64, span + ceiling + 1.0);
+            for &group in active {
+                lambdas[group] = base[group] + high;
+            }
+            solver.merge(lambdas, counts, heads, order, labels, exposure);
+            if !satisfied_with(&mut solver, exposure) {
+                // The constrained groups compete among themselves; keep the maximal effort.
+                break;
+            }
+            for _ in 0..BISECTION_STEPS {
+                let middle = 0.5 * (low + high);
+                if high - low <= resolution || !(middle > low && middle < high) {
+                    break;
+                }
+                for &group in active {
+                    lambdas[group] = base[group] + middle;
+                }
+                solver.merge(lambdas, counts, heads, order, labels, exposure);
+                if satisfied_with(&mut solver, exposure) {
+                    high = middle;
+                } else {
+                    low = middle;
+                }
+            }
+            for &group in active {
+                lambdas[group] = base[group] + high;
+            }
+        }
+        // Phase 2: lower each multiplier to the smallest value that keeps its own group
+        // satisfied (lowering one only helps the others), recovering utility.
+        solver.merge(lambdas, counts, heads, order, labels, exposure);
+        let mut passes = if solver.satisfied(exposure) {
+            listed.min(3)
+        } else {
+            0
+        };
+        while passes > 0 {
+            passes -= 1;
+            let mut lowered = false;
+            for group in 0..listed {
+                if lambdas[group] <= 0.0 {
+                    continue;
+                }
+                let previous = lambdas[group];
+                let (mut low, mut high) = (0.0f64, lambdas[group]);
+                lambdas[group] = 0.0;
+                solver.merge(lambdas, counts, heads, order, labels, exposure);
+                if solver.deficit(exposure, group) <= solver.tolerance {
+                    lowered = true;
+                    continue;
+                }
+                for _ in 0..BISECTION_STEPS {
+                    let middle = 0.5 * (low + high);
+                    if high - low <= resolution || !(middle > low && middle < high) {
+                        break;
+                    }
+                    lambdas[group] = middle;
+                    solver.merge(lambdas, counts, heads, order, labels, exposure);
+                    if solver.deficit(exposure, group) <= solver.tolerance {
+                        high = middle;
+                    } else {
+                        low = middle;
+                    }
+                }
+                lambdas[group] = high;
+                lowered |= high < previous;
+            }
+            if !lowered {
+                break;
+            }
+        }
+        let merged = solver.merge(lambdas, counts, heads, order, labels, exposure);
+        let dual: f64 = merged.utility
+            + (0..listed)
+                .map(|group| lambdas[group] * (exposure[group] - solver.required[group]))
+                .sum::<f64>();
+        let upper_bound = unconstrained.min(dual);
+        let mut utility = merged.utility;
+
+        // Polish: swap adjacent inversions between groups while every target still holds.
+        let feasible = solver.satisfied(exposure);
+        if feasible {
+            for _pass in 0..length {
+                let mut improved = false;
+                for index in 0..length.saturating_sub(1) {
+                    let (upper, lower) = (order[index], order[index + 1]);
+                    let (upper_group, lower_group) = (labels[index], labels[index + 1]);
+                    if upper_group == lower_group || pool[upper].score >= pool[lower].score {
+                        continue;
+                    }
+                    let moved = dcg_weight(index + 1) - dcg_weight(index + 2);
+                    if upper_group < listed
+                        && exposure[upper_group] - moved
+                            < solver.required[upper_group] - solver.tolerance
+                    {
+                        continue;
+                    }
+                    order.swap(index, index + 1);
+                    labels.swap(index, index + 1);
+                    exposure[upper_group] -= moved;
+                    exposure[lower_group] += moved;
+                    utility +=
+                        moved * (f64::from(pool[lower].score) - f64::from(pool[upper].score));
+                    improved = true;
+                }
+                if !improved {
+                    break;
+                }
+            }
+        }
+        report.optimality = Some(Optimality {
+            utility,
+            upper_bound: upper_bound.max(utility),
+            gap: (upper_bound - utility).max(0.0),
+            exact: false,
+        });
+        if let Some(violation) = check_min_exposure(pool, order, &self.targets) {
+            report.satisfied = false;
+            report.fallback = true;
+            report.violation = Some(violation);
+            report.notes.push(format!(
+                "group {} cannot reach exposure share {:.4} together with the other targets; best effort gives {:.4}",
+                violation.group, violation.required, violation.actual
+            ));
+        }
+        Ok(())
+    }
+}

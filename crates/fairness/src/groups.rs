@@ -1,0 +1,258 @@
+//! Group bookkeeping shared by the constraints: label-to-index maps, target shares, and lazily
+//! built per-group lists of pool positions.
+
+use crate::candidate::Candidate;
+use crate::error::FairnessError;
+
+/// Target shares per listed group label, plus the implicit "rest" group.
+///
+/// Listed labels get dense indices `0..len()` in ascending label order; every label that is
+/// not listed belongs to the rest group with dense index `len()`, whose share is
+/// `1 - sum(shares)` (Geyik et al. 2019 specify a distribution over all attribute values; the
+/// rest group stands for all values not listed).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupShares {
+    labels: Vec<u32>,
+    shares: Vec<f64>,
+    rest_share: f64,
+}
+
+/// Largest accepted excess of the share sum over 1 (rounding of decimal inputs).
+const SUM_TOLERANCE: f64 = 1e-9;
+
+impl GroupShares {
+    /// Validates `(label, share)` pairs: shares in [0, 1], labels distinct, sum at most 1.
+    pub fn new(pairs: &[(u32, f64)]) -> Result<Self, String> {
+        let mut sorted: Vec<(u32, f64)> = pairs.to_vec();
+        sorted.sort_by_key(|&(label, _)| label);
+        for window in sorted.windows(2) {
+            if window[0].0 == window[1].0 {
+                return Err(format!("group {} is listed twice", window[0].0));
+            }
+        }
+        let mut sum = 0.0;
+        for &(label, share) in &sorted {
+            if !share.is_finite() || !(0.0..=1.0).contains(&share) {
+                return Err(format!(
+                    "share of group {label} is {share}; shares must lie in [0, 1]"
+                ));
+            }
+            sum += share;
+        }
+        if sum > 1.0 + SUM_TOLERANCE {
+            return Err(format!("shares sum to {sum}, more than 1"));
+        }
+        let rest = 1.0 - sum;
+        Ok(Self {
+            labels: sorted.iter().map(|&(label, _)| label).collect(),
+            shares: sorted.iter().map(|&(_, share)| share).collect(),
+            rest_share: if rest < SUM_TOLERANCE { 0.0 } else { rest },
+        })
+    }
+
+    /// Number of listed groups (the rest group has index `len()`).
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Whether no group is listed.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Listed labels in ascending order.
+    pub fn labels(&self) -> &[u32] {
+        &self.labels
+    }
+
+    /// Share of the dense group index (`len()` is the rest group).
+    pub fn share(&self, dense: usize) -> f64 {
+        self.shares.get(dense).copied().unwrap_or(self.rest_share)
+    }
+
+    /// Share left to the groups that are not listed.
+    pub fn rest_share(&self) -> f64 {
+        self.rest_share
+    }
+
+    /// `(label, share)` pairs of the listed groups.
+    pub fn pairs(&self) -> impl Iterator<Item = (u32, f64)> + '_ {
+        self.labels.iter().copied().zip(self.shares.iter().copied())
+    }
+
+    /// Dense index of a label (`len()` for labels that are not listed).
+    pub fn dense(&self, label: u32) -> usize {
+        dense_index(&self.labels, label)
+    }
+
+    /// The listed shares as a JSON object `{"label": share}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let map: serde_json::Map<String, serde_json::Value> = self
+            .pairs()
+            .map(|(label, share)| (label.to_string(), serde_json::json!(share)))
+            .collect();
+        serde_json::Value::Object(map)
+    }
+}
+
+/// Dense index of `label` among sorted `labels`, or `labels.len()` when absent.
+pub(crate) fn dense_index(labels: &[u32], label: u32) -> usize {
+    if labels.len() <= 8 {
+        labels
+            .iter()
+            .position(|&listed| listed == label)
+            .unwrap_or(labels.len())
+    } else {
+        labels.binary_search(&label).unwrap_or(labels.len())
+    }
+}
+
+/// Per-group lists of pool positions (in pool order), filled by one forward scan of the pool
+/// that only goes as far as the callers need.
+#[derive(Debug)]
+pub(crate) struct GroupLists<'a> {
+    pool: &'a [Candidate],
+    labels: &'a [u32],
+    lists: &'a mut Vec<Vec<usize>>,
+    scanned: usize,
+}
+
+impl<'a> GroupLists<'a> {
+    /// Empty lists for `labels.len() + 1` groups (the last one collects unlisted labels),
+    /// reusing the allocations in `lists`.
+    pub(crate) fn new(
+        pool: &'a [Candidate],
+        labels: &'a [u32],
+        lists: &'a mut Vec<Vec<usize>>,
+    ) -> Self {
+        let groups = labels.len() + 1;
+        if lists.len() < groups {
+            lists.resize_with(groups, Vec::new);
+        }
+        for list in lists.iter_mut() {
+            list.clear();
+        }
+        Self {
+            pool,
+            labels,
+            lists,
+            scanned: 0,
+        }
+    }
+
+    /// Number of groups including the rest group.
+    pub(crate) fn groups(&self) -> usize {
+        self.labels.len() + 1
+    }
+
+    /// Scans until group `group` has at least `count` positions or the pool ends; returns
+    /// whether it has them.
+    pub(crate) fn ensure(&mut self, group: usize, count: usize) -> bool {
+        let Some(current) = self.lists.get(group).map(Vec::len) else {
+            return false;
+        };
+        if current >= count {
+            return true;
+        }
+        while self.scanned < self.pool.len() {
+            let position = self.scanned;
+            self.scanned += 1;
+            let dense = dense_index(self.labels, self.pool[position].group);
+            self.lists[dense].push(position);
+            if dense == group && self.lists[dense].len() >= count {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The `index`-th pool position of `group` (0-based), scanning further if needed.
+    pub(crate) fn get(&mut self, group: usize, index: usize) -> Option<usize> {
+        if self.ensure(group, index + 1) {
+            self.lists
+                .get(group)
+                .and_then(|list| list.get(index))
+                .copied()
+        } else {
+            None
+        }
+    }
+
+    /// Positions of `group` found so far.
+    pub(crate) fn found(&self, group: usize) -> usize {
+        self.lists.get(group).map_or(0, Vec::len)
+    }
+
+    /// The group whose next unplaced item (given `counts` placed per group) comes first in the
+    /// pool, i.e. has the best score; `None` when every group is exhausted.
+    pub(crate) fn best_next(&mut self, counts: &[usize]) -> Option<usize> {
+        let mut best: Option<(usize, usize)> = None;
+        for group in 0..self.groups() {
+            let placed = counts.get(group).copied().unwrap_or(0);
+            if let Some(position) = self.get(group, placed)
+                && best.is_none_or(|(_, best_position)| position < best_position)
+            {
+                best = Some((group, position));
+            }
+        }
+        best.map(|(group, _)| group)
+    }
+}
+
+/// Parses and checks the `targets` of a share-based constraint into [`GroupShares`].
+pub(crate) fn shares_or_error(
+    constraint: &str,
+    parameter: &str,
+    pairs: &[(u32, f64)],
+) -> Result<GroupShares, FairnessError> {
+    GroupShares::new(pairs).map_err(|reason| FairnessError::InvalidParameter {
+        constraint: constraint.to_string(),
+        parameter: parameter.to_string(),
+        reason,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(groups: &[u32]) -> Vec<Candidate> {
+        groups
+            .iter()
+            .enumerate()
+            .map(|(i, &g)| Candidate::new(i as u32, 100.0 - i as f32, g))
+            .collect()
+    }
+
+    #[test]
+    fn group_shares_validate_and_compute_the_rest() {
+        let shares = GroupShares::new(&[(2, 0.2), (0, 0.5)]).expect("valid");
+        assert_eq!(shares.labels(), &[0, 2]);
+        assert_eq!(shares.dense(2), 1);
+        assert_eq!(shares.dense(7), 2);
+        assert!((shares.rest_share() - 0.3).abs() < 1e-12);
+        assert!((shares.share(2) - 0.3).abs() < 1e-12);
+        assert!(GroupShares::new(&[(0, 0.7), (1, 0.4)]).is_err());
+        assert!(GroupShares::new(&[(0, -0.1)]).is_err());
+        assert!(GroupShares::new(&[(0, 0.1), (0, 0.2)]).is_err());
+        let full = GroupShares::new(&[(0, 0.1), (1, 0.2), (2, 0.7)]).expect("sums to one");
+        assert_eq!(full.rest_share(), 0.0);
+    }
+
+    #[test]
+    fn group_lists_scan_lazily_and_collect_unlisted_labels_in_the_rest_group() {
+        let pool = pool(&[5, 1, 5, 9, 1, 5]);
+        let labels = [1u32, 9];
+        let mut storage = Vec::new();
+        let mut lists = GroupLists::new(&pool, &labels, &mut storage);
+        assert_eq!(lists.get(0, 0), Some(1));
+        assert_eq!(lists.scanned, 2);
+        assert_eq!(lists.get(2, 1), Some(2));
+        assert_eq!(lists.get(1, 0), Some(3));
+        assert_eq!(lists.get(1, 1), None);
+        assert_eq!(lists.scanned, 6);
+        assert_eq!(lists.found(2), 3);
+        assert_eq!(lists.best_next(&[0, 0, 0]), Some(2));
+        assert_eq!(lists.best_next(&[2, 1, 3]), None);
+    }
+}

@@ -1,0 +1,228 @@
+//! Data-independent noise generated ahead of time: the standard Gumbel sampler and the
+//! per-worker `NoiseBuffer` that keeps the request path down to adds and selects.
+//!
+//! Noise that does not depend on the data (Gumbel noise for selection, discrete Laplace or
+//! Gaussian noise of a fixed scale) can be drawn before the request arrives. A worker owns
+//! one buffer per noise kind, refills it between requests (or swaps in a buffer refilled by
+//! a background thread: `NoiseBuffer` is `Send`), and the request only consumes samples.
+//! Every sample is handed out exactly once; reusing noise would void the privacy guarantee.
+
+use rand::CryptoRng;
+
+/// A source of data-independent noise samples that can be buffered.
+pub trait NoiseSampler {
+    /// One noise sample.
+    type Sample: Copy;
+
+    /// Draws one sample from `rng`.
+    fn draw<R: CryptoRng + ?Sized>(&self, rng: &mut R) -> Self::Sample;
+}
+
+/// The standard Gumbel distribution, `P[G <= x] = exp(-exp(-x))`.
+///
+/// Sampled as `-ln(-ln U)` with `U = j / 2^53` for a 53-bit integer `j` drawn uniformly from
+/// `1..2^53` (the value `j = 0` is redrawn). Every such `U` is an exact double strictly inside
+/// `(0, 1)`, so neither logarithm ever sees 0 and every sample is finite (between about
+/// `-3.60` and `36.7`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StandardGumbel;
+
+impl StandardGumbel {
+    /// The Gumbel sample for 64 random bits (the top 53 are used), or `None` when they
+    /// are all zero (the caller redraws).
+    pub fn from_bits(bits: u64) -> Option<f64> {
+        const INVERSE_2_POW_53: f64 = 1.0 / 9_007_199_254_740_992.0;
+        let numerator = bits >> 11;
+        if numerator == 0 {
+            return None;
+        }
+        // numerator < 2^53 is exact in f64, and so is the scaling by a power of two.
+        let uniform = numerator as f64 * INVERSE_2_POW_53;
+        Some(-(-uniform.ln()).ln())
+    }
+
+    /// The cumulative distribution function `exp(-exp(-x))`.
+    pub fn cdf(x: f64) -> f64 {
+        (-(-x).exp()).exp()
+    }
+}
+
+impl NoiseSampler for StandardGumbel {
+    type Sample = f64;
+
+    fn draw<R: CryptoRng + ?Sized>(&self, rng: &mut R) -> f64 {
+        loop {
+            if let Some(sample) = Self::from_bits(rng.next_u64()) {
+                return sample;
+            }
+        }
+    }
+}
+
+/// A buffer of pre-generated noise samples, each handed out exactly once.
+///
+/// Fill it off the request path with [`NoiseBuffer::refill`]; on the request path call
+/// [`NoiseBuffer::take`], which only falls back to drawing fresh samples (slower, but still
+/// correct) when the buffer runs short.
+///
+/// Deliberately not `Clone` (a copy would hand out the same noise twice), and its `Debug`
+/// output shows counts only, never samples.
+pub struct NoiseBuffer<S: NoiseSampler> {
+    sampler: S,
+    samples: Vec<S::Sample>,
+    /// Index of the first unused sample; `samples[..next]` have been handed out.
+    next: usize,
+    capacity: usize,
+}
+
+impl<S: NoiseSampler + std::fmt::Debug> std::fmt::Debug for NoiseBuffer<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NoiseBuffer")
+            .field("sampler", &self.sampler)
+            .field("available", &self.available())
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: NoiseSampler> NoiseBuffer<S> {
+    /// An empty buffer that holds up to `capacity` samples once refilled.
+    pub fn new(sampler: S, capacity: usize) -> Self {
+        Self {
+            sampler,
+            samples: Vec::with_capacity(capacity),
+            next: 0,
+            capacity,
+        }
+    }
+
+    /// A buffer filled with `capacity` fresh samples.
+    pub fn filled<R: CryptoRng + ?Sized>(sampler: S, capacity: usize, rng: &mut R) -> Self {
+        let mut buffer = Self::new(sampler, capacity);
+        buffer.refill(rng);
+        buffer
+    }
+
+    /// The sampler the buffer draws from.
+    pub fn sampler(&self) -> &S {
+        &self.sampler
+    }
+
+    /// How many samples a full buffer holds.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// How many unused samples are ready.
+    pub fn available(&self) -> usize {
+        self.samples.len() - self.next
+    }
+
+    /// Replaces every used sample with a fresh one, so the buffer holds `capacity` unused
+    /// samples. Call it off the request path.
+    pub fn refill<R: CryptoRng + ?Sized>(&mut self, rng: &mut R) {
+        self.top_up(self.capacity, rng);
+    }
+
+    /// Hands out `count` unused samples (they are consumed even if the caller fails later).
+    ///
+    /// If fewer than `count` are ready, the buffer first tops itself up with fresh samples
+    /// (growing its capacity if `count` exceeds it).
+    pub fn take<R: CryptoRng + ?Sized>(&mut self, count: usize, rng: &mut R) -> &[S::Sample] {
+        if self.available() < count {
+            self.capacity = self.capacity.max(count);
+            self.top_up(self.capacity, rng);
+        }
+        let start = self.next;
+        self.next += count;
+        &self.samples[start..self.next]
+    }
+
+    /// Hands out one unused sample (refilling on demand, like [`NoiseBuffer::take`]).
+    pub fn take_one<R: CryptoRng + ?Sized>(&mut self, rng: &mut R) -> S::Sample {
+        if self.available() == 0 {
+            self.capacity = self.capacity.max(1);
+            self.top_up(self.capacity, rng);
+        }
+        let sample = self.samples[self.next];
+        self.next += 1;
+        sample
+    }
+
+    /// Drops used samples and appends fresh ones until `target` unused samples are ready.
+    fn top_up<R: CryptoRng + ?Sized>(&mut self, target: usize, rng: &mut R) {
+        self.samples.drain(..self.next);
+        self.next = 0;
+        while self.samples.len() < target {
+            self.samples.push(self.sampler.draw(rng));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SecureRng;
+    use crate::test_stats::assert_kolmogorov_smirnov;
+    use std::collections::HashSet;
+
+    #[test]
+    fn gumbel_is_finite_at_the_extremes() {
+        assert_eq!(StandardGumbel::from_bits(0), None);
+        assert_eq!(StandardGumbel::from_bits((1 << 11) - 1), None);
+        let extremes = [1 << 11, u64::MAX - (1 << 11), u64::MAX].map(StandardGumbel::from_bits);
+        for sample in extremes {
+            assert!(sample.is_some_and(f64::is_finite));
+        }
+        assert!(extremes[0].is_some_and(|g| (-3.61..-3.59).contains(&g)));
+        assert!(extremes[2].is_some_and(|g| (36.0..37.0).contains(&g)));
+    }
+
+    #[test]
+    fn gumbel_samples_follow_the_exact_cdf() {
+        let mut rng = SecureRng::from_seed(31);
+        let mut samples: Vec<f64> = (0..400_000)
+            .map(|_| StandardGumbel.draw(&mut rng))
+            .collect();
+        assert_kolmogorov_smirnov(&mut samples, StandardGumbel::cdf, 1e-6);
+        // Mean of the standard Gumbel is the Euler–Mascheroni constant, variance pi^2/6.
+        let variance = std::f64::consts::PI.powi(2) / 6.0;
+        crate::test_stats::assert_mean_within(&samples, 0.577_215_664_901_532_9, variance, 5.3);
+    }
+
+    #[test]
+    fn buffer_hands_out_each_sample_once() {
+        let mut rng = SecureRng::from_seed(32);
+        let mut buffer = NoiseBuffer::filled(StandardGumbel, 100, &mut rng);
+        assert_eq!(buffer.available(), 100);
+        let mut seen = HashSet::new();
+        for round in 0..50 {
+            let count = 7 + round % 13;
+            let taken = buffer.take(count, &mut rng).to_vec();
+            assert_eq!(taken.len(), count);
+            for value in taken {
+                assert!(
+                    seen.insert(value.to_bits()),
+                    "a sample was handed out twice"
+                );
+            }
+            if round % 5 == 0 {
+                buffer.refill(&mut rng);
+                assert_eq!(buffer.available(), 100);
+            }
+        }
+        assert!(seen.insert(buffer.take_one(&mut rng).to_bits()));
+    }
+
+    #[test]
+    fn buffer_grows_for_large_requests() {
+        let mut rng = SecureRng::from_seed(33);
+        let mut buffer = NoiseBuffer::new(StandardGumbel, 4);
+        assert_eq!(buffer.available(), 0);
+        assert_eq!(buffer.take(10, &mut rng).len(), 10);
+        assert_eq!(buffer.capacity(), 10);
+        assert_eq!(buffer.available(), 0);
+        buffer.refill(&mut rng);
+        assert_eq!(buffer.available(), 10);
+    }
+}

@@ -1,0 +1,47 @@
+//! The `fairrank` command-line entry point: table tools, exact top-k, benchmarks.
+
+mod bench_kernel;
+mod cli;
+mod config;
+
+use clap::{Parser, Subcommand};
+
+/// fairrank: a fairness-aware ranking server over memory-mapped embedding tables.
+#[derive(Debug, Parser)]
+#[command(name = "fairrank", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build, import, inspect and verify embedding table files.
+    #[command(subcommand)]
+    Table(cli::table::TableCommand),
+    /// Exact top-k of each query over a table (the built-in default dataset without --table).
+    Topk(cli::topk::TopkArgs),
+    /// Benchmarks that compare fairrank's kernels with the machine's limits.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Scan, batched and candidate-list kernels against the measured read bandwidth.
+    Kernel(bench_kernel::BenchKernelArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Table(command) => cli::table::run(command),
+        Command::Topk(args) => cli::topk::run(&args),
+        Command::Bench(BenchCommand::Kernel(args)) => {
+            for (name, value) in bench_kernel::run(&args)? {
+                println!("{name}: {}", cli::format_figure(value));
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! End-to-end tests of the `fairrank` CLI's table, topk and bench commands on real files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use store::Table;
+
+fn fairrank(args: &[&str], cache: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fairrank"))
+        .args(args)
+        .env("FAIRRANK_CACHE", cache)
+        .output()
+        .expect("the fairrank binary runs")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn assert_success(output: &Output) {
+    assert!(
+        output.status.success(),
+        "failed: {}\n{}",
+        stdout(output),
+        stderr(output)
+    );
+}
+
+/// Builds a small synthetic item table and user table in `dir`.
+fn build_small_tables(dir: &Path) -> (PathBuf, PathBuf) {
+    let items = dir.join("items.frt");
+    let users = dir.join("users.frt");
+    let output = fairrank(
+        &[
+            "table",
+            "build",
+            "--synthetic",
+            "--items",
+            "3000",
+            "--dim",
+            "24",
+            "--users",
+            "20",
+            "--seed",
+            "7",
+            "-o",
+            items.to_str().unwrap(),
+            "--users-out",
+            users.to_str().unwrap(),
+        ],
+        dir,
+    );
+    assert_success(&output);
+    (items, users)
+}
+
+/// Exact top-k by the scalar reference, as (id, score) pairs.
+fn reference_topk(table: &Table, query: &[f32], k: usize) -> Vec<(String, f32)> {
+    let matrix =
+        kernels::RowMatrix::new(table.rows(), table.len(), table.dim(), table.row_stride())
+            .expect("valid matrix");
+    kernels::scalar::scan_topk(matrix, query, k)
+        .expect("k > 0")
+        .iter()
+        .map(|item| (table.id(item.index as usize).to_string(), item.score))
+        .collect()
+}
+
+fn assert_matches_reference(line: &serde_json::Value, expected: &[(String, f32)]) {
+    let ids: Vec<&str> = line["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_str().unwrap())
+        .collect();
+    let scores: Vec<f64> = line["scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_f64().unwrap())
+        .collect();
+    assert_eq!(ids.len(), expected.len());
+    for (position, (id, score)) in expected.iter().enumerate() {
+        assert!(
+            (scores[position] - f64::from(*score)).abs() < 1e-4,
+            "score at {position}"
+        );
+        // Near-ties may swap under different rounding; exact ids must agree otherwise.
+        if ids[position] != id {
+            let other = expected
+                .iter()
+                .find(|(candidate, _)| candidate == ids[position]);
+            let other =
+                other.unwrap_or_else(|| panic!("unexpected id {} at {position}", ids[position]));
+            assert!(
+                (other.1 - score).abs() < 1e-4,
+                "{} swapped with {id}",
+                ids[position]
+            );
+        }
+    }
+}
+
+#[test]
+fn build_inspect_verify_and_topk_agree_with_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let (items, users) = build_small_tables(dir.path());
+
+    let output = fairrank(
+        &["table", "inspect", items.to_str().unwrap(), "--json"],
+        dir.path(),
+    );
+    assert_success(&output);
+    let inspection: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(inspection["rows"], 3000);
+    assert_eq!(inspection["dim"], 24);
+    assert_eq!(inspection["header"]["dtype"], "f32");
+    let groups = &inspection["group_attributes"]["provider_group"];
+    assert!(
+        groups["1"].as_u64().unwrap() > 0,
+        "minority group present: {inspection}"
+    );
+
+    let output = fairrank(&["table", "inspect", items.to_str().unwrap()], dir.path());
+    assert_success(&output);
+    assert!(stdout(&output).contains("rows:           3000"));
+
+    let output = fairrank(&["table", "verify", items.to_str().unwrap()], dir.path());
+    assert_success(&output);
+    assert!(stdout(&output).contains("ok"));
+
+    // Queries: six user rows written as .npy (batched path) and one (scan path).
+    let user_table = Table::open(&users).unwrap();
+    let item_table = Table::open(&items).unwrap();
+    for query_count in [6usize, 1] {
+        let mut data = Vec::new();
+        for row in 0..query_count {
+            data.extend_from_slice(user_table.row(row));
+        }
+        let queries = dir.path().join(format!("queries-{query_count}.npy"));
+        datasets::write_npy(&queries, query_count, 24, &data).unwrap();
+        let output = fairrank(
+            &[
+                "topk",
+                "--table",
+                items.to_str().unwrap(),
+                "--queries",
+                queries.to_str().unwrap(),
+                "--k",
+                "15",
+                "--format",
+                "json",
+            ],
+            dir.path(),
+        );
+        assert_success(&output);
+        let lines: Vec<serde_json::Value> = stdout(&output)
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        assert_eq!(lines.len(), query_count);
+        for (query, line) in lines.iter().enumerate() {
+            assert_eq!(line["query"], query);
+            let expected = reference_topk(&item_table, user_table.row(query), 15);
+            assert_matches_reference(line, &expected);
+        }
+    }
+
+    let output = fairrank(
+        &[
+            "topk",
+            "--table",
+            items.to_str().unwrap(),
+            "--users",
+            users.to_str().unwrap(),
+            "--limit",
+            "2",
+            "--k",
+            "3",
+            "--format",
+            "table",
+        ],
+        dir.path(),
+    );
+    assert_success(&output);
+    let text = stdout(&output);
+    assert!(text.starts_with("query"), "{text}");
+    assert_eq!(text.lines().count(), 1 + 2 * 3);
+}
+
+#[test]
+fn topk_refuses_bad_requests_with_clear_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let (items, _) = build_small_tables(dir.path());
+    let queries = dir.path().join("q.npy");
+    datasets::write_npy(&queries, 1, 5, &[1.0; 5]).unwrap();
+
+    let output = fairrank(
+        &[
+            "topk",
+            "--table",
+            items.to_str().unwrap(),
+            "--queries",
+            queries.to_str().unwrap(),
+            "--k",
+            "0",
+        ],
+        dir.path(),
+    );
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("--k"), "{}", stderr(&output));
+
+    let output = fairrank(
+        &[
+            "topk",
+            "--table",
+            items.to_str().unwrap(),
+            "--queries",
+            queries.to_str().unwrap(),
+            "--k",
+            "3",
+        ],
+        dir.path(),
+    );
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(
+        message.contains("q.npy") && message.contains("dimension 5"),
+        "{message}"
+    );
+}
+
+#[test]
+fn corrupt_and_truncated_tables_are_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (items, _) = build_small_tables(dir.path());
+    let bytes = std::fs::read(&items).unwrap();
+
+    let truncated = dir.path().join("truncated.frt");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    for command in ["inspect", "verify"] {
+        let output = fairrank(&["table", command, truncated.to_str().unwrap()], dir.path());
+        assert!(!output.status.success());
+        assert!(
+            stderr(&output).contains("truncated.frt"),
+            "{}",
+            stderr(&output)
+        );
+    }
+
+    // Flip one byte in the last section: open may accept it, the full checksum must not.
+    let corrupt = dir.path().join("corrupt.frt");
+    let mut flipped = bytes.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 0x01;
+    std::fs::write(&corrupt, &flipped).unwrap();
+    let output = fairrank(&["table", "verify", corrupt.to_str().unwrap()], dir.path());
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("corrupt.frt"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn import_npy_with_metadata_then_topk() {
+    let dir = tempfile::tempdir().unwrap();
+    let npy = dir.path().join("items.npy");
+    let rows: Vec<f32> = (0..4 * 3).map(|value| value as f32 * 0.5 - 2.0).collect();
+    datasets::write_npy(&npy, 4, 3, &rows).unwrap();
+    let meta = dir.path().join("items.csv");
+    std::fs::write(
+        &meta,
+        "id,provider_group,prior\na,0,0.4\nb,1,0.3\nc,1,0.2\nd,0,0.1\n",
+    )
+    .unwrap();
+    let table_path = dir.path().join("imported.frt");
+    let output = fairrank(
+        &[
+            "table",
+            "import",
+            "--npy",
+            npy.to_str().unwrap(),
+            "--meta",
+            meta.to_str().unwrap(),
+            "-o",
+            table_path.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert_success(&output);
+    let table = Table::open(&table_path).unwrap();
+    assert_eq!(table.index_of("c"), Some(2));
+    assert_eq!(table.prior().unwrap(), &[0.4, 0.3, 0.2, 0.1]);
+
+    let queries = dir.path().join("q.npy");
+    datasets::write_npy(&queries, 1, 3, &[1.0, 1.0, 1.0]).unwrap();
+    let output = fairrank(
+        &[
+            "topk",
+            "--table",
+            table_path.to_str().unwrap(),
+            "--queries",
+            queries.to_str().unwrap(),
+            "--k",
+            "10",
+        ],
+        dir.path(),
+    );
+    assert_success(&output);
+    let line: serde_json::Value = serde_json::from_str(stdout(&output).trim()).unwrap();
+    // Row sums: a = -4.5, b = -1.5+... rows are (-2,-1.5,-1), (-0.5,0,0.5), (1,1.5,2), (2.5,3,3.5).
+    assert_eq!(line["ids"], serde_json::json!(["d", "c", "b", "a"]));
+
+    let bad_meta = dir.path().join("bad.csv");
+    std::fs::write(&bad_meta, "id,provider_group\na,0\nb,x\nc,1\nd,0\n").unwrap();
+    let output = fairrank(
+        &[
+            "table",
+            "import",
+            "--npy",
+            npy.to_str().unwrap(),
+            "--meta",
+            bad_meta.to_str().unwrap(),
+            "-o",
+            dir.path().join("never.frt").to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("bad.csv"), "{}", stderr(&output));
+    assert!(!dir.path().join("never.frt").exists());
+}
+
+#[test]
+fn bench_kernel_prints_every_figure() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = fairrank(
+        &[
+            "bench", "kernel", "--rows", "4000", "--dim", "16", "--k", "10", "--batch", "4",
+            "--repeat", "1",
+        ],
+        dir.path(),
+    );
+    assert_success(&output);
+    let text = stdout(&output);
+    for key in [
+        "scan_ms",
+        "scan_gbps",
+        "read_gbps",
+        "scan_bandwidth_ratio",
+        "batch_ms",
+        "batch_gflops",
+        "batch_speedup_vs_serial",
+        "candidates_ns_per_item",
+    ] {
+        let line = text
+            .lines()
+            .find(|line| line.starts_with(&format!("{key}: ")))
+            .unwrap_or_else(|| panic!("{key} missing: {text}"));
+        let value: f64 = line[key.len() + 2..].trim().parse().unwrap();
+        assert!(value.is_finite() && value > 0.0, "{line}");
+    }
+}
+
+#[test]
+fn topk_without_a_table_uses_the_built_in_default_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = fairrank(&["topk", "--k", "3", "--limit", "2"], dir.path());
+    assert_success(&output);
+    let lines: Vec<serde_json::Value> = stdout(&output)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["ids"].as_array().unwrap().len(), 3);
+    // The second run reuses the cached files.
+    let again = fairrank(&["topk", "--k", "3", "--limit", "2"], dir.path());
+    assert_success(&again);
+    assert_eq!(stdout(&output), stdout(&again));
+}

@@ -1,0 +1,465 @@
+//! Write-then-open round trips, writer validation and atomic publishing.
+
+mod common;
+
+use common::{open_ok, sample_data, write_sample};
+use proptest::prelude::*;
+use store::{
+    DataProblem, GroupAttribute, RowProblem, SectionKind, StoreError, Table, TableData, write_table,
+};
+
+/// Asserts that `table` serves exactly `data`.
+fn assert_serves(table: &Table, data: &TableData) {
+    let rows = data.ids.len();
+    assert_eq!(table.len(), rows);
+    assert_eq!(table.is_empty(), rows == 0);
+    assert_eq!(table.dim(), data.dim);
+    assert_eq!(table.row_stride(), data.dim.div_ceil(16) * 16);
+    assert_eq!(table.rows().len(), rows * table.row_stride());
+    assert_eq!(
+        table.rows().as_ptr() as usize % 4096,
+        0,
+        "row block alignment"
+    );
+    for (row, id) in data.ids.iter().enumerate() {
+        assert_eq!(
+            table.row(row),
+            &data.rows[row * data.dim..(row + 1) * data.dim]
+        );
+        let padded = table.get_padded_row(row).unwrap_or(&[]);
+        assert_eq!(padded.len(), table.row_stride());
+        assert!(padded[data.dim..].iter().all(|v| v.to_bits() == 0));
+        assert_eq!(table.id(row), id);
+        assert_eq!(table.index_of(id), Some(row as u32));
+    }
+    assert_eq!(table.get_row(rows), None);
+    assert_eq!(table.get_id(rows), None);
+    assert_eq!(table.index_of("no such item"), None);
+    let names: Vec<String> = data.groups.iter().map(|g| g.name.clone()).collect();
+    assert_eq!(table.group_attribute_names(), names.as_slice());
+    for (attribute, group) in data.groups.iter().enumerate() {
+        assert_eq!(table.group_attribute_index(&group.name), Some(attribute));
+        assert_eq!(table.group_labels(attribute), group.labels.as_slice());
+    }
+    assert_eq!(table.get_group_labels(data.groups.len()), None);
+    assert_eq!(table.group_attribute_index("no such attribute"), None);
+    assert_eq!(table.prior(), data.prior.as_deref());
+    assert_eq!(table.dim_names(), data.dim_names.as_deref());
+    let expected_norm = data
+        .rows
+        .chunks_exact(data.dim)
+        .map(|row| {
+            row.iter()
+                .map(|&v| f64::from(v) * f64::from(v))
+                .sum::<f64>()
+                .sqrt()
+        })
+        .fold(0.0f64, f64::max);
+    let tolerance = (data.dim as f64 + 2.0) * f64::from(f32::EPSILON) * expected_norm + 1e-30;
+    assert!(
+        (f64::from(table.max_row_norm()) - expected_norm).abs() <= tolerance,
+        "norm {} vs {expected_norm}",
+        table.max_row_norm()
+    );
+    assert!(table.verify().is_ok());
+}
+
+#[test]
+fn sample_table_round_trips() {
+    let data = sample_data(40);
+    let (_dir, path) = write_sample(&data);
+    let table = open_ok(&path);
+    assert_serves(&table, &data);
+    assert_eq!(table.path(), path.as_path());
+    let header = table.header();
+    assert_eq!(header.row_count, 40);
+    assert_eq!(header.dim, 5);
+    assert_eq!(header.row_stride_bytes, 64);
+    assert_eq!(header.rows_offset, 4096);
+    assert!(header.has_prior && header.has_dim_names);
+    let stats = table.stats();
+    assert_eq!(
+        stats.file_bytes,
+        std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0)
+    );
+    assert_eq!(stats.row_padding_bytes, 40 * 11 * 4);
+    let covered: u64 = stats.regions.iter().map(|r| r.range.length).sum();
+    assert_eq!(covered + stats.gap_bytes, stats.file_bytes);
+    assert_eq!(stats.regions.len(), SectionKind::ALL.len() + 2);
+}
+
+#[test]
+fn summary_matches_the_file() {
+    let data = sample_data(7);
+    let dir = tempfile::tempdir().map_err(|e| e.to_string());
+    let dir = dir.unwrap_or_else(|e| panic!("{e}"));
+    let path = dir.path().join("t.frt");
+    let summary = write_table(&path, &data).unwrap_or_else(|e| panic!("{e}"));
+    let table = open_ok(&path);
+    assert_eq!(summary.rows, 7);
+    assert_eq!(summary.dim, 5);
+    assert_eq!(summary.file_bytes, table.header().file_size);
+    assert_eq!(summary.checksum, table.header().data_checksum);
+}
+
+#[test]
+fn empty_table_round_trips() {
+    let data = TableData {
+        dim: 3,
+        rows: vec![],
+        ids: vec![],
+        groups: vec![GroupAttribute {
+            name: "g".into(),
+            labels: vec![],
+        }],
+        prior: Some(vec![]),
+        dim_names: None,
+    };
+    let (_dir, path) = write_sample(&data);
+    let table = open_ok(&path);
+    assert!(table.is_empty());
+    assert_eq!(table.max_row_norm(), 0.0);
+    assert_eq!(table.prior(), Some(&[][..]));
+    assert_serves(&table, &data);
+}
+
+#[test]
+fn unpadded_rows_round_trip() {
+    let rows = 9;
+    let dim = 32;
+    let data = TableData {
+        dim,
+        rows: (0..rows * dim).map(|i| i as f32 * 0.01).collect(),
+        ids: (0..rows).map(|i| i.to_string()).collect(),
+        groups: vec![],
+        prior: None,
+        dim_names: None,
+    };
+    let (_dir, path) = write_sample(&data);
+    let table = open_ok(&path);
+    assert_eq!(table.row_stride(), dim);
+    assert_eq!(table.prior(), None);
+    assert_serves(&table, &data);
+}
+
+fn arbitrary_table() -> impl Strategy<Value = TableData> {
+    (
+        1usize..24,
+        0usize..20,
+        0usize..3,
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_flat_map(|(dim, rows, attributes, has_prior, has_names)| {
+            (
+                prop::collection::vec(-1.0e3f32..1.0e3, rows * dim),
+                prop::collection::hash_set("[a-zA-Z0-9_é日-]{1,12}", rows),
+                prop::collection::vec(prop::collection::vec(0u32..5, rows), attributes),
+                prop::collection::vec(-10.0f32..10.0, rows),
+            )
+                .prop_map(move |(values, ids, labels, prior)| TableData {
+                    dim,
+                    rows: values,
+                    ids: ids.into_iter().collect(),
+                    groups: labels
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, labels)| GroupAttribute {
+                            name: format!("attribute_{i}"),
+                            labels,
+                        })
+                        .collect(),
+                    prior: has_prior.then_some(prior),
+                    dim_names: has_names.then(|| (0..dim).map(|d| format!("dim {d}")).collect()),
+                })
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn any_valid_table_round_trips(data in arbitrary_table()) {
+        let (_dir, path) = write_sample(&data);
+        let table = open_ok(&path);
+        assert_serves(&table, &data);
+    }
+}
+
+fn refusal(data: &TableData) -> DataProblem {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let path = dir.path().join("bad.frt");
+    let error = match write_table(&path, data) {
+        Ok(summary) => panic!("accepted: {summary:?}"),
+        Err(e) => e,
+    };
+    assert!(error.to_string().contains("bad.frt"), "{error}");
+    assert!(!path.exists(), "nothing may be published on refusal");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.file_name())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    match error {
+        StoreError::InvalidData { problem, .. } => problem,
+        other => panic!("expected invalid data, got {other}"),
+    }
+}
+
+#[test]
+fn writer_refuses_inconsistent_data() {
+    let good = sample_data(4);
+
+    let mut data = good.clone();
+    data.dim = 0;
+    assert_eq!(refusal(&data), DataProblem::ZeroDim);
+
+    let mut data = good.clone();
+    data.rows.pop();
+    assert!(matches!(
+        refusal(&data),
+        DataProblem::RowsLength {
+            expected: 20,
+            found: 19,
+            ..
+        }
+    ));
+
+    let mut data = good.clone();
+    data.ids[2] = String::new();
+    assert_eq!(refusal(&data), DataProblem::EmptyId { row: 2 });
+
+    let mut data = good.clone();
+    data.ids[3] = data.ids[1].clone();
+    assert!(matches!(
+        refusal(&data),
+        DataProblem::DuplicateId {
+            first: 1,
+            second: 3,
+            ..
+        }
+    ));
+
+    let mut data = good.clone();
+    data.rows[7] = f32::NAN;
+    assert!(matches!(
+        refusal(&data),
+        DataProblem::BadRow {
+            row: 1,
+            problem: RowProblem::NonFinite { column: 2, .. }
+        }
+    ));
+
+    let mut data = good.clone();
+    data.rows[19] = f32::NEG_INFINITY;
+    assert!(matches!(
+        refusal(&data),
+        DataProblem::BadRow {
+            row: 3,
+            problem: RowProblem::NonFinite { column: 4, .. }
+        }
+    ));
+
+    let mut data = good.clone();
+    data.rows[0] = 1.0e20;
+    assert_eq!(
+        refusal(&data),
+        DataProblem::BadRow {
+            row: 0,
+            problem: RowProblem::NormOverflow
+        }
+    );
+
+    let mut data = good.clone();
+    data.groups[1].name = data.groups[0].name.clone();
+    assert!(matches!(
+        refusal(&data),
+        DataProblem::DuplicateName {
+            first: 0,
+            second: 1,
+            ..
+        }
+    ));
+
+    let mut data = good.clone();
+    data.groups[0].name = String::new();
+    assert!(matches!(
+        refusal(&data),
+        DataProblem::EmptyName { index: 0, .. }
+    ));
+
+    let mut data = good.clone();
+    data.groups[1].labels.push(0);
+    assert!(matches!(
+        refusal(&data),
+        DataProblem::LabelsLength {
+            expected: 4,
+            found: 5,
+            ..
+        }
+    ));
+
+    let mut data = good.clone();
+    data.prior = Some(vec![1.0; 3]);
+    assert_eq!(
+        refusal(&data),
+        DataProblem::PriorLength {
+            expected: 4,
+            found: 3
+        }
+    );
+
+    let mut data = good.clone();
+    data.prior = Some(vec![1.0, f32::INFINITY, 0.0, 0.0]);
+    assert!(matches!(
+        refusal(&data),
+        DataProblem::NonFinitePrior { row: 1, .. }
+    ));
+
+    let mut data = good.clone();
+    data.dim_names = Some(vec!["a".into()]);
+    assert_eq!(
+        refusal(&data),
+        DataProblem::DimNamesLength {
+            expected: 5,
+            found: 1
+        }
+    );
+
+    let mut data = good.clone();
+    data.dim_names = Some(["a", "b", "c", "b", "e"].map(String::from).to_vec());
+    assert!(matches!(
+        refusal(&data),
+        DataProblem::DuplicateName {
+            first: 1,
+            second: 3,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn writer_needs_a_file_name() {
+    let result = write_table(std::path::Path::new("/"), &sample_data(1));
+    assert!(matches!(
+        result,
+        Err(StoreError::InvalidData {
+            problem: DataProblem::NoFileName,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn writer_reports_missing_directory() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let path = dir.path().join("missing").join("t.frt");
+    let result = write_table(&path, &sample_data(1));
+    assert!(matches!(result, Err(StoreError::Io { .. })), "{result:?}");
+}
+
+#[test]
+fn republishing_leaves_open_tables_on_the_old_file() {
+    let old = sample_data(6);
+    let (dir, path) = write_sample(&old);
+    let old_table = open_ok(&path);
+
+    let mut new = sample_data(3);
+    new.rows.iter_mut().for_each(|v| *v += 1.0);
+    new.ids = vec!["x".into(), "y".into(), "z".into()];
+    write_table(&path, &new).unwrap_or_else(|e| panic!("{e}"));
+
+    // The open table still reads the old (renamed-over) file, intact.
+    assert_serves(&old_table, &old);
+    assert_serves(&open_ok(&path), &new);
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        names,
+        vec!["items.frt".to_string()],
+        "no temporary files remain"
+    );
+}
+
+#[test]
+fn tables_are_published_in_nested_directories() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let nested = dir.path().join("sub");
+    std::fs::create_dir(&nested).unwrap_or_else(|e| panic!("{e}"));
+    let path = nested.join("nested.frt");
+    write_table(&path, &sample_data(2)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(open_ok(&path).len(), 2);
+}
+
+/// Enough rows for `open` to build the id index on a second thread.
+fn large_data() -> TableData {
+    let rows = (1 << 16) + 5;
+    TableData {
+        dim: 2,
+        rows: (0..rows * 2).map(|i| (i % 1000) as f32 * 0.001).collect(),
+        ids: (0..rows).map(|i| format!("{i:x}")).collect(),
+        groups: vec![],
+        prior: None,
+        dim_names: None,
+    }
+}
+
+#[test]
+fn large_tables_open_with_the_parallel_checks() {
+    let data = large_data();
+    let (_dir, path) = write_sample(&data);
+    let table = open_ok(&path);
+    assert_eq!(table.len(), data.ids.len());
+    for (row, id) in data.ids.iter().enumerate().step_by(97) {
+        assert_eq!(table.index_of(id), Some(row as u32));
+        assert_eq!(table.row(row), &data.rows[row * 2..row * 2 + 2]);
+    }
+    assert!(table.verify().is_ok());
+}
+
+#[test]
+fn large_tables_report_row_problems_before_id_problems() {
+    let data = large_data();
+    let (_dir, path) = write_sample(&data);
+    let mut bytes = common::read(&path);
+    let header = common::header_of(&bytes);
+    // A NaN in the last row and a duplicate id (row 1 becomes "0").
+    let last = (header.rows_offset + (header.row_count - 1) * header.row_stride_bytes) as usize;
+    bytes[last..last + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let ids_at = header.section(SectionKind::IdBytes).offset as usize;
+    bytes[ids_at + 1] = b'0';
+    common::write(&path, &bytes);
+    let error = common::open_err(&path);
+    assert!(
+        matches!(
+            error.format_problem(),
+            Some(store::FormatProblem::BadRow { row, .. }) if *row == header.row_count - 1
+        ),
+        "{error}"
+    );
+    // With the NaN repaired, the duplicate is found.
+    bytes[last..last + 4].copy_from_slice(&0.5f32.to_le_bytes());
+    common::write(&path, &bytes);
+    let error = common::open_err(&path);
+    assert!(
+        matches!(
+            error.format_problem(),
+            Some(store::FormatProblem::DuplicateId {
+                first: 0,
+                second: 1,
+                ..
+            })
+        ),
+        "{error}"
+    );
+}

@@ -1,0 +1,69 @@
+//! Scoring kernels: scalar reference and SIMD dot products, fused top-k scans, batched scoring.
+//!
+//! # Overview
+//!
+//! fairrank scores items by the dot product of an item embedding (a row of a table) with a
+//! user or query embedding. This crate holds every way of doing that, fast:
+//!
+//! | kernel | use | bound by |
+//! |---|---|---|
+//! | [`dot`] | one pair of vectors | latency |
+//! | [`scan_topk`] / [`par_scan_topk`] | one query over the whole table | memory bandwidth |
+//! | [`score_candidates`] / [`candidates_topk`] | one query over a candidate list | memory latency |
+//! | [`batch_topk`] | many queries over the whole table | compute (faer GEMM) |
+//!
+//! [`scalar`] holds the specification of each kernel, written for clarity; every fast
+//! variant is private beside the public entry point and is property-tested against it.
+//!
+//! # Determinism
+//!
+//! Every top-k result is ordered by score descending ([`f32::total_cmp`]) with ties broken by
+//! row index ascending, in every path. The scan, parallel scan and candidate kernels share one
+//! per-row arithmetic recipe, so they return identical scores bit for bit (and the parallel
+//! scan returns exactly what the single-threaded scan returns, whatever the thread count). The
+//! batched kernel sums in GEMM order, so its scores can differ in the last bits.
+//!
+//! # Allocation
+//!
+//! Hot paths take `&mut` output vectors and scratch ([`TopKScratch`]; per-thread scratch for
+//! the parallel kernels) that grow to the largest request seen and are then reused.
+//!
+//! # Example
+//!
+//! ```
+//! use kernels::{RowMatrix, ScoredItem, TopKScratch, scan_topk};
+//!
+//! // Three rows of dimension 2, padded to a stride of 4 floats.
+//! let data = [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0];
+//! let table = RowMatrix::new(&data, 3, 2, 4)?;
+//! let mut scratch = TopKScratch::new();
+//! let mut best = Vec::new();
+//! scan_topk(table, &[1.0, 0.5], 2, &mut scratch, &mut best)?;
+//! assert_eq!(best, vec![ScoredItem::new(2, 1.5), ScoredItem::new(0, 1.0)]);
+//! # Ok::<(), kernels::KernelError>(())
+//! ```
+
+mod bandwidth;
+mod batch;
+mod candidates;
+mod error;
+mod matrix;
+mod pool;
+pub mod scalar;
+mod scan;
+pub mod simd;
+mod topk;
+mod validate;
+
+#[cfg(test)]
+mod testutil;
+
+pub use bandwidth::{measure_read_bandwidth_gbps, par_sum, sum};
+pub use batch::batch_topk;
+pub use candidates::{candidates_topk, score_candidates};
+pub use error::KernelError;
+pub use matrix::{AlignedRows, MAX_ROWS, ROW_ALIGN_FLOATS, RowMatrix};
+pub use pool::{ScoringPool, current_threads};
+pub use scan::{par_scan_topk, scan_topk};
+pub use simd::dot;
+pub use topk::{ScoredItem, TopKScratch, sort_ranked};

@@ -1,0 +1,251 @@
+//! SIMD building blocks on `wide::f32x8`: the public [`dot`] and the private row-scoring kernels.
+//!
+//! Row kernels share one arithmetic recipe so that a row's score is bit-for-bit the same
+//! whichever path computes it (whole-table scan, parallel scan, candidate list) and wherever
+//! the row falls in a block: one f32x8 accumulator per row, fused multiply-add over the
+//! 8-lane chunks in order, the last partial chunk zero-padded, and the lanes summed as
+//! `((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))`. The 8-row kernel runs eight such
+//! independent chains at once (enough to hide FMA latency) and sums lanes with a transpose.
+//! The specification of every kernel is in [`crate::scalar`]; results agree with it up to
+//! rounding.
+
+use wide::f32x8;
+
+/// Number of `f32` lanes in a SIMD register.
+pub(crate) const LANES: usize = 8;
+
+/// Number of rows the blocked kernel scores at once.
+pub(crate) const ROW_BLOCK: usize = 8;
+
+/// A query split into 8-lane chunks for the row kernels (the last chunk zero-padded), plus
+/// the lane mask of that last chunk.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PreparedQuery {
+    lanes: Vec<f32x8>,
+    tail_mask: f32x8,
+    dim: usize,
+}
+
+impl PreparedQuery {
+    /// Loads `query` (reusing the allocation).
+    pub(crate) fn prepare(&mut self, query: &[f32]) {
+        self.lanes.clear();
+        let (full, tail) = query.as_chunks::<LANES>();
+        self.lanes.extend(full.iter().map(|chunk| f32x8::new(*chunk)));
+        if !tail.is_empty() {
+            self.lanes.push(f32x8::from(tail));
+        }
+        let lane_index = f32x8::new([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]);
+        self.tail_mask = lane_index.simd_lt(f32x8::splat(tail.len() as f32));
+        self.dim = query.len();
+    }
+
+    /// Reserves room for a query of dimension `dim`.
+    pub(crate) fn reserve(&mut self, dim: usize) {
+        self.lanes.reserve(dim.div_ceil(LANES));
+    }
+
+    /// Number of components of the query.
+    #[cfg(test)]
+    pub(crate) fn dim(&self) -> usize {
+        self.dim
+    }
+}
+
+/// The last, partial 8-lane chunk of a row, zero beyond `dim`.
+///
+/// `row` starts at the row and may extend past `dim` (padding or the next row): when 8 floats
+/// are available they are loaded at once and the extra lanes cleared with a bit mask (so NaN
+/// padding cannot leak in); otherwise the tail is copied into a zeroed vector.
+#[inline(always)]
+fn load_tail(row: &[f32], full: usize, dim: usize, mask: f32x8) -> f32x8 {
+    let start = full * LANES;
+    match row.get(start..start + LANES) {
+        Some(chunk) => {
+            let (chunk, _) = chunk.as_chunks::<LANES>();
+            f32x8::new(chunk[0]) & mask
+        }
+        None => f32x8::from(&row[start..dim]),
+    }
+}
+
+/// Asks the CPU to start loading the cache lines of `data` into L1 (a hint: no effect on
+/// results, never faults).
+#[inline(always)]
+pub(crate) fn prefetch(data: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use core::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        let start = data.as_ptr().cast::<i8>();
+        let bytes = std::mem::size_of_val(data);
+        let mut offset = 0;
+        while offset < bytes {
+            // SAFETY: prefetching is only a hint and never faults, whatever the address; the
+            // address is inside `data` anyway. SSE is part of the x86-64 baseline.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(offset)) };
+            offset += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
+}
+
+pub static PF_DIST: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+pub static ROW_ORDER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Sums the lanes of `v` in the fixed tree order shared by all row kernels.
+#[inline(always)]
+fn sum_lanes(v: f32x8) -> f32 {
+    let a = v.to_array();
+    ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+}
+
+/// Lane `r` of the result is [`sum_lanes`]`(acc[r])`, bit for bit.
+#[inline(always)]
+fn sum_lanes_x8(acc: [f32x8; ROW_BLOCK]) -> f32x8 {
+    let t = f32x8::transpose(acc);
+    ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]))
+}
+
+/// Scores of eight rows against `query`.
+///
+/// Each slice starts at its row and holds at least `query`'s dimension floats; it may extend
+/// further (see [`crate::RowMatrix::row_extended`]), which makes the partial last chunk cheap.
+#[inline(always)]
+pub(crate) fn score_rows8(rows: [&[f32]; ROW_BLOCK], query: &PreparedQuery) -> f32x8 {
+    let dim = query.dim;
+    let full = dim / LANES;
+    let chunks: [&[[f32; LANES]]; ROW_BLOCK] = rows.map(|row| {
+        let (chunks, _) = row[..full * LANES].as_chunks::<LANES>();
+        chunks
+    });
+    let mut acc = [f32x8::ZERO; ROW_BLOCK];
+    for (c, &q) in query.lanes[..full].iter().enumerate() {
+        for (a, row) in acc.iter_mut().zip(&chunks) {
+            *a = f32x8::new(row[c]).mul_add(q, *a);
+        }
+    }
+    if !dim.is_multiple_of(LANES) {
+        let q = query.lanes[full];
+        for (a, row) in acc.iter_mut().zip(&rows) {
+            *a = load_tail(row, full, dim, query.tail_mask).mul_add(q, *a);
+        }
+    }
+    sum_lanes_x8(acc)
+}
+
+/// Score of one row against `query`; identical to the lane of [`score_rows8`] that would hold
+/// this row. `row` is as in [`score_rows8`].
+#[inline(always)]
+pub(crate) fn score_row(row: &[f32], query: &PreparedQuery) -> f32 {
+    let dim = query.dim;
+    let full = dim / LANES;
+    let (chunks, _) = row[..full * LANES].as_chunks::<LANES>();
+    let mut acc = f32x8::ZERO;
+    for (chunk, &q) in chunks.iter().zip(&query.lanes[..full]) {
+        acc = f32x8::new(*chunk).mul_add(q, acc);
+    }
+    if !dim.is_multiple_of(LANES) {
+        acc = load_tail(row, full, dim, query.tail_mask).mul_add(query.lanes[full], acc);
+    }
+    sum_lanes(acc)
+}
+
+/// Dot product of `a` and `b` with AVX2/FMA (`wide::f32x8`, four independent accumulators).
+///
+/// Only the common prefix `min(a.len(), b.len())` is used. The result equals
+/// [`crate::scalar::dot`] up to rounding (fused multiply-adds, different summation order).
+/// Row-scoring kernels use their own fixed recipe (see the module docs), so `dot` can differ
+/// from a scan's score for the same row in the last bits.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let len = a.len().min(b.len());
+    let (a_chunks, a_tail) = a[..len].as_chunks::<LANES>();
+    let (b_chunks, b_tail) = b[..len].as_chunks::<LANES>();
+    let mut acc = [f32x8::ZERO; 4];
+    let mut a_quads = a_chunks.chunks_exact(4);
+    let mut b_quads = b_chunks.chunks_exact(4);
+    for (qa, qb) in (&mut a_quads).zip(&mut b_quads) {
+        for ((acc, ca), cb) in acc.iter_mut().zip(qa).zip(qb) {
+            *acc = f32x8::new(*ca).mul_add(f32x8::new(*cb), *acc);
+        }
+    }
+    for ((acc, ca), cb) in acc
+        .iter_mut()
+        .zip(a_quads.remainder())
+        .zip(b_quads.remainder())
+    {
+        *acc = f32x8::new(*ca).mul_add(f32x8::new(*cb), *acc);
+    }
+    let mut total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    if !a_tail.is_empty() {
+        total = f32x8::from(a_tail).mul_add(f32x8::from(b_tail), total);
+    }
+    sum_lanes(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scalar;
+    use crate::testutil::{dot_tolerance, random_vec};
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn dot_matches_scalar(len in 0usize..300, extra in 0usize..5, seed in any::<u64>()) {
+            let a = random_vec(seed, len + extra);
+            let b = random_vec(seed ^ 0x9e37, len);
+            let fast = dot(&a, &b);
+            let spec = scalar::dot(&a, &b);
+            prop_assert!((fast - spec).abs() <= dot_tolerance(&a, &b), "{fast} vs {spec}");
+        }
+
+        #[test]
+        fn row_kernels_agree_bit_for_bit(dim in 0usize..70, seed in any::<u64>()) {
+            let rows: Vec<Vec<f32>> = (0..ROW_BLOCK as u64).map(|r| random_vec(seed + r, dim)).collect();
+            let query = random_vec(seed ^ 0x51, dim);
+            let mut prepared = PreparedQuery::default();
+            prepared.prepare(&query);
+            let block = score_rows8(std::array::from_fn(|r| rows[r].as_slice()), &prepared).to_array();
+            for (r, row) in rows.iter().enumerate() {
+                let single = score_row(row, &prepared);
+                prop_assert_eq!(single.to_bits(), block[r].to_bits());
+                let spec = scalar::dot(row, &query);
+                prop_assert!((single - spec).abs() <= dot_tolerance(row, &query));
+            }
+        }
+    }
+
+    #[test]
+    fn dot_ignores_the_longer_tail() {
+        assert_eq!(dot(&[1.0, 2.0, 3.0], &[4.0, 5.0]), 14.0);
+        assert_eq!(dot(&[], &[1.0]), 0.0);
+    }
+
+    #[test]
+    fn prepared_query_zero_fills() {
+        let mut prepared = PreparedQuery::default();
+        prepared.prepare(&[1.0; 10]);
+        assert_eq!(prepared.dim(), 10);
+        assert_eq!(prepared.lanes.len(), 2);
+        assert_eq!(prepared.lanes[1].to_array(), [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn extended_rows_mask_nan_padding() {
+        // Row of dim 10 followed by NaN padding: the masked full load must ignore the NaNs,
+        // and give exactly the copy-path result.
+        let mut row = vec![0.5f32; 10];
+        let copy_path = {
+            let mut prepared = PreparedQuery::default();
+            prepared.prepare(&[2.0; 10]);
+            score_row(&row, &prepared)
+        };
+        row.extend([f32::NAN; 6]);
+        let mut prepared = PreparedQuery::default();
+        prepared.prepare(&[2.0; 10]);
+        let masked_path = score_row(&row, &prepared);
+        assert_eq!(masked_path, 10.0);
+        assert_eq!(masked_path.to_bits(), copy_path.to_bits());
+    }
+}

@@ -1,0 +1,254 @@
+//! Ranked items, the one deterministic ranking order, and the bounded heap behind every top-k.
+//!
+//! The order is: score descending under [`f32::total_cmp`], then row index ascending. It is a
+//! total order, so every path (scalar, SIMD, parallel, batched) returns the same list for the
+//! same scores, whatever order it visits rows in.
+
+use std::cmp::Ordering;
+
+use crate::simd::PreparedQuery;
+
+/// One ranked row: its index in the matrix and its score (a dot product with the query).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScoredItem {
+    /// Row index in the scored matrix.
+    pub index: u32,
+    /// Dot product of the row with the query.
+    pub score: f32,
+}
+
+impl ScoredItem {
+    /// A scored row.
+    #[inline]
+    pub fn new(index: u32, score: f32) -> Self {
+        Self { index, score }
+    }
+
+    /// The ranking order: `Less` when `self` ranks before `other` (higher score under
+    /// [`f32::total_cmp`], or equal score and lower index).
+    #[inline]
+    pub fn rank_cmp(&self, other: &Self) -> Ordering {
+        other
+            .score
+            .total_cmp(&self.score)
+            .then_with(|| self.index.cmp(&other.index))
+    }
+
+    /// True when `self` ranks strictly before `other`.
+    #[inline]
+    pub fn ranks_before(&self, other: &Self) -> bool {
+        self.rank_cmp(other) == Ordering::Less
+    }
+}
+
+/// Sorts items best first under the ranking order.
+pub fn sort_ranked(items: &mut [ScoredItem]) {
+    items.sort_unstable_by(ScoredItem::rank_cmp);
+}
+
+/// The score a candidate must reach (`!(score < threshold)`) to possibly enter a heap of `k`.
+///
+/// While the heap has fewer than `k` items every score qualifies (`-inf`, and NaN compares
+/// false). Once full it is the worst kept score; the prefilter is a superset of the exact test,
+/// which [`heap_offer`] applies.
+#[inline]
+pub(crate) fn heap_threshold(items: &[ScoredItem], k: usize) -> f32 {
+    match items.first() {
+        Some(worst) if items.len() >= k => worst.score,
+        _ => f32::NEG_INFINITY,
+    }
+}
+
+/// The scalar prefilter: true unless `score` is certainly below `threshold` (a NaN passes, and
+/// the exact comparison in [`heap_offer`] decides).
+#[inline(always)]
+pub(crate) fn may_enter(score: f32, threshold: f32) -> bool {
+    score.partial_cmp(&threshold) != Some(Ordering::Less)
+}
+
+/// Offers `item` to a bounded heap of at most `k` items whose root is the worst kept item.
+/// Returns true if the item was kept.
+#[inline]
+pub(crate) fn heap_offer(items: &mut Vec<ScoredItem>, k: usize, item: ScoredItem) -> bool {
+    if items.len() < k {
+        items.push(item);
+        let last = items.len() - 1;
+        sift_up(items, last);
+        return true;
+    }
+    match items.first_mut() {
+        Some(worst) if item.ranks_before(worst) => {
+            *worst = item;
+            sift_down(items, 0);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Restores the heap property upwards from `pos` (worst item at the root).
+fn sift_up(items: &mut [ScoredItem], mut pos: usize) {
+    while pos > 0 {
+        let parent = (pos - 1) / 2;
+        if items[parent].ranks_before(&items[pos]) {
+            items.swap(parent, pos);
+            pos = parent;
+        } else {
+            break;
+        }
+    }
+}
+
+/// Restores the heap property downwards from `pos` (worst item at the root).
+fn sift_down(items: &mut [ScoredItem], mut pos: usize) {
+    let len = items.len();
+    loop {
+        let left = 2 * pos + 1;
+        if left >= len {
+            break;
+        }
+        let right = left + 1;
+        let worse_child = if right < len && items[left].ranks_before(&items[right]) {
+            right
+        } else {
+            left
+        };
+        if items[pos].ranks_before(&items[worse_child]) {
+            items.swap(pos, worse_child);
+            pos = worse_child;
+        } else {
+            break;
+        }
+    }
+}
+
+/// A bounded heap keeping the best `k` items seen.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TopKHeap {
+    items: Vec<ScoredItem>,
+    k: usize,
+}
+
+impl TopKHeap {
+    /// Empties the heap and sets its bound; reserves `k` slots (no-op once warmed up).
+    pub(crate) fn reset(&mut self, k: usize) {
+        self.items.clear();
+        self.items.reserve(k);
+        self.k = k;
+    }
+
+    /// See [`heap_threshold`].
+    #[inline]
+    pub(crate) fn threshold(&self) -> f32 {
+        heap_threshold(&self.items, self.k)
+    }
+
+    /// See [`heap_offer`].
+    #[inline]
+    pub(crate) fn offer(&mut self, item: ScoredItem) -> bool {
+        heap_offer(&mut self.items, self.k, item)
+    }
+
+    /// The kept items in heap order.
+    pub(crate) fn items(&self) -> &[ScoredItem] {
+        &self.items
+    }
+
+    /// Clears `out` and fills it with the kept items, best first.
+    pub(crate) fn write_sorted(&self, out: &mut Vec<ScoredItem>) {
+        out.clear();
+        out.extend_from_slice(&self.items);
+        sort_ranked(out);
+    }
+}
+
+/// Reusable scratch for the single-threaded top-k kernels ([`crate::scan_topk`],
+/// [`crate::candidates_topk`]).
+///
+/// Holds the bounded heap and the query split into SIMD lanes. Buffers grow to the largest
+/// `k` and dimension seen and are then reused, so a warmed-up scratch makes the kernels
+/// allocation-free apart from the output vector (which is also reused if the caller keeps it).
+#[derive(Debug, Clone, Default)]
+pub struct TopKScratch {
+    pub(crate) heap: TopKHeap,
+    pub(crate) query: PreparedQuery,
+}
+
+impl TopKScratch {
+    /// An empty scratch; it grows on first use.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A scratch pre-sized for top-`k` over rows of dimension `dim`.
+    pub fn with_capacity(k: usize, dim: usize) -> Self {
+        let mut scratch = Self::default();
+        scratch.heap.reset(k);
+        scratch.query.reserve(dim);
+        scratch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn order_is_score_desc_then_index_asc() {
+        let mut items = vec![
+            ScoredItem::new(3, 1.0),
+            ScoredItem::new(1, 2.0),
+            ScoredItem::new(0, 1.0),
+            ScoredItem::new(2, 2.0),
+            ScoredItem::new(4, -1.0),
+        ];
+        sort_ranked(&mut items);
+        let order: Vec<u32> = items.iter().map(|i| i.index).collect();
+        assert_eq!(order, vec![1, 2, 0, 3, 4]);
+    }
+
+    #[test]
+    fn threshold_is_open_until_full() {
+        let mut heap = TopKHeap::default();
+        heap.reset(2);
+        assert_eq!(heap.threshold(), f32::NEG_INFINITY);
+        heap.offer(ScoredItem::new(0, 5.0));
+        assert_eq!(heap.threshold(), f32::NEG_INFINITY);
+        heap.offer(ScoredItem::new(1, 3.0));
+        assert_eq!(heap.threshold(), 3.0);
+        assert!(
+            !heap.offer(ScoredItem::new(2, 3.0)),
+            "equal score, higher index loses"
+        );
+        assert!(
+            heap.offer(ScoredItem::new(0, 3.0)),
+            "equal score, lower index wins"
+        );
+        assert_eq!(heap.items().len(), 2);
+    }
+
+    proptest! {
+        #[test]
+        fn heap_keeps_the_best_k(scores in proptest::collection::vec(-4i8..4, 0..200), k in 1usize..50) {
+            // Small integer scores force many exact ties.
+            let items: Vec<ScoredItem> = scores
+                .iter()
+                .enumerate()
+                .map(|(i, &s)| ScoredItem::new(i as u32, f32::from(s)))
+                .collect();
+            let mut heap = TopKHeap::default();
+            heap.reset(k);
+            // Offer in a scrambled order: the result must not depend on it.
+            for step in 0..items.len() {
+                heap.offer(items[(step * 7919) % items.len()]);
+            }
+            let mut got = Vec::new();
+            heap.write_sorted(&mut got);
+            let mut expected = items.clone();
+            sort_ranked(&mut expected);
+            expected.truncate(k);
+            prop_assert_eq!(got, expected);
+        }
+    }
+}
