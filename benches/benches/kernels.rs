@@ -19,8 +19,8 @@ use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use kernels::{
-    AlignedRows, ScoredItem, TopKScratch, batch_topk, candidates_topk, dot, par_scan_topk,
-    par_sum, scalar, scan_topk,
+    AlignedRows, ScoredItem, TopKScratch, batch_topk, candidates_topk, dot, par_scan_topk, par_sum,
+    scalar, scan_topk,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -93,16 +93,22 @@ fn bench_scans(c: &mut Criterion) {
         let mut group = c.benchmark_group("batch_topk");
         group.sample_size(10).throughput(Throughput::Bytes(bytes));
         let mut answers: Vec<Vec<ScoredItem>> = Vec::new();
-        group.bench_with_input(BenchmarkId::new("faer_64_queries", rows), &rows, |bench, _| {
-            bench.iter(|| batch_topk(m, black_box(qm), K, &mut answers))
-        });
-        group.bench_with_input(BenchmarkId::new("serial_64_scans", rows), &rows, |bench, _| {
-            bench.iter(|| {
-                for q in 0..qm.rows() {
-                    par_scan_topk(m, black_box(qm.row(q)), K, &mut out).expect("valid query");
-                }
-            })
-        });
+        group.bench_with_input(
+            BenchmarkId::new("faer_64_queries", rows),
+            &rows,
+            |bench, _| bench.iter(|| batch_topk(m, black_box(qm), K, &mut answers)),
+        );
+        group.bench_with_input(
+            BenchmarkId::new("serial_64_scans", rows),
+            &rows,
+            |bench, _| {
+                bench.iter(|| {
+                    for q in 0..qm.rows() {
+                        par_scan_topk(m, black_box(qm.row(q)), K, &mut out).expect("valid query");
+                    }
+                })
+            },
+        );
         group.finish();
 
         if rows == 1_000_000 {

@@ -96,6 +96,15 @@ pub enum KernelError {
         component: usize,
     },
 
+    /// Memory for a matrix could not be obtained.
+    #[error("could not allocate {bytes} bytes: {reason}")]
+    Allocation {
+        /// Number of bytes requested.
+        bytes: usize,
+        /// The underlying error message.
+        reason: String,
+    },
+
     /// A thread pool could not be created.
     #[error("could not build a thread pool with {threads} threads: {reason}")]
     ThreadPool {

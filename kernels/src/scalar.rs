@@ -2,7 +2,7 @@
 //!
 //! Each fast kernel (SIMD, parallel, batched) is property-tested against the function of the
 //! same name here. Scores are sums of products accumulated left to right in `f32`; results
-//! are ordered by score descending ([`f32::total_cmp`]) with ties broken by row index
+//! are ordered by [`crate::ScoredItem::rank_cmp`]: score descending, ties broken by row index
 //! ascending. Fast kernels agree with these up to floating-point rounding, and return
 //! exactly the same errors for the same arguments.
 

@@ -13,12 +13,15 @@ use wide::f32x8;
 
 use crate::error::KernelError;
 use crate::matrix::RowMatrix;
-use crate::simd::{PreparedQuery, ROW_BLOCK, score_row, score_rows8};
+use crate::simd::{CacheLevel, PreparedQuery, ROW_BLOCK, prefetch, score_row, score_rows8};
 use crate::topk::{ScoredItem, TopKHeap, TopKScratch, heap_offer, may_enter, sort_ranked};
 use crate::validate::{check_k, check_query};
 
 /// Fewest rows worth a separate rayon task in [`par_scan_topk`] (about 2 MB at dim 128).
 const MIN_ROWS_PER_TASK: usize = 4096;
+
+/// How many 8-row blocks ahead the scan prefetches (measured best: 1 to 2).
+const PREFETCH_BLOCKS: usize = 2;
 
 /// Tasks per pool thread in [`par_scan_topk`], for load balance on a busy machine.
 const TASKS_PER_THREAD: usize = 4;
@@ -49,17 +52,20 @@ pub(crate) fn scan_rows_into(
     let rows = m.rows();
     let blocks = rows / ROW_BLOCK;
     let mut threshold = f32x8::splat(heap.threshold());
-    let pf = crate::simd::PF_DIST.load(std::sync::atomic::Ordering::Relaxed);
+    let data = m.data();
+    let block_floats = ROW_BLOCK * m.stride();
     for block in 0..blocks {
         let start = block * ROW_BLOCK;
-        if pf > 0 && block + pf < blocks {
-            let a = (start + pf * ROW_BLOCK) * m.stride();
-            let d = m.data();
-            crate::simd::prefetch(&d[a..(a + ROW_BLOCK * m.stride()).min(d.len())]);
+        // Eight rows interleaved defeat the hardware prefetcher (it streams within 4 KiB
+        // pages): fetch the rows PREFETCH_BLOCKS blocks ahead ourselves.
+        let ahead = (start + PREFETCH_BLOCKS * ROW_BLOCK) * m.stride();
+        if let Some(rows_ahead) = data.get(ahead..(ahead + block_floats).min(data.len())) {
+            prefetch(rows_ahead, CacheLevel::L1);
         }
         let scores = score_rows8(std::array::from_fn(|r| m.row_extended(start + r)), query);
-        // Lanes that are NOT below the threshold may enter (NaN thresholds never occur; a
-        // NaN score passes and the exact comparison decides).
+        // Lanes that are NOT below the threshold may enter: a superset of the rows that
+        // belong in the heap (NaN scores or thresholds pass, and the exact comparison in the
+        // heap decides).
         let survivors = !scores.simd_lt(threshold).to_bitmask() & 0xFF;
         if survivors != 0 {
             offer_lanes(heap, scores, survivors, first_index + start);
@@ -77,7 +83,7 @@ pub(crate) fn scan_rows_into(
 /// Offers the lanes of `scores` selected by the bit mask `lanes`; lane `j` is row
 /// `first_index + j`.
 #[inline]
-pub(crate) fn offer_lanes(heap: &mut TopKHeap, scores: f32x8, mut lanes: u32, first_index: usize) {
+fn offer_lanes(heap: &mut TopKHeap, scores: f32x8, mut lanes: u32, first_index: usize) {
     let scores = scores.to_array();
     while lanes != 0 {
         let lane = lanes.trailing_zeros() as usize;
@@ -182,7 +188,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(64))]
+        #![proptest_config(ProptestConfig::with_cases(256))]
 
         #[test]
         fn scan_matches_scalar(

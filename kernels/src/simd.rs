@@ -31,7 +31,8 @@ impl PreparedQuery {
     pub(crate) fn prepare(&mut self, query: &[f32]) {
         self.lanes.clear();
         let (full, tail) = query.as_chunks::<LANES>();
-        self.lanes.extend(full.iter().map(|chunk| f32x8::new(*chunk)));
+        self.lanes
+            .extend(full.iter().map(|chunk| f32x8::new(*chunk)));
         if !tail.is_empty() {
             self.lanes.push(f32x8::from(tail));
         }
@@ -69,29 +70,44 @@ fn load_tail(row: &[f32], full: usize, dim: usize, mask: f32x8) -> f32x8 {
     }
 }
 
-/// Asks the CPU to start loading the cache lines of `data` into L1 (a hint: no effect on
-/// results, never faults).
+/// Which cache level a prefetch should fill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CacheLevel {
+    /// L1 data cache (streaming scans: the data is used within microseconds).
+    L1,
+    /// L2 only. L2 tracks more outstanding misses than L1, so prefetching random rows
+    /// (candidate lists) or a whole next block (batched scoring) this way gets more memory
+    /// requests in flight without stalling on L1 miss buffers.
+    L2,
+}
+
+/// Asks the CPU to start loading the cache lines covering `data` into `level` (a hint: no
+/// effect on results, never faults). A no-op on other architectures.
 #[inline(always)]
-pub(crate) fn prefetch(data: &[f32]) {
+pub(crate) fn prefetch(data: &[f32], level: CacheLevel) {
     #[cfg(target_arch = "x86_64")]
     {
-        use core::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        use core::arch::x86_64::{_MM_HINT_T0, _MM_HINT_T1, _mm_prefetch};
         let start = data.as_ptr().cast::<i8>();
         let bytes = std::mem::size_of_val(data);
         let mut offset = 0;
         while offset < bytes {
-            // SAFETY: prefetching is only a hint and never faults, whatever the address; the
-            // address is inside `data` anyway. SSE is part of the x86-64 baseline.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(offset)) };
+            let line = start.wrapping_add(offset);
+            // SAFETY: `_mm_prefetch` only hints the cache; it never faults and has no
+            // observable effect whatever the address (which is inside `data` here anyway).
+            // SSE, which it requires, is part of the x86-64 baseline.
+            unsafe {
+                match level {
+                    CacheLevel::L1 => _mm_prefetch::<_MM_HINT_T0>(line),
+                    CacheLevel::L2 => _mm_prefetch::<_MM_HINT_T1>(line),
+                }
+            }
             offset += 64;
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = data;
+    let _ = (data, level);
 }
-
-pub static PF_DIST: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-pub static ROW_ORDER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Sums the lanes of `v` in the fixed tree order shared by all row kernels.
 #[inline(always)]
@@ -228,7 +244,10 @@ mod tests {
         prepared.prepare(&[1.0; 10]);
         assert_eq!(prepared.dim(), 10);
         assert_eq!(prepared.lanes.len(), 2);
-        assert_eq!(prepared.lanes[1].to_array(), [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+        assert_eq!(
+            prepared.lanes[1].to_array(),
+            [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+        );
     }
 
     #[test]

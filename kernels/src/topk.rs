@@ -1,7 +1,7 @@
 //! Ranked items, the one deterministic ranking order, and the bounded heap behind every top-k.
 //!
-//! The order is: score descending under [`f32::total_cmp`], then row index ascending. It is a
-//! total order, so every path (scalar, SIMD, parallel, batched) returns the same list for the
+//! The order is: score descending (IEEE total order, with -0.0 equal to +0.0), then row index
+//! ascending. It is a total order, so every path (scalar, SIMD, parallel, batched) returns the same list for the
 //! same scores, whatever order it visits rows in.
 
 use std::cmp::Ordering;
@@ -24,13 +24,18 @@ impl ScoredItem {
         Self { index, score }
     }
 
-    /// The ranking order: `Less` when `self` ranks before `other` (higher score under
-    /// [`f32::total_cmp`], or equal score and lower index).
+    /// The ranking order: `Less` when `self` ranks before `other` (higher score, or equal
+    /// score and lower index).
+    ///
+    /// Scores compare under [`f32::total_cmp`] after mapping `-0.0` to `+0.0` (so zero scores
+    /// tie whatever the summation order made of their sign); NaN scores, which finite inputs
+    /// cannot produce short of overflow, rank first if positive and last if negative.
     #[inline]
     pub fn rank_cmp(&self, other: &Self) -> Ordering {
-        other
-            .score
-            .total_cmp(&self.score)
+        // `x + 0.0` turns -0.0 into +0.0 and leaves every other value unchanged.
+        let (mine, theirs) = (self.score + 0.0, other.score + 0.0);
+        theirs
+            .total_cmp(&mine)
             .then_with(|| self.index.cmp(&other.index))
     }
 
@@ -206,6 +211,15 @@ mod tests {
         sort_ranked(&mut items);
         let order: Vec<u32> = items.iter().map(|i| i.index).collect();
         assert_eq!(order, vec![1, 2, 0, 3, 4]);
+    }
+
+    #[test]
+    fn signed_zeros_tie() {
+        let mut items = vec![ScoredItem::new(2, 0.0), ScoredItem::new(1, -0.0)];
+        sort_ranked(&mut items);
+        assert_eq!(items[0].index, 1);
+        assert!(ScoredItem::new(0, -0.0).ranks_before(&ScoredItem::new(1, 0.0)));
+        assert!(ScoredItem::new(0, 1.0).ranks_before(&ScoredItem::new(0, -0.0)));
     }
 
     #[test]

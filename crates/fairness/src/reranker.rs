@@ -173,6 +173,9 @@ pub struct Scratch {
     pub(crate) heap: Vec<(f64, usize)>,
     pub(crate) label_index: std::collections::HashMap<u32, usize>,
     pub(crate) deadlines: Vec<usize>,
+    pub(crate) weights: Vec<f64>,
+    pub(crate) required: Vec<f64>,
+    pub(crate) group_items: Vec<Vec<(f64, usize)>>,
     pub(crate) consumed: Vec<usize>,
 }
 

@@ -2,7 +2,6 @@
 
 mod bench_kernel;
 mod cli;
-mod config;
 
 use clap::{Parser, Subcommand};
 

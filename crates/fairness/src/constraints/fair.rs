@@ -17,6 +17,9 @@ use crate::reranker::{AmortizedState, Measure, RerankOutput, Reranker, Violation
 
 /// FA*IR top-k re-ranking with a minimum proportion `p` of the `protected` group at
 /// significance `alpha` (adjusted for multiple tests unless `adjust_alpha` is false).
+///
+/// The ranking has length `min(k, pool.len())` and uses the mtable of that length (at most
+/// [`MAX_MTABLE_K`]; longer requests fail with [`FairnessError::KTooLarge`]).
 #[derive(Debug, Clone)]
 pub struct FaStarIr {
     p: f64,

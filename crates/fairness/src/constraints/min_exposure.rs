@@ -8,24 +8,29 @@
 //! sequence of group labels.
 //!
 //! Method. Lagrangian relaxation: for multipliers `lambda_g >= 0`, ranking by boosted scores
-//! `score + lambda_g` maximizes `U + sum_g lambda_g (E_g - share_g W)` exactly (rearrangement),
-//! so `D(lambda) = max_pi [U + sum lambda_g (E_g - T_g)]` is an upper bound on the utility of
-//! every feasible ranking (weak duality), and `D(0)` is the unconstrained utility. The
-//! multipliers are raised group by group, each to the smallest value (bisection) at which its
-//! group meets its target, until all targets hold; adjacent swaps that raise utility without
-//! breaking a target then polish the ranking. The report gives the utility, the bound
-//! `min(D(0), D(lambda))` and the gap, which is at most `sum_g lambda_g (E_g - T_g)`; for one
-//! constrained group the multiplier found is the dual minimizer, so the bound is the best
-//! Lagrangian bound. When at most 2^16 label sequences exist (small k) an exhaustive
-//! branch-and-bound search returns the optimum instead (gap 0).
+//! `score + lambda_g` maximizes `U + sum_g lambda_g (E_g - T_g)` exactly (rearrangement), so
+//! `D(lambda) = max_pi [U + sum_g lambda_g (E_g - T_g)]` is an upper bound on the utility of
+//! every ranking meeting the targets `T_g = share_g W` (weak duality), and `D(0)` is the
+//! unconstrained utility. The multipliers are searched in two phases: (1) the deficient groups
+//! are raised together by the smallest common shift that satisfies all of them (a common shift
+//! keeps their relative order, so they only take positions from unconstrained items); (2) each
+//! multiplier is lowered to the smallest value that still satisfies its own group (lowering one
+//! only helps the others), repeated while that frees room. Each search is a bisection over the
+//! multiplier that stops once a single ranking change separates the bracket ends. Adjacent
+//! swaps that raise utility without breaking a target then polish the ranking. The report
+//! gives the utility, the bound `min(D(0), D(lambda))` and the gap, which is at most
+//! `sum_g lambda_g (E_g - T_g)`; with one constrained group the final multiplier is the dual
+//! minimizer, so the bound is the best Lagrangian bound. When at most 4096 label sequences
+//! exist (small k) an exhaustive branch-and-bound search returns the optimum instead (gap 0).
 
 use crate::candidate::{Candidate, dcg_weight, validate_pool};
 use crate::error::FairnessError;
 use crate::groups::{GroupLists, GroupShares};
 use crate::reranker::{AmortizedState, Measure, Optimality, RerankOutput, Reranker, Violation};
 
-/// Largest number of label sequences searched exhaustively.
-const EXACT_LIMIT: f64 = 65_536.0;
+/// Largest number of label sequences searched exhaustively (k <= 12 with two populated
+/// groups, k <= 7 with three).
+const EXACT_LIMIT: f64 = 4096.0;
 
 /// Longest ranking searched exhaustively (bounds the recursion depth).
 const MAX_EXACT_LENGTH: usize = 24;
@@ -58,13 +63,46 @@ struct Solver<'a, 'p> {
     targets: &'a GroupShares,
     length: usize,
     /// Required exposure per listed group.
-    required: Vec<f64>,
+    required: &'a [f64],
     tolerance: f64,
+    /// DCG weight of ranks 1..=length.
+    weights: &'a [f64],
+    /// Per group, the (score, pool position) of its items found so far, in score order.
+    heads_cache: &'a mut Vec<Vec<(f64, usize)>>,
 }
 
 /// Result of ranking by boosted scores.
 struct Merged {
     utility: f64,
+}
+
+/// Reused buffers of the multiplier search.
+struct Buffers<'b> {
+    counts: &'b mut Vec<usize>,
+    heads: &'b mut Vec<(f64, usize)>,
+    order: &'b mut Vec<usize>,
+    labels: &'b mut Vec<usize>,
+    exposure: &'b mut Vec<f64>,
+    low_labels: &'b mut Vec<usize>,
+    high_labels: &'b mut Vec<usize>,
+}
+
+/// Whether two label sequences differ by exactly one event of a monotone boost: one adjacent
+/// swap, or a different item at the last position. Then no breakpoint lies strictly between.
+fn single_event(low: &[usize], high: &[usize]) -> bool {
+    let mut differences = low
+        .iter()
+        .zip(high)
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(index, _)| index);
+    match (differences.next(), differences.next(), differences.next()) {
+        (Some(only), None, None) => only + 1 == low.len(),
+        (Some(first), Some(second), None) => {
+            second == first + 1 && low[first] == high[second] && low[second] == high[first]
+        }
+        _ => false,
+    }
 }
 
 impl Solver<'_, '_> {
@@ -74,6 +112,24 @@ impl Solver<'_, '_> {
 
     fn score(&self, position: usize) -> f64 {
         f64::from(self.pool[position].score)
+    }
+
+    /// The `index`-th (score, pool position) of `group`, scanning the pool lazily.
+    fn item(&mut self, group: usize, index: usize) -> Option<(f64, usize)> {
+        if let Some(&entry) = self
+            .heads_cache
+            .get(group)
+            .and_then(|cache| cache.get(index))
+        {
+            return Some(entry);
+        }
+        let position = self.lists.get(group, index)?;
+        let entry = (self.score(position), position);
+        let cache = self.heads_cache.get_mut(group)?;
+        if cache.len() == index {
+            cache.push(entry);
+        }
+        Some(entry)
     }
 
     /// Ranks by `score + lambda[group]` (ties: pool position), writing positions, per-group
@@ -97,8 +153,8 @@ impl Solver<'_, '_> {
         labels.clear();
         heads.clear();
         for (group, &lambda) in lambdas.iter().enumerate().take(groups) {
-            heads.push(match self.lists.get(group, 0) {
-                Some(position) => (self.score(position) + lambda, position),
+            heads.push(match self.item(group, 0) {
+                Some((score, position)) => (score + lambda, position),
                 None => (f64::NEG_INFINITY, usize::MAX),
             });
         }
@@ -119,19 +175,78 @@ impl Solver<'_, '_> {
             if best == usize::MAX {
                 break;
             }
-            let position = heads[best].1;
-            let weight = dcg_weight(rank);
+            let (boosted, position) = heads[best];
+            let weight = self.weights[rank - 1];
             counts[best] += 1;
             exposure[best] += weight;
-            utility += weight * self.score(position);
+            utility += weight * (boosted - lambdas[best]);
             order.push(position);
             labels.push(best);
-            heads[best] = match self.lists.get(best, counts[best]) {
-                Some(next) => (self.score(next) + lambdas[best], next),
+            heads[best] = match self.item(best, counts[best]) {
+                Some((score, next)) => (score + lambdas[best], next),
                 None => (f64::NEG_INFINITY, usize::MAX),
             };
         }
         Merged { utility }
+    }
+
+    fn merge_into(&mut self, lambdas: &[f64], buffers: &mut Buffers<'_>) -> Merged {
+        self.merge(
+            lambdas,
+            buffers.counts,
+            buffers.heads,
+            buffers.order,
+            buffers.labels,
+            buffers.exposure,
+        )
+    }
+
+    /// The smallest value `v` in `(low, high]` for which ranking with `set(lambdas, v)` meets
+    /// `accept` (monotone: false below some breakpoint, true from it on), or `None` when even
+    /// `high` fails. Stops at `resolution` or as soon as only one ranking change separates the
+    /// bracket ends. Leaves `lambdas` modified; the caller sets the returned value.
+    #[allow(clippy::too_many_arguments)]
+    fn bisect(
+        &mut self,
+        lambdas: &mut [f64],
+        buffers: &mut Buffers<'_>,
+        mut low: f64,
+        mut high: f64,
+        resolution: f64,
+        set: impl Fn(&mut [f64], f64),
+        accept: impl Fn(&Solver<'_, '_>, &[f64]) -> bool,
+    ) -> Option<f64> {
+        set(lambdas, high);
+        self.merge_into(lambdas, buffers);
+        if !accept(self, buffers.exposure) {
+            return None;
+        }
+        buffers.high_labels.clone_from(buffers.labels);
+        set(lambdas, low);
+        self.merge_into(lambdas, buffers);
+        if accept(self, buffers.exposure) {
+            return Some(low);
+        }
+        buffers.low_labels.clone_from(buffers.labels);
+        for _ in 0..BISECTION_STEPS {
+            let middle = 0.5 * (low + high);
+            if high - low <= resolution
+                || !(middle > low && middle < high)
+                || single_event(buffers.low_labels, buffers.high_labels)
+            {
+                break;
+            }
+            set(lambdas, middle);
+            self.merge_into(lambdas, buffers);
+            if accept(self, buffers.exposure) {
+                high = middle;
+                buffers.high_labels.clone_from(buffers.labels);
+            } else {
+                low = middle;
+                buffers.low_labels.clone_from(buffers.labels);
+            }
+        }
+        Some(high)
     }
 
     fn deficit(&self, exposure: &[f64], group: usize) -> f64 {
@@ -317,12 +432,20 @@ impl Reranker for MinExposure {
         let total_weight: f64 = (1..=length).map(dcg_weight).sum();
         let listed = self.targets.len();
         let groups = listed + 1;
-        let mut required: Vec<f64> = self
-            .targets
-            .pairs()
-            .map(|(_, share)| share * total_weight)
-            .collect();
+        let required = &mut scratch.required;
+        required.clear();
+        required.extend(self.targets.pairs().map(|(_, share)| share * total_weight));
         required.push(0.0);
+        let weights = &mut scratch.weights;
+        weights.clear();
+        weights.extend((1..=length).map(dcg_weight));
+        let heads_cache = &mut scratch.group_items;
+        if heads_cache.len() < groups {
+            heads_cache.resize_with(groups, Vec::new);
+        }
+        for cache in heads_cache.iter_mut() {
+            cache.clear();
+        }
         let mut solver = Solver {
             pool,
             lists: GroupLists::new(pool, self.targets.labels(), &mut scratch.lists),
@@ -330,6 +453,8 @@ impl Reranker for MinExposure {
             length,
             required,
             tolerance: 1e-12 * total_weight,
+            weights,
+            heads_cache,
         };
         let counts = &mut scratch.counts;
         let labels = &mut scratch.positions2;
@@ -384,58 +509,62 @@ impl Reranker for MinExposure {
         // Multipliers closer than this cannot change the order except between near-ties.
         let resolution = 1e-9 * (1.0 + span);
         let base = &mut scratch.values3;
+        let mut buffers = Buffers {
+            counts,
+            heads,
+            order,
+            labels,
+            exposure,
+            low_labels: &mut scratch.consumed,
+            high_labels: &mut scratch.deadlines,
+        };
         for _round in 0..listed + 2 {
-            solver.merge(lambdas, counts, heads, order, labels, exposure);
-            if solver.satisfied(exposure) {
+            solver.merge_into(lambdas, &mut buffers);
+            if solver.satisfied(buffers.exposure) {
                 break;
             }
             let active = &mut scratch.counts2;
             active.clear();
             active.extend((0..listed).filter(|&group| {
-                lambdas[group] > 0.0 || solver.deficit(exposure, group) > solver.tolerance
+                lambdas[group] > 0.0 || solver.deficit(buffers.exposure, group) > solver.tolerance
             }));
-            let active = &*active;
-            let satisfied_with = |solver: &mut Solver<'_, '_>, exposure: &[f64]| {
+            base.clear();
+            base.extend_from_slice(lambdas);
+            let ceiling = lambdas.iter().copied().fold(0.0, f64::max);
+            let shift = |lambdas: &mut [f64], amount: f64| {
+                for &group in active.iter() {
+                    lambdas[group] = base[group] + amount;
+                }
+            };
+            let all_active = |solver: &Solver<'_, '_>, exposure: &[f64]| {
                 active
                     .iter()
                     .all(|&group| solver.deficit(exposure, group) <= solver.tolerance)
             };
-            base.clear();
-            base.extend_from_slice(lambdas);
-            let ceiling = lambdas.iter().copied().fold(0.0, f64::max);
-            let (mut low, mut high) = (0.0f64, span + ceiling + 1.0);
-            for &group in active {
-                lambdas[group] = base[group] + high;
-            }
-            solver.merge(lambdas, counts, heads, order, labels, exposure);
-            if !satisfied_with(&mut solver, exposure) {
-                // The constrained groups compete among themselves; keep the maximal effort.
-                break;
-            }
-            for _ in 0..BISECTION_STEPS {
-                let middle = 0.5 * (low + high);
-                if high - low <= resolution || !(middle > low && middle < high) {
+            let search = solver.bisect(
+                lambdas,
+                &mut buffers,
+                0.0,
+                span + ceiling + 1.0,
+                resolution,
+                shift,
+                all_active,
+            );
+            match search {
+                Some(amount) => shift(lambdas, amount),
+                None => {
+                    // The constrained groups compete among themselves: keep the maximal effort.
+                    shift(lambdas, span + ceiling + 1.0);
                     break;
                 }
-                for &group in active {
-                    lambdas[group] = base[group] + middle;
-                }
-                solver.merge(lambdas, counts, heads, order, labels, exposure);
-                if satisfied_with(&mut solver, exposure) {
-                    high = middle;
-                } else {
-                    low = middle;
-                }
-            }
-            for &group in active {
-                lambdas[group] = base[group] + high;
             }
         }
         // Phase 2: lower each multiplier to the smallest value that keeps its own group
-        // satisfied (lowering one only helps the others), recovering utility.
-        solver.merge(lambdas, counts, heads, order, labels, exposure);
-        let mut passes = if solver.satisfied(exposure) {
-            listed.min(3)
+        // satisfied (lowering one only helps the others), recovering utility; repeat while
+        // that frees noticeable room.
+        solver.merge_into(lambdas, &mut buffers);
+        let mut passes = if solver.satisfied(buffers.exposure) {
+            3
         } else {
             0
         };
@@ -443,37 +572,32 @@ impl Reranker for MinExposure {
             passes -= 1;
             let mut lowered = false;
             for group in 0..listed {
-                if lambdas[group] <= 0.0 {
-                    continue;
-                }
                 let previous = lambdas[group];
-                let (mut low, mut high) = (0.0f64, lambdas[group]);
-                lambdas[group] = 0.0;
-                solver.merge(lambdas, counts, heads, order, labels, exposure);
-                if solver.deficit(exposure, group) <= solver.tolerance {
-                    lowered = true;
+                if previous <= 0.0 {
                     continue;
                 }
-                for _ in 0..BISECTION_STEPS {
-                    let middle = 0.5 * (low + high);
-                    if high - low <= resolution || !(middle > low && middle < high) {
-                        break;
-                    }
-                    lambdas[group] = middle;
-                    solver.merge(lambdas, counts, heads, order, labels, exposure);
-                    if solver.deficit(exposure, group) <= solver.tolerance {
-                        high = middle;
-                    } else {
-                        low = middle;
-                    }
-                }
-                lambdas[group] = high;
-                lowered |= high < previous;
+                let set = |lambdas: &mut [f64], value: f64| lambdas[group] = value;
+                let own = |solver: &Solver<'_, '_>, exposure: &[f64]| {
+                    solver.deficit(exposure, group) <= solver.tolerance
+                };
+                let value = solver
+                    .bisect(lambdas, &mut buffers, 0.0, previous, resolution, set, own)
+                    .unwrap_or(previous);
+                lambdas[group] = value;
+                lowered |= value < 0.99 * previous;
             }
             if !lowered {
                 break;
             }
         }
+        let Buffers {
+            counts,
+            heads,
+            order,
+            labels,
+            exposure,
+            ..
+        } = buffers;
         let merged = solver.merge(lambdas, counts, heads, order, labels, exposure);
         let dual: f64 = merged.utility
             + (0..listed)

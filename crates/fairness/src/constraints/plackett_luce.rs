@@ -17,7 +17,9 @@ use crate::candidate::{Candidate, open_unit, validate_pool};
 use crate::error::FairnessError;
 use crate::reranker::{AmortizedState, RerankOutput, Reranker};
 
-/// Plackett-Luce sampling at the given temperature.
+/// Plackett-Luce sampling at the given temperature. It promises no per-answer constraint (its
+/// fairness is in expectation, measured by [`crate::metrics::expected_exposure()`]), so its
+/// reports are always satisfied.
 #[derive(Debug, Clone)]
 pub struct PlackettLuce {
     temperature: f64,

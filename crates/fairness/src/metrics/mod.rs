@@ -348,7 +348,6 @@ mod tests {
 
     #[test]
     fn exposure_ratio_is_one_when_exposure_is_proportional_to_merit() {
-        // Two groups with equal merit; ranks 1 and 2 alternate... use RBP 0.5 with merit 2:1.
         let groups = [0, 1, 0];
         let relevance = [1.0, 1.0, 1.0];
         // Exposure with weights 1, .5, .25: group 0 gets 1.25 for merit 2, group 1 gets .5 for merit 1.
