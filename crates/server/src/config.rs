@@ -132,7 +132,11 @@ impl Default for ReplayConfig {
 
 /// Documentation of every key, printed above it by [`Config::to_documented_toml`].
 const KEY_DOCS: &[(&str, &str, &str)] = &[
-    ("server", "addr", "gRPC listen address (port 0 picks a free port)."),
+    (
+        "server",
+        "addr",
+        "gRPC listen address (port 0 picks a free port).",
+    ),
     (
         "server",
         "metrics_addr",
@@ -209,7 +213,11 @@ const KEY_DOCS: &[(&str, &str, &str)] = &[
         "Most encoded answer bytes kept for replay.",
     ),
     ("ranking", "max_k", "Largest k a request may ask for."),
-    ("ranking", "max_pool", "Largest re-ranking pool (at least max_k)."),
+    (
+        "ranking",
+        "max_pool",
+        "Largest re-ranking pool (at least max_k).",
+    ),
     (
         "ranking",
         "default_pool",
@@ -264,9 +272,18 @@ const KEY_DOCS: &[(&str, &str, &str)] = &[
 
 /// Section order and headers of the documented rendering.
 const SECTION_DOCS: &[(&str, &str)] = &[
-    ("server", "Network, limits, shutdown, admin access and logging."),
-    ("tables", "Table files (unset keys are listed commented out)."),
-    ("replay", "Idempotency store: same request_id + same content -> stored answer."),
+    (
+        "server",
+        "Network, limits, shutdown, admin access and logging.",
+    ),
+    (
+        "tables",
+        "Table files (unset keys are listed commented out).",
+    ),
+    (
+        "replay",
+        "Idempotency store: same request_id + same content -> stored answer.",
+    ),
     ("ranking", "Request limits, defaults and the micro-batcher."),
 ];
 
@@ -452,7 +469,11 @@ mod tests {
         let message = format!("{:#}", Config::load(&path).unwrap_err());
         assert!(message.contains("max_k"), "{message}");
 
-        std::fs::write(&path, "[ranking]\nmax_k = 5\n[server]\nmetrics_addr = \"\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "[ranking]\nmax_k = 5\n[server]\nmetrics_addr = \"\"\n",
+        )
+        .unwrap();
         let config = Config::load(&path).unwrap();
         assert_eq!(config.ranking.max_k, 5);
         assert_eq!(config.metrics_addr().unwrap(), None);

@@ -368,11 +368,7 @@ impl Metrics {
             .set(i64::try_from(batcher.queued).unwrap_or(i64::MAX));
         self.personalization_paused
             .set(i64::from(status.personalization_paused));
-        self.set_table(
-            "items",
-            status.items.version.generation,
-            status.items.rows,
-        );
+        self.set_table("items", status.items.version.generation, status.items.rows);
         if let Some(users) = &status.users {
             self.set_table("users", users.version.generation, users.rows);
         }
@@ -450,7 +446,11 @@ mod tests {
     #[test]
     fn the_exposition_names_every_metric() {
         let metrics = Metrics::new();
-        metrics.record_call("Rank", tonic::Code::InvalidArgument, Duration::from_millis(3));
+        metrics.record_call(
+            "Rank",
+            tonic::Code::InvalidArgument,
+            Duration::from_millis(3),
+        );
         metrics.record_stage(Stage::select_pool, 120);
         metrics.record_answer(true, true);
         metrics.record_table_change("items", "reload", false);

@@ -97,14 +97,13 @@ fn build_request(args: &RankArgs) -> anyhow::Result<pb::RankRequest> {
         }
         None => None,
     };
-    let fairness = (args.constraint.is_some() || args.group_attribute.is_some()).then(|| {
-        pb::FairnessPolicy {
+    let fairness =
+        (args.constraint.is_some() || args.group_attribute.is_some()).then(|| pb::FairnessPolicy {
             constraint: args.constraint.clone().unwrap_or_default(),
             params,
             group_attribute: args.group_attribute.clone().unwrap_or_default(),
             ..pb::FairnessPolicy::default()
-        }
-    });
+        });
     let request_id = args
         .request_id
         .clone()
@@ -176,9 +175,10 @@ fn write_table(out: &mut impl Write, response: &pb::RankResponse) -> std::io::Re
     } else {
         format!(
             "not personalized ({})",
-            enum_name(response.non_personalized_reason, |reason: pb::NonPersonalizedReason| {
-                reason.as_str_name()
-            })
+            enum_name(
+                response.non_personalized_reason,
+                |reason: pb::NonPersonalizedReason| { reason.as_str_name() }
+            )
         )
     };
     writeln!(

@@ -38,13 +38,9 @@ impl AdminService {
                 "admin calls need the metadata `authorization: Bearer <token>`",
             ));
         };
-        let presented = header
-            .to_str()
-            .ok()
-            .and_then(bearer_token)
-            .ok_or_else(|| {
-                errors::unauthenticated("the authorization metadata is not `Bearer <token>`")
-            })?;
+        let presented = header.to_str().ok().and_then(bearer_token).ok_or_else(|| {
+            errors::unauthenticated("the authorization metadata is not `Bearer <token>`")
+        })?;
         if bool::from(presented.as_bytes().ct_eq(expected.as_bytes())) {
             Ok(())
         } else {
@@ -107,7 +103,12 @@ impl AdminService {
             }
             Err(status) => {
                 metrics.record_table_change(label, operation, false);
-                tracing::error!(table = label, operation, message = status.message(), "table change task failed");
+                tracing::error!(
+                    table = label,
+                    operation,
+                    message = status.message(),
+                    "table change task failed"
+                );
                 return Err(status);
             }
         };

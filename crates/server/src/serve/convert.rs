@@ -74,9 +74,7 @@ fn fairness_policy(policy: pb::FairnessPolicy) -> Result<engine::FairnessPolicy,
 
 /// Constraint parameters as engine values. Values without a kind, non-finite numbers and
 /// nesting beyond `api::params::MAX_PARAMS_DEPTH` are refused, naming the parameter.
-fn constraint_params(
-    params: &prost_types::Struct,
-) -> Result<BTreeMap<String, ParamValue>, Status> {
+fn constraint_params(params: &prost_types::Struct) -> Result<BTreeMap<String, ParamValue>, Status> {
     let json = api::params::struct_to_json(params).map_err(|error| {
         let path = match &error {
             api::ApiError::MissingValueKind { path }
@@ -141,9 +139,7 @@ fn privacy_policy(policy: pb::PrivacyPolicy) -> engine::PrivacyPolicy {
         mechanism,
         budget: policy.budget.map(|budget| match budget {
             pb::privacy_policy::Budget::Rho(rho) => engine::PrivacyBudget::Rho(rho),
-            pb::privacy_policy::Budget::Epsilon(epsilon) => {
-                engine::PrivacyBudget::Epsilon(epsilon)
-            }
+            pb::privacy_policy::Budget::Epsilon(epsilon) => engine::PrivacyBudget::Epsilon(epsilon),
         }),
         delta: policy.delta,
         release_noisy_scores: policy.release_noisy_scores,
@@ -166,8 +162,7 @@ fn consent(consent: pb::Consent) -> engine::Consent {
 }
 
 fn explain_options(options: pb::ExplainOptions) -> engine::ExplainOptions {
-    let level = match pb::ExplainLevel::try_from(options.level).unwrap_or(pb::ExplainLevel::None)
-    {
+    let level = match pb::ExplainLevel::try_from(options.level).unwrap_or(pb::ExplainLevel::None) {
         pb::ExplainLevel::Unspecified | pb::ExplainLevel::None => engine::ExplainLevel::None,
         pb::ExplainLevel::Reasons => engine::ExplainLevel::Reasons,
         pb::ExplainLevel::Text => engine::ExplainLevel::Text,
@@ -285,9 +280,7 @@ fn fairness_report(report: engine::FairnessReport) -> pb::FairnessReport {
                 kind: match violation.kind {
                     engine::ViolationKind::BelowMinCount => pb::ViolationKind::BelowMinCount,
                     engine::ViolationKind::AboveMaxCount => pb::ViolationKind::AboveMaxCount,
-                    engine::ViolationKind::BelowMinExposure => {
-                        pb::ViolationKind::BelowMinExposure
-                    }
+                    engine::ViolationKind::BelowMinExposure => pb::ViolationKind::BelowMinExposure,
                 } as i32,
                 position: violation.position,
                 group: violation.group,
@@ -482,10 +475,7 @@ mod tests {
             native.consent.personalization,
             engine::ConsentDecision::Denied
         );
-        assert_eq!(
-            native.privacy.budget,
-            Some(engine::PrivacyBudget::Rho(0.5))
-        );
+        assert_eq!(native.privacy.budget, Some(engine::PrivacyBudget::Rho(0.5)));
     }
 
     #[test]
@@ -509,7 +499,10 @@ mod tests {
         let status = constraint_params(&bad).unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert_eq!(error_field(&status), Some("fairness.params.alpha"));
-        assert_eq!(error_reason(&status), pb::ErrorReason::InvalidConstraintParams);
+        assert_eq!(
+            error_reason(&status),
+            pb::ErrorReason::InvalidConstraintParams
+        );
     }
 
     #[test]

@@ -86,17 +86,33 @@ mod tests {
 
     #[test]
     fn every_unit_parses() {
-        assert_eq!(parse_grpc_timeout("3H"), Some(Duration::from_secs(3 * 3600)));
+        assert_eq!(
+            parse_grpc_timeout("3H"),
+            Some(Duration::from_secs(3 * 3600))
+        );
         assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
         assert_eq!(parse_grpc_timeout("7S"), Some(Duration::from_secs(7)));
         assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_grpc_timeout("99999999u"), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(
+            parse_grpc_timeout("99999999u"),
+            Some(Duration::from_micros(99_999_999))
+        );
         assert_eq!(parse_grpc_timeout("0n"), Some(Duration::ZERO));
     }
 
     #[test]
     fn malformed_values_are_rejected() {
-        for bad in ["", "S", "123456789S", "10x", "-5S", "1.5S", "+5S", "5 S", "١S"] {
+        for bad in [
+            "",
+            "S",
+            "123456789S",
+            "10x",
+            "-5S",
+            "1.5S",
+            "+5S",
+            "5 S",
+            "١S",
+        ] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
         }
     }

@@ -46,12 +46,8 @@ pub fn engine_status(error: &EngineError) -> Status {
             (Code::InvalidArgument, ErrorReason::UnknownConstraint)
         }
         EngineError::Unsupported { .. } => (Code::Unimplemented, ErrorReason::Unspecified),
-        EngineError::ResourceExhausted { .. } => {
-            (Code::ResourceExhausted, ErrorReason::Overloaded)
-        }
-        EngineError::DeadlineExceeded { .. } => {
-            (Code::DeadlineExceeded, ErrorReason::Unspecified)
-        }
+        EngineError::ResourceExhausted { .. } => (Code::ResourceExhausted, ErrorReason::Overloaded),
+        EngineError::DeadlineExceeded { .. } => (Code::DeadlineExceeded, ErrorReason::Unspecified),
         EngineError::Aborted { reason, .. } => (
             Code::Aborted,
             match reason {
@@ -338,10 +334,7 @@ mod tests {
 
     #[test]
     fn server_side_statuses_carry_their_reasons() {
-        assert_eq!(
-            error_reason(&overloaded(4, 1)),
-            ErrorReason::Overloaded
-        );
+        assert_eq!(error_reason(&overloaded(4, 1)), ErrorReason::Overloaded);
         assert_eq!(
             error_reason(&request_id_reused("r-1")),
             ErrorReason::RequestIdReused

@@ -125,22 +125,26 @@ impl RankerService {
             Box::new(move |result| {
                 let outcome = match result {
                     Ok(answer) => Ok(respond(&metrics, answer, ticket)),
-                    // Dropping the ticket frees the id for a retry.
-                    Err(error) => Err(errors::engine_status(&error)),
+                    Err(error) => {
+                        // Free the id before answering, so an immediate retry runs.
+                        drop(ticket);
+                        Err(errors::engine_status(&error))
+                    }
                 };
                 drop(admission);
                 // The handler may have stopped waiting (deadline, cancellation).
                 let _ = sender.send(outcome);
             }),
         );
-        let mut response =
-            match tokio::time::timeout_at(deadline.into(), receiver).await {
-                Ok(Ok(outcome)) => outcome?,
-                Ok(Err(_)) => return Err(errors::internal("the engine lost the request")),
-                Err(_) => return Err(errors::deadline_exceeded(
+        let mut response = match tokio::time::timeout_at(deadline.into(), receiver).await {
+            Ok(Ok(outcome)) => outcome?,
+            Ok(Err(_)) => return Err(errors::internal("the engine lost the request")),
+            Err(_) => {
+                return Err(errors::deadline_exceeded(
                     "while ranking; a retry with the same request id returns the answer if it completes",
-                )),
-            };
+                ));
+            }
+        };
         if let Some(timings) = &mut response.timings {
             timings.total_us = micros_since(started);
         }
@@ -183,9 +187,7 @@ impl RankerService {
                     tickets.push(ticket);
                     None
                 }
-                Begin::Replay(stored) => {
-                    Some(Outcome::Response(replayed(&stored, started)))
-                }
+                Begin::Replay(stored) => Some(Outcome::Response(replayed(&stored, started))),
                 Begin::Reused => Some(Outcome::Error(pb::EntryError::from(
                     &errors::request_id_reused(&request_id),
                 ))),
@@ -204,8 +206,8 @@ impl RankerService {
             shared.engine.submit_batch(
                 natives,
                 Box::new(move |result| {
-                    let outcome = result
-                        .map(|batch| {
+                    let outcome = match result {
+                        Ok(batch) => {
                             let answers: Vec<Outcome> = batch
                                 .results
                                 .into_iter()
@@ -214,14 +216,22 @@ impl RankerService {
                                     Ok(answer) => {
                                         Outcome::Response(respond(&metrics, answer, ticket))
                                     }
-                                    Err(error) => Outcome::Error(pb::EntryError::from(
-                                        &errors::engine_status(&error),
-                                    )),
+                                    Err(error) => {
+                                        drop(ticket);
+                                        Outcome::Error(pb::EntryError::from(
+                                            &errors::engine_status(&error),
+                                        ))
+                                    }
                                 })
                                 .collect();
-                            (answers, convert::stage_timings(&batch.timings))
-                        })
-                        .map_err(|error| errors::engine_status(&error));
+                            Ok((answers, convert::stage_timings(&batch.timings)))
+                        }
+                        Err(error) => {
+                            // Free the ids before answering, so immediate retries run.
+                            drop(tickets);
+                            Err(errors::engine_status(&error))
+                        }
+                    };
                     drop(admission);
                     let _ = sender.send(outcome);
                 }),
@@ -364,7 +374,14 @@ fn finish_call(
     let field = error.and_then(api::status::error_field);
     match code {
         tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::DataLoss => {
-            tracing::error!(method, ?code, request_id, elapsed_us, message = error.map(Status::message), "call failed");
+            tracing::error!(
+                method,
+                ?code,
+                request_id,
+                elapsed_us,
+                message = error.map(Status::message),
+                "call failed"
+            );
         }
         _ => tracing::debug!(
             method,
