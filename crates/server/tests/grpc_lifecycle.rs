@@ -417,3 +417,33 @@ fn print_config_shows_the_documented_effective_configuration() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("max_concurrent_requests"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_table_the_default_dataset_is_served() {
+    let server = Server::start_with(Vec::new(), None, &admin_env());
+    let status = server
+        .admin()
+        .await
+        .get_status(with_token(pb::GetStatusRequest {}, ADMIN_TOKEN))
+        .await
+        .expect("status")
+        .into_inner();
+    let items = status.items_table.expect("the default item table");
+    let users = status.users_table.expect("the default user table");
+    assert_eq!(
+        items.rows,
+        datasets::SyntheticParams::default().items as u64
+    );
+    let users_table = store::Table::open(std::path::Path::new(&users.path)).expect("opens");
+    let response = server
+        .ranker()
+        .await
+        .rank(rank_request("default-dataset", users_table.id(0), 5))
+        .await
+        .expect("ranks")
+        .into_inner();
+    assert_ranking(
+        &response,
+        &reference_topk(std::path::Path::new(&items.path), users_table.row(0), 5),
+    );
+}
