@@ -180,7 +180,7 @@ const KEY_DOCS: &[(&str, &str, &str)] = &[
     (
         "server",
         "log_format",
-        "Log format: \"text\" or \"json\"; verbosity from RUST_LOG (default info).",
+        "Log format: \"text\" or \"json\"; the verbosity comes from RUST_LOG (info when unset).",
     ),
     (
         "tables",
@@ -362,9 +362,14 @@ impl Config {
     /// (for `--print-config` and `GetStatus.config`). Unset optional keys are printed
     /// commented out.
     pub fn to_documented_toml(&self) -> String {
-        let value = match toml::Table::try_from(self.redacted()) {
-            Ok(value) => value,
-            Err(error) => return format!("# the configuration cannot be rendered: {error}\n"),
+        let (value, defaults) = match (
+            toml::Table::try_from(self.redacted()),
+            toml::Table::try_from(Config::default()),
+        ) {
+            (Ok(value), Ok(defaults)) => (value, defaults),
+            (Err(error), _) | (_, Err(error)) => {
+                return format!("# the configuration cannot be rendered: {error}\n");
+            }
         };
         let mut text = String::from(
             "# fairrank server configuration (`fairrank serve --config FILE`).\n\
@@ -374,8 +379,16 @@ impl Config {
             // Writing to a String cannot fail.
             let _ = write!(text, "\n# {header}\n[{section}]\n");
             let table = value.get(section).and_then(toml::Value::as_table);
+            let default_table = defaults.get(section).and_then(toml::Value::as_table);
             for &(_, key, doc) in KEY_DOCS.iter().filter(|(s, _, _)| *s == section) {
-                let _ = writeln!(text, "# {doc}");
+                match default_table.and_then(|table| table.get(key)) {
+                    Some(default) => {
+                        let _ = writeln!(text, "# {doc} Default: {default}.");
+                    }
+                    None => {
+                        let _ = writeln!(text, "# {doc} Default: unset.");
+                    }
+                }
                 match table.and_then(|table| table.get(key)) {
                     Some(value) => {
                         let _ = writeln!(text, "{key} = {value}");
@@ -414,6 +427,18 @@ mod tests {
         let parsed: Config = toml::from_str(&text).unwrap();
         assert_eq!(parsed, config, "{text}");
         assert!(text.contains("# users = (unset)"), "{text}");
+    }
+
+    #[test]
+    fn the_example_file_is_the_documented_default_configuration() {
+        let example = include_str!("../fairrank.example.toml");
+        assert_eq!(
+            example,
+            Config::default().to_documented_toml(),
+            "regenerate it: fairrank serve --print-config > crates/server/fairrank.example.toml"
+        );
+        let parsed: Config = toml::from_str(example).unwrap();
+        assert_eq!(parsed, Config::default());
     }
 
     #[test]

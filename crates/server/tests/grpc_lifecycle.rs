@@ -102,7 +102,9 @@ async fn reflection_v1alpha(server: &Server) -> (BTreeSet<String>, bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_reflection_and_metrics_are_served() {
     let tables = tables(31);
-    let server = Server::start(&tables, None, &admin_env());
+    let mut env = admin_env();
+    env.push(("RUST_LOG", "info,fairrank=debug"));
+    let server = Server::start(&tables, None, &env);
     let mut health_client = HealthClient::new(server.channel().await);
     for service in [
         "",
@@ -158,8 +160,11 @@ async fn health_reflection_and_metrics_are_served() {
     ] {
         assert!(text.contains(name), "{name} missing in:\n{text}");
     }
-    // Logs never carry raw user ids.
-    assert!(!server.logs().contains(&tables.data.users.ids[0]));
+    // Calls are logged, with a pseudonym at most: never the raw user id.
+    let logs = server.logs();
+    assert!(logs.contains("call finished"), "{logs}");
+    assert!(!logs.contains(&tables.data.users.ids[0]), "{logs}");
+    assert!(!logs.contains("nobody"), "{logs}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

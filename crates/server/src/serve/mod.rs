@@ -102,7 +102,10 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .thread_name("fairrank-io")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(config, engine, reload_dirs))
+    let served = runtime.block_on(serve(config, engine, reload_dirs));
+    // A table reload still running on the blocking pool must not hold the exit up for long.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    served
 }
 
 /// The table files to open: configured, or the built-in default dataset.
@@ -393,9 +396,14 @@ async fn serve(config: Config, engine: Engine, reload_dirs: ReloadDirs) -> anyho
         None => None,
     };
     announce(addr, metrics_addr)?;
+    let status = engine.status()?;
     tracing::info!(
         %addr,
         metrics = ?metrics_addr,
+        items = %status.items.path.display(),
+        items_rows = status.items.rows,
+        users = ?status.users.as_ref().map(|users| users.path.display().to_string()),
+        dim = status.items.dim,
         admin = admin_enabled,
         max_concurrent_requests = server_config.max_concurrent_requests,
         "fairrank serving"

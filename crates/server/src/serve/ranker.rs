@@ -128,7 +128,7 @@ impl RankerService {
                     Err(error) => {
                         // Free the id before answering, so an immediate retry runs.
                         drop(ticket);
-                        Err(errors::engine_status(&error))
+                        Err(refusal(&metrics, &error))
                     }
                 };
                 drop(admission);
@@ -218,9 +218,9 @@ impl RankerService {
                                     }
                                     Err(error) => {
                                         drop(ticket);
-                                        Outcome::Error(pb::EntryError::from(
-                                            &errors::engine_status(&error),
-                                        ))
+                                        Outcome::Error(pb::EntryError::from(&refusal(
+                                            &metrics, &error,
+                                        )))
                                     }
                                 })
                                 .collect();
@@ -229,7 +229,7 @@ impl RankerService {
                         Err(error) => {
                             // Free the ids before answering, so immediate retries run.
                             drop(tickets);
-                            Err(errors::engine_status(&error))
+                            Err(refusal(&metrics, &error))
                         }
                     };
                     drop(admission);
@@ -291,6 +291,15 @@ fn respond(metrics: &Metrics, answer: engine::RankResponse, ticket: Ticket) -> p
     }
     metrics.record_stage(Stage::respond, micros_since(respond_started));
     response
+}
+
+/// The status of an engine error; a full whole-catalog queue is load shedding too and is
+/// counted as such.
+fn refusal(metrics: &Metrics, error: &engine::EngineError) -> Status {
+    if matches!(error, engine::EngineError::ResourceExhausted { .. }) {
+        metrics.shed.inc();
+    }
+    errors::engine_status(error)
 }
 
 /// A stored answer, as a replay: `replayed = true` and this call's timings.
