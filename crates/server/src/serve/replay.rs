@@ -12,6 +12,7 @@
 //! with keys drawn at random per process, so nobody outside the process can construct a
 //! different request with the same digest.
 
+use std::cell::RefCell;
 use std::collections::hash_map::{Entry as MapEntry, RandomState};
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
@@ -20,6 +21,14 @@ use std::time::{Duration, Instant};
 
 use api::fairrank::v1::RankResponse;
 use prost::Message;
+
+/// Largest encoding buffer a thread keeps between digests.
+const MAX_KEPT_BUFFER_BYTES: usize = 1 << 20;
+
+thread_local! {
+    /// Reused encoding buffer of [`ReplayStore::digest`] (no allocation per request).
+    static ENCODE_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
 
 /// A 128-bit keyed digest of a request's content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,14 +99,23 @@ impl ReplayStore {
         self.max_entries > 0
     }
 
-    /// The digest of a request's content.
+    /// The digest of a request's content (its protobuf encoding, which prost writes
+    /// deterministically: fields in number order, map entries sorted).
     pub fn digest(&self, request: &impl Message) -> Digest {
-        let bytes = request.encode_to_vec();
-        let mut first = self.keys.0.build_hasher();
-        let mut second = self.keys.1.build_hasher();
-        first.write(&bytes);
-        second.write(&bytes);
-        Digest(first.finish(), second.finish())
+        ENCODE_BUFFER.with(|buffer| {
+            let mut buffer = buffer.borrow_mut();
+            buffer.clear();
+            // Encoding into a Vec cannot run out of space.
+            let _ = request.encode(&mut *buffer);
+            let mut first = self.keys.0.build_hasher();
+            let mut second = self.keys.1.build_hasher();
+            first.write(&buffer);
+            second.write(&buffer);
+            if buffer.capacity() > MAX_KEPT_BUFFER_BYTES {
+                *buffer = Vec::new();
+            }
+            Digest(first.finish(), second.finish())
+        })
     }
 
     /// Looks the id up and, when it is new, reserves it for this request.
