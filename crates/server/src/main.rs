@@ -1,7 +1,11 @@
-//! The `fairrank` command-line entry point: table tools, exact top-k, benchmarks.
+//! The `fairrank` command-line entry point: table tools, exact top-k, benchmarks, the gRPC
+//! ranking server and its command-line client.
 
 mod bench_kernel;
 mod cli;
+mod config;
+mod metrics;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -20,6 +24,10 @@ enum Command {
     Table(cli::table::TableCommand),
     /// Exact top-k of each query over a table (the built-in default dataset without --table).
     Topk(cli::topk::TopkArgs),
+    /// Serve the gRPC ranking API (the built-in default dataset without --table).
+    Serve(serve::ServeArgs),
+    /// Ask a running server for a ranking and print it.
+    Rank(cli::rank::RankArgs),
     /// Benchmarks that compare fairrank's kernels with the machine's limits.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -36,6 +44,8 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Table(command) => cli::table::run(command),
         Command::Topk(args) => cli::topk::run(&args),
+        Command::Serve(args) => serve::run(&args),
+        Command::Rank(args) => cli::rank::run(&args),
         Command::Bench(BenchCommand::Kernel(args)) => {
             for (name, value) in bench_kernel::run(&args)? {
                 println!("{name}: {}", cli::format_figure(value));

@@ -1,0 +1,522 @@
+//! `fairrank.toml`: the server's configuration file, its documented defaults and CLI overrides.
+//!
+//! Every key is optional. `fairrank serve --print-config` prints the effective configuration
+//! (file, environment and flags merged) with each key's documentation and default, in the
+//! file's own format, so its output is a valid starting configuration.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+/// Text that replaces secrets in rendered configurations.
+const REDACTED: &str = "<redacted>";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Network, limits, shutdown, admin access and logging.
+    pub server: ServerConfig,
+    /// Which table files to serve and where reloads may read from.
+    pub tables: TablesConfig,
+    /// The idempotency (replay) store of Rank answers.
+    pub replay: ReplayConfig,
+    /// Request limits, defaults and the micro-batcher (the engine's configuration).
+    pub ranking: engine::EngineConfig,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[server]`: network, limits, shutdown, admin access and logging.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// gRPC listen address (default `127.0.0.1:50051`; port 0 picks a free port).
+    pub addr: SocketAddr,
+    /// Prometheus metrics listen address, served at `/metrics` (default `127.0.0.1:9464`).
+    /// An empty string turns the metrics endpoint off.
+    pub metrics_addr: String,
+    /// Rank requests (RankBatch entries count one each) admitted at once across the server;
+    /// more are shed with `RESOURCE_EXHAUSTED` (default 256).
+    pub max_concurrent_requests: usize,
+    /// Largest encoded request or response message in bytes (default 16 MiB).
+    pub max_message_bytes: usize,
+    /// Deadline of calls that send no `grpc-timeout`, in milliseconds (default 5000).
+    pub default_deadline_ms: u64,
+    /// After SIGTERM or SIGINT, how long health reports `NOT_SERVING` while requests are
+    /// still served, so load balancers stop routing before the listener closes, in
+    /// milliseconds (default 0).
+    pub shutdown_delay_ms: u64,
+    /// Longest a graceful shutdown waits for in-flight calls to finish, in milliseconds
+    /// (default 10000).
+    pub shutdown_grace_ms: u64,
+    /// Bearer token required by the Admin service. Prefer `admin_token_env` over writing
+    /// the secret here. With no token at all the Admin service answers `UNIMPLEMENTED`.
+    pub admin_token: String,
+    /// Environment variable holding the admin token, used when `admin_token` is empty
+    /// (default `FAIRRANK_ADMIN_TOKEN`).
+    pub admin_token_env: String,
+    /// Log format: `text` or `json` (default `text`). Verbosity comes from `RUST_LOG`
+    /// (default `info`).
+    pub log_format: LogFormat,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            metrics_addr: "127.0.0.1:9464".to_owned(),
+            max_concurrent_requests: 256,
+            max_message_bytes: 16 * 1024 * 1024,
+            default_deadline_ms: 5000,
+            shutdown_delay_ms: 0,
+            shutdown_grace_ms: 10_000,
+            admin_token: String::new(),
+            admin_token_env: "FAIRRANK_ADMIN_TOKEN".to_owned(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// `[tables]`: which table files to serve.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TablesConfig {
+    /// Item table file. Unset: the built-in default dataset (generated on first use).
+    pub items: Option<PathBuf>,
+    /// User table file. Unset with `items` unset: the default dataset's users; unset with
+    /// `items` set: no user table (requests must send inline embeddings).
+    pub users: Option<PathBuf>,
+    /// Folder that `Admin.ReloadTable` paths must lie inside; relative paths are taken
+    /// relative to it. Unset: the folder of the table's start-up file (the item table's
+    /// folder for a user table loaded later).
+    pub reload_dir: Option<PathBuf>,
+}
+
+/// `[replay]`: the idempotency store. A Rank request repeated with the same `request_id`
+/// and the same content within the window gets the stored answer (`replayed = true`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplayConfig {
+    /// How long an answer stays replayable, in milliseconds (default 60000).
+    pub window_ms: u64,
+    /// Most answers kept; the oldest are dropped first (default 10000). 0 turns the store
+    /// off: repeated ids are then ranked again and never refused.
+    pub max_entries: usize,
+    /// Most encoded answer bytes kept (default 64 MiB); an answer larger than this is not
+    /// stored.
+    pub max_bytes: usize,
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        ReplayConfig {
+            window_ms: 60_000,
+            max_entries: 10_000,
+            max_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Documentation of every key, printed above it by [`Config::to_documented_toml`].
+const KEY_DOCS: &[(&str, &str, &str)] = &[
+    (
+        "server",
+        "addr",
+        "gRPC listen address (port 0 picks a free port).",
+    ),
+    (
+        "server",
+        "metrics_addr",
+        "Prometheus endpoint address, served at /metrics; \"\" turns it off.",
+    ),
+    (
+        "server",
+        "max_concurrent_requests",
+        "Rank requests admitted at once (a RankBatch entry counts one); more are shed with RESOURCE_EXHAUSTED.",
+    ),
+    (
+        "server",
+        "max_message_bytes",
+        "Largest encoded request or response message, in bytes.",
+    ),
+    (
+        "server",
+        "default_deadline_ms",
+        "Deadline of calls without grpc-timeout, in milliseconds.",
+    ),
+    (
+        "server",
+        "shutdown_delay_ms",
+        "After SIGTERM/SIGINT: health says NOT_SERVING for this long while requests are still served.",
+    ),
+    (
+        "server",
+        "shutdown_grace_ms",
+        "Longest a graceful shutdown waits for in-flight calls, in milliseconds.",
+    ),
+    (
+        "server",
+        "admin_token",
+        "Bearer token of the Admin service (prefer admin_token_env); no token: Admin answers UNIMPLEMENTED.",
+    ),
+    (
+        "server",
+        "admin_token_env",
+        "Environment variable holding the admin token when admin_token is empty.",
+    ),
+    (
+        "server",
+        "log_format",
+        "Log format: \"text\" or \"json\"; the verbosity comes from RUST_LOG (info when unset).",
+    ),
+    (
+        "tables",
+        "items",
+        "Item table file; unset: the built-in default dataset.",
+    ),
+    (
+        "tables",
+        "users",
+        "User table file; unset: the default dataset's users if items is unset, else none.",
+    ),
+    (
+        "tables",
+        "reload_dir",
+        "Folder that ReloadTable paths must lie in (relative paths start there); unset: the table's own folder.",
+    ),
+    (
+        "replay",
+        "window_ms",
+        "How long an answer stays replayable by its request_id, in milliseconds.",
+    ),
+    (
+        "replay",
+        "max_entries",
+        "Most answers kept for replay (oldest dropped first); 0 turns replay off.",
+    ),
+    (
+        "replay",
+        "max_bytes",
+        "Most encoded answer bytes kept for replay.",
+    ),
+    ("ranking", "max_k", "Largest k a request may ask for."),
+    (
+        "ranking",
+        "max_pool",
+        "Largest re-ranking pool (at least max_k).",
+    ),
+    (
+        "ranking",
+        "default_pool",
+        "Pool size of requests that set none (raised to k if smaller).",
+    ),
+    (
+        "ranking",
+        "max_candidates",
+        "Most candidate ids per request.",
+    ),
+    (
+        "ranking",
+        "max_batch_requests",
+        "Most entries per RankBatch call.",
+    ),
+    (
+        "ranking",
+        "batch_max_wait_us",
+        "Longest a whole-catalog request waits for company in the micro-batcher while it is busy, in microseconds.",
+    ),
+    (
+        "ranking",
+        "batch_max_queries",
+        "Most whole-catalog queries scored by one batched scan.",
+    ),
+    (
+        "ranking",
+        "batch_queue_capacity",
+        "Whole-catalog requests that may wait for the batcher; more are refused (RESOURCE_EXHAUSTED).",
+    ),
+    (
+        "ranking",
+        "default_fairness_constraint",
+        "Fairness constraint of requests that name none.",
+    ),
+    (
+        "ranking",
+        "default_group_attribute",
+        "Group attribute of requests that name none.",
+    ),
+    (
+        "ranking",
+        "require_explicit_consent",
+        "Whether personalization needs an explicit GRANTED consent.",
+    ),
+    (
+        "ranking",
+        "verify_checksum_on_reload",
+        "Whether reloads verify the whole-file checksum before swapping.",
+    ),
+];
+
+/// Section order and headers of the documented rendering.
+const SECTION_DOCS: &[(&str, &str)] = &[
+    (
+        "server",
+        "Network, limits, shutdown, admin access and logging.",
+    ),
+    (
+        "tables",
+        "Table files (unset keys are listed commented out).",
+    ),
+    (
+        "replay",
+        "Idempotency store: same request_id + same content -> stored answer.",
+    ),
+    ("ranking", "Request limits, defaults and the micro-batcher."),
+];
+
+impl Config {
+    /// Reads a configuration file; unknown keys and bad values are errors naming the file.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read the configuration file", path.display()))?;
+        let config: Config = toml::from_str(&text)
+            .with_context(|| format!("{}: invalid configuration", path.display()))?;
+        config
+            .validate()
+            .with_context(|| format!("{}: invalid configuration", path.display()))?;
+        Ok(config)
+    }
+
+    /// Checks values that the types cannot.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let server = &self.server;
+        if server.max_concurrent_requests == 0 {
+            bail!("server.max_concurrent_requests must be at least 1");
+        }
+        // tokio's semaphore holds at most usize::MAX >> 3 permits.
+        if server.max_concurrent_requests > 1 << 24 {
+            bail!("server.max_concurrent_requests must be at most {}", 1 << 24);
+        }
+        if server.max_message_bytes < 1024 {
+            bail!("server.max_message_bytes must be at least 1024");
+        }
+        if server.default_deadline_ms == 0 {
+            bail!("server.default_deadline_ms must be at least 1");
+        }
+        self.metrics_addr()?;
+        if self.replay.max_entries > 0 && self.replay.window_ms == 0 {
+            bail!("replay.window_ms must be at least 1 while replay.max_entries is above 0");
+        }
+        self.ranking.validate().context("ranking")?;
+        Ok(())
+    }
+
+    /// The metrics address, `None` when the endpoint is off.
+    pub fn metrics_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        let text = self.server.metrics_addr.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        let addr = text.parse::<SocketAddr>().with_context(|| {
+            format!("server.metrics_addr {text:?} is not HOST:PORT (an IP address and a port)")
+        })?;
+        Ok(Some(addr))
+    }
+
+    /// The admin token in force: `admin_token`, else the variable named by `admin_token_env`.
+    pub fn admin_token(&self) -> Option<String> {
+        if !self.server.admin_token.is_empty() {
+            return Some(self.server.admin_token.clone());
+        }
+        if self.server.admin_token_env.is_empty() {
+            return None;
+        }
+        std::env::var(&self.server.admin_token_env)
+            .ok()
+            .filter(|token| !token.is_empty())
+    }
+
+    /// A copy with secrets replaced by `<redacted>`.
+    pub fn redacted(&self) -> Config {
+        let mut redacted = self.clone();
+        if !redacted.server.admin_token.is_empty() {
+            redacted.server.admin_token = REDACTED.to_owned();
+        }
+        redacted
+    }
+
+    /// The configuration as TOML, secrets redacted, every key preceded by its documentation
+    /// (for `--print-config` and `GetStatus.config`). Unset optional keys are printed
+    /// commented out.
+    pub fn to_documented_toml(&self) -> String {
+        let (value, defaults) = match (
+            toml::Table::try_from(self.redacted()),
+            toml::Table::try_from(Config::default()),
+        ) {
+            (Ok(value), Ok(defaults)) => (value, defaults),
+            (Err(error), _) | (_, Err(error)) => {
+                return format!("# the configuration cannot be rendered: {error}\n");
+            }
+        };
+        let mut text = String::from(
+            "# fairrank server configuration (`fairrank serve --config FILE`).\n\
+             # Every key is optional; the values below are the effective ones.\n",
+        );
+        for &(section, header) in SECTION_DOCS {
+            // Writing to a String cannot fail.
+            let _ = write!(text, "\n# {header}\n[{section}]\n");
+            let table = value.get(section).and_then(toml::Value::as_table);
+            let default_table = defaults.get(section).and_then(toml::Value::as_table);
+            for &(_, key, doc) in KEY_DOCS.iter().filter(|(s, _, _)| *s == section) {
+                match default_table.and_then(|table| table.get(key)) {
+                    Some(default) => {
+                        let _ = writeln!(text, "# {doc} Default: {default}.");
+                    }
+                    None => {
+                        let _ = writeln!(text, "# {doc} Default: unset.");
+                    }
+                }
+                match table.and_then(|table| table.get(key)) {
+                    Some(value) => {
+                        let _ = writeln!(text, "{key} = {value}");
+                    }
+                    None => {
+                        let _ = writeln!(text, "# {key} = (unset)");
+                    }
+                }
+            }
+        }
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_the_documented_defaults() {
+        let config: Config = toml::from_str("").unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.server.addr.to_string(), "127.0.0.1:50051");
+        assert_eq!(config.ranking.max_k, 1000);
+        assert_eq!(config.replay.max_entries, 10_000);
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn the_documented_rendering_parses_back_to_the_same_configuration() {
+        let mut config = Config::default();
+        config.tables.items = Some(PathBuf::from("/data/items.frt"));
+        config.ranking.max_k = 50;
+        config.server.log_format = LogFormat::Json;
+        let text = config.to_documented_toml();
+        let parsed: Config = toml::from_str(&text).unwrap();
+        assert_eq!(parsed, config, "{text}");
+        assert!(text.contains("# users = (unset)"), "{text}");
+    }
+
+    #[test]
+    fn the_example_file_is_the_documented_default_configuration() {
+        let example = include_str!("../fairrank.example.toml");
+        assert_eq!(
+            example,
+            Config::default().to_documented_toml(),
+            "regenerate it: fairrank serve --print-config > crates/server/fairrank.example.toml"
+        );
+        let parsed: Config = toml::from_str(example).unwrap();
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn every_key_is_documented() {
+        let value = toml::Table::try_from(Config {
+            tables: TablesConfig {
+                items: Some("a".into()),
+                users: Some("b".into()),
+                reload_dir: Some("c".into()),
+            },
+            ..Config::default()
+        })
+        .unwrap();
+        let mut keys = Vec::new();
+        for (section, table) in &value {
+            assert!(
+                SECTION_DOCS.iter().any(|(name, _)| name == section),
+                "section {section} lacks a header"
+            );
+            for key in table.as_table().unwrap().keys() {
+                keys.push((section.clone(), key.clone()));
+            }
+        }
+        for (section, key) in &keys {
+            assert!(
+                KEY_DOCS.iter().any(|(s, k, _)| s == section && k == key),
+                "{section}.{key} is not documented"
+            );
+        }
+        assert_eq!(keys.len(), KEY_DOCS.len(), "KEY_DOCS lists unknown keys");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fairrank.toml");
+        std::fs::write(&path, "[server]\nadress = \"127.0.0.1:1\"\n").unwrap();
+        let message = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(
+            message.contains("fairrank.toml") && message.contains("adress"),
+            "{message}"
+        );
+
+        std::fs::write(&path, "[server]\nmax_concurrent_requests = 0\n").unwrap();
+        let message = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(message.contains("max_concurrent_requests"), "{message}");
+
+        std::fs::write(&path, "[server]\nmetrics_addr = \"localhost\"\n").unwrap();
+        let message = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(message.contains("metrics_addr"), "{message}");
+
+        std::fs::write(&path, "[ranking]\nmax_k = 0\n").unwrap();
+        let message = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(message.contains("max_k"), "{message}");
+
+        std::fs::write(
+            &path,
+            "[ranking]\nmax_k = 5\n[server]\nmetrics_addr = \"\"\n",
+        )
+        .unwrap();
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.ranking.max_k, 5);
+        assert_eq!(config.metrics_addr().unwrap(), None);
+    }
+
+    #[test]
+    fn the_admin_token_is_redacted_and_read_from_the_environment_variable() {
+        let mut config = Config::default();
+        config.server.admin_token = "s3cret".to_owned();
+        let text = config.to_documented_toml();
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(text.contains(REDACTED), "{text}");
+        assert_eq!(config.admin_token().as_deref(), Some("s3cret"));
+
+        let mut from_env = Config::default();
+        from_env.server.admin_token_env = "FAIRRANK_TEST_TOKEN_THAT_IS_NEVER_SET".to_owned();
+        assert_eq!(from_env.admin_token(), None);
+        from_env.server.admin_token_env = "PATH".to_owned();
+        assert!(from_env.admin_token().is_some());
+    }
+}

@@ -1,0 +1,515 @@
+//! Conversions between `fairrank.v1` messages and the engine's native types, field for field.
+//!
+//! Open enums follow the proto rule: an unknown number reads as the `UNSPECIFIED` value.
+//! Conversion errors name the proto field (`user`, `fairness.params.alpha`, ...).
+
+use std::collections::BTreeMap;
+use std::time::{Instant, SystemTime};
+
+use api::fairrank::v1 as pb;
+use engine::ParamValue;
+use tonic::Status;
+
+use super::errors;
+
+/// The engine request of a `RankRequest`, with its deadline.
+pub fn rank_request(
+    request: pb::RankRequest,
+    deadline: Option<Instant>,
+) -> Result<engine::RankRequest, Status> {
+    let user = match request.user {
+        Some(pb::rank_request::User::UserId(id)) => engine::UserRef::Id(id),
+        Some(pb::rank_request::User::InlineUser(inline)) => engine::UserRef::Inline {
+            embedding: inline.embedding,
+            subject_id: inline.subject_id,
+        },
+        None => {
+            return Err(errors::invalid_field(
+                "user",
+                "exactly one of `user_id` and `inline_user` must be set",
+            ));
+        }
+    };
+    let fairness = match request.fairness {
+        Some(policy) => fairness_policy(policy)?,
+        None => engine::FairnessPolicy::default(),
+    };
+    Ok(engine::RankRequest {
+        request_id: request.request_id,
+        user,
+        fallback_for_unknown_user: request.fallback_for_unknown_user,
+        candidate_ids: request.candidate_ids,
+        skip_unknown_candidates: request.skip_unknown_candidates,
+        k: request.k as usize,
+        pool_size: request.pool_size.map(|pool| pool as usize),
+        fairness,
+        privacy: request.privacy.map(privacy_policy).unwrap_or_default(),
+        consent: request.consent.map(consent).unwrap_or_default(),
+        explain: request.explain.map(explain_options).unwrap_or_default(),
+        deadline,
+    })
+}
+
+fn fairness_policy(policy: pb::FairnessPolicy) -> Result<engine::FairnessPolicy, Status> {
+    let on_infeasible = match pb::InfeasibleAction::try_from(policy.on_infeasible)
+        .unwrap_or(pb::InfeasibleAction::Unspecified)
+    {
+        pb::InfeasibleAction::Unspecified => engine::InfeasibleAction::Unspecified,
+        pb::InfeasibleAction::BestEffort => engine::InfeasibleAction::BestEffort,
+        pb::InfeasibleAction::Unconstrained => engine::InfeasibleAction::Unconstrained,
+        pb::InfeasibleAction::Reject => engine::InfeasibleAction::Reject,
+    };
+    let params = match &policy.params {
+        Some(params) => constraint_params(params)?,
+        None => BTreeMap::new(),
+    };
+    Ok(engine::FairnessPolicy {
+        constraint: policy.constraint,
+        params,
+        group_attribute: policy.group_attribute,
+        exposure_scope: policy.exposure_scope,
+        on_infeasible,
+    })
+}
+
+/// Constraint parameters as engine values. Values without a kind, non-finite numbers and
+/// nesting beyond `api::params::MAX_PARAMS_DEPTH` are refused, naming the parameter.
+fn constraint_params(params: &prost_types::Struct) -> Result<BTreeMap<String, ParamValue>, Status> {
+    let json = api::params::struct_to_json(params).map_err(|error| {
+        let path = match &error {
+            api::ApiError::MissingValueKind { path }
+            | api::ApiError::NonFiniteNumber { path }
+            | api::ApiError::InexactInteger { path, .. }
+            | api::ApiError::TooDeep { path, .. } => path.clone(),
+        };
+        let field = if path.is_empty() {
+            "fairness.params".to_owned()
+        } else {
+            format!("fairness.params.{path}")
+        };
+        api::status::error_status(
+            tonic::Code::InvalidArgument,
+            format!("invalid `{field}`: {error}"),
+            pb::ErrorReason::InvalidConstraintParams,
+            Some(&field),
+        )
+    })?;
+    Ok(json
+        .into_iter()
+        .map(|(key, value)| (key, param_value(value)))
+        .collect())
+}
+
+fn param_value(value: serde_json::Value) -> ParamValue {
+    match value {
+        serde_json::Value::Null => ParamValue::Null,
+        serde_json::Value::Bool(flag) => ParamValue::Bool(flag),
+        // `struct_to_json` only produces finite numbers, all representable as f64.
+        serde_json::Value::Number(number) => ParamValue::Number(number.as_f64().unwrap_or(0.0)),
+        serde_json::Value::String(text) => ParamValue::String(text),
+        serde_json::Value::Array(items) => {
+            ParamValue::List(items.into_iter().map(param_value).collect())
+        }
+        serde_json::Value::Object(map) => ParamValue::Map(
+            map.into_iter()
+                .map(|(key, value)| (key, param_value(value)))
+                .collect(),
+        ),
+    }
+}
+
+fn privacy_policy(policy: pb::PrivacyPolicy) -> engine::PrivacyPolicy {
+    let mechanism = match pb::PrivacyMechanism::try_from(policy.mechanism)
+        .unwrap_or(pb::PrivacyMechanism::Unspecified)
+    {
+        pb::PrivacyMechanism::Unspecified => engine::PrivacyMechanism::Unspecified,
+        pb::PrivacyMechanism::None => engine::PrivacyMechanism::None,
+        pb::PrivacyMechanism::GumbelTopK => engine::PrivacyMechanism::GumbelTopK,
+    };
+    let on_budget_exhausted = match pb::BudgetExhaustedAction::try_from(policy.on_budget_exhausted)
+        .unwrap_or(pb::BudgetExhaustedAction::Unspecified)
+    {
+        pb::BudgetExhaustedAction::Unspecified => engine::BudgetExhaustedAction::Unspecified,
+        pb::BudgetExhaustedAction::Reject => engine::BudgetExhaustedAction::Reject,
+        pb::BudgetExhaustedAction::NonPersonalized => {
+            engine::BudgetExhaustedAction::NonPersonalized
+        }
+    };
+    engine::PrivacyPolicy {
+        mechanism,
+        budget: policy.budget.map(|budget| match budget {
+            pb::privacy_policy::Budget::Rho(rho) => engine::PrivacyBudget::Rho(rho),
+            pb::privacy_policy::Budget::Epsilon(epsilon) => engine::PrivacyBudget::Epsilon(epsilon),
+        }),
+        delta: policy.delta,
+        release_noisy_scores: policy.release_noisy_scores,
+        on_budget_exhausted,
+    }
+}
+
+fn consent(consent: pb::Consent) -> engine::Consent {
+    let personalization = match pb::ConsentDecision::try_from(consent.personalization)
+        .unwrap_or(pb::ConsentDecision::Unspecified)
+    {
+        pb::ConsentDecision::Unspecified => engine::ConsentDecision::Unspecified,
+        pb::ConsentDecision::Granted => engine::ConsentDecision::Granted,
+        pb::ConsentDecision::Denied => engine::ConsentDecision::Denied,
+    };
+    engine::Consent {
+        personalization,
+        reference: consent.consent_reference,
+    }
+}
+
+fn explain_options(options: pb::ExplainOptions) -> engine::ExplainOptions {
+    let level = match pb::ExplainLevel::try_from(options.level).unwrap_or(pb::ExplainLevel::None) {
+        pb::ExplainLevel::Unspecified | pb::ExplainLevel::None => engine::ExplainLevel::None,
+        pb::ExplainLevel::Reasons => engine::ExplainLevel::Reasons,
+        pb::ExplainLevel::Text => engine::ExplainLevel::Text,
+        pb::ExplainLevel::Dimensions => engine::ExplainLevel::Dimensions,
+    };
+    engine::ExplainOptions {
+        level,
+        max_dimensions: options.max_dimensions as usize,
+    }
+}
+
+/// The wire form of an engine answer. `replayed` is false: the replay store sets it.
+pub fn rank_response(response: engine::RankResponse) -> pb::RankResponse {
+    let score_kind = match response.score_kind {
+        engine::ScoreKind::DotProduct => pb::ScoreKind::DotProduct,
+        engine::ScoreKind::Prior => pb::ScoreKind::Prior,
+        engine::ScoreKind::Withheld => pb::ScoreKind::Withheld,
+    };
+    let non_personalized_reason = match response.non_personalized_reason {
+        None => pb::NonPersonalizedReason::Unspecified,
+        Some(engine::NonPersonalizedReason::ConsentDenied) => {
+            pb::NonPersonalizedReason::ConsentDenied
+        }
+        Some(engine::NonPersonalizedReason::PersonalizationPaused) => {
+            pb::NonPersonalizedReason::PersonalizationPaused
+        }
+        Some(engine::NonPersonalizedReason::UserNotFound) => {
+            pb::NonPersonalizedReason::UserNotFound
+        }
+    };
+    pb::RankResponse {
+        request_id: response.request_id,
+        items: response.items.into_iter().map(ranked_item).collect(),
+        score_kind: score_kind as i32,
+        group_attributes: response.group_attributes,
+        personalized: response.personalized,
+        non_personalized_reason: non_personalized_reason as i32,
+        replayed: false,
+        fairness: Some(fairness_report(response.fairness)),
+        privacy: Some(privacy_report(&response.privacy)),
+        explain_level: explain_level(response.explain_level) as i32,
+        items_table: Some(table_version(response.items_table)),
+        users_table: response.users_table.map(table_version),
+        scored_items: saturating_u32(response.scored_items),
+        pool_size: saturating_u32(response.pool_size),
+        skipped_candidate_ids: response.skipped_candidate_ids,
+        audit_id: String::new(),
+        timings: Some(stage_timings(&response.timings)),
+    }
+}
+
+fn ranked_item(item: engine::RankedItem) -> pb::RankedItem {
+    pb::RankedItem {
+        item_id: item.id,
+        rank: item.rank,
+        score: item.score,
+        unconstrained_rank: item.unconstrained_rank,
+        group_labels: item.group_labels,
+        explanation: item.explanation.map(|explanation| pb::Explanation {
+            reasons: explanation
+                .reasons
+                .into_iter()
+                .map(|reason| pb::Reason {
+                    code: reason_code(reason.code) as i32,
+                    text: reason.text,
+                })
+                .collect(),
+            contributions: explanation
+                .contributions
+                .into_iter()
+                .map(|contribution| pb::DimensionContribution {
+                    dimension: contribution.dimension,
+                    name: contribution.name.unwrap_or_default(),
+                    contribution: contribution.contribution,
+                })
+                .collect(),
+        }),
+    }
+}
+
+fn reason_code(code: engine::ReasonCode) -> pb::ReasonCode {
+    match code {
+        engine::ReasonCode::ProfileMatch => pb::ReasonCode::ProfileMatch,
+        engine::ReasonCode::ItemPrior => pb::ReasonCode::ItemPrior,
+        // Row order of a table without a prior has no code of its own in fairrank.v1; the
+        // reason text (level TEXT) says what happened.
+        engine::ReasonCode::CatalogOrder => pb::ReasonCode::Unspecified,
+        engine::ReasonCode::FairnessPromoted => pb::ReasonCode::FairnessPromoted,
+        engine::ReasonCode::FairnessDemoted => pb::ReasonCode::FairnessDemoted,
+    }
+}
+
+fn fairness_report(report: engine::FairnessReport) -> pb::FairnessReport {
+    // A non-personalized answer applies the constraint to the prior ranking as requested:
+    // no fairness fallback (the answer's `non_personalized_reason` says why).
+    let (fallback, fallback_reason) = match report.fallback {
+        engine::FairnessFallback::None | engine::FairnessFallback::NonPersonalized => {
+            (pb::FairnessFallback::None, String::new())
+        }
+        engine::FairnessFallback::BestEffort => {
+            (pb::FairnessFallback::BestEffort, report.fallback_reason)
+        }
+        engine::FairnessFallback::Unconstrained => {
+            (pb::FairnessFallback::Unconstrained, report.fallback_reason)
+        }
+    };
+    pb::FairnessReport {
+        constraint: report.constraint,
+        group_attribute: report.group_attribute,
+        satisfied: report.satisfied,
+        violations: report
+            .violations
+            .into_iter()
+            .map(|violation| pb::FairnessViolation {
+                kind: match violation.kind {
+                    engine::ViolationKind::BelowMinCount => pb::ViolationKind::BelowMinCount,
+                    engine::ViolationKind::AboveMaxCount => pb::ViolationKind::AboveMaxCount,
+                    engine::ViolationKind::BelowMinExposure => pb::ViolationKind::BelowMinExposure,
+                } as i32,
+                position: violation.position,
+                group: violation.group,
+                required: violation.required,
+                actual: violation.actual,
+                description: violation.description,
+            })
+            .collect(),
+        fallback: fallback as i32,
+        fallback_reason,
+        ndcg_vs_unconstrained: report.ndcg_vs_unconstrained,
+        groups: report
+            .groups
+            .into_iter()
+            .map(|group| pb::GroupExposure {
+                group: group.group,
+                items_returned: group.items_returned,
+                items_in_pool: group.items_in_pool,
+                exposure_share: group.exposure_share,
+                unconstrained_exposure_share: group.unconstrained_exposure_share,
+                target_share: group.target_share,
+            })
+            .collect(),
+        amortized: Vec::new(),
+        exposure_scope: report.exposure_scope,
+    }
+}
+
+fn privacy_mechanism(mechanism: engine::PrivacyMechanism) -> pb::PrivacyMechanism {
+    match mechanism {
+        engine::PrivacyMechanism::Unspecified | engine::PrivacyMechanism::None => {
+            pb::PrivacyMechanism::None
+        }
+        engine::PrivacyMechanism::GumbelTopK => pb::PrivacyMechanism::GumbelTopK,
+    }
+}
+
+fn privacy_report(report: &engine::PrivacyReport) -> pb::PrivacyReport {
+    pb::PrivacyReport {
+        dp_applied: report.dp_applied,
+        mechanism: privacy_mechanism(report.mechanism) as i32,
+        rho_charged: report.rho_charged,
+        epsilon: report.epsilon,
+        delta: report.delta,
+        rho_remaining: report.rho_remaining,
+        rho_budget: report.rho_budget,
+        budget_resets_at: report.budget_resets_at.map(timestamp),
+        scores_noised: report.scores_noised,
+        score_noise_stddev: report.score_noise_stddev,
+        user_norm_bound: report.user_norm_bound,
+    }
+}
+
+fn explain_level(level: engine::ExplainLevel) -> pb::ExplainLevel {
+    match level {
+        engine::ExplainLevel::None => pb::ExplainLevel::None,
+        engine::ExplainLevel::Reasons => pb::ExplainLevel::Reasons,
+        engine::ExplainLevel::Text => pb::ExplainLevel::Text,
+        engine::ExplainLevel::Dimensions => pb::ExplainLevel::Dimensions,
+    }
+}
+
+/// The wire form of a table version.
+pub fn table_version(version: engine::TableVersion) -> pb::TableVersion {
+    pb::TableVersion {
+        generation: version.generation,
+        checksum: version.checksum,
+    }
+}
+
+/// The wire form of stage timings.
+pub fn stage_timings(timings: &engine::StageTimings) -> pb::StageTimings {
+    pb::StageTimings {
+        total_us: timings.total_us,
+        queue_us: timings.queue_us,
+        validate_us: timings.validate_us,
+        resolve_user_us: timings.resolve_user_us,
+        score_us: timings.score_us,
+        select_pool_us: timings.select_pool_us,
+        rerank_us: timings.rerank_us,
+        explain_us: timings.explain_us,
+        report_us: timings.report_us,
+        ledger_us: timings.ledger_us,
+    }
+}
+
+/// The engine table kind of a proto `TableKind` (`None` for unspecified or unknown).
+pub fn table_kind(kind: i32) -> Option<engine::TableKind> {
+    match pb::TableKind::try_from(kind).unwrap_or(pb::TableKind::Unspecified) {
+        pb::TableKind::Unspecified => None,
+        pb::TableKind::Items => Some(engine::TableKind::Items),
+        pb::TableKind::Users => Some(engine::TableKind::Users),
+    }
+}
+
+/// The metric label of a table kind.
+pub fn table_label(kind: engine::TableKind) -> &'static str {
+    match kind {
+        engine::TableKind::Items => "items",
+        engine::TableKind::Users => "users",
+    }
+}
+
+/// The wire form of a table's status.
+pub fn table_status(status: &engine::TableStatus) -> pb::TableStatus {
+    let kind = match status.kind {
+        engine::TableKind::Items => pb::TableKind::Items,
+        engine::TableKind::Users => pb::TableKind::Users,
+    };
+    pb::TableStatus {
+        kind: kind as i32,
+        version: Some(table_version(status.version)),
+        path: status.path.display().to_string(),
+        rows: status.rows as u64,
+        dim: saturating_u32(status.dim),
+        file_bytes: status.file_bytes,
+        loaded_at: Some(timestamp(status.loaded_at)),
+        group_attributes: status.group_attributes.clone(),
+        has_prior: status.has_prior,
+        has_dim_names: status.has_dim_names,
+        max_row_norm: status.max_row_norm,
+        rollback_target: status.rollback_target.map(table_version),
+    }
+}
+
+/// A protobuf timestamp.
+pub fn timestamp(time: SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(time)
+}
+
+fn saturating_u32(value: usize) -> u32 {
+    u32::try_from(value).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use api::status::{error_field, error_reason};
+    use prost_types::value::Kind;
+
+    fn request(user: Option<pb::rank_request::User>) -> pb::RankRequest {
+        pb::RankRequest {
+            request_id: "r-1".into(),
+            user,
+            k: 5,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_request_without_user_names_the_oneof() {
+        let status = rank_request(request(None), None).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(error_field(&status), Some("user"));
+    }
+
+    #[test]
+    fn fields_and_open_enums_convert() {
+        let mut wire = request(Some(pb::rank_request::User::InlineUser(pb::InlineUser {
+            embedding: vec![1.0, 2.0],
+            subject_id: "s".into(),
+        })));
+        wire.pool_size = Some(9);
+        wire.candidate_ids = vec!["a".into(), "b".into()];
+        wire.explain = Some(pb::ExplainOptions {
+            level: 99, // unknown: reads as unspecified
+            max_dimensions: 4,
+        });
+        wire.consent = Some(pb::Consent {
+            personalization: pb::ConsentDecision::Denied as i32,
+            consent_reference: "c-1".into(),
+        });
+        wire.privacy = Some(pb::PrivacyPolicy {
+            budget: Some(pb::privacy_policy::Budget::Rho(0.5)),
+            delta: Some(1e-6),
+            ..Default::default()
+        });
+        let native = rank_request(wire, None).unwrap();
+        assert_eq!(
+            native.user,
+            engine::UserRef::Inline {
+                embedding: vec![1.0, 2.0],
+                subject_id: "s".into()
+            }
+        );
+        assert_eq!(native.k, 5);
+        assert_eq!(native.pool_size, Some(9));
+        assert_eq!(native.candidate_ids.len(), 2);
+        assert_eq!(native.explain.level, engine::ExplainLevel::None);
+        assert_eq!(native.explain.max_dimensions, 4);
+        assert_eq!(
+            native.consent.personalization,
+            engine::ConsentDecision::Denied
+        );
+        assert_eq!(native.privacy.budget, Some(engine::PrivacyBudget::Rho(0.5)));
+    }
+
+    #[test]
+    fn constraint_params_convert_and_bad_ones_name_their_key() {
+        let params = serde_json::json!({"targets": {"0": 0.6, "1": 0.4}, "protected": 1});
+        let wire = api::params::json_to_struct(params.as_object().unwrap()).unwrap();
+        let converted = constraint_params(&wire).unwrap();
+        assert_eq!(converted["protected"], ParamValue::Number(1.0));
+        let ParamValue::Map(targets) = &converted["targets"] else {
+            panic!("targets must stay a map: {converted:?}");
+        };
+        assert_eq!(targets["1"], ParamValue::Number(0.4));
+
+        let mut bad = prost_types::Struct::default();
+        bad.fields.insert(
+            "alpha".into(),
+            prost_types::Value {
+                kind: Some(Kind::NumberValue(f64::NAN)),
+            },
+        );
+        let status = constraint_params(&bad).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(error_field(&status), Some("fairness.params.alpha"));
+        assert_eq!(
+            error_reason(&status),
+            pb::ErrorReason::InvalidConstraintParams
+        );
+    }
+
+    #[test]
+    fn table_kinds_reject_unspecified_and_unknown() {
+        assert_eq!(table_kind(1), Some(engine::TableKind::Items));
+        assert_eq!(table_kind(2), Some(engine::TableKind::Users));
+        assert_eq!(table_kind(0), None);
+        assert_eq!(table_kind(7), None);
+    }
+}

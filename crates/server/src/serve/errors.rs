@@ -1,0 +1,351 @@
+//! Every error status the server sends: the one mapping from [`EngineError`] to a gRPC
+//! status, and the statuses of the server's own checks (load shedding, deadlines, admin
+//! authentication, idempotency, reload paths). All carry the `fairrank-error-reason` and,
+//! where one field is at fault, `fairrank-error-field` metadata (`api::status`).
+
+use api::fairrank::v1::ErrorReason;
+use api::status::error_status;
+use engine::{
+    AbortReason, EngineError, InvalidReason, NotFoundReason, PreconditionReason, ReloadProblem,
+};
+use tonic::{Code, Status};
+
+/// The gRPC status of an engine error. This is the only place engine errors become
+/// statuses.
+pub fn engine_status(error: &EngineError) -> Status {
+    let message = error.to_string();
+    let field = error.field();
+    let (code, reason) = match error {
+        EngineError::InvalidArgument { reason, .. } => (
+            Code::InvalidArgument,
+            match reason {
+                InvalidReason::InvalidField => ErrorReason::InvalidField,
+                InvalidReason::LimitExceeded => ErrorReason::LimitExceeded,
+                InvalidReason::DimensionMismatch => ErrorReason::DimensionMismatch,
+                InvalidReason::InvalidConstraintParams => ErrorReason::InvalidConstraintParams,
+            },
+        ),
+        EngineError::NotFound { reason, .. } => (
+            Code::NotFound,
+            match reason {
+                NotFoundReason::User => ErrorReason::UserNotFound,
+                NotFoundReason::Item => ErrorReason::ItemNotFound,
+            },
+        ),
+        EngineError::FailedPrecondition { reason, .. } => (
+            Code::FailedPrecondition,
+            match reason {
+                PreconditionReason::TableNotLoaded => ErrorReason::TableNotLoaded,
+                PreconditionReason::GroupAttributeNotFound => ErrorReason::GroupAttributeNotFound,
+                PreconditionReason::NoRollbackTarget => ErrorReason::NoRollbackTarget,
+            },
+        ),
+        // A constraint this server does not have is, to the client, not a registered
+        // constraint (GetStatus lists the registered ones).
+        EngineError::Unsupported { field, .. } if field.ends_with("fairness.constraint") => {
+            (Code::InvalidArgument, ErrorReason::UnknownConstraint)
+        }
+        EngineError::Unsupported { .. } => (Code::Unimplemented, ErrorReason::Unspecified),
+        EngineError::ResourceExhausted { .. } => (Code::ResourceExhausted, ErrorReason::Overloaded),
+        EngineError::DeadlineExceeded { .. } => (Code::DeadlineExceeded, ErrorReason::Unspecified),
+        EngineError::Aborted { reason, .. } => (
+            Code::Aborted,
+            match reason {
+                AbortReason::TableChangeInProgress => ErrorReason::TableChangeInProgress,
+                AbortReason::GenerationMismatch => ErrorReason::GenerationMismatch,
+            },
+        ),
+        EngineError::Unavailable { .. } => (Code::Unavailable, ErrorReason::NotServing),
+        EngineError::Reload { problem, .. } => match problem {
+            ReloadProblem::FileNotFound => (Code::NotFound, ErrorReason::TableFileNotFound),
+            ReloadProblem::InvalidFile | ReloadProblem::DimensionMismatch => {
+                (Code::FailedPrecondition, ErrorReason::TableInvalid)
+            }
+        },
+        EngineError::Internal { .. } | EngineError::InvalidConfig { .. } => {
+            (Code::Internal, ErrorReason::Unspecified)
+        }
+        // A variant added to the engine after this server version.
+        _ => (Code::Internal, ErrorReason::Unspecified),
+    };
+    // Configuration keys are not request fields.
+    let field = match error {
+        EngineError::InvalidConfig { .. } => None,
+        _ => field,
+    };
+    error_status(code, message, reason, field)
+}
+
+/// A request field the server checks itself (before the engine) is malformed.
+pub fn invalid_field(field: &str, message: impl std::fmt::Display) -> Status {
+    error_status(
+        Code::InvalidArgument,
+        format!("invalid `{field}`: {message}"),
+        ErrorReason::InvalidField,
+        Some(field),
+    )
+}
+
+/// A request exceeds a server limit the server checks itself.
+pub fn limit_exceeded(field: &str, message: impl std::fmt::Display) -> Status {
+    error_status(
+        Code::InvalidArgument,
+        format!("invalid `{field}`: {message}"),
+        ErrorReason::LimitExceeded,
+        Some(field),
+    )
+}
+
+/// Load shedding: the concurrency limit is reached.
+pub fn overloaded(limit: usize, wanted: usize) -> Status {
+    let message = if wanted > 1 {
+        format!(
+            "the server is at its limit of {limit} concurrent rank requests and cannot admit \
+             {wanted} more now; retry with backoff and the same request ids"
+        )
+    } else {
+        format!(
+            "the server is at its limit of {limit} concurrent rank requests; retry with \
+             backoff and the same request id"
+        )
+    };
+    error_status(
+        Code::ResourceExhausted,
+        message,
+        ErrorReason::Overloaded,
+        None,
+    )
+}
+
+/// The call's deadline passed.
+pub fn deadline_exceeded(what: &str) -> Status {
+    error_status(
+        Code::DeadlineExceeded,
+        format!("deadline exceeded {what}"),
+        ErrorReason::Unspecified,
+        None,
+    )
+}
+
+/// The same request id was used with different content.
+pub fn request_id_reused(request_id: &str) -> Status {
+    error_status(
+        Code::FailedPrecondition,
+        format!(
+            "request id {request_id:?} was already used for a request with different content \
+             within the replay window; use a fresh request id for a new request"
+        ),
+        ErrorReason::RequestIdReused,
+        Some("request_id"),
+    )
+}
+
+/// The first attempt with this request id still runs.
+pub fn request_in_progress(request_id: &str) -> Status {
+    error_status(
+        Code::Aborted,
+        format!(
+            "a request with id {request_id:?} is still running; retry later with the same \
+             request id to receive its answer"
+        ),
+        ErrorReason::RequestInProgress,
+        Some("request_id"),
+    )
+}
+
+/// An Admin call without a valid bearer token.
+pub fn unauthenticated(message: &str) -> Status {
+    error_status(
+        Code::Unauthenticated,
+        message,
+        ErrorReason::AdminTokenInvalid,
+        None,
+    )
+}
+
+/// The Admin service is off because no token is configured.
+pub fn admin_disabled(token_env: &str) -> Status {
+    Status::unimplemented(format!(
+        "the Admin service is disabled: the server has no admin token (set server.admin_token \
+         or the environment variable {token_env:?})"
+    ))
+}
+
+/// A reload path outside the allowed folder.
+pub fn path_not_allowed(path: &str, folder: &std::path::Path) -> Status {
+    error_status(
+        Code::PermissionDenied,
+        format!(
+            "path {path:?} is outside the folder that reloads may read from ({})",
+            folder.display()
+        ),
+        ErrorReason::PathNotAllowed,
+        Some("path"),
+    )
+}
+
+/// A reload path that does not exist.
+pub fn table_file_not_found(path: &std::path::Path) -> Status {
+    error_status(
+        Code::NotFound,
+        format!("table file {} does not exist", path.display()),
+        ErrorReason::TableFileNotFound,
+        Some("path"),
+    )
+}
+
+/// A bug in the server (a lost answer, a failed task).
+pub fn internal(message: impl Into<String>) -> Status {
+    error_status(Code::Internal, message, ErrorReason::Unspecified, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use api::status::{error_field, error_reason};
+    use engine::DeadlineStage;
+
+    fn invalid(reason: InvalidReason) -> EngineError {
+        EngineError::InvalidArgument {
+            field: "inline_user.embedding".into(),
+            reason,
+            message: "has 3 values; the item table's dimension is 16".into(),
+        }
+    }
+
+    #[test]
+    fn invalid_arguments_keep_reason_field_and_message() {
+        let status = engine_status(&invalid(InvalidReason::DimensionMismatch));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(error_reason(&status), ErrorReason::DimensionMismatch);
+        assert_eq!(error_field(&status), Some("inline_user.embedding"));
+        assert!(
+            status.message().contains("inline_user.embedding"),
+            "{}",
+            status.message()
+        );
+        let status = engine_status(&invalid(InvalidReason::LimitExceeded));
+        assert_eq!(error_reason(&status), ErrorReason::LimitExceeded);
+    }
+
+    #[test]
+    fn each_engine_error_has_its_code_and_reason() {
+        let cases = [
+            (
+                EngineError::NotFound {
+                    field: "user_id".into(),
+                    reason: NotFoundReason::User,
+                    message: "unknown".into(),
+                },
+                Code::NotFound,
+                ErrorReason::UserNotFound,
+            ),
+            (
+                EngineError::NotFound {
+                    field: "candidate_ids".into(),
+                    reason: NotFoundReason::Item,
+                    message: "unknown".into(),
+                },
+                Code::NotFound,
+                ErrorReason::ItemNotFound,
+            ),
+            (
+                EngineError::FailedPrecondition {
+                    field: None,
+                    reason: PreconditionReason::NoRollbackTarget,
+                    message: "none".into(),
+                },
+                Code::FailedPrecondition,
+                ErrorReason::NoRollbackTarget,
+            ),
+            (
+                EngineError::Unsupported {
+                    field: "fairness.constraint".into(),
+                    message: "not registered".into(),
+                },
+                Code::InvalidArgument,
+                ErrorReason::UnknownConstraint,
+            ),
+            (
+                EngineError::Unsupported {
+                    field: "privacy.mechanism".into(),
+                    message: "not yet".into(),
+                },
+                Code::Unimplemented,
+                ErrorReason::Unspecified,
+            ),
+            (
+                EngineError::ResourceExhausted {
+                    message: "queue full".into(),
+                },
+                Code::ResourceExhausted,
+                ErrorReason::Overloaded,
+            ),
+            (
+                EngineError::DeadlineExceeded {
+                    stage: DeadlineStage::Queued,
+                },
+                Code::DeadlineExceeded,
+                ErrorReason::Unspecified,
+            ),
+            (
+                EngineError::Aborted {
+                    reason: AbortReason::GenerationMismatch,
+                    message: "generation 2, not 1".into(),
+                },
+                Code::Aborted,
+                ErrorReason::GenerationMismatch,
+            ),
+            (
+                EngineError::Reload {
+                    table: engine::TableKind::Items,
+                    path: "/x.frt".into(),
+                    problem: ReloadProblem::FileNotFound,
+                    message: "missing".into(),
+                },
+                Code::NotFound,
+                ErrorReason::TableFileNotFound,
+            ),
+            (
+                EngineError::Reload {
+                    table: engine::TableKind::Items,
+                    path: "/x.frt".into(),
+                    problem: ReloadProblem::InvalidFile,
+                    message: "bad magic".into(),
+                },
+                Code::FailedPrecondition,
+                ErrorReason::TableInvalid,
+            ),
+            (
+                EngineError::Internal {
+                    message: "bug".into(),
+                },
+                Code::Internal,
+                ErrorReason::Unspecified,
+            ),
+        ];
+        for (error, code, reason) in cases {
+            let status = engine_status(&error);
+            assert_eq!(status.code(), code, "{error}");
+            assert_eq!(error_reason(&status), reason, "{error}");
+            assert_eq!(status.message(), error.to_string());
+        }
+    }
+
+    #[test]
+    fn server_side_statuses_carry_their_reasons() {
+        assert_eq!(error_reason(&overloaded(4, 1)), ErrorReason::Overloaded);
+        assert_eq!(
+            error_reason(&request_id_reused("r-1")),
+            ErrorReason::RequestIdReused
+        );
+        assert_eq!(request_in_progress("r-1").code(), Code::Aborted);
+        assert_eq!(
+            error_reason(&unauthenticated("missing")),
+            ErrorReason::AdminTokenInvalid
+        );
+        let status = invalid_field("user", "exactly one of user_id and inline_user must be set");
+        assert_eq!(error_field(&status), Some("user"));
+        assert!(status.message().contains("`user`"));
+    }
+}

@@ -1,0 +1,458 @@
+//! The `fairrank.v1.Ranker` service: `Rank` and `RankBatch`.
+//!
+//! A call is converted, looked up in the idempotency store, admitted under the concurrency
+//! limit (or shed), and handed to the engine, which computes on rayon and answers through a
+//! callback; the callback converts the answer, stores it for replay and wakes the handler
+//! through a oneshot channel. The handler waits until the call's deadline at most. The
+//! admission is released when the engine answers, so abandoned calls still count against
+//! the limit while they compute, and their answers are still stored for a retry.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use api::fairrank::v1 as pb;
+use api::fairrank::v1::rank_batch_result::Outcome;
+use tokio::sync::oneshot;
+use tonic::{Request, Response, Status};
+
+use super::replay::{Begin, Ticket};
+use super::{Shared, convert, deadline, errors};
+use crate::metrics::{Metrics, Stage};
+
+/// The Ranker service.
+#[derive(Debug, Clone)]
+pub struct RankerService {
+    shared: Arc<Shared>,
+}
+
+impl RankerService {
+    /// The service over the shared server state.
+    pub fn new(shared: Arc<Shared>) -> RankerService {
+        RankerService { shared }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::ranker_server::Ranker for RankerService {
+    async fn rank(
+        &self,
+        request: Request<pb::RankRequest>,
+    ) -> Result<Response<pb::RankResponse>, Status> {
+        let started = Instant::now();
+        let user = user_tag(&self.shared, request.get_ref());
+        let request_id = request.get_ref().request_id.clone();
+        let result = self.rank_one(request, started).await;
+        let metrics = &self.shared.metrics;
+        match &result {
+            Ok(response) => metrics.record_answer(response.personalized, response.replayed),
+            Err(_) => {
+                metrics.rank_errors.inc();
+            }
+        }
+        finish_call(
+            metrics,
+            "Rank",
+            result.as_ref().err(),
+            started,
+            &request_id,
+            user.as_deref(),
+        );
+        result.map(Response::new)
+    }
+
+    async fn rank_batch(
+        &self,
+        request: Request<pb::RankBatchRequest>,
+    ) -> Result<Response<pb::RankBatchResponse>, Status> {
+        let started = Instant::now();
+        let entries = request.get_ref().requests.len();
+        let result = self.rank_many(request, started).await;
+        let metrics = &self.shared.metrics;
+        match &result {
+            Ok(response) => {
+                for result in &response.results {
+                    match &result.outcome {
+                        Some(Outcome::Response(answer)) => {
+                            metrics.record_answer(answer.personalized, answer.replayed);
+                        }
+                        _ => {
+                            metrics.rank_errors.inc();
+                        }
+                    }
+                }
+            }
+            Err(_) => {
+                metrics.rank_errors.inc_by(entries as u64);
+            }
+        }
+        finish_call(
+            metrics,
+            "RankBatch",
+            result.as_ref().err(),
+            started,
+            "",
+            None,
+        );
+        result.map(Response::new)
+    }
+}
+
+impl RankerService {
+    async fn rank_one(
+        &self,
+        request: Request<pb::RankRequest>,
+        started: Instant,
+    ) -> Result<pb::RankResponse, Status> {
+        let shared = &self.shared;
+        shared.metrics.rank_requests.inc();
+        let deadline = deadline::of(&request, shared.default_deadline);
+        let message = request.into_inner();
+        let digest = shared.replay.digest(&message);
+        let request_id = message.request_id.clone();
+        let native = convert::rank_request(message, Some(deadline))?;
+        let ticket = match shared.replay.begin(&request_id, digest) {
+            Begin::Run(ticket) => ticket,
+            Begin::Replay(stored) => return Ok(replayed(&stored, started)),
+            Begin::Reused => return Err(errors::request_id_reused(&request_id)),
+            Begin::InProgress => return Err(errors::request_in_progress(&request_id)),
+        };
+        let admission = shared.admit(1)?;
+
+        let (sender, receiver) = oneshot::channel();
+        let metrics = Arc::clone(&shared.metrics);
+        shared.engine.submit(
+            native,
+            Box::new(move |result| {
+                let outcome = match result {
+                    Ok(answer) => Ok(respond(&metrics, answer, ticket)),
+                    Err(error) => {
+                        // Free the id before answering, so an immediate retry runs.
+                        drop(ticket);
+                        Err(refusal(&metrics, &error))
+                    }
+                };
+                drop(admission);
+                // The handler may have stopped waiting (deadline, cancellation).
+                let _ = sender.send(outcome);
+            }),
+        );
+        let mut response = match tokio::time::timeout_at(deadline.into(), receiver).await {
+            Ok(Ok(outcome)) => outcome?,
+            Ok(Err(_)) => return Err(errors::internal("the engine lost the request")),
+            Err(_) => {
+                return Err(errors::deadline_exceeded(
+                    "while ranking; a retry with the same request id returns the answer if it completes",
+                ));
+            }
+        };
+        if let Some(timings) = &mut response.timings {
+            timings.total_us = micros_since(started);
+        }
+        Ok(response)
+    }
+
+    async fn rank_many(
+        &self,
+        request: Request<pb::RankBatchRequest>,
+        started: Instant,
+    ) -> Result<pb::RankBatchResponse, Status> {
+        let shared = &self.shared;
+        let deadline = deadline::of(&request, shared.default_deadline);
+        let batch = request.into_inner();
+        shared.metrics.rank_batch_calls.inc();
+        shared
+            .metrics
+            .rank_requests
+            .inc_by(batch.requests.len() as u64);
+        check_batch(&batch.requests, shared.max_batch_requests)?;
+
+        let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(batch.requests.len());
+        let mut positions = Vec::new();
+        let mut natives = Vec::new();
+        let mut tickets = Vec::new();
+        for (position, entry) in batch.requests.into_iter().enumerate() {
+            let digest = shared.replay.digest(&entry);
+            let request_id = entry.request_id.clone();
+            let native = match convert::rank_request(entry, Some(deadline)) {
+                Ok(native) => native,
+                Err(status) => {
+                    outcomes.push(Some(Outcome::Error(pb::EntryError::from(&status))));
+                    continue;
+                }
+            };
+            let outcome = match shared.replay.begin(&request_id, digest) {
+                Begin::Run(ticket) => {
+                    positions.push(position);
+                    natives.push(native);
+                    tickets.push(ticket);
+                    None
+                }
+                Begin::Replay(stored) => Some(Outcome::Response(replayed(&stored, started))),
+                Begin::Reused => Some(Outcome::Error(pb::EntryError::from(
+                    &errors::request_id_reused(&request_id),
+                ))),
+                Begin::InProgress => Some(Outcome::Error(pb::EntryError::from(
+                    &errors::request_in_progress(&request_id),
+                ))),
+            };
+            outcomes.push(outcome);
+        }
+
+        let mut timings = pb::StageTimings::default();
+        if !natives.is_empty() {
+            let admission = shared.admit(natives.len())?;
+            let (sender, receiver) = oneshot::channel();
+            let metrics = Arc::clone(&shared.metrics);
+            shared.engine.submit_batch(
+                natives,
+                Box::new(move |result| {
+                    let outcome = match result {
+                        Ok(batch) => {
+                            let answers: Vec<Outcome> = batch
+                                .results
+                                .into_iter()
+                                .zip(tickets)
+                                .map(|(result, ticket)| match result {
+                                    Ok(answer) => {
+                                        Outcome::Response(respond(&metrics, answer, ticket))
+                                    }
+                                    Err(error) => {
+                                        drop(ticket);
+                                        Outcome::Error(pb::EntryError::from(&refusal(
+                                            &metrics, &error,
+                                        )))
+                                    }
+                                })
+                                .collect();
+                            Ok((answers, convert::stage_timings(&batch.timings)))
+                        }
+                        Err(error) => {
+                            // Free the ids before answering, so immediate retries run.
+                            drop(tickets);
+                            Err(refusal(&metrics, &error))
+                        }
+                    };
+                    drop(admission);
+                    let _ = sender.send(outcome);
+                }),
+            );
+            let (answers, batch_timings) =
+                match tokio::time::timeout_at(deadline.into(), receiver).await {
+                    Ok(Ok(outcome)) => outcome?,
+                    Ok(Err(_)) => return Err(errors::internal("the engine lost the batch")),
+                    Err(_) => {
+                        return Err(errors::deadline_exceeded(
+                            "while ranking the batch; retries with the same request ids return \
+                             the answers that complete",
+                        ));
+                    }
+                };
+            for (position, answer) in positions.into_iter().zip(answers) {
+                outcomes[position] = Some(answer);
+            }
+            timings = batch_timings;
+        }
+        timings.total_us = micros_since(started);
+        let results = outcomes
+            .into_iter()
+            .map(|outcome| pb::RankBatchResult {
+                outcome: Some(outcome.unwrap_or_else(|| {
+                    Outcome::Error(pb::EntryError::from(&errors::internal(
+                        "the batch entry received no answer",
+                    )))
+                })),
+            })
+            .collect();
+        Ok(pb::RankBatchResponse {
+            results,
+            timings: Some(timings),
+        })
+    }
+}
+
+/// Converts an engine answer to its wire form on the compute thread, stores it for replay
+/// and records its stage timings.
+fn respond(metrics: &Metrics, answer: engine::RankResponse, ticket: Ticket) -> pb::RankResponse {
+    let respond_started = Instant::now();
+    let timings = answer.timings;
+    let response = convert::rank_response(answer);
+    ticket.complete(&response);
+    for (stage, micros) in [
+        (Stage::queue, timings.queue_us),
+        (Stage::validate, timings.validate_us),
+        (Stage::resolve_user, timings.resolve_user_us),
+        (Stage::score, timings.score_us),
+        (Stage::select_pool, timings.select_pool_us),
+        (Stage::rerank, timings.rerank_us),
+        (Stage::explain, timings.explain_us),
+        (Stage::report, timings.report_us),
+    ] {
+        metrics.record_stage(stage, micros);
+    }
+    metrics.record_stage(Stage::respond, micros_since(respond_started));
+    response
+}
+
+/// The status of an engine error; a full whole-catalog queue is load shedding too and is
+/// counted as such.
+fn refusal(metrics: &Metrics, error: &engine::EngineError) -> Status {
+    if matches!(error, engine::EngineError::ResourceExhausted { .. }) {
+        metrics.shed.inc();
+    }
+    errors::engine_status(error)
+}
+
+/// A stored answer, as a replay: `replayed = true` and this call's timings.
+fn replayed(stored: &pb::RankResponse, started: Instant) -> pb::RankResponse {
+    let mut response = stored.clone();
+    response.replayed = true;
+    response.timings = Some(pb::StageTimings {
+        total_us: micros_since(started),
+        ..pb::StageTimings::default()
+    });
+    response
+}
+
+/// Batch-level checks, before any entry runs: entry count and unique request ids (the
+/// engine checks the same, but the idempotency store must not see duplicates first).
+fn check_batch(requests: &[pb::RankRequest], max: usize) -> Result<(), Status> {
+    if requests.is_empty() {
+        return Err(errors::invalid_field(
+            "requests",
+            "a batch needs at least one request",
+        ));
+    }
+    if requests.len() > max {
+        return Err(errors::limit_exceeded(
+            "requests",
+            format!(
+                "{} requests exceed the batch limit of {max}",
+                requests.len()
+            ),
+        ));
+    }
+    let mut ids: Vec<(&str, usize)> = requests
+        .iter()
+        .enumerate()
+        .filter(|(_, request)| !request.request_id.is_empty())
+        .map(|(position, request)| (request.request_id.as_str(), position))
+        .collect();
+    ids.sort_unstable();
+    if let Some(pair) = ids.windows(2).find(|pair| pair[0].0 == pair[1].0) {
+        return Err(errors::invalid_field(
+            &format!("requests[{}].request_id", pair[1].1),
+            format!(
+                "{:?} repeats the request id of requests[{}]",
+                pair[1].0, pair[0].1
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The log pseudonym of the request's user (debug logging only).
+fn user_tag(shared: &Shared, request: &pb::RankRequest) -> Option<String> {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return None;
+    }
+    Some(match &request.user {
+        Some(pb::rank_request::User::UserId(id)) => shared.pseudonym(id),
+        Some(pb::rank_request::User::InlineUser(inline)) if !inline.subject_id.is_empty() => {
+            shared.pseudonym(&inline.subject_id)
+        }
+        Some(pb::rank_request::User::InlineUser(_)) => "inline".to_owned(),
+        None => "none".to_owned(),
+    })
+}
+
+/// Records a finished call and logs it: a keyed pseudonym at most, never the user id or
+/// the embedding.
+fn finish_call(
+    metrics: &Metrics,
+    method: &'static str,
+    error: Option<&Status>,
+    started: Instant,
+    request_id: &str,
+    user: Option<&str>,
+) {
+    let elapsed = started.elapsed();
+    let code = error.map_or(tonic::Code::Ok, Status::code);
+    metrics.record_call(method, code, elapsed);
+    let elapsed_us = elapsed.as_micros() as u64;
+    let reason = error.map(|status| api::status::error_reason(status).as_str_name());
+    let field = error.and_then(api::status::error_field);
+    match code {
+        tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::DataLoss => {
+            tracing::error!(
+                method,
+                ?code,
+                request_id,
+                elapsed_us,
+                message = error.map(Status::message),
+                "call failed"
+            );
+        }
+        _ => tracing::debug!(
+            method,
+            ?code,
+            reason,
+            field,
+            request_id,
+            user,
+            elapsed_us,
+            "call finished"
+        ),
+    }
+}
+
+fn micros_since(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use api::status::error_field;
+
+    fn entry(id: &str) -> pb::RankRequest {
+        pb::RankRequest {
+            request_id: id.into(),
+            k: 1,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn batches_must_be_non_empty_bounded_and_without_repeated_ids() {
+        assert!(check_batch(&[entry("a"), entry("b"), entry("")], 3).is_ok());
+        let empty = check_batch(&[], 3).unwrap_err();
+        assert_eq!(error_field(&empty), Some("requests"));
+        let too_many = check_batch(&[entry("a"), entry("b")], 1).unwrap_err();
+        assert_eq!(
+            api::status::error_reason(&too_many),
+            pb::ErrorReason::LimitExceeded
+        );
+        let repeated = check_batch(&[entry("a"), entry("b"), entry("a")], 3).unwrap_err();
+        assert_eq!(error_field(&repeated), Some("requests[2].request_id"));
+        assert!(repeated.message().contains("requests[0]"));
+        // Empty ids are the entries' own error, not a repetition.
+        assert!(check_batch(&[entry(""), entry("")], 3).is_ok());
+    }
+
+    #[test]
+    fn a_replay_is_marked_and_carries_this_calls_timings() {
+        let stored = pb::RankResponse {
+            request_id: "r".into(),
+            timings: Some(pb::StageTimings {
+                total_us: 12_345,
+                score_us: 10_000,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let replay = replayed(&stored, Instant::now());
+        assert!(replay.replayed);
+        assert_eq!(replay.timings.unwrap().score_us, 0);
+        assert_eq!(replay.request_id, "r");
+    }
+}

@@ -1,0 +1,402 @@
+//! The idempotency store: recent Rank answers by request id, so a retry with the same id and
+//! the same content gets the first answer again (`replayed = true`).
+//!
+//! Bounds: an answer stays replayable for `window` after it was stored, at most
+//! `max_entries` answers and `max_bytes` encoded bytes are kept (the oldest go first), and an
+//! answer larger than `max_bytes` is not kept. Errors are never stored: a retry of a failed
+//! request runs again. While the first attempt runs, a retry gets `ABORTED`
+//! (`ERROR_REASON_REQUEST_IN_PROGRESS`); the same id with different content gets
+//! `FAILED_PRECONDITION` (`ERROR_REASON_REQUEST_ID_REUSED`), whether running or stored.
+//!
+//! Content is compared by a 128-bit digest of the encoded request: two SipHash-1-3 hashes
+//! with keys drawn at random per process, so nobody outside the process can construct a
+//! different request with the same digest.
+
+use std::cell::RefCell;
+use std::collections::hash_map::{Entry as MapEntry, RandomState};
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use api::fairrank::v1::RankResponse;
+use prost::Message;
+
+/// Largest encoding buffer a thread keeps between digests.
+const MAX_KEPT_BUFFER_BYTES: usize = 1 << 20;
+
+thread_local! {
+    /// Reused encoding buffer of [`ReplayStore::digest`] (no allocation per request).
+    static ENCODE_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A 128-bit keyed digest of a request's content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Digest(u64, u64);
+
+/// What a request with a given id and content should do.
+#[derive(Debug)]
+pub enum Begin {
+    /// Run it; the ticket stores its answer (or forgets the id if it fails).
+    Run(Ticket),
+    /// Answer with this stored answer.
+    Replay(Arc<RankResponse>),
+    /// The id was used with different content.
+    Reused,
+    /// The first attempt with this id and content still runs.
+    InProgress,
+}
+
+/// The idempotency store. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct ReplayStore {
+    window: Duration,
+    max_entries: usize,
+    max_bytes: usize,
+    keys: (RandomState, RandomState),
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    entries: HashMap<String, Entry>,
+    /// Stored answers, oldest first: (id, sequence number). A sequence number that no
+    /// longer matches the entry marks a stale position.
+    order: VecDeque<(String, u64)>,
+    stored: usize,
+    bytes: usize,
+    next_sequence: u64,
+}
+
+#[derive(Debug)]
+enum Entry {
+    Running {
+        digest: Digest,
+    },
+    Done {
+        digest: Digest,
+        response: Arc<RankResponse>,
+        stored_at: Instant,
+        sequence: u64,
+        bytes: usize,
+    },
+}
+
+impl ReplayStore {
+    /// A store with the given bounds; `max_entries == 0` turns it off (every request runs).
+    pub fn new(window: Duration, max_entries: usize, max_bytes: usize) -> Arc<ReplayStore> {
+        Arc::new(ReplayStore {
+            window,
+            max_entries,
+            max_bytes,
+            keys: (RandomState::new(), RandomState::new()),
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    /// Whether the store keeps anything.
+    pub fn enabled(&self) -> bool {
+        self.max_entries > 0
+    }
+
+    /// The digest of a request's content (its protobuf encoding, which prost writes
+    /// deterministically: fields in number order, map entries sorted).
+    pub fn digest(&self, request: &impl Message) -> Digest {
+        ENCODE_BUFFER.with(|buffer| {
+            let mut buffer = buffer.borrow_mut();
+            buffer.clear();
+            // Encoding into a Vec cannot run out of space.
+            let _ = request.encode(&mut *buffer);
+            let mut first = self.keys.0.build_hasher();
+            let mut second = self.keys.1.build_hasher();
+            first.write(&buffer);
+            second.write(&buffer);
+            if buffer.capacity() > MAX_KEPT_BUFFER_BYTES {
+                *buffer = Vec::new();
+            }
+            Digest(first.finish(), second.finish())
+        })
+    }
+
+    /// Looks the id up and, when it is new, reserves it for this request.
+    pub fn begin(self: &Arc<Self>, request_id: &str, digest: Digest) -> Begin {
+        if !self.enabled() || request_id.is_empty() {
+            return Begin::Run(Ticket::detached());
+        }
+        let now = Instant::now();
+        let mut state = self.lock();
+        self.expire(&mut state, now);
+        match state.entries.entry(request_id.to_owned()) {
+            MapEntry::Vacant(vacant) => {
+                vacant.insert(Entry::Running { digest });
+                Begin::Run(Ticket {
+                    store: Some(Arc::clone(self)),
+                    request_id: request_id.to_owned(),
+                    digest,
+                })
+            }
+            MapEntry::Occupied(occupied) => match occupied.get() {
+                Entry::Running { digest: running } if *running == digest => Begin::InProgress,
+                Entry::Done {
+                    digest: stored,
+                    response,
+                    ..
+                } if *stored == digest => Begin::Replay(Arc::clone(response)),
+                _ => Begin::Reused,
+            },
+        }
+    }
+
+    /// Number of stored answers (not counting running requests).
+    #[cfg(test)]
+    fn stored(&self) -> usize {
+        self.lock().stored
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Drops answers older than the window.
+    fn expire(&self, state: &mut State, now: Instant) {
+        while let Some((id, sequence)) = state.order.front() {
+            let expired = match state.entries.get(id) {
+                Some(Entry::Done {
+                    stored_at,
+                    sequence: current,
+                    ..
+                }) if current == sequence => now.duration_since(*stored_at) >= self.window,
+                // A stale position: its entry was replaced or removed.
+                _ => true,
+            };
+            if !expired {
+                break;
+            }
+            self.pop_oldest(state);
+        }
+    }
+
+    /// Removes the oldest position and, if it is current, its answer.
+    fn pop_oldest(&self, state: &mut State) {
+        let Some((id, sequence)) = state.order.pop_front() else {
+            return;
+        };
+        if let Some(Entry::Done {
+            sequence: current,
+            bytes,
+            ..
+        }) = state.entries.get(&id)
+            && *current == sequence
+        {
+            state.bytes -= bytes;
+            state.stored -= 1;
+            state.entries.remove(&id);
+        }
+    }
+
+    fn complete(&self, request_id: &str, digest: Digest, response: RankResponse) {
+        let bytes = response.encoded_len();
+        let now = Instant::now();
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let running = matches!(
+            state.entries.get(request_id),
+            Some(Entry::Running { digest: running }) if *running == digest
+        );
+        if !running {
+            return;
+        }
+        if bytes > self.max_bytes {
+            state.entries.remove(request_id);
+            return;
+        }
+        let sequence = state.next_sequence;
+        state.next_sequence += 1;
+        state.entries.insert(
+            request_id.to_owned(),
+            Entry::Done {
+                digest,
+                response: Arc::new(response),
+                stored_at: now,
+                sequence,
+                bytes,
+            },
+        );
+        state.order.push_back((request_id.to_owned(), sequence));
+        state.stored += 1;
+        state.bytes += bytes;
+        while state.stored > self.max_entries || state.bytes > self.max_bytes {
+            self.pop_oldest(state);
+        }
+        // Stale positions pile up only between expiries; keep the queue proportionate.
+        if state.order.len() > 2 * self.max_entries.max(16) {
+            state.order.retain(|(id, sequence)| {
+                matches!(state.entries.get(id), Some(Entry::Done { sequence: s, .. }) if s == sequence)
+            });
+        }
+    }
+
+    fn release(&self, request_id: &str, digest: Digest) {
+        let mut state = self.lock();
+        if matches!(
+            state.entries.get(request_id),
+            Some(Entry::Running { digest: running }) if *running == digest
+        ) {
+            state.entries.remove(request_id);
+        }
+    }
+}
+
+/// The reservation of a running request id. [`Ticket::complete`] stores the answer; dropping
+/// the ticket without completing it frees the id (a failed request can be retried).
+#[derive(Debug)]
+pub struct Ticket {
+    store: Option<Arc<ReplayStore>>,
+    request_id: String,
+    digest: Digest,
+}
+
+impl Ticket {
+    /// A ticket that stores nothing (store off, or no id).
+    fn detached() -> Ticket {
+        Ticket {
+            store: None,
+            request_id: String::new(),
+            digest: Digest(0, 0),
+        }
+    }
+
+    /// Stores the answer for replay.
+    pub fn complete(mut self, response: &RankResponse) {
+        if let Some(store) = self.store.take() {
+            store.complete(&self.request_id, self.digest, response.clone());
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let Some(store) = self.store.take() {
+            store.release(&self.request_id, self.digest);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use api::fairrank::v1::{RankRequest, RankedItem};
+
+    fn request(id: &str, k: u32) -> RankRequest {
+        RankRequest {
+            request_id: id.into(),
+            k,
+            ..Default::default()
+        }
+    }
+
+    fn answer(id: &str, items: usize) -> RankResponse {
+        RankResponse {
+            request_id: id.into(),
+            items: (0..items)
+                .map(|i| RankedItem {
+                    item_id: format!("item-{i}"),
+                    rank: i as u32 + 1,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn run(store: &Arc<ReplayStore>, id: &str, digest: Digest) -> Ticket {
+        match store.begin(id, digest) {
+            Begin::Run(ticket) => ticket,
+            other => panic!("{id}: expected to run, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn same_id_and_content_replays_different_content_is_refused() {
+        let store = ReplayStore::new(Duration::from_secs(60), 10, 1 << 20);
+        let digest = store.digest(&request("r-1", 5));
+        assert_eq!(digest, store.digest(&request("r-1", 5)));
+        let other = store.digest(&request("r-1", 6));
+        assert_ne!(digest, other);
+
+        let ticket = run(&store, "r-1", digest);
+        assert!(matches!(store.begin("r-1", digest), Begin::InProgress));
+        assert!(matches!(store.begin("r-1", other), Begin::Reused));
+        ticket.complete(&answer("r-1", 3));
+
+        match store.begin("r-1", digest) {
+            Begin::Replay(response) => assert_eq!(*response, answer("r-1", 3)),
+            other => panic!("expected a replay, got {other:?}"),
+        }
+        assert!(matches!(store.begin("r-1", other), Begin::Reused));
+    }
+
+    #[test]
+    fn a_failed_request_frees_its_id() {
+        let store = ReplayStore::new(Duration::from_secs(60), 10, 1 << 20);
+        let digest = store.digest(&request("r-2", 5));
+        drop(run(&store, "r-2", digest));
+        let ticket = run(&store, "r-2", digest);
+        ticket.complete(&answer("r-2", 1));
+        assert_eq!(store.stored(), 1);
+    }
+
+    #[test]
+    fn answers_expire_after_the_window() {
+        let store = ReplayStore::new(Duration::from_millis(1), 10, 1 << 20);
+        let digest = store.digest(&request("r-3", 5));
+        run(&store, "r-3", digest).complete(&answer("r-3", 1));
+        std::thread::sleep(Duration::from_millis(5));
+        // Expired: the id runs again.
+        let ticket = run(&store, "r-3", digest);
+        assert_eq!(store.stored(), 0);
+        drop(ticket);
+    }
+
+    #[test]
+    fn the_oldest_answers_go_first_beyond_the_entry_and_byte_bounds() {
+        let store = ReplayStore::new(Duration::from_secs(60), 3, 1 << 20);
+        let ids: Vec<String> = (0..5).map(|i| format!("r-{i}")).collect();
+        for id in &ids {
+            let digest = store.digest(&request(id, 1));
+            run(&store, id, digest).complete(&answer(id, 1));
+        }
+        assert_eq!(store.stored(), 3);
+        for (position, id) in ids.iter().enumerate() {
+            let digest = store.digest(&request(id, 1));
+            let replayed = matches!(store.begin(id, digest), Begin::Replay(_));
+            assert_eq!(replayed, position >= 2, "{id}");
+        }
+
+        let one = answer("b-0", 10).encoded_len();
+        let store = ReplayStore::new(Duration::from_secs(60), 100, 2 * one + one / 2);
+        for id in ["b-0", "b-1", "b-2"] {
+            let digest = store.digest(&request(id, 1));
+            run(&store, id, digest).complete(&answer(id, 10));
+        }
+        assert_eq!(store.stored(), 2);
+        let digest = store.digest(&request("b-0", 1));
+        assert!(matches!(store.begin("b-0", digest), Begin::Run(_)));
+
+        // Larger than the whole budget: not kept at all.
+        let store = ReplayStore::new(Duration::from_secs(60), 100, one / 2);
+        let digest = store.digest(&request("big", 1));
+        run(&store, "big", digest).complete(&answer("big", 10));
+        assert_eq!(store.stored(), 0);
+        assert!(matches!(store.begin("big", digest), Begin::Run(_)));
+    }
+
+    #[test]
+    fn a_disabled_store_runs_everything() {
+        let store = ReplayStore::new(Duration::from_secs(60), 0, 1 << 20);
+        let digest = store.digest(&request("r", 1));
+        run(&store, "r", digest).complete(&answer("r", 1));
+        let _first = run(&store, "r", digest);
+        let _second = run(&store, "r", digest);
+    }
+}

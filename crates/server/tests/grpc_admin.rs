@@ -1,0 +1,376 @@
+//! End-to-end tests of `fairrank.v1.Admin`: bearer-token authentication, table reloads
+//! (good and bad files, paths outside the allowed folder) under concurrent load, rollback,
+//! the personalization switch and status.
+
+mod grpc_support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use api::fairrank::v1 as pb;
+use api::status::{error_field, error_reason};
+use grpc_support::*;
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_calls_need_the_configured_bearer_token() {
+    let tables = tables(21);
+    let server = Server::start(&tables, None, &admin_env());
+    let mut admin = server.admin().await;
+
+    let missing = admin
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .expect_err("no token");
+    assert_eq!(missing.code(), Code::Unauthenticated);
+    assert_eq!(error_reason(&missing), pb::ErrorReason::AdminTokenInvalid);
+    for wrong in [
+        "wrong",
+        "test-admin-token-012345678",
+        "test-admin-token-01234567890",
+    ] {
+        let status = admin
+            .get_status(with_token(pb::GetStatusRequest {}, wrong))
+            .await
+            .expect_err("wrong token");
+        assert_eq!(status.code(), Code::Unauthenticated, "{wrong}");
+    }
+    let mut basic = tonic::Request::new(pb::GetStatusRequest {});
+    basic.metadata_mut().insert(
+        "authorization",
+        format!("Basic {ADMIN_TOKEN}").parse().unwrap(),
+    );
+    let status = admin
+        .get_status(basic)
+        .await
+        .expect_err("not a bearer token");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let status = admin
+        .reload_table(pb::ReloadTableRequest {
+            table: pb::TableKind::Items as i32,
+            ..Default::default()
+        })
+        .await
+        .expect_err("no token");
+    assert_eq!(status.code(), Code::Unauthenticated);
+
+    let status = admin
+        .get_status(with_token(pb::GetStatusRequest {}, ADMIN_TOKEN))
+        .await
+        .expect("the right token")
+        .into_inner();
+    assert_eq!(status.server_version, env!("CARGO_PKG_VERSION"));
+    let items = status.items_table.expect("items table");
+    assert_eq!(items.rows as usize, ITEMS);
+    assert_eq!(items.dim as usize, DIM);
+    assert_eq!(items.version.map(|v| v.generation), Some(1));
+    assert_eq!(status.users_table.map(|t| t.rows as usize), Some(USERS));
+    assert_eq!(status.fairness_constraints, ["none"]);
+    assert!(status.config.contains("[ranking]"), "{}", status.config);
+    assert!(!status.config.contains(ADMIN_TOKEN));
+
+    // Without a configured token the service is off.
+    let plain = Server::start(&tables, None, &[]);
+    let status = plain
+        .admin()
+        .await
+        .get_status(with_token(pb::GetStatusRequest {}, ADMIN_TOKEN))
+        .await
+        .expect_err("admin is off");
+    assert_eq!(status.code(), Code::Unimplemented);
+    assert!(
+        status.message().contains("admin token"),
+        "{}",
+        status.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_under_concurrent_load_lose_no_request() {
+    let tables = tables(22);
+    let server = Server::start(&tables, None, &admin_env());
+    let folder = tables.dir.path();
+    let version_a = folder.join("items-a.frt");
+    let version_b = folder.join("items-b.frt");
+    std::fs::copy(&tables.items_path, &version_a).expect("copy");
+    write_items(&version_b, 23);
+    let bad = folder.join("broken.frt");
+    std::fs::write(&bad, b"this is not a table file at all").expect("write");
+
+    let user = 9;
+    let query = row(&tables.data.users, user).to_vec();
+    let expected_a = reference_topk(&version_a, &query, 10);
+    let expected_b = reference_topk(&version_b, &query, 10);
+    let checksum = |path: &std::path::Path| {
+        store::Table::open(path)
+            .expect("opens")
+            .header()
+            .data_checksum
+    };
+    let (checksum_a, checksum_b) = (checksum(&version_a), checksum(&version_b));
+    assert_ne!(checksum_a, checksum_b);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load = Vec::new();
+    for task in 0..4 {
+        let mut ranker = server.ranker().await;
+        let stop = Arc::clone(&stop);
+        let user_id = tables.data.users.ids[user].clone();
+        let (expected_a, expected_b) = (expected_a.clone(), expected_b.clone());
+        load.push(tokio::spawn(async move {
+            let mut answered = 0u32;
+            let mut generations = Vec::new();
+            while !stop.load(Ordering::Acquire) || answered < 5 {
+                let request = rank_request(&format!("load-{task}-{answered}"), &user_id, 10);
+                let response = ranker
+                    .rank(request)
+                    .await
+                    .unwrap_or_else(|status| panic!("task {task} lost a request: {status:?}"))
+                    .into_inner();
+                let version = response.items_table.expect("a table version");
+                if version.checksum == checksum_a {
+                    assert_ranking(&response, &expected_a);
+                } else if version.checksum == checksum_b {
+                    assert_ranking(&response, &expected_b);
+                } else {
+                    panic!("an answer from an unknown table: {version:?}");
+                }
+                generations.push(version.generation);
+                answered += 1;
+            }
+            generations
+        }));
+    }
+
+    let mut admin = server.admin().await;
+    for round in 0..5u64 {
+        let path = if round % 2 == 0 {
+            "items-b.frt"
+        } else {
+            "items-a.frt"
+        };
+        let response = admin
+            .reload_table(with_token(
+                pb::ReloadTableRequest {
+                    table: pb::TableKind::Items as i32,
+                    path: Some(path.to_owned()),
+                    reason: format!("round {round}"),
+                    ..Default::default()
+                },
+                ADMIN_TOKEN,
+            ))
+            .await
+            .expect("a good file reloads")
+            .into_inner();
+        let table = response.table.expect("the new table");
+        assert_eq!(table.version.map(|v| v.generation), Some(round + 2));
+        assert_eq!(response.previous.map(|v| v.generation), Some(round + 1));
+
+        // A broken file between good ones: refused, the table keeps serving.
+        let status = admin
+            .reload_table(with_token(
+                pb::ReloadTableRequest {
+                    table: pb::TableKind::Items as i32,
+                    path: Some("broken.frt".to_owned()),
+                    ..Default::default()
+                },
+                ADMIN_TOKEN,
+            ))
+            .await
+            .expect_err("a broken file is refused");
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(error_reason(&status), pb::ErrorReason::TableInvalid);
+        assert!(
+            status.message().contains("broken.frt"),
+            "{}",
+            status.message()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Release);
+    for task in load {
+        let generations = task
+            .await
+            .expect("the load task finishes without losing a request");
+        assert!(generations.windows(2).all(|pair| pair[0] <= pair[1]));
+    }
+
+    let status = admin
+        .get_status(with_token(pb::GetStatusRequest {}, ADMIN_TOKEN))
+        .await
+        .expect("status")
+        .into_inner();
+    let items = status.items_table.expect("items");
+    assert_eq!(items.version.map(|v| v.generation), Some(6));
+    assert_eq!(items.version.map(|v| v.checksum), Some(checksum_b));
+    let counters = status.counters.expect("counters");
+    assert_eq!(counters.reloads, 5);
+    assert_eq!(counters.reload_failures, 5);
+    assert_eq!(counters.rank_errors, 0);
+    assert_eq!(counters.in_flight, 0);
+    let text = server.metrics_text();
+    assert_eq!(
+        metric_value(
+            &text,
+            "fairrank_table_changes_total{table=\"items\",operation=\"reload\",outcome=\"failed\"}"
+        ),
+        Some(5.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(&text, "fairrank_table_generation{table=\"items\"}"),
+        Some(6.0)
+    );
+    assert!(server.logs().contains("keeps serving"), "{}", server.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_paths_rollback_and_the_personalization_switch() {
+    let tables = tables(24);
+    let server = Server::start(&tables, None, &admin_env());
+    let mut admin = server.admin().await;
+    let mut ranker = server.ranker().await;
+    fn call<T>(message: T) -> tonic::Request<T> {
+        with_token(message, ADMIN_TOKEN)
+    }
+
+    for (path, code, reason) in [
+        (
+            "../items.frt",
+            Code::PermissionDenied,
+            pb::ErrorReason::PathNotAllowed,
+        ),
+        (
+            "/etc/hostname",
+            Code::PermissionDenied,
+            pb::ErrorReason::PathNotAllowed,
+        ),
+        (
+            "missing.frt",
+            Code::NotFound,
+            pb::ErrorReason::TableFileNotFound,
+        ),
+    ] {
+        let status = admin
+            .reload_table(call(pb::ReloadTableRequest {
+                table: pb::TableKind::Items as i32,
+                path: Some(path.to_owned()),
+                ..Default::default()
+            }))
+            .await
+            .expect_err(path);
+        assert_eq!(status.code(), code, "{path}: {}", status.message());
+        assert_eq!(error_reason(&status), reason, "{path}");
+        assert_eq!(error_field(&status), Some("path"));
+    }
+    let status = admin
+        .reload_table(call(pb::ReloadTableRequest::default()))
+        .await
+        .expect_err("no table kind");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(error_field(&status), Some("table"));
+    let status = admin
+        .reload_table(call(pb::ReloadTableRequest {
+            table: pb::TableKind::Items as i32,
+            if_generation: Some(7),
+            ..Default::default()
+        }))
+        .await
+        .expect_err("generation mismatch");
+    assert_eq!(status.code(), Code::Aborted);
+    assert_eq!(error_reason(&status), pb::ErrorReason::GenerationMismatch);
+    let status = admin
+        .rollback_table(call(pb::RollbackTableRequest {
+            table: pb::TableKind::Items as i32,
+            ..Default::default()
+        }))
+        .await
+        .expect_err("nothing to roll back to");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(error_reason(&status), pb::ErrorReason::NoRollbackTarget);
+
+    // Reload a new file, then roll back to the original.
+    let new_path = tables.dir.path().join("items-v2.frt");
+    write_items(&new_path, 25);
+    admin
+        .reload_table(call(pb::ReloadTableRequest {
+            table: pb::TableKind::Items as i32,
+            path: Some(new_path.display().to_string()),
+            if_generation: Some(1),
+            verify_checksum: Some(true),
+            reason: "new catalog".into(),
+        }))
+        .await
+        .expect("reloads");
+    let query = row(&tables.data.users, 1);
+    let response = ranker
+        .rank(rank_request("after-reload", &tables.data.users.ids[1], 10))
+        .await
+        .expect("ranks")
+        .into_inner();
+    assert_ranking(&response, &reference_topk(&new_path, query, 10));
+    let rolled = admin
+        .rollback_table(call(pb::RollbackTableRequest {
+            table: pb::TableKind::Items as i32,
+            if_generation: Some(2),
+            reason: "bad catalog".into(),
+        }))
+        .await
+        .expect("rolls back")
+        .into_inner();
+    assert_eq!(
+        rolled.table.and_then(|t| t.version).map(|v| v.generation),
+        Some(3)
+    );
+    let response = ranker
+        .rank(rank_request(
+            "after-rollback",
+            &tables.data.users.ids[1],
+            10,
+        ))
+        .await
+        .expect("ranks")
+        .into_inner();
+    assert_ranking(&response, &reference_topk(&tables.items_path, query, 10));
+
+    // Pause personalization: answers come from the prior, without the user's embedding.
+    let paused = admin
+        .set_personalization(call(pb::SetPersonalizationRequest {
+            paused: true,
+            reason: "incident 42".into(),
+        }))
+        .await
+        .expect("pauses")
+        .into_inner();
+    assert!(paused.paused && paused.changed);
+    let response = ranker
+        .rank(rank_request("paused", &tables.data.users.ids[1], 5))
+        .await
+        .expect("ranks")
+        .into_inner();
+    assert!(!response.personalized);
+    assert_eq!(
+        response.non_personalized_reason,
+        pb::NonPersonalizedReason::PersonalizationPaused as i32
+    );
+    assert_eq!(response.score_kind, pb::ScoreKind::Prior as i32);
+    let again = admin
+        .set_personalization(call(pb::SetPersonalizationRequest {
+            paused: true,
+            reason: String::new(),
+        }))
+        .await
+        .expect("idempotent")
+        .into_inner();
+    assert!(!again.changed);
+    let status = admin
+        .get_status(call(pb::GetStatusRequest {}))
+        .await
+        .expect("status")
+        .into_inner();
+    assert!(status.personalization_paused);
+    let counters = status.counters.expect("counters");
+    assert_eq!(counters.rollbacks, 1);
+    assert_eq!(counters.non_personalized_answers, 1);
+    assert!(server.logs().contains("incident 42"), "{}", server.logs());
+}

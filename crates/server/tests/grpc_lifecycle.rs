@@ -1,0 +1,454 @@
+//! End-to-end tests of the server process around the ranking itself: health and reflection,
+//! `/metrics`, SIGHUP reload, graceful SIGTERM shutdown, load shedding and the effective
+//! configuration.
+
+mod grpc_support;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use api::fairrank::v1 as pb;
+use api::status::error_reason;
+use grpc_support::*;
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+async fn health(client: &mut HealthClient<tonic::transport::Channel>, service: &str) -> i32 {
+    client
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .expect("health answers")
+        .into_inner()
+        .status
+}
+
+/// Service names listed by reflection v1.
+async fn reflection_v1_services(server: &Server) -> BTreeSet<String> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut client = ServerReflectionClient::new(server.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection v1 answers")
+        .into_inner();
+    let response = stream
+        .message()
+        .await
+        .expect("a reflection message")
+        .expect("one response");
+    match response.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => list
+            .service
+            .into_iter()
+            .map(|service| service.name)
+            .collect(),
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
+}
+
+/// Service names listed by reflection v1alpha, and whether it can describe the Ranker.
+async fn reflection_v1alpha(server: &Server) -> (BTreeSet<String>, bool) {
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+    let mut client = ServerReflectionClient::new(server.channel().await);
+    let requests = [
+        ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        },
+        ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(
+                "fairrank.v1.Ranker".to_owned(),
+            )),
+        },
+    ];
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter(requests))
+        .await
+        .expect("reflection v1alpha answers")
+        .into_inner();
+    let mut names = BTreeSet::new();
+    let mut described = false;
+    while let Some(response) = stream.message().await.expect("a reflection message") {
+        match response.message_response {
+            Some(MessageResponse::ListServicesResponse(list)) => {
+                names.extend(list.service.into_iter().map(|service| service.name));
+            }
+            Some(MessageResponse::FileDescriptorResponse(files)) => {
+                described = !files.file_descriptor_proto.is_empty();
+            }
+            other => panic!("unexpected reflection answer {other:?}"),
+        }
+    }
+    (names, described)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reflection_and_metrics_are_served() {
+    let tables = tables(31);
+    let mut env = admin_env();
+    env.push(("RUST_LOG", "info,fairrank=debug"));
+    let server = Server::start(&tables, None, &env);
+    let mut health_client = HealthClient::new(server.channel().await);
+    for service in [
+        "",
+        "fairrank.v1.Ranker",
+        "fairrank.v1.Admin",
+        "fairrank.bench.v1.Echo",
+    ] {
+        assert_eq!(
+            health(&mut health_client, service).await,
+            ServingStatus::Serving as i32,
+            "{service:?}"
+        );
+    }
+
+    let expected = [
+        "fairrank.v1.Ranker",
+        "fairrank.v1.Admin",
+        "fairrank.bench.v1.Echo",
+        "grpc.health.v1.Health",
+    ];
+    let v1 = reflection_v1_services(&server).await;
+    let (v1alpha, described) = reflection_v1alpha(&server).await;
+    for name in expected {
+        assert!(v1.contains(name), "v1 lacks {name}: {v1:?}");
+        assert!(v1alpha.contains(name), "v1alpha lacks {name}: {v1alpha:?}");
+    }
+    assert!(described, "reflection describes fairrank.v1.Ranker");
+
+    let mut ranker = server.ranker().await;
+    ranker
+        .rank(rank_request("m-1", &tables.data.users.ids[0], 5))
+        .await
+        .expect("ranks");
+    let _ = ranker
+        .rank(rank_request("m-2", "nobody", 5))
+        .await
+        .expect_err("unknown user");
+    let text = server.metrics_text();
+    for name in [
+        "fairrank_requests_total{method=\"Rank\",code=\"Ok\"} 1",
+        "fairrank_requests_total{method=\"Rank\",code=\"NotFound\"} 1",
+        "fairrank_request_duration_seconds_count{method=\"Rank\"} 2",
+        "fairrank_stage_duration_seconds_count{stage=\"validate\"} 1",
+        "fairrank_stage_duration_seconds_count{stage=\"score\"} 1",
+        "fairrank_stage_duration_seconds_count{stage=\"select_pool\"} 1",
+        "fairrank_stage_duration_seconds_count{stage=\"rerank\"} 1",
+        "fairrank_stage_duration_seconds_count{stage=\"respond\"} 1",
+        "fairrank_in_flight_requests 0",
+        "fairrank_shed_requests_total 0",
+        "fairrank_table_generation{table=\"items\"} 1",
+        "fairrank_table_generation{table=\"users\"} 1",
+        "fairrank_batcher_batches_total",
+    ] {
+        assert!(text.contains(name), "{name} missing in:\n{text}");
+    }
+    // Calls are logged, with a pseudonym at most: never the raw user id.
+    let logs = server.logs();
+    assert!(logs.contains("call finished"), "{logs}");
+    assert!(!logs.contains(&tables.data.users.ids[0]), "{logs}");
+    assert!(!logs.contains("nobody"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_tables_from_their_paths() {
+    let tables = tables(32);
+    let server = Server::start(&tables, None, &[]);
+    let mut ranker = server.ranker().await;
+    let user_id = tables.data.users.ids[3].clone();
+    let first = ranker
+        .rank(rank_request("before-hup", &user_id, 10))
+        .await
+        .expect("ranks")
+        .into_inner();
+    assert_eq!(first.items_table.map(|v| v.generation), Some(1));
+
+    // Republish the file at the same path (write to a temporary file, rename), then SIGHUP.
+    write_items(&tables.items_path, 33);
+    let expected = reference_topk(&tables.items_path, row(&tables.data.users, 3), 10);
+    server.signal("HUP");
+    let started = Instant::now();
+    let response = loop {
+        let response = ranker
+            .rank(rank_request(
+                &format!("after-hup-{}", started.elapsed().as_micros()),
+                &user_id,
+                10,
+            ))
+            .await
+            .expect("ranks during the reload")
+            .into_inner();
+        if response.items_table.map(|v| v.generation) == Some(2) {
+            break response;
+        }
+        assert!(
+            started.elapsed() < CALL_TIMEOUT,
+            "no reload after SIGHUP; log:\n{}",
+            server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_ranking(&response, &expected);
+    assert_ne!(
+        response.items_table.map(|v| v.checksum),
+        first.items_table.map(|v| v.checksum)
+    );
+
+    // A broken file, published the way table files are (never rewritten in place: the
+    // serving table maps the old file): SIGHUP keeps the old table and says why.
+    let staged = tables.dir.path().join("items.frt.staged");
+    std::fs::write(&staged, b"garbage").expect("write");
+    std::fs::rename(&staged, &tables.items_path).expect("rename");
+    server.signal("HUP");
+    let started = Instant::now();
+    while !server.logs().contains("SIGHUP reload failed") {
+        assert!(started.elapsed() < CALL_TIMEOUT, "{}", server.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let still = ranker
+        .rank(rank_request("after-bad-hup", &user_id, 10))
+        .await
+        .expect("still serving")
+        .into_inner();
+    assert_eq!(still.items_table.map(|v| v.generation), Some(2));
+    assert_ranking(&still, &expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_calls_and_exits_zero() {
+    let tables = tables(34);
+    let mut server = Server::start(
+        &tables,
+        Some("[server]\nshutdown_delay_ms = 1500\nshutdown_grace_ms = 20000\n"),
+        &[],
+    );
+    let successes = Arc::new(AtomicUsize::new(0));
+    let mut load = Vec::new();
+    for task in 0..4 {
+        let mut ranker = server.ranker().await;
+        let successes = Arc::clone(&successes);
+        let user_id = tables.data.users.ids[task].clone();
+        load.push(tokio::spawn(async move {
+            let mut answered = 0usize;
+            loop {
+                let mut request = rank_request(&format!("drain-{task}-{answered}"), &user_id, 50);
+                request.explain = Some(pb::ExplainOptions {
+                    level: pb::ExplainLevel::Dimensions as i32,
+                    max_dimensions: 8,
+                });
+                match ranker.rank(request).await {
+                    Ok(response) => {
+                        assert_eq!(response.into_inner().items.len(), 50);
+                        answered += 1;
+                        successes.fetch_add(1, Ordering::AcqRel);
+                    }
+                    // After the listener closed: refused, never cut off mid-call.
+                    Err(status) => return (answered, status),
+                }
+            }
+        }));
+    }
+    let started = Instant::now();
+    while successes.load(Ordering::Acquire) < 20 {
+        assert!(started.elapsed() < CALL_TIMEOUT, "{}", server.logs());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let mut health_client = HealthClient::new(server.channel().await);
+    server.signal("TERM");
+    // During the shutdown delay health says NOT_SERVING while calls still succeed.
+    let started = Instant::now();
+    loop {
+        let status = health(&mut health_client, "").await;
+        if status == ServingStatus::NotServing as i32 {
+            break;
+        }
+        assert!(started.elapsed() < CALL_TIMEOUT, "{}", server.logs());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let during_delay = successes.load(Ordering::Acquire);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        successes.load(Ordering::Acquire) > during_delay,
+        "calls are still served while health says NOT_SERVING"
+    );
+
+    let exit = tokio::task::spawn_blocking(move || {
+        let exit = server.wait(Duration::from_secs(60));
+        (exit, server.logs())
+    })
+    .await
+    .expect("the wait task runs");
+    let (exit, logs) = exit;
+    assert!(exit.success(), "exit status {exit:?}; log:\n{logs}");
+    assert!(
+        logs.contains("shutdown complete: every call finished"),
+        "{logs}"
+    );
+    for task in load {
+        let (answered, status) = task.await.expect("the load task ends");
+        assert!(answered > 0);
+        assert!(
+            refused(&status),
+            "a call failed other than by refusal: {status:?}"
+        );
+    }
+}
+
+/// Whether a failed call never ran on the server: refused (UNAVAILABLE: connection
+/// refused, stream refused after GOAWAY) or never sent because the client's connection
+/// was closing (hyper's "canceled"), as opposed to a call cut off while it ran.
+fn refused(status: &tonic::Status) -> bool {
+    if status.code() == Code::Unavailable {
+        return true;
+    }
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if let Some(hyper) = error.downcast_ref::<hyper::Error>() {
+            return hyper.is_canceled();
+        }
+        source = error.source();
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_beyond_the_concurrency_limit_is_shed() {
+    let tables = tables(35);
+    let server = Server::start(
+        &tables,
+        Some("[server]\nmax_concurrent_requests = 1\n"),
+        &admin_env(),
+    );
+    let user_id = tables.data.users.ids[0].clone();
+    let ranker = server.ranker().await;
+    let mut shed = 0usize;
+    let mut answered = 0usize;
+    for burst in 0..50 {
+        let mut calls = Vec::new();
+        for call in 0..16 {
+            let mut ranker = ranker.clone();
+            let request = rank_request(&format!("shed-{burst}-{call}"), &user_id, 200);
+            calls.push(tokio::spawn(async move { ranker.rank(request).await }));
+        }
+        for call in calls {
+            match call.await.expect("the call task runs") {
+                Ok(_) => answered += 1,
+                Err(status) => {
+                    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                    assert_eq!(error_reason(&status), pb::ErrorReason::Overloaded);
+                    shed += 1;
+                }
+            }
+        }
+        if shed > 0 && answered > 0 {
+            break;
+        }
+    }
+    assert!(
+        shed > 0,
+        "16 concurrent calls against a limit of 1 never shed"
+    );
+    assert!(answered > 0);
+    let text = server.metrics_text();
+    assert_eq!(
+        metric_value(&text, "fairrank_shed_requests_total"),
+        Some(shed as f64),
+        "{text}"
+    );
+    let status = server
+        .admin()
+        .await
+        .get_status(with_token(pb::GetStatusRequest {}, ADMIN_TOKEN))
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(status.counters.map(|c| c.shed_requests), Some(shed as u64));
+}
+
+#[test]
+fn print_config_shows_the_documented_effective_configuration() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let config = dir.path().join("fairrank.toml");
+    std::fs::write(
+        &config,
+        "[server]\nadmin_token = \"very-secret\"\n[ranking]\nmax_k = 77\n",
+    )
+    .expect("write");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fairrank"))
+        .args(["serve", "--print-config", "--addr", "127.0.0.1:6000"])
+        .arg("--config")
+        .arg(&config)
+        .env("FAIRRANK_CACHE", dir.path())
+        .output()
+        .expect("the binary runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).expect("UTF-8");
+    assert!(text.contains("max_k = 77"), "{text}");
+    assert!(text.contains("addr = \"127.0.0.1:6000\""), "{text}");
+    assert!(
+        text.contains("# Largest k a request may ask for."),
+        "{text}"
+    );
+    assert!(!text.contains("very-secret"), "{text}");
+
+    std::fs::write(&config, "[server]\nmax_concurrent_requests = 0\n").expect("write");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fairrank"))
+        .args(["serve", "--print-config", "--config"])
+        .arg(&config)
+        .output()
+        .expect("the binary runs");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("max_concurrent_requests"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_table_the_default_dataset_is_served() {
+    let server = Server::start_with(Vec::new(), None, &admin_env());
+    let status = server
+        .admin()
+        .await
+        .get_status(with_token(pb::GetStatusRequest {}, ADMIN_TOKEN))
+        .await
+        .expect("status")
+        .into_inner();
+    let items = status.items_table.expect("the default item table");
+    let users = status.users_table.expect("the default user table");
+    assert_eq!(
+        items.rows,
+        datasets::SyntheticParams::default().items as u64
+    );
+    let users_table = store::Table::open(std::path::Path::new(&users.path)).expect("opens");
+    let response = server
+        .ranker()
+        .await
+        .rank(rank_request("default-dataset", users_table.id(0), 5))
+        .await
+        .expect("ranks")
+        .into_inner();
+    assert_ranking(
+        &response,
+        &reference_topk(std::path::Path::new(&items.path), users_table.row(0), 5),
+    );
+}
