@@ -6,7 +6,7 @@
 use crate::error::KernelError;
 use crate::matrix::RowMatrix;
 use crate::scan::with_thread_scratch;
-use crate::simd::{CacheLevel, ROW_BLOCK, prefetch, score_row, score_rows8};
+use crate::simd::{ROW_BLOCK, prefetch_l2, score_row, score_rows8};
 use crate::topk::{ScoredItem, TopKScratch, may_enter};
 use crate::validate::{check_candidates, check_k, check_query};
 
@@ -24,7 +24,7 @@ fn prefetch_group(m: RowMatrix<'_>, blocks: &[[u32; ROW_BLOCK]], rest: &[u32], g
         None => return,
     };
     for &c in rows {
-        prefetch(m.row(c as usize), CacheLevel::L2);
+        prefetch_l2(m.row(c as usize));
     }
 }
 

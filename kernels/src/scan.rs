@@ -13,15 +13,12 @@ use wide::f32x8;
 
 use crate::error::KernelError;
 use crate::matrix::RowMatrix;
-use crate::simd::{CacheLevel, PreparedQuery, ROW_BLOCK, prefetch, score_row, score_rows8};
+use crate::simd::{PreparedQuery, ROW_BLOCK, score_row, score_rows8};
 use crate::topk::{ScoredItem, TopKHeap, TopKScratch, heap_offer, may_enter, sort_ranked};
 use crate::validate::{check_k, check_query};
 
 /// Fewest rows worth a separate rayon task in [`par_scan_topk`] (about 2 MB at dim 128).
 const MIN_ROWS_PER_TASK: usize = 4096;
-
-/// How many 8-row blocks ahead the scan prefetches (measured best: 1 to 2).
-const PREFETCH_BLOCKS: usize = 2;
 
 /// Tasks per pool thread in [`par_scan_topk`], for load balance on a busy machine.
 const TASKS_PER_THREAD: usize = 4;
@@ -52,17 +49,13 @@ pub(crate) fn scan_rows_into(
     let rows = m.rows();
     let blocks = rows / ROW_BLOCK;
     let mut threshold = f32x8::splat(heap.threshold());
-    let data = m.data();
-    let block_floats = ROW_BLOCK * m.stride();
+    // Each chunk starts a row and runs to the next row (the last one is exactly `dim` long);
+    // a stride of 0 only occurs with dim 0, where every row is empty.
+    let mut row_slices = m.data().chunks(m.stride().max(1));
     for block in 0..blocks {
         let start = block * ROW_BLOCK;
-        // Eight rows interleaved defeat the hardware prefetcher (it streams within 4 KiB
-        // pages): fetch the rows PREFETCH_BLOCKS blocks ahead ourselves.
-        let ahead = (start + PREFETCH_BLOCKS * ROW_BLOCK) * m.stride();
-        if let Some(rows_ahead) = data.get(ahead..(ahead + block_floats).min(data.len())) {
-            prefetch(rows_ahead, CacheLevel::L1);
-        }
-        let scores = score_rows8(std::array::from_fn(|r| m.row_extended(start + r)), query);
+        let rows8 = std::array::from_fn(|_| row_slices.next().unwrap_or_default());
+        let scores = score_rows8(rows8, query);
         // Lanes that are NOT below the threshold may enter: a superset of the rows that
         // belong in the heap (NaN scores or thresholds pass, and the exact comparison in the
         // heap decides).

@@ -1,13 +1,19 @@
 //! SIMD building blocks on `wide::f32x8`: the public [`dot`] and the private row-scoring kernels.
 //!
-//! Row kernels share one arithmetic recipe so that a row's score is bit-for-bit the same
-//! whichever path computes it (whole-table scan, parallel scan, candidate list) and wherever
-//! the row falls in a block: one f32x8 accumulator per row, fused multiply-add over the
-//! 8-lane chunks in order, the last partial chunk zero-padded, and the lanes summed as
-//! `((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))`. The 8-row kernel runs eight such
-//! independent chains at once (enough to hide FMA latency) and sums lanes with a transpose.
-//! The specification of every kernel is in [`crate::scalar`]; results agree with it up to
-//! rounding.
+//! Every SIMD score follows one arithmetic recipe, so a row's score is bit-for-bit the same
+//! whichever path computes it (whole-table scan, parallel scan, candidate list, [`dot`]) and
+//! wherever the row falls in a block:
+//!
+//! 1. the vectors are cut into 8-lane chunks, the last partial chunk zero-padded;
+//! 2. chunk `c` is fused-multiply-added into accumulator `c % 4` (four independent chains, so
+//!    FMA latency is hidden within one row);
+//! 3. the accumulators are combined as `(a0 + a1) + (a2 + a3)`;
+//! 4. the 8 lanes are summed as `((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))`.
+//!
+//! The 8-row kernel computes rows one after the other (the loads then walk memory
+//! sequentially, which hardware prefetchers follow) and does step 4 for all eight rows at once
+//! with a transpose. The specification of every kernel is in [`crate::scalar`]; results agree
+//! with it up to rounding.
 
 use wide::f32x8;
 
@@ -70,46 +76,33 @@ fn load_tail(row: &[f32], full: usize, dim: usize, mask: f32x8) -> f32x8 {
     }
 }
 
-/// Which cache level a prefetch should fill.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum CacheLevel {
-    /// L1 data cache (streaming scans: the data is used within microseconds).
-    L1,
-    /// L2 only. L2 tracks more outstanding misses than L1, so prefetching random rows
-    /// (candidate lists) or a whole next block (batched scoring) this way gets more memory
-    /// requests in flight without stalling on L1 miss buffers.
-    L2,
-}
-
-/// Asks the CPU to start loading the cache lines covering `data` into `level` (a hint: no
-/// effect on results, never faults). A no-op on other architectures.
+/// Asks the CPU to start loading the cache lines covering `data` into L2 (a hint: no effect on
+/// results, never faults; a no-op on other architectures).
+///
+/// L2 tracks more outstanding misses than L1, so prefetching random rows (candidate lists) or a
+/// whole next block (batched scoring) this way gets more memory requests in flight without
+/// stalling on L1 miss buffers (measured: T1 hints beat T0 hints for both uses).
 #[inline(always)]
-pub(crate) fn prefetch(data: &[f32], level: CacheLevel) {
+pub(crate) fn prefetch_l2(data: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        use core::arch::x86_64::{_MM_HINT_T0, _MM_HINT_T1, _mm_prefetch};
+        use core::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
         let start = data.as_ptr().cast::<i8>();
         let bytes = std::mem::size_of_val(data);
         let mut offset = 0;
         while offset < bytes {
-            let line = start.wrapping_add(offset);
             // SAFETY: `_mm_prefetch` only hints the cache; it never faults and has no
             // observable effect whatever the address (which is inside `data` here anyway).
             // SSE, which it requires, is part of the x86-64 baseline.
-            unsafe {
-                match level {
-                    CacheLevel::L1 => _mm_prefetch::<_MM_HINT_T0>(line),
-                    CacheLevel::L2 => _mm_prefetch::<_MM_HINT_T1>(line),
-                }
-            }
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(start.wrapping_add(offset)) };
             offset += 64;
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (data, level);
+    let _ = data;
 }
 
-/// Sums the lanes of `v` in the fixed tree order shared by all row kernels.
+/// Sums the lanes of `v` in the fixed tree order of step 4 (see the module docs).
 #[inline(always)]
 fn sum_lanes(v: f32x8) -> f32 {
     let a = v.to_array();
@@ -123,80 +116,109 @@ fn sum_lanes_x8(acc: [f32x8; ROW_BLOCK]) -> f32x8 {
     ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]))
 }
 
+/// Steps 2 and 3 of the recipe over whole chunks of a row and a query, plus an optional
+/// zero-padded last chunk pair. (Accumulators are separate variables indexed statically, so
+/// that they stay in registers.)
+#[inline(always)]
+fn accumulate<L: Copy + Into<f32x8>>(
+    chunks: &[[f32; LANES]],
+    lanes: &[L],
+    tail: Option<(f32x8, f32x8)>,
+) -> f32x8 {
+    let fma = |chunk: &[f32; LANES], lane: &L, acc: f32x8| {
+        f32x8::new(*chunk).mul_add((*lane).into(), acc)
+    };
+    let (mut a0, mut a1, mut a2, mut a3) = (f32x8::ZERO, f32x8::ZERO, f32x8::ZERO, f32x8::ZERO);
+    let (quads, rest) = chunks.as_chunks::<4>();
+    let (lane_quads, lane_rest) = lanes.as_chunks::<4>();
+    for (c, l) in quads.iter().zip(lane_quads) {
+        a0 = fma(&c[0], &l[0], a0);
+        a1 = fma(&c[1], &l[1], a1);
+        a2 = fma(&c[2], &l[2], a2);
+        a3 = fma(&c[3], &l[3], a3);
+    }
+    if let (Some(c), Some(l)) = (rest.first(), lane_rest.first()) {
+        a0 = fma(c, l, a0);
+    }
+    if let (Some(c), Some(l)) = (rest.get(1), lane_rest.get(1)) {
+        a1 = fma(c, l, a1);
+    }
+    if let (Some(c), Some(l)) = (rest.get(2), lane_rest.get(2)) {
+        a2 = fma(c, l, a2);
+    }
+    if let Some((row_tail, query_tail)) = tail {
+        match chunks.len() % 4 {
+            0 => a0 = row_tail.mul_add(query_tail, a0),
+            1 => a1 = row_tail.mul_add(query_tail, a1),
+            2 => a2 = row_tail.mul_add(query_tail, a2),
+            _ => a3 = row_tail.mul_add(query_tail, a3),
+        }
+    }
+    (a0 + a1) + (a2 + a3)
+}
+
+/// The combined accumulator of one row (steps 1 to 3); `row` is as in [`score_rows8`].
+#[inline(always)]
+fn row_accumulator(row: &[f32], query: &PreparedQuery) -> f32x8 {
+    let dim = query.dim;
+    let full = dim / LANES;
+    let (chunks, _) = row[..full * LANES].as_chunks::<LANES>();
+    let lanes = &query.lanes[..full];
+    let tail = match dim.is_multiple_of(LANES) {
+        true => None,
+        false => Some((
+            load_tail(row, full, dim, query.tail_mask),
+            query.lanes[full],
+        )),
+    };
+    accumulate(chunks, lanes, tail)
+}
+
 /// Scores of eight rows against `query`.
 ///
 /// Each slice starts at its row and holds at least `query`'s dimension floats; it may extend
 /// further (see [`crate::RowMatrix::row_extended`]), which makes the partial last chunk cheap.
 #[inline(always)]
 pub(crate) fn score_rows8(rows: [&[f32]; ROW_BLOCK], query: &PreparedQuery) -> f32x8 {
-    let dim = query.dim;
-    let full = dim / LANES;
-    let chunks: [&[[f32; LANES]]; ROW_BLOCK] = rows.map(|row| {
-        let (chunks, _) = row[..full * LANES].as_chunks::<LANES>();
-        chunks
-    });
-    let mut acc = [f32x8::ZERO; ROW_BLOCK];
-    for (c, &q) in query.lanes[..full].iter().enumerate() {
-        for (a, row) in acc.iter_mut().zip(&chunks) {
-            *a = f32x8::new(row[c]).mul_add(q, *a);
-        }
-    }
-    if !dim.is_multiple_of(LANES) {
-        let q = query.lanes[full];
-        for (a, row) in acc.iter_mut().zip(&rows) {
-            *a = load_tail(row, full, dim, query.tail_mask).mul_add(q, *a);
-        }
-    }
-    sum_lanes_x8(acc)
+    // Row after row: the loads walk memory sequentially, the pattern hardware prefetchers
+    // follow best (measured: about 1.5x faster scans from DRAM than interleaving the rows).
+    // Written out (not `rows.map`) so that the compiler inlines all eight rows and keeps the
+    // accumulators in registers.
+    let [r0, r1, r2, r3, r4, r5, r6, r7] = rows;
+    sum_lanes_x8([
+        row_accumulator(r0, query),
+        row_accumulator(r1, query),
+        row_accumulator(r2, query),
+        row_accumulator(r3, query),
+        row_accumulator(r4, query),
+        row_accumulator(r5, query),
+        row_accumulator(r6, query),
+        row_accumulator(r7, query),
+    ])
 }
 
 /// Score of one row against `query`; identical to the lane of [`score_rows8`] that would hold
 /// this row. `row` is as in [`score_rows8`].
 #[inline(always)]
 pub(crate) fn score_row(row: &[f32], query: &PreparedQuery) -> f32 {
-    let dim = query.dim;
-    let full = dim / LANES;
-    let (chunks, _) = row[..full * LANES].as_chunks::<LANES>();
-    let mut acc = f32x8::ZERO;
-    for (chunk, &q) in chunks.iter().zip(&query.lanes[..full]) {
-        acc = f32x8::new(*chunk).mul_add(q, acc);
-    }
-    if !dim.is_multiple_of(LANES) {
-        acc = load_tail(row, full, dim, query.tail_mask).mul_add(query.lanes[full], acc);
-    }
-    sum_lanes(acc)
+    sum_lanes(row_accumulator(row, query))
 }
 
 /// Dot product of `a` and `b` with AVX2/FMA (`wide::f32x8`, four independent accumulators).
 ///
 /// Only the common prefix `min(a.len(), b.len())` is used. The result equals
-/// [`crate::scalar::dot`] up to rounding (fused multiply-adds, different summation order).
-/// Row-scoring kernels use their own fixed recipe (see the module docs), so `dot` can differ
-/// from a scan's score for the same row in the last bits.
+/// [`crate::scalar::dot`] up to rounding (fused multiply-adds, different summation order),
+/// and equals bit for bit the score the scan and candidate kernels give a row `a` for a
+/// query `b` (same recipe, see the module docs).
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let len = a.len().min(b.len());
     let (a_chunks, a_tail) = a[..len].as_chunks::<LANES>();
     let (b_chunks, b_tail) = b[..len].as_chunks::<LANES>();
-    let mut acc = [f32x8::ZERO; 4];
-    let mut a_quads = a_chunks.chunks_exact(4);
-    let mut b_quads = b_chunks.chunks_exact(4);
-    for (qa, qb) in (&mut a_quads).zip(&mut b_quads) {
-        for ((acc, ca), cb) in acc.iter_mut().zip(qa).zip(qb) {
-            *acc = f32x8::new(*ca).mul_add(f32x8::new(*cb), *acc);
-        }
-    }
-    for ((acc, ca), cb) in acc
-        .iter_mut()
-        .zip(a_quads.remainder())
-        .zip(b_quads.remainder())
-    {
-        *acc = f32x8::new(*ca).mul_add(f32x8::new(*cb), *acc);
-    }
-    let mut total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-    if !a_tail.is_empty() {
-        total = f32x8::from(a_tail).mul_add(f32x8::from(b_tail), total);
-    }
-    sum_lanes(total)
+    let tail = match a_tail.is_empty() {
+        true => None,
+        false => Some((f32x8::from(a_tail), f32x8::from(b_tail))),
+    };
+    sum_lanes(accumulate(a_chunks, b_chunks, tail))
 }
 
 #[cfg(test)]
@@ -228,6 +250,7 @@ mod tests {
                 prop_assert_eq!(single.to_bits(), block[r].to_bits());
                 let spec = scalar::dot(row, &query);
                 prop_assert!((single - spec).abs() <= dot_tolerance(row, &query));
+                prop_assert_eq!(dot(row, &query).to_bits(), single.to_bits());
             }
         }
     }

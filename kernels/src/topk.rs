@@ -185,11 +185,13 @@ impl TopKScratch {
         Self::default()
     }
 
-    /// A scratch pre-sized for top-`k` over rows of dimension `dim`.
+    /// A scratch pre-sized for top-`k` over rows of dimension `dim` (each capped at 2^20 up
+    /// front, so an absurd request cannot abort; larger buffers grow on first use).
     pub fn with_capacity(k: usize, dim: usize) -> Self {
+        const UP_FRONT_CAP: usize = 1 << 20;
         let mut scratch = Self::default();
-        scratch.heap.reset(k);
-        scratch.query.reserve(dim);
+        scratch.heap.reset(k.min(UP_FRONT_CAP));
+        scratch.query.reserve(dim.min(UP_FRONT_CAP));
         scratch
     }
 }

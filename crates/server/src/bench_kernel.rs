@@ -4,15 +4,17 @@
 //! the single-query scan is compared with a plain multi-threaded read of the same bytes (it
 //! is memory-bandwidth bound), and the batched kernel with serial scans of the same queries.
 //! All timings are the best of `--repeat` runs after one untimed warm-up run (scratch buffers
-//! and faer's packing buffers are then allocated, pages resident). The machine may be busy:
-//! best-of-R filters out interference, it does not hide a slow kernel.
+//! and faer's packing buffers are then allocated, pages resident); compared pairs (scan and
+//! read, batch and serial scans) are timed alternately so that both see the same conditions. The machine may be busy:
+//! best-of-R filters out interference, it does not hide a slow kernel. The table is backed by
+//! transparent huge pages unless `--small-pages` is given (see `kernels::PagePolicy`).
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use kernels::{
-    AlignedRows, RowMatrix, ScoredItem, ScoringPool, TopKScratch, batch_topk, candidates_topk,
-    par_scan_topk, par_sum,
+    AlignedRows, PagePolicy, RowMatrix, ScoredItem, ScoringPool, TopKScratch, batch_topk,
+    candidates_topk, par_scan_topk, par_sum,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -50,6 +52,10 @@ pub struct BenchKernelArgs {
     /// Seed of the random table, queries and candidate lists.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Back the table with ordinary 4 KiB pages instead of transparent huge pages (as a
+    /// memory-mapped table file would be), to see what huge pages are worth.
+    #[arg(long)]
+    pub small_pages: bool,
 }
 
 impl Default for BenchKernelArgs {
@@ -62,6 +68,7 @@ impl Default for BenchKernelArgs {
             threads: None,
             repeat: 5,
             seed: 42,
+            small_pages: false,
         }
     }
 }
@@ -91,49 +98,57 @@ pub fn run(args: &BenchKernelArgs) -> Result<Vec<(&'static str, f64)>> {
     ensure!(args.repeat > 0, "--repeat must be positive");
     let pool = ScoringPool::new(args.threads.unwrap_or(0)).context("building the thread pool")?;
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
-    let table = random_rows(&mut rng, args.rows, args.dim)?;
-    let queries = random_rows(&mut rng, args.batch, args.dim)?;
+    let pages = match args.small_pages {
+        true => PagePolicy::Standard,
+        false => PagePolicy::HugePages,
+    };
+    let table = random_rows(&mut rng, args.rows, args.dim, pages)?;
+    let queries = random_rows(&mut rng, args.batch, args.dim, PagePolicy::Standard)?;
     let table_view = table.as_matrix();
     let query_view = queries.as_matrix();
     let table_bytes = std::mem::size_of_val(table.as_padded_slice()) as f64;
 
-    // Plain read of the same bytes on the same threads.
-    let read = best_time(args.repeat, || {
-        std::hint::black_box(pool.install(|| par_sum(table.as_padded_slice())));
-        Ok(())
-    })?;
-    let read_gbps = table_bytes / read.as_secs_f64() / 1e9;
-
-    // One query, whole table, all threads.
+    // One query over the whole table on all threads, interleaved with a plain read of the
+    // same bytes on the same threads, so that both see the same machine conditions.
     let mut top = Vec::with_capacity(args.k);
     let mut next_query = 0;
-    let scan = best_time(args.repeat, || {
-        let query = query_view.row(next_query % args.batch);
-        next_query += 1;
-        pool.install(|| par_scan_topk(table_view, query, args.k, &mut top))?;
-        std::hint::black_box(&top);
-        Ok(())
-    })?;
+    let (read, scan) = best_times_interleaved(
+        args.repeat,
+        || {
+            std::hint::black_box(pool.install(|| par_sum(table.as_padded_slice())));
+            Ok(())
+        },
+        || {
+            let query = query_view.row(next_query % args.batch);
+            next_query += 1;
+            pool.install(|| par_scan_topk(table_view, query, args.k, &mut top))?;
+            std::hint::black_box(&top);
+            Ok(())
+        },
+    )?;
+    let read_gbps = table_bytes / read.as_secs_f64() / 1e9;
     let scan_gbps = table_bytes / scan.as_secs_f64() / 1e9;
 
-    // Many queries at once.
+    // Many queries at once, interleaved with the same queries scanned one after another (a
+    // subset, extrapolated; see the doc comment).
     let mut answers: Vec<Vec<ScoredItem>> = Vec::with_capacity(args.batch);
-    let batch = best_time(args.repeat, || {
-        pool.install(|| batch_topk(table_view, query_view, args.k, &mut answers))?;
-        std::hint::black_box(&answers);
-        Ok(())
-    })?;
-    let flops = 2.0 * args.rows as f64 * args.dim as f64 * args.batch as f64;
-
-    // The same queries one after another (a subset, extrapolated; see the doc comment).
     let subset = args.batch.min(SERIAL_SUBSET);
-    let serial_subset = best_time(args.repeat, || {
-        for q in 0..subset {
-            pool.install(|| par_scan_topk(table_view, query_view.row(q), args.k, &mut top))?;
-            std::hint::black_box(&top);
-        }
-        Ok(())
-    })?;
+    let (batch, serial_subset) = best_times_interleaved(
+        args.repeat,
+        || {
+            pool.install(|| batch_topk(table_view, query_view, args.k, &mut answers))?;
+            std::hint::black_box(&answers);
+            Ok(())
+        },
+        || {
+            for q in 0..subset {
+                pool.install(|| par_scan_topk(table_view, query_view.row(q), args.k, &mut top))?;
+                std::hint::black_box(&top);
+            }
+            Ok(())
+        },
+    )?;
+    let flops = 2.0 * args.rows as f64 * args.dim as f64 * args.batch as f64;
     let serial = serial_subset.as_secs_f64() / subset as f64 * args.batch as f64;
 
     let candidates_ns = candidates_ns_per_item(args, table_view, query_view, &mut rng)?;
@@ -184,6 +199,27 @@ fn candidates_ns_per_item(
     Ok(time.as_secs_f64() * 1e9 / (CANDIDATE_REQUESTS * per_request) as f64)
 }
 
+/// Runs `first` and `second` once untimed, then alternately `repeat` times each, and returns
+/// the fastest run of each.
+fn best_times_interleaved(
+    repeat: usize,
+    mut first: impl FnMut() -> Result<()>,
+    mut second: impl FnMut() -> Result<()>,
+) -> Result<(Duration, Duration)> {
+    first()?;
+    second()?;
+    let (mut best_first, mut best_second) = (Duration::MAX, Duration::MAX);
+    for _ in 0..repeat {
+        let start = Instant::now();
+        first()?;
+        best_first = best_first.min(start.elapsed());
+        let start = Instant::now();
+        second()?;
+        best_second = best_second.min(start.elapsed());
+    }
+    Ok((best_first, best_second))
+}
+
 /// Runs `op` once untimed, then `repeat` times timed, and returns the fastest run.
 fn best_time(repeat: usize, mut op: impl FnMut() -> Result<()>) -> Result<Duration> {
     op()?;
@@ -198,8 +234,14 @@ fn best_time(repeat: usize, mut op: impl FnMut() -> Result<()>) -> Result<Durati
 
 /// A 64-byte aligned, padded matrix of uniform values in [-1, 1); writing every row makes
 /// its pages resident before anything is timed.
-fn random_rows(rng: &mut ChaCha8Rng, rows: usize, dim: usize) -> Result<AlignedRows> {
-    let mut matrix = AlignedRows::zeros(rows, dim).context("allocating a random table")?;
+fn random_rows(
+    rng: &mut ChaCha8Rng,
+    rows: usize,
+    dim: usize,
+    pages: PagePolicy,
+) -> Result<AlignedRows> {
+    let mut matrix =
+        AlignedRows::zeros_with_pages(rows, dim, pages).context("allocating a random table")?;
     let stride = matrix.stride();
     for row in matrix.as_padded_slice_mut().chunks_exact_mut(stride) {
         for x in &mut row[..dim] {
@@ -225,6 +267,7 @@ mod tests {
             threads: Some(2),
             repeat: 1,
             seed: 7,
+            small_pages: true,
         };
         let metrics = run(&args).unwrap();
         let names: Vec<&str> = metrics.iter().map(|(name, _)| *name).collect();
