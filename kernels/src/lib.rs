@@ -23,10 +23,19 @@
 //! scan returns exactly what the single-threaded scan returns, whatever the thread count). The
 //! batched kernel sums in GEMM order, so its scores can differ in the last bits.
 //!
-//! # Allocation
+//! # Allocation and memory
 //!
 //! Hot paths take `&mut` output vectors and scratch ([`TopKScratch`]; per-thread scratch for
-//! the parallel kernels) that grow to the largest request seen and are then reused.
+//! the parallel kernels) that grow to the largest request seen and are then reused. Large
+//! tables held in memory should use [`AlignedRows`] with [`PagePolicy::HugePages`]: scans and
+//! random gathers are then markedly faster (see [`PagePolicy`]).
+//!
+//! # Threads
+//!
+//! [`par_scan_topk`] and [`batch_topk`] run on the current rayon pool; [`ScoringPool`] makes a
+//! dedicated one without the caller depending on rayon. For a single query prefer
+//! [`par_scan_topk`] (bandwidth bound); from a few dozen concurrent queries on, [`batch_topk`]
+//! is several times faster than scanning them one by one.
 //!
 //! # Example
 //!
