@@ -1,0 +1,1 @@
+//! Durable server state: the per-user privacy budget ledger and the amortized fairness state.
