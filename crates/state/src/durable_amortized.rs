@@ -308,3 +308,148 @@ impl Drop for DurableAmortizedStore {
         let _ = self.shut_down();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    fn delta(exposure: &[(u32, f64)], relevance: &[(u32, f64)], rankings: u64) -> AmortizedState {
+        AmortizedState {
+            group_exposure: exposure.iter().copied().collect(),
+            group_relevance: relevance.iter().copied().collect(),
+            rankings,
+        }
+    }
+
+    #[test]
+    fn updates_survive_close_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        {
+            let store = StateDatabase::open(&path)
+                .unwrap()
+                .amortized_store(AmortizedOptions::default())
+                .unwrap();
+            store
+                .update("home", &delta(&[(0, 1.5)], &[(0, 0.25)], 1))
+                .unwrap();
+            store
+                .update("home", &delta(&[(1, 0.1)], &[(1, 0.2)], 1))
+                .unwrap();
+            store.update("search", &delta(&[(2, 4.0)], &[], 1)).unwrap();
+            store.close().unwrap();
+            store.close().unwrap();
+            assert_eq!(store.load("home").unwrap_err(), StateError::Closed);
+        }
+        let store = StateDatabase::open_existing(&path)
+            .unwrap()
+            .amortized_store(AmortizedOptions::default())
+            .unwrap();
+        assert_eq!(
+            store.load("home").unwrap(),
+            delta(&[(0, 1.5), (1, 0.1)], &[(0, 0.25), (1, 0.2)], 2)
+        );
+        assert_eq!(store.load("search").unwrap(), delta(&[(2, 4.0)], &[], 1));
+        assert_eq!(store.load("other").unwrap(), AmortizedState::default());
+        // Updates after reopening add to the stored totals.
+        store.update("search", &delta(&[(2, 1.0)], &[], 1)).unwrap();
+        drop(store);
+        let store = StateDatabase::open(&path)
+            .unwrap()
+            .amortized_store(AmortizedOptions::default())
+            .unwrap();
+        assert_eq!(store.load("search").unwrap(), delta(&[(2, 5.0)], &[], 2));
+    }
+
+    #[test]
+    fn the_flusher_writes_without_an_explicit_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = StateDatabase::open(dir.path().join("state.redb")).unwrap();
+        let store = database
+            .amortized_store(AmortizedOptions {
+                flush_interval: Duration::from_millis(5),
+            })
+            .unwrap();
+        store.update("s", &delta(&[(0, 2.0)], &[], 1)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while store.shared.read_stored("s").unwrap().rankings == 0 {
+            assert!(Instant::now() < deadline, "the flusher never wrote");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            store.shared.read_stored("s").unwrap(),
+            delta(&[(0, 2.0)], &[], 1)
+        );
+    }
+
+    #[test]
+    fn concurrent_updates_all_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = StateDatabase::open(dir.path().join("state.redb")).unwrap();
+        let store = Arc::new(
+            database
+                .amortized_store(AmortizedOptions {
+                    flush_interval: Duration::from_millis(1),
+                })
+                .unwrap(),
+        );
+        let threads: Vec<_> = (0..4_u32)
+            .map(|thread| {
+                let store = Arc::clone(&store);
+                std::thread::spawn(move || {
+                    for _ in 0..200 {
+                        // Halves are exact in binary, so the sums are exact.
+                        store
+                            .update("shared", &delta(&[(thread % 2, 0.5)], &[(0, 0.25)], 1))
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        store.flush().unwrap();
+        let expected = delta(&[(0, 200.0), (1, 200.0)], &[(0, 200.0)], 800);
+        assert_eq!(store.load("shared").unwrap(), expected);
+        assert_eq!(store.shared.read_stored("shared").unwrap(), expected);
+    }
+
+    #[test]
+    fn a_corrupt_stored_state_is_reported_with_the_file_and_scope() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let database = StateDatabase::open(&path).unwrap();
+        let transaction = database.begin_write("test").unwrap();
+        {
+            let mut table = transaction.open_table(AMORTIZED).unwrap();
+            table.insert("broken", [1_u8, 2, 3].as_slice()).unwrap();
+        }
+        transaction.commit().unwrap();
+        let store = database
+            .amortized_store(AmortizedOptions::default())
+            .unwrap();
+        let error = store.load("broken").unwrap_err();
+        assert!(
+            matches!(&error, StateError::CorruptRecord { path: named, record: "amortized state", .. } if *named == path),
+            "{error}"
+        );
+        assert!(error.to_string().contains("broken"));
+        // Updating a scope that cannot be read must not overwrite it with the delta alone.
+        assert!(store.update("broken", &delta(&[(0, 1.0)], &[], 1)).is_err());
+        // Invalid input is refused before touching anything.
+        assert!(matches!(
+            store.update("ok", &delta(&[(0, -1.0)], &[], 1)),
+            Err(StateError::InvalidArgument { field: "delta", .. })
+        ));
+        assert!(
+            database
+                .amortized_store(AmortizedOptions {
+                    flush_interval: Duration::ZERO
+                })
+                .is_err()
+        );
+    }
+}

@@ -148,6 +148,16 @@ impl PseudonymKey {
         Ok((Self::new(&secret)?, hex))
     }
 
+    /// Reads the key from `path` (hex digits); fails if the file does not exist (for tools
+    /// that must not invent a new secret, such as `fairrank privacy ledger show`).
+    pub fn load(path: &Path) -> Result<Self, StateError> {
+        let text = fs::read_to_string(path).map_err(|error| StateError::PseudonymKey {
+            path: path.to_path_buf(),
+            reason: format!("cannot read: {error}"),
+        })?;
+        Self::parse_hex(&text, path.to_path_buf())
+    }
+
     /// Reads the key from `path` (hex digits), or creates the file with a fresh random key
     /// (permissions 0600 on Unix, written and fsynced before use) when it does not exist.
     pub fn load_or_create(path: &Path) -> Result<Self, StateError> {
@@ -273,7 +283,13 @@ mod tests {
     fn load_or_create_persists_the_generated_key() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pseudonym.key");
+        let missing = PseudonymKey::load(&path).unwrap_err();
+        assert!(missing.to_string().contains("pseudonym.key"), "{missing}");
         let first = PseudonymKey::load_or_create(&path).unwrap();
+        assert_eq!(
+            PseudonymKey::load(&path).unwrap().pseudonym("u1"),
+            first.pseudonym("u1")
+        );
         let second = PseudonymKey::load_or_create(&path).unwrap();
         assert_eq!(first.pseudonym("u1"), second.pseudonym("u1"));
         #[cfg(unix)]

@@ -1,0 +1,157 @@
+//! Crash test: a child process charges from several threads and reports each `Charged`
+//! outcome on stdout; it is killed with SIGKILL mid-load, twice, and every charge it reported
+//! must then be in the reopened ledger.
+//!
+//! The child is this same test binary, re-run with the ignored test `crash_child` selected
+//! and the database path in an environment variable.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use state::{
+    BudgetLedger, ChargeOutcome, ChargeRequest, LedgerOptions, PseudonymKey, Rho, StateDatabase,
+};
+
+/// Environment variable carrying the database path to the child.
+const DATABASE_VARIABLE: &str = "FAIRRANK_STATE_CRASH_DATABASE";
+/// Environment variable carrying the round number (keeps request ids unique across rounds).
+const ROUND_VARIABLE: &str = "FAIRRANK_STATE_CRASH_ROUND";
+/// Charge per request, in nano-rho.
+const CHARGE: u64 = 1_000;
+/// Users the child's threads share (so charges for one user race).
+const USERS: [&str; 2] = ["alice", "bob"];
+
+fn key() -> PseudonymKey {
+    PseudonymKey::new(&[9_u8; 32]).expect("a 32-byte key")
+}
+
+/// The child: charges forever from 4 threads, printing `charged <user> <request id>` after
+/// each charge the ledger reported as done.
+#[test]
+#[ignore = "run as a child process by killed_writers_lose_no_reported_charge"]
+fn crash_child() {
+    let Ok(path) = std::env::var(DATABASE_VARIABLE) else {
+        return;
+    };
+    let round = std::env::var(ROUND_VARIABLE).unwrap_or_default();
+    let database = StateDatabase::open(&path).expect("the database opens");
+    let ledger = Arc::new(database.ledger(LedgerOptions::default()).expect("a ledger"));
+    let threads: Vec<_> = (0..4)
+        .map(|thread| {
+            let ledger = Arc::clone(&ledger);
+            let round = round.clone();
+            std::thread::spawn(move || {
+                let key = key();
+                for index in 0_u64.. {
+                    let user = USERS[(index as usize + thread) % USERS.len()];
+                    let request_id = format!("round{round}-thread{thread}-{index}");
+                    let request = ChargeRequest {
+                        pseudonym: key.pseudonym(user),
+                        request_id: request_id.clone(),
+                        rho: Rho::from_nano(CHARGE),
+                        cap: Rho::from_nano(u64::MAX / 2),
+                        window: Duration::from_secs(86_400 * 365),
+                        now: SystemTime::now(),
+                        answer: request_id.clone().into_bytes(),
+                    };
+                    match ledger.charge(&request) {
+                        Ok(ChargeOutcome::Charged { .. }) => {
+                            println!("charged {user} {request_id}");
+                        }
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        let _ = thread.join();
+    }
+}
+
+/// Runs one child until it has reported `at_least` charges, kills it with SIGKILL, and
+/// returns every (user, request id) it reported as charged.
+fn run_and_kill(path: &Path, round: u32, at_least: usize) -> Vec<(String, String)> {
+    let mut child = Command::new(std::env::current_exe().expect("the test binary"))
+        .args([
+            "crash_child",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(DATABASE_VARIABLE, path)
+        .env(ROUND_VARIABLE, round.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the child starts");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut reader = BufReader::new(stdout);
+    let mut reported = Vec::new();
+    let mut killed = false;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let read = reader.read_line(&mut line).expect("the child's stdout");
+        if read == 0 {
+            break;
+        }
+        // A line cut by the kill is not a complete report.
+        if let Some(report) = line
+            .strip_suffix('\n')
+            .and_then(|l| l.strip_prefix("charged "))
+        {
+            let (user, request_id) = report.split_once(' ').expect("user and request id");
+            reported.push((user.to_string(), request_id.to_string()));
+        }
+        if !killed && reported.len() >= at_least {
+            // Child::kill sends SIGKILL on Unix.
+            child.kill().expect("the kill");
+            killed = true;
+        }
+    }
+    let status = child.wait().expect("the child exits");
+    assert!(killed, "the child exited by itself: {status}");
+    assert!(!status.success());
+    reported
+}
+
+#[test]
+fn killed_writers_lose_no_reported_charge() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("crash.redb");
+    let mut reported = run_and_kill(&path, 1, 300);
+    // The second child recovers the file left by the first kill and is killed in turn.
+    reported.extend(run_and_kill(&path, 2, 300));
+
+    let database = StateDatabase::open_existing(&path).expect("the crashed database reopens");
+    let ledger = database.ledger(LedgerOptions::default()).expect("a ledger");
+    let key = key();
+    let mut per_user: HashMap<&str, u64> = HashMap::new();
+    for (user, request_id) in &reported {
+        let stored = ledger
+            .lookup(&key.pseudonym(user), request_id)
+            .expect("lookup")
+            .unwrap_or_else(|| panic!("reported charge {user}/{request_id} is missing"));
+        assert_eq!(stored.answer, request_id.as_bytes());
+        assert_eq!(stored.rho, Rho::from_nano(CHARGE));
+        *per_user.entry(user.as_str()).or_default() += 1;
+    }
+    for (user, count) in per_user {
+        let spend = ledger
+            .spend(&key.pseudonym(user), SystemTime::now())
+            .expect("spend");
+        // Charges committed but not yet reported when the kill came may add more, never less.
+        assert!(
+            spend.charges >= count,
+            "{user}: {} < {count}",
+            spend.charges
+        );
+        assert_eq!(spend.spent, Rho::from_nano(spend.charges * CHARGE));
+    }
+}
