@@ -251,7 +251,27 @@ const KEY_DOCS: &[(&str, &str, &str)] = &[
     (
         "ranking",
         "default_fairness_constraint",
-        "Fairness constraint of requests that name none.",
+        "Fairness constraint of requests that name none (a registered name: none, fa*ir, det-greedy, det-cons, det-relaxed, det-const-sort, min-exposure, fairco, plackett-luce).",
+    ),
+    (
+        "ranking",
+        "default_fairness_params",
+        "Parameters of the default constraint, as in the fairness registry, e.g. { p = 0.5, alpha = 0.1, protected = 1 } for \"fa*ir\" (Admin GetStatus lists every constraint and its parameters).",
+    ),
+    (
+        "ranking",
+        "default_on_infeasible",
+        "When a constraint cannot be met on the pool and the request does not say: \"best_effort\", \"unconstrained\" or \"reject\".",
+    ),
+    (
+        "ranking",
+        "reranker_cache_capacity",
+        "Fairness re-rankers kept built, by canonical policy (0 rebuilds per request).",
+    ),
+    (
+        "ranking",
+        "max_exposure_scopes",
+        "Most amortized-fairness exposure scopes held; requests opening more get RESOURCE_EXHAUSTED.",
     ),
     (
         "ranking",
