@@ -1,6 +1,7 @@
 //! The seam between the request path and the amortized fairness state (FairCo): per-scope
-//! cumulative exposure and relevance by group, kept across requests, with an in-memory
-//! implementation. A durable store (`crates/state`) plugs in through the same trait.
+//! cumulative exposure and relevance by group, kept across requests. Implementations: in
+//! memory ([`InMemoryExposureStore`]), and any `state` crate store, durable ones included
+//! ([`AmortizedStoreAdapter`] over `state::DurableAmortizedStore`).
 //!
 //! A scope key is `"<attribute length>:<group_attribute>/<exposure_scope>"` (see
 //! [`scope_key`]): amortized totals of different group attributes never mix, and the empty
@@ -139,6 +140,105 @@ impl ExposureStateStore for InMemoryExposureStore {
     }
 }
 
+/// An [`ExposureStateStore`] over a `state` crate [`state::AmortizedStore`] (durable or in
+/// memory). Updates of one scope are serialized in this process; the backing store receives
+/// each answered ranking's additive delta (`state::delta_between`), so it never loses an
+/// update to a read-modify-write race even if another process shared it.
+pub struct AmortizedStoreAdapter {
+    store: Arc<dyn state::AmortizedStore>,
+    locks: RwLock<HashMap<String, Arc<Mutex<()>>>>,
+    max_scopes: usize,
+}
+
+impl fmt::Debug for AmortizedStoreAdapter {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter
+            .debug_struct("AmortizedStoreAdapter")
+            .field("store", &self.store)
+            .field("max_scopes", &self.max_scopes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A `state` crate failure as an engine error (the state store cannot serve).
+fn state_error(error: state::StateError) -> EngineError {
+    EngineError::Unavailable {
+        message: format!("the amortized fairness state store failed: {error}"),
+    }
+}
+
+impl AmortizedStoreAdapter {
+    /// Serves `store`, holding at most `max_scopes` scopes (at least 1).
+    pub fn new(store: Arc<dyn state::AmortizedStore>, max_scopes: usize) -> Self {
+        Self {
+            store,
+            locks: RwLock::new(HashMap::new()),
+            max_scopes: max_scopes.max(1),
+        }
+    }
+
+    /// The backing store (to flush or close it at shutdown).
+    pub fn store(&self) -> &Arc<dyn state::AmortizedStore> {
+        &self.store
+    }
+
+    fn lock_of(&self, scope: &str) -> Result<Arc<Mutex<()>>, EngineError> {
+        if let Some(lock) = self
+            .locks
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(scope)
+        {
+            return Ok(Arc::clone(lock));
+        }
+        let mut locks = self.locks.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(lock) = locks.get(scope) {
+            return Ok(Arc::clone(lock));
+        }
+        if locks.len() >= self.max_scopes {
+            return Err(EngineError::ResourceExhausted {
+                message: format!(
+                    "the amortized fairness state holds its limit of {} exposure scopes",
+                    self.max_scopes
+                ),
+            });
+        }
+        let lock = Arc::new(Mutex::new(()));
+        locks.insert(scope.to_owned(), Arc::clone(&lock));
+        Ok(lock)
+    }
+}
+
+impl ExposureStateStore for AmortizedStoreAdapter {
+    fn load(&self, scope: &str) -> Result<Option<AmortizedState>, EngineError> {
+        let state = self.store.load(scope).map_err(state_error)?;
+        let empty = state.rankings == 0
+            && state.group_exposure.is_empty()
+            && state.group_relevance.is_empty();
+        Ok((!empty).then_some(state))
+    }
+
+    fn update(&self, scope: &str, apply: &mut StateUpdate<'_>) -> Result<bool, EngineError> {
+        let lock = self.lock_of(scope)?;
+        let _held = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.store.load(scope).map_err(state_error)?;
+        let before = state.clone();
+        if !apply(&mut state)? {
+            return Ok(false);
+        }
+        let delta = state::delta_between(&before, &state);
+        self.store.update(scope, &delta).map_err(state_error)?;
+        Ok(true)
+    }
+
+    fn scopes(&self) -> Result<Vec<String>, EngineError> {
+        let locks = self.locks.read().unwrap_or_else(PoisonError::into_inner);
+        let mut names: Vec<String> = locks.keys().cloned().collect();
+        names.sort_unstable();
+        Ok(names)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +282,33 @@ mod tests {
                 .update("a/1", &mut |_: &mut AmortizedState| Ok(true))
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn the_adapter_adds_each_update_to_the_backing_store() {
+        let backing: Arc<dyn state::AmortizedStore> =
+            Arc::new(state::InMemoryAmortizedStore::default());
+        let adapter = AmortizedStoreAdapter::new(Arc::clone(&backing), 8);
+        assert_eq!(adapter.load("1:a/x").unwrap(), None);
+        for _ in 0..2 {
+            adapter
+                .update("1:a/x", &mut |state: &mut AmortizedState| {
+                    *state.group_exposure.entry(3).or_insert(0.0) += 1.5;
+                    *state.group_relevance.entry(3).or_insert(0.0) += 0.5;
+                    state.rankings += 1;
+                    Ok(true)
+                })
+                .unwrap();
+        }
+        let stored = backing.load("1:a/x").unwrap();
+        assert_eq!(stored.rankings, 2);
+        assert_eq!(stored.group_exposure.get(&3), Some(&3.0));
+        assert_eq!(adapter.load("1:a/x").unwrap(), Some(stored));
+        // An unchanged update writes nothing.
+        adapter
+            .update("1:a/y", &mut |_: &mut AmortizedState| Ok(false))
+            .unwrap();
+        assert_eq!(adapter.load("1:a/y").unwrap(), None);
     }
 
     #[test]

@@ -90,7 +90,8 @@ pub use error::{
     ReloadProblem,
 };
 pub use exposure_state::{
-    DEFAULT_MAX_EXPOSURE_SCOPES, ExposureStateStore, InMemoryExposureStore, StateUpdate, scope_key,
+    AmortizedStoreAdapter, DEFAULT_MAX_EXPOSURE_SCOPES, ExposureStateStore, InMemoryExposureStore,
+    StateUpdate, scope_key,
 };
 pub use request::{
     BudgetExhaustedAction, Consent, ConsentDecision, ExplainLevel, ExplainOptions, FairnessPolicy,

@@ -307,3 +307,87 @@ async fn get_status_lists_every_constraint_with_its_parameters() {
             .any(|param| param.name == "p" && param.required)
     );
 }
+
+/// Sends FairCo requests of `users` (in order) in scope `home`; returns the last answer.
+async fn fairco_rounds(server: &Server, users: &[String], first_id: usize) -> pb::RankResponse {
+    let mut ranker = server.ranker().await;
+    let mut last = None;
+    for (offset, user) in users.iter().enumerate() {
+        let mut fairness = policy("fairco", serde_json::json!({"lambda": 2.0}));
+        fairness.exposure_scope = "home".to_owned();
+        let request = fair_request(
+            &format!("fairco-{}", first_id + offset),
+            user,
+            10,
+            80,
+            fairness,
+        );
+        last = Some(ranker.rank(request).await.expect("ranks").into_inner());
+    }
+    last.expect("at least one round")
+}
+
+fn amortized(response: &pb::RankResponse) -> Vec<(u32, f64, f64)> {
+    report(response)
+        .amortized
+        .iter()
+        .map(|group| (group.group, group.exposure_share, group.merit_share))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fairco_state_survives_a_restart_with_a_state_database() {
+    let tables = tables(15);
+    let state_dir = tempfile::tempdir().expect("temporary folder");
+    let config = format!(
+        "[state]\npath = {:?}\n",
+        state_dir.path().join("state.redb").display().to_string()
+    );
+    let users: Vec<String> = (0..4)
+        .map(|user| tables.data.users.ids[user * 7].clone())
+        .collect();
+    let (before, after) = users.split_at(3);
+
+    // Three rankings, a graceful restart, a fourth ranking.
+    let mut server = Server::start(&tables, Some(&config), &[]);
+    fairco_rounds(&server, before, 0).await;
+    server.signal("TERM");
+    assert!(server.wait(CALL_TIMEOUT).success(), "{}", server.logs());
+    let restarted = Server::start(&tables, Some(&config), &[]);
+    let resumed = fairco_rounds(&restarted, after, 3).await;
+
+    // The same four rankings without a restart, and the fourth alone.
+    let continuous = Server::start(&tables, None, &[]);
+    let uninterrupted = fairco_rounds(&continuous, &users, 0).await;
+    let fresh = Server::start(&tables, None, &[]);
+    let alone = fairco_rounds(&fresh, after, 3).await;
+
+    let ids = |response: &pb::RankResponse| {
+        response
+            .items
+            .iter()
+            .map(|item| item.item_id.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&resumed), ids(&uninterrupted));
+    let (resumed, uninterrupted, alone) = (
+        amortized(&resumed),
+        amortized(&uninterrupted),
+        amortized(&alone),
+    );
+    assert_eq!(resumed.len(), uninterrupted.len());
+    for (a, b) in resumed.iter().zip(&uninterrupted) {
+        assert_eq!(a.0, b.0);
+        assert!(
+            (a.1 - b.1).abs() < 1e-9 && (a.2 - b.2).abs() < 1e-9,
+            "{a:?} vs {b:?}"
+        );
+    }
+    assert!(
+        resumed
+            .iter()
+            .zip(&alone)
+            .any(|(a, b)| (a.2 - b.2).abs() > 1e-9),
+        "the restarted server remembers the earlier rankings: {resumed:?} vs {alone:?}"
+    );
+}
