@@ -1,12 +1,15 @@
-//! Engine limits and defaults: request limits, the micro-batcher's policy, consent defaults.
+//! Engine limits and defaults: request limits, the micro-batcher's policy, consent defaults,
+//! the default fairness policy.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::EngineError;
+use crate::request::InfeasibleAction;
 
-/// Name of the only fairness constraint this engine version implements.
+/// Name of the constraint that keeps the unconstrained order.
 pub const CONSTRAINT_NONE: &str = "none";
 
 /// Configuration of an [`Engine`](crate::Engine). `Default` gives the documented defaults;
@@ -34,8 +37,20 @@ pub struct EngineConfig {
     /// Whole-catalog requests that may wait in the batch queue; beyond that requests are
     /// refused with `ResourceExhausted` (default 4096).
     pub batch_queue_capacity: usize,
-    /// Fairness constraint of requests that name none (default `none`).
+    /// Fairness constraint of requests that name none (default `none`): a name of the
+    /// fairness registry, checked at start-up.
     pub default_fairness_constraint: String,
+    /// Parameters of the default constraint, keyed as in the fairness registry (default
+    /// none), for example `{ p = 0.5, alpha = 0.1, protected = 1 }` for `fa*ir`.
+    pub default_fairness_params: BTreeMap<String, serde_json::Value>,
+    /// What to do when a constraint cannot be met on the pool and the request does not
+    /// say: `best_effort` (default), `unconstrained` or `reject`.
+    pub default_on_infeasible: InfeasibleAction,
+    /// Re-rankers kept built, by canonical policy (default 256); 0 rebuilds every time.
+    pub reranker_cache_capacity: usize,
+    /// Most amortized exposure scopes held by the in-memory state store (default
+    /// 100 000); requests opening more are refused with `ResourceExhausted`.
+    pub max_exposure_scopes: usize,
     /// Group attribute of requests that name none (default `provider_group`). Unlike an
     /// attribute a request names explicitly, a default the item table lacks is not an
     /// error for constraint `none`: the fairness report then has no groups.
@@ -59,6 +74,10 @@ impl Default for EngineConfig {
             batch_max_queries: 64,
             batch_queue_capacity: 4096,
             default_fairness_constraint: CONSTRAINT_NONE.to_owned(),
+            default_fairness_params: BTreeMap::new(),
+            default_on_infeasible: InfeasibleAction::BestEffort,
+            reranker_cache_capacity: 256,
+            max_exposure_scopes: crate::exposure_state::DEFAULT_MAX_EXPOSURE_SCOPES,
             default_group_attribute: "provider_group".to_owned(),
             require_explicit_consent: false,
             verify_checksum_on_reload: true,
@@ -99,14 +118,20 @@ impl EngineConfig {
                 format!("{} exceeds max_pool ({})", self.default_pool, self.max_pool),
             );
         }
-        if self.default_fairness_constraint != CONSTRAINT_NONE {
+        if self.default_fairness_constraint.trim().is_empty() {
             return refuse(
                 "default_fairness_constraint",
-                format!(
-                    "constraint {:?} is not supported yet (only `{CONSTRAINT_NONE}` is)",
-                    self.default_fairness_constraint
-                ),
+                format!("must name a constraint (for example `{CONSTRAINT_NONE}`)"),
             );
+        }
+        if self.default_on_infeasible == InfeasibleAction::Unspecified {
+            return refuse(
+                "default_on_infeasible",
+                "must be best_effort, unconstrained or reject".to_owned(),
+            );
+        }
+        if self.max_exposure_scopes == 0 {
+            return refuse("max_exposure_scopes", "must be at least 1".to_owned());
         }
         if self.default_group_attribute.is_empty() {
             return refuse("default_group_attribute", "must not be empty".to_owned());
@@ -163,7 +188,7 @@ mod tests {
             ("default_pool", |c| c.default_pool = c.max_pool + 1),
             ("batch_max_queries", |c| c.batch_max_queries = 0),
             ("default_fairness_constraint", |c| {
-                c.default_fairness_constraint = "fa*ir".into()
+                c.default_fairness_constraint = " ".into()
             }),
         ];
         for (field, change) in cases {

@@ -13,8 +13,10 @@ use store::Table;
 use crate::batcher::{Batcher, BatcherStatus, CatalogJob, ScanResult, scan_catalog};
 use crate::config::EngineConfig;
 use crate::error::{DeadlineStage, EngineError};
+use crate::exposure_state::scope_key;
 use crate::pipeline::{Prepared, Snapshot, finish, prepare, score_inline};
 use crate::request::RankRequest;
+use crate::rerank::{FairnessRuntime, FairnessSetup};
 use crate::response::{BatchResponse, RankResponse, StageTimings, micros};
 use crate::tables::{ReloadOutcome, ReloadRequest, TableKind, TableSlot, TableStatus, same_dim};
 
@@ -46,6 +48,7 @@ struct Inner {
     paused_since: Mutex<SystemTime>,
     in_flight: Arc<AtomicUsize>,
     batcher: Batcher,
+    fairness: Arc<FairnessRuntime>,
 }
 
 /// The result of [`Engine::set_personalization_paused`].
@@ -147,16 +150,31 @@ fn spawn_contained(task: impl FnOnce() + Send + 'static) {
 }
 
 impl Engine {
-    /// An engine serving `items` and, optionally, `users` (both as generation 1).
+    /// An engine serving `items` and, optionally, `users` (both as generation 1), with the
+    /// built-in fairness constraints and amortized state in memory.
     ///
-    /// Fails on an invalid configuration, a user table whose dimension differs from the
-    /// item table's, or when the batcher thread cannot start.
+    /// Fails on an invalid configuration (including a default fairness policy the registry
+    /// refuses), a user table whose dimension differs from the item table's, or when the
+    /// batcher thread cannot start.
     pub fn new(
         config: EngineConfig,
         items: Table,
         users: Option<Table>,
     ) -> Result<Engine, EngineError> {
+        let fairness = FairnessSetup::in_memory(&config);
+        Engine::with_fairness(config, items, users, fairness)
+    }
+
+    /// [`Engine::new`] with a chosen fairness registry (research constraints) and amortized
+    /// state store (a durable one survives restarts).
+    pub fn with_fairness(
+        config: EngineConfig,
+        items: Table,
+        users: Option<Table>,
+        fairness: FairnessSetup,
+    ) -> Result<Engine, EngineError> {
         config.validate()?;
+        let fairness = Arc::new(FairnessRuntime::new(&config, fairness)?);
         if let Some(users) = &users
             && users.dim() != items.dim()
         {
@@ -180,6 +198,7 @@ impl Engine {
             in_flight: Arc::new(AtomicUsize::new(0)),
             batcher,
             config,
+            fairness,
         };
         Ok(Engine {
             inner: Arc::new(inner),
@@ -390,6 +409,25 @@ impl Engine {
         self.inner.paused.load(Ordering::Acquire)
     }
 
+    /// The registered fairness constraints with their parameters, by name (valid
+    /// `FairnessPolicy::constraint` values).
+    pub fn fairness_constraints(&self) -> Vec<fairness::ConstraintInfo> {
+        self.inner.fairness.constraints()
+    }
+
+    /// The amortized fairness state of `exposure_scope` under `group_attribute`, if an
+    /// amortized constraint has ranked in it.
+    pub fn exposure_state(
+        &self,
+        group_attribute: &str,
+        exposure_scope: &str,
+    ) -> Result<Option<fairness::AmortizedState>, EngineError> {
+        self.inner
+            .fairness
+            .store()
+            .load(&scope_key(group_attribute, exposure_scope))
+    }
+
     /// Requests submitted and not yet answered (for the server's load shedding).
     pub fn in_flight(&self) -> usize {
         self.inner.in_flight.load(Ordering::Acquire)
@@ -429,6 +467,7 @@ impl Inner {
             items,
             users: self.users.snapshot(),
             paused: self.paused.load(Ordering::Acquire),
+            fairness: Arc::clone(&self.fairness),
         })
     }
 

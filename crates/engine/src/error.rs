@@ -21,6 +21,8 @@ pub enum InvalidReason {
     DimensionMismatch,
     /// The fairness constraint's parameters are wrong for the constraint.
     InvalidConstraintParams,
+    /// The fairness constraint is not registered.
+    UnknownConstraint,
 }
 
 /// What was not found (the reasons of `NOT_FOUND`).
@@ -41,6 +43,8 @@ pub enum PreconditionReason {
     GroupAttributeNotFound,
     /// A rollback was asked for, but no previous table is retained.
     NoRollbackTarget,
+    /// The fairness constraint cannot be met on the pool and the policy says to refuse.
+    FairnessInfeasible,
 }
 
 /// Why a table change was aborted (the reasons of `ABORTED`).

@@ -20,10 +20,15 @@
 //!    requests together ([`kernels::batch_topk`]) and a lone one at once
 //!    ([`kernels::par_scan_topk`]).
 //! 4. **select pool / re-rank**: the top `pool_size` items, re-ranked to `k` by the fairness
-//!    policy (this version implements constraint `none`: the unconstrained top-k).
-//! 5. **explain**: layered reasons (code, sentence, top contributing dimensions).
-//! 6. **report**: exposure share by group (DCG discount `1/log2(1+rank)`), utility kept,
-//!    privacy outcome (differential privacy arrives in a later version).
+//!    policy: any constraint of the `fairness` registry (`none`, `fa*ir`, `det-*`,
+//!    `min-exposure`, `fairco`, `plackett-luce`), built once per policy and cached;
+//!    amortized constraints keep their state per exposure scope in an
+//!    [`ExposureStateStore`] (see [`FairnessSetup`]).
+//! 5. **report**: exposure share by group (DCG discount `1/log2(1+rank)`), NDCG against the
+//!    unconstrained order, whether the constraint held and any fallback
+//!    (`fairness::answer_report`); privacy outcome (differential privacy arrives in a
+//!    later version).
+//! 6. **explain**: layered reasons (code, sentence, top contributing dimensions).
 //!
 //! Tables are hot-swapped: [`Engine::reload_items`] opens, validates, warms and swaps a new
 //! table atomically; requests already running finish on the table they started with;
@@ -66,9 +71,10 @@ mod config;
 mod engine;
 mod error;
 mod explain;
+mod exposure_state;
 mod pipeline;
-mod report;
 mod request;
+mod rerank;
 mod response;
 mod tables;
 mod validate;
@@ -83,15 +89,21 @@ pub use error::{
     AbortReason, DeadlineStage, EngineError, InvalidReason, NotFoundReason, PreconditionReason,
     ReloadProblem,
 };
+pub use exposure_state::{
+    AmortizedStoreAdapter, DEFAULT_MAX_EXPOSURE_SCOPES, ExposureStateStore, InMemoryExposureStore,
+    StateUpdate, scope_key,
+};
 pub use request::{
     BudgetExhaustedAction, Consent, ConsentDecision, ExplainLevel, ExplainOptions, FairnessPolicy,
     InfeasibleAction, ParamValue, PrivacyBudget, PrivacyMechanism, PrivacyPolicy, RankRequest,
     UserRef,
 };
+pub use rerank::FairnessSetup;
 pub use response::{
-    BatchResponse, DimensionContribution, Explanation, FairnessFallback, FairnessReport,
-    FairnessViolation, GroupExposure, NonPersonalizedReason, PrivacyReport, RankResponse,
-    RankedItem, Reason, ReasonCode, ScoreKind, StageTimings, TableVersion, ViolationKind,
+    AmortizedGroupExposure, BatchResponse, DimensionContribution, Explanation, FairnessFallback,
+    FairnessOptimality, FairnessReport, FairnessViolation, GroupExposure, NonPersonalizedReason,
+    PrivacyReport, RankResponse, RankedItem, Reason, ReasonCode, ScoreKind, StageTimings,
+    TableVersion, ViolationKind,
 };
 pub use tables::{ReloadOutcome, ReloadRequest, TableKind, TableStatus, open_table};
 pub use validate::{

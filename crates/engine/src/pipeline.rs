@@ -11,11 +11,11 @@ use kernels::{ScoredItem, TopKScratch, candidates_topk, par_scan_topk};
 use crate::config::EngineConfig;
 use crate::error::{DeadlineStage, EngineError, NotFoundReason, PreconditionReason};
 use crate::explain::{Basis, Explainer, ItemFacts};
-use crate::report::{ReportInput, fairness_report};
 use crate::request::{ConsentDecision, ExplainLevel, ExplainOptions, RankRequest, UserRef};
+use crate::rerank::{FairnessInput, FairnessOutcome, FairnessRuntime, rerank_and_report};
 use crate::response::{
-    FairnessFallback, NonPersonalizedReason, PrivacyReport, RankResponse, RankedItem, ScoreKind,
-    StageTimings, TableVersion, micros,
+    NonPersonalizedReason, PrivacyReport, RankResponse, RankedItem, ScoreKind, StageTimings,
+    TableVersion, micros,
 };
 use crate::tables::{Served, top_ranked};
 use crate::validate::{self, ResolvedFairness};
@@ -26,6 +26,8 @@ pub(crate) struct Snapshot {
     pub items: Arc<Served>,
     pub users: Option<Arc<Served>>,
     pub paused: bool,
+    /// Fairness registry, re-ranker cache and amortized state.
+    pub fairness: Arc<FairnessRuntime>,
 }
 
 /// A user embedding: inline, or a row of a user table snapshot. Cheap to clone.
@@ -129,7 +131,7 @@ pub(crate) fn prepare(
     validate::request_id(&request.request_id)?;
     validate::user(&request.user, items.dim())?;
     let pool = validate::k_and_pool(request.k, request.pool_size, config)?;
-    let fairness = validate::fairness(&request.fairness, config, items)?;
+    let fairness = validate::fairness(&request.fairness, config, items, &snapshot.fairness)?;
     validate::privacy(&request.privacy)?;
     validate::consent(&request.consent)?;
     let explain = validate::explain(request.explain)?;
@@ -261,24 +263,40 @@ pub(crate) fn score_inline(prepared: &Prepared) -> Result<Vec<ScoredItem>, Engin
     Ok(out)
 }
 
-/// The fairness re-ranking of a pool of `pool_len` items (best first) to at most `k`:
-/// positions into the pool, best first. Validation lets only constraint `none` through,
-/// whose answer is the unconstrained top-k; registered constraints plug in here.
+/// The fairness stage: re-ranks the pool (best first) to at most `k` items under the
+/// request's policy (positions into the pool, best first) and reports on the answer.
 fn rerank(
     fairness: &ResolvedFairness,
-    pool_len: usize,
+    items: &Served,
+    personalization: &Personalization,
+    pool: &[ScoredItem],
     k: usize,
-) -> Result<Vec<usize>, EngineError> {
-    match fairness.constraint.as_str() {
-        crate::config::CONSTRAINT_NONE => Ok((0..k.min(pool_len)).collect()),
-        other => Err(EngineError::internal(format!(
-            "constraint {other:?} reached the re-ranker without a registered implementation"
-        ))),
-    }
+) -> Result<FairnessOutcome, EngineError> {
+    let non_personalized = match personalization {
+        Personalization::NonPersonalized(reason) => {
+            Some(format!("not personalized because {}", reason.describe()))
+        }
+        Personalization::Personalized(_) => None,
+    };
+    let groups = fairness.group_attribute.as_ref().and_then(|(name, index)| {
+        items
+            .data
+            .table
+            .get_group_labels(*index)
+            .map(|labels| (name.as_str(), labels))
+    });
+    rerank_and_report(&FairnessInput {
+        policy: &fairness.run,
+        groups,
+        pool,
+        k,
+        exposure_scope: &fairness.exposure_scope,
+        non_personalized: non_personalized.as_deref(),
+    })
 }
 
-/// Turns the scored pool into the answer: select the pool, re-rank (constraint `none`:
-/// the unconstrained top-k), explain, report.
+/// Turns the scored pool into the answer: select the pool, re-rank and report (the
+/// fairness stage), explain.
 pub(crate) fn finish(
     mut prepared: Prepared,
     mut scored: Vec<ScoredItem>,
@@ -295,12 +313,19 @@ pub(crate) fn finish(
     let now = Instant::now();
     timings.select_pool_us = micros(now - stage);
 
-    // Re-rank: positions into the pool, best first.
-    let stage = now;
-    let unconstrained_len = prepared.k.min(pool.len());
-    let answer = rerank(&prepared.fairness, pool.len(), prepared.k)?;
+    // Re-rank and report: positions into the pool, best first.
+    let outcome = rerank(
+        &prepared.fairness,
+        &prepared.items,
+        &prepared.personalization,
+        &pool,
+        prepared.k,
+    )?;
+    timings.rerank_us = outcome.rerank_us;
+    timings.report_us = outcome.report_us;
+    let answer = outcome.answer;
+    let fairness = outcome.report;
     let now = Instant::now();
-    timings.rerank_us = micros(now - stage);
 
     // Explain and build the items.
     let stage = now;
@@ -379,40 +404,11 @@ pub(crate) fn finish(
     let now = Instant::now();
     timings.explain_us = micros(now - stage);
 
-    // Report.
-    let stage = now;
     let personalized = matches!(prepared.personalization, Personalization::Personalized(_));
     let non_personalized_reason = match &prepared.personalization {
         Personalization::NonPersonalized(reason) => Some(*reason),
         Personalization::Personalized(_) => None,
     };
-    let fallback_reason = non_personalized_reason
-        .map(|reason| format!("not personalized because {}", reason.describe()))
-        .unwrap_or_default();
-    let fallback = if personalized {
-        FairnessFallback::None
-    } else {
-        FairnessFallback::NonPersonalized
-    };
-    let fairness = fairness_report(&ReportInput {
-        constraint: &prepared.fairness.constraint,
-        groups: prepared
-            .fairness
-            .group_attribute
-            .as_ref()
-            .and_then(|(name, index)| {
-                table
-                    .get_group_labels(*index)
-                    .map(|labels| (name.as_str(), labels))
-            }),
-        pool: &pool,
-        answer: &answer,
-        unconstrained_len,
-        fallback: (fallback, &fallback_reason),
-        exposure_scope: "",
-    });
-    let now = Instant::now();
-    timings.report_us = micros(now - stage);
     timings.total_us = micros(now - prepared.received);
 
     Ok(RankResponse {

@@ -109,7 +109,8 @@ pub enum ParamValue {
 }
 
 /// What to do when a fairness constraint cannot be met on the pool.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum InfeasibleAction {
     /// The server's configured default.
     #[default]
@@ -126,11 +127,12 @@ pub enum InfeasibleAction {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FairnessPolicy {
     /// Registry name of the constraint (for example `fa*ir`); empty: the configured
-    /// default. This engine version implements only `none`; other names return
-    /// `Unsupported` for `fairness.constraint`.
+    /// default. An unregistered name is `InvalidArgument` for `fairness.constraint`.
     pub constraint: String,
-    /// Constraint parameters keyed as in the configuration file. Unknown keys are
-    /// rejected (`none` takes none).
+    /// Constraint parameters keyed as in the configuration file and the fairness
+    /// registry. Unknown keys are rejected (`none` takes none). With an empty
+    /// `constraint`, non-empty parameters apply to the configured default constraint
+    /// instead of its configured parameters.
     pub params: BTreeMap<String, ParamValue>,
     /// Item group attribute the constraint and the report use; empty: the configured
     /// default (`provider_group`).
@@ -140,6 +142,10 @@ pub struct FairnessPolicy {
     pub exposure_scope: String,
     /// Behaviour when the constraint cannot be met.
     pub on_infeasible: InfeasibleAction,
+    /// Seed of the random generator of stochastic constraints (`plackett-luce`): the same
+    /// seed on the same pool gives the same answer. `None`: drawn by the server (and
+    /// reported).
+    pub seed: Option<u64>,
 }
 
 impl FairnessPolicy {

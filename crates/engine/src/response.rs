@@ -209,6 +209,46 @@ pub struct FairnessReport {
     pub groups: Vec<GroupExposure>,
     /// Amortized scope (constraints acting across requests); empty otherwise.
     pub exposure_scope: String,
+    /// Cumulative exposure and merit by group in `exposure_scope` after this answer
+    /// (amortized constraints only), ascending label.
+    pub amortized: Vec<AmortizedGroupExposure>,
+    /// For amortized constraints: after this answer, the largest difference between two
+    /// groups' cumulative exposure per unit of cumulative merit (0 is perfectly fair).
+    pub amortized_disparity: Option<f64>,
+    /// For optimizing constraints (`min-exposure`): utility of the answer against a proven
+    /// upper bound on the utility of any ranking meeting the constraint.
+    pub optimality: Option<FairnessOptimality>,
+    /// The seed of the random generator of a stochastic constraint (`plackett-luce`): the
+    /// request's seed, or the one the server drew; sending it back reproduces the answer
+    /// on the same pool.
+    pub seed: Option<u64>,
+    /// Remarks of the re-ranker (infeasibility, adjusted parameters); usually empty.
+    pub notes: Vec<String>,
+}
+
+/// Cumulative exposure of one group in an amortized scope, including this answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AmortizedGroupExposure {
+    /// Group label.
+    pub group: u32,
+    /// Share of all exposure given in the scope that went to this group.
+    pub exposure_share: f64,
+    /// Share of all merit (relevance mass of the pools) in the scope of this group.
+    pub merit_share: f64,
+}
+
+/// How close an optimizing re-ranker's answer is to the best feasible utility. Utility is
+/// `sum_r score_r / log2(1 + r)` over the re-ranker's input scores.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FairnessOptimality {
+    /// Utility of the answer.
+    pub utility: f64,
+    /// Proven upper bound on the utility of any ranking meeting the constraint.
+    pub upper_bound: f64,
+    /// `upper_bound - utility` (>= 0); 0 means the answer is proven optimal.
+    pub gap: f64,
+    /// Whether the answer was found by exhaustive search (then it is optimal).
+    pub exact: bool,
 }
 
 /// The privacy outcome of one answer.

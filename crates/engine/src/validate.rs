@@ -1,13 +1,17 @@
 //! Request validation: one check per field, each refusal naming the field's proto path.
 
+use std::sync::Arc;
+
 use store::Table;
 
 use crate::config::{CONSTRAINT_NONE, EngineConfig};
 use crate::error::{EngineError, InvalidReason, NotFoundReason, PreconditionReason};
+use crate::exposure_state::scope_key;
 use crate::request::{
-    Consent, ExplainOptions, FairnessPolicy, PrivacyBudget, PrivacyMechanism, PrivacyPolicy,
-    UserRef,
+    Consent, ExplainOptions, FairnessPolicy, InfeasibleAction, PrivacyBudget, PrivacyMechanism,
+    PrivacyPolicy, UserRef,
 };
+use crate::rerank::{FairnessRuntime, PolicyRun};
 
 /// Longest request id, in bytes.
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
@@ -23,18 +27,6 @@ pub const MAX_EXPLAIN_DIMENSIONS: usize = 32;
 pub const DEFAULT_EXPLAIN_DIMENSIONS: usize = 3;
 /// Ids listed by name in an unknown- or duplicate-candidate error.
 const LISTED_IDS: usize = 5;
-
-/// Fairness constraints of the `fairrank.v1` registry that later engine versions add.
-const PLANNED_CONSTRAINTS: [&str; 8] = [
-    "fa*ir",
-    "det-greedy",
-    "det-cons",
-    "det-relaxed",
-    "det-const-sort",
-    "fairco",
-    "min-exposure",
-    "plackett-luce",
-];
 
 /// `request_id`: 1 to 128 bytes of ASCII letters, digits and `-_.:`.
 pub(crate) fn request_id(id: &str) -> Result<(), EngineError> {
@@ -155,48 +147,27 @@ pub(crate) fn k_and_pool(
 }
 
 /// The fairness policy with defaults resolved.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub(crate) struct ResolvedFairness {
-    /// Registry name of the constraint.
-    pub constraint: String,
     /// The group attribute (name and index in the item table), if the table has it.
     pub group_attribute: Option<(String, usize)>,
-    /// Amortized scope (unused by `none`).
+    /// Amortized scope (used by amortized constraints only).
     pub exposure_scope: String,
+    /// The re-ranker and how to run it.
+    pub run: PolicyRun,
 }
 
-/// The fairness policy: the constraint must be `none` (others are not implemented yet),
-/// which takes no parameters; the group attribute must exist if named explicitly.
+/// The fairness policy: the constraint and its parameters through the registry (cached),
+/// the scope's length, the group attribute (required by every constraint but `none`;
+/// an explicitly named one must exist), the infeasibility action and the seed.
 pub(crate) fn fairness(
     policy: &FairnessPolicy,
     config: &EngineConfig,
     items: &Table,
+    runtime: &FairnessRuntime,
 ) -> Result<ResolvedFairness, EngineError> {
-    let constraint = if policy.constraint.is_empty() {
-        config.default_fairness_constraint.as_str()
-    } else {
-        policy.constraint.as_str()
-    };
-    if constraint != CONSTRAINT_NONE {
-        let message = if PLANNED_CONSTRAINTS.contains(&constraint) {
-            format!(
-                "constraint {constraint:?} is not yet supported by this server version (supported: `none`)"
-            )
-        } else {
-            format!("{constraint:?} is not a registered constraint (supported: `none`)")
-        };
-        return Err(EngineError::Unsupported {
-            field: "fairness.constraint".to_owned(),
-            message,
-        });
-    }
-    if let Some(key) = policy.params.keys().next() {
-        return Err(EngineError::InvalidArgument {
-            field: format!("fairness.params.{key}"),
-            reason: InvalidReason::InvalidConstraintParams,
-            message: format!("constraint `{CONSTRAINT_NONE}` takes no parameters"),
-        });
-    }
+    let built = runtime.resolve(&policy.constraint, &policy.params)?;
+    let constraint = built.name().to_owned();
     if policy.exposure_scope.len() > MAX_EXPOSURE_SCOPE_BYTES {
         return Err(EngineError::limit(
             "fairness.exposure_scope",
@@ -208,9 +179,20 @@ pub(crate) fn fairness(
     }
     let group_attribute = if policy.group_attribute.is_empty() {
         let name = &config.default_group_attribute;
-        items
-            .group_attribute_index(name)
-            .map(|index| (name.clone(), index))
+        match items.group_attribute_index(name) {
+            Some(index) => Some((name.clone(), index)),
+            None if constraint == CONSTRAINT_NONE => None,
+            None => {
+                return Err(EngineError::FailedPrecondition {
+                    field: Some("fairness.group_attribute".to_owned()),
+                    reason: PreconditionReason::GroupAttributeNotFound,
+                    message: format!(
+                        "constraint `{constraint}` needs a group attribute; the item table has no default attribute {name:?} (it has {:?}); name one",
+                        items.group_attribute_names()
+                    ),
+                });
+            }
+        }
     } else {
         let name = &policy.group_attribute;
         match items.group_attribute_index(name) {
@@ -227,10 +209,26 @@ pub(crate) fn fairness(
             }
         }
     };
+    let on_infeasible = match policy.on_infeasible {
+        InfeasibleAction::Unspecified => config.default_on_infeasible,
+        action => action,
+    };
+    let scope_key = match &group_attribute {
+        Some((name, _)) if built.reranker.is_amortized() => {
+            Some(scope_key(name, &policy.exposure_scope))
+        }
+        _ => None,
+    };
     Ok(ResolvedFairness {
-        constraint: constraint.to_owned(),
         group_attribute,
         exposure_scope: policy.exposure_scope.clone(),
+        run: PolicyRun {
+            built,
+            on_infeasible,
+            seed: policy.seed,
+            scope_key,
+            store: Arc::clone(runtime.store()),
+        },
     })
 }
 

@@ -26,6 +26,30 @@ pub struct Config {
     pub replay: ReplayConfig,
     /// Request limits, defaults and the micro-batcher (the engine's configuration).
     pub ranking: engine::EngineConfig,
+    /// Durable server state (amortized fairness state).
+    pub state: StateConfig,
+}
+
+/// `[state]`: the state database. With a path, the amortized fairness state (FairCo's
+/// cumulative exposure and merit per exposure scope) survives restarts; without one it
+/// lives in memory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StateConfig {
+    /// State database file (created if missing). Unset: state in memory only.
+    pub path: Option<PathBuf>,
+    /// How often changed amortized scopes are written, in milliseconds (default 50): the
+    /// most a crash can lose. A graceful shutdown writes everything.
+    pub amortized_flush_ms: u64,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            path: None,
+            amortized_flush_ms: 50,
+        }
+    }
 }
 
 /// Log line format.
@@ -251,7 +275,27 @@ const KEY_DOCS: &[(&str, &str, &str)] = &[
     (
         "ranking",
         "default_fairness_constraint",
-        "Fairness constraint of requests that name none.",
+        "Fairness constraint of requests that name none (a registered name: none, fa*ir, det-greedy, det-cons, det-relaxed, det-const-sort, min-exposure, fairco, plackett-luce).",
+    ),
+    (
+        "ranking",
+        "default_fairness_params",
+        "Parameters of the default constraint, as in the fairness registry, e.g. { p = 0.5, alpha = 0.1, protected = 1 } for \"fa*ir\" (Admin GetStatus lists every constraint and its parameters).",
+    ),
+    (
+        "ranking",
+        "default_on_infeasible",
+        "When a constraint cannot be met on the pool and the request does not say: \"best_effort\", \"unconstrained\" or \"reject\".",
+    ),
+    (
+        "ranking",
+        "reranker_cache_capacity",
+        "Fairness re-rankers kept built, by canonical policy (0 rebuilds per request).",
+    ),
+    (
+        "ranking",
+        "max_exposure_scopes",
+        "Most amortized-fairness exposure scopes held; requests opening more get RESOURCE_EXHAUSTED.",
     ),
     (
         "ranking",
@@ -267,6 +311,16 @@ const KEY_DOCS: &[(&str, &str, &str)] = &[
         "ranking",
         "verify_checksum_on_reload",
         "Whether reloads verify the whole-file checksum before swapping.",
+    ),
+    (
+        "state",
+        "path",
+        "State database file (created if missing); the amortized fairness state survives restarts. Unset: in memory.",
+    ),
+    (
+        "state",
+        "amortized_flush_ms",
+        "How often changed amortized fairness scopes are written, in milliseconds (the most a crash can lose).",
     ),
 ];
 
@@ -285,6 +339,10 @@ const SECTION_DOCS: &[(&str, &str)] = &[
         "Idempotency store: same request_id + same content -> stored answer.",
     ),
     ("ranking", "Request limits, defaults and the micro-batcher."),
+    (
+        "state",
+        "Durable state (unset keys are listed commented out).",
+    ),
 ];
 
 impl Config {
@@ -321,6 +379,9 @@ impl Config {
             bail!("replay.window_ms must be at least 1 while replay.max_entries is above 0");
         }
         self.ranking.validate().context("ranking")?;
+        if self.state.amortized_flush_ms == 0 {
+            bail!("state.amortized_flush_ms must be at least 1");
+        }
         Ok(())
     }
 
@@ -449,6 +510,10 @@ mod tests {
                 users: Some("b".into()),
                 reload_dir: Some("c".into()),
             },
+            state: StateConfig {
+                path: Some("d".into()),
+                ..StateConfig::default()
+            },
             ..Config::default()
         })
         .unwrap();
@@ -502,6 +567,28 @@ mod tests {
         let config = Config::load(&path).unwrap();
         assert_eq!(config.ranking.max_k, 5);
         assert_eq!(config.metrics_addr().unwrap(), None);
+    }
+
+    #[test]
+    fn a_default_fairness_policy_round_trips_through_the_file() {
+        let text = "[ranking]\ndefault_fairness_constraint = \"fa*ir\"\n\
+                    default_fairness_params = { p = 0.5, alpha = 0.1, protected = 1 }\n\
+                    default_on_infeasible = \"reject\"\n\
+                    [state]\npath = \"/var/lib/fairrank/state.redb\"\n";
+        let config: Config = toml::from_str(text).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.ranking.default_fairness_constraint, "fa*ir");
+        assert_eq!(
+            config.ranking.default_fairness_params.get("protected"),
+            Some(&serde_json::json!(1))
+        );
+        assert_eq!(
+            config.ranking.default_on_infeasible,
+            engine::InfeasibleAction::Reject
+        );
+        let rendered = config.to_documented_toml();
+        let parsed: Config = toml::from_str(&rendered).unwrap();
+        assert_eq!(parsed, config, "{rendered}");
     }
 
     #[test]

@@ -28,6 +28,10 @@ fn kind(error: &EngineError) -> &'static str {
             reason: InvalidReason::InvalidConstraintParams,
             ..
         } => "params",
+        EngineError::InvalidArgument {
+            reason: InvalidReason::UnknownConstraint,
+            ..
+        } => "unknown_constraint",
         EngineError::InvalidArgument { .. } => "invalid",
         EngineError::NotFound { .. } => "not_found",
         EngineError::FailedPrecondition { .. } => "precondition",
@@ -87,13 +91,41 @@ fn each_invalid_field_is_named() {
         ),
         (
             with(|r| r.fairness.constraint = "fa*ir".into()),
-            "fairness.constraint",
-            "unsupported",
+            "fairness.params.p",
+            "params",
         ),
         (
             with(|r| r.fairness.constraint = "made-up".into()),
             "fairness.constraint",
-            "unsupported",
+            "unknown_constraint",
+        ),
+        (
+            with(|r| {
+                r.fairness = FairnessPolicy {
+                    constraint: "det-greedy".into(),
+                    params: BTreeMap::from([(
+                        "targets".to_owned(),
+                        ParamValue::Map(BTreeMap::from([(
+                            "1".to_owned(),
+                            ParamValue::Number(1.5),
+                        )])),
+                    )]),
+                    ..FairnessPolicy::default()
+                }
+            }),
+            "fairness.params.targets",
+            "params",
+        ),
+        (
+            with(|r| {
+                r.fairness = FairnessPolicy {
+                    constraint: "fairco".into(),
+                    params: BTreeMap::from([("lambda".to_owned(), ParamValue::Number(-1.0))]),
+                    ..FairnessPolicy::default()
+                }
+            }),
+            "fairness.params.lambda",
+            "params",
         ),
         (
             with(|r| {

@@ -266,6 +266,7 @@ impl pb::admin_server::Admin for AdminService {
                 reload_failures: metrics.table_changes_total("reload", false),
                 rollbacks: metrics.table_changes_total("rollback", true),
             };
+            let constraints = shared.engine.fairness_constraints();
             let uptime = shared.started.elapsed();
             Ok(pb::GetStatusResponse {
                 server_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -281,7 +282,11 @@ impl pb::admin_server::Admin for AdminService {
                     subjects: 0,
                     rho_charged_total: 0.0,
                 }),
-                fairness_constraints: vec![engine::CONSTRAINT_NONE.to_owned()],
+                fairness_constraints: constraints.iter().map(|info| info.name.clone()).collect(),
+                fairness_constraint_details: constraints
+                    .iter()
+                    .map(convert::constraint_info)
+                    .collect(),
                 privacy_mechanisms: vec![pb::PrivacyMechanism::None as i32],
                 config: shared.config_text.clone(),
             })

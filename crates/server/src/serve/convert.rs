@@ -69,6 +69,7 @@ fn fairness_policy(policy: pb::FairnessPolicy) -> Result<engine::FairnessPolicy,
         group_attribute: policy.group_attribute,
         exposure_scope: policy.exposure_scope,
         on_infeasible,
+        seed: policy.seed,
     })
 }
 
@@ -304,8 +305,43 @@ fn fairness_report(report: engine::FairnessReport) -> pb::FairnessReport {
                 target_share: group.target_share,
             })
             .collect(),
-        amortized: Vec::new(),
+        amortized: report
+            .amortized
+            .into_iter()
+            .map(|group| pb::AmortizedGroupExposure {
+                group: group.group,
+                exposure_share: group.exposure_share,
+                merit_share: group.merit_share,
+            })
+            .collect(),
         exposure_scope: report.exposure_scope,
+        amortized_disparity: report.amortized_disparity,
+        optimality: report.optimality.map(|optimality| pb::FairnessOptimality {
+            utility: optimality.utility,
+            upper_bound: optimality.upper_bound,
+            gap: optimality.gap,
+            exact: optimality.exact,
+        }),
+        seed: report.seed,
+        notes: report.notes,
+    }
+}
+
+/// A registered fairness constraint for `GetStatus`.
+pub fn constraint_info(info: &fairness::ConstraintInfo) -> pb::FairnessConstraintInfo {
+    pb::FairnessConstraintInfo {
+        name: info.name.clone(),
+        summary: info.summary.clone(),
+        params: info
+            .params
+            .iter()
+            .map(|param| pb::FairnessParamInfo {
+                name: param.name.clone(),
+                required: param.required,
+                default_value: param.default.clone(),
+                description: param.description.clone(),
+            })
+            .collect(),
     }
 }
 

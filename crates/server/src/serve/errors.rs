@@ -23,6 +23,7 @@ pub fn engine_status(error: &EngineError) -> Status {
                 InvalidReason::LimitExceeded => ErrorReason::LimitExceeded,
                 InvalidReason::DimensionMismatch => ErrorReason::DimensionMismatch,
                 InvalidReason::InvalidConstraintParams => ErrorReason::InvalidConstraintParams,
+                InvalidReason::UnknownConstraint => ErrorReason::UnknownConstraint,
             },
         ),
         EngineError::NotFound { reason, .. } => (
@@ -38,6 +39,7 @@ pub fn engine_status(error: &EngineError) -> Status {
                 PreconditionReason::TableNotLoaded => ErrorReason::TableNotLoaded,
                 PreconditionReason::GroupAttributeNotFound => ErrorReason::GroupAttributeNotFound,
                 PreconditionReason::NoRollbackTarget => ErrorReason::NoRollbackTarget,
+                PreconditionReason::FairnessInfeasible => ErrorReason::FairnessInfeasible,
             },
         ),
         // A constraint this server does not have is, to the client, not a registered

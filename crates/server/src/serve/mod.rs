@@ -95,7 +95,8 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .map(|path| engine::open_table(TableKind::Users, path))
         .transpose()?;
     let reload_dirs = ReloadDirs::new(&config, &items_path, users_path.as_deref())?;
-    let engine = Engine::new(config.ranking.clone(), items, users)?;
+    let (fairness, amortized) = fairness_setup(&config)?;
+    let engine = Engine::with_fairness(config.ranking.clone(), items, users, fairness)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -105,7 +106,53 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let served = runtime.block_on(serve(config, engine, reload_dirs));
     // A table reload still running on the blocking pool must not hold the exit up for long.
     runtime.shutdown_timeout(Duration::from_secs(5));
+    if let Some(store) = amortized {
+        // Writes the amortized fairness state of the last flush interval.
+        match store.close() {
+            Ok(()) => tracing::info!("amortized fairness state written"),
+            Err(error) => {
+                tracing::error!(%error, "the amortized fairness state could not be written");
+                served?;
+                return Err(
+                    anyhow::Error::new(error).context("closing the amortized fairness state")
+                );
+            }
+        }
+    }
     served
+}
+
+/// The fairness registry and amortized state store: durable in the state database when
+/// `[state] path` is set (the backing store is returned to be closed at shutdown), else in
+/// memory.
+fn fairness_setup(
+    config: &Config,
+) -> anyhow::Result<(
+    engine::FairnessSetup,
+    Option<Arc<dyn state::AmortizedStore>>,
+)> {
+    let Some(path) = &config.state.path else {
+        return Ok((engine::FairnessSetup::in_memory(&config.ranking), None));
+    };
+    let database = state::StateDatabase::open(path)
+        .with_context(|| format!("opening the state database {}", path.display()))?;
+    let store: Arc<dyn state::AmortizedStore> = Arc::new(
+        database
+            .amortized_store(state::AmortizedOptions {
+                flush_interval: Duration::from_millis(config.state.amortized_flush_ms),
+            })
+            .context("starting the amortized fairness state store")?,
+    );
+    tracing::info!(path = %path.display(), "amortized fairness state is durable");
+    let adapter =
+        engine::AmortizedStoreAdapter::new(Arc::clone(&store), config.ranking.max_exposure_scopes);
+    Ok((
+        engine::FairnessSetup {
+            registry: fairness::Registry::with_builtins(),
+            store: Arc::new(adapter),
+        },
+        Some(store),
+    ))
 }
 
 /// The table files to open: configured, or the built-in default dataset.
