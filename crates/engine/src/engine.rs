@@ -4,7 +4,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Instant, SystemTime};
 
 use rayon::prelude::*;
@@ -14,6 +14,7 @@ use crate::batcher::{Batcher, BatcherStatus, CatalogJob, ScanResult, scan_catalo
 use crate::config::EngineConfig;
 use crate::error::{DeadlineStage, EngineError};
 use crate::pipeline::{Prepared, Snapshot, finish, prepare, score_inline};
+use crate::private::{PrivacySetup, PrivateWorkers};
 use crate::request::RankRequest;
 use crate::response::{BatchResponse, RankResponse, StageTimings, micros};
 use crate::tables::{ReloadOutcome, ReloadRequest, TableKind, TableSlot, TableStatus, same_dim};
@@ -46,6 +47,9 @@ struct Inner {
     paused_since: Mutex<SystemTime>,
     in_flight: Arc<AtomicUsize>,
     batcher: Batcher,
+    privacy: PrivacySetup,
+    /// Threads for DP requests, started on the first one.
+    private_workers: OnceLock<Result<PrivateWorkers, EngineError>>,
 }
 
 /// The result of [`Engine::set_personalization_paused`].
@@ -156,7 +160,19 @@ impl Engine {
         items: Table,
         users: Option<Table>,
     ) -> Result<Engine, EngineError> {
+        Engine::with_privacy(config, PrivacySetup::default(), items, users)
+    }
+
+    /// An engine with a privacy configuration and budget ledger ([`Engine::new`] uses the
+    /// default configuration, DP off unless requests ask, with an in-memory ledger).
+    pub fn with_privacy(
+        config: EngineConfig,
+        privacy: PrivacySetup,
+        items: Table,
+        users: Option<Table>,
+    ) -> Result<Engine, EngineError> {
         config.validate()?;
+        privacy.config.validate()?;
         if let Some(users) = &users
             && users.dim() != items.dim()
         {
@@ -180,6 +196,8 @@ impl Engine {
             in_flight: Arc::new(AtomicUsize::new(0)),
             batcher,
             config,
+            privacy,
+            private_workers: OnceLock::new(),
         };
         Ok(Engine {
             inner: Arc::new(inner),
@@ -189,6 +207,11 @@ impl Engine {
     /// The configuration in force.
     pub fn config(&self) -> &EngineConfig {
         &self.inner.config
+    }
+
+    /// The privacy configuration and ledger in force.
+    pub fn privacy(&self) -> &PrivacySetup {
+        &self.inner.privacy
     }
 
     /// Ranks asynchronously: returns at once; `done` is called exactly once, from a rayon
@@ -215,6 +238,7 @@ impl Engine {
             let snapshot = self.inner.snapshot()?;
             let prepared = prepare(
                 &self.inner.config,
+                &self.inner.privacy,
                 &snapshot,
                 request,
                 StageTimings::default(),
@@ -445,7 +469,16 @@ impl Inner {
         };
         let prepared = self
             .snapshot()
-            .and_then(|snapshot| prepare(&self.config, &snapshot, request, timings, received))
+            .and_then(|snapshot| {
+                prepare(
+                    &self.config,
+                    &self.privacy,
+                    &snapshot,
+                    request,
+                    timings,
+                    received,
+                )
+            })
             .and_then(|prepared| {
                 prepared.check_deadline(DeadlineStage::BeforeScoring)?;
                 Ok(prepared)
@@ -470,6 +503,19 @@ impl Inner {
             self.batcher.submit(job);
             return;
         }
+        if prepared.private.is_some() {
+            // DP requests block on the durable ledger: run them on the DP workers.
+            let workers = self
+                .private_workers
+                .get_or_init(|| PrivateWorkers::start(self.privacy.config.workers));
+            match workers {
+                Ok(workers) => {
+                    workers.submit(move || completion.complete(score_and_finish(prepared)));
+                }
+                Err(error) => completion.complete(Err(error.clone())),
+            }
+            return;
+        }
         completion.complete(score_and_finish(prepared));
     }
 
@@ -490,7 +536,14 @@ impl Inner {
         let mut entries: Vec<Result<Prepared, EngineError>> = requests
             .into_par_iter()
             .map(|request| {
-                let prepared = prepare(&self.config, &snapshot, request, timings, received)?;
+                let prepared = prepare(
+                    &self.config,
+                    &self.privacy,
+                    &snapshot,
+                    request,
+                    timings,
+                    received,
+                )?;
                 prepared.check_deadline(DeadlineStage::BeforeScoring)?;
                 Ok(prepared)
             })
@@ -621,6 +674,7 @@ pub(crate) fn prepare_for_test(
     let snapshot = engine.inner.snapshot()?;
     prepare(
         &engine.inner.config,
+        &engine.inner.privacy,
         &snapshot,
         request,
         StageTimings::default(),

@@ -23,7 +23,14 @@
 //!    policy (this version implements constraint `none`: the unconstrained top-k).
 //! 5. **explain**: layered reasons (code, sentence, top contributing dimensions).
 //! 6. **report**: exposure share by group (DCG discount `1/log2(1+rank)`), utility kept,
-//!    privacy outcome (differential privacy arrives in a later version).
+//!    privacy outcome.
+//!
+//! With differential privacy (`PrivacyMechanism::GumbelTopK`, or the configured default)
+//! the user embedding is clipped, every candidate is scored, the pool is chosen by one-shot
+//! Gumbel top-k and only its order is released; the subject's budget ledger
+//! ([`PrivacyLedger`]) is charged durably before release, and retries with the same
+//! request id get the stored answer. DP requests run on dedicated worker threads so ledger
+//! commits never block the compute pool. See `private/mod.rs`.
 //!
 //! Tables are hot-swapped: [`Engine::reload_items`] opens, validates, warms and swaps a new
 //! table atomically; requests already running finish on the table they started with;
@@ -67,6 +74,7 @@ mod engine;
 mod error;
 mod explain;
 mod pipeline;
+mod private;
 mod report;
 mod request;
 mod response;
@@ -82,6 +90,10 @@ pub use engine::{BatchCallback, Callback, Engine, EngineStatus, PauseChange, Ran
 pub use error::{
     AbortReason, DeadlineStage, EngineError, InvalidReason, NotFoundReason, PreconditionReason,
     ReloadProblem,
+};
+pub use private::{
+    DefaultMechanism, ExhaustedPolicy, LedgerCharge, LedgerFailure, LedgerOutcome, MemoryLedger,
+    PrivacyConfig, PrivacyLedger, PrivacySetup, Spend, round_up_rho,
 };
 pub use request::{
     BudgetExhaustedAction, Consent, ConsentDecision, ExplainLevel, ExplainOptions, FairnessPolicy,

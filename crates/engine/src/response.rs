@@ -20,9 +20,12 @@ pub struct TableVersion {
 pub enum ScoreKind {
     /// Exact inner product of the user's and the item's embeddings.
     DotProduct,
+    /// Inner product plus DP noise (`PrivacyReport::score_noise_stddev`).
+    NoisyDotProduct,
     /// The item's non-personalized prior from the item table.
     Prior,
-    /// No scores are released (a non-personalized answer from a table without a prior).
+    /// No scores are released (DP without noisy scores, or a non-personalized answer from
+    /// a table without a prior).
     Withheld,
 }
 
@@ -35,6 +38,9 @@ pub enum NonPersonalizedReason {
     PersonalizationPaused,
     /// The user id is unknown and the request asked for the fallback.
     UserNotFound,
+    /// The subject's privacy budget is exhausted and the policy asked for a
+    /// non-personalized answer.
+    PrivacyBudgetExhausted,
 }
 
 impl NonPersonalizedReason {
@@ -46,6 +52,9 @@ impl NonPersonalizedReason {
                 "personalization is paused by the operator"
             }
             NonPersonalizedReason::UserNotFound => "we have no profile for you yet",
+            NonPersonalizedReason::PrivacyBudgetExhausted => {
+                "your privacy budget for personalization is used up for now"
+            }
         }
     }
 }
@@ -64,6 +73,8 @@ pub enum ReasonCode {
     FairnessPromoted,
     /// Placed lower than its unconstrained position by the fairness policy.
     FairnessDemoted,
+    /// Chosen by a differentially private randomized selection (`privacy_randomized`).
+    PrivacyRandomized,
 }
 
 impl ReasonCode {
@@ -75,6 +86,7 @@ impl ReasonCode {
             ReasonCode::CatalogOrder => "catalog_order_non_personalized",
             ReasonCode::FairnessPromoted => "fairness_promoted",
             ReasonCode::FairnessDemoted => "fairness_demoted",
+            ReasonCode::PrivacyRandomized => "privacy_randomized",
         }
     }
 }
@@ -236,6 +248,9 @@ pub struct PrivacyReport {
     pub score_noise_stddev: Option<f64>,
     /// L2 bound the user's embedding was clipped to, when DP applied.
     pub user_norm_bound: Option<f64>,
+    /// Whether this is the answer the ledger stored for an earlier request with the same
+    /// id (a retry: same order and scores, no new noise, no new charge).
+    pub ledger_replay: bool,
 }
 
 impl PrivacyReport {
@@ -253,6 +268,7 @@ impl PrivacyReport {
             scores_noised: false,
             score_noise_stddev: None,
             user_norm_bound: None,
+            ledger_replay: false,
         }
     }
 }
