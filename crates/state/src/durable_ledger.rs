@@ -1,0 +1,475 @@
+//! The durable [`BudgetLedger`]: charges are group-committed to the state database by one
+//! writer thread, and each caller returns only after its batch's commit is fsynced.
+//!
+//! # Group commit
+//!
+//! Callers hand their charge to the writer thread over a channel and block on a reply. The
+//! writer takes every charge waiting in the channel (up to [`LedgerOptions::max_batch`]),
+//! applies them in order inside one write transaction (later charges see earlier ones, so
+//! concurrent charges for one user can never exceed the cap), commits with an fsync, and
+//! only then replies to each caller. While one batch is being fsynced the next one queues,
+//! so under load the fsync cost is shared by many requests, and at low load a charge costs
+//! one transaction. If the transaction or the commit fails, every caller in the batch gets
+//! the error (fail closed: nothing in the batch may be released).
+
+use std::fmt;
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::{Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use redb::{ReadableTable, Table};
+
+use crate::database::{LEDGER_ANSWER_TIMES, LEDGER_ANSWERS, LEDGER_USERS, StateDatabase};
+use crate::error::StateError;
+use crate::ledger::{
+    BudgetLedger, ChargeOutcome, ChargeParams, ChargeRequest, Decision, RequestRecord,
+    StoredAnswer, UserRecord, UserSpend, decide, replay, unix_millis,
+};
+use crate::pseudonym::Pseudonym;
+
+/// Tuning of the durable ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerOptions {
+    /// The most charges committed together (at least 1).
+    pub max_batch: usize,
+    /// Stored answers older than this (by the server clock) are deleted automatically by the
+    /// writer; `None` keeps them until [`BudgetLedger::prune`] is called. Set it to at least
+    /// the budget window: a retry whose answer was pruned is charged again.
+    pub retention: Option<Duration>,
+    /// How often automatic pruning runs (it shares a batch's transaction).
+    pub prune_interval: Duration,
+    /// The most answers one automatic pruning step deletes (bounds a batch's latency).
+    pub prune_limit: usize,
+}
+
+impl Default for LedgerOptions {
+    fn default() -> Self {
+        Self {
+            max_batch: 1024,
+            retention: None,
+            prune_interval: Duration::from_secs(10),
+            prune_limit: 4096,
+        }
+    }
+}
+
+/// A charge handed to the writer thread.
+struct QueuedCharge {
+    pseudonym: Pseudonym,
+    request_id: String,
+    params: ChargeParams,
+    answer: Vec<u8>,
+}
+
+/// Work for the writer thread; each carries the channel its result goes back on.
+enum Command {
+    Charge {
+        charge: QueuedCharge,
+        reply: SyncSender<Result<ChargeOutcome, StateError>>,
+    },
+    Prune {
+        cutoff_ms: u64,
+        reply: SyncSender<Result<u64, StateError>>,
+    },
+    Flush {
+        reply: SyncSender<Result<(), StateError>>,
+    },
+}
+
+/// A command's result waiting for the batch to commit.
+enum Pending {
+    Charge(Result<ChargeOutcome, StateError>),
+    Prune(Result<u64, StateError>),
+    Flush,
+}
+
+/// The durable, group-committing ledger. Create it with [`StateDatabase::ledger`].
+pub struct DurableLedger {
+    database: StateDatabase,
+    sender: RwLock<Option<Sender<Command>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl fmt::Debug for DurableLedger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DurableLedger")
+            .field("database", &self.database)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StateDatabase {
+    /// The durable budget ledger in this database; starts its writer thread.
+    pub fn ledger(&self, options: LedgerOptions) -> Result<DurableLedger, StateError> {
+        if options.max_batch == 0 {
+            return Err(StateError::InvalidArgument {
+                field: "max_batch",
+                reason: "must be at least 1".to_string(),
+            });
+        }
+        let (sender, receiver) = mpsc::channel();
+        let database = self.clone();
+        let writer = std::thread::Builder::new()
+            .name("fairrank-ledger-writer".to_string())
+            .spawn(move || run_writer(&database, &receiver, &options))
+            .map_err(|error| self.storage("start the ledger writer thread", error))?;
+        Ok(DurableLedger {
+            database: self.clone(),
+            sender: RwLock::new(Some(sender)),
+            writer: Mutex::new(Some(writer)),
+        })
+    }
+}
+
+impl DurableLedger {
+    /// The database this ledger writes to.
+    pub fn database(&self) -> &StateDatabase {
+        &self.database
+    }
+
+    /// Sends `command` to the writer and waits for the reply received by `reply`.
+    fn call<T>(
+        &self,
+        command: Command,
+        reply: &Receiver<Result<T, StateError>>,
+    ) -> Result<T, StateError> {
+        {
+            let guard = self.sender.read().map_err(|_| StateError::WriterStopped)?;
+            let sender = guard.as_ref().ok_or(StateError::Closed)?;
+            sender
+                .send(command)
+                .map_err(|_| StateError::WriterStopped)?;
+        }
+        reply.recv().map_err(|_| StateError::WriterStopped)?
+    }
+
+    /// Fails if the ledger was closed.
+    fn ensure_open(&self) -> Result<(), StateError> {
+        let guard = self.sender.read().map_err(|_| StateError::WriterStopped)?;
+        guard.as_ref().map(|_| ()).ok_or(StateError::Closed)
+    }
+
+    /// Stops the writer after it has drained the queue.
+    fn stop_writer(&self) -> Result<(), StateError> {
+        let sender = self
+            .sender
+            .write()
+            .map_err(|_| StateError::WriterStopped)?
+            .take();
+        drop(sender);
+        let writer = self
+            .writer
+            .lock()
+            .map_err(|_| StateError::WriterStopped)?
+            .take();
+        match writer {
+            Some(handle) => handle.join().map_err(|_| StateError::WriterStopped),
+            None => Ok(()),
+        }
+    }
+}
+
+impl BudgetLedger for DurableLedger {
+    fn charge(&self, request: &ChargeRequest) -> Result<ChargeOutcome, StateError> {
+        let params = request.params()?;
+        let (reply, receiver) = mpsc::sync_channel(1);
+        let command = Command::Charge {
+            charge: QueuedCharge {
+                pseudonym: request.pseudonym,
+                request_id: request.request_id.clone(),
+                params,
+                answer: request.answer.clone(),
+            },
+            reply,
+        };
+        self.call(command, &receiver)
+    }
+
+    fn lookup(
+        &self,
+        pseudonym: &Pseudonym,
+        request_id: &str,
+    ) -> Result<Option<StoredAnswer>, StateError> {
+        self.ensure_open()?;
+        let operation = "look up a stored answer";
+        let transaction = self.database.begin_read(operation)?;
+        let answers = transaction
+            .open_table(LEDGER_ANSWERS)
+            .map_err(|error| self.database.storage(operation, error))?;
+        let key = answer_key(pseudonym, request_id);
+        let Some(guard) = answers
+            .get(key.as_slice())
+            .map_err(|error| self.database.storage(operation, error))?
+        else {
+            return Ok(None);
+        };
+        let record = decode_answer(&self.database, guard.value())?;
+        Ok(Some(record.into_stored()))
+    }
+
+    fn spend(&self, pseudonym: &Pseudonym, now: SystemTime) -> Result<UserSpend, StateError> {
+        let now_ms = unix_millis(now, "now")?;
+        self.ensure_open()?;
+        let operation = "read a user's spend";
+        let transaction = self.database.begin_read(operation)?;
+        let users = transaction
+            .open_table(LEDGER_USERS)
+            .map_err(|error| self.database.storage(operation, error))?;
+        let record = match users
+            .get(pseudonym.as_bytes().as_slice())
+            .map_err(|error| self.database.storage(operation, error))?
+        {
+            Some(guard) => Some(decode_user(&self.database, guard.value())?),
+            None => None,
+        };
+        Ok(UserRecord::spend_at(record.as_ref(), now_ms))
+    }
+
+    fn prune(&self, older_than: SystemTime) -> Result<u64, StateError> {
+        let cutoff_ms = unix_millis(older_than, "older_than")?;
+        let (reply, receiver) = mpsc::sync_channel(1);
+        self.call(Command::Prune { cutoff_ms, reply }, &receiver)
+    }
+
+    fn flush(&self) -> Result<(), StateError> {
+        let (reply, receiver) = mpsc::sync_channel(1);
+        self.call(Command::Flush { reply }, &receiver)
+    }
+
+    fn close(&self) -> Result<(), StateError> {
+        self.stop_writer()
+    }
+}
+
+impl Drop for DurableLedger {
+    fn drop(&mut self) {
+        // Every accepted charge was committed before its caller returned; a failure here can
+        // only concern work no caller is waiting for.
+        let _ = self.stop_writer();
+    }
+}
+
+/// The writer thread: batches commands until every sender is gone.
+fn run_writer(database: &StateDatabase, receiver: &Receiver<Command>, options: &LedgerOptions) {
+    let mut batch = Vec::with_capacity(options.max_batch.min(4096));
+    let mut last_prune = Instant::now();
+    while let Ok(first) = receiver.recv() {
+        batch.push(first);
+        while batch.len() < options.max_batch {
+            match receiver.try_recv() {
+                Ok(command) => batch.push(command),
+                Err(_) => break,
+            }
+        }
+        let auto_prune = match options.retention {
+            Some(retention) if last_prune.elapsed() >= options.prune_interval => {
+                last_prune = Instant::now();
+                SystemTime::now()
+                    .checked_sub(retention)
+                    .and_then(|cutoff| unix_millis(cutoff, "retention").ok())
+                    .map(|cutoff_ms| (cutoff_ms, options.prune_limit))
+            }
+            _ => None,
+        };
+        commit_batch(database, &mut batch, auto_prune);
+    }
+}
+
+/// The three ledger tables inside one write transaction.
+struct LedgerTables<'txn> {
+    users: Table<'txn, &'static [u8], &'static [u8]>,
+    answers: Table<'txn, &'static [u8], &'static [u8]>,
+    times: Table<'txn, &'static [u8], ()>,
+}
+
+/// Applies `batch` in one transaction, commits, and replies to every caller; empties `batch`.
+fn commit_batch(
+    database: &StateDatabase,
+    batch: &mut Vec<Command>,
+    auto_prune: Option<(u64, usize)>,
+) {
+    let operation = "commit a batch of charges";
+    let outcome = (|| -> Result<Vec<Pending>, StateError> {
+        let transaction = database.begin_write(operation)?;
+        let storage = |error: redb::TableError| database.storage(operation, error);
+        let mut results = Vec::with_capacity(batch.len());
+        {
+            let mut tables = LedgerTables {
+                users: transaction.open_table(LEDGER_USERS).map_err(storage)?,
+                answers: transaction.open_table(LEDGER_ANSWERS).map_err(storage)?,
+                times: transaction
+                    .open_table(LEDGER_ANSWER_TIMES)
+                    .map_err(storage)?,
+            };
+            for command in batch.iter() {
+                results.push(match command {
+                    Command::Charge { charge, .. } => {
+                        Pending::Charge(apply_charge(database, &mut tables, charge)?)
+                    }
+                    Command::Prune { cutoff_ms, .. } => Pending::Prune(Ok(prune_answers(
+                        database,
+                        &mut tables,
+                        *cutoff_ms,
+                        usize::MAX,
+                    )?)),
+                    Command::Flush { .. } => Pending::Flush,
+                });
+            }
+            if let Some((cutoff_ms, limit)) = auto_prune {
+                prune_answers(database, &mut tables, cutoff_ms, limit)?;
+            }
+        }
+        transaction
+            .commit()
+            .map_err(|error| database.storage(operation, error))?;
+        Ok(results)
+    })();
+    match outcome {
+        Ok(results) => {
+            for (command, result) in batch.drain(..).zip(results) {
+                // A caller that gave up waiting has nothing to receive; ignore its channel.
+                match (command, result) {
+                    (Command::Charge { reply, .. }, Pending::Charge(result)) => {
+                        let _ = reply.send(result);
+                    }
+                    (Command::Prune { reply, .. }, Pending::Prune(result)) => {
+                        let _ = reply.send(result);
+                    }
+                    (Command::Flush { reply }, Pending::Flush) => {
+                        let _ = reply.send(Ok(()));
+                    }
+                    // Results are pushed in command order, so kinds always pair up; an
+                    // unpaired command's reply channel is dropped, which its caller sees as
+                    // WriterStopped (fail closed).
+                    _ => {}
+                }
+            }
+        }
+        Err(error) => {
+            for command in batch.drain(..) {
+                match command {
+                    Command::Charge { reply, .. } => {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                    Command::Prune { reply, .. } => {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                    Command::Flush { reply } => {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `pseudonym ++ request_id`.
+fn answer_key(pseudonym: &Pseudonym, request_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(32 + request_id.len());
+    key.extend_from_slice(pseudonym.as_bytes());
+    key.extend_from_slice(request_id.as_bytes());
+    key
+}
+
+fn decode_user(database: &StateDatabase, bytes: &[u8]) -> Result<UserRecord, StateError> {
+    UserRecord::decode(bytes).ok_or_else(|| {
+        database.corrupt_record("ledger user", format!("{} bytes, expected 40", bytes.len()))
+    })
+}
+
+fn decode_answer(database: &StateDatabase, bytes: &[u8]) -> Result<RequestRecord, StateError> {
+    RequestRecord::decode(bytes).ok_or_else(|| {
+        database.corrupt_record(
+            "ledger answer",
+            format!("{} bytes, expected >= 16", bytes.len()),
+        )
+    })
+}
+
+/// One charge inside the batch transaction. The outer error aborts the batch (storage
+/// failure); the inner one fails this charge only (a corrupt record; nothing was written).
+fn apply_charge(
+    database: &StateDatabase,
+    tables: &mut LedgerTables<'_>,
+    charge: &QueuedCharge,
+) -> Result<Result<ChargeOutcome, StateError>, StateError> {
+    let operation = "apply a charge";
+    let storage = |error: redb::StorageError| database.storage(operation, error);
+    let user_key = charge.pseudonym.as_bytes().as_slice();
+    let existing = match tables.users.get(user_key).map_err(storage)? {
+        Some(guard) => match decode_user(database, guard.value()) {
+            Ok(record) => Some(record),
+            Err(error) => return Ok(Err(error)),
+        },
+        None => None,
+    };
+    let key = answer_key(&charge.pseudonym, &charge.request_id);
+    let stored = match tables.answers.get(key.as_slice()).map_err(storage)? {
+        Some(guard) => match decode_answer(database, guard.value()) {
+            Ok(record) => Some(record),
+            Err(error) => return Ok(Err(error)),
+        },
+        None => None,
+    };
+    if let Some(stored) = stored {
+        return Ok(Ok(replay(existing.as_ref(), &charge.params, stored)));
+    }
+    match decide(existing.as_ref(), &charge.params) {
+        Decision::Accept { record, outcome } => {
+            tables
+                .users
+                .insert(user_key, record.encode().as_slice())
+                .map_err(storage)?;
+            let stored = RequestRecord {
+                charged_at_ms: charge.params.now_ms,
+                rho: charge.params.rho,
+                answer: charge.answer.clone(),
+            };
+            tables
+                .answers
+                .insert(key.as_slice(), stored.encode().as_slice())
+                .map_err(storage)?;
+            let mut time_key = Vec::with_capacity(8 + key.len());
+            time_key.extend_from_slice(&charge.params.now_ms.to_be_bytes());
+            time_key.extend_from_slice(&key);
+            tables
+                .times
+                .insert(time_key.as_slice(), ())
+                .map_err(storage)?;
+            Ok(Ok(outcome))
+        }
+        Decision::Refuse { outcome } => Ok(Ok(outcome)),
+    }
+}
+
+/// Deletes up to `limit` stored answers charged before `cutoff_ms`, oldest first.
+fn prune_answers(
+    database: &StateDatabase,
+    tables: &mut LedgerTables<'_>,
+    cutoff_ms: u64,
+    limit: usize,
+) -> Result<u64, StateError> {
+    let operation = "prune stored answers";
+    let storage = |error: redb::StorageError| database.storage(operation, error);
+    let upper = cutoff_ms.to_be_bytes();
+    let mut expired = Vec::new();
+    for entry in tables
+        .times
+        .range::<&[u8]>(..upper.as_slice())
+        .map_err(storage)?
+    {
+        if expired.len() >= limit {
+            break;
+        }
+        let (key, _) = entry.map_err(storage)?;
+        expired.push(key.value().to_vec());
+    }
+    for time_key in &expired {
+        tables.times.remove(time_key.as_slice()).map_err(storage)?;
+        if let Some(answer_key) = time_key.get(8..) {
+            tables.answers.remove(answer_key).map_err(storage)?;
+        }
+    }
+    Ok(expired.len() as u64)
+}
