@@ -93,7 +93,7 @@ pub use error::{
 };
 pub use private::{
     DefaultMechanism, ExhaustedPolicy, LedgerCharge, LedgerFailure, LedgerOutcome, MemoryLedger,
-    PrivacyConfig, PrivacyLedger, PrivacySetup, Spend, round_up_rho,
+    PrivacyConfig, PrivacyLedger, PrivacySetup, Spend, StateLedger, round_up_rho,
 };
 pub use request::{
     BudgetExhaustedAction, Consent, ConsentDecision, ExplainLevel, ExplainOptions, FairnessPolicy,

@@ -28,6 +28,9 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Ask a running server for a ranking and print it.
     Rank(cli::rank::RankArgs),
+    /// Privacy tools: the budget ledger.
+    #[command(subcommand)]
+    Privacy(cli::ledger::PrivacyCommand),
     /// Benchmarks that compare fairrank's kernels with the machine's limits.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -46,6 +49,7 @@ fn main() -> anyhow::Result<()> {
         Command::Topk(args) => cli::topk::run(&args),
         Command::Serve(args) => serve::run(&args),
         Command::Rank(args) => cli::rank::run(&args),
+        Command::Privacy(command) => cli::ledger::run(command),
         Command::Bench(BenchCommand::Kernel(args)) => {
             for (name, value) in bench_kernel::run(&args)? {
                 println!("{name}: {}", cli::format_figure(value));

@@ -30,6 +30,7 @@
 //! after a restart.
 
 mod ledger;
+mod state_ledger;
 mod workers;
 
 use std::cell::RefCell;
@@ -49,6 +50,7 @@ use store::Table;
 pub use ledger::{
     LedgerCharge, LedgerFailure, LedgerOutcome, MemoryLedger, PrivacyLedger, Spend, round_up_rho,
 };
+pub use state_ledger::StateLedger;
 pub(crate) use workers::PrivateWorkers;
 
 use crate::error::{EngineError, PreconditionReason};

@@ -1,6 +1,7 @@
 //! Subcommands of the `fairrank` binary other than `serve`: local file tools (no server
 //! needed) and the `rank` client of a running server.
 
+pub mod ledger;
 pub mod rank;
 pub mod table;
 pub mod topk;

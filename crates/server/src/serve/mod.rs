@@ -10,6 +10,7 @@ mod convert;
 mod deadline;
 mod echo;
 mod errors;
+pub mod privacy;
 mod ranker;
 mod replay;
 
@@ -95,7 +96,8 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .map(|path| engine::open_table(TableKind::Users, path))
         .transpose()?;
     let reload_dirs = ReloadDirs::new(&config, &items_path, users_path.as_deref())?;
-    let engine = Engine::new(config.ranking.clone(), items, users)?;
+    let privacy = privacy::setup(&config, &items_path)?;
+    let engine = Engine::with_privacy(config.ranking.clone(), privacy, items, users)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
