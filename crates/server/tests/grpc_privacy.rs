@@ -39,7 +39,7 @@ fn dp_request(request_id: &str, user_id: &str) -> pb::RankRequest {
 const CHARGE: f64 = 0.1;
 
 fn report(response: &pb::RankResponse) -> pb::PrivacyReport {
-    response.privacy.clone().expect("a privacy report")
+    response.privacy.expect("a privacy report")
 }
 
 fn ids(response: &pb::RankResponse) -> Vec<String> {

@@ -607,13 +607,25 @@ fn grid_for(sigma: f64) -> i32 {
     ) as i32
 }
 
-/// Noisy scores of `exact` (the answer items' exact scores) and their actual cost:
-/// `(scores, rho, pure epsilon if Laplace, noise standard deviation)`.
+/// Noisy scores of an answer's items and what releasing them costs.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct NoisyScores {
+    /// The noisy scores, in answer order.
+    pub scores: Vec<f32>,
+    /// zCDP cost of all of them (grid rounding included).
+    pub rho: f64,
+    /// Pure epsilon of all of them (discrete Laplace only).
+    pub epsilon: Option<f64>,
+    /// Standard deviation of the noise of each score.
+    pub stddev: f64,
+}
+
+/// Noisy scores of `exact` (the answer items' exact scores) and their actual cost.
 pub(crate) fn noisy_scores(
     plan: &Plan,
     exact: &[f32],
     noise_buffer: usize,
-) -> Result<Option<(Vec<f32>, f64, Option<f64>, f64)>, EngineError> {
+) -> Result<Option<NoisyScores>, EngineError> {
     let (Some(noise), count) = (plan.scores, exact.len()) else {
         return Ok(None);
     };
@@ -645,7 +657,12 @@ pub(crate) fn noisy_scores(
                 );
             }
             let rho = release.rho(sensitivity).map_err(calibration)? * count as f64;
-            Ok(Some((out, rho, None, release.sigma())))
+            Ok(Some(NoisyScores {
+                scores: out,
+                rho,
+                epsilon: None,
+                stddev: release.sigma(),
+            }))
         }
         ScoreNoise::Laplace { epsilon } => {
             let each = epsilon / count as f64;
@@ -662,12 +679,12 @@ pub(crate) fn noisy_scores(
             }
             let actual = release.epsilon(sensitivity).map_err(calibration)?;
             let rho = rho_pure_dp(actual).map_err(calibration)? * count as f64;
-            Ok(Some((
-                out,
+            Ok(Some(NoisyScores {
+                scores: out,
                 rho,
-                Some(actual * count as f64),
-                release.noise().variance().sqrt() * (-f64::from(release.grid_k())).exp2(),
-            )))
+                epsilon: Some(actual * count as f64),
+                stddev: release.noise().variance().sqrt() * (-f64::from(release.grid_k())).exp2(),
+            }))
         }
     })
 }
@@ -677,10 +694,15 @@ pub(crate) fn release_record(
     plan: &Plan,
     pool_ids: Vec<String>,
     answer: &[usize],
-    scores: Option<(Vec<f32>, f64, Option<f64>, f64)>,
+    scores: Option<NoisyScores>,
 ) -> Result<StoredRelease, EngineError> {
     let (scores, rho_scores, epsilon_scores, stddev) = match scores {
-        Some((scores, rho, epsilon, stddev)) => (Some(scores), rho, epsilon, Some(stddev)),
+        Some(noisy) => (
+            Some(noisy.scores),
+            noisy.rho,
+            noisy.epsilon,
+            Some(noisy.stddev),
+        ),
         None => (None, 0.0, None, None),
     };
     let rho = round_up_rho(plan.rho_order + rho_scores);

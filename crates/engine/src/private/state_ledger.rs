@@ -50,7 +50,7 @@ impl PrivacyLedger for StateLedger {
         let pseudonym = self.key.pseudonym(charge.subject);
         let window = charge.window.unwrap_or(LIFETIME);
         let request = ChargeRequest {
-            pseudonym: pseudonym.clone(),
+            pseudonym,
             request_id: charge.request_id.to_owned(),
             rho: Rho::from_f64_ceil(charge.rho).map_err(failure)?,
             cap: Rho::from_f64_floor(charge.cap).map_err(failure)?,
