@@ -4,7 +4,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Instant, SystemTime};
 
 use rayon::prelude::*;
@@ -15,6 +15,7 @@ use crate::config::EngineConfig;
 use crate::error::{DeadlineStage, EngineError};
 use crate::exposure_state::scope_key;
 use crate::pipeline::{Prepared, Snapshot, finish, prepare, score_inline};
+use crate::private::{PrivacySetup, PrivateWorkers};
 use crate::request::RankRequest;
 use crate::rerank::{FairnessRuntime, FairnessSetup};
 use crate::response::{BatchResponse, RankResponse, StageTimings, micros};
@@ -49,6 +50,9 @@ struct Inner {
     in_flight: Arc<AtomicUsize>,
     batcher: Batcher,
     fairness: Arc<FairnessRuntime>,
+    privacy: PrivacySetup,
+    /// Threads for DP requests, started on the first one.
+    private_workers: OnceLock<Result<PrivateWorkers, EngineError>>,
 }
 
 /// The result of [`Engine::set_personalization_paused`].
@@ -162,18 +166,44 @@ impl Engine {
         users: Option<Table>,
     ) -> Result<Engine, EngineError> {
         let fairness = FairnessSetup::in_memory(&config);
-        Engine::with_fairness(config, items, users, fairness)
+        Engine::with_setup(config, items, users, fairness, PrivacySetup::default())
     }
 
     /// [`Engine::new`] with a chosen fairness registry (research constraints) and amortized
-    /// state store (a durable one survives restarts).
+    /// state store (a durable one survives restarts); privacy as in [`Engine::new`].
     pub fn with_fairness(
         config: EngineConfig,
         items: Table,
         users: Option<Table>,
         fairness: FairnessSetup,
     ) -> Result<Engine, EngineError> {
+        Engine::with_setup(config, items, users, fairness, PrivacySetup::default())
+    }
+
+    /// An engine with a privacy configuration and budget ledger ([`Engine::new`] uses the
+    /// default configuration, DP off unless requests ask, with an in-memory ledger);
+    /// fairness as in [`Engine::new`].
+    pub fn with_privacy(
+        config: EngineConfig,
+        privacy: PrivacySetup,
+        items: Table,
+        users: Option<Table>,
+    ) -> Result<Engine, EngineError> {
+        let fairness = FairnessSetup::in_memory(&config);
+        Engine::with_setup(config, items, users, fairness, privacy)
+    }
+
+    /// An engine with both a fairness setup ([`Engine::with_fairness`]) and a privacy setup
+    /// ([`Engine::with_privacy`]): what the server builds from its configuration.
+    pub fn with_setup(
+        config: EngineConfig,
+        items: Table,
+        users: Option<Table>,
+        fairness: FairnessSetup,
+        privacy: PrivacySetup,
+    ) -> Result<Engine, EngineError> {
         config.validate()?;
+        privacy.config.validate()?;
         let fairness = Arc::new(FairnessRuntime::new(&config, fairness)?);
         if let Some(users) = &users
             && users.dim() != items.dim()
@@ -199,6 +229,8 @@ impl Engine {
             batcher,
             config,
             fairness,
+            privacy,
+            private_workers: OnceLock::new(),
         };
         Ok(Engine {
             inner: Arc::new(inner),
@@ -208,6 +240,11 @@ impl Engine {
     /// The configuration in force.
     pub fn config(&self) -> &EngineConfig {
         &self.inner.config
+    }
+
+    /// The privacy configuration and ledger in force.
+    pub fn privacy(&self) -> &PrivacySetup {
+        &self.inner.privacy
     }
 
     /// Ranks asynchronously: returns at once; `done` is called exactly once, from a rayon
@@ -234,6 +271,7 @@ impl Engine {
             let snapshot = self.inner.snapshot()?;
             let prepared = prepare(
                 &self.inner.config,
+                &self.inner.privacy,
                 &snapshot,
                 request,
                 StageTimings::default(),
@@ -484,7 +522,16 @@ impl Inner {
         };
         let prepared = self
             .snapshot()
-            .and_then(|snapshot| prepare(&self.config, &snapshot, request, timings, received))
+            .and_then(|snapshot| {
+                prepare(
+                    &self.config,
+                    &self.privacy,
+                    &snapshot,
+                    request,
+                    timings,
+                    received,
+                )
+            })
             .and_then(|prepared| {
                 prepared.check_deadline(DeadlineStage::BeforeScoring)?;
                 Ok(prepared)
@@ -509,6 +556,19 @@ impl Inner {
             self.batcher.submit(job);
             return;
         }
+        if prepared.private.is_some() {
+            // DP requests block on the durable ledger: run them on the DP workers.
+            let workers = self
+                .private_workers
+                .get_or_init(|| PrivateWorkers::start(self.privacy.config.workers));
+            match workers {
+                Ok(workers) => {
+                    workers.submit(move || completion.complete(score_and_finish(prepared)));
+                }
+                Err(error) => completion.complete(Err(error.clone())),
+            }
+            return;
+        }
         completion.complete(score_and_finish(prepared));
     }
 
@@ -529,7 +589,14 @@ impl Inner {
         let mut entries: Vec<Result<Prepared, EngineError>> = requests
             .into_par_iter()
             .map(|request| {
-                let prepared = prepare(&self.config, &snapshot, request, timings, received)?;
+                let prepared = prepare(
+                    &self.config,
+                    &self.privacy,
+                    &snapshot,
+                    request,
+                    timings,
+                    received,
+                )?;
                 prepared.check_deadline(DeadlineStage::BeforeScoring)?;
                 Ok(prepared)
             })
@@ -660,6 +727,7 @@ pub(crate) fn prepare_for_test(
     let snapshot = engine.inner.snapshot()?;
     prepare(
         &engine.inner.config,
+        &engine.inner.privacy,
         &snapshot,
         request,
         StageTimings::default(),

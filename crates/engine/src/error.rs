@@ -45,6 +45,11 @@ pub enum PreconditionReason {
     NoRollbackTarget,
     /// The fairness constraint cannot be met on the pool and the policy says to refuse.
     FairnessInfeasible,
+    /// The privacy policy is weaker than the server requires, or costs more than the
+    /// per-request maximum.
+    PrivacyPolicyNotAllowed,
+    /// The request id was already used (and charged) for a request with other content.
+    RequestIdReused,
 }
 
 /// Why a table change was aborted (the reasons of `ABORTED`).
@@ -137,6 +142,22 @@ pub enum EngineError {
     #[error("resource exhausted: {message}")]
     ResourceExhausted {
         /// Which resource.
+        message: String,
+    },
+    /// The subject's privacy budget cannot cover this answer and the policy says refuse
+    /// (`RESOURCE_EXHAUSTED`, reason privacy budget exhausted). Nothing was charged.
+    #[error("privacy budget exhausted: {message}")]
+    PrivacyBudgetExhausted {
+        /// The subject's remaining zCDP budget.
+        rho_remaining: f64,
+        /// The charge, the remaining budget and when it resets.
+        message: String,
+    },
+    /// The privacy ledger cannot be charged; the request failed closed with nothing
+    /// released (`UNAVAILABLE`, reason ledger unavailable).
+    #[error("privacy ledger unavailable: {message}")]
+    LedgerUnavailable {
+        /// What failed.
         message: String,
     },
     /// The request's deadline passed (`DEADLINE_EXCEEDED`).

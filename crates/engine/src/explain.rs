@@ -23,6 +23,9 @@ pub(crate) struct ItemFacts<'a> {
 pub(crate) enum Basis<'a> {
     /// By dot product with this user embedding.
     Personalized { user: &'a [f32] },
+    /// By a differentially private selection of `picks` items from the user's scores:
+    /// explained from the released order and public item data only.
+    Private { picks: usize },
     /// By item prior (or catalog order when `has_prior` is false), for this reason.
     NonPersonalized {
         reason: NonPersonalizedReason,
@@ -60,6 +63,17 @@ impl Explainer<'_> {
                         "Matches your profile: its score {:.4} is the {} highest of the {} items considered.",
                         facts.score,
                         ordinal(facts.unconstrained_rank),
+                        self.scored_items
+                    )
+                }),
+            ),
+            Basis::Private { picks } => (
+                ReasonCode::PrivacyRandomized,
+                with_text.then(|| {
+                    format!(
+                        "Picked for your profile by a privacy-protecting randomized selection: {} in the private order of {} items chosen from the {} considered (exact scores are not used in this explanation).",
+                        ordinal(facts.unconstrained_rank),
+                        picks,
                         self.scored_items
                     )
                 }),

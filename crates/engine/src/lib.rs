@@ -26,9 +26,15 @@
 //!    [`ExposureStateStore`] (see [`FairnessSetup`]).
 //! 5. **report**: exposure share by group (DCG discount `1/log2(1+rank)`), NDCG against the
 //!    unconstrained order, whether the constraint held and any fallback
-//!    (`fairness::answer_report`); privacy outcome (differential privacy arrives in a
-//!    later version).
+//!    (`fairness::answer_report`); privacy outcome.
 //! 6. **explain**: layered reasons (code, sentence, top contributing dimensions).
+//!
+//! With differential privacy (`PrivacyMechanism::GumbelTopK`, or the configured default)
+//! the user embedding is clipped, every candidate is scored, the pool is chosen by one-shot
+//! Gumbel top-k and only its order is released; the subject's budget ledger
+//! ([`PrivacyLedger`]) is charged durably before release, and retries with the same
+//! request id get the stored answer. DP requests run on dedicated worker threads so ledger
+//! commits never block the compute pool. See `private/mod.rs`.
 //!
 //! Tables are hot-swapped: [`Engine::reload_items`] opens, validates, warms and swaps a new
 //! table atomically; requests already running finish on the table they started with;
@@ -73,6 +79,7 @@ mod error;
 mod explain;
 mod exposure_state;
 mod pipeline;
+mod private;
 mod request;
 mod rerank;
 mod response;
@@ -92,6 +99,10 @@ pub use error::{
 pub use exposure_state::{
     AmortizedStoreAdapter, DEFAULT_MAX_EXPOSURE_SCOPES, ExposureStateStore, InMemoryExposureStore,
     StateUpdate, scope_key,
+};
+pub use private::{
+    DefaultMechanism, ExhaustedPolicy, LedgerCharge, LedgerFailure, LedgerOutcome, MemoryLedger,
+    PrivacyConfig, PrivacyLedger, PrivacySetup, Spend, StateLedger, round_up_rho,
 };
 pub use request::{
     BudgetExhaustedAction, Consent, ConsentDecision, ExplainLevel, ExplainOptions, FairnessPolicy,

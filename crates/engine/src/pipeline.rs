@@ -11,6 +11,7 @@ use kernels::{ScoredItem, TopKScratch, candidates_topk, par_scan_topk};
 use crate::config::EngineConfig;
 use crate::error::{DeadlineStage, EngineError, NotFoundReason, PreconditionReason};
 use crate::explain::{Basis, Explainer, ItemFacts};
+use crate::private::{self, LedgerOutcome, Plan, PrivacySetup, StoredRelease};
 use crate::request::{ConsentDecision, ExplainLevel, ExplainOptions, RankRequest, UserRef};
 use crate::rerank::{FairnessInput, FairnessOutcome, FairnessRuntime, rerank_and_report};
 use crate::response::{
@@ -75,6 +76,8 @@ pub(crate) struct Prepared {
     pub personalization: Personalization,
     pub scope: Scope,
     pub skipped: Vec<String>,
+    /// The differential privacy plan, when DP applies (personalized answers only).
+    pub private: Option<Plan>,
     pub deadline: Option<Instant>,
     pub timings: StageTimings,
     /// When the engine received the request (for `total_us`).
@@ -82,9 +85,12 @@ pub(crate) struct Prepared {
 }
 
 impl Prepared {
-    /// The query of a personalized whole-catalog request: such requests go to the
-    /// micro-batcher; all others are scored inline.
+    /// The query of a personalized whole-catalog request without DP: such requests go to
+    /// the micro-batcher; all others are scored inline (DP requests on the DP workers).
     pub fn catalog_query(&self) -> Option<&Query> {
+        if self.private.is_some() {
+            return None;
+        }
         match (&self.personalization, &self.scope) {
             (Personalization::Personalized(query), Scope::Catalog) => Some(query),
             _ => None,
@@ -121,6 +127,7 @@ pub(crate) fn check_deadline(
 /// kept; the validate and resolve stages are filled in.
 pub(crate) fn prepare(
     config: &EngineConfig,
+    privacy: &PrivacySetup,
     snapshot: &Snapshot,
     request: RankRequest,
     mut timings: StageTimings,
@@ -146,6 +153,11 @@ pub(crate) fn prepare(
         )?;
         (Scope::Candidates(candidates.rows), candidates.skipped)
     };
+    let scored_items = match &scope {
+        Scope::Catalog => items.len(),
+        Scope::Candidates(rows) => rows.len(),
+    };
+    let plan = private::plan(&request, privacy, items, pool, scored_items);
     let resolve_started = Instant::now();
     timings.validate_us = micros(resolve_started - started);
 
@@ -194,6 +206,20 @@ pub(crate) fn prepare(
             }
         }
     };
+    // Differential privacy applies to personalized answers only: clip the embedding.
+    let (personalization, private) = match personalization {
+        Personalization::Personalized(query) => match plan? {
+            Some(plan) => {
+                let clipped = private::clip(query.as_slice(), plan.user_norm_bound)?;
+                (
+                    Personalization::Personalized(Query::Inline(clipped)),
+                    Some(plan),
+                )
+            }
+            None => (Personalization::Personalized(query), None),
+        },
+        other => (other, None),
+    };
     timings.resolve_user_us = micros(resolve_started.elapsed());
     Ok(Prepared {
         request_id: request.request_id,
@@ -206,6 +232,7 @@ pub(crate) fn prepare(
         personalization,
         scope,
         skipped,
+        private,
         deadline: request.deadline,
         timings,
         received,
@@ -223,6 +250,24 @@ thread_local! {
 pub(crate) fn score_inline(prepared: &Prepared) -> Result<Vec<ScoredItem>, EngineError> {
     let data = &prepared.items.data;
     let pool = prepared.pool;
+    if let (Some(plan), Personalization::Personalized(query)) =
+        (&prepared.private, &prepared.personalization)
+    {
+        if prepared.scored_items() == 0 {
+            return Ok(Vec::new());
+        }
+        let rows = match &prepared.scope {
+            Scope::Catalog => None,
+            Scope::Candidates(rows) => Some(rows.as_slice()),
+        };
+        return private::select_pool(
+            plan,
+            data.matrix()?,
+            query.as_slice(),
+            rows,
+            plan.noise_buffer,
+        );
+    }
     let mut out = Vec::with_capacity(pool);
     match (&prepared.personalization, &prepared.scope) {
         (Personalization::Personalized(query), Scope::Candidates(rows)) => {
@@ -309,7 +354,7 @@ pub(crate) fn finish(
     // pool in the batch), best first.
     let stage = Instant::now();
     scored.truncate(prepared.pool);
-    let pool = scored;
+    let mut pool = scored;
     let now = Instant::now();
     timings.select_pool_us = micros(now - stage);
 
@@ -323,8 +368,38 @@ pub(crate) fn finish(
     )?;
     timings.rerank_us = outcome.rerank_us;
     timings.report_us = outcome.report_us;
-    let answer = outcome.answer;
-    let fairness = outcome.report;
+    let mut answer = outcome.answer;
+    let mut fairness = outcome.report;
+
+    // Privacy: charge the ledger before anything is released (fail closed).
+    let release = match prepared.private.take() {
+        None => None,
+        Some(plan) => {
+            let stage = Instant::now();
+            let outcome = charge_release(&prepared, &plan, &pool, &answer, &fairness)?;
+            prepared.timings.ledger_us = micros(stage.elapsed());
+            match outcome {
+                Charged::Fresh(record, spend) => Some((record, spend, false)),
+                Charged::Replay(record) => {
+                    (pool, answer) = restore_release(&prepared, &plan, &record)?;
+                    // The report of the answer released first, not of this attempt's pool.
+                    if let Some(report) = &record.fairness {
+                        fairness = report.clone();
+                    }
+                    Some((record, None, true))
+                }
+                Charged::Exhausted => {
+                    prepared.personalization = Personalization::NonPersonalized(
+                        NonPersonalizedReason::PrivacyBudgetExhausted,
+                    );
+                    prepared.users_version = None;
+                    let scored = score_inline(&prepared)?;
+                    return finish(prepared, scored);
+                }
+            }
+        }
+    };
+    let timings = &mut prepared.timings;
     let now = Instant::now();
 
     // Explain and build the items.
@@ -333,6 +408,13 @@ pub(crate) fn finish(
     let table = &data.table;
     let has_prior = table.prior().is_some();
     let (basis, score_kind) = match &prepared.personalization {
+        Personalization::Personalized(_) if release.is_some() => (
+            Basis::Private { picks: pool.len() },
+            match &release {
+                Some((record, _, _)) if record.scores.is_some() => ScoreKind::NoisyDotProduct,
+                _ => ScoreKind::Withheld,
+            },
+        ),
         Personalization::Personalized(query) => (
             Basis::Personalized {
                 user: query.as_slice(),
@@ -352,7 +434,9 @@ pub(crate) fn finish(
         ),
     };
     let explain_level = match basis {
-        Basis::NonPersonalized { .. } => prepared.explain.level.min(ExplainLevel::Text),
+        Basis::NonPersonalized { .. } | Basis::Private { .. } => {
+            prepared.explain.level.min(ExplainLevel::Text)
+        }
         Basis::Personalized { .. } => prepared.explain.level,
     };
     let explainer = Explainer {
@@ -392,10 +476,17 @@ pub(crate) fn finish(
                     .unwrap_or_default()
             })
             .collect();
+        let score = match &release {
+            Some((record, _, _)) => record
+                .scores
+                .as_ref()
+                .and_then(|scores| scores.get(position).copied()),
+            None => (score_kind != ScoreKind::Withheld).then_some(scored.score),
+        };
         items.push(RankedItem {
             id: id.to_owned(),
             rank,
-            score: (score_kind != ScoreKind::Withheld).then_some(scored.score),
+            score,
             unconstrained_rank,
             group_labels,
             explanation,
@@ -419,7 +510,10 @@ pub(crate) fn finish(
         personalized,
         non_personalized_reason,
         fairness,
-        privacy: PrivacyReport::not_applied(),
+        privacy: match &release {
+            Some((record, spend, replay)) => record.report(*spend, *replay),
+            None => PrivacyReport::not_applied(),
+        },
         explain_level,
         items_table: prepared.items.version(),
         users_table: prepared.users_version,
@@ -428,4 +522,102 @@ pub(crate) fn finish(
         skipped_candidate_ids: prepared.skipped,
         timings: prepared.timings,
     })
+}
+
+/// The ledger's answer to a DP release.
+enum Charged {
+    /// Charged (or free: nothing was selected); the record may be released.
+    Fresh(StoredRelease, Option<private::Spend>),
+    /// The request id was charged before: release its stored record.
+    Replay(StoredRelease),
+    /// The budget is exhausted and the policy asks for a non-personalized answer.
+    Exhausted,
+}
+
+/// Adds the noisy scores (if asked for), builds the release record and charges the ledger.
+fn charge_release(
+    prepared: &Prepared,
+    plan: &Plan,
+    pool: &[ScoredItem],
+    answer: &[usize],
+    fairness: &crate::response::FairnessReport,
+) -> Result<Charged, EngineError> {
+    let table = &prepared.items.data.table;
+    let Personalization::Personalized(query) = &prepared.personalization else {
+        return Err(EngineError::internal("a DP plan without a user embedding"));
+    };
+    let mut pool_ids = Vec::with_capacity(pool.len());
+    for item in pool {
+        let id = table.get_id(item.index as usize).ok_or_else(|| {
+            EngineError::internal(format!("pooled row {} is not in the table", item.index))
+        })?;
+        pool_ids.push(id.to_owned());
+    }
+    let scores = if plan.score_count > 0 {
+        let exact: Vec<f32> = answer
+            .iter()
+            .filter_map(|&position| pool.get(position))
+            .filter_map(|item| table.get_row(item.index as usize))
+            .map(|row| kernels::dot(row, query.as_slice()))
+            .collect();
+        private::noisy_scores(plan, &exact, plan.noise_buffer)?
+    } else {
+        None
+    };
+    let mut record = private::release_record(plan, pool_ids, answer, scores)?;
+    record.fairness = Some(fairness.clone());
+    if plan.mechanism.is_none() || record.rho <= 0.0 {
+        return Ok(Charged::Fresh(record, None));
+    }
+    match private::charge(plan.ledger.as_ref(), plan, &prepared.request_id, &record)? {
+        LedgerOutcome::Charged(spend) => Ok(Charged::Fresh(record, Some(spend))),
+        LedgerOutcome::Replayed { answer } => Ok(Charged::Replay(StoredRelease::decode(&answer)?)),
+        LedgerOutcome::Exceeded(spend) => match plan.on_exhausted {
+            private::ExhaustedPolicy::Reject => {
+                Err(private::exhausted_error(plan, record.rho, spend))
+            }
+            private::ExhaustedPolicy::NonPersonalized => Ok(Charged::Exhausted),
+        },
+    }
+}
+
+/// The pool and answer of a stored release, mapped onto the serving table.
+fn restore_release(
+    prepared: &Prepared,
+    plan: &Plan,
+    record: &StoredRelease,
+) -> Result<(Vec<ScoredItem>, Vec<usize>), EngineError> {
+    if record.fingerprint != plan.fingerprint {
+        return Err(EngineError::FailedPrecondition {
+            field: Some("request_id".to_owned()),
+            reason: PreconditionReason::RequestIdReused,
+            message: format!(
+                "request id {:?} was already charged for a request with different content; use a \
+                 fresh request id for a new request",
+                prepared.request_id
+            ),
+        });
+    }
+    let table = &prepared.items.data.table;
+    let picks = record.pool.len();
+    let mut pool = Vec::with_capacity(picks);
+    for (position, id) in record.pool.iter().enumerate() {
+        let row = table
+            .index_of(id)
+            .ok_or_else(|| EngineError::LedgerUnavailable {
+                message: format!(
+                    "the stored answer of request {:?} names item {id:?}, which the serving item \
+                 table no longer has",
+                    prepared.request_id
+                ),
+            })?;
+        pool.push(ScoredItem::new(row, (picks - position) as f32));
+    }
+    let answer = record
+        .answer
+        .iter()
+        .map(|&position| position as usize)
+        .filter(|&position| position < picks)
+        .collect();
+    Ok((pool, answer))
 }

@@ -161,13 +161,13 @@ impl FairnessPolicy {
 /// The randomized mechanism protecting an answer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum PrivacyMechanism {
-    /// The server's default (no differential privacy in this engine version).
+    /// The server's configured default (`PrivacyConfig::default_mechanism`).
     #[default]
     Unspecified,
     /// No differential privacy: exact scores and exact top-pool selection.
     None,
-    /// One-shot Gumbel top-k pool selection (Durfee and Rogers, NeurIPS 2019). Not
-    /// implemented yet: returns `Unsupported` for `privacy.mechanism`.
+    /// One-shot Gumbel top-k pool selection (Durfee and Rogers, NeurIPS 2019) over every
+    /// scored item; releases the pool order only.
     GumbelTopK,
 }
 
@@ -189,6 +189,9 @@ pub enum PrivacyBudget {
     Rho(f64),
     /// Pure epsilon, finite and > 0.
     Epsilon(f64),
+    /// Epsilon of each exponential-mechanism pick, finite and > 0: a pool of `m` items
+    /// costs `m * epsilon^2 / 8` zCDP.
+    EpsilonPerPick(f64),
 }
 
 /// What to do when the subject's privacy budget is exhausted.
@@ -206,7 +209,7 @@ pub enum BudgetExhaustedAction {
 /// The privacy protection a request asks for.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PrivacyPolicy {
-    /// Mechanism; this engine version accepts `Unspecified` and `None` only.
+    /// Mechanism.
     pub mechanism: PrivacyMechanism,
     /// Budget of this answer (validated, ignored with mechanism `None`).
     pub budget: Option<PrivacyBudget>,

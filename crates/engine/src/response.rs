@@ -20,9 +20,12 @@ pub struct TableVersion {
 pub enum ScoreKind {
     /// Exact inner product of the user's and the item's embeddings.
     DotProduct,
+    /// Inner product plus DP noise (`PrivacyReport::score_noise_stddev`).
+    NoisyDotProduct,
     /// The item's non-personalized prior from the item table.
     Prior,
-    /// No scores are released (a non-personalized answer from a table without a prior).
+    /// No scores are released (DP without noisy scores, or a non-personalized answer from
+    /// a table without a prior).
     Withheld,
 }
 
@@ -35,6 +38,9 @@ pub enum NonPersonalizedReason {
     PersonalizationPaused,
     /// The user id is unknown and the request asked for the fallback.
     UserNotFound,
+    /// The subject's privacy budget is exhausted and the policy asked for a
+    /// non-personalized answer.
+    PrivacyBudgetExhausted,
 }
 
 impl NonPersonalizedReason {
@@ -46,6 +52,9 @@ impl NonPersonalizedReason {
                 "personalization is paused by the operator"
             }
             NonPersonalizedReason::UserNotFound => "we have no profile for you yet",
+            NonPersonalizedReason::PrivacyBudgetExhausted => {
+                "your privacy budget for personalization is used up for now"
+            }
         }
     }
 }
@@ -64,6 +73,8 @@ pub enum ReasonCode {
     FairnessPromoted,
     /// Placed lower than its unconstrained position by the fairness policy.
     FairnessDemoted,
+    /// Chosen by a differentially private randomized selection (`privacy_randomized`).
+    PrivacyRandomized,
 }
 
 impl ReasonCode {
@@ -75,6 +86,7 @@ impl ReasonCode {
             ReasonCode::CatalogOrder => "catalog_order_non_personalized",
             ReasonCode::FairnessPromoted => "fairness_promoted",
             ReasonCode::FairnessDemoted => "fairness_demoted",
+            ReasonCode::PrivacyRandomized => "privacy_randomized",
         }
     }
 }
@@ -127,7 +139,7 @@ pub struct RankedItem {
 }
 
 /// The fallback an answer's fairness step took.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum FairnessFallback {
     /// The constraint was applied as requested.
     None,
@@ -140,7 +152,7 @@ pub enum FairnessFallback {
 }
 
 /// How a constraint was violated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ViolationKind {
     /// Fewer items of the group in the prefix than the minimum.
     BelowMinCount,
@@ -151,7 +163,7 @@ pub enum ViolationKind {
 }
 
 /// One way in which the returned ranking misses its constraint.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct FairnessViolation {
     /// Kind; fixes the unit of `required` and `actual`.
     pub kind: ViolationKind,
@@ -169,7 +181,7 @@ pub struct FairnessViolation {
 
 /// Exposure of one group in one answer. Exposure of rank r (1-based) is
 /// `1 / log2(1 + r)` (Singh and Joachims, KDD 2018).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GroupExposure {
     /// Group label.
     pub group: u32,
@@ -186,7 +198,7 @@ pub struct GroupExposure {
 }
 
 /// What the fairness step did to one answer.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct FairnessReport {
     /// Constraint applied (defaults resolved), `none` if none.
     pub constraint: String,
@@ -227,7 +239,7 @@ pub struct FairnessReport {
 }
 
 /// Cumulative exposure of one group in an amortized scope, including this answer.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AmortizedGroupExposure {
     /// Group label.
     pub group: u32,
@@ -239,7 +251,7 @@ pub struct AmortizedGroupExposure {
 
 /// How close an optimizing re-ranker's answer is to the best feasible utility. Utility is
 /// `sum_r score_r / log2(1 + r)` over the re-ranker's input scores.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct FairnessOptimality {
     /// Utility of the answer.
     pub utility: f64,
@@ -276,6 +288,9 @@ pub struct PrivacyReport {
     pub score_noise_stddev: Option<f64>,
     /// L2 bound the user's embedding was clipped to, when DP applied.
     pub user_norm_bound: Option<f64>,
+    /// Whether this is the answer the ledger stored for an earlier request with the same
+    /// id (a retry: same order and scores, no new noise, no new charge).
+    pub ledger_replay: bool,
 }
 
 impl PrivacyReport {
@@ -293,6 +308,7 @@ impl PrivacyReport {
             scores_noised: false,
             score_noise_stddev: None,
             user_norm_bound: None,
+            ledger_replay: false,
         }
     }
 }

@@ -8,8 +8,8 @@ use crate::config::{CONSTRAINT_NONE, EngineConfig};
 use crate::error::{EngineError, InvalidReason, NotFoundReason, PreconditionReason};
 use crate::exposure_state::scope_key;
 use crate::request::{
-    Consent, ExplainOptions, FairnessPolicy, InfeasibleAction, PrivacyBudget, PrivacyMechanism,
-    PrivacyPolicy, UserRef,
+    Consent, ExplainOptions, FairnessPolicy, InfeasibleAction, PrivacyBudget, PrivacyPolicy,
+    UserRef,
 };
 use crate::rerank::{FairnessRuntime, PolicyRun};
 
@@ -232,17 +232,9 @@ pub(crate) fn fairness(
     })
 }
 
-/// The privacy policy: mechanism `none` (or unspecified) only, well-formed budget and delta.
+/// The privacy policy's shape: a well-formed budget and delta (the mechanism and the
+/// budget's affordability are resolved by `private::plan`).
 pub(crate) fn privacy(policy: &PrivacyPolicy) -> Result<(), EngineError> {
-    if policy.mechanism == PrivacyMechanism::GumbelTopK {
-        return Err(EngineError::Unsupported {
-            field: "privacy.mechanism".to_owned(),
-            message: format!(
-                "mechanism {} is not yet supported by this server version (supported: none)",
-                PrivacyMechanism::GumbelTopK.name()
-            ),
-        });
-    }
     match policy.budget {
         Some(PrivacyBudget::Rho(rho)) if !(rho.is_finite() && rho > 0.0) => {
             return Err(EngineError::invalid(
@@ -253,6 +245,12 @@ pub(crate) fn privacy(policy: &PrivacyPolicy) -> Result<(), EngineError> {
         Some(PrivacyBudget::Epsilon(epsilon)) if !(epsilon.is_finite() && epsilon > 0.0) => {
             return Err(EngineError::invalid(
                 "privacy.epsilon",
+                format!("{epsilon} is not a finite number above 0"),
+            ));
+        }
+        Some(PrivacyBudget::EpsilonPerPick(epsilon)) if !(epsilon.is_finite() && epsilon > 0.0) => {
+            return Err(EngineError::invalid(
+                "privacy.epsilon_per_pick",
                 format!("{epsilon} is not a finite number above 0"),
             ));
         }
@@ -469,12 +467,10 @@ mod tests {
         for (policy, field) in cases {
             assert_eq!(privacy(&policy).unwrap_err().field(), Some(field));
         }
-        let dp = PrivacyPolicy {
-            mechanism: PrivacyMechanism::GumbelTopK,
-            ..PrivacyPolicy::default()
-        };
-        assert!(
-            matches!(privacy(&dp), Err(EngineError::Unsupported { field, .. }) if field == "privacy.mechanism")
+        let per_pick = policy(Some(PrivacyBudget::EpsilonPerPick(-0.5)), None);
+        assert_eq!(
+            privacy(&per_pick).unwrap_err().field(),
+            Some("privacy.epsilon_per_pick")
         );
     }
 

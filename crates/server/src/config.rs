@@ -26,6 +26,10 @@ pub struct Config {
     pub replay: ReplayConfig,
     /// Request limits, defaults and the micro-batcher (the engine's configuration).
     pub ranking: engine::EngineConfig,
+    /// Differential privacy: defaults, limits and per-subject budgets.
+    pub privacy: engine::PrivacyConfig,
+    /// The durable privacy budget ledger and the pseudonym secret.
+    pub ledger: LedgerConfig,
     /// Durable server state (amortized fairness state).
     pub state: StateConfig,
 }
@@ -48,6 +52,39 @@ impl Default for StateConfig {
         StateConfig {
             path: None,
             amortized_flush_ms: 50,
+        }
+    }
+}
+
+/// `[ledger]`: where privacy budgets and released DP answers are stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// Ledger database file. Unset: `privacy-ledger.redb` in the data directory (the
+    /// folder of the item table, or the built-in dataset's cache folder).
+    pub path: Option<PathBuf>,
+    /// Keep the ledger in memory only (default false). Budgets and stored answers are then
+    /// lost on restart: for tests and demos only; the server logs a warning.
+    pub in_memory: bool,
+    /// Environment variable holding the pseudonym secret (hex, at least 32 bytes) that
+    /// keys user ids into ledger pseudonyms (default `FAIRRANK_PSEUDONYM_SECRET`). Unset
+    /// variable: a secret is generated once and kept in `secret_file`.
+    pub secret_env: String,
+    /// File holding the pseudonym secret when the variable is unset. Unset: `<ledger
+    /// path>.secret` (created with mode 0600).
+    pub secret_file: Option<PathBuf>,
+    /// Most charges committed by one group commit (default 1024).
+    pub max_batch: usize,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig {
+            path: None,
+            in_memory: false,
+            secret_env: "FAIRRANK_PSEUDONYM_SECRET".to_owned(),
+            secret_file: None,
+            max_batch: 1024,
         }
     }
 }
@@ -322,6 +359,91 @@ const KEY_DOCS: &[(&str, &str, &str)] = &[
         "amortized_flush_ms",
         "How often changed amortized fairness scopes are written, in milliseconds (the most a crash can lose).",
     ),
+    (
+        "privacy",
+        "default_mechanism",
+        "Mechanism of requests that name none: \"none\" or \"gumbel-top-k\".",
+    ),
+    (
+        "privacy",
+        "require_dp",
+        "Refuse requests asking for mechanism NONE (FAILED_PRECONDITION).",
+    ),
+    (
+        "privacy",
+        "user_norm_bound",
+        "L2 norm C_u user embeddings are clipped to under DP (score sensitivity 2 C_u C_v).",
+    ),
+    (
+        "privacy",
+        "default_epsilon_per_pick",
+        "Per-pick epsilon of requests without a budget; a pool of m costs m eps^2 / 8 zCDP.",
+    ),
+    (
+        "privacy",
+        "default_delta",
+        "Delta at which reports state the (epsilon, delta) equivalent.",
+    ),
+    (
+        "privacy",
+        "max_request_rho",
+        "Largest zCDP charge of one answer; costlier requests get FAILED_PRECONDITION.",
+    ),
+    (
+        "privacy",
+        "score_budget_share",
+        "Share of the budget spent on noisy scores when a request asks for them, in (0, 1).",
+    ),
+    (
+        "privacy",
+        "subject_rho_cap",
+        "Each user's zCDP budget per window.",
+    ),
+    (
+        "privacy",
+        "budget_window_secs",
+        "Budget window in seconds; 0: a lifetime budget.",
+    ),
+    (
+        "privacy",
+        "on_budget_exhausted",
+        "When a budget is used up: \"reject\" (RESOURCE_EXHAUSTED) or \"non-personalized\".",
+    ),
+    (
+        "privacy",
+        "workers",
+        "Threads running DP requests (the ledger commit blocks them, not the compute pool).",
+    ),
+    (
+        "privacy",
+        "noise_buffer",
+        "Gumbel samples pre-generated per DP worker, refilled between requests.",
+    ),
+    (
+        "ledger",
+        "path",
+        "Ledger database file; unset: privacy-ledger.redb in the data directory.",
+    ),
+    (
+        "ledger",
+        "in_memory",
+        "Keep budgets in memory only (lost on restart; tests and demos).",
+    ),
+    (
+        "ledger",
+        "secret_env",
+        "Environment variable with the pseudonym secret (hex, at least 32 bytes).",
+    ),
+    (
+        "ledger",
+        "secret_file",
+        "Pseudonym secret file used when the variable is unset; unset: <ledger path>.secret.",
+    ),
+    (
+        "ledger",
+        "max_batch",
+        "Most charges committed by one group commit.",
+    ),
 ];
 
 /// Section order and headers of the documented rendering.
@@ -342,6 +464,14 @@ const SECTION_DOCS: &[(&str, &str)] = &[
     (
         "state",
         "Durable state (unset keys are listed commented out).",
+    ),
+    (
+        "privacy",
+        "Differential privacy: defaults, limits, per-user budgets.",
+    ),
+    (
+        "ledger",
+        "Durable privacy budget ledger (charged before every DP answer).",
     ),
 ];
 
@@ -381,6 +511,10 @@ impl Config {
         self.ranking.validate().context("ranking")?;
         if self.state.amortized_flush_ms == 0 {
             bail!("state.amortized_flush_ms must be at least 1");
+        }
+        self.privacy.validate().context("privacy")?;
+        if self.ledger.max_batch == 0 {
+            bail!("ledger.max_batch must be at least 1");
         }
         Ok(())
     }
@@ -513,6 +647,11 @@ mod tests {
             state: StateConfig {
                 path: Some("d".into()),
                 ..StateConfig::default()
+            },
+            ledger: LedgerConfig {
+                path: Some("d".into()),
+                secret_file: Some("e".into()),
+                ..LedgerConfig::default()
             },
             ..Config::default()
         })

@@ -38,7 +38,8 @@ enum Command {
     Fair(cli::fair::FairCommand),
     /// Replay user queries through fairness constraints; report utility vs fairness.
     Eval(cli::eval::EvalArgs),
-    /// Differential-privacy tools: calibration, accounting conversion, DP top-k simulation.
+    /// Differential-privacy tools: calibration, accounting conversion, DP top-k simulation,
+    /// the budget ledger.
     #[command(subcommand)]
     Privacy(cli::privacy::PrivacyCommand),
 }

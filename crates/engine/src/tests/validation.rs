@@ -149,13 +149,14 @@ fn each_invalid_field_is_named() {
         ),
         (
             with(|r| {
+                r.user = UserRef::embedding(vec![0.5; DIM]);
                 r.privacy = PrivacyPolicy {
                     mechanism: PrivacyMechanism::GumbelTopK,
                     ..PrivacyPolicy::default()
                 }
             }),
-            "privacy.mechanism",
-            "unsupported",
+            "inline_user.subject_id",
+            "invalid",
         ),
         (
             with(|r| {

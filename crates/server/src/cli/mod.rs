@@ -4,6 +4,7 @@
 pub mod constraint_spec;
 pub mod eval;
 pub mod fair;
+pub mod ledger;
 pub mod privacy;
 pub mod rank;
 pub mod rerank;

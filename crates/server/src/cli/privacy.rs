@@ -20,6 +20,9 @@ pub enum PrivacyCommand {
     /// Runs one-shot Gumbel top-k (k picks of the exponential mechanism) many times on the
     /// given scores and counts which index was released at each position.
     Topk(PrivacyTopkArgs),
+    /// Inspect the privacy budget ledger (`ledger show USER_ID`).
+    #[command(subcommand)]
+    Ledger(super::ledger::LedgerCommand),
 }
 
 /// The noise mechanisms `calibrate` knows.
@@ -125,6 +128,7 @@ pub fn run(command: PrivacyCommand) -> anyhow::Result<()> {
         PrivacyCommand::Calibrate(args) => calibrate(&args)?,
         PrivacyCommand::Convert(args) => convert(&args)?,
         PrivacyCommand::Topk(args) => topk(&args)?,
+        PrivacyCommand::Ledger(command) => return super::ledger::run(command),
     };
     println!("{answer}");
     Ok(())

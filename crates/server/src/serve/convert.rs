@@ -141,6 +141,9 @@ fn privacy_policy(policy: pb::PrivacyPolicy) -> engine::PrivacyPolicy {
         budget: policy.budget.map(|budget| match budget {
             pb::privacy_policy::Budget::Rho(rho) => engine::PrivacyBudget::Rho(rho),
             pb::privacy_policy::Budget::Epsilon(epsilon) => engine::PrivacyBudget::Epsilon(epsilon),
+            pb::privacy_policy::Budget::EpsilonPerPick(epsilon) => {
+                engine::PrivacyBudget::EpsilonPerPick(epsilon)
+            }
         }),
         delta: policy.delta,
         release_noisy_scores: policy.release_noisy_scores,
@@ -175,10 +178,12 @@ fn explain_options(options: pb::ExplainOptions) -> engine::ExplainOptions {
     }
 }
 
-/// The wire form of an engine answer. `replayed` is false: the replay store sets it.
+/// The wire form of an engine answer. `replayed` is set for answers the privacy ledger
+/// stored for the same request id; the in-memory replay store sets it for its own replays.
 pub fn rank_response(response: engine::RankResponse) -> pb::RankResponse {
     let score_kind = match response.score_kind {
         engine::ScoreKind::DotProduct => pb::ScoreKind::DotProduct,
+        engine::ScoreKind::NoisyDotProduct => pb::ScoreKind::NoisyDotProduct,
         engine::ScoreKind::Prior => pb::ScoreKind::Prior,
         engine::ScoreKind::Withheld => pb::ScoreKind::Withheld,
     };
@@ -193,7 +198,12 @@ pub fn rank_response(response: engine::RankResponse) -> pb::RankResponse {
         Some(engine::NonPersonalizedReason::UserNotFound) => {
             pb::NonPersonalizedReason::UserNotFound
         }
+        Some(engine::NonPersonalizedReason::PrivacyBudgetExhausted) => {
+            pb::NonPersonalizedReason::PrivacyBudgetExhausted
+        }
     };
+    // An answer the privacy ledger stored for this request id is a replay too.
+    let replayed = response.privacy.ledger_replay;
     pb::RankResponse {
         request_id: response.request_id,
         items: response.items.into_iter().map(ranked_item).collect(),
@@ -201,7 +211,7 @@ pub fn rank_response(response: engine::RankResponse) -> pb::RankResponse {
         group_attributes: response.group_attributes,
         personalized: response.personalized,
         non_personalized_reason: non_personalized_reason as i32,
-        replayed: false,
+        replayed,
         fairness: Some(fairness_report(response.fairness)),
         privacy: Some(privacy_report(&response.privacy)),
         explain_level: explain_level(response.explain_level) as i32,
@@ -253,6 +263,7 @@ fn reason_code(code: engine::ReasonCode) -> pb::ReasonCode {
         engine::ReasonCode::CatalogOrder => pb::ReasonCode::Unspecified,
         engine::ReasonCode::FairnessPromoted => pb::ReasonCode::FairnessPromoted,
         engine::ReasonCode::FairnessDemoted => pb::ReasonCode::FairnessDemoted,
+        engine::ReasonCode::PrivacyRandomized => pb::ReasonCode::PrivacyRandomized,
     }
 }
 

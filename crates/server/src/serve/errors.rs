@@ -40,6 +40,8 @@ pub fn engine_status(error: &EngineError) -> Status {
                 PreconditionReason::GroupAttributeNotFound => ErrorReason::GroupAttributeNotFound,
                 PreconditionReason::NoRollbackTarget => ErrorReason::NoRollbackTarget,
                 PreconditionReason::FairnessInfeasible => ErrorReason::FairnessInfeasible,
+                PreconditionReason::PrivacyPolicyNotAllowed => ErrorReason::PrivacyPolicyNotAllowed,
+                PreconditionReason::RequestIdReused => ErrorReason::RequestIdReused,
             },
         ),
         // A constraint this server does not have is, to the client, not a registered
@@ -49,6 +51,12 @@ pub fn engine_status(error: &EngineError) -> Status {
         }
         EngineError::Unsupported { .. } => (Code::Unimplemented, ErrorReason::Unspecified),
         EngineError::ResourceExhausted { .. } => (Code::ResourceExhausted, ErrorReason::Overloaded),
+        EngineError::PrivacyBudgetExhausted { .. } => {
+            (Code::ResourceExhausted, ErrorReason::PrivacyBudgetExhausted)
+        }
+        EngineError::LedgerUnavailable { .. } => {
+            (Code::Unavailable, ErrorReason::LedgerUnavailable)
+        }
         EngineError::DeadlineExceeded { .. } => (Code::DeadlineExceeded, ErrorReason::Unspecified),
         EngineError::Aborted { reason, .. } => (
             Code::Aborted,

@@ -10,6 +10,7 @@ mod convert;
 mod deadline;
 mod echo;
 mod errors;
+pub mod privacy;
 mod ranker;
 mod replay;
 
@@ -96,7 +97,8 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .transpose()?;
     let reload_dirs = ReloadDirs::new(&config, &items_path, users_path.as_deref())?;
     let (fairness, amortized) = fairness_setup(&config)?;
-    let engine = Engine::with_fairness(config.ranking.clone(), items, users, fairness)?;
+    let privacy = privacy::setup(&config, &items_path)?;
+    let engine = Engine::with_setup(config.ranking.clone(), items, users, fairness, privacy)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

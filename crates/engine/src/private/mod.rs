@@ -1,0 +1,785 @@
+//! Differential privacy on the request path: the privacy configuration, the per-request
+//! plan (budget split, per-pick epsilon, sensitivity), the private pool selection (one-shot
+//! Gumbel top-m over every scored item), noisy score release, and the ledger charge that
+//! precedes every release.
+//!
+//! # What is protected and how
+//!
+//! With DP on, the user's embedding `u` is clipped to L2 norm `C_u`
+//! ([`PrivacyConfig::user_norm_bound`]); items have norm at most `C_v`, read from the item
+//! table header (`max_row_norm`, widened by `(dim + 2)` f32 epsilons relative, the
+//! agreement the store guarantees between the header and the rows). Two users then change
+//! any score `<u, v>` by at most `2 C_u C_v`, plus the f32 dot-product rounding slack
+//! `(1 + gamma_dim)` of [`privacy::score_sensitivity`]. Every candidate (the whole catalog
+//! when the request lists none) is scored exactly, pre-generated Gumbel noise is added and
+//! the `m = pool_size` largest noisy scores are kept in order ([`privacy::GumbelTopK`]),
+//! which is `m` rounds of the exponential mechanism at `epsilon` per pick and costs
+//! `m epsilon^2 / 8` in zCDP. Only the order is released: the pool carries pseudo-scores
+//! from rank (`m - position`), so fairness re-ranking, explanations and reports are
+//! post-processing of the released order and public item data.
+//!
+//! Noisy scores (`release_noisy_scores`) are released for the answer's items only, on a
+//! `2^-k` grid with discrete Gaussian noise (rho and per-pick budgets) or discrete Laplace
+//! noise (pure epsilon budgets), and charged too.
+//!
+//! # Accounting
+//!
+//! The ledger is charged, durably, before anything is released; a ledger failure fails the
+//! request closed. The charge stores the released order and noisy scores, so a retry with
+//! the same request id gets the same answer with no new noise and no second charge, also
+//! after a restart.
+
+mod ledger;
+mod state_ledger;
+mod workers;
+
+use std::cell::RefCell;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use kernels::{ScoredItem, score_candidates};
+use privacy::{
+    ExponentialMechanism, GaussianRelease, GumbelTopK, LaplaceRelease, SecureRng, clip_to_norm,
+    rho_pure_dp, rho_to_epsilon, score_sensitivity,
+};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use store::Table;
+
+pub use ledger::{
+    LedgerCharge, LedgerFailure, LedgerOutcome, MemoryLedger, PrivacyLedger, Spend, round_up_rho,
+};
+pub use state_ledger::StateLedger;
+pub(crate) use workers::PrivateWorkers;
+
+use crate::error::{EngineError, PreconditionReason};
+use crate::request::{PrivacyBudget, PrivacyMechanism, PrivacyPolicy, RankRequest, UserRef};
+use crate::response::{FairnessReport, PrivacyReport};
+
+/// Mechanism of requests that leave it unspecified.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DefaultMechanism {
+    /// No differential privacy.
+    #[default]
+    None,
+    /// One-shot Gumbel top-k pool selection.
+    GumbelTopK,
+}
+
+/// What to do when a subject's budget cannot cover a charge (requests may override it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExhaustedPolicy {
+    /// Refuse with `PrivacyBudgetExhausted` (gRPC `RESOURCE_EXHAUSTED`).
+    #[default]
+    Reject,
+    /// Answer without personalization (item prior, no charge), flagged in the answer.
+    NonPersonalized,
+}
+
+/// `[privacy]`: differential privacy defaults, limits and per-subject budgets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrivacyConfig {
+    /// Mechanism of requests that name none: `none` or `gumbel-top-k` (default `none`).
+    pub default_mechanism: DefaultMechanism,
+    /// Refuse requests that ask for mechanism `none` (default false).
+    pub require_dp: bool,
+    /// L2 norm bound `C_u` user embeddings are clipped to under DP (default 1.0).
+    pub user_norm_bound: f32,
+    /// Per-pick epsilon of requests that set no budget (default 0.1): a pool of `m` items
+    /// costs `m * epsilon^2 / 8` zCDP.
+    pub default_epsilon_per_pick: f64,
+    /// Delta at which reports state the (epsilon, delta) equivalent (default 1e-6).
+    pub default_delta: f64,
+    /// Largest zCDP charge one answer may cost; larger requests are refused with
+    /// `PrivacyPolicyNotAllowed` (default 2.0).
+    pub max_request_rho: f64,
+    /// Share of a request's budget spent on noisy scores when it asks for them, in (0, 1)
+    /// (default 0.5). With a per-pick budget the scores cost
+    /// `order * share / (1 - share)` on top of the order.
+    pub score_budget_share: f64,
+    /// Each subject's zCDP budget per window (default 10.0).
+    pub subject_rho_cap: f64,
+    /// Budget window in seconds; 0: a lifetime budget that never resets (default 86400).
+    pub budget_window_secs: u64,
+    /// Behaviour when the budget is exhausted: `reject` or `non-personalized` (default
+    /// `reject`).
+    pub on_budget_exhausted: ExhaustedPolicy,
+    /// Threads that run DP requests (scoring, selection, the blocking ledger charge), so
+    /// ledger commits never block the shared compute pool (default 16).
+    pub workers: usize,
+    /// Gumbel samples each DP worker keeps pre-generated (default 65536); refilled after
+    /// each request, off the request path.
+    pub noise_buffer: usize,
+}
+
+impl Default for PrivacyConfig {
+    fn default() -> Self {
+        PrivacyConfig {
+            default_mechanism: DefaultMechanism::None,
+            require_dp: false,
+            user_norm_bound: 1.0,
+            default_epsilon_per_pick: 0.1,
+            default_delta: 1e-6,
+            max_request_rho: 2.0,
+            score_budget_share: 0.5,
+            subject_rho_cap: 10.0,
+            budget_window_secs: 86_400,
+            on_budget_exhausted: ExhaustedPolicy::Reject,
+            workers: 16,
+            noise_buffer: 1 << 16,
+        }
+    }
+}
+
+impl PrivacyConfig {
+    /// Checks every value's range.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        let refuse = |field, message: String| Err(EngineError::InvalidConfig { field, message });
+        let positive = [
+            ("privacy.user_norm_bound", f64::from(self.user_norm_bound)),
+            (
+                "privacy.default_epsilon_per_pick",
+                self.default_epsilon_per_pick,
+            ),
+            ("privacy.max_request_rho", self.max_request_rho),
+            ("privacy.subject_rho_cap", self.subject_rho_cap),
+        ];
+        for (field, value) in positive {
+            if !(value.is_finite() && value > 0.0) {
+                return refuse(field, format!("{value} is not a finite number above 0"));
+            }
+        }
+        if !(self.default_delta > 0.0 && self.default_delta < 1.0) {
+            return refuse(
+                "privacy.default_delta",
+                format!("{} is not in (0, 1)", self.default_delta),
+            );
+        }
+        if !(self.score_budget_share > 0.0 && self.score_budget_share < 1.0) {
+            return refuse(
+                "privacy.score_budget_share",
+                format!("{} is not in (0, 1)", self.score_budget_share),
+            );
+        }
+        if self.workers == 0 {
+            return refuse("privacy.workers", "must be at least 1".to_owned());
+        }
+        Ok(())
+    }
+
+    /// The budget window, `None` for lifetime budgets.
+    pub fn window(&self) -> Option<Duration> {
+        (self.budget_window_secs > 0).then(|| Duration::from_secs(self.budget_window_secs))
+    }
+}
+
+/// The privacy configuration together with the ledger it charges.
+#[derive(Debug, Clone)]
+pub struct PrivacySetup {
+    /// Defaults, limits and budgets.
+    pub config: PrivacyConfig,
+    /// The budget ledger.
+    pub ledger: Arc<dyn PrivacyLedger>,
+}
+
+impl Default for PrivacySetup {
+    /// The default configuration with an in-memory ledger.
+    fn default() -> Self {
+        PrivacySetup {
+            config: PrivacyConfig::default(),
+            ledger: Arc::new(MemoryLedger::new()),
+        }
+    }
+}
+
+/// How the noisy scores of a DP answer are released.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum ScoreNoise {
+    /// Discrete Gaussian noise; `rho` in total over the answer's scores.
+    Gaussian { rho: f64 },
+    /// Discrete Laplace noise; pure `epsilon` in total over the answer's scores.
+    Laplace { epsilon: f64 },
+}
+
+/// A DP request's resolved plan: everything fixed before scoring.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    /// The privacy subject (ledger key before pseudonymization).
+    pub subject: String,
+    /// Items selected privately: `min(pool, scored items)`.
+    pub picks: usize,
+    /// Items whose noisy scores may be released: `min(k, picks)` (0: scores withheld).
+    pub score_count: usize,
+    /// The per-pick exponential mechanism (its sensitivity is the score sensitivity).
+    pub mechanism: Option<ExponentialMechanism>,
+    /// Cost of the order.
+    pub rho_order: f64,
+    /// Noisy score release, if asked for.
+    pub scores: Option<ScoreNoise>,
+    /// Pure epsilon of the whole answer, for pure-epsilon budgets.
+    pub pure_epsilon: Option<f64>,
+    /// Delta of the reported (epsilon, delta).
+    pub delta: f64,
+    /// Behaviour on an exhausted budget.
+    pub on_exhausted: ExhaustedPolicy,
+    /// `C_u`.
+    pub user_norm_bound: f32,
+    /// Score sensitivity `2 C_u C_v (1 + gamma)`.
+    pub sensitivity: f64,
+    /// Hash of the request content, to refuse a request id reused for other content.
+    pub fingerprint: u64,
+    /// The subject's cap per window.
+    pub cap: f64,
+    /// The budget window (`None`: lifetime).
+    pub window: Option<Duration>,
+    /// Gumbel samples each thread keeps pre-generated.
+    pub noise_buffer: usize,
+    /// The ledger to charge.
+    pub ledger: Arc<dyn PrivacyLedger>,
+}
+
+/// The mechanism a request gets: its own, or the configured default.
+fn effective_mechanism(policy: &PrivacyPolicy, config: &PrivacyConfig) -> PrivacyMechanism {
+    match (policy.mechanism, config.default_mechanism) {
+        (PrivacyMechanism::Unspecified, DefaultMechanism::None) => PrivacyMechanism::None,
+        (PrivacyMechanism::Unspecified, DefaultMechanism::GumbelTopK) => {
+            PrivacyMechanism::GumbelTopK
+        }
+        (mechanism, _) => mechanism,
+    }
+}
+
+fn not_allowed(message: String) -> EngineError {
+    EngineError::FailedPrecondition {
+        field: Some("privacy".to_owned()),
+        reason: PreconditionReason::PrivacyPolicyNotAllowed,
+        message,
+    }
+}
+
+/// Resolves the privacy plan of a personalized request scoring `scored_items` items into a
+/// pool of `pool` (`None`: DP does not apply).
+pub(crate) fn plan(
+    request: &RankRequest,
+    setup: &PrivacySetup,
+    items: &Table,
+    pool: usize,
+    scored_items: usize,
+) -> Result<Option<Plan>, EngineError> {
+    let policy = &request.privacy;
+    let config = &setup.config;
+    match effective_mechanism(policy, config) {
+        PrivacyMechanism::GumbelTopK => {}
+        _ if config.require_dp => {
+            return Err(not_allowed(
+                "this server requires differential privacy (mechanism gumbel-top-k)".to_owned(),
+            ));
+        }
+        _ => return Ok(None),
+    }
+    let subject = match &request.user {
+        UserRef::Id(id) => id.clone(),
+        UserRef::Inline { subject_id, .. } if !subject_id.is_empty() => subject_id.clone(),
+        UserRef::Inline { .. } => {
+            return Err(EngineError::invalid(
+                "inline_user.subject_id",
+                "is required under differential privacy (the budget ledger is keyed by it)",
+            ));
+        }
+    };
+    let picks = pool.min(scored_items);
+    let score_count = if policy.release_noisy_scores {
+        request.k.min(picks)
+    } else {
+        0
+    };
+    let share = if score_count > 0 {
+        config.score_budget_share
+    } else {
+        0.0
+    };
+    let item_norm = f64::from(items.max_row_norm())
+        * (1.0 + (items.dim() as f64 + 2.0) * f64::from(f32::EPSILON));
+    let sensitivity = score_sensitivity(
+        f64::from(config.user_norm_bound),
+        item_norm.max(f64::MIN_POSITIVE),
+        items.dim(),
+    )
+    .map_err(|error| EngineError::internal(format!("score sensitivity: {error}")))?;
+    let m = picks.max(1) as f64;
+    let (epsilon_per_pick, rho_order, scores, pure_epsilon) = match policy.budget {
+        Some(PrivacyBudget::Rho(rho)) => {
+            let rho_order = (1.0 - share) * rho;
+            let scores = (score_count > 0).then_some(ScoreNoise::Gaussian { rho: share * rho });
+            ((8.0 * rho_order / m).sqrt(), rho_order, scores, None)
+        }
+        Some(PrivacyBudget::Epsilon(epsilon)) => {
+            let per_pick = (1.0 - share) * epsilon / m;
+            let scores = (score_count > 0).then_some(ScoreNoise::Laplace {
+                epsilon: share * epsilon,
+            });
+            (
+                per_pick,
+                m * per_pick * per_pick / 8.0,
+                scores,
+                Some(epsilon),
+            )
+        }
+        Some(PrivacyBudget::EpsilonPerPick(per_pick)) => {
+            let rho_order = m * per_pick * per_pick / 8.0;
+            let scores = (score_count > 0).then_some(ScoreNoise::Gaussian {
+                rho: rho_order * share / (1.0 - share),
+            });
+            (per_pick, rho_order, scores, None)
+        }
+        None => {
+            let per_pick = config.default_epsilon_per_pick;
+            let rho_order = m * per_pick * per_pick / 8.0;
+            let scores = (score_count > 0).then_some(ScoreNoise::Gaussian {
+                rho: rho_order * share / (1.0 - share),
+            });
+            (per_pick, rho_order, scores, None)
+        }
+    };
+    let rho_total = rho_order
+        + match scores {
+            Some(ScoreNoise::Gaussian { rho }) => rho,
+            Some(ScoreNoise::Laplace { epsilon }) => {
+                score_count as f64 * (epsilon / score_count as f64).powi(2) / 2.0
+            }
+            None => 0.0,
+        };
+    if rho_total > config.max_request_rho {
+        return Err(not_allowed(format!(
+            "the request would cost rho {rho_total:.6} for a pool of {picks}, above this server's \
+             per-request maximum of {}",
+            config.max_request_rho
+        )));
+    }
+    let mechanism = if picks > 0 {
+        Some(
+            ExponentialMechanism::new(epsilon_per_pick, sensitivity).map_err(|error| {
+                EngineError::invalid(
+                    "privacy",
+                    format!("cannot calibrate the mechanism: {error}"),
+                )
+            })?,
+        )
+    } else {
+        None
+    };
+    Ok(Some(Plan {
+        subject,
+        picks,
+        score_count,
+        mechanism,
+        rho_order,
+        scores,
+        pure_epsilon,
+        delta: policy.delta.unwrap_or(config.default_delta),
+        on_exhausted: match policy.on_budget_exhausted {
+            crate::request::BudgetExhaustedAction::Unspecified => config.on_budget_exhausted,
+            crate::request::BudgetExhaustedAction::Reject => ExhaustedPolicy::Reject,
+            crate::request::BudgetExhaustedAction::NonPersonalized => {
+                ExhaustedPolicy::NonPersonalized
+            }
+        },
+        user_norm_bound: config.user_norm_bound,
+        sensitivity,
+        fingerprint: fingerprint(request),
+        cap: config.subject_rho_cap,
+        window: config.window(),
+        noise_buffer: config.noise_buffer,
+        ledger: Arc::clone(&setup.ledger),
+    }))
+}
+
+/// A hash of everything in a request that shapes its answer (not its deadline).
+fn fingerprint(request: &RankRequest) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    format!(
+        "{:?}|{:?}|{}|{:?}|{}|{}|{:?}|{:?}|{:?}|{:?}",
+        request.user,
+        request.candidate_ids,
+        request.skip_unknown_candidates,
+        request.pool_size,
+        request.k,
+        request.fallback_for_unknown_user,
+        request.fairness,
+        request.privacy,
+        request.consent,
+        request.explain,
+    )
+    .hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Clips a user embedding to the plan's norm bound (a copy; the table row is untouched).
+pub(crate) fn clip(embedding: &[f32], bound: f32) -> Result<Arc<[f32]>, EngineError> {
+    let mut clipped = embedding.to_vec();
+    clip_to_norm(&mut clipped, bound).map_err(|error| {
+        EngineError::invalid(
+            "inline_user.embedding",
+            format!("cannot be clipped: {error}"),
+        )
+    })?;
+    Ok(clipped.into())
+}
+
+/// Per-thread DP state: a CSPRNG seeded from the OS, pre-generated Gumbel noise, scratch.
+struct DpThread {
+    rng: SecureRng,
+    selector: GumbelTopK,
+    scores: Vec<f32>,
+    order: Vec<usize>,
+}
+
+thread_local! {
+    static DP_THREAD: RefCell<Option<DpThread>> = const { RefCell::new(None) };
+}
+
+/// Runs `work` with this thread's DP state, creating it (OS-seeded) on first use.
+fn with_dp_thread<T>(
+    noise_buffer: usize,
+    work: impl FnOnce(&mut DpThread) -> Result<T, EngineError>,
+) -> Result<T, EngineError> {
+    DP_THREAD.with(|cell| {
+        let mut slot = cell
+            .try_borrow_mut()
+            .map_err(|_| EngineError::internal("DP thread state re-entered"))?;
+        if slot.is_none() {
+            let mut rng = SecureRng::from_os().map_err(|error| EngineError::Unavailable {
+                message: format!("cannot seed the DP random generator from the OS: {error}"),
+            })?;
+            let selector = GumbelTopK::with_noise(noise_buffer, &mut rng);
+            *slot = Some(DpThread {
+                rng,
+                selector,
+                scores: Vec::new(),
+                order: Vec::new(),
+            });
+        }
+        match slot.as_mut() {
+            Some(state) => work(state),
+            None => Err(EngineError::internal("DP thread state missing")),
+        }
+    })
+}
+
+/// Refills this thread's Gumbel noise buffer (called between requests).
+pub(crate) fn refill_noise() {
+    DP_THREAD.with(|cell| {
+        if let Ok(mut slot) = cell.try_borrow_mut()
+            && let Some(state) = slot.as_mut()
+        {
+            state.selector.refill(&mut state.rng);
+        }
+    });
+}
+
+/// Rows per parallel task when scoring the whole catalog.
+const CATALOG_CHUNK: usize = 8192;
+
+/// Scores every candidate (`rows`, or the whole catalog when `None`) exactly, then selects
+/// the plan's pool by one-shot Gumbel top-m. Returns the pool in released order with
+/// pseudo-scores `picks - position` (the raw scores never leave this function).
+pub(crate) fn select_pool(
+    plan: &Plan,
+    matrix: kernels::RowMatrix<'_>,
+    query: &[f32],
+    rows: Option<&[u32]>,
+    noise_buffer: usize,
+) -> Result<Vec<ScoredItem>, EngineError> {
+    let Some(mechanism) = plan.mechanism else {
+        return Ok(Vec::new());
+    };
+    with_dp_thread(noise_buffer, |state| {
+        match rows {
+            Some(rows) => score_candidates(matrix, query, rows, &mut state.scores)?,
+            None => {
+                state.scores.clear();
+                state.scores.resize(matrix.rows(), 0.0);
+                state
+                    .scores
+                    .par_chunks_mut(CATALOG_CHUNK)
+                    .enumerate()
+                    .for_each(|(chunk, out)| {
+                        let first = chunk * CATALOG_CHUNK;
+                        for (offset, score) in out.iter_mut().enumerate() {
+                            *score = kernels::dot(matrix.row(first + offset), query);
+                        }
+                    });
+            }
+        }
+        let DpThread {
+            rng,
+            selector,
+            scores,
+            order,
+        } = state;
+        selector
+            .select(scores, &mechanism, plan.picks, rng, order)
+            .map_err(|error| EngineError::internal(format!("private selection: {error}")))?;
+        let picks = order.len();
+        let mut pool = Vec::with_capacity(picks);
+        for (position, &index) in order.iter().enumerate() {
+            let row = match rows {
+                Some(rows) => rows.get(index).copied().ok_or_else(|| {
+                    EngineError::internal("private selection returned an unknown index")
+                })?,
+                None => index as u32,
+            };
+            pool.push(ScoredItem::new(row, (picks - position) as f32));
+        }
+        Ok(pool)
+    })
+}
+
+/// The record a DP answer leaves in the ledger: enough to rebuild the released answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct StoredRelease {
+    /// Format version.
+    pub version: u32,
+    /// Request content hash.
+    pub fingerprint: u64,
+    /// Item ids of the pool in released order.
+    pub pool: Vec<String>,
+    /// The answer: positions into `pool`, best first.
+    pub answer: Vec<u32>,
+    /// Noisy scores of the answer's items, in answer order.
+    pub scores: Option<Vec<f32>>,
+    /// rho charged.
+    pub rho: f64,
+    /// Reported epsilon and delta.
+    pub epsilon: f64,
+    pub delta: f64,
+    /// Noise standard deviation of the scores.
+    pub score_noise_stddev: Option<f64>,
+    /// `C_u`.
+    pub user_norm_bound: f64,
+    /// The fairness report of the released answer (a replay reports it unchanged).
+    #[serde(default)]
+    pub fairness: Option<FairnessReport>,
+}
+
+impl StoredRelease {
+    /// Encodes the record for the ledger.
+    pub fn encode(&self) -> Result<Vec<u8>, EngineError> {
+        serde_json::to_vec(self)
+            .map_err(|error| EngineError::internal(format!("encoding a release: {error}")))
+    }
+
+    /// Decodes a ledger record.
+    pub fn decode(bytes: &[u8]) -> Result<StoredRelease, EngineError> {
+        serde_json::from_slice(bytes).map_err(|error| EngineError::LedgerUnavailable {
+            message: format!("the ledger holds an unreadable answer record: {error}"),
+        })
+    }
+
+    /// The privacy report of this record: freshly charged (with the subject's spend, if
+    /// the ledger was charged) or replayed (no charge).
+    pub fn report(&self, spend: Option<Spend>, replay: bool) -> PrivacyReport {
+        PrivacyReport {
+            dp_applied: true,
+            mechanism: PrivacyMechanism::GumbelTopK,
+            rho_charged: if replay { 0.0 } else { self.rho },
+            epsilon: Some(self.epsilon),
+            delta: Some(self.delta),
+            rho_remaining: spend.map(|spend| spend.remaining()),
+            rho_budget: spend.map(|spend| spend.cap),
+            budget_resets_at: spend.and_then(|spend| spend.resets_at),
+            scores_noised: self.scores.is_some(),
+            score_noise_stddev: self.score_noise_stddev,
+            user_norm_bound: Some(self.user_norm_bound),
+            ledger_replay: replay,
+        }
+    }
+}
+
+/// The grid exponent that puts a noise of standard deviation `sigma` at about `2^12`
+/// grid units (well inside the samplers' ranges).
+fn grid_for(sigma: f64) -> i32 {
+    let k = 12.0 - sigma.log2().ceil();
+    k.clamp(
+        f64::from(privacy::MIN_GRID_K),
+        f64::from(privacy::MAX_GRID_K),
+    ) as i32
+}
+
+/// Noisy scores of an answer's items and what releasing them costs.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct NoisyScores {
+    /// The noisy scores, in answer order.
+    pub scores: Vec<f32>,
+    /// zCDP cost of all of them (grid rounding included).
+    pub rho: f64,
+    /// Pure epsilon of all of them (discrete Laplace only).
+    pub epsilon: Option<f64>,
+    /// Standard deviation of the noise of each score.
+    pub stddev: f64,
+}
+
+/// Noisy scores of `exact` (the answer items' exact scores) and their actual cost.
+pub(crate) fn noisy_scores(
+    plan: &Plan,
+    exact: &[f32],
+    noise_buffer: usize,
+) -> Result<Option<NoisyScores>, EngineError> {
+    let (Some(noise), count) = (plan.scores, exact.len()) else {
+        return Ok(None);
+    };
+    if count == 0 {
+        return Ok(None);
+    }
+    let calibration = |error: privacy::PrivacyError| {
+        EngineError::invalid(
+            "privacy",
+            format!("cannot calibrate the score noise: {error}"),
+        )
+    };
+    let release_error = |error: privacy::PrivacyError| {
+        EngineError::internal(format!("noisy score release: {error}"))
+    };
+    let sensitivity = plan.sensitivity;
+    with_dp_thread(noise_buffer, |state| match noise {
+        ScoreNoise::Gaussian { rho } => {
+            let each = rho / count as f64;
+            let sigma = sensitivity / (2.0 * each).sqrt();
+            let release = GaussianRelease::for_rho(each, sensitivity, grid_for(sigma))
+                .map_err(calibration)?;
+            let mut out = Vec::with_capacity(count);
+            for &score in exact {
+                out.push(
+                    release
+                        .release(f64::from(score), &mut state.rng)
+                        .map_err(release_error)? as f32,
+                );
+            }
+            let rho = release.rho(sensitivity).map_err(calibration)? * count as f64;
+            Ok(Some(NoisyScores {
+                scores: out,
+                rho,
+                epsilon: None,
+                stddev: release.sigma(),
+            }))
+        }
+        ScoreNoise::Laplace { epsilon } => {
+            let each = epsilon / count as f64;
+            let scale = sensitivity / each;
+            let release = LaplaceRelease::for_epsilon(each, sensitivity, grid_for(scale))
+                .map_err(calibration)?;
+            let mut out = Vec::with_capacity(count);
+            for &score in exact {
+                out.push(
+                    release
+                        .release(f64::from(score), &mut state.rng)
+                        .map_err(release_error)? as f32,
+                );
+            }
+            let actual = release.epsilon(sensitivity).map_err(calibration)?;
+            let rho = rho_pure_dp(actual).map_err(calibration)? * count as f64;
+            Ok(Some(NoisyScores {
+                scores: out,
+                rho,
+                epsilon: Some(actual * count as f64),
+                stddev: release.noise().variance().sqrt() * (-f64::from(release.grid_k())).exp2(),
+            }))
+        }
+    })
+}
+
+/// Builds the ledger record of a fresh DP answer.
+pub(crate) fn release_record(
+    plan: &Plan,
+    pool_ids: Vec<String>,
+    answer: &[usize],
+    scores: Option<NoisyScores>,
+) -> Result<StoredRelease, EngineError> {
+    let (scores, rho_scores, epsilon_scores, stddev) = match scores {
+        Some(noisy) => (
+            Some(noisy.scores),
+            noisy.rho,
+            noisy.epsilon,
+            Some(noisy.stddev),
+        ),
+        None => (None, 0.0, None, None),
+    };
+    let rho = round_up_rho(plan.rho_order + rho_scores);
+    let (epsilon, delta) = match plan.pure_epsilon {
+        Some(_) => {
+            let per_pick = plan
+                .mechanism
+                .map_or(0.0, |mechanism| mechanism.epsilon_per_pick());
+            (
+                per_pick * plan.picks as f64 + epsilon_scores.unwrap_or(0.0),
+                0.0,
+            )
+        }
+        None => (
+            rho_to_epsilon(rho, plan.delta)
+                .map_err(|error| EngineError::internal(format!("epsilon conversion: {error}")))?,
+            plan.delta,
+        ),
+    };
+    Ok(StoredRelease {
+        version: 1,
+        fingerprint: plan.fingerprint,
+        pool: pool_ids,
+        answer: answer.iter().map(|&position| position as u32).collect(),
+        scores,
+        rho,
+        epsilon,
+        delta,
+        score_noise_stddev: stddev,
+        user_norm_bound: f64::from(plan.user_norm_bound),
+        fairness: None,
+    })
+}
+
+/// The error of a request refused for an exhausted budget.
+pub(crate) fn exhausted_error(plan: &Plan, rho: f64, spend: Spend) -> EngineError {
+    EngineError::PrivacyBudgetExhausted {
+        rho_remaining: spend.remaining(),
+        message: format!(
+            "this answer costs rho {rho:.6} but the subject has {:.6} of {:.6} left{}",
+            spend.remaining(),
+            plan.cap,
+            match spend.resets_at {
+                Some(at) => format!(
+                    " (the budget resets in {} s)",
+                    at.duration_since(SystemTime::now())
+                        .unwrap_or_default()
+                        .as_secs()
+                ),
+                None => " (a lifetime budget)".to_owned(),
+            }
+        ),
+    }
+}
+
+/// Charges the ledger for a fresh release (fails closed on ledger errors).
+pub(crate) fn charge(
+    ledger: &dyn PrivacyLedger,
+    plan: &Plan,
+    request_id: &str,
+    record: &StoredRelease,
+) -> Result<LedgerOutcome, EngineError> {
+    let bytes = record.encode()?;
+    ledger
+        .charge(&LedgerCharge {
+            subject: &plan.subject,
+            request_id,
+            rho: record.rho,
+            cap: plan.cap,
+            window: plan.window,
+            now: SystemTime::now(),
+            answer: &bytes,
+        })
+        .map_err(|failure| EngineError::LedgerUnavailable {
+            message: failure.message,
+        })
+}

@@ -1,0 +1,402 @@
+//! Differential privacy on the request path: charges, budgets, replays, noisy scores,
+//! explanations and the utility of the private selection.
+
+use std::sync::Arc;
+
+use store::Table;
+
+use super::util::{DIM, ITEMS, brute_force, items_data, row, users_data, write};
+use crate::private::LedgerFailure;
+use crate::{
+    BudgetExhaustedAction, Engine, EngineConfig, EngineError, ExhaustedPolicy, ExplainLevel,
+    ExplainOptions, LedgerCharge, LedgerOutcome, MemoryLedger, NonPersonalizedReason,
+    PreconditionReason, PrivacyBudget, PrivacyConfig, PrivacyLedger, PrivacyMechanism,
+    PrivacyPolicy, PrivacySetup, RankRequest, ReasonCode, ScoreKind, UserRef,
+};
+
+struct DpFixture {
+    _dir: tempfile::TempDir,
+    items: store::TableData,
+    users: store::TableData,
+    ledger: Arc<MemoryLedger>,
+    engine: Engine,
+}
+
+fn dp_fixture(config: PrivacyConfig) -> DpFixture {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let items = items_data(1, ITEMS, true);
+    let users = users_data(2, 24, DIM);
+    let items_path = write(dir.path(), "items.frt", &items);
+    let users_path = write(dir.path(), "users.frt", &users);
+    let ledger = Arc::new(MemoryLedger::new());
+    let engine = Engine::with_privacy(
+        EngineConfig::default(),
+        PrivacySetup {
+            config,
+            ledger: Arc::clone(&ledger) as Arc<dyn PrivacyLedger>,
+        },
+        Table::open(&items_path).expect("items open"),
+        Some(Table::open(&users_path).expect("users open")),
+    )
+    .expect("engine starts");
+    DpFixture {
+        _dir: dir,
+        items,
+        users,
+        ledger,
+        engine,
+    }
+}
+
+fn dp_request(id: &str, user: &str, k: usize, pool: usize, epsilon_per_pick: f64) -> RankRequest {
+    let mut request = RankRequest::new(id, UserRef::id(user), k);
+    request.pool_size = Some(pool);
+    request.privacy = PrivacyPolicy {
+        mechanism: PrivacyMechanism::GumbelTopK,
+        budget: Some(PrivacyBudget::EpsilonPerPick(epsilon_per_pick)),
+        ..PrivacyPolicy::default()
+    };
+    request
+}
+
+#[test]
+fn a_dp_answer_withholds_scores_and_charges_pool_times_epsilon_squared_over_eight() {
+    let fixture = dp_fixture(PrivacyConfig::default());
+    let (k, pool, epsilon) = (5, 20, 0.2);
+    let expected = pool as f64 * epsilon * epsilon / 8.0;
+    let first = fixture
+        .engine
+        .rank_blocking(dp_request("dp-1", "user-3", k, pool, epsilon))
+        .expect("answers");
+    assert_eq!(first.items.len(), k);
+    assert_eq!(first.pool_size, pool);
+    assert_eq!(first.score_kind, ScoreKind::Withheld);
+    assert!(first.items.iter().all(|item| item.score.is_none()));
+    let report = &first.privacy;
+    assert!(report.dp_applied && !report.ledger_replay);
+    assert_eq!(report.mechanism, PrivacyMechanism::GumbelTopK);
+    assert!((report.rho_charged - expected).abs() < 1e-9, "{report:?}");
+    let cap = PrivacyConfig::default().subject_rho_cap;
+    assert_eq!(report.rho_budget, Some(cap));
+    let remaining = report.rho_remaining.expect("remaining budget");
+    assert!((remaining - (cap - expected)).abs() < 1e-9);
+    let epsilon_total = report.epsilon.expect("epsilon");
+    let bun_steinke =
+        privacy::rho_to_epsilon_bun_steinke(report.rho_charged, 1e-6).expect("converts");
+    assert!(epsilon_total > 0.0 && epsilon_total <= bun_steinke);
+    assert_eq!(report.delta, Some(1e-6));
+    assert_eq!(report.user_norm_bound, Some(1.0));
+    assert!(report.budget_resets_at.is_some());
+
+    let second = fixture
+        .engine
+        .rank_blocking(dp_request("dp-2", "user-3", k, pool, epsilon))
+        .expect("answers");
+    let after = second.privacy.rho_remaining.expect("remaining budget");
+    assert!(
+        (remaining - after - expected).abs() < 1e-9,
+        "{remaining} -> {after}"
+    );
+    assert!((fixture.ledger.spent("user-3") - 2.0 * expected).abs() < 1e-9);
+}
+
+#[test]
+fn a_retry_with_the_same_request_id_returns_the_stored_answer_without_a_second_charge() {
+    let fixture = dp_fixture(PrivacyConfig::default());
+    let first = fixture
+        .engine
+        .rank_blocking(dp_request("same-id", "user-1", 8, 40, 0.05))
+        .expect("answers");
+    let spent = fixture.ledger.spent("user-1");
+    for _ in 0..3 {
+        let again = fixture
+            .engine
+            .rank_blocking(dp_request("same-id", "user-1", 8, 40, 0.05))
+            .expect("answers");
+        assert_eq!(again.items, first.items, "same order, no new noise");
+        assert!(again.privacy.ledger_replay);
+        assert_eq!(again.privacy.rho_charged, 0.0);
+        assert_eq!(fixture.ledger.spent("user-1"), spent, "no second charge");
+    }
+    // The same id with other content is refused, not replayed.
+    let error = fixture
+        .engine
+        .rank_blocking(dp_request("same-id", "user-1", 7, 40, 0.05))
+        .expect_err("content differs");
+    assert!(
+        matches!(
+            error,
+            EngineError::FailedPrecondition {
+                reason: PreconditionReason::RequestIdReused,
+                ..
+            }
+        ),
+        "{error}"
+    );
+}
+
+#[test]
+fn the_cap_refuses_or_answers_non_personalized_by_policy() {
+    let config = PrivacyConfig {
+        subject_rho_cap: 0.25,
+        ..PrivacyConfig::default()
+    };
+    let fixture = dp_fixture(config);
+    // Each answer costs 10 * 0.4^2 / 8 = 0.2: the second one does not fit.
+    fixture
+        .engine
+        .rank_blocking(dp_request("cap-1", "user-2", 5, 10, 0.4))
+        .expect("fits");
+    let error = fixture
+        .engine
+        .rank_blocking(dp_request("cap-2", "user-2", 5, 10, 0.4))
+        .expect_err("over the cap");
+    match error {
+        EngineError::PrivacyBudgetExhausted {
+            rho_remaining,
+            message,
+        } => {
+            assert!((rho_remaining - 0.05).abs() < 1e-9, "{rho_remaining}");
+            assert!(message.contains("0.050000"), "{message}");
+        }
+        other => panic!("expected PrivacyBudgetExhausted, got {other:?}"),
+    }
+    let mut request = dp_request("cap-3", "user-2", 5, 10, 0.4);
+    request.privacy.on_budget_exhausted = BudgetExhaustedAction::NonPersonalized;
+    let answer = fixture.engine.rank_blocking(request).expect("answers");
+    assert!(!answer.personalized);
+    assert_eq!(
+        answer.non_personalized_reason,
+        Some(NonPersonalizedReason::PrivacyBudgetExhausted)
+    );
+    assert!(!answer.privacy.dp_applied);
+    assert_eq!(answer.score_kind, ScoreKind::Prior);
+    assert!((fixture.ledger.spent("user-2") - 0.2).abs() < 1e-9);
+    // Another subject still has its whole budget.
+    fixture
+        .engine
+        .rank_blocking(dp_request("cap-4", "user-5", 5, 10, 0.4))
+        .expect("a fresh budget");
+}
+
+#[test]
+fn with_negligible_noise_the_private_pool_is_the_exact_top_pool() {
+    // Integer embeddings below norm 100 are not clipped; epsilon 1e6 per pick makes the
+    // Gumbel noise (scale 2 sensitivity / epsilon) far below the gap between scores.
+    let config = PrivacyConfig {
+        user_norm_bound: 100.0,
+        max_request_rho: 1e30,
+        subject_rho_cap: 1e30,
+        ..PrivacyConfig::default()
+    };
+    let fixture = dp_fixture(config);
+    let user = row(&fixture.users, 4).to_vec();
+    let candidates: Vec<usize> = (0..ITEMS).step_by(3).collect();
+    for (name, rows) in [("catalog", None), ("candidates", Some(candidates))] {
+        let mut request = dp_request(&format!("exact-{name}"), "user-4", 10, 10, 1e6);
+        if let Some(rows) = &rows {
+            request.candidate_ids = rows.iter().map(|&r| fixture.items.ids[r].clone()).collect();
+        }
+        let answer = fixture.engine.rank_blocking(request).expect("answers");
+        let all_rows: Vec<usize> = rows.clone().unwrap_or_else(|| (0..ITEMS).collect());
+        let expected = brute_force(&fixture.items, &user, all_rows.iter().copied(), 10);
+        let score_of = |id: &str| {
+            let r = fixture.items.ids.iter().position(|x| x == id).expect("id");
+            brute_force(&fixture.items, &user, [r], 1)[0].1
+        };
+        let got: Vec<f32> = answer.items.iter().map(|item| score_of(&item.id)).collect();
+        let want: Vec<f32> = expected.iter().map(|(_, score)| *score).collect();
+        assert_eq!(got, want, "{name}: scores of the released order");
+        if let Some(rows) = &rows {
+            for item in &answer.items {
+                let r = fixture
+                    .items
+                    .ids
+                    .iter()
+                    .position(|x| *x == item.id)
+                    .expect("id");
+                assert!(rows.contains(&r), "{name}: only candidates are released");
+            }
+        }
+    }
+}
+
+#[test]
+fn noisy_scores_are_released_and_charged_when_asked_for() {
+    let config = PrivacyConfig {
+        user_norm_bound: 100.0,
+        max_request_rho: 1e30,
+        subject_rho_cap: 1e30,
+        ..PrivacyConfig::default()
+    };
+    let fixture = dp_fixture(config);
+    let mut request = dp_request("noisy", "user-6", 5, 10, 1e3);
+    request.privacy.release_noisy_scores = true;
+    let answer = fixture.engine.rank_blocking(request).expect("answers");
+    assert_eq!(answer.score_kind, ScoreKind::NoisyDotProduct);
+    assert!(answer.privacy.scores_noised);
+    let stddev = answer.privacy.score_noise_stddev.expect("noise stddev");
+    assert!(stddev > 0.0);
+    // Order 10 * 1e6 / 8; scores the same again (share 0.5): about twice the order.
+    let order = 10.0 * 1e6 / 8.0;
+    let ratio = answer.privacy.rho_charged / order;
+    assert!((ratio - 2.0).abs() < 1e-3, "{ratio}");
+    let user = row(&fixture.users, 6).to_vec();
+    for item in &answer.items {
+        let r = fixture
+            .items
+            .ids
+            .iter()
+            .position(|x| *x == item.id)
+            .expect("id");
+        let exact = brute_force(&fixture.items, &user, [r], 1)[0].1;
+        let noisy = item.score.expect("a noisy score");
+        assert!(
+            (noisy - exact).abs() < 12.0 * stddev as f32 + 1e-3,
+            "{noisy} vs {exact} (sd {stddev})"
+        );
+    }
+}
+
+#[test]
+fn dp_explanations_use_only_the_released_order() {
+    let fixture = dp_fixture(PrivacyConfig::default());
+    let mut request = dp_request("explain", "user-7", 3, 10, 0.1);
+    request.explain = ExplainOptions::full();
+    let answer = fixture.engine.rank_blocking(request).expect("answers");
+    assert_eq!(answer.explain_level, ExplainLevel::Text);
+    for item in &answer.items {
+        let explanation = item.explanation.as_ref().expect("explained");
+        assert_eq!(explanation.reasons[0].code, ReasonCode::PrivacyRandomized);
+        assert!(explanation.contributions.is_empty());
+        assert!(!explanation.reasons[0].text.contains("score "));
+    }
+}
+
+#[test]
+fn server_policy_mandatory_dp_and_per_request_maximum_are_enforced() {
+    let config = PrivacyConfig {
+        require_dp: true,
+        max_request_rho: 0.1,
+        ..PrivacyConfig::default()
+    };
+    let fixture = dp_fixture(config);
+    let mut plain = RankRequest::new("plain", UserRef::id("user-1"), 3);
+    plain.privacy.mechanism = PrivacyMechanism::None;
+    let too_costly = dp_request("costly", "user-1", 3, 100, 1.0);
+    for request in [plain, too_costly] {
+        let error = fixture.engine.rank_blocking(request).expect_err("refused");
+        assert!(
+            matches!(
+                error,
+                EngineError::FailedPrecondition {
+                    reason: PreconditionReason::PrivacyPolicyNotAllowed,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+    }
+    // A DP request within the maximum is answered; an inline embedding needs a subject id.
+    let mut inline = RankRequest::new(
+        "inline",
+        UserRef::Inline {
+            embedding: vec![1.0; DIM],
+            subject_id: "subject-9".into(),
+        },
+        3,
+    );
+    inline.privacy.mechanism = PrivacyMechanism::GumbelTopK;
+    inline.pool_size = Some(10);
+    let answer = fixture.engine.rank_blocking(inline).expect("answers");
+    assert!(answer.privacy.dp_applied);
+    assert!(fixture.ledger.spent("subject-9") > 0.0);
+}
+
+#[test]
+fn the_default_mechanism_and_exhausted_policy_come_from_the_configuration() {
+    let config = PrivacyConfig {
+        default_mechanism: crate::DefaultMechanism::GumbelTopK,
+        subject_rho_cap: 0.2,
+        on_budget_exhausted: ExhaustedPolicy::NonPersonalized,
+        ..PrivacyConfig::default()
+    };
+    let fixture = dp_fixture(config);
+    // Default pool 100 at 0.1 per pick: 0.125 per answer.
+    let first = fixture
+        .engine
+        .rank_blocking(RankRequest::new("d-1", UserRef::id("user-8"), 4))
+        .expect("answers");
+    assert!(first.privacy.dp_applied);
+    assert!((first.privacy.rho_charged - 0.125).abs() < 1e-9);
+    let second = fixture
+        .engine
+        .rank_blocking(RankRequest::new("d-2", UserRef::id("user-8"), 4))
+        .expect("answers");
+    assert!(!second.personalized);
+}
+
+#[derive(Debug)]
+struct BrokenLedger;
+
+impl PrivacyLedger for BrokenLedger {
+    fn charge(&self, _: &LedgerCharge<'_>) -> Result<LedgerOutcome, LedgerFailure> {
+        Err(LedgerFailure {
+            message: "disk on fire".into(),
+        })
+    }
+}
+
+#[test]
+fn a_ledger_failure_fails_closed() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let items_path = write(dir.path(), "items.frt", &items_data(1, ITEMS, true));
+    let engine = Engine::with_privacy(
+        EngineConfig::default(),
+        PrivacySetup {
+            config: PrivacyConfig::default(),
+            ledger: Arc::new(BrokenLedger),
+        },
+        Table::open(&items_path).expect("items open"),
+        None,
+    )
+    .expect("engine starts");
+    let request = RankRequest {
+        privacy: PrivacyPolicy {
+            mechanism: PrivacyMechanism::GumbelTopK,
+            ..PrivacyPolicy::default()
+        },
+        ..RankRequest::new(
+            "broken",
+            UserRef::Inline {
+                embedding: vec![0.5; DIM],
+                subject_id: "s".into(),
+            },
+            3,
+        )
+    };
+    let error = engine.rank_blocking(request).expect_err("fails closed");
+    assert!(
+        matches!(&error, EngineError::LedgerUnavailable { message } if message.contains("disk on fire")),
+        "{error}"
+    );
+}
+
+#[test]
+fn batch_entries_are_charged_individually() {
+    let fixture = dp_fixture(PrivacyConfig::default());
+    let requests = vec![
+        dp_request("b-1", "user-10", 3, 10, 0.1),
+        dp_request("b-2", "user-11", 3, 10, 0.1),
+        RankRequest::new("b-3", UserRef::id("user-12"), 3),
+    ];
+    let batch = fixture.engine.rank_batch(requests).expect("answers");
+    let charged: Vec<bool> = batch
+        .results
+        .iter()
+        .map(|result| result.as_ref().expect("answers").privacy.dp_applied)
+        .collect();
+    assert_eq!(charged, [true, true, false]);
+    assert!(fixture.ledger.spent("user-10") > 0.0);
+    assert_eq!(fixture.ledger.spent("user-12"), 0.0);
+}

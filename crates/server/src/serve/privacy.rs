@@ -1,0 +1,94 @@
+//! The privacy budget ledger of `fairrank serve`: where it lives, the pseudonym secret, and
+//! the engine's privacy setup built from `[privacy]` and `[ledger]`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use engine::{PrivacySetup, StateLedger};
+use state::{BudgetLedger, InMemoryLedger, LedgerOptions, PseudonymKey, StateDatabase};
+
+use crate::config::Config;
+
+/// File name of the ledger database in the data directory.
+pub const LEDGER_FILE: &str = "privacy-ledger.redb";
+
+/// The ledger database path: configured, or [`LEDGER_FILE`] beside the item table.
+pub fn ledger_path(config: &Config, items_path: &Path) -> PathBuf {
+    match &config.ledger.path {
+        Some(path) => path.clone(),
+        None => items_path
+            .parent()
+            .map_or_else(|| PathBuf::from(LEDGER_FILE), |dir| dir.join(LEDGER_FILE)),
+    }
+}
+
+/// The pseudonym key: from the configured environment variable, else the secret file
+/// (created with a fresh OS-random secret on first use).
+pub fn pseudonym_key(config: &Config, ledger_path: &Path) -> anyhow::Result<PseudonymKey> {
+    let env = &config.ledger.secret_env;
+    if !env.is_empty()
+        && let Ok(hex) = std::env::var(env)
+        && !hex.trim().is_empty()
+    {
+        return PseudonymKey::from_hex(&hex)
+            .with_context(|| format!("the pseudonym secret in ${env}"));
+    }
+    let file = config.ledger.secret_file.clone().unwrap_or_else(|| {
+        let mut name = ledger_path.as_os_str().to_owned();
+        name.push(".secret");
+        PathBuf::from(name)
+    });
+    if !file.exists() {
+        tracing::warn!(
+            file = %file.display(),
+            "no pseudonym secret in ${env}: generating one and keeping it in this file (back it \
+             up with the ledger; without it, budgets cannot be matched to users)"
+        );
+    }
+    PseudonymKey::load_or_create(&file)
+        .with_context(|| format!("the pseudonym secret file {}", file.display()))
+}
+
+/// The durable ledger options for this configuration: stored answers are kept for at least
+/// one budget window (a retry whose answer was pruned would be charged again).
+fn ledger_options(config: &Config) -> LedgerOptions {
+    let window = config.privacy.window();
+    LedgerOptions {
+        max_batch: config.ledger.max_batch,
+        retention: window.map(|window| window.max(Duration::from_secs(3600))),
+        ..LedgerOptions::default()
+    }
+}
+
+/// Opens the durable ledger at `path`.
+pub fn open_durable(config: &Config, path: &Path) -> anyhow::Result<Arc<dyn BudgetLedger>> {
+    let database = StateDatabase::open(path)
+        .with_context(|| format!("opening the privacy ledger {}", path.display()))?;
+    let ledger = database
+        .ledger(ledger_options(config))
+        .with_context(|| format!("starting the privacy ledger {}", path.display()))?;
+    Ok(Arc::new(ledger))
+}
+
+/// The engine's privacy setup: configuration and ledger (durable unless configured
+/// otherwise, with a loud warning).
+pub fn setup(config: &Config, items_path: &Path) -> anyhow::Result<PrivacySetup> {
+    let path = ledger_path(config, items_path);
+    let key = pseudonym_key(config, &path)?;
+    let store: Arc<dyn BudgetLedger> = if config.ledger.in_memory {
+        tracing::warn!(
+            "PRIVACY LEDGER IN MEMORY ONLY (ledger.in_memory = true): budgets and stored DP \
+             answers are lost on restart; never run like this in production"
+        );
+        Arc::new(InMemoryLedger::new())
+    } else {
+        tracing::info!(path = %path.display(), "privacy budget ledger");
+        open_durable(config, &path)?
+    };
+    Ok(PrivacySetup {
+        config: config.privacy.clone(),
+        ledger: Arc::new(StateLedger::new(store, key)),
+    })
+}

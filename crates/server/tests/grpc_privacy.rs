@@ -1,0 +1,184 @@
+//! End-to-end tests of differential privacy over gRPC against the real server process:
+//! DP answers withhold scores and report the charge, budgets refuse or degrade at the cap,
+//! and a retry with the same request id gets the stored answer without a second charge,
+//! also after a restart (the ledger is durable).
+
+mod grpc_support;
+
+use api::fairrank::v1 as pb;
+use api::status::error_reason;
+use grpc_support::*;
+use tonic::Code;
+
+/// A pseudonym secret for test servers (hex, 32 bytes).
+const SECRET: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+fn config(ledger: &std::path::Path, cap: f64) -> String {
+    format!(
+        "[privacy]\nsubject_rho_cap = {cap}\n\n[ledger]\npath = {:?}\n",
+        ledger.display().to_string()
+    )
+}
+
+fn env() -> Vec<(&'static str, &'static str)> {
+    vec![("FAIRRANK_PSEUDONYM_SECRET", SECRET)]
+}
+
+/// A DP request: pool 20, k 5, epsilon 0.2 per pick (charge 20 * 0.04 / 8 = 0.1).
+fn dp_request(request_id: &str, user_id: &str) -> pb::RankRequest {
+    let mut request = rank_request(request_id, user_id, 5);
+    request.pool_size = Some(20);
+    request.privacy = Some(pb::PrivacyPolicy {
+        mechanism: pb::PrivacyMechanism::GumbelTopK as i32,
+        budget: Some(pb::privacy_policy::Budget::EpsilonPerPick(0.2)),
+        ..pb::PrivacyPolicy::default()
+    });
+    request
+}
+
+const CHARGE: f64 = 0.1;
+
+fn report(response: &pb::RankResponse) -> pb::PrivacyReport {
+    response.privacy.expect("a privacy report")
+}
+
+fn ids(response: &pb::RankResponse) -> Vec<String> {
+    response
+        .items
+        .iter()
+        .map(|item| item.item_id.clone())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dp_answers_charge_the_budget_replay_and_stop_at_the_cap() {
+    let tables = tables(41);
+    let ledger = tables.dir.path().join("ledger.redb");
+    let server = Server::start(&tables, Some(&config(&ledger, 0.35)), &env());
+    let mut ranker = server.ranker().await;
+    let user = tables.data.users.ids[2].clone();
+
+    let first = ranker
+        .rank(dp_request("dp-first", &user))
+        .await
+        .expect("ranks")
+        .into_inner();
+    assert_eq!(first.items.len(), 5);
+    assert_eq!(first.pool_size, 20);
+    assert_eq!(first.score_kind, pb::ScoreKind::Withheld as i32);
+    assert!(first.items.iter().all(|item| item.score.is_none()));
+    let privacy = report(&first);
+    assert!(privacy.dp_applied);
+    assert_eq!(privacy.mechanism, pb::PrivacyMechanism::GumbelTopK as i32);
+    assert!((privacy.rho_charged - CHARGE).abs() < 1e-6, "{privacy:?}");
+    assert_eq!(privacy.rho_budget, Some(0.35));
+    let remaining_first = privacy.rho_remaining.expect("remaining");
+    assert!((remaining_first - 0.25).abs() < 1e-6, "{remaining_first}");
+    assert!(privacy.epsilon.is_some() && privacy.delta == Some(1e-6));
+    assert_eq!(privacy.user_norm_bound, Some(1.0));
+
+    // A retry gets the same answer, flagged, with no second charge.
+    let retry = ranker
+        .rank(dp_request("dp-first", &user))
+        .await
+        .expect("ranks")
+        .into_inner();
+    assert!(retry.replayed);
+    assert_eq!(ids(&retry), ids(&first));
+
+    let second = ranker
+        .rank(dp_request("dp-second", &user))
+        .await
+        .expect("ranks")
+        .into_inner();
+    let remaining_second = report(&second).rho_remaining.expect("remaining");
+    assert!(
+        (remaining_first - remaining_second - CHARGE).abs() < 1e-6,
+        "{remaining_first} -> {remaining_second}: one charge only"
+    );
+    ranker
+        .rank(dp_request("dp-third", &user))
+        .await
+        .expect("the third charge fits");
+
+    // 0.3 spent of 0.35: the fourth is refused with the remaining budget in the message.
+    let status = ranker
+        .rank(dp_request("dp-fourth", &user))
+        .await
+        .expect_err("over the cap");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(
+        error_reason(&status),
+        pb::ErrorReason::PrivacyBudgetExhausted
+    );
+    assert!(
+        status.message().contains("0.050000"),
+        "{}",
+        status.message()
+    );
+
+    // Or, by policy, a non-personalized answer with the flag.
+    let mut request = dp_request("dp-fifth", &user);
+    if let Some(policy) = request.privacy.as_mut() {
+        policy.on_budget_exhausted = pb::BudgetExhaustedAction::NonPersonalized as i32;
+    }
+    let degraded = ranker.rank(request).await.expect("ranks").into_inner();
+    assert!(!degraded.personalized);
+    assert_eq!(
+        degraded.non_personalized_reason,
+        pb::NonPersonalizedReason::PrivacyBudgetExhausted as i32
+    );
+    assert!(!report(&degraded).dp_applied);
+
+    // Noisy scores on request, for another user.
+    let other = tables.data.users.ids[3].clone();
+    let mut request = dp_request("dp-noisy", &other);
+    if let Some(policy) = request.privacy.as_mut() {
+        policy.release_noisy_scores = true;
+    }
+    let noisy = ranker.rank(request).await.expect("ranks").into_inner();
+    assert_eq!(noisy.score_kind, pb::ScoreKind::NoisyDotProduct as i32);
+    assert!(noisy.items.iter().all(|item| item.score.is_some()));
+    assert!(report(&noisy).scores_noised);
+    assert!((report(&noisy).rho_charged - 2.0 * CHARGE).abs() < 1e-3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_survives_a_kill_and_replays_after_restart() {
+    let tables = tables(43);
+    let ledger = tables.dir.path().join("ledger.redb");
+    let config = config(&ledger, 1.0);
+    let user = tables.data.users.ids[5].clone();
+    let mut server = Server::start(&tables, Some(&config), &env());
+    let first = {
+        let mut ranker = server.ranker().await;
+        ranker
+            .rank(dp_request("durable-1", &user))
+            .await
+            .expect("ranks")
+            .into_inner()
+    };
+    server.signal("KILL");
+    server.wait(CALL_TIMEOUT);
+
+    let server = Server::start(&tables, Some(&config), &env());
+    let mut ranker = server.ranker().await;
+    let retry = ranker
+        .rank(dp_request("durable-1", &user))
+        .await
+        .expect("ranks")
+        .into_inner();
+    assert!(retry.replayed, "the ledger's stored answer");
+    assert_eq!(ids(&retry), ids(&first));
+    assert_eq!(report(&retry).rho_charged, 0.0);
+    let next = ranker
+        .rank(dp_request("durable-2", &user))
+        .await
+        .expect("ranks")
+        .into_inner();
+    let remaining = report(&next).rho_remaining.expect("remaining");
+    assert!(
+        (remaining - (1.0 - 2.0 * CHARGE)).abs() < 1e-6,
+        "the first charge survived the kill: {remaining}"
+    );
+}
