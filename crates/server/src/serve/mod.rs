@@ -96,7 +96,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .map(|path| engine::open_table(TableKind::Users, path))
         .transpose()?;
     let reload_dirs = ReloadDirs::new(&config, &items_path, users_path.as_deref())?;
-    let privacy = privacy::setup(&config, &items_path)?;
+    let privacy = privacy::setup(&config)?;
     let engine = Engine::with_privacy(config.ranking.clone(), privacy, items, users)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
