@@ -49,7 +49,7 @@ fn engine(dir: &std::path::Path, ledger: Option<Arc<dyn BudgetLedger>>) -> Engin
     let privacy = match ledger {
         Some(store) => PrivacySetup {
             config: PrivacyConfig {
-                subject_rho_cap: 1e12,
+                subject_rho_cap: 1e9,
                 budget_window_secs: 0,
                 ..PrivacyConfig::default()
             },
