@@ -131,6 +131,9 @@ fn run(engine: &Engine, dp: bool, first: usize, count: usize, rate: f64) -> (Vec
     (latencies, achieved, errors)
 }
 
+/// A measured configuration: name, whether requests ask for DP, and the ledger store.
+type Setup = (&'static str, bool, Option<Arc<dyn BudgetLedger>>);
+
 fn main() {
     let args: Vec<f64> = std::env::args()
         .skip(1)
@@ -143,7 +146,7 @@ fn main() {
     let durable = StateDatabase::open(dir.path().join("ledger.redb"))
         .and_then(|database| database.ledger(LedgerOptions::default()))
         .expect("durable ledger opens");
-    let setups: Vec<(&str, bool, Option<Arc<dyn BudgetLedger>>)> = vec![
+    let setups: Vec<Setup> = vec![
         ("no DP (baseline)", false, None),
         (
             "DP, in-memory ledger",
