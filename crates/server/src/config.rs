@@ -60,15 +60,14 @@ impl Default for StateConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LedgerConfig {
-    /// Ledger database file. Unset: `privacy-ledger.redb` in the data directory (the
-    /// folder of the item table, or the built-in dataset's cache folder).
+    /// Ledger database file (redb; one server process at a time). Unset: the ledger is
+    /// kept in memory only, budgets and stored answers are lost on restart, and the server
+    /// logs a warning at start-up: set it in production.
     pub path: Option<PathBuf>,
-    /// Keep the ledger in memory only (default false). Budgets and stored answers are then
-    /// lost on restart: for tests and demos only; the server logs a warning.
-    pub in_memory: bool,
     /// Environment variable holding the pseudonym secret (hex, at least 32 bytes) that
     /// keys user ids into ledger pseudonyms (default `FAIRRANK_PSEUDONYM_SECRET`). Unset
-    /// variable: a secret is generated once and kept in `secret_file`.
+    /// variable: a secret is generated once and kept in `secret_file` (with an in-memory
+    /// ledger: a fresh secret per start).
     pub secret_env: String,
     /// File holding the pseudonym secret when the variable is unset. Unset: `<ledger
     /// path>.secret` (created with mode 0600).
@@ -81,7 +80,6 @@ impl Default for LedgerConfig {
     fn default() -> Self {
         LedgerConfig {
             path: None,
-            in_memory: false,
             secret_env: "FAIRRANK_PSEUDONYM_SECRET".to_owned(),
             secret_file: None,
             max_batch: 1024,
@@ -422,12 +420,7 @@ const KEY_DOCS: &[(&str, &str, &str)] = &[
     (
         "ledger",
         "path",
-        "Ledger database file; unset: privacy-ledger.redb in the data directory.",
-    ),
-    (
-        "ledger",
-        "in_memory",
-        "Keep budgets in memory only (lost on restart; tests and demos).",
+        "Ledger database file; unset: IN MEMORY ONLY (budgets lost on restart; set it in production).",
     ),
     (
         "ledger",

@@ -362,7 +362,9 @@ async fn bad_input_gets_its_code_reason_and_field() {
         Some("fairness.group_attribute"),
     )
     .await;
-    let mut dp = rank_request("dp", &user, 5);
+    // Differential privacy needs a subject to charge: an inline embedding without one is
+    // refused (the DP path itself is tested in grpc_privacy.rs).
+    let mut dp = inline_request("dp", vec![0.1; DIM], 5);
     dp.privacy = Some(pb::PrivacyPolicy {
         mechanism: pb::PrivacyMechanism::GumbelTopK as i32,
         ..Default::default()
@@ -370,9 +372,9 @@ async fn bad_input_gets_its_code_reason_and_field() {
     expect_error(
         &mut ranker,
         dp,
-        Code::Unimplemented,
-        pb::ErrorReason::Unspecified,
-        Some("privacy.mechanism"),
+        Code::InvalidArgument,
+        pb::ErrorReason::InvalidField,
+        Some("inline_user.subject_id"),
     )
     .await;
 
@@ -410,7 +412,7 @@ async fn bad_input_gets_its_code_reason_and_field() {
             &text,
             "fairrank_requests_total{method=\"Rank\",code=\"InvalidArgument\"}"
         ),
-        Some(12.0),
+        Some(13.0),
         "{text}"
     );
 }

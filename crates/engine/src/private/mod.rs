@@ -79,6 +79,9 @@ pub enum ExhaustedPolicy {
     NonPersonalized,
 }
 
+/// Largest per-subject budget the ledgers can count (fixed point, nano-rho in a u64).
+pub const MAX_RHO_CAP: f64 = 1e9;
+
 /// `[privacy]`: differential privacy defaults, limits and per-subject budgets.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -152,6 +155,16 @@ impl PrivacyConfig {
             if !(value.is_finite() && value > 0.0) {
                 return refuse(field, format!("{value} is not a finite number above 0"));
             }
+        }
+        // The ledgers count rho in fixed point (nano units in a u64).
+        if self.subject_rho_cap > MAX_RHO_CAP {
+            return refuse(
+                "privacy.subject_rho_cap",
+                format!(
+                    "{} exceeds the ledger's limit of {MAX_RHO_CAP}",
+                    self.subject_rho_cap
+                ),
+            );
         }
         if !(self.default_delta > 0.0 && self.default_delta < 1.0) {
             return refuse(

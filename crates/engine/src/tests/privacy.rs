@@ -181,19 +181,21 @@ fn the_cap_refuses_or_answers_non_personalized_by_policy() {
 
 #[test]
 fn with_negligible_noise_the_private_pool_is_the_exact_top_pool() {
-    // Integer embeddings below norm 100 are not clipped; epsilon 1e6 per pick makes the
-    // Gumbel noise (scale 2 sensitivity / epsilon) far below the gap between scores.
+    // Integer embeddings of dimension 8 in -3..=3 have norm below 9 and are not clipped;
+    // sensitivity is about 2 * 9 * 8.5 = 153, so epsilon 1.9e4 per pick gives Gumbel noise
+    // of scale 0.016: it would need a spread of 31 scales (probability ~1e-11) to swap
+    // two integer scores.
     let config = PrivacyConfig {
-        user_norm_bound: 100.0,
-        max_request_rho: 1e30,
-        subject_rho_cap: 1e30,
+        user_norm_bound: 9.0,
+        max_request_rho: 1e9,
+        subject_rho_cap: 1e9,
         ..PrivacyConfig::default()
     };
     let fixture = dp_fixture(config);
     let user = row(&fixture.users, 4).to_vec();
     let candidates: Vec<usize> = (0..ITEMS).step_by(3).collect();
     for (name, rows) in [("catalog", None), ("candidates", Some(candidates))] {
-        let mut request = dp_request(&format!("exact-{name}"), "user-4", 10, 10, 1e6);
+        let mut request = dp_request(&format!("exact-{name}"), "user-4", 10, 10, 1.9e4);
         if let Some(rows) = &rows {
             request.candidate_ids = rows.iter().map(|&r| fixture.items.ids[r].clone()).collect();
         }
@@ -225,8 +227,8 @@ fn with_negligible_noise_the_private_pool_is_the_exact_top_pool() {
 fn noisy_scores_are_released_and_charged_when_asked_for() {
     let config = PrivacyConfig {
         user_norm_bound: 100.0,
-        max_request_rho: 1e30,
-        subject_rho_cap: 1e30,
+        max_request_rho: 1e9,
+        subject_rho_cap: 1e9,
         ..PrivacyConfig::default()
     };
     let fixture = dp_fixture(config);

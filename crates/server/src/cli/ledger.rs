@@ -4,12 +4,11 @@
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::Context;
 use clap::{Args, Subcommand};
 use engine::StateLedger;
 
 use crate::config::Config;
-use crate::serve::privacy::{ledger_path, open_durable, pseudonym_key};
+use crate::serve::privacy::{open_durable, pseudonym_key};
 
 /// `fairrank privacy ledger ...`.
 #[derive(Debug, Subcommand)]
@@ -23,15 +22,12 @@ pub enum LedgerCommand {
 pub struct ShowArgs {
     /// The user id (or inline subject id) as sent in requests.
     pub user_id: String,
-    /// The server's configuration file (for `[ledger]`, `[privacy]` and `[tables]`).
+    /// The server's configuration file (for `[ledger]` and `[privacy]`).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// The ledger file, overriding the configuration.
+    /// The ledger file, overriding the configuration's `ledger.path`.
     #[arg(long)]
     pub ledger: Option<PathBuf>,
-    /// The item table the server serves (locates the default ledger beside it).
-    #[arg(long)]
-    pub table: Option<PathBuf>,
 }
 
 /// Runs `fairrank privacy ledger ...`.
@@ -46,22 +42,16 @@ fn show(args: &ShowArgs) -> anyhow::Result<()> {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
-    let path = match (&args.ledger, &args.table, &config.tables.items) {
-        (Some(path), _, _) => path.clone(),
-        (None, Some(items), _) | (None, None, Some(items)) => ledger_path(&config, items),
-        (None, None, None) => match &config.ledger.path {
-            Some(path) => path.clone(),
-            None => {
-                let dataset =
-                    datasets::default_dataset().context("locating the built-in default dataset")?;
-                ledger_path(&config, &dataset.items)
-            }
-        },
+    let Some(path) = args.ledger.clone().or_else(|| config.ledger.path.clone()) else {
+        anyhow::bail!(
+            "no ledger file: pass --ledger PATH or a --config with ledger.path (a server \
+             without ledger.path keeps its ledger in memory only)"
+        );
     };
     if !path.exists() {
         anyhow::bail!("no privacy ledger at {}", path.display());
     }
-    let key = pseudonym_key(&config, &path)?;
+    let key = pseudonym_key(&config, Some(&path))?;
     let store = open_durable(&config, &path)?;
     let ledger = StateLedger::new(store, key);
     let now = SystemTime::now();

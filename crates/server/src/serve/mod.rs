@@ -97,7 +97,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .transpose()?;
     let reload_dirs = ReloadDirs::new(&config, &items_path, users_path.as_deref())?;
     let (fairness, amortized) = fairness_setup(&config)?;
-    let privacy = privacy::setup(&config, &items_path)?;
+    let privacy = privacy::setup(&config)?;
     let engine = Engine::with_setup(config.ranking.clone(), items, users, fairness, privacy)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -11,22 +11,9 @@ use state::{BudgetLedger, InMemoryLedger, LedgerOptions, PseudonymKey, StateData
 
 use crate::config::Config;
 
-/// File name of the ledger database in the data directory.
-pub const LEDGER_FILE: &str = "privacy-ledger.redb";
-
-/// The ledger database path: configured, or [`LEDGER_FILE`] beside the item table.
-pub fn ledger_path(config: &Config, items_path: &Path) -> PathBuf {
-    match &config.ledger.path {
-        Some(path) => path.clone(),
-        None => items_path
-            .parent()
-            .map_or_else(|| PathBuf::from(LEDGER_FILE), |dir| dir.join(LEDGER_FILE)),
-    }
-}
-
 /// The pseudonym key: from the configured environment variable, else the secret file
 /// (created with a fresh OS-random secret on first use).
-pub fn pseudonym_key(config: &Config, ledger_path: &Path) -> anyhow::Result<PseudonymKey> {
+pub fn pseudonym_key(config: &Config, ledger_path: Option<&Path>) -> anyhow::Result<PseudonymKey> {
     let env = &config.ledger.secret_env;
     if !env.is_empty()
         && let Ok(hex) = std::env::var(env)
@@ -35,11 +22,18 @@ pub fn pseudonym_key(config: &Config, ledger_path: &Path) -> anyhow::Result<Pseu
         return PseudonymKey::from_hex(&hex)
             .with_context(|| format!("the pseudonym secret in ${env}"));
     }
-    let file = config.ledger.secret_file.clone().unwrap_or_else(|| {
-        let mut name = ledger_path.as_os_str().to_owned();
-        name.push(".secret");
-        PathBuf::from(name)
-    });
+    let file = match (&config.ledger.secret_file, ledger_path) {
+        (Some(file), _) => file.clone(),
+        (None, Some(ledger_path)) => {
+            let mut name = ledger_path.as_os_str().to_owned();
+            name.push(".secret");
+            PathBuf::from(name)
+        }
+        (None, None) => {
+            let (key, _) = PseudonymKey::generate().context("generating a pseudonym secret")?;
+            return Ok(key);
+        }
+    };
     if !file.exists() {
         tracing::warn!(
             file = %file.display(),
@@ -72,20 +66,23 @@ pub fn open_durable(config: &Config, path: &Path) -> anyhow::Result<Arc<dyn Budg
     Ok(Arc::new(ledger))
 }
 
-/// The engine's privacy setup: configuration and ledger (durable unless configured
-/// otherwise, with a loud warning).
-pub fn setup(config: &Config, items_path: &Path) -> anyhow::Result<PrivacySetup> {
-    let path = ledger_path(config, items_path);
-    let key = pseudonym_key(config, &path)?;
-    let store: Arc<dyn BudgetLedger> = if config.ledger.in_memory {
-        tracing::warn!(
-            "PRIVACY LEDGER IN MEMORY ONLY (ledger.in_memory = true): budgets and stored DP \
-             answers are lost on restart; never run like this in production"
-        );
-        Arc::new(InMemoryLedger::new())
-    } else {
-        tracing::info!(path = %path.display(), "privacy budget ledger");
-        open_durable(config, &path)?
+/// The engine's privacy setup: configuration and ledger (durable at `ledger.path`; in
+/// memory, with a loud warning, when none is configured).
+pub fn setup(config: &Config) -> anyhow::Result<PrivacySetup> {
+    let path = config.ledger.path.as_deref();
+    let key = pseudonym_key(config, path)?;
+    let store: Arc<dyn BudgetLedger> = match path {
+        None => {
+            tracing::warn!(
+                "PRIVACY LEDGER IN MEMORY ONLY (no ledger.path configured): privacy budgets and \
+                 stored DP answers are lost on restart; set ledger.path in production"
+            );
+            Arc::new(InMemoryLedger::new())
+        }
+        Some(path) => {
+            tracing::info!(path = %path.display(), "privacy budget ledger");
+            open_durable(config, path)?
+        }
     };
     Ok(PrivacySetup {
         config: config.privacy.clone(),
