@@ -31,6 +31,16 @@ enum Command {
     /// Benchmarks that compare fairrank's kernels with the machine's limits.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Fairness re-ranking of JSON Lines requests (offline, for researchers).
+    Rerank(cli::rerank::RerankArgs),
+    /// Fairness constraint tools (FA*IR mtables).
+    #[command(subcommand)]
+    Fair(cli::fair::FairCommand),
+    /// Replay user queries through fairness constraints; report utility vs fairness.
+    Eval(cli::eval::EvalArgs),
+    /// Differential-privacy tools: calibration, accounting conversion, DP top-k simulation.
+    #[command(subcommand)]
+    Privacy(cli::privacy::PrivacyCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -52,5 +62,15 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Rerank(args) => {
+            if cli::rerank::run(&args)? > 0 {
+                // Every line was answered; the status tells scripts that some were refused.
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Fair(command) => cli::fair::run(command),
+        Command::Eval(args) => cli::eval::run(&args),
+        Command::Privacy(command) => cli::privacy::run(command),
     }
 }

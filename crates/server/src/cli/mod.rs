@@ -1,7 +1,12 @@
 //! Subcommands of the `fairrank` binary other than `serve`: local file tools (no server
 //! needed) and the `rank` client of a running server.
 
+pub mod constraint_spec;
+pub mod eval;
+pub mod fair;
+pub mod privacy;
 pub mod rank;
+pub mod rerank;
 pub mod table;
 pub mod topk;
 
