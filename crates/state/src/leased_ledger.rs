@@ -493,10 +493,10 @@ impl LeasedLedger {
                 let spent = current
                     .spent
                     .max(grant.durable_spent.saturating_sub(user.available));
-                if let Some(record) = user.record.as_mut() {
-                    if record.window_start_ms == current.window_start_ms {
-                        record.spent = spent;
-                    }
+                if let Some(record) = user.record.as_mut()
+                    && record.window_start_ms == current.window_start_ms
+                {
+                    record.spent = spent;
                 }
                 return Ok(exceeded(spent, params.cap));
             }
@@ -596,15 +596,15 @@ impl LeasedLedger {
 /// only while the lease's window is the stored one).
 fn retire(user: &mut UserLease, pseudonym: &Pseudonym, sender: &Sender<Command>) {
     user.retired = true;
-    if let Some(lease_window) = user.lease_window_start_ms {
-        if user.available > 0 {
-            // If the writer is gone the rest is wasted, which is safe.
-            let _ = sender.send(Command::Return {
-                pseudonym: *pseudonym,
-                window_start_ms: lease_window,
-                amount: user.available,
-            });
-        }
+    if let Some(lease_window) = user.lease_window_start_ms
+        && user.available > 0
+    {
+        // If the writer is gone the rest is wasted, which is safe.
+        let _ = sender.send(Command::Return {
+            pseudonym: *pseudonym,
+            window_start_ms: lease_window,
+            amount: user.available,
+        });
     }
     user.available = 0;
 }
@@ -661,11 +661,10 @@ impl BudgetLedger for LeasedLedger {
             if user.loaded && !user.retired {
                 user.absorb_renewal(false);
                 let mut spend = UserRecord::spend_at(user.record.as_ref(), now_ms);
-                if let Some(record) = user.record {
-                    if spend.window_start.is_some() {
-                        spend.leased_unused =
-                            Rho::from_nano(user.available_in(record.window_start_ms));
-                    }
+                if let Some(record) = user.record
+                    && spend.window_start.is_some()
+                {
+                    spend.leased_unused = Rho::from_nano(user.available_in(record.window_start_ms));
                 }
                 return Ok(spend);
             }
@@ -735,15 +734,15 @@ impl LeasedLedger {
     /// Stops like a crash: the writer exits without writing the answers still waiting and
     /// no lease is returned. The database stays consistent (what a kill -9 leaves).
     pub(crate) fn abandon(&self) {
-        if let Ok(mut guard) = self.sender.write() {
-            if let Some(sender) = guard.take() {
-                let _ = sender.send(Command::Abandon);
-            }
+        if let Ok(mut guard) = self.sender.write()
+            && let Some(sender) = guard.take()
+        {
+            let _ = sender.send(Command::Abandon);
         }
-        if let Ok(mut writer) = self.writer.lock() {
-            if let Some(handle) = writer.take() {
-                let _ = handle.join();
-            }
+        if let Ok(mut writer) = self.writer.lock()
+            && let Some(handle) = writer.take()
+        {
+            let _ = handle.join();
         }
         for shard in &self.users {
             if let Ok(mut shard) = shard.lock() {
@@ -814,10 +813,10 @@ fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOpti
                 }
             }
         };
-        if let Some(command) = first {
-            if !take(command, &mut answers, &mut commands, &mut oldest) {
-                return;
-            }
+        if let Some(command) = first
+            && !take(command, &mut answers, &mut commands, &mut oldest)
+        {
+            return;
         }
         while !disconnected && commands.len() + answers.len() < options.store.max_batch {
             match receiver.try_recv() {
@@ -923,13 +922,12 @@ fn commit_batch(
         Ok(results) => {
             // Committed: memory may now forget the answers (lookups fall through to the file).
             for answer in answers {
-                if let Ok(mut shard) = shared.answer_shard(&answer.pseudonym).lock() {
-                    if shard
+                if let Ok(mut shard) = shared.answer_shard(&answer.pseudonym).lock()
+                    && shard
                         .get(&answer.key)
                         .is_some_and(|held| Arc::ptr_eq(held, answer))
-                    {
-                        shard.remove(&answer.key);
-                    }
+                {
+                    shard.remove(&answer.key);
                 }
             }
             // A caller that gave up waiting has nothing to receive; ignore its channel.
@@ -1039,11 +1037,11 @@ fn apply_return(
     window_start_ms: u64,
     amount: u64,
 ) -> Result<(), StateError> {
-    if let Ok(Some(mut record)) = user_in(database, tables, pseudonym)? {
-        if record.window_start_ms == window_start_ms {
-            record.spent = record.spent.saturating_sub(amount);
-            write_user(database, tables, pseudonym, &record)?;
-        }
+    if let Ok(Some(mut record)) = user_in(database, tables, pseudonym)?
+        && record.window_start_ms == window_start_ms
+    {
+        record.spent = record.spent.saturating_sub(amount);
+        write_user(database, tables, pseudonym, &record)?;
     }
     Ok(())
 }
@@ -1056,11 +1054,365 @@ fn write_answer(
 ) -> Result<(), StateError> {
     tables.insert_answer(database, &answer.key, &answer.record)?;
     // A corrupt user record is reported by the next lease; the answer is still stored.
-    if let Ok(Some(mut record)) = user_in(database, tables, &answer.pseudonym)? {
-        if record.window_start_ms == answer.window_start_ms {
-            record.charges = record.charges.saturating_add(1);
-            write_user(database, tables, &answer.pseudonym, &record)?;
-        }
+    if let Ok(Some(mut record)) = user_in(database, tables, &answer.pseudonym)?
+        && record.window_start_ms == answer.window_start_ms
+    {
+        record.charges = record.charges.saturating_add(1);
+        write_user(database, tables, &answer.pseudonym, &record)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+impl LeasedLedger {
+    /// Sweeps every shard now.
+    pub(crate) fn sweep_all(&self, now: SystemTime) {
+        let Ok(now_ms) = unix_millis(now, "now") else {
+            return;
+        };
+        if let Ok(guard) = self.sender.read()
+            && let Some(sender) = guard.as_ref()
+        {
+            for shard in 0..SHARDS {
+                self.sweep(shard, now_ms, sender);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger_contract::{at, request, user};
+
+    /// The spent stored durably for `who` (leases included).
+    fn durable_spent(database: &StateDatabase, who: &str) -> u64 {
+        read_user(database, &user(who))
+            .unwrap()
+            .map_or(0, |record| record.spent)
+    }
+
+    fn charged(outcome: ChargeOutcome) -> u64 {
+        match outcome {
+            ChargeOutcome::Charged { spent, .. } => spent.as_nano(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Blocks of `lease_charges` charges (the cap fraction is small), no renewing ahead.
+    fn options(lease_charges: u64) -> LeaseOptions {
+        LeaseOptions {
+            lease_charges,
+            lease_cap_fraction: 0.05,
+            renew_below: 0.0,
+            answer_interval: Duration::from_secs(3600),
+            answer_batch: usize::MAX,
+            ..LeaseOptions::default()
+        }
+    }
+
+    #[test]
+    fn blocks_are_reserved_durably_before_charges_use_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = StateDatabase::open(dir.path().join("state.redb")).unwrap();
+        let ledger = database.leased_ledger(options(8)).unwrap();
+        // Block = max(10 * 8, 1000 * 0.05) = 80.
+        assert_eq!(
+            charged(ledger.charge(&request("a", "0", 10, 1000, 0)).unwrap()),
+            10
+        );
+        assert_eq!(durable_spent(&database, "a"), 80);
+        let spend = ledger.spend(&user("a"), at(1)).unwrap();
+        assert_eq!(
+            (spend.spent, spend.leased_unused, spend.charges),
+            (Rho::from_nano(10), Rho::from_nano(70), 1)
+        );
+        for index in 1..8 {
+            ledger
+                .charge(&request("a", &index.to_string(), 10, 1000, index))
+                .unwrap();
+            assert_eq!(durable_spent(&database, "a"), 80);
+        }
+        // The ninth charge needs a second block.
+        assert_eq!(
+            charged(ledger.charge(&request("a", "8", 10, 1000, 9)).unwrap()),
+            90
+        );
+        assert_eq!(durable_spent(&database, "a"), 160);
+        // A charge the rest of the block (70) covers needs no new block ...
+        assert_eq!(
+            charged(ledger.charge(&request("a", "9", 40, 1000, 10)).unwrap()),
+            130
+        );
+        assert_eq!(durable_spent(&database, "a"), 160);
+        // ... a larger one asks for a block of its own size (80 * 8 = 640).
+        assert_eq!(
+            charged(ledger.charge(&request("a", "10", 80, 1000, 11)).unwrap()),
+            210
+        );
+        assert_eq!(durable_spent(&database, "a"), 160 + 640);
+        ledger.close().unwrap();
+        // Close returned the unused rest: the durable spent is what answers used.
+        assert_eq!(durable_spent(&database, "a"), 210);
+    }
+
+    #[test]
+    fn blocks_stop_at_the_cap_and_refusals_match_the_accounting_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = StateDatabase::open(dir.path().join("state.redb")).unwrap();
+        let ledger = database.leased_ledger(options(8)).unwrap();
+        for (index, spent) in [30, 60, 90].into_iter().enumerate() {
+            let id = index.to_string();
+            assert_eq!(
+                charged(ledger.charge(&request("c", &id, 30, 100, 0)).unwrap()),
+                spent
+            );
+            assert_eq!(durable_spent(&database, "c"), 100);
+        }
+        assert_eq!(
+            ledger.charge(&request("c", "3", 30, 100, 1)).unwrap(),
+            ChargeOutcome::Exceeded {
+                spent: Rho::from_nano(90),
+                remaining: Rho::from_nano(10),
+            }
+        );
+        // The rest of the block still serves a charge that fits.
+        assert_eq!(
+            charged(ledger.charge(&request("c", "4", 10, 100, 2)).unwrap()),
+            100
+        );
+        assert_eq!(durable_spent(&database, "c"), 100);
+    }
+
+    #[test]
+    fn a_new_window_takes_a_new_block_and_the_old_rest_is_not_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = StateDatabase::open(dir.path().join("state.redb")).unwrap();
+        let ledger = database.leased_ledger(options(1)).unwrap();
+        // Block = max(60, 100 * 0.05) = 60, then 50.
+        assert_eq!(
+            charged(ledger.charge(&request("w", "1", 60, 100, 0)).unwrap()),
+            60
+        );
+        assert_eq!(
+            charged(ledger.charge(&request("w", "2", 1, 100, 1)).unwrap()),
+            61
+        );
+        assert_eq!(
+            charged(ledger.charge(&request("w", "3", 50, 100, 3600)).unwrap()),
+            50
+        );
+        let stored = read_user(&database, &user("w")).unwrap().unwrap();
+        assert_eq!(
+            stored.window_start_ms,
+            unix_millis(at(3600), "now").unwrap()
+        );
+        assert_eq!(stored.spent, 50);
+        let spend = ledger.spend(&user("w"), at(3601)).unwrap();
+        assert_eq!(
+            (spend.spent, spend.leased_unused),
+            (Rho::from_nano(50), Rho::ZERO)
+        );
+    }
+
+    #[test]
+    fn a_crash_wastes_the_unused_lease_and_forgets_unwritten_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        {
+            let database = StateDatabase::open(&path).unwrap();
+            let ledger = database.leased_ledger(options(10)).unwrap();
+            ledger
+                .charge(&request("k", "written", 10, 1000, 0))
+                .unwrap();
+            ledger.flush().unwrap();
+            ledger
+                .charge(&request("k", "unwritten", 10, 1000, 1))
+                .unwrap();
+            // Both answers replay while the process lives.
+            assert!(ledger.lookup(&user("k"), "unwritten").unwrap().is_some());
+            ledger.abandon();
+        }
+        let database = StateDatabase::open_existing(&path).unwrap();
+        // The block (10 * 10) was durable before the first answer: nothing was lost.
+        assert_eq!(durable_spent(&database, "k"), 100);
+        let ledger = database.leased_ledger(options(10)).unwrap();
+        let spend = ledger.spend(&user("k"), at(2)).unwrap();
+        assert_eq!(
+            (spend.spent, spend.leased_unused),
+            (Rho::from_nano(100), Rho::ZERO)
+        );
+        // A written answer replays; an unwritten one is charged again with a new answer.
+        assert!(matches!(
+            ledger
+                .charge(&request("k", "written", 10, 1000, 3))
+                .unwrap(),
+            ChargeOutcome::Replayed { .. }
+        ));
+        let mut retry = request("k", "unwritten", 10, 1000, 4);
+        retry.answer = b"new answer".to_vec();
+        assert_eq!(charged(ledger.charge(&retry).unwrap()), 110);
+        assert_eq!(
+            ledger
+                .lookup(&user("k"), "unwritten")
+                .unwrap()
+                .unwrap()
+                .answer,
+            b"new answer"
+        );
+        assert_eq!(durable_spent(&database, "k"), 200);
+    }
+
+    #[test]
+    fn idle_users_leave_memory_and_return_their_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = StateDatabase::open(dir.path().join("state.redb")).unwrap();
+        let ledger = database
+            .leased_ledger(LeaseOptions {
+                idle_eviction: Duration::ZERO,
+                ..options(10)
+            })
+            .unwrap();
+        ledger.charge(&request("i", "1", 10, 1000, 0)).unwrap();
+        assert_eq!(durable_spent(&database, "i"), 100);
+        ledger.sweep_all(at(1));
+        ledger.flush().unwrap();
+        assert_eq!(durable_spent(&database, "i"), 10);
+        let spend = ledger.spend(&user("i"), at(2)).unwrap();
+        assert_eq!(
+            (spend.spent, spend.leased_unused, spend.charges),
+            (Rho::from_nano(10), Rho::ZERO, 1)
+        );
+        // The user comes back: loaded from the file, a new block.
+        assert_eq!(
+            charged(ledger.charge(&request("i", "2", 10, 1000, 3)).unwrap()),
+            20
+        );
+        assert_eq!(durable_spent(&database, "i"), 110);
+        assert!(matches!(
+            ledger.charge(&request("i", "1", 10, 1000, 4)).unwrap(),
+            ChargeOutcome::Replayed { .. }
+        ));
+    }
+
+    #[test]
+    fn concurrent_charges_with_renewals_ahead_stay_covered() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = StateDatabase::open(dir.path().join("state.redb")).unwrap();
+        let ledger = Arc::new(
+            database
+                .leased_ledger(LeaseOptions {
+                    lease_charges: 4,
+                    lease_cap_fraction: 0.0,
+                    renew_below: 0.75,
+                    answer_batch: 16,
+                    answer_interval: Duration::from_millis(1),
+                    ..LeaseOptions::default()
+                })
+                .unwrap(),
+        );
+        let names = ["u0", "u1", "u2"];
+        let accepted: Vec<AtomicU64> = names.iter().map(|_| AtomicU64::new(0)).collect();
+        std::thread::scope(|scope| {
+            for thread in 0..6 {
+                let (ledger, accepted) = (&ledger, &accepted);
+                scope.spawn(move || {
+                    for index in 0..60_usize {
+                        let slot = (index + thread) % names.len();
+                        let id = format!("{thread}-{index}");
+                        // Cap 1000: at most 142 charges of 7 per user fit; 120 are tried.
+                        let cap = if slot == 0 { 300 } else { 1000 };
+                        let outcome = ledger
+                            .charge(&request(names[slot], &id, 7, cap, 0))
+                            .unwrap();
+                        if let ChargeOutcome::Charged { spent, .. } = outcome {
+                            assert!(spent.as_nano() <= cap);
+                            accepted[slot].fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        ledger.flush().unwrap();
+        for (slot, name) in names.iter().enumerate() {
+            let count = accepted[slot].load(Ordering::Relaxed);
+            let expected = if slot == 0 { 300 / 7 } else { 120 };
+            assert_eq!(count, expected, "{name}");
+            let spend = ledger.spend(&user(name), at(1)).unwrap();
+            assert_eq!(spend.spent.as_nano(), 7 * count, "{name}");
+            assert_eq!(spend.charges, count, "{name}");
+            // The durable record covers every answer and the lease (and maybe a renewal in
+            // flight).
+            assert!(
+                durable_spent(&database, name)
+                    >= spend.spent.as_nano() + spend.leased_unused.as_nano(),
+                "{name}"
+            );
+        }
+        ledger.close().unwrap();
+        for (slot, name) in names.iter().enumerate() {
+            let count = accepted[slot].load(Ordering::Relaxed);
+            assert_eq!(durable_spent(&database, name), 7 * count, "{name}");
+            let record = read_user(&database, &user(name)).unwrap().unwrap();
+            assert_eq!(record.charges, count, "{name}");
+        }
+    }
+
+    #[test]
+    fn options_out_of_range_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = StateDatabase::open(dir.path().join("state.redb")).unwrap();
+        let refused = |options: LeaseOptions| match database.leased_ledger(options) {
+            Err(StateError::InvalidArgument { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            refused(LeaseOptions {
+                lease_cap_fraction: 1.5,
+                ..LeaseOptions::default()
+            }),
+            "lease_cap_fraction"
+        );
+        assert_eq!(
+            refused(LeaseOptions {
+                renew_below: f64::NAN,
+                ..LeaseOptions::default()
+            }),
+            "renew_below"
+        );
+        assert_eq!(
+            refused(LeaseOptions {
+                lease_charges: 0,
+                ..LeaseOptions::default()
+            }),
+            "lease_charges"
+        );
+        assert_eq!(
+            refused(LeaseOptions {
+                answer_batch: 0,
+                ..LeaseOptions::default()
+            }),
+            "answer_batch"
+        );
+    }
+
+    #[test]
+    fn block_sizes_follow_the_options() {
+        let options = LeaseOptions {
+            lease_charges: 32,
+            lease_cap_fraction: 0.05,
+            renew_below: 0.0,
+            ..LeaseOptions::default()
+        };
+        assert_eq!(options.block(10, 1000), 320);
+        assert_eq!(options.block(1, 1_000_000), 50_000);
+        assert_eq!(options.block(u64::MAX, 10), u64::MAX);
+        assert_eq!(options.block(0, 0), 0);
+        assert_eq!(options.renew_threshold(320), 0);
+        let renewing = LeaseOptions {
+            renew_below: 0.5,
+            ..options
+        };
+        assert_eq!(renewing.renew_threshold(320), 160);
+    }
 }
