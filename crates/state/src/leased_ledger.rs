@@ -53,11 +53,11 @@
 //! Only one process may use a database (redb holds a file lock), so leases never race with
 //! another writer.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -91,10 +91,16 @@ pub struct LeaseOptions {
     /// The next block is requested ahead of time when the unused lease falls below this
     /// fraction of a block (0 to 1; 0 disables renewing ahead).
     pub renew_below: f64,
-    /// Stored answers are written at the latest when this many are waiting ...
+    /// Stored answers are written when this many are waiting (and at most this many per
+    /// commit, so that leases committed with them are not delayed long) ...
     pub answer_batch: usize,
-    /// ... or when the oldest has waited this long.
+    /// ... or when the oldest has waited this long. Commits of answers alone skip the fsync
+    /// unless the last fsynced commit is older than this, so a written answer is durable
+    /// after at most about twice this interval (at once after [`BudgetLedger::flush`]).
     pub answer_interval: Duration,
+    /// Backpressure: a charge waits while more answers than this are waiting to be written
+    /// (bounds memory when charges outrun the disk; at least `answer_batch`).
+    pub max_unwritten_answers: usize,
     /// A user without charges for this long is dropped from memory and the unused rest of
     /// its lease is returned (bounds memory to the recently active users).
     pub idle_eviction: Duration,
@@ -110,6 +116,7 @@ impl Default for LeaseOptions {
             renew_below: 0.5,
             answer_batch: 1024,
             answer_interval: Duration::from_millis(50),
+            max_unwritten_answers: 65_536,
             idle_eviction: Duration::from_secs(600),
             store: LedgerOptions::default(),
         }
@@ -144,6 +151,12 @@ impl LeaseOptions {
         at_least_one("lease_charges", self.lease_charges)?;
         at_least_one("answer_batch", self.answer_batch as u64)?;
         at_least_one("max_batch", self.store.max_batch as u64)?;
+        if self.max_unwritten_answers < self.answer_batch {
+            return Err(StateError::InvalidArgument {
+                field: "max_unwritten_answers",
+                reason: format!("must be at least answer_batch ({})", self.answer_batch),
+            });
+        }
         Ok(())
     }
 
@@ -197,8 +210,8 @@ enum Command {
         desired: u64,
         reply: SyncSender<Result<LeaseGrant, StateError>>,
     },
-    /// Write an accepted answer (no reply; see `flush`).
-    Answer(Arc<PendingAnswer>),
+    /// A full batch of answers is waiting (no reply).
+    Wake,
     /// Give back the unused rest of a lease (the user left memory or the ledger closes).
     Return {
         pseudonym: Pseudonym,
@@ -306,11 +319,26 @@ impl UserLease {
 type UserShard = Mutex<HashMap<Pseudonym, Arc<Mutex<UserLease>>>>;
 type AnswerShard = Mutex<HashMap<Vec<u8>, Arc<PendingAnswer>>>;
 
+/// Accepted answers waiting for the writer, oldest first.
+#[derive(Default)]
+struct AnswerQueue {
+    answers: VecDeque<Arc<PendingAnswer>>,
+    /// When the oldest waiting answer was queued (about).
+    since: Option<Instant>,
+}
+
 /// State shared by callers and the writer thread.
 struct Shared {
     database: StateDatabase,
-    /// Accepted answers not yet written, by `pseudonym ++ request id`.
+    /// Accepted answers not yet written, by `pseudonym ++ request id` (for lookups).
     pending: Vec<AnswerShard>,
+    /// The same answers in arrival order (for the writer). Kept apart from the command
+    /// channel so that leases never wait behind a backlog of answers.
+    queue: Mutex<AnswerQueue>,
+    /// Signalled when the writer takes answers from the queue or stops.
+    drained: Condvar,
+    /// False once the writer thread has stopped.
+    writer_running: AtomicBool,
 }
 
 impl Shared {
@@ -369,13 +397,20 @@ impl StateDatabase {
         let shared = Arc::new(Shared {
             database: self.clone(),
             pending: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            queue: Mutex::new(AnswerQueue::default()),
+            drained: Condvar::new(),
+            writer_running: AtomicBool::new(true),
         });
         let (sender, receiver) = mpsc::channel();
         let writer_shared = Arc::clone(&shared);
         let writer_options = options.clone();
         let writer = std::thread::Builder::new()
             .name("fairrank-lease-writer".to_string())
-            .spawn(move || run_writer(&writer_shared, &receiver, &writer_options))
+            .spawn(move || {
+                run_writer(&writer_shared, &receiver, &writer_options);
+                writer_shared.writer_running.store(false, Ordering::Release);
+                writer_shared.drained.notify_all();
+            })
             .map_err(|error| self.storage("start the lease writer thread", error))?;
         Ok(LeasedLedger {
             shared,
@@ -526,11 +561,33 @@ impl LeasedLedger {
                 answer: request.answer.clone(),
             },
         });
-        let shard = self.shared.answer_shard(&request.pseudonym);
-        lock(shard)?.insert(pending.key.clone(), Arc::clone(&pending));
-        if sender.send(Command::Answer(Arc::clone(&pending))).is_err() {
-            lock(shard)?.remove(&pending.key);
+        let shared = &self.shared;
+        if !shared.writer_running.load(Ordering::Acquire) {
             return Err(StateError::WriterStopped);
+        }
+        lock(shared.answer_shard(&request.pseudonym))?
+            .insert(pending.key.clone(), Arc::clone(&pending));
+        {
+            let mut queue = lock(&shared.queue)?;
+            if queue.answers.is_empty() {
+                queue.since = Some(Instant::now());
+            }
+            queue.answers.push_back(pending);
+            if queue.answers.len() == self.options.answer_batch {
+                // If the writer is gone, the wait below ends and the next lease reports it.
+                let _ = sender.send(Command::Wake);
+            }
+            // Backpressure: wait for the writer when answers outrun the disk. The budget is
+            // already covered by the lease; only this caller waits.
+            while queue.answers.len() > self.options.max_unwritten_answers
+                && shared.writer_running.load(Ordering::Acquire)
+            {
+                queue = shared
+                    .drained
+                    .wait_timeout(queue, Duration::from_millis(100))
+                    .map_err(|_| StateError::WriterStopped)?
+                    .0;
+            }
         }
         if user.lease_window_start_ms != Some(current.window_start_ms) {
             // Only a zero charge gets here without a lease of this window.
@@ -767,19 +824,10 @@ enum Pending {
     Done,
 }
 
-/// Sorts one command into the waiting answers or the other commands; `false` means stop now
-/// (the tests' abandon).
-fn take(
-    command: Command,
-    answers: &mut Vec<Arc<PendingAnswer>>,
-    commands: &mut Vec<Command>,
-    oldest: &mut Option<Instant>,
-) -> bool {
+/// Keeps a command for the next commit; `false` means stop now (the tests' abandon).
+fn take(command: Command, commands: &mut Vec<Command>) -> bool {
     match command {
-        Command::Answer(answer) => {
-            answers.push(answer);
-            oldest.get_or_insert_with(Instant::now);
-        }
+        Command::Wake => {}
         #[cfg(test)]
         Command::Abandon => return false,
         other => commands.push(other),
@@ -787,41 +835,42 @@ fn take(
     true
 }
 
-/// The writer thread: commits leases at once (with every answer waiting), and answers alone
-/// when enough are waiting or the oldest has waited long enough.
+/// The writer thread. Each commit takes every waiting command (leases first of all) and up
+/// to `answer_batch` waiting answers (all of them for a flush or prune). Commits with a
+/// command are fsynced; commits of answers alone are fsynced only if the last fsync is older
+/// than `answer_interval`, and an fsync follows within that interval in any case.
 fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOptions) {
-    let mut answers: Vec<Arc<PendingAnswer>> = Vec::new();
+    let interval = options.answer_interval;
     let mut commands: Vec<Command> = Vec::new();
-    let mut oldest: Option<Instant> = None;
+    // Answers taken from the queue whose commit failed; retried first.
+    let mut retry: Vec<Arc<PendingAnswer>> = Vec::new();
     let mut last_prune = Instant::now();
+    let mut last_fsync = Instant::now();
+    // Some commit since the last fsync was not fsynced.
+    let mut unsynced = false;
     let mut disconnected = false;
     loop {
-        let first = match oldest {
-            None => match receiver.recv() {
-                Ok(command) => Some(command),
-                Err(_) => break,
-            },
-            Some(since) => {
-                let wait = options.answer_interval.saturating_sub(since.elapsed());
-                match receiver.recv_timeout(wait) {
-                    Ok(command) => Some(command),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => {
-                        disconnected = true;
-                        None
+        if !disconnected {
+            let queued_since = shared.queue.lock().ok().and_then(|queue| queue.since);
+            let mut wait =
+                queued_since.map_or(interval, |since| interval.saturating_sub(since.elapsed()));
+            if unsynced || !retry.is_empty() {
+                wait = wait.min(interval.saturating_sub(last_fsync.elapsed()));
+            }
+            match receiver.recv_timeout(wait) {
+                Ok(command) => {
+                    if !take(command, &mut commands) {
+                        return;
                     }
                 }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => disconnected = true,
             }
-        };
-        if let Some(command) = first
-            && !take(command, &mut answers, &mut commands, &mut oldest)
-        {
-            return;
         }
-        while !disconnected && commands.len() + answers.len() < options.store.max_batch {
+        while !disconnected && commands.len() < options.store.max_batch {
             match receiver.try_recv() {
                 Ok(command) => {
-                    if !take(command, &mut answers, &mut commands, &mut oldest) {
+                    if !take(command, &mut commands) {
                         return;
                     }
                 }
@@ -829,30 +878,77 @@ fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOpti
                 Err(TryRecvError::Disconnected) => disconnected = true,
             }
         }
-        let answers_due = oldest.is_some_and(|since| since.elapsed() >= options.answer_interval)
-            || answers.len() >= options.answer_batch
-            || commands.len() + answers.len() >= options.store.max_batch;
-        if !commands.is_empty() || (!answers.is_empty() && (answers_due || disconnected)) {
-            let auto_prune = match options.store.retention {
-                Some(retention) if last_prune.elapsed() >= options.store.prune_interval => {
-                    last_prune = Instant::now();
-                    SystemTime::now()
-                        .checked_sub(retention)
-                        .and_then(|cutoff| unix_millis(cutoff, "retention").ok())
-                        .map(|cutoff_ms| (cutoff_ms, options.store.prune_limit))
-                }
-                _ => None,
-            };
-            let written = commit_batch(shared, &answers, &mut commands, auto_prune);
-            if written {
-                answers.clear();
-                oldest = None;
-            } else if !answers.is_empty() {
-                // Retry the answers one interval later.
-                oldest = Some(Instant::now());
+        let take_all = disconnected
+            || commands
+                .iter()
+                .any(|command| matches!(command, Command::Flush { .. } | Command::Prune { .. }));
+        let mut answers = std::mem::take(&mut retry);
+        if let Ok(mut queue) = shared.queue.lock() {
+            let due = !commands.is_empty()
+                || take_all
+                || !answers.is_empty()
+                || queue.answers.len() >= options.answer_batch
+                || queue.since.is_some_and(|since| since.elapsed() >= interval);
+            if due {
+                let count = if take_all {
+                    queue.answers.len()
+                } else {
+                    queue
+                        .answers
+                        .len()
+                        .min(options.answer_batch.saturating_sub(answers.len()))
+                };
+                answers.extend(queue.answers.drain(..count));
+                queue.since = if queue.answers.is_empty() {
+                    None
+                } else {
+                    Some(Instant::now())
+                };
             }
         }
-        if disconnected {
+        shared.drained.notify_all();
+        let fsync_due = unsynced && last_fsync.elapsed() >= interval;
+        if commands.is_empty() && answers.is_empty() && !fsync_due {
+            if disconnected {
+                break;
+            }
+            continue;
+        }
+        let immediate = !commands.is_empty()
+            || disconnected
+            || last_fsync.elapsed() >= interval
+            || answers.is_empty();
+        let auto_prune = match options.store.retention {
+            Some(retention) if last_prune.elapsed() >= options.store.prune_interval => {
+                last_prune = Instant::now();
+                SystemTime::now()
+                    .checked_sub(retention)
+                    .and_then(|cutoff| unix_millis(cutoff, "retention").ok())
+                    .map(|cutoff_ms| (cutoff_ms, options.store.prune_limit))
+            }
+            _ => None,
+        };
+        if commit_batch(shared, &answers, &mut commands, auto_prune, immediate) {
+            if immediate {
+                last_fsync = Instant::now();
+                unsynced = false;
+            } else {
+                unsynced = true;
+            }
+        } else {
+            // Retry the answers (they stay readable in memory meanwhile); back off one
+            // interval so that a failing disk is not hammered.
+            retry = answers;
+            last_fsync = Instant::now();
+            if disconnected {
+                break;
+            }
+        }
+        let queue_empty = shared
+            .queue
+            .lock()
+            .map_or(true, |queue| queue.answers.is_empty());
+        if disconnected && queue_empty && retry.is_empty() {
             break;
         }
     }
@@ -865,17 +961,16 @@ fn commit_batch(
     answers: &[Arc<PendingAnswer>],
     commands: &mut Vec<Command>,
     auto_prune: Option<(u64, usize)>,
+    immediate: bool,
 ) -> bool {
     let database = &shared.database;
     let operation = "commit leases and answers";
     let outcome = (|| -> Result<Vec<Pending>, StateError> {
-        let transaction = database.begin_write(operation)?;
+        let transaction = database.begin_write_with(operation, immediate)?;
         let mut results = Vec::with_capacity(commands.len());
         {
             let mut tables = LedgerTables::open(database, &transaction, operation)?;
-            for answer in answers {
-                write_answer(database, &mut tables, answer)?;
-            }
+            write_answers(database, &mut tables, answers)?;
             for command in commands.iter() {
                 results.push(match command {
                     Command::Lease {
@@ -1046,19 +1141,28 @@ fn apply_return(
     Ok(())
 }
 
-/// Stores an accepted answer and counts it in the user's stored window.
-fn write_answer(
+/// Stores accepted answers and counts them in their users' stored windows (one user record
+/// update per user and window).
+fn write_answers(
     database: &StateDatabase,
     tables: &mut LedgerTables<'_>,
-    answer: &PendingAnswer,
+    answers: &[Arc<PendingAnswer>],
 ) -> Result<(), StateError> {
-    tables.insert_answer(database, &answer.key, &answer.record)?;
-    // A corrupt user record is reported by the next lease; the answer is still stored.
-    if let Ok(Some(mut record)) = user_in(database, tables, &answer.pseudonym)?
-        && record.window_start_ms == answer.window_start_ms
-    {
-        record.charges = record.charges.saturating_add(1);
-        write_user(database, tables, &answer.pseudonym, &record)?;
+    let mut counts: HashMap<(Pseudonym, u64), u64> = HashMap::new();
+    for answer in answers {
+        tables.insert_answer(database, &answer.key, &answer.record)?;
+        *counts
+            .entry((answer.pseudonym, answer.window_start_ms))
+            .or_default() += 1;
+    }
+    for ((pseudonym, window_start_ms), count) in counts {
+        // A corrupt user record is reported by the next lease; the answers are still stored.
+        if let Ok(Some(mut record)) = user_in(database, tables, &pseudonym)?
+            && record.window_start_ms == window_start_ms
+        {
+            record.charges = record.charges.saturating_add(count);
+            write_user(database, tables, &pseudonym, &record)?;
+        }
     }
     Ok(())
 }
@@ -1107,6 +1211,7 @@ mod tests {
             renew_below: 0.0,
             answer_interval: Duration::from_secs(3600),
             answer_batch: usize::MAX,
+            max_unwritten_answers: usize::MAX,
             ..LeaseOptions::default()
         }
     }
@@ -1359,6 +1464,41 @@ mod tests {
     }
 
     #[test]
+    fn answers_outrunning_the_writer_wait_and_are_all_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = StateDatabase::open(dir.path().join("state.redb")).unwrap();
+        let ledger = database
+            .leased_ledger(LeaseOptions {
+                answer_batch: 4,
+                max_unwritten_answers: 4,
+                answer_interval: Duration::from_millis(1),
+                ..options(64)
+            })
+            .unwrap();
+        for index in 0..100 {
+            ledger
+                .charge(&request("q", &index.to_string(), 1, 1000, index))
+                .unwrap();
+            let queued = ledger.shared.queue.lock().unwrap().answers.len();
+            assert!(queued <= 4, "{queued} answers waiting");
+        }
+        ledger.flush().unwrap();
+        for index in 0..100 {
+            let key = answer_key(&user("q"), &index.to_string());
+            assert!(ledger.shared.pending_answer(&user("q"), &key).is_none());
+            let stored = read_answer(&database, &user("q"), &index.to_string()).unwrap();
+            assert_eq!(
+                stored.unwrap().answer,
+                format!("answer to {index}").into_bytes()
+            );
+        }
+        assert_eq!(
+            read_user(&database, &user("q")).unwrap().unwrap().charges,
+            100
+        );
+    }
+
+    #[test]
     fn options_out_of_range_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let database = StateDatabase::open(dir.path().join("state.redb")).unwrap();
@@ -1393,6 +1533,14 @@ mod tests {
                 ..LeaseOptions::default()
             }),
             "answer_batch"
+        );
+        assert_eq!(
+            refused(LeaseOptions {
+                answer_batch: 100,
+                max_unwritten_answers: 99,
+                ..LeaseOptions::default()
+            }),
+            "max_unwritten_answers"
         );
     }
 

@@ -278,6 +278,7 @@ fn leased_large_blocks(database: &StateDatabase) -> Box<dyn BudgetLedger> {
         renew_below: 0.0,
         answer_interval: Duration::from_secs(3600),
         answer_batch: usize::MAX,
+        max_unwritten_answers: usize::MAX,
         ..LeaseOptions::default()
     };
     Box::new(database.leased_ledger(options).unwrap())
