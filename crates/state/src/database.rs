@@ -164,13 +164,29 @@ impl StateDatabase {
         &self,
         operation: &'static str,
     ) -> Result<redb::WriteTransaction, StateError> {
+        self.begin_write_with(operation, true)
+    }
+
+    /// A write transaction; without `immediate` its commit is visible at once but reaches the
+    /// disk only with the next immediate commit (a crash before that drops it, and the file
+    /// reopens at the last immediate commit).
+    pub(crate) fn begin_write_with(
+        &self,
+        operation: &'static str,
+        immediate: bool,
+    ) -> Result<redb::WriteTransaction, StateError> {
         let mut transaction = self
             .inner
             .database
             .begin_write()
             .map_err(|error| self.storage(operation, error))?;
+        let durability = if immediate {
+            redb::Durability::Immediate
+        } else {
+            redb::Durability::None
+        };
         transaction
-            .set_durability(redb::Durability::Immediate)
+            .set_durability(durability)
             .map_err(|error| self.storage(operation, error))?;
         Ok(transaction)
     }

@@ -137,6 +137,12 @@ pub struct UserSpend {
     pub window: Option<Duration>,
     /// Charges accepted in the open window.
     pub charges: u64,
+    /// Budget reserved durably for this user but not yet used by any answer (a lease of
+    /// [`LeasedLedger`](crate::LeasedLedger); always zero for the other ledgers). It is *not*
+    /// part of `spent`: `spent` is what released answers used. The durable record holds
+    /// `spent + leased_unused`; a crash turns `leased_unused` into spent (wasted, never
+    /// refunded), a clean close returns it.
+    pub leased_unused: Rho,
 }
 
 impl UserSpend {
@@ -284,7 +290,7 @@ pub(crate) const USER_RECORD_BYTES: usize = 40;
 
 impl UserRecord {
     /// Whether the window is over at `now_ms` for a window length `window_ms`.
-    fn expired(&self, now_ms: u64, window_ms: u64) -> bool {
+    pub(crate) fn expired(&self, now_ms: u64, window_ms: u64) -> bool {
         now_ms >= self.window_start_ms.saturating_add(window_ms)
     }
 
@@ -332,6 +338,7 @@ impl UserRecord {
                 window_start: None,
                 window: None,
                 charges: 0,
+                leased_unused: Rho::ZERO,
             },
             Some(record) => {
                 let open = !record.expired(now_ms, record.window_ms);
@@ -341,6 +348,7 @@ impl UserRecord {
                     window_start: open.then(|| from_unix_millis(record.window_start_ms)),
                     window: Some(Duration::from_millis(record.window_ms)),
                     charges: if open { record.charges } else { 0 },
+                    leased_unused: Rho::ZERO,
                 }
             }
         }
@@ -402,7 +410,7 @@ pub(crate) enum Decision {
 }
 
 /// The user's window as the request sees it: the stored one if still open, else a new one.
-fn current_window(existing: Option<&UserRecord>, params: &ChargeParams) -> UserRecord {
+pub(crate) fn current_window(existing: Option<&UserRecord>, params: &ChargeParams) -> UserRecord {
     match existing {
         Some(record) if !record.expired(params.now_ms, params.window_ms) => UserRecord {
             window_ms: params.window_ms,

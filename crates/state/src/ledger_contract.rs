@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::{
-    BudgetLedger, ChargeOutcome, ChargeRequest, InMemoryLedger, LedgerOptions, Pseudonym,
-    PseudonymKey, Rho, StateDatabase, StateError,
+    BudgetLedger, ChargeOutcome, ChargeRequest, InMemoryLedger, LeaseOptions, LedgerOptions,
+    Pseudonym, PseudonymKey, Rho, StateDatabase, StateError,
 };
 
 pub(crate) fn user(name: &str) -> Pseudonym {
@@ -248,22 +248,102 @@ fn durable_ledger_with_batches_of_one_meets_the_contract() {
     });
 }
 
+/// A durable ledger of one kind on a database.
+type OpenLedger = fn(&StateDatabase) -> Box<dyn BudgetLedger>;
+
+fn durable(database: &StateDatabase) -> Box<dyn BudgetLedger> {
+    Box::new(database.ledger(LedgerOptions::default()).unwrap())
+}
+
+fn leased(database: &StateDatabase) -> Box<dyn BudgetLedger> {
+    Box::new(database.leased_ledger(LeaseOptions::default()).unwrap())
+}
+
+/// Small blocks (one charge each), renewed ahead at once, answers written one by one.
+fn leased_small_blocks(database: &StateDatabase) -> Box<dyn BudgetLedger> {
+    let options = LeaseOptions {
+        lease_charges: 1,
+        lease_cap_fraction: 0.0,
+        renew_below: 1.0,
+        answer_batch: 1,
+        ..LeaseOptions::default()
+    };
+    Box::new(database.leased_ledger(options).unwrap())
+}
+
+/// Blocks of a whole cap, nothing renewed ahead, answers held in memory until flushed.
+fn leased_large_blocks(database: &StateDatabase) -> Box<dyn BudgetLedger> {
+    let options = LeaseOptions {
+        lease_cap_fraction: 1.0,
+        renew_below: 0.0,
+        answer_interval: Duration::from_secs(3600),
+        answer_batch: usize::MAX,
+        max_unwritten_answers: usize::MAX,
+        ..LeaseOptions::default()
+    };
+    Box::new(database.leased_ledger(options).unwrap())
+}
+
+const DURABLE_KINDS: [(&str, OpenLedger); 4] = [
+    ("durable", durable),
+    ("leased", leased),
+    ("leased small blocks", leased_small_blocks),
+    ("leased large blocks", leased_large_blocks),
+];
+
+/// Runs the contract on fresh databases with ledgers from `open`.
+fn run_durable_contract(open: OpenLedger) {
+    let dir = tempfile::tempdir().unwrap();
+    let counter = AtomicU64::new(0);
+    run_contract(&|| {
+        let name = format!("ledger-{}.redb", counter.fetch_add(1, Ordering::Relaxed));
+        let database = StateDatabase::open(dir.path().join(name)).unwrap();
+        Arc::from(open(&database))
+    });
+}
+
+#[test]
+fn leased_ledger_meets_the_contract() {
+    run_durable_contract(leased);
+}
+
+#[test]
+fn leased_ledger_with_small_blocks_meets_the_contract() {
+    run_durable_contract(leased_small_blocks);
+}
+
+#[test]
+fn leased_ledger_with_large_blocks_meets_the_contract() {
+    run_durable_contract(leased_large_blocks);
+}
+
 #[test]
 fn reopening_after_close_keeps_spend_and_answers() {
+    for (kind, open) in DURABLE_KINDS {
+        reopening_after_close_keeps_spend_and_answers_of(kind, open);
+    }
+}
+
+/// A clean close keeps every charge and answer; a leased ledger returns its unused blocks.
+fn reopening_after_close_keeps_spend_and_answers_of(kind: &str, open: OpenLedger) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.redb");
     {
         let database = StateDatabase::open(&path).unwrap();
-        let ledger = database.ledger(LedgerOptions::default()).unwrap();
+        let ledger = open(&database);
         ledger.charge(&request("a", "r1", 40, 100, 0)).unwrap();
         ledger.charge(&request("a", "r2", 50, 100, 1)).unwrap();
         ledger.charge(&request("b", "r1", 5, 100, 2)).unwrap();
         ledger.close().unwrap();
     }
     let database = StateDatabase::open_existing(&path).unwrap();
-    let ledger = database.ledger(LedgerOptions::default()).unwrap();
+    let ledger = open(&database);
     let spend = ledger.spend(&user("a"), at(3)).unwrap();
-    assert_eq!((spend.spent, spend.charges), (Rho::from_nano(90), 2));
+    assert_eq!(
+        (spend.spent, spend.charges, spend.leased_unused),
+        (Rho::from_nano(90), 2, Rho::ZERO),
+        "{kind}"
+    );
     assert_eq!(spend.window_start, Some(at(0)));
     assert_eq!(
         ledger.charge(&request("a", "r2", 50, 100, 4)).unwrap(),
@@ -285,36 +365,61 @@ fn reopening_after_close_keeps_spend_and_answers() {
 
 #[test]
 fn dropping_without_close_keeps_every_returned_charge() {
+    for (kind, open) in DURABLE_KINDS {
+        dropping_without_close_keeps_every_returned_charge_of(kind, open);
+    }
+}
+
+fn dropping_without_close_keeps_every_returned_charge_of(kind: &str, open: OpenLedger) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.redb");
     {
         let database = StateDatabase::open(&path).unwrap();
-        let ledger = database.ledger(LedgerOptions::default()).unwrap();
+        let ledger = open(&database);
         for index in 0..20 {
             ledger
                 .charge(&request("d", &format!("r{index}"), 1, 100, index))
                 .unwrap();
         }
     }
-    let ledger = StateDatabase::open(&path)
-        .unwrap()
-        .ledger(LedgerOptions::default())
-        .unwrap();
-    assert_eq!(ledger.spend(&user("d"), at(30)).unwrap().charges, 20);
+    let ledger = open(&StateDatabase::open(&path).unwrap());
+    let spend = ledger.spend(&user("d"), at(30)).unwrap();
+    assert_eq!(
+        (spend.charges, spend.spent),
+        (20, Rho::from_nano(20)),
+        "{kind}"
+    );
+    for index in 0..20 {
+        assert!(
+            ledger
+                .lookup(&user("d"), &format!("r{index}"))
+                .unwrap()
+                .is_some(),
+            "{kind}"
+        );
+    }
 }
 
 #[test]
 fn automatic_pruning_deletes_answers_older_than_the_retention() {
+    let options = LedgerOptions {
+        retention: Some(Duration::from_secs(3600)),
+        prune_interval: Duration::ZERO,
+        prune_limit: 2,
+        ..LedgerOptions::default()
+    };
     let dir = tempfile::tempdir().unwrap();
-    let database = StateDatabase::open(dir.path().join("state.redb")).unwrap();
-    let ledger = database
-        .ledger(LedgerOptions {
-            retention: Some(Duration::from_secs(3600)),
-            prune_interval: Duration::ZERO,
-            prune_limit: 2,
-            ..LedgerOptions::default()
-        })
-        .unwrap();
+    let database = StateDatabase::open(dir.path().join("durable.redb")).unwrap();
+    automatic_pruning_of(&database.ledger(options.clone()).unwrap());
+    let database = StateDatabase::open(dir.path().join("leased.redb")).unwrap();
+    let leased = LeaseOptions {
+        store: options,
+        ..LeaseOptions::default()
+    };
+    automatic_pruning_of(&database.leased_ledger(leased).unwrap());
+}
+
+fn automatic_pruning_of(ledger: &dyn BudgetLedger) {
     // Charged "years ago" by the request clock: older than the retention by the server clock.
     for index in 0..5 {
         ledger

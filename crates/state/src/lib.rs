@@ -7,7 +7,10 @@
 //!   (same request id: the stored answer comes back, nothing is charged) or refused when it
 //!   would exceed the cap. Amounts are fixed-point [`Rho`] (nano-rho), charges rounded up.
 //!   Implementations: [`DurableLedger`] (group-committed into an embedded database; an
-//!   accepted charge is fsynced before `charge` returns) and [`InMemoryLedger`].
+//!   accepted charge is fsynced before `charge` returns), [`LeasedLedger`] (budget reserved
+//!   durably in blocks, charges inside a block answered from memory: the durable spent always
+//!   covers every released answer, a crash wastes the unused rest of a block) and
+//!   [`InMemoryLedger`].
 //! - [`AmortizedStore`]: cumulative exposure and relevance per group and exposure scope for
 //!   FairCo. Implementations: [`DurableAmortizedStore`] (periodic batched writes) and
 //!   [`InMemoryAmortizedStore`].
@@ -53,6 +56,7 @@ mod database;
 mod durable_amortized;
 mod durable_ledger;
 mod error;
+mod leased_ledger;
 mod ledger;
 mod memory_ledger;
 mod pseudonym;
@@ -67,6 +71,7 @@ pub use durable_amortized::{AmortizedOptions, DurableAmortizedStore};
 pub use durable_ledger::{DurableLedger, LedgerOptions};
 pub use error::StateError;
 pub use fairness::AmortizedState;
+pub use leased_ledger::{LeaseOptions, LeasedLedger};
 pub use ledger::{
     BudgetLedger, ChargeOutcome, ChargeRequest, MAX_ANSWER_BYTES, MAX_REQUEST_ID_BYTES,
     StoredAnswer, UserSpend,

@@ -1,6 +1,9 @@
 //! Crash test: a child process charges from several threads and reports each `Charged`
 //! outcome on stdout; it is killed with SIGKILL mid-load, twice, and every charge it reported
-//! must then be in the reopened ledger.
+//! must then be covered by the reopened ledger: for the durable ledger every reported answer
+//! is stored; for the leased ledger the durable spent is at least the sum of every reported
+//! charge (answers written in the background may be missing; a retry of one is charged
+//! again, never refunded).
 //!
 //! The child is this same test binary, re-run with the ignored test `crash_child` selected
 //! and the database path in an environment variable.
@@ -13,13 +16,16 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use state::{
-    BudgetLedger, ChargeOutcome, ChargeRequest, LedgerOptions, PseudonymKey, Rho, StateDatabase,
+    BudgetLedger, ChargeOutcome, ChargeRequest, LeaseOptions, LedgerOptions, PseudonymKey, Rho,
+    StateDatabase,
 };
 
 /// Environment variable carrying the database path to the child.
 const DATABASE_VARIABLE: &str = "FAIRRANK_STATE_CRASH_DATABASE";
 /// Environment variable carrying the round number (keeps request ids unique across rounds).
 const ROUND_VARIABLE: &str = "FAIRRANK_STATE_CRASH_ROUND";
+/// Environment variable naming the ledger kind: `durable` or `leased`.
+const KIND_VARIABLE: &str = "FAIRRANK_STATE_CRASH_LEDGER";
 /// Charge per request, in nano-rho.
 const CHARGE: u64 = 1_000;
 /// Users the child's threads share (so charges for one user race).
@@ -27,6 +33,42 @@ const USERS: [&str; 2] = ["alice", "bob"];
 
 fn key() -> PseudonymKey {
     PseudonymKey::new(&[9_u8; 32]).expect("a 32-byte key")
+}
+
+/// Small blocks (16 charges), renewed ahead: many leases are live or in flight at the kill.
+fn lease_options() -> LeaseOptions {
+    LeaseOptions {
+        lease_charges: 16,
+        lease_cap_fraction: 0.0,
+        renew_below: 0.5,
+        ..LeaseOptions::default()
+    }
+}
+
+/// The ledger of kind `kind` on `database`.
+fn open_ledger(database: &StateDatabase, kind: &str) -> Arc<dyn BudgetLedger> {
+    if kind == "leased" {
+        Arc::new(
+            database
+                .leased_ledger(lease_options())
+                .expect("a leased ledger"),
+        )
+    } else {
+        Arc::new(database.ledger(LedgerOptions::default()).expect("a ledger"))
+    }
+}
+
+/// The charge the child makes for `request_id`.
+fn crash_request(key: &PseudonymKey, user: &str, request_id: &str) -> ChargeRequest {
+    ChargeRequest {
+        pseudonym: key.pseudonym(user),
+        request_id: request_id.to_string(),
+        rho: Rho::from_nano(CHARGE),
+        cap: Rho::from_nano(u64::MAX / 2),
+        window: Duration::from_secs(86_400 * 365),
+        now: SystemTime::now(),
+        answer: request_id.as_bytes().to_vec(),
+    }
 }
 
 /// The child: charges forever from 4 threads, printing `charged <user> <request id>` after
@@ -38,8 +80,9 @@ fn crash_child() {
         return;
     };
     let round = std::env::var(ROUND_VARIABLE).unwrap_or_default();
+    let kind = std::env::var(KIND_VARIABLE).unwrap_or_default();
     let database = StateDatabase::open(&path).expect("the database opens");
-    let ledger = Arc::new(database.ledger(LedgerOptions::default()).expect("a ledger"));
+    let ledger = open_ledger(&database, &kind);
     let threads: Vec<_> = (0..4)
         .map(|thread| {
             let ledger = Arc::clone(&ledger);
@@ -49,15 +92,7 @@ fn crash_child() {
                 for index in 0_u64.. {
                     let user = USERS[(index as usize + thread) % USERS.len()];
                     let request_id = format!("round{round}-thread{thread}-{index}");
-                    let request = ChargeRequest {
-                        pseudonym: key.pseudonym(user),
-                        request_id: request_id.clone(),
-                        rho: Rho::from_nano(CHARGE),
-                        cap: Rho::from_nano(u64::MAX / 2),
-                        window: Duration::from_secs(86_400 * 365),
-                        now: SystemTime::now(),
-                        answer: request_id.clone().into_bytes(),
-                    };
+                    let request = crash_request(&key, user, &request_id);
                     match ledger.charge(&request) {
                         Ok(ChargeOutcome::Charged { .. }) => {
                             println!("charged {user} {request_id}");
@@ -75,7 +110,7 @@ fn crash_child() {
 
 /// Runs one child until it has reported `at_least` charges, kills it with SIGKILL, and
 /// returns every (user, request id) it reported as charged.
-fn run_and_kill(path: &Path, round: u32, at_least: usize) -> Vec<(String, String)> {
+fn run_and_kill(path: &Path, kind: &str, round: u32, at_least: usize) -> Vec<(String, String)> {
     let mut child = Command::new(std::env::current_exe().expect("the test binary"))
         .args([
             "crash_child",
@@ -86,6 +121,7 @@ fn run_and_kill(path: &Path, round: u32, at_least: usize) -> Vec<(String, String
         ])
         .env(DATABASE_VARIABLE, path)
         .env(ROUND_VARIABLE, round.to_string())
+        .env(KIND_VARIABLE, kind)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -125,9 +161,9 @@ fn run_and_kill(path: &Path, round: u32, at_least: usize) -> Vec<(String, String
 fn killed_writers_lose_no_reported_charge() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let path = dir.path().join("crash.redb");
-    let mut reported = run_and_kill(&path, 1, 300);
+    let mut reported = run_and_kill(&path, "durable", 1, 300);
     // The second child recovers the file left by the first kill and is killed in turn.
-    reported.extend(run_and_kill(&path, 2, 300));
+    reported.extend(run_and_kill(&path, "durable", 2, 300));
 
     let database = StateDatabase::open_existing(&path).expect("the crashed database reopens");
     let ledger = database.ledger(LedgerOptions::default()).expect("a ledger");
@@ -154,4 +190,88 @@ fn killed_writers_lose_no_reported_charge() {
         );
         assert_eq!(spend.spent, Rho::from_nano(spend.charges * CHARGE));
     }
+}
+
+#[test]
+fn killed_leased_ledgers_never_spend_less_than_they_released() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("crash.redb");
+    let mut reported = run_and_kill(&path, "leased", 1, 2_000);
+    reported.extend(run_and_kill(&path, "leased", 2, 2_000));
+
+    let database = StateDatabase::open_existing(&path).expect("the crashed database reopens");
+    let key = key();
+    let mut released: HashMap<&str, u64> = HashMap::new();
+    for (user, _) in &reported {
+        *released.entry(user.as_str()).or_default() += CHARGE;
+    }
+    // The durable ledger reads the stored spent (blocks included) as it is in the file.
+    let durable_spent: HashMap<&str, Rho> = {
+        let ledger = database.ledger(LedgerOptions::default()).expect("a ledger");
+        let spent = USERS
+            .iter()
+            .map(|user| {
+                let spend = ledger
+                    .spend(&key.pseudonym(user), SystemTime::now())
+                    .expect("spend");
+                (*user, spend.spent)
+            })
+            .collect();
+        ledger.close().expect("closed");
+        spent
+    };
+    for (user, released) in &released {
+        let spent = durable_spent[user].as_nano();
+        assert!(
+            spent >= *released,
+            "{user}: durable {spent} < released {released}"
+        );
+        // Blocks are whole multiples of one charge here.
+        assert_eq!(spent % CHARGE, 0, "{user}");
+    }
+    // Retries: a stored answer replays; an answer not written before the kill is charged
+    // again (a new release, paid for), never refunded.
+    let ledger = open_ledger(&database, "leased");
+    let mut replayed = 0_usize;
+    let mut new_charges: HashMap<&str, u64> = HashMap::new();
+    for (user, request_id) in &reported {
+        let stored = ledger
+            .lookup(&key.pseudonym(user), request_id)
+            .expect("lookup");
+        if let Some(stored) = &stored {
+            assert_eq!(stored.answer, request_id.as_bytes());
+            assert_eq!(stored.rho, Rho::from_nano(CHARGE));
+        }
+        match ledger
+            .charge(&crash_request(&key, user, request_id))
+            .expect("a retry")
+        {
+            ChargeOutcome::Replayed { answer, .. } => {
+                assert!(
+                    stored.is_some(),
+                    "{user}/{request_id} replayed without a record"
+                );
+                assert_eq!(answer, request_id.as_bytes());
+                replayed += 1;
+            }
+            ChargeOutcome::Charged { .. } => {
+                assert!(
+                    stored.is_none(),
+                    "{user}/{request_id} stored but charged again"
+                );
+                *new_charges.entry(user.as_str()).or_default() += CHARGE;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Answers are written within 50 ms: most reported ones are stored.
+    assert!(replayed > 0, "no stored answer survived");
+    for user in USERS {
+        let spend = ledger
+            .spend(&key.pseudonym(user), SystemTime::now())
+            .expect("spend");
+        let expected = durable_spent[user].as_nano() + new_charges.get(user).copied().unwrap_or(0);
+        assert_eq!(spend.spent.as_nano(), expected, "{user}");
+    }
+    ledger.close().expect("closed");
 }

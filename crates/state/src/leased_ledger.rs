@@ -1,0 +1,1580 @@
+//! The leased [`BudgetLedger`]: budget is reserved durably in blocks (leases), charges inside
+//! a lease are answered from memory, and per-request answers are written in the background.
+//!
+//! The semantics (leases, what is durable, crashes, retries) are documented on [`LeasedLedger`].
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::database::StateDatabase;
+use crate::durable_ledger::{
+    LedgerOptions, LedgerTables, answer_key, decode_user, prune_answers, read_answer, read_user,
+};
+use crate::error::StateError;
+use crate::ledger::{
+    BudgetLedger, ChargeOutcome, ChargeParams, ChargeRequest, RequestRecord, StoredAnswer,
+    UserRecord, UserSpend, current_window, replay, unix_millis,
+};
+use crate::pseudonym::Pseudonym;
+use crate::rho::Rho;
+
+/// Shards of the in-memory maps (users and unwritten answers); a power of two.
+const SHARDS: usize = 64;
+
+/// Charges between two sweeps of one user shard (idle and expired users leave memory).
+const SWEEP_EVERY: u64 = 1024;
+
+/// Tuning of the leased ledger.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaseOptions {
+    /// A lease block covers at least this many charges of the size that requested it.
+    pub lease_charges: u64,
+    /// A lease block is at least this fraction of the cap (0 to 1). The block is
+    /// `max(rho * lease_charges, cap * lease_cap_fraction)`, never beyond the cap. It is
+    /// also the most budget a crash can waste per user.
+    pub lease_cap_fraction: f64,
+    /// The next block is requested ahead of time when the unused lease falls below this
+    /// fraction of a block (0 to 1; 0 disables renewing ahead).
+    pub renew_below: f64,
+    /// Stored answers are written when this many are waiting (and at most this many per
+    /// commit, so that leases committed with them are not delayed long) ...
+    pub answer_batch: usize,
+    /// ... or when the oldest has waited this long. Commits of answers alone skip the fsync
+    /// unless the last fsynced commit is older than this, so a written answer is durable
+    /// after at most about twice this interval (at once after [`BudgetLedger::flush`]).
+    pub answer_interval: Duration,
+    /// Backpressure: a charge waits while more answers than this are waiting to be written
+    /// (bounds memory when charges outrun the disk; at least `answer_batch`).
+    pub max_unwritten_answers: usize,
+    /// A user without charges for this long is dropped from memory and the unused rest of
+    /// its lease is returned (bounds memory to the recently active users).
+    pub idle_eviction: Duration,
+    /// Batch size, retention and pruning of the underlying store (see [`LedgerOptions`]).
+    pub store: LedgerOptions,
+}
+
+impl Default for LeaseOptions {
+    fn default() -> Self {
+        Self {
+            lease_charges: 32,
+            lease_cap_fraction: 0.05,
+            renew_below: 0.5,
+            answer_batch: 1024,
+            answer_interval: Duration::from_millis(50),
+            max_unwritten_answers: 65_536,
+            idle_eviction: Duration::from_secs(600),
+            store: LedgerOptions::default(),
+        }
+    }
+}
+
+impl LeaseOptions {
+    /// Checks the ranges.
+    fn validate(&self) -> Result<(), StateError> {
+        let fraction = |field: &'static str, value: f64| {
+            if (0.0..=1.0).contains(&value) {
+                Ok(())
+            } else {
+                Err(StateError::InvalidArgument {
+                    field,
+                    reason: format!("must be between 0 and 1, is {value}"),
+                })
+            }
+        };
+        fraction("lease_cap_fraction", self.lease_cap_fraction)?;
+        fraction("renew_below", self.renew_below)?;
+        let at_least_one = |field: &'static str, value: u64| {
+            if value >= 1 {
+                Ok(())
+            } else {
+                Err(StateError::InvalidArgument {
+                    field,
+                    reason: "must be at least 1".to_string(),
+                })
+            }
+        };
+        at_least_one("lease_charges", self.lease_charges)?;
+        at_least_one("answer_batch", self.answer_batch as u64)?;
+        at_least_one("max_batch", self.store.max_batch as u64)?;
+        if self.max_unwritten_answers < self.answer_batch {
+            return Err(StateError::InvalidArgument {
+                field: "max_unwritten_answers",
+                reason: format!("must be at least answer_batch ({})", self.answer_batch),
+            });
+        }
+        Ok(())
+    }
+
+    /// The block a charge of `rho` under `cap` asks for (before clamping to the cap).
+    fn block(&self, rho: u64, cap: u64) -> u64 {
+        // f64 has 53 bits of mantissa: the fraction of a cap is rounded down, which only
+        // makes the block smaller.
+        let of_cap = (cap as f64 * self.lease_cap_fraction).floor();
+        let of_cap = if of_cap >= u64::MAX as f64 {
+            u64::MAX
+        } else {
+            of_cap as u64
+        };
+        rho.saturating_mul(self.lease_charges).max(of_cap)
+    }
+
+    /// Below this many unused units, the next block is requested ahead of time.
+    fn renew_threshold(&self, block: u64) -> u64 {
+        (block as f64 * self.renew_below).floor() as u64
+    }
+}
+
+/// An accepted answer waiting to be written.
+struct PendingAnswer {
+    /// `pseudonym ++ request id`.
+    key: Vec<u8>,
+    pseudonym: Pseudonym,
+    /// The window the charge was counted in.
+    window_start_ms: u64,
+    record: RequestRecord,
+}
+
+/// A lease commit's result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LeaseGrant {
+    /// The durable window the block belongs to.
+    window_start_ms: u64,
+    /// Units added to the durable spent (0 when refused).
+    granted: u64,
+    /// The durable spent after the grant.
+    durable_spent: u64,
+}
+
+/// Work for the writer thread.
+enum Command {
+    /// Reserve a block: grant `min(headroom, desired)` if the headroom is at least `need`.
+    Lease {
+        pseudonym: Pseudonym,
+        params: ChargeParams,
+        need: u64,
+        desired: u64,
+        reply: SyncSender<Result<LeaseGrant, StateError>>,
+    },
+    /// A full batch of answers is waiting (no reply).
+    Wake,
+    /// Give back the unused rest of a lease (the user left memory or the ledger closes).
+    Return {
+        pseudonym: Pseudonym,
+        window_start_ms: u64,
+        amount: u64,
+    },
+    Prune {
+        cutoff_ms: u64,
+        reply: SyncSender<Result<u64, StateError>>,
+    },
+    Flush {
+        reply: SyncSender<Result<(), StateError>>,
+    },
+    /// Tests only: stop at once, writing nothing more (what a crash leaves behind).
+    #[cfg(test)]
+    Abandon,
+}
+
+/// One user's state in memory.
+struct UserLease {
+    /// Dropped from the map: whoever finds it must look the user up again.
+    retired: bool,
+    /// The committed record was read once.
+    loaded: bool,
+    /// What released answers used, in the window of the latest accepted charge.
+    record: Option<UserRecord>,
+    /// The window the lease belongs to.
+    lease_window_start_ms: Option<u64>,
+    /// Unused units of the lease (already in the durable spent).
+    available: u64,
+    /// The durable headroom ran out in the lease's window: do not renew ahead.
+    exhausted: bool,
+    /// A block requested ahead of time, not yet absorbed.
+    renewal: Option<Receiver<Result<LeaseGrant, StateError>>>,
+    last_used: Instant,
+}
+
+impl UserLease {
+    fn new() -> Self {
+        Self {
+            retired: false,
+            loaded: false,
+            record: None,
+            lease_window_start_ms: None,
+            available: 0,
+            exhausted: false,
+            renewal: None,
+            last_used: Instant::now(),
+        }
+    }
+
+    /// The unused lease usable in window `window_start_ms`.
+    fn available_in(&self, window_start_ms: u64) -> u64 {
+        if self.lease_window_start_ms == Some(window_start_ms) {
+            self.available
+        } else {
+            0
+        }
+    }
+
+    /// Adds a block granted for window `grant.window_start_ms`; a block of another window
+    /// replaces the lease (the old window's rest is worthless).
+    fn add_block(&mut self, grant: &LeaseGrant) {
+        if self.lease_window_start_ms == Some(grant.window_start_ms) {
+            self.available = self.available.saturating_add(grant.granted);
+        } else {
+            self.lease_window_start_ms = Some(grant.window_start_ms);
+            self.available = grant.granted;
+            self.exhausted = false;
+        }
+    }
+
+    /// Takes in a block requested ahead of time; waits for it when `wait`. A failed or lost
+    /// renewal is dropped (the next charge that needs budget asks again and sees the error).
+    fn absorb_renewal(&mut self, wait: bool) {
+        let Some(receiver) = self.renewal.take() else {
+            return;
+        };
+        let received = if wait {
+            receiver.recv().ok()
+        } else {
+            match receiver.try_recv() {
+                Ok(result) => Some(result),
+                Err(TryRecvError::Empty) => {
+                    self.renewal = Some(receiver);
+                    return;
+                }
+                Err(TryRecvError::Disconnected) => None,
+            }
+        };
+        if let Some(Ok(grant)) = received {
+            // A block for a window the lease has left is wasted (never refunded).
+            if self.lease_window_start_ms == Some(grant.window_start_ms) {
+                self.available = self.available.saturating_add(grant.granted);
+                if grant.granted == 0 {
+                    self.exhausted = true;
+                }
+            } else if self.lease_window_start_ms.is_none() {
+                self.add_block(&grant);
+            }
+        }
+    }
+}
+
+type UserShard = Mutex<HashMap<Pseudonym, Arc<Mutex<UserLease>>>>;
+type AnswerShard = Mutex<HashMap<Vec<u8>, Arc<PendingAnswer>>>;
+
+/// Accepted answers waiting for the writer, oldest first.
+#[derive(Default)]
+struct AnswerQueue {
+    answers: VecDeque<Arc<PendingAnswer>>,
+    /// When the oldest waiting answer was queued (about).
+    since: Option<Instant>,
+}
+
+/// State shared by callers and the writer thread.
+struct Shared {
+    database: StateDatabase,
+    /// Accepted answers not yet written, by `pseudonym ++ request id` (for lookups).
+    pending: Vec<AnswerShard>,
+    /// The same answers in arrival order (for the writer). Kept apart from the command
+    /// channel so that leases never wait behind a backlog of answers.
+    queue: Mutex<AnswerQueue>,
+    /// Signalled when the writer takes answers from the queue or stops.
+    drained: Condvar,
+    /// False once the writer thread has stopped.
+    writer_running: AtomicBool,
+}
+
+impl Shared {
+    fn answer_shard(&self, pseudonym: &Pseudonym) -> &AnswerShard {
+        &self.pending[usize::from(pseudonym.as_bytes()[0]) % SHARDS]
+    }
+
+    /// An accepted answer not yet written.
+    fn pending_answer(&self, pseudonym: &Pseudonym, key: &[u8]) -> Option<RequestRecord> {
+        let shard = self.answer_shard(pseudonym).lock().ok()?;
+        shard.get(key).map(|pending| pending.record.clone())
+    }
+
+    /// The stored answer: in memory first, then in the database. The writer removes an answer
+    /// from memory only after it is committed, so a miss in memory is found in the database.
+    fn stored_answer(
+        &self,
+        pseudonym: &Pseudonym,
+        key: &[u8],
+        request_id: &str,
+    ) -> Result<Option<RequestRecord>, StateError> {
+        match self.pending_answer(pseudonym, key) {
+            Some(record) => Ok(Some(record)),
+            None => read_answer(&self.database, pseudonym, request_id),
+        }
+    }
+}
+
+/// The leased, durable budget ledger: budget is reserved durably in blocks (leases), charges
+/// inside a lease are answered from memory, and per-request answers are written in the
+/// background. Create it with [`StateDatabase::leased_ledger`].
+///
+/// # Why
+///
+/// [`DurableLedger`](crate::DurableLedger) fsyncs before every `Charged` (one commit per
+/// batch of charges); on a disk whose fsync takes 0.3-3 ms that alone is several times the
+/// cost of a Rank. A lease moves the fsync off the per-request path: one durable commit
+/// reserves budget for many charges.
+///
+/// # Leases
+///
+/// For each user the ledger keeps, in memory, what released answers used (`spent`) and the
+/// unused rest of the user's lease (`leased_unused`). A charge of `rho`:
+///
+/// 1. is a *replay* if its request id is stored (in memory first, then in the database);
+/// 2. is refused (`Exceeded`) if `spent + rho > cap`, exactly as in the other ledgers;
+/// 3. is accepted from memory at once if the lease covers it;
+/// 4. otherwise waits for a new lease: one durable commit (group-committed with the other
+///    users' leases) that adds `max(rho * lease_charges, cap * lease_cap_fraction)` to the
+///    user's durable spent, never beyond the cap (a smaller block near the cap; refused when
+///    not even `rho` fits).
+///
+/// When a lease runs below [`LeaseOptions::renew_below`] of a block, the next block is
+/// requested ahead of time, so under steady load charges do not wait for any fsync.
+///
+/// # What is durable
+///
+/// The durable record of a user holds `spent + leased_unused`: every block is committed
+/// *before* any answer uses it. So **the durable spent is always at least the sum of every
+/// answer released**, whatever happens. A crash (kill -9, power loss) wastes the unused rest
+/// of the live leases (after a restart it counts as spent); it never refunds anything. A
+/// clean [`close`](BudgetLedger::close) (or drop) returns the unused rest, and so does
+/// dropping an idle user from memory ([`LeaseOptions::idle_eviction`]).
+///
+/// # Stored answers (idempotency)
+///
+/// The answer of each accepted charge is kept in memory and written to the database by the
+/// writer thread in batches (at most [`LeaseOptions::answer_interval`] later). A retry with
+/// the same request id finds it in memory or in the database and gets the same answer with
+/// no new charge. **After a crash, a retry whose answer had not been written yet is treated
+/// as a new request**: it is charged again and computes a new answer. That is safe for
+/// privacy (the first answer's charge is in the durable spent, so both releases are paid
+/// for) and it never refunds; it only costs the user budget. [`flush`](BudgetLedger::flush)
+/// waits until every answer accepted so far is written.
+///
+/// # Per-request differences from the durable ledger (by design)
+///
+/// - `UserSpend::leased_unused` reports the reservation; `spent` is only what answers used.
+/// - `UserSpend::charges` of a user not in memory counts the *written* answers of the window.
+/// - After a crash, `spent` includes the wasted rest of the leases that were live.
+///
+/// Only one process may use a database (redb holds a file lock), so leases never race with
+/// another writer.
+///
+/// # Cost
+///
+/// A charge inside a lease costs a few map look-ups, one read transaction (is the request id
+/// stored from an earlier run?) and queueing its answer: no fsync. Measured in
+/// `benches/benches/state.rs` on a shared 2-core VM whose fdatasync takes 0.3-3 ms, at the
+/// target load of 5,000 charges/s from 16 threads: 11 us mean per charge (p50 9 us, p99
+/// 43 us in a separate run) against 3.5 us for the in-memory ledger and 3-6 ms for
+/// [`DurableLedger`](crate::DurableLedger), that is under 4% of a 0.3 ms Rank. The limit is
+/// the writer storing answers (about 17,000-26,000 answers/s there, by redb B-tree inserts):
+/// above that rate charges wait for it ([`LeaseOptions::max_unwritten_answers`]).
+pub struct LeasedLedger {
+    shared: Arc<Shared>,
+    options: LeaseOptions,
+    users: Vec<UserShard>,
+    /// `None` once closed. Charges hold the read lock throughout, so `close` (write lock)
+    /// waits for them.
+    sender: RwLock<Option<Sender<Command>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    charges: AtomicU64,
+}
+
+impl fmt::Debug for LeasedLedger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LeasedLedger")
+            .field("database", &self.shared.database)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StateDatabase {
+    /// The leased budget ledger in this database; starts its writer thread. Use either this
+    /// or [`StateDatabase::ledger`] on one database, not both at once.
+    pub fn leased_ledger(&self, options: LeaseOptions) -> Result<LeasedLedger, StateError> {
+        options.validate()?;
+        let shared = Arc::new(Shared {
+            database: self.clone(),
+            pending: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            queue: Mutex::new(AnswerQueue::default()),
+            drained: Condvar::new(),
+            writer_running: AtomicBool::new(true),
+        });
+        let (sender, receiver) = mpsc::channel();
+        let writer_shared = Arc::clone(&shared);
+        let writer_options = options.clone();
+        let writer = std::thread::Builder::new()
+            .name("fairrank-lease-writer".to_string())
+            .spawn(move || {
+                run_writer(&writer_shared, &receiver, &writer_options);
+                writer_shared.writer_running.store(false, Ordering::Release);
+                writer_shared.drained.notify_all();
+            })
+            .map_err(|error| self.storage("start the lease writer thread", error))?;
+        Ok(LeasedLedger {
+            shared,
+            options,
+            users: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            sender: RwLock::new(Some(sender)),
+            writer: Mutex::new(Some(writer)),
+            charges: AtomicU64::new(0),
+        })
+    }
+}
+
+/// Locks a mutex; a poisoned one (a panic while holding it) means the store stopped.
+fn lock<T>(mutex: &Mutex<T>) -> Result<MutexGuard<'_, T>, StateError> {
+    mutex.lock().map_err(|_| StateError::WriterStopped)
+}
+
+impl LeasedLedger {
+    /// The database this ledger writes to.
+    pub fn database(&self) -> &StateDatabase {
+        &self.shared.database
+    }
+
+    /// The options it runs with.
+    pub fn options(&self) -> &LeaseOptions {
+        &self.options
+    }
+
+    fn user_shard(&self, pseudonym: &Pseudonym) -> &UserShard {
+        &self.users[usize::from(pseudonym.as_bytes()[1]) % SHARDS]
+    }
+
+    /// The user's entry, created (not yet loaded) if absent.
+    fn user_entry(&self, pseudonym: &Pseudonym) -> Result<Arc<Mutex<UserLease>>, StateError> {
+        let mut shard = lock(self.user_shard(pseudonym))?;
+        Ok(Arc::clone(
+            shard
+                .entry(*pseudonym)
+                .or_insert_with(|| Arc::new(Mutex::new(UserLease::new()))),
+        ))
+    }
+
+    /// Charges with the user's entry locked.
+    fn charge_locked(
+        &self,
+        user: &mut UserLease,
+        request: &ChargeRequest,
+        params: &ChargeParams,
+        sender: &Sender<Command>,
+    ) -> Result<ChargeOutcome, StateError> {
+        let shared = &self.shared;
+        if !user.loaded {
+            user.record = read_user(&shared.database, &request.pseudonym)?;
+            user.loaded = true;
+        }
+        user.last_used = Instant::now();
+        user.absorb_renewal(false);
+        let key = answer_key(&request.pseudonym, &request.request_id);
+        if let Some(stored) = shared.stored_answer(&request.pseudonym, &key, &request.request_id)? {
+            return Ok(replay(user.record.as_ref(), params, stored));
+        }
+        loop {
+            let current = current_window(user.record.as_ref(), params);
+            if current
+                .spent
+                .checked_add(params.rho)
+                .is_none_or(|spent| spent > params.cap)
+            {
+                return Ok(exceeded(current.spent, params.cap));
+            }
+            let available = user.available_in(current.window_start_ms);
+            if available >= params.rho {
+                return self.accept(user, request, params, key, current, sender);
+            }
+            if user.renewal.is_some() {
+                // A block is on its way: wait for it rather than ask for another.
+                user.absorb_renewal(true);
+                continue;
+            }
+            let need = params.rho - available;
+            let desired = self.options.block(params.rho, params.cap).max(need);
+            let (reply, receiver) = mpsc::sync_channel(1);
+            sender
+                .send(Command::Lease {
+                    pseudonym: request.pseudonym,
+                    params: *params,
+                    need,
+                    desired,
+                    reply,
+                })
+                .map_err(|_| StateError::WriterStopped)?;
+            let grant = receiver.recv().map_err(|_| StateError::WriterStopped)??;
+            if grant.window_start_ms != current.window_start_ms {
+                // The durable window differs from the one in memory (a block requested ahead
+                // of time was lost with an evicted entry, or the clock moved): adopt the
+                // durable one, counting everything reserved there but this block as spent.
+                user.record = Some(UserRecord {
+                    window_start_ms: grant.window_start_ms,
+                    window_ms: params.window_ms,
+                    cap: params.cap,
+                    spent: grant.durable_spent - grant.granted,
+                    charges: 0,
+                });
+                user.lease_window_start_ms = None;
+                user.add_block(&grant);
+                continue;
+            }
+            user.add_block(&grant);
+            if grant.granted < desired {
+                user.exhausted = true;
+            }
+            if grant.granted < need {
+                // Refused: not even this charge fits under the cap durably. Budget reserved
+                // durably but not in this lease counts as spent.
+                let spent = current
+                    .spent
+                    .max(grant.durable_spent.saturating_sub(user.available));
+                if let Some(record) = user.record.as_mut()
+                    && record.window_start_ms == current.window_start_ms
+                {
+                    record.spent = spent;
+                }
+                return Ok(exceeded(spent, params.cap));
+            }
+        }
+    }
+
+    /// Accepts a charge covered by the lease: queues its answer, updates memory, and asks
+    /// for the next block ahead of time if the lease runs low.
+    fn accept(
+        &self,
+        user: &mut UserLease,
+        request: &ChargeRequest,
+        params: &ChargeParams,
+        key: Vec<u8>,
+        current: UserRecord,
+        sender: &Sender<Command>,
+    ) -> Result<ChargeOutcome, StateError> {
+        // The caller checked `current.spent + rho <= cap`.
+        let spent_after = current.spent.saturating_add(params.rho);
+        let pending = Arc::new(PendingAnswer {
+            key,
+            pseudonym: request.pseudonym,
+            window_start_ms: current.window_start_ms,
+            record: RequestRecord {
+                charged_at_ms: params.now_ms,
+                rho: params.rho,
+                answer: request.answer.clone(),
+            },
+        });
+        let shared = &self.shared;
+        if !shared.writer_running.load(Ordering::Acquire) {
+            return Err(StateError::WriterStopped);
+        }
+        lock(shared.answer_shard(&request.pseudonym))?
+            .insert(pending.key.clone(), Arc::clone(&pending));
+        {
+            let mut queue = lock(&shared.queue)?;
+            if queue.answers.is_empty() {
+                queue.since = Some(Instant::now());
+            }
+            queue.answers.push_back(pending);
+            if queue.answers.len() == self.options.answer_batch {
+                // If the writer is gone, the wait below ends and the next lease reports it.
+                let _ = sender.send(Command::Wake);
+            }
+            // Backpressure: wait for the writer when answers outrun the disk. The budget is
+            // already covered by the lease; only this caller waits.
+            while queue.answers.len() > self.options.max_unwritten_answers
+                && shared.writer_running.load(Ordering::Acquire)
+            {
+                queue = shared
+                    .drained
+                    .wait_timeout(queue, Duration::from_millis(100))
+                    .map_err(|_| StateError::WriterStopped)?
+                    .0;
+            }
+        }
+        if user.lease_window_start_ms != Some(current.window_start_ms) {
+            // Only a zero charge gets here without a lease of this window.
+            user.lease_window_start_ms = Some(current.window_start_ms);
+            user.available = 0;
+            user.exhausted = false;
+        }
+        user.available -= params.rho;
+        user.record = Some(UserRecord {
+            spent: spent_after,
+            charges: current.charges.saturating_add(1),
+            ..current
+        });
+        let block = self.options.block(params.rho, params.cap);
+        if !user.exhausted
+            && user.renewal.is_none()
+            && block > 0
+            && user.available < self.options.renew_threshold(block)
+        {
+            let (reply, receiver) = mpsc::sync_channel(1);
+            let renewal = Command::Lease {
+                pseudonym: request.pseudonym,
+                params: *params,
+                need: 1,
+                desired: block,
+                reply,
+            };
+            // If the writer stopped, the next charge that needs budget reports it.
+            if sender.send(renewal).is_ok() {
+                user.renewal = Some(receiver);
+            }
+        }
+        Ok(ChargeOutcome::Charged {
+            spent: Rho::from_nano(spent_after),
+            remaining: Rho::from_nano(params.cap - spent_after),
+        })
+    }
+
+    /// Drops idle users and users whose window is over from one shard of memory, returning
+    /// the unused rest of their leases. Entries in use are skipped.
+    fn sweep(&self, shard_index: usize, now_ms: u64, sender: &Sender<Command>) {
+        let Ok(mut shard) = self.users[shard_index % SHARDS].lock() else {
+            return;
+        };
+        shard.retain(|pseudonym, entry| {
+            let Ok(mut user) = entry.try_lock() else {
+                return true;
+            };
+            let idle = user.last_used.elapsed() >= self.options.idle_eviction;
+            let expired = user
+                .record
+                .is_none_or(|record| record.expired(now_ms, record.window_ms));
+            if user.renewal.is_some() || !(idle || expired) {
+                return true;
+            }
+            retire(&mut user, pseudonym, sender);
+            false
+        });
+    }
+}
+
+/// Marks an entry retired and returns the unused rest of its lease (the writer applies it
+/// only while the lease's window is the stored one).
+fn retire(user: &mut UserLease, pseudonym: &Pseudonym, sender: &Sender<Command>) {
+    user.retired = true;
+    if let Some(lease_window) = user.lease_window_start_ms
+        && user.available > 0
+    {
+        // If the writer is gone the rest is wasted, which is safe.
+        let _ = sender.send(Command::Return {
+            pseudonym: *pseudonym,
+            window_start_ms: lease_window,
+            amount: user.available,
+        });
+    }
+    user.available = 0;
+}
+
+/// The `Exceeded` outcome for `spent` under `cap`.
+fn exceeded(spent: u64, cap: u64) -> ChargeOutcome {
+    ChargeOutcome::Exceeded {
+        spent: Rho::from_nano(spent),
+        remaining: Rho::from_nano(cap.saturating_sub(spent)),
+    }
+}
+
+impl BudgetLedger for LeasedLedger {
+    fn charge(&self, request: &ChargeRequest) -> Result<ChargeOutcome, StateError> {
+        let params = request.params()?;
+        let guard = self.sender.read().map_err(|_| StateError::WriterStopped)?;
+        let sender = guard.as_ref().ok_or(StateError::Closed)?;
+        let outcome = loop {
+            let entry = self.user_entry(&request.pseudonym)?;
+            let mut user = lock(&entry)?;
+            if user.retired {
+                continue;
+            }
+            break self.charge_locked(&mut user, request, &params, sender)?;
+        };
+        let count = self.charges.fetch_add(1, Ordering::Relaxed);
+        if count % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            self.sweep((count / SWEEP_EVERY) as usize, params.now_ms, sender);
+        }
+        Ok(outcome)
+    }
+
+    fn lookup(
+        &self,
+        pseudonym: &Pseudonym,
+        request_id: &str,
+    ) -> Result<Option<StoredAnswer>, StateError> {
+        let guard = self.sender.read().map_err(|_| StateError::WriterStopped)?;
+        guard.as_ref().ok_or(StateError::Closed)?;
+        let key = answer_key(pseudonym, request_id);
+        Ok(self
+            .shared
+            .stored_answer(pseudonym, &key, request_id)?
+            .map(RequestRecord::into_stored))
+    }
+
+    fn spend(&self, pseudonym: &Pseudonym, now: SystemTime) -> Result<UserSpend, StateError> {
+        let now_ms = unix_millis(now, "now")?;
+        let guard = self.sender.read().map_err(|_| StateError::WriterStopped)?;
+        guard.as_ref().ok_or(StateError::Closed)?;
+        let entry = lock(self.user_shard(pseudonym))?.get(pseudonym).cloned();
+        if let Some(entry) = entry {
+            let mut user = lock(&entry)?;
+            if user.loaded && !user.retired {
+                user.absorb_renewal(false);
+                let mut spend = UserRecord::spend_at(user.record.as_ref(), now_ms);
+                if let Some(record) = user.record
+                    && spend.window_start.is_some()
+                {
+                    spend.leased_unused = Rho::from_nano(user.available_in(record.window_start_ms));
+                }
+                return Ok(spend);
+            }
+        }
+        let record = read_user(&self.shared.database, pseudonym)?;
+        Ok(UserRecord::spend_at(record.as_ref(), now_ms))
+    }
+
+    fn prune(&self, older_than: SystemTime) -> Result<u64, StateError> {
+        let cutoff_ms = unix_millis(older_than, "older_than")?;
+        let guard = self.sender.read().map_err(|_| StateError::WriterStopped)?;
+        let sender = guard.as_ref().ok_or(StateError::Closed)?;
+        let (reply, receiver) = mpsc::sync_channel(1);
+        sender
+            .send(Command::Prune { cutoff_ms, reply })
+            .map_err(|_| StateError::WriterStopped)?;
+        drop(guard);
+        receiver.recv().map_err(|_| StateError::WriterStopped)?
+    }
+
+    fn flush(&self) -> Result<(), StateError> {
+        let guard = self.sender.read().map_err(|_| StateError::WriterStopped)?;
+        let sender = guard.as_ref().ok_or(StateError::Closed)?;
+        let (reply, receiver) = mpsc::sync_channel(1);
+        sender
+            .send(Command::Flush { reply })
+            .map_err(|_| StateError::WriterStopped)?;
+        drop(guard);
+        receiver.recv().map_err(|_| StateError::WriterStopped)?
+    }
+
+    /// Returns the unused rest of every lease, writes every stored answer, and stops.
+    fn close(&self) -> Result<(), StateError> {
+        // Waits for charges in flight (they hold the read lock).
+        let sender = self
+            .sender
+            .write()
+            .map_err(|_| StateError::WriterStopped)?
+            .take();
+        let Some(sender) = sender else {
+            return Ok(());
+        };
+        for shard in &self.users {
+            let mut shard = lock(shard)?;
+            for (pseudonym, entry) in shard.drain() {
+                let mut user = lock(&entry)?;
+                user.absorb_renewal(true);
+                retire(&mut user, &pseudonym, &sender);
+            }
+        }
+        let (reply, receiver) = mpsc::sync_channel(1);
+        let flushed = sender
+            .send(Command::Flush { reply })
+            .map_err(|_| StateError::WriterStopped)
+            .and_then(|()| receiver.recv().map_err(|_| StateError::WriterStopped)?);
+        drop(sender);
+        let joined = match lock(&self.writer)?.take() {
+            Some(handle) => handle.join().map_err(|_| StateError::WriterStopped),
+            None => Ok(()),
+        };
+        flushed.and(joined)
+    }
+}
+
+#[cfg(test)]
+impl LeasedLedger {
+    /// Stops like a crash: the writer exits without writing the answers still waiting and
+    /// no lease is returned. The database stays consistent (what a kill -9 leaves).
+    pub(crate) fn abandon(&self) {
+        if let Ok(mut guard) = self.sender.write()
+            && let Some(sender) = guard.take()
+        {
+            let _ = sender.send(Command::Abandon);
+        }
+        if let Ok(mut writer) = self.writer.lock()
+            && let Some(handle) = writer.take()
+        {
+            let _ = handle.join();
+        }
+        for shard in &self.users {
+            if let Ok(mut shard) = shard.lock() {
+                shard.clear();
+            }
+        }
+    }
+}
+
+impl Drop for LeasedLedger {
+    fn drop(&mut self) {
+        // Returns leases and writes the waiting answers; a failure here only wastes budget
+        // or loses answers for retries (both safe), and there is no caller to tell.
+        let _ = self.close();
+    }
+}
+
+/// A command's result waiting for the batch to commit.
+enum Pending {
+    Lease(Result<LeaseGrant, StateError>),
+    Prune(Result<u64, StateError>),
+    Done,
+}
+
+/// Keeps a command for the next commit; `false` means stop now (the tests' abandon).
+fn take(command: Command, commands: &mut Vec<Command>) -> bool {
+    match command {
+        Command::Wake => {}
+        #[cfg(test)]
+        Command::Abandon => return false,
+        other => commands.push(other),
+    }
+    true
+}
+
+/// The writer thread. Each commit takes every waiting command (leases first of all) and up
+/// to `answer_batch` waiting answers (all of them for a flush or prune). Commits with a
+/// command are fsynced; commits of answers alone are fsynced only if the last fsync is older
+/// than `answer_interval`, and an fsync follows within that interval in any case.
+fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOptions) {
+    let interval = options.answer_interval;
+    let mut commands: Vec<Command> = Vec::new();
+    // Answers taken from the queue whose commit failed; retried first.
+    let mut retry: Vec<Arc<PendingAnswer>> = Vec::new();
+    let mut last_prune = Instant::now();
+    let mut last_fsync = Instant::now();
+    // Some commit since the last fsync was not fsynced.
+    let mut unsynced = false;
+    let mut disconnected = false;
+    loop {
+        if !disconnected {
+            let queued_since = shared.queue.lock().ok().and_then(|queue| queue.since);
+            let mut wait =
+                queued_since.map_or(interval, |since| interval.saturating_sub(since.elapsed()));
+            if unsynced || !retry.is_empty() {
+                wait = wait.min(interval.saturating_sub(last_fsync.elapsed()));
+            }
+            match receiver.recv_timeout(wait) {
+                Ok(command) => {
+                    if !take(command, &mut commands) {
+                        return;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => disconnected = true,
+            }
+        }
+        while !disconnected && commands.len() < options.store.max_batch {
+            match receiver.try_recv() {
+                Ok(command) => {
+                    if !take(command, &mut commands) {
+                        return;
+                    }
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => disconnected = true,
+            }
+        }
+        let take_all = disconnected
+            || commands
+                .iter()
+                .any(|command| matches!(command, Command::Flush { .. } | Command::Prune { .. }));
+        let mut answers = std::mem::take(&mut retry);
+        if let Ok(mut queue) = shared.queue.lock() {
+            let due = !commands.is_empty()
+                || take_all
+                || !answers.is_empty()
+                || queue.answers.len() >= options.answer_batch
+                || queue.since.is_some_and(|since| since.elapsed() >= interval);
+            if due {
+                let count = if take_all {
+                    queue.answers.len()
+                } else {
+                    queue
+                        .answers
+                        .len()
+                        .min(options.answer_batch.saturating_sub(answers.len()))
+                };
+                answers.extend(queue.answers.drain(..count));
+                queue.since = if queue.answers.is_empty() {
+                    None
+                } else {
+                    Some(Instant::now())
+                };
+            }
+        }
+        shared.drained.notify_all();
+        let fsync_due = unsynced && last_fsync.elapsed() >= interval;
+        if commands.is_empty() && answers.is_empty() && !fsync_due {
+            if disconnected {
+                break;
+            }
+            continue;
+        }
+        let immediate = !commands.is_empty()
+            || disconnected
+            || last_fsync.elapsed() >= interval
+            || answers.is_empty();
+        let auto_prune = match options.store.retention {
+            Some(retention) if last_prune.elapsed() >= options.store.prune_interval => {
+                last_prune = Instant::now();
+                SystemTime::now()
+                    .checked_sub(retention)
+                    .and_then(|cutoff| unix_millis(cutoff, "retention").ok())
+                    .map(|cutoff_ms| (cutoff_ms, options.store.prune_limit))
+            }
+            _ => None,
+        };
+        if commit_batch(shared, &answers, &mut commands, auto_prune, immediate) {
+            if immediate {
+                last_fsync = Instant::now();
+                unsynced = false;
+            } else {
+                unsynced = true;
+            }
+        } else {
+            // Retry the answers (they stay readable in memory meanwhile); back off one
+            // interval so that a failing disk is not hammered.
+            retry = answers;
+            last_fsync = Instant::now();
+            if disconnected {
+                break;
+            }
+        }
+        let queue_empty = shared
+            .queue
+            .lock()
+            .map_or(true, |queue| queue.answers.is_empty());
+        if disconnected && queue_empty && retry.is_empty() {
+            break;
+        }
+    }
+}
+
+/// Writes `answers` and applies `commands` in one transaction, commits, removes the written
+/// answers from memory, then replies; empties `commands`. Returns whether it committed.
+fn commit_batch(
+    shared: &Shared,
+    answers: &[Arc<PendingAnswer>],
+    commands: &mut Vec<Command>,
+    auto_prune: Option<(u64, usize)>,
+    immediate: bool,
+) -> bool {
+    let database = &shared.database;
+    let operation = "commit leases and answers";
+    let outcome = (|| -> Result<Vec<Pending>, StateError> {
+        let transaction = database.begin_write_with(operation, immediate)?;
+        let mut results = Vec::with_capacity(commands.len());
+        {
+            let mut tables = LedgerTables::open(database, &transaction, operation)?;
+            write_answers(database, &mut tables, answers)?;
+            for command in commands.iter() {
+                results.push(match command {
+                    Command::Lease {
+                        pseudonym,
+                        params,
+                        need,
+                        desired,
+                        ..
+                    } => Pending::Lease(apply_lease(
+                        database,
+                        &mut tables,
+                        pseudonym,
+                        params,
+                        *need,
+                        *desired,
+                    )?),
+                    Command::Return {
+                        pseudonym,
+                        window_start_ms,
+                        amount,
+                    } => {
+                        apply_return(database, &mut tables, pseudonym, *window_start_ms, *amount)?;
+                        Pending::Done
+                    }
+                    Command::Prune { cutoff_ms, .. } => Pending::Prune(Ok(prune_answers(
+                        database,
+                        &mut tables,
+                        *cutoff_ms,
+                        usize::MAX,
+                    )?)),
+                    _ => Pending::Done,
+                });
+            }
+            if let Some((cutoff_ms, limit)) = auto_prune {
+                prune_answers(database, &mut tables, cutoff_ms, limit)?;
+            }
+        }
+        transaction
+            .commit()
+            .map_err(|error| database.storage(operation, error))?;
+        Ok(results)
+    })();
+    match outcome {
+        Ok(results) => {
+            // Committed: memory may now forget the answers (lookups fall through to the file).
+            for answer in answers {
+                if let Ok(mut shard) = shared.answer_shard(&answer.pseudonym).lock()
+                    && shard
+                        .get(&answer.key)
+                        .is_some_and(|held| Arc::ptr_eq(held, answer))
+                {
+                    shard.remove(&answer.key);
+                }
+            }
+            // A caller that gave up waiting has nothing to receive; ignore its channel.
+            for (command, result) in commands.drain(..).zip(results) {
+                match (command, result) {
+                    (Command::Lease { reply, .. }, Pending::Lease(result)) => {
+                        let _ = reply.send(result);
+                    }
+                    (Command::Prune { reply, .. }, Pending::Prune(result)) => {
+                        let _ = reply.send(result);
+                    }
+                    (Command::Flush { reply }, _) => {
+                        let _ = reply.send(Ok(()));
+                    }
+                    _ => {}
+                }
+            }
+            true
+        }
+        Err(error) => {
+            // Fail closed: no lease was granted; the answers stay queued for a retry.
+            for command in commands.drain(..) {
+                match command {
+                    Command::Lease { reply, .. } => {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                    Command::Prune { reply, .. } => {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                    Command::Flush { reply } => {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                    _ => {}
+                }
+            }
+            false
+        }
+    }
+}
+
+/// The user's committed record inside the transaction; `Ok(Err(..))` for a corrupt record.
+fn user_in(
+    database: &StateDatabase,
+    tables: &LedgerTables<'_>,
+    pseudonym: &Pseudonym,
+) -> Result<Result<Option<UserRecord>, StateError>, StateError> {
+    use redb::ReadableTable;
+    let guard = tables
+        .users
+        .get(pseudonym.as_bytes().as_slice())
+        .map_err(|error| database.storage("read a user's spend", error))?;
+    Ok(match guard {
+        Some(guard) => decode_user(database, guard.value()).map(Some),
+        None => Ok(None),
+    })
+}
+
+fn write_user(
+    database: &StateDatabase,
+    tables: &mut LedgerTables<'_>,
+    pseudonym: &Pseudonym,
+    record: &UserRecord,
+) -> Result<(), StateError> {
+    tables
+        .users
+        .insert(pseudonym.as_bytes().as_slice(), record.encode().as_slice())
+        .map_err(|error| database.storage("write a user's spend", error))?;
+    Ok(())
+}
+
+/// Reserves a block in the user's open window (a new window if the stored one is over).
+fn apply_lease(
+    database: &StateDatabase,
+    tables: &mut LedgerTables<'_>,
+    pseudonym: &Pseudonym,
+    params: &ChargeParams,
+    need: u64,
+    desired: u64,
+) -> Result<Result<LeaseGrant, StateError>, StateError> {
+    let existing = match user_in(database, tables, pseudonym)? {
+        Ok(existing) => existing,
+        Err(error) => return Ok(Err(error)),
+    };
+    let mut record = current_window(existing.as_ref(), params);
+    let headroom = params.cap.saturating_sub(record.spent);
+    let granted = if headroom < need {
+        0
+    } else {
+        headroom.min(desired)
+    };
+    if granted > 0 {
+        record.spent += granted;
+        write_user(database, tables, pseudonym, &record)?;
+    }
+    Ok(Ok(LeaseGrant {
+        window_start_ms: record.window_start_ms,
+        granted,
+        durable_spent: record.spent,
+    }))
+}
+
+/// Gives back an unused block if its window is still the stored one.
+fn apply_return(
+    database: &StateDatabase,
+    tables: &mut LedgerTables<'_>,
+    pseudonym: &Pseudonym,
+    window_start_ms: u64,
+    amount: u64,
+) -> Result<(), StateError> {
+    if let Ok(Some(mut record)) = user_in(database, tables, pseudonym)?
+        && record.window_start_ms == window_start_ms
+    {
+        record.spent = record.spent.saturating_sub(amount);
+        write_user(database, tables, pseudonym, &record)?;
+    }
+    Ok(())
+}
+
+/// Stores accepted answers and counts them in their users' stored windows (one user record
+/// update per user and window).
+fn write_answers(
+    database: &StateDatabase,
+    tables: &mut LedgerTables<'_>,
+    answers: &[Arc<PendingAnswer>],
+) -> Result<(), StateError> {
+    let mut counts: HashMap<(Pseudonym, u64), u64> = HashMap::new();
+    for answer in answers {
+        tables.insert_answer(database, &answer.key, &answer.record)?;
+        *counts
+            .entry((answer.pseudonym, answer.window_start_ms))
+            .or_default() += 1;
+    }
+    for ((pseudonym, window_start_ms), count) in counts {
+        // A corrupt user record is reported by the next lease; the answers are still stored.
+        if let Ok(Some(mut record)) = user_in(database, tables, &pseudonym)?
+            && record.window_start_ms == window_start_ms
+        {
+            record.charges = record.charges.saturating_add(count);
+            write_user(database, tables, &pseudonym, &record)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+impl LeasedLedger {
+    /// Sweeps every shard now.
+    pub(crate) fn sweep_all(&self, now: SystemTime) {
+        let Ok(now_ms) = unix_millis(now, "now") else {
+            return;
+        };
+        if let Ok(guard) = self.sender.read()
+            && let Some(sender) = guard.as_ref()
+        {
+            for shard in 0..SHARDS {
+                self.sweep(shard, now_ms, sender);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger_contract::{at, request, user};
+
+    /// The spent stored durably for `who` (leases included).
+    fn durable_spent(database: &StateDatabase, who: &str) -> u64 {
+        read_user(database, &user(who))
+            .unwrap()
+            .map_or(0, |record| record.spent)
+    }
+
+    fn charged(outcome: ChargeOutcome) -> u64 {
+        match outcome {
+            ChargeOutcome::Charged { spent, .. } => spent.as_nano(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Blocks of `lease_charges` charges (the cap fraction is small), no renewing ahead.
+    fn options(lease_charges: u64) -> LeaseOptions {
+        LeaseOptions {
+            lease_charges,
+            lease_cap_fraction: 0.05,
+            renew_below: 0.0,
+            answer_interval: Duration::from_secs(3600),
+            answer_batch: usize::MAX,
+            max_unwritten_answers: usize::MAX,
+            ..LeaseOptions::default()
+        }
+    }
+
+    #[test]
+    fn blocks_are_reserved_durably_before_charges_use_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = StateDatabase::open(dir.path().join("state.redb")).unwrap();
+        let ledger = database.leased_ledger(options(8)).unwrap();
+        // Block = max(10 * 8, 1000 * 0.05) = 80.
+        assert_eq!(
+            charged(ledger.charge(&request("a", "0", 10, 1000, 0)).unwrap()),
+            10
+        );
+        assert_eq!(durable_spent(&database, "a"), 80);
+        let spend = ledger.spend(&user("a"), at(1)).unwrap();
+        assert_eq!(
+            (spend.spent, spend.leased_unused, spend.charges),
+            (Rho::from_nano(10), Rho::from_nano(70), 1)
+        );
+        for index in 1..8 {
+            ledger
+                .charge(&request("a", &index.to_string(), 10, 1000, index))
+                .unwrap();
+            assert_eq!(durable_spent(&database, "a"), 80);
+        }
+        // The ninth charge needs a second block.
+        assert_eq!(
+            charged(ledger.charge(&request("a", "8", 10, 1000, 9)).unwrap()),
+            90
+        );
+        assert_eq!(durable_spent(&database, "a"), 160);
+        // A charge the rest of the block (70) covers needs no new block ...
+        assert_eq!(
+            charged(ledger.charge(&request("a", "9", 40, 1000, 10)).unwrap()),
+            130
+        );
+        assert_eq!(durable_spent(&database, "a"), 160);
+        // ... a larger one asks for a block of its own size (80 * 8 = 640).
+        assert_eq!(
+            charged(ledger.charge(&request("a", "10", 80, 1000, 11)).unwrap()),
+            210
+        );
+        assert_eq!(durable_spent(&database, "a"), 160 + 640);
+        ledger.close().unwrap();
+        // Close returned the unused rest: the durable spent is what answers used.
+        assert_eq!(durable_spent(&database, "a"), 210);
+    }
+
+    #[test]
+    fn blocks_stop_at_the_cap_and_refusals_match_the_accounting_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = StateDatabase::open(dir.path().join("state.redb")).unwrap();
+        let ledger = database.leased_ledger(options(8)).unwrap();
+        for (index, spent) in [30, 60, 90].into_iter().enumerate() {
+            let id = index.to_string();
+            assert_eq!(
+                charged(ledger.charge(&request("c", &id, 30, 100, 0)).unwrap()),
+                spent
+            );
+            assert_eq!(durable_spent(&database, "c"), 100);
+        }
+        assert_eq!(
+            ledger.charge(&request("c", "3", 30, 100, 1)).unwrap(),
+            ChargeOutcome::Exceeded {
+                spent: Rho::from_nano(90),
+                remaining: Rho::from_nano(10),
+            }
+        );
+        // The rest of the block still serves a charge that fits.
+        assert_eq!(
+            charged(ledger.charge(&request("c", "4", 10, 100, 2)).unwrap()),
+            100
+        );
+        assert_eq!(durable_spent(&database, "c"), 100);
+    }
+
+    #[test]
+    fn a_new_window_takes_a_new_block_and_the_old_rest_is_not_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = StateDatabase::open(dir.path().join("state.redb")).unwrap();
+        let ledger = database.leased_ledger(options(1)).unwrap();
+        // Block = max(60, 100 * 0.05) = 60, then 50.
+        assert_eq!(
+            charged(ledger.charge(&request("w", "1", 60, 100, 0)).unwrap()),
+            60
+        );
+        assert_eq!(
+            charged(ledger.charge(&request("w", "2", 1, 100, 1)).unwrap()),
+            61
+        );
+        assert_eq!(
+            charged(ledger.charge(&request("w", "3", 50, 100, 3600)).unwrap()),
+            50
+        );
+        let stored = read_user(&database, &user("w")).unwrap().unwrap();
+        assert_eq!(
+            stored.window_start_ms,
+            unix_millis(at(3600), "now").unwrap()
+        );
+        assert_eq!(stored.spent, 50);
+        let spend = ledger.spend(&user("w"), at(3601)).unwrap();
+        assert_eq!(
+            (spend.spent, spend.leased_unused),
+            (Rho::from_nano(50), Rho::ZERO)
+        );
+    }
+
+    #[test]
+    fn a_crash_wastes_the_unused_lease_and_forgets_unwritten_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        {
+            let database = StateDatabase::open(&path).unwrap();
+            let ledger = database.leased_ledger(options(10)).unwrap();
+            ledger
+                .charge(&request("k", "written", 10, 1000, 0))
+                .unwrap();
+            ledger.flush().unwrap();
+            ledger
+                .charge(&request("k", "unwritten", 10, 1000, 1))
+                .unwrap();
+            // Both answers replay while the process lives.
+            assert!(ledger.lookup(&user("k"), "unwritten").unwrap().is_some());
+            ledger.abandon();
+        }
+        let database = StateDatabase::open_existing(&path).unwrap();
+        // The block (10 * 10) was durable before the first answer: nothing was lost.
+        assert_eq!(durable_spent(&database, "k"), 100);
+        let ledger = database.leased_ledger(options(10)).unwrap();
+        let spend = ledger.spend(&user("k"), at(2)).unwrap();
+        assert_eq!(
+            (spend.spent, spend.leased_unused),
+            (Rho::from_nano(100), Rho::ZERO)
+        );
+        // A written answer replays; an unwritten one is charged again with a new answer.
+        assert!(matches!(
+            ledger
+                .charge(&request("k", "written", 10, 1000, 3))
+                .unwrap(),
+            ChargeOutcome::Replayed { .. }
+        ));
+        let mut retry = request("k", "unwritten", 10, 1000, 4);
+        retry.answer = b"new answer".to_vec();
+        assert_eq!(charged(ledger.charge(&retry).unwrap()), 110);
+        assert_eq!(
+            ledger
+                .lookup(&user("k"), "unwritten")
+                .unwrap()
+                .unwrap()
+                .answer,
+            b"new answer"
+        );
+        assert_eq!(durable_spent(&database, "k"), 200);
+    }
+
+    #[test]
+    fn idle_users_leave_memory_and_return_their_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = StateDatabase::open(dir.path().join("state.redb")).unwrap();
+        let ledger = database
+            .leased_ledger(LeaseOptions {
+                idle_eviction: Duration::ZERO,
+                ..options(10)
+            })
+            .unwrap();
+        ledger.charge(&request("i", "1", 10, 1000, 0)).unwrap();
+        assert_eq!(durable_spent(&database, "i"), 100);
+        ledger.sweep_all(at(1));
+        ledger.flush().unwrap();
+        assert_eq!(durable_spent(&database, "i"), 10);
+        let spend = ledger.spend(&user("i"), at(2)).unwrap();
+        assert_eq!(
+            (spend.spent, spend.leased_unused, spend.charges),
+            (Rho::from_nano(10), Rho::ZERO, 1)
+        );
+        // The user comes back: loaded from the file, a new block.
+        assert_eq!(
+            charged(ledger.charge(&request("i", "2", 10, 1000, 3)).unwrap()),
+            20
+        );
+        assert_eq!(durable_spent(&database, "i"), 110);
+        assert!(matches!(
+            ledger.charge(&request("i", "1", 10, 1000, 4)).unwrap(),
+            ChargeOutcome::Replayed { .. }
+        ));
+    }
+
+    #[test]
+    fn concurrent_charges_with_renewals_ahead_stay_covered() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = StateDatabase::open(dir.path().join("state.redb")).unwrap();
+        let ledger = Arc::new(
+            database
+                .leased_ledger(LeaseOptions {
+                    lease_charges: 4,
+                    lease_cap_fraction: 0.0,
+                    renew_below: 0.75,
+                    answer_batch: 16,
+                    answer_interval: Duration::from_millis(1),
+                    ..LeaseOptions::default()
+                })
+                .unwrap(),
+        );
+        let names = ["u0", "u1", "u2"];
+        let accepted: Vec<AtomicU64> = names.iter().map(|_| AtomicU64::new(0)).collect();
+        std::thread::scope(|scope| {
+            for thread in 0..6 {
+                let (ledger, accepted) = (&ledger, &accepted);
+                scope.spawn(move || {
+                    for index in 0..60_usize {
+                        let slot = (index + thread) % names.len();
+                        let id = format!("{thread}-{index}");
+                        // Cap 1000: at most 142 charges of 7 per user fit; 120 are tried.
+                        let cap = if slot == 0 { 300 } else { 1000 };
+                        let outcome = ledger
+                            .charge(&request(names[slot], &id, 7, cap, 0))
+                            .unwrap();
+                        if let ChargeOutcome::Charged { spent, .. } = outcome {
+                            assert!(spent.as_nano() <= cap);
+                            accepted[slot].fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        ledger.flush().unwrap();
+        for (slot, name) in names.iter().enumerate() {
+            let count = accepted[slot].load(Ordering::Relaxed);
+            let expected = if slot == 0 { 300 / 7 } else { 120 };
+            assert_eq!(count, expected, "{name}");
+            let spend = ledger.spend(&user(name), at(1)).unwrap();
+            assert_eq!(spend.spent.as_nano(), 7 * count, "{name}");
+            assert_eq!(spend.charges, count, "{name}");
+            // The durable record covers every answer and the lease (and maybe a renewal in
+            // flight).
+            assert!(
+                durable_spent(&database, name)
+                    >= spend.spent.as_nano() + spend.leased_unused.as_nano(),
+                "{name}"
+            );
+        }
+        ledger.close().unwrap();
+        for (slot, name) in names.iter().enumerate() {
+            let count = accepted[slot].load(Ordering::Relaxed);
+            assert_eq!(durable_spent(&database, name), 7 * count, "{name}");
+            let record = read_user(&database, &user(name)).unwrap().unwrap();
+            assert_eq!(record.charges, count, "{name}");
+        }
+    }
+
+    #[test]
+    fn answers_outrunning_the_writer_wait_and_are_all_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = StateDatabase::open(dir.path().join("state.redb")).unwrap();
+        let ledger = database
+            .leased_ledger(LeaseOptions {
+                answer_batch: 4,
+                max_unwritten_answers: 4,
+                answer_interval: Duration::from_millis(1),
+                ..options(64)
+            })
+            .unwrap();
+        for index in 0..100 {
+            ledger
+                .charge(&request("q", &index.to_string(), 1, 1000, index))
+                .unwrap();
+            let queued = ledger.shared.queue.lock().unwrap().answers.len();
+            assert!(queued <= 4, "{queued} answers waiting");
+        }
+        ledger.flush().unwrap();
+        for index in 0..100 {
+            let key = answer_key(&user("q"), &index.to_string());
+            assert!(ledger.shared.pending_answer(&user("q"), &key).is_none());
+            let stored = read_answer(&database, &user("q"), &index.to_string()).unwrap();
+            assert_eq!(
+                stored.unwrap().answer,
+                format!("answer to {index}").into_bytes()
+            );
+        }
+        assert_eq!(
+            read_user(&database, &user("q")).unwrap().unwrap().charges,
+            100
+        );
+    }
+
+    #[test]
+    fn options_out_of_range_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = StateDatabase::open(dir.path().join("state.redb")).unwrap();
+        let refused = |options: LeaseOptions| match database.leased_ledger(options) {
+            Err(StateError::InvalidArgument { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            refused(LeaseOptions {
+                lease_cap_fraction: 1.5,
+                ..LeaseOptions::default()
+            }),
+            "lease_cap_fraction"
+        );
+        assert_eq!(
+            refused(LeaseOptions {
+                renew_below: f64::NAN,
+                ..LeaseOptions::default()
+            }),
+            "renew_below"
+        );
+        assert_eq!(
+            refused(LeaseOptions {
+                lease_charges: 0,
+                ..LeaseOptions::default()
+            }),
+            "lease_charges"
+        );
+        assert_eq!(
+            refused(LeaseOptions {
+                answer_batch: 0,
+                ..LeaseOptions::default()
+            }),
+            "answer_batch"
+        );
+        assert_eq!(
+            refused(LeaseOptions {
+                answer_batch: 100,
+                max_unwritten_answers: 99,
+                ..LeaseOptions::default()
+            }),
+            "max_unwritten_answers"
+        );
+    }
+
+    #[test]
+    fn block_sizes_follow_the_options() {
+        let options = LeaseOptions {
+            lease_charges: 32,
+            lease_cap_fraction: 0.05,
+            renew_below: 0.0,
+            ..LeaseOptions::default()
+        };
+        assert_eq!(options.block(10, 1000), 320);
+        assert_eq!(options.block(1, 1_000_000), 50_000);
+        assert_eq!(options.block(u64::MAX, 10), u64::MAX);
+        assert_eq!(options.block(0, 0), 0);
+        assert_eq!(options.renew_threshold(320), 0);
+        let renewing = LeaseOptions {
+            renew_below: 0.5,
+            ..options
+        };
+        assert_eq!(renewing.renew_threshold(320), 160);
+    }
+}
