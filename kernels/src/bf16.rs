@@ -1014,6 +1014,37 @@ mod tests {
         }
     }
 
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        #[test]
+        fn equals_the_scan_where_the_bound_is_tight(
+            rows in 1usize..300,
+            dim in 1usize..64,
+            batch in 1usize..20,
+            k in 1usize..50,
+            seed in any::<u64>(),
+        ) {
+            let Some(support) = support() else { return Ok(()) };
+            // Entries of magnitude 1 + 2^-8 - 2^-23 or twice that (bf16 rounds each down by
+            // almost u) with random signs: rounding errors are maximal, products take few
+            // distinct values, so approximate scores tie in bulk and sit near the bound.
+            let worst_case = 1.0 + 2f32.powi(-8) - 2f32.powi(-23);
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let mut entry = move || -> f32 {
+                let sign = if rng.random() { 1.0 } else { -1.0 };
+                let scale = if rng.random_range(0..4) == 0 { 2.0 } else { 1.0 };
+                sign * scale * worst_case
+            };
+            let data: Vec<f32> = (0..rows * dim).map(|_| entry()).collect();
+            let qdata: Vec<f32> = (0..batch * dim).map(|_| entry()).collect();
+            let m = RowMatrix::dense(&data, dim).unwrap();
+            let queries = RowMatrix::dense(&qdata, dim).unwrap();
+            let out = run_bf16(support, m, queries, k, ROW_STEP_LCM, 2);
+            check_against_scan(m, queries, k, &out)?;
+        }
+    }
+
     #[test]
     fn huge_norms_are_always_rescored() {
         let Some(support) = support() else { return };
