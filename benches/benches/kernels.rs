@@ -10,8 +10,10 @@
 //!   1M x 128 table (512 MB) is far larger than the last-level cache.
 //! - `candidates_topk`: 1000 random rows of a 1M x 128 table, k = 100, one thread, against
 //!   `scalar::candidates_topk`.
-//! - `batch_topk`: 64 queries at once (faer GEMM over row blocks, fused top-k) against 64
-//!   serial `par_scan_topk` calls with the same queries.
+//! - `batch_topk`: 64 queries at once on every path this CPU runs (`bf16_rescore_64_queries`:
+//!   AVX-512 BF16 pass with a proven error bound and exact f32 rescoring, if available;
+//!   `faer_64_queries`: faer GEMM over row blocks, fused top-k) against 64 serial
+//!   `par_scan_topk` calls with the same queries.
 //!
 //! Throughput is reported in bytes of table read (scans) or elements (dot, candidates).
 
@@ -19,8 +21,8 @@ use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use kernels::{
-    AlignedRows, ScoredItem, TopKScratch, batch_topk, candidates_topk, dot, par_scan_topk, par_sum,
-    scalar, scan_topk,
+    AlignedRows, BatchPath, ScoredItem, TopKScratch, batch_path, batch_topk_using, candidates_topk,
+    dot, par_scan_topk, par_sum, scalar, scan_topk,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -93,11 +95,16 @@ fn bench_scans(c: &mut Criterion) {
         let mut group = c.benchmark_group("batch_topk");
         group.sample_size(10).throughput(Throughput::Bytes(bytes));
         let mut answers: Vec<Vec<ScoredItem>> = Vec::new();
-        group.bench_with_input(
-            BenchmarkId::new("faer_64_queries", rows),
-            &rows,
-            |bench, _| bench.iter(|| batch_topk(m, black_box(qm), K, &mut answers)),
-        );
+        let mut paths = vec![BatchPath::Faer];
+        if batch_path(DIM) == BatchPath::Bf16Rescore {
+            paths.insert(0, BatchPath::Bf16Rescore);
+        }
+        for path in paths {
+            let name = format!("{}_64_queries", path.name().replace('-', "_"));
+            group.bench_with_input(BenchmarkId::new(name, rows), &rows, |bench, _| {
+                bench.iter(|| batch_topk_using(path, m, black_box(qm), K, &mut answers))
+            });
+        }
         group.bench_with_input(
             BenchmarkId::new("serial_64_scans", rows),
             &rows,

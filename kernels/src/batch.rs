@@ -1,4 +1,9 @@
-//! Many queries at once: faer matrix products over row blocks, top-k fused per score block.
+//! Many queries at once: an exact bf16-pruned kernel on AVX-512 BF16 CPUs, else faer matrix
+//! products over row blocks, top-k fused per score block.
+//!
+//! [`batch_topk`] picks the path ([`batch_path`]): on CPUs with AVX-512 BF16 the kernel of
+//! [`crate::bf16`] (about twice the f32 multiply-add rate, exact results by rescoring),
+//! otherwise the faer path below.
 //!
 //! Scoring B queries against a table is a matrix product, which is compute bound once B is a
 //! few dozen. The table is cut into row blocks small enough that the block, the query block
@@ -22,6 +27,7 @@ use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 use wide::f32x8;
 
+use crate::bf16::{self, Bf16Plan, Bf16Support};
 use crate::error::KernelError;
 use crate::matrix::RowMatrix;
 use crate::simd::prefetch_l2;
@@ -84,37 +90,96 @@ fn with_batch_scratch<R>(f: impl FnOnce(&mut BatchScratch) -> R) -> R {
     result
 }
 
-/// The best `k` rows of `m` for every row of `queries`, computed together with faer matrix
-/// products on the current rayon pool.
+/// Which implementation a batched top-k runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BatchPath {
+    /// A bf16 pass on AVX-512 BF16 whose proven error bound prunes rows, then exact f32
+    /// rescoring of the rest: results identical to [`crate::scan_topk`]'s, bit for bit.
+    Bf16Rescore,
+    /// faer f32 matrix products over row blocks (GEMM summation order: scores can differ
+    /// from [`crate::scan_topk`]'s in the last bits).
+    Faer,
+}
+
+impl BatchPath {
+    /// Short name: `bf16-rescore` or `faer`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BatchPath::Bf16Rescore => "bf16-rescore",
+            BatchPath::Faer => "faer",
+        }
+    }
+}
+
+impl std::fmt::Display for BatchPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The path [`batch_topk`] takes on this CPU for rows of dimension `dim`:
+/// [`BatchPath::Bf16Rescore`] when the CPU has AVX-512F and AVX-512 BF16 (detected at run
+/// time) and `dim <= 2^20` (the range of the proven error bound), else [`BatchPath::Faer`].
+pub fn batch_path(dim: usize) -> BatchPath {
+    match Bf16Support::detect() {
+        Some(_) if dim <= bf16::MAX_DIM => BatchPath::Bf16Rescore,
+        _ => BatchPath::Faer,
+    }
+}
+
+/// The best `k` rows of `m` for every row of `queries`, computed together on the current
+/// rayon pool by the path [`batch_path`] picks.
 ///
 /// `out` is resized to `queries.rows()` vectors (their allocations are reused); `out[q]` holds
 /// `min(k, m.rows())` items for query `q`, score descending, ties by row index ascending.
-/// Scores equal [`crate::scalar::batch_topk`]'s up to rounding (GEMM summation order), so they
-/// can differ from [`crate::par_scan_topk`]'s in the last bits. Fails on `k == 0`, a dimension
-/// mismatch, or a non-finite query (naming it).
+/// On the [`BatchPath::Bf16Rescore`] path the result is exactly [`crate::scan_topk`]'s for
+/// each query; on the [`BatchPath::Faer`] path scores equal [`crate::scalar::batch_topk`]'s
+/// up to rounding (GEMM summation order), so they can differ from [`crate::par_scan_topk`]'s
+/// in the last bits. Fails on `k == 0`, a dimension mismatch, or a non-finite query (naming
+/// it).
 pub fn batch_topk(
     m: RowMatrix<'_>,
     queries: RowMatrix<'_>,
     k: usize,
     out: &mut Vec<Vec<ScoredItem>>,
 ) -> Result<(), KernelError> {
-    batch_topk_with(
-        m,
-        queries,
-        k,
-        out,
-        BatchPlan::for_shape(m.dim(), queries.rows()),
-    )
+    batch_topk_using(batch_path(m.dim()), m, queries, k, out)
 }
 
-/// [`batch_topk`] with explicit block sizes (tests use tiny ones).
-fn batch_topk_with(
+/// [`batch_topk`] on a chosen path (to compare paths). Fails as [`batch_topk`], and with
+/// [`KernelError::PathUnavailable`] if `path` cannot run here (see [`batch_path`]).
+pub fn batch_topk_using(
+    path: BatchPath,
     m: RowMatrix<'_>,
     queries: RowMatrix<'_>,
     k: usize,
     out: &mut Vec<Vec<ScoredItem>>,
-    plan: BatchPlan,
 ) -> Result<(), KernelError> {
+    match path {
+        BatchPath::Faer => batch_topk_with(
+            m,
+            queries,
+            k,
+            out,
+            BatchPlan::for_shape(m.dim(), queries.rows()),
+        ),
+        BatchPath::Bf16Rescore => match Bf16Support::detect() {
+            Some(support) if m.dim() <= bf16::MAX_DIM => {
+                batch_topk_bf16_with(support, m, queries, k, out, Bf16Plan::for_dim(m.dim()))
+            }
+            _ => Err(KernelError::PathUnavailable { path: path.name() }),
+        },
+    }
+}
+
+/// Validates a batched request and resets `out` to one empty answer per query (capacity
+/// `k`); returns the effective `k` (at most the row count).
+fn prepare_batch(
+    m: RowMatrix<'_>,
+    queries: RowMatrix<'_>,
+    k: usize,
+    out: &mut Vec<Vec<ScoredItem>>,
+) -> Result<usize, KernelError> {
     check_k(k)?;
     if queries.dim() != m.dim() {
         return Err(KernelError::DimMismatch {
@@ -126,14 +191,44 @@ fn batch_topk_with(
     for q in 0..query_count {
         check_query(m.dim(), queries.row(q), q)?;
     }
-    let rows = m.rows();
-    let k = k.min(rows);
+    let k = k.min(m.rows());
     out.truncate(query_count);
     out.resize_with(query_count, Vec::new);
     for answer in out.iter_mut() {
         answer.clear();
         answer.reserve(k);
     }
+    Ok(k)
+}
+
+/// The bf16 path with explicit block sizes (tests use tiny ones).
+fn batch_topk_bf16_with(
+    support: Bf16Support,
+    m: RowMatrix<'_>,
+    queries: RowMatrix<'_>,
+    k: usize,
+    out: &mut Vec<Vec<ScoredItem>>,
+    plan: Bf16Plan,
+) -> Result<(), KernelError> {
+    let k = prepare_batch(m, queries, k, out)?;
+    if k == 0 || queries.rows() == 0 {
+        return Ok(());
+    }
+    bf16::batch_topk_bf16(support, m, queries, k, out, plan);
+    Ok(())
+}
+
+/// The faer path with explicit block sizes (tests use tiny ones).
+fn batch_topk_with(
+    m: RowMatrix<'_>,
+    queries: RowMatrix<'_>,
+    k: usize,
+    out: &mut Vec<Vec<ScoredItem>>,
+    plan: BatchPlan,
+) -> Result<(), KernelError> {
+    let k = prepare_batch(m, queries, k, out)?;
+    let rows = m.rows();
+    let query_count = queries.rows();
     if rows == 0 || query_count == 0 {
         return Ok(());
     }
@@ -409,6 +504,58 @@ mod tests {
         for (q, answer) in out.iter().enumerate() {
             check_topk(&spec_scores(m, queries.row(q), 0..rows as u32), answer, 17).unwrap();
         }
+    }
+
+    #[test]
+    fn both_paths_match_the_specification() {
+        let (rows, dim) = (2000, 40);
+        let data = random_rows(41, rows, dim, dim);
+        let m = RowMatrix::dense(&data, dim).unwrap();
+        let qdata = random_rows(42, 9, dim, dim);
+        let queries = RowMatrix::dense(&qdata, dim).unwrap();
+        let mut paths = vec![BatchPath::Faer];
+        if batch_path(dim) == BatchPath::Bf16Rescore {
+            paths.push(BatchPath::Bf16Rescore);
+        }
+        for path in paths {
+            let mut out = Vec::new();
+            pool(2)
+                .install(|| batch_topk_using(path, m, queries, 33, &mut out))
+                .unwrap();
+            assert_eq!(out.len(), 9);
+            let mut scan = Vec::new();
+            for (q, answer) in out.iter().enumerate() {
+                check_topk(&spec_scores(m, queries.row(q), 0..rows as u32), answer, 33).unwrap();
+                if path == BatchPath::Bf16Rescore {
+                    crate::scan::scan_topk(
+                        m,
+                        queries.row(q),
+                        33,
+                        &mut Default::default(),
+                        &mut scan,
+                    )
+                    .unwrap();
+                    assert_eq!(answer, &scan, "{path}: query {q} differs from the scan");
+                }
+            }
+        }
+        assert_eq!(BatchPath::Bf16Rescore.to_string(), "bf16-rescore");
+        assert_eq!(BatchPath::Faer.name(), "faer");
+    }
+
+    #[test]
+    fn bf16_path_refuses_dimensions_beyond_its_proof() {
+        let dim = crate::bf16::MAX_DIM + 1;
+        assert_eq!(batch_path(dim), BatchPath::Faer);
+        let data = vec![0.5f32; dim];
+        let m = RowMatrix::dense(&data, dim).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(
+            batch_topk_using(BatchPath::Bf16Rescore, m, m, 1, &mut out),
+            Err(KernelError::PathUnavailable {
+                path: "bf16-rescore"
+            })
+        );
     }
 
     #[test]

@@ -105,6 +105,13 @@ pub enum KernelError {
         reason: String,
     },
 
+    /// A kernel path was requested that this CPU or shape cannot run.
+    #[error("the {path} path is not available on this CPU for this shape")]
+    PathUnavailable {
+        /// Name of the requested path.
+        path: &'static str,
+    },
+
     /// A thread pool could not be created.
     #[error("could not build a thread pool with {threads} threads: {reason}")]
     ThreadPool {

@@ -10,7 +10,7 @@
 //! | [`dot`] | one pair of vectors | latency |
 //! | [`scan_topk`] / [`par_scan_topk`] | one query over the whole table | memory bandwidth |
 //! | [`score_candidates`] / [`candidates_topk`] | one query over a candidate list | memory latency |
-//! | [`batch_topk`] | many queries over the whole table | compute (faer GEMM) |
+//! | [`batch_topk`] | many queries over the whole table | compute (AVX-512 BF16 with exact rescoring, else faer GEMM) |
 //!
 //! [`scalar`] holds the specification of each kernel, written for clarity; every fast
 //! variant is private beside the public entry point and is property-tested against it.
@@ -21,7 +21,9 @@
 //! +0.0) with ties broken by row index ascending, in every path ([`ScoredItem::rank_cmp`]). The scan, parallel scan and candidate kernels share one
 //! per-row arithmetic recipe, so they return identical scores bit for bit (and the parallel
 //! scan returns exactly what the single-threaded scan returns, whatever the thread count). The
-//! batched kernel sums in GEMM order, so its scores can differ in the last bits.
+//! batched kernel returns the same on CPUs with AVX-512 BF16 (its bf16 pass only prunes; every
+//! kept row is rescored with the scan's recipe); its faer fallback sums in GEMM order, so those
+//! scores can differ in the last bits ([`batch_path`] says which path runs).
 //!
 //! # Allocation and memory
 //!
@@ -54,6 +56,7 @@
 
 mod bandwidth;
 mod batch;
+mod bf16;
 mod candidates;
 mod error;
 mod matrix;
@@ -68,7 +71,7 @@ mod validate;
 mod testutil;
 
 pub use bandwidth::{measure_read_bandwidth_gbps, par_sum, sum};
-pub use batch::batch_topk;
+pub use batch::{BatchPath, batch_path, batch_topk, batch_topk_using};
 pub use candidates::{candidates_topk, score_candidates};
 pub use error::KernelError;
 pub use matrix::{AlignedRows, MAX_ROWS, PagePolicy, ROW_ALIGN_FLOATS, RowMatrix};

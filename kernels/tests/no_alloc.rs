@@ -10,11 +10,24 @@ struct CountingAllocator;
 
 static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
 
+thread_local! {
+    /// Set on the thread under test: only its allocations count (the test harness's own
+    /// threads may allocate at any time, e.g. when a slow test is reported on a busy machine).
+    static COUNTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Counts one allocation if the current thread is the one under test.
+fn count() {
+    if COUNTING.try_with(std::cell::Cell::get).unwrap_or(false) {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 // SAFETY: every method forwards to `System` unchanged, which upholds the `GlobalAlloc`
 // contract; counting has no effect on the memory handed out.
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        count();
         // SAFETY: same contract as the caller's.
         unsafe { System.alloc(layout) }
     }
@@ -25,7 +38,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        count();
         // SAFETY: same contract as the caller's.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -53,6 +66,7 @@ fn warm_single_threaded_kernels_do_not_allocate() {
     candidates_topk(m, &query, &candidates, 50, &mut scratch, &mut top).unwrap();
     score_candidates(m, &query, &candidates, &mut scores).unwrap();
 
+    COUNTING.with(|counting| counting.set(true));
     let before = ALLOCATIONS.load(Ordering::Relaxed);
     for _ in 0..10 {
         scan_topk(m, &query, 50, &mut scratch, &mut top).unwrap();

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use kernels::{
-    AlignedRows, PagePolicy, RowMatrix, ScoredItem, ScoringPool, TopKScratch, batch_topk,
-    candidates_topk, par_scan_topk, par_sum,
+    AlignedRows, BatchPath, PagePolicy, RowMatrix, ScoredItem, ScoringPool, TopKScratch,
+    batch_path, batch_topk, batch_topk_using, candidates_topk, par_scan_topk, par_sum,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -73,7 +73,9 @@ impl Default for BenchKernelArgs {
     }
 }
 
-/// Runs the kernel benchmark and returns `(name, value)` pairs, in this order:
+/// Runs the kernel benchmark and returns `(name, value)` pairs, in the order below. It first
+/// prints `batch_path: NAME` (`bf16-rescore` or `faer`, see `kernels::batch_path`): the path
+/// the batched figures measure.
 ///
 /// - `scan_ms`: one query over the whole table with `par_scan_topk` (best of R).
 /// - `scan_gbps`: table bytes (rows x padded stride x 4) / scan time, in GB/s (1e9 B/s).
@@ -90,6 +92,8 @@ impl Default for BenchKernelArgs {
 /// - `candidates_ns_per_item`: `candidates_topk` over 1000 random distinct rows (fewer if the
 ///   table is smaller), `k = min(K, 100)`, on one thread, in nanoseconds per candidate; every
 ///   request uses a fresh list, so rows come from DRAM as they would in a server.
+/// - `batch_faer_ms` (only when the batched path is not faer): the same batch on the faer
+///   path, for comparison (best of R).
 pub fn run(args: &BenchKernelArgs) -> Result<Vec<(&'static str, f64)>> {
     ensure!(args.rows > 0, "--rows must be positive");
     ensure!(args.dim > 0, "--dim must be positive");
@@ -148,12 +152,30 @@ pub fn run(args: &BenchKernelArgs) -> Result<Vec<(&'static str, f64)>> {
             Ok(())
         },
     )?;
+    let path = batch_path(args.dim);
+    println!("batch_path: {path}");
+    let faer = match path {
+        BatchPath::Faer => None,
+        _ => Some(best_time(args.repeat, || {
+            pool.install(|| {
+                batch_topk_using(
+                    BatchPath::Faer,
+                    table_view,
+                    query_view,
+                    args.k,
+                    &mut answers,
+                )
+            })?;
+            std::hint::black_box(&answers);
+            Ok(())
+        })?),
+    };
     let flops = 2.0 * args.rows as f64 * args.dim as f64 * args.batch as f64;
     let serial = serial_subset.as_secs_f64() / subset as f64 * args.batch as f64;
 
     let candidates_ns = candidates_ns_per_item(args, table_view, query_view, &mut rng)?;
 
-    Ok(vec![
+    let mut figures = vec![
         ("scan_ms", scan.as_secs_f64() * 1e3),
         ("scan_gbps", scan_gbps),
         ("read_gbps", read_gbps),
@@ -162,7 +184,11 @@ pub fn run(args: &BenchKernelArgs) -> Result<Vec<(&'static str, f64)>> {
         ("batch_gflops", flops / batch.as_secs_f64() / 1e9),
         ("batch_speedup_vs_serial", serial / batch.as_secs_f64()),
         ("candidates_ns_per_item", candidates_ns),
-    ])
+    ];
+    if let Some(faer) = faer {
+        figures.push(("batch_faer_ms", faer.as_secs_f64() * 1e3));
+    }
+    Ok(figures)
 }
 
 /// Single-threaded `candidates_topk` over fresh random candidate lists, ns per candidate.
@@ -271,19 +297,20 @@ mod tests {
         };
         let metrics = run(&args).unwrap();
         let names: Vec<&str> = metrics.iter().map(|(name, _)| *name).collect();
-        assert_eq!(
-            names,
-            [
-                "scan_ms",
-                "scan_gbps",
-                "read_gbps",
-                "scan_bandwidth_ratio",
-                "batch_ms",
-                "batch_gflops",
-                "batch_speedup_vs_serial",
-                "candidates_ns_per_item",
-            ]
-        );
+        let mut expected = vec![
+            "scan_ms",
+            "scan_gbps",
+            "read_gbps",
+            "scan_bandwidth_ratio",
+            "batch_ms",
+            "batch_gflops",
+            "batch_speedup_vs_serial",
+            "candidates_ns_per_item",
+        ];
+        if batch_path(args.dim) != BatchPath::Faer {
+            expected.push("batch_faer_ms");
+        }
+        assert_eq!(names, expected);
         for (name, value) in metrics {
             assert!(value.is_finite() && value > 0.0, "{name} = {value}");
         }

@@ -109,6 +109,12 @@ impl Table {
     /// this thread scans the rows). Copies no rows. The map is populated up front
     /// (`MAP_POPULATE` on Linux): the scan touches every page anyway, and one kernel call is
     /// cheaper than a page fault per 64 KiB.
+    ///
+    /// No `madvise` hint is given, on purpose (measured on Linux 6.18, ext4, a 1M x 128 table
+    /// in the page cache): the kernel already maps most of the file with 2 MiB pages
+    /// (`FilePmdMapped` covered 446 of 512 MiB without any hint), and neither
+    /// `MADV_HUGEPAGE`, `MADV_WILLNEED` nor `MADV_RANDOM` changed that or the speed of scans
+    /// and random candidate gathers beyond noise.
     pub fn open(path: &Path) -> Result<Table, StoreError> {
         let file = File::open(path).map_err(|e| StoreError::io(path, "open the table", e))?;
         let file_len = file
