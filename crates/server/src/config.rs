@@ -230,6 +230,11 @@ const KEY_DOCS: &[(&str, &str, &str)] = &[
     ),
     (
         "ranking",
+        "inline_max_candidates",
+        "Longest candidate list ranked on the async worker that received it instead of the compute pool (small lists cost less than the thread hand-off); 0: never.",
+    ),
+    (
+        "ranking",
         "max_batch_requests",
         "Most entries per RankBatch call.",
     ),
