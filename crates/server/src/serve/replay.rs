@@ -105,6 +105,7 @@ impl ReplayStore {
 
     /// The digest of a request's content (its protobuf encoding, which prost writes
     /// deterministically: fields in number order, map entries sorted).
+    #[cfg(test)]
     pub fn digest(&self, request: &impl Message) -> Digest {
         // Encoding into a Vec cannot run out of space.
         self.digest_of(|buffer| {
