@@ -196,7 +196,7 @@ fn unknown_and_duplicate_candidates_are_listed_up_to_five_with_the_total() {
     let fixture = fixture();
     let mut request = base();
     request.candidate_ids = (0..8).map(|i| format!("missing-{i}")).collect();
-    request.candidate_ids.push("item-001".into());
+    request.candidate_ids.push("item-001");
     let error = fixture.engine.rank_blocking(request).unwrap_err();
     assert!(
         matches!(
