@@ -40,6 +40,7 @@ fn sample_request() -> RankRequest {
             group_attribute: "provider_group".into(),
             exposure_scope: "home".into(),
             on_infeasible: InfeasibleAction::Reject as i32,
+            seed: Some(7),
         }),
         privacy: Some(PrivacyPolicy {
             mechanism: PrivacyMechanism::GumbelTopK as i32,

@@ -25,6 +25,9 @@ pub struct EngineConfig {
     pub default_pool: usize,
     /// Most candidate ids one request may list (default 100 000).
     pub max_candidates: usize,
+    /// Longest candidate list that [`Engine::submit_small_inline`](crate::Engine::submit_small_inline)
+    /// ranks on the calling thread instead of a rayon worker (default 2048; 0: never).
+    pub inline_max_candidates: usize,
     /// Most entries of one [`Engine::rank_batch`](crate::Engine::rank_batch) call
     /// (default 1024).
     pub max_batch_requests: usize,
@@ -69,6 +72,7 @@ impl Default for EngineConfig {
             max_pool: 10_000,
             default_pool: 100,
             max_candidates: 100_000,
+            inline_max_candidates: 2048,
             max_batch_requests: 1024,
             batch_max_wait: Duration::from_millis(1),
             batch_max_queries: 64,

@@ -260,6 +260,30 @@ impl Engine {
         spawn_contained(move || inner.run(request, completion, received));
     }
 
+    /// [`Engine::submit`], except that a small request runs on the calling thread before
+    /// this returns: one that lists at most
+    /// [`inline_max_candidates`](EngineConfig::inline_max_candidates) candidate ids, or a
+    /// whole-catalog request, whose scan still goes to the micro-batcher (only validation
+    /// and the hand-off run here; a non-personalized answer copies the prior order).
+    ///
+    /// A small candidate list costs tens of microseconds on the caller's thread, less than
+    /// handing it to a rayon worker and back (two cross-thread wake-ups), so an async
+    /// server may call this from its worker threads; longer lists go to rayon as with
+    /// `submit`. `done` is still called exactly once (on this thread for an inline request),
+    /// and a panic inside is contained the same way.
+    pub fn submit_small_inline(&self, request: RankRequest, done: RankCallback) {
+        let limit = self.inner.config.inline_max_candidates;
+        if limit == 0 || request.candidate_ids.len() > limit {
+            return self.submit(request, done);
+        }
+        let received = Instant::now();
+        let completion = Completion::new(done, InFlight::new(&self.inner.in_flight, 1));
+        let inner = Arc::clone(&self.inner);
+        let _ = catch_unwind(AssertUnwindSafe(move || {
+            inner.run(request, completion, received);
+        }));
+    }
+
     /// Ranks and waits for the answer (for tests, the CLI and benchmarks).
     ///
     /// Called from a rayon worker thread, it runs the whole request inline on that thread

@@ -73,6 +73,7 @@
 //! ```
 
 pub mod batcher;
+mod candidate_ids;
 mod config;
 mod engine;
 mod error;
@@ -90,6 +91,7 @@ mod validate;
 mod tests;
 
 pub use batcher::BatcherStatus;
+pub use candidate_ids::{CandidateIds, Iter as CandidateIdsIter};
 pub use config::{CONSTRAINT_NONE, EngineConfig};
 pub use engine::{BatchCallback, Callback, Engine, EngineStatus, PauseChange, RankCallback};
 pub use error::{

@@ -7,6 +7,8 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use crate::candidate_ids::CandidateIds;
+
 /// One ranking request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RankRequest {
@@ -18,7 +20,7 @@ pub struct RankRequest {
     /// of returning `NotFound`.
     pub fallback_for_unknown_user: bool,
     /// Item ids to rank; empty means the whole catalog.
-    pub candidate_ids: Vec<String>,
+    pub candidate_ids: CandidateIds,
     /// Skip candidate ids that are not in the item table (listed in the response) instead
     /// of returning `NotFound`.
     pub skip_unknown_candidates: bool,
@@ -47,7 +49,7 @@ impl RankRequest {
             request_id: request_id.into(),
             user,
             fallback_for_unknown_user: false,
-            candidate_ids: Vec::new(),
+            candidate_ids: CandidateIds::new(),
             skip_unknown_candidates: false,
             k,
             pool_size: None,

@@ -1,8 +1,13 @@
 //! Request validation: one check per field, each refusal naming the field's proto path.
 
+use std::cell::RefCell;
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use store::Table;
+
+use crate::candidate_ids::CandidateIds;
 
 use crate::config::{CONSTRAINT_NONE, EngineConfig};
 use crate::error::{EngineError, InvalidReason, NotFoundReason, PreconditionReason};
@@ -306,7 +311,7 @@ pub(crate) struct Candidates {
 /// Resolves candidate ids to rows. Refuses too many ids, duplicates (naming up to five and
 /// the total) and, unless `skip_unknown`, unknown ids (likewise).
 pub(crate) fn candidates(
-    ids: &[String],
+    ids: &CandidateIds,
     skip_unknown: bool,
     items: &Table,
     max_candidates: usize,
@@ -318,33 +323,69 @@ pub(crate) fn candidates(
             format!("{} ids exceed the limit of {max_candidates}", ids.len()),
         ));
     }
+    CANDIDATE_SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut scratch) => resolve_candidates(ids, skip_unknown, items, &mut scratch),
+        Err(_) => resolve_candidates(ids, skip_unknown, items, &mut CandidateScratch::new()),
+    })
+}
+
+thread_local! {
+    /// Per-thread scratch of [`candidates`], reused across requests.
+    static CANDIDATE_SCRATCH: RefCell<CandidateScratch> = RefCell::new(CandidateScratch::new());
+}
+
+/// Reusable buffers of candidate resolution: the id lookups and the set of rows seen.
+struct CandidateScratch {
+    lookups: Vec<Option<u32>>,
+    seen: RowSet,
+}
+
+impl CandidateScratch {
+    fn new() -> CandidateScratch {
+        CandidateScratch {
+            lookups: Vec::new(),
+            seen: RowSet::new(),
+        }
+    }
+}
+
+/// Largest scratch (lookups, or row-set slots) a thread keeps between requests.
+const MAX_KEPT_SCRATCH: usize = 1 << 20;
+
+fn resolve_candidates(
+    ids: &CandidateIds,
+    skip_unknown: bool,
+    items: &Table,
+    scratch: &mut CandidateScratch,
+) -> Result<Candidates, EngineError> {
+    const FIELD: &str = "candidate_ids";
+    let lookups = &mut scratch.lookups;
+    lookups.clear();
+    items.index_of_many(ids.iter(), lookups);
+    // Each row has one id, so a repeated known id is a repeated row: one pass over a small
+    // hash set of rows, in request order, finds every occurrence after an id's first.
+    let seen = &mut scratch.seen;
+    seen.clear_for(ids.len());
     let mut rows = Vec::with_capacity(ids.len());
-    // Known ids as (row << 32 | position), unknown ids by position.
-    let mut known = Vec::with_capacity(ids.len());
+    let mut duplicates = Vec::new();
     let mut unknown = Vec::new();
-    for (position, id) in ids.iter().enumerate() {
-        match items.index_of(id) {
-            Some(row) => {
-                rows.push(row);
-                known.push((u64::from(row) << 32) | position as u64);
-            }
+    for (position, lookup) in lookups.iter().enumerate() {
+        match *lookup {
+            Some(row) if seen.insert(row) => rows.push(row),
+            Some(_) => duplicates.push(position),
             None => unknown.push(position),
         }
     }
-
-    // Duplicates: every occurrence after an id's first, in request order.
-    let mut duplicates = Vec::new();
-    known.sort_unstable();
-    for pair in known.windows(2) {
-        if pair[0] >> 32 == pair[1] >> 32 {
-            duplicates.push((pair[1] & 0xffff_ffff) as usize);
-        }
+    if lookups.capacity() > MAX_KEPT_SCRATCH {
+        *lookups = Vec::new();
     }
+    seen.shrink_if_above(MAX_KEPT_SCRATCH);
+
     if unknown.len() > 1 {
         let mut by_id = unknown.clone();
-        by_id.sort_by(|&a, &b| ids[a].cmp(&ids[b]).then(a.cmp(&b)));
+        by_id.sort_by(|&a, &b| ids.get(a).cmp(&ids.get(b)).then(a.cmp(&b)));
         for pair in by_id.windows(2) {
-            if ids[pair[0]] == ids[pair[1]] {
+            if ids.get(pair[0]) == ids.get(pair[1]) {
                 duplicates.push(pair[1]);
             }
         }
@@ -375,9 +416,67 @@ pub(crate) fn candidates(
     }
     let skipped = unknown
         .iter()
-        .map(|&position| ids[position].clone())
+        .filter_map(|&position| ids.get(position).map(str::to_owned))
         .collect();
     Ok(Candidates { rows, skipped })
+}
+
+/// A set of row indices for duplicate detection: open addressing with linear probing over
+/// at least twice as many slots as rows inserted, each slot `row + 1` (0: empty). The slot
+/// of a row comes from a multiplicative hash of the row XOR a per-thread random key, so
+/// request authors (who may know row numbers) cannot line rows up into one long probe chain.
+struct RowSet {
+    slots: Vec<u32>,
+    /// `64 - log2(slots.len())`.
+    shift: u32,
+    key: u64,
+}
+
+impl RowSet {
+    fn new() -> RowSet {
+        RowSet {
+            slots: Vec::new(),
+            shift: 64,
+            key: RandomState::new().hash_one(0x726f_7773_6574_u64),
+        }
+    }
+
+    /// Empties the set and sizes it for `rows` insertions.
+    fn clear_for(&mut self, rows: usize) {
+        let capacity = rows.saturating_mul(2).next_power_of_two().max(16);
+        self.slots.clear();
+        self.slots.resize(capacity, 0);
+        self.shift = 64 - capacity.trailing_zeros();
+    }
+
+    /// Inserts `row`; false if it was already in the set.
+    fn insert(&mut self, row: u32) -> bool {
+        let mask = self.slots.len().wrapping_sub(1);
+        let mut position = (((u64::from(row) ^ self.key).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            .checked_shr(self.shift)
+            .unwrap_or(0)) as usize;
+        let stored = row.wrapping_add(1);
+        // At most half the slots are ever full, so the probe ends at an empty slot.
+        while let Some(slot) = self.slots.get_mut(position) {
+            if *slot == 0 {
+                *slot = stored;
+                return true;
+            }
+            if *slot == stored {
+                return false;
+            }
+            position = (position + 1) & mask;
+        }
+        // Unreachable for a set sized by `clear_for` (positions stay in range).
+        true
+    }
+
+    fn shrink_if_above(&mut self, slots: usize) {
+        if self.slots.capacity() > slots {
+            self.slots = Vec::new();
+            self.shift = 64;
+        }
+    }
 }
 
 fn plural<'a>(count: usize, one: &'a str, many: &'a str) -> &'a str {
@@ -385,11 +484,16 @@ fn plural<'a>(count: usize, one: &'a str, many: &'a str) -> &'a str {
 }
 
 /// Up to [`LISTED_IDS`] ids at `positions`, quoted, with "and N more" for the rest.
-fn list_ids(ids: &[String], positions: &[usize]) -> String {
+fn list_ids(ids: &CandidateIds, positions: &[usize]) -> String {
     let mut listed: Vec<String> = positions
         .iter()
         .take(LISTED_IDS)
-        .map(|&position| format!("{:?} at position {position}", ids[position]))
+        .map(|&position| {
+            format!(
+                "{:?} at position {position}",
+                ids.get(position).unwrap_or_default()
+            )
+        })
         .collect();
     if positions.len() > LISTED_IDS {
         listed.push(format!("and {} more", positions.len() - LISTED_IDS));
@@ -489,8 +593,26 @@ mod tests {
     }
 
     #[test]
+    fn the_row_set_reports_exactly_the_repeats() {
+        let mut set = RowSet::new();
+        let mut reference = std::collections::HashSet::new();
+        for round in 0..3_u32 {
+            set.clear_for(500);
+            reference.clear();
+            // Rows with many repeats and far apart values, in a scrambled order.
+            for step in 0..500_u32 {
+                let row = (step.wrapping_mul(7919) + round) % 331 * 1_000_003 % (1 << 31);
+                assert_eq!(set.insert(row), reference.insert(row), "row {row}");
+            }
+        }
+        // Reused with a smaller size, it starts empty.
+        set.clear_for(2);
+        assert!(set.insert(5) && set.insert(6) && !set.insert(5));
+    }
+
+    #[test]
     fn id_lists_are_capped_at_five() {
-        let ids: Vec<String> = (0..8).map(|i| format!("id{i}")).collect();
+        let ids: CandidateIds = (0..8).map(|i| format!("id{i}")).collect();
         let positions: Vec<usize> = (0..8).collect();
         let listed = list_ids(&ids, &positions);
         assert!(listed.contains("\"id4\""));

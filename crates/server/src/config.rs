@@ -74,6 +74,26 @@ pub struct LedgerConfig {
     pub secret_file: Option<PathBuf>,
     /// Most charges committed by one group commit (default 1024).
     pub max_batch: usize,
+    /// How charges reach the disk (default `leased`): `leased` reserves each user's budget
+    /// durably in blocks (one fsync per block; a crash wastes the unused rest of a block,
+    /// never refunds it) and writes stored answers in the background; `per-charge` fsyncs
+    /// every charge with its answer before release (group commit), so even a retry right
+    /// after a crash replays the same answer, at milliseconds per charge on slow disks.
+    pub commit: LedgerCommit,
+    /// Charges one leased block covers (default 8; `commit = "leased"` only): a crash
+    /// wastes at most this many charges of each active user's budget.
+    pub lease_charges: u64,
+}
+
+/// `ledger.commit`: when a charge becomes durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LedgerCommit {
+    /// Budget reserved durably in blocks; answers written in the background.
+    #[default]
+    Leased,
+    /// Every charge and its answer fsynced before release.
+    PerCharge,
 }
 
 impl Default for LedgerConfig {
@@ -83,6 +103,8 @@ impl Default for LedgerConfig {
             secret_env: "FAIRRANK_PSEUDONYM_SECRET".to_owned(),
             secret_file: None,
             max_batch: 1024,
+            commit: LedgerCommit::Leased,
+            lease_charges: 8,
         }
     }
 }
@@ -289,6 +311,11 @@ const KEY_DOCS: &[(&str, &str, &str)] = &[
     ),
     (
         "ranking",
+        "inline_max_candidates",
+        "Longest candidate list ranked on the async worker that received it instead of the compute pool (small lists cost less than the thread hand-off); 0: never.",
+    ),
+    (
+        "ranking",
         "max_batch_requests",
         "Most entries per RankBatch call.",
     ),
@@ -437,6 +464,16 @@ const KEY_DOCS: &[(&str, &str, &str)] = &[
         "max_batch",
         "Most charges committed by one group commit.",
     ),
+    (
+        "ledger",
+        "commit",
+        "\"leased\" (budget reserved durably in blocks; a crash wastes, never refunds) or \"per-charge\" (every charge fsynced before release).",
+    ),
+    (
+        "ledger",
+        "lease_charges",
+        "Charges one leased block covers (commit = \"leased\").",
+    ),
 ];
 
 /// Section order and headers of the documented rendering.
@@ -508,6 +545,9 @@ impl Config {
         self.privacy.validate().context("privacy")?;
         if self.ledger.max_batch == 0 {
             bail!("ledger.max_batch must be at least 1");
+        }
+        if self.ledger.lease_charges == 0 {
+            bail!("ledger.lease_charges must be at least 1");
         }
         Ok(())
     }

@@ -14,8 +14,12 @@ use tonic::Code;
 const SECRET: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 
 fn config(ledger: &std::path::Path, cap: f64) -> String {
+    config_with_commit(ledger, cap, "per-charge")
+}
+
+fn config_with_commit(ledger: &std::path::Path, cap: f64, commit: &str) -> String {
     format!(
-        "[privacy]\nsubject_rho_cap = {cap}\n\n[ledger]\npath = {:?}\n",
+        "[privacy]\nsubject_rho_cap = {cap}\n\n[ledger]\npath = {:?}\ncommit = {commit:?}\n",
         ledger.display().to_string()
     )
 }
@@ -181,4 +185,49 @@ async fn the_ledger_survives_a_kill_and_replays_after_restart() {
         (remaining - (1.0 - 2.0 * CHARGE)).abs() < 1e-6,
         "the first charge survived the kill: {remaining}"
     );
+}
+
+/// With leased budget blocks (the default), a kill wastes the unused rest of the user's
+/// block but never loses a released answer's charge: after the restart the user has at most
+/// the cap minus what was released left, and the first answer is either replayed (its
+/// record was written) or charged again (never free).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leased_ledger_never_refunds_a_released_charge_after_a_kill() {
+    let tables = tables(44);
+    let ledger = tables.dir.path().join("ledger.redb");
+    let cap = 2.0;
+    let config = config_with_commit(&ledger, cap, "leased");
+    let user = tables.data.users.ids[6].clone();
+    let mut server = Server::start(&tables, Some(&config), &env());
+    let released = {
+        let mut ranker = server.ranker().await;
+        let mut charged = 0.0;
+        for attempt in 0..3 {
+            let answer = ranker
+                .rank(dp_request(&format!("leased-{attempt}"), &user))
+                .await
+                .expect("ranks")
+                .into_inner();
+            charged += report(&answer).rho_charged;
+        }
+        charged
+    };
+    assert!((released - 3.0 * CHARGE).abs() < 1e-6, "{released}");
+    server.signal("KILL");
+    server.wait(CALL_TIMEOUT);
+
+    let server = Server::start(&tables, Some(&config), &env());
+    let mut ranker = server.ranker().await;
+    match ranker.rank(dp_request("leased-after", &user)).await {
+        Ok(answer) => {
+            let answer = answer.into_inner();
+            let remaining = report(&answer).rho_remaining.expect("remaining");
+            assert!(
+                remaining <= cap - released - CHARGE + 1e-6,
+                "a released charge was refunded: {remaining} left of {cap}"
+            );
+        }
+        // The whole rest of the window's budget may have been leased and wasted.
+        Err(status) => assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}"),
+    }
 }

@@ -60,10 +60,22 @@ fn ledger_show(ledger: &std::path::Path, user: &str) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_released_charge_is_lost_when_the_server_is_killed_mid_load() {
+    crash_under_load("per-charge").await;
+}
+
+/// Leased blocks: the ledger's spent covers every released answer (the per-answer records
+/// are written in the background, so only the spent is checked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_released_charge_is_lost_with_leased_blocks() {
+    crash_under_load("leased").await;
+}
+
+async fn crash_under_load(commit: &str) {
+    let exact_records = commit == "per-charge";
     let tables = tables(47);
     let ledger = tables.dir.path().join("ledger.redb");
     let config = format!(
-        "[privacy]\nsubject_rho_cap = 1000000.0\n\n[ledger]\npath = {:?}\n",
+        "[privacy]\nsubject_rho_cap = 1000000.0\n\n[ledger]\npath = {:?}\ncommit = {commit:?}\n",
         ledger.display().to_string()
     );
     let env = [("FAIRRANK_PSEUDONYM_SECRET", SECRET)];
@@ -137,7 +149,7 @@ async fn no_released_charge_is_lost_when_the_server_is_killed_mid_load() {
         let spent = shown["rho_spent"].as_f64().expect("rho_spent");
         let charges = shown["charges"].as_u64().expect("charges") as usize;
         assert!(
-            spent + 1e-6 >= *rho && charges >= *answers,
+            spent + 1e-6 >= *rho && (!exact_records || charges >= *answers),
             "user {user}: clients received {answers} answers costing {rho}, the ledger has \
              {charges} charges totalling {spent}"
         );
@@ -152,7 +164,12 @@ async fn no_released_charge_is_lost_when_the_server_is_killed_mid_load() {
         wasted
     );
 
-    // After a restart, every released request id replays its stored answer.
+    // After a restart, every released request id replays its stored answer (per-charge
+    // commits; leased blocks write answers in the background, so a retry of an answer
+    // released just before the kill may be charged anew: never free).
+    if !exact_records {
+        return;
+    }
     let server = Server::start(&tables, Some(&config), &env);
     let mut ranker = server.ranker().await;
     for answer in released.iter().step_by(7) {

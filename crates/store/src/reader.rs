@@ -353,6 +353,32 @@ impl Table {
         })
     }
 
+    /// The rows of many item ids at once, appended to `out` in order (`None`: not in the
+    /// table). Same answers as [`Table::index_of`] per id, several times faster for long
+    /// lists: the lookups' cache misses overlap (see `IdIndex::get_many`).
+    pub fn index_of_many<'k>(
+        &self,
+        ids: impl IntoIterator<Item = &'k str>,
+        out: &mut Vec<Option<u32>>,
+    ) {
+        let offsets = self.id_offsets();
+        let bytes = self
+            .map
+            .get(self.layout.section(SectionKind::IdBytes))
+            .unwrap_or(&[]);
+        self.id_index.get_many(
+            ids.into_iter().map(str::as_bytes),
+            |row| strings::entry(offsets, bytes, row).unwrap_or(&[]),
+            |row| crate::id_index::prefetch(offsets, row),
+            |row| {
+                if let Some(&start) = offsets.get(row) {
+                    crate::id_index::prefetch(bytes, usize::try_from(start).unwrap_or(usize::MAX));
+                }
+            },
+            out,
+        );
+    }
+
     /// Names of the group attributes, in file order.
     pub fn group_attribute_names(&self) -> &[String] {
         &self.group_attribute_names

@@ -184,7 +184,7 @@ fn infeasible_pools_follow_the_requested_action() {
     };
     let ask = |action| {
         let mut request = request("infeasible", "user-1", 8, 13, greedy(action));
-        request.candidate_ids = candidates.clone();
+        request.candidate_ids = candidates.clone().into();
         fixture.engine.rank_blocking(request)
     };
 

@@ -230,7 +230,7 @@ fn a_request_in_flight_finishes_on_the_table_it_started_with() {
         vec!["item-001".to_owned(), "item-002".to_owned()],
     ] {
         let mut old_request = request("in-flight");
-        old_request.candidate_ids = candidates.clone();
+        old_request.candidate_ids = candidates.clone().into();
         let expected = fixture
             .engine
             .rank_blocking(old_request.clone())
@@ -250,7 +250,7 @@ fn a_request_in_flight_finishes_on_the_table_it_started_with() {
         assert_eq!(ids_scores(&finished), ids_scores(&expected));
 
         let mut new_request = request("new");
-        new_request.candidate_ids = candidates;
+        new_request.candidate_ids = candidates.into();
         let fresh = fixture.engine.rank_blocking(new_request).expect("ranks");
         assert_eq!(fresh.items_table, outcome.table.version);
         // Put the original content back for the next round.

@@ -89,12 +89,9 @@ fn candidate_lists_equal_brute_force_over_the_candidates() {
 fn unknown_candidates_can_be_skipped() {
     let fixture = fixture();
     let mut request = RankRequest::new("skip", UserRef::id("user-1"), 5);
-    request.candidate_ids = vec![
-        "item-007".into(),
-        "nope".into(),
-        "item-003".into(),
-        "gone".into(),
-    ];
+    request.candidate_ids = ["item-007", "nope", "item-003", "gone"]
+        .into_iter()
+        .collect();
     request.skip_unknown_candidates = true;
     let response = fixture.engine.rank_blocking(request).expect("ranks");
     assert_eq!(
@@ -203,8 +200,8 @@ fn consent_denied_on_candidates_ranks_them_by_prior() {
     let mut request = RankRequest::new("optout-c", UserRef::id("user-0"), 3);
     request.consent = Consent::personalization(ConsentDecision::Denied);
     request.candidate_ids = ["item-010", "item-001", "item-011", "item-002"]
-        .map(String::from)
-        .to_vec();
+        .into_iter()
+        .collect();
     let response = fixture.engine.rank_blocking(request).expect("ranks");
     let prior = fixture.items.prior.as_ref().expect("prior");
     let mut expected = [10usize, 1, 11, 2];
@@ -299,9 +296,7 @@ fn without_a_prior_non_personalized_answers_use_row_order_and_say_so() {
 
     let mut candidates = RankRequest::new("noprior-c", UserRef::id("user-1"), 2);
     candidates.consent = Consent::personalization(ConsentDecision::Denied);
-    candidates.candidate_ids = ["item-009", "item-004", "item-006"]
-        .map(String::from)
-        .to_vec();
+    candidates.candidate_ids = ["item-009", "item-004", "item-006"].into_iter().collect();
     let response = fixture.engine.rank_blocking(candidates).expect("ranks");
     assert_eq!(ids(&response), ["item-004", "item-006"]);
 }
@@ -426,7 +421,7 @@ fn passed_deadlines_are_refused() {
     for candidates in [Vec::new(), vec!["item-001".to_owned()]] {
         let mut request = RankRequest::new("late", UserRef::id("user-1"), 5);
         request.deadline = Some(Instant::now());
-        request.candidate_ids = candidates;
+        request.candidate_ids = candidates.into();
         assert_eq!(
             fixture.engine.rank_blocking(request).unwrap_err(),
             EngineError::DeadlineExceeded {

@@ -229,7 +229,7 @@ fn unknown_and_duplicate_candidates_are_listed_up_to_five_with_the_total() {
     let fixture = fixture();
     let mut request = base();
     request.candidate_ids = (0..8).map(|i| format!("missing-{i}")).collect();
-    request.candidate_ids.push("item-001".into());
+    request.candidate_ids.push("item-001");
     let error = fixture.engine.rank_blocking(request).unwrap_err();
     assert!(
         matches!(
@@ -256,8 +256,8 @@ fn unknown_and_duplicate_candidates_are_listed_up_to_five_with_the_total() {
     request.candidate_ids = [
         "item-001", "item-002", "item-001", "item-003", "item-002", "item-001",
     ]
-    .map(String::from)
-    .to_vec();
+    .into_iter()
+    .collect();
     let error = fixture.engine.rank_blocking(request).unwrap_err();
     assert_eq!(error.field(), Some("candidate_ids"));
     assert_eq!(kind(&error), "invalid");
@@ -267,7 +267,7 @@ fn unknown_and_duplicate_candidates_are_listed_up_to_five_with_the_total() {
 
     // Duplicates among unknown ids are duplicates too, even when unknown ids are skipped.
     let mut request = base();
-    request.candidate_ids = ["ghost", "item-001", "ghost"].map(String::from).to_vec();
+    request.candidate_ids = ["ghost", "item-001", "ghost"].into_iter().collect();
     request.skip_unknown_candidates = true;
     let error = fixture.engine.rank_blocking(request).unwrap_err();
     assert!(error.to_string().contains("1 duplicate entry"), "{error}");
@@ -315,7 +315,7 @@ fn k_above_the_catalog_returns_what_exists() {
     let fixture = fixture();
     let mut request = base();
     request.k = 1000;
-    request.candidate_ids = vec!["item-005".into(), "item-006".into()];
+    request.candidate_ids = ["item-005", "item-006"].into_iter().collect();
     let response = fixture.engine.rank_blocking(request).expect("ranks");
     assert_eq!(response.items.len(), 2);
     assert_eq!(response.pool_size, 2);

@@ -12,9 +12,12 @@ use tonic::Status;
 
 use super::errors;
 
-/// The engine request of a `RankRequest`, with its deadline.
+/// The engine request of a `RankRequest`, with its deadline. The candidate ids come
+/// separately (the request's own `candidate_ids` are ignored; the Rank route decodes them
+/// into one buffer).
 pub fn rank_request(
     request: pb::RankRequest,
+    candidate_ids: engine::CandidateIds,
     deadline: Option<Instant>,
 ) -> Result<engine::RankRequest, Status> {
     let user = match request.user {
@@ -38,7 +41,7 @@ pub fn rank_request(
         request_id: request.request_id,
         user,
         fallback_for_unknown_user: request.fallback_for_unknown_user,
-        candidate_ids: request.candidate_ids,
+        candidate_ids,
         skip_unknown_candidates: request.skip_unknown_candidates,
         k: request.k as usize,
         pool_size: request.pool_size.map(|pool| pool as usize),
@@ -479,7 +482,7 @@ mod tests {
 
     #[test]
     fn a_request_without_user_names_the_oneof() {
-        let status = rank_request(request(None), None).unwrap_err();
+        let status = rank_request(request(None), engine::CandidateIds::new(), None).unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert_eq!(error_field(&status), Some("user"));
     }
@@ -491,7 +494,6 @@ mod tests {
             subject_id: "s".into(),
         })));
         wire.pool_size = Some(9);
-        wire.candidate_ids = vec!["a".into(), "b".into()];
         wire.explain = Some(pb::ExplainOptions {
             level: 99, // unknown: reads as unspecified
             max_dimensions: 4,
@@ -505,7 +507,8 @@ mod tests {
             delta: Some(1e-6),
             ..Default::default()
         });
-        let native = rank_request(wire, None).unwrap();
+        let candidates = vec!["a".to_owned(), "b".to_owned()].into();
+        let native = rank_request(wire, candidates, None).unwrap();
         assert_eq!(
             native.user,
             engine::UserRef::Inline {

@@ -11,6 +11,7 @@ mod deadline;
 mod echo;
 mod errors;
 pub mod privacy;
+mod rank_route;
 mod ranker;
 mod replay;
 
@@ -25,7 +26,6 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context;
 use api::fairrank::bench::v1::echo_server::EchoServer;
 use api::fairrank::v1::admin_server::AdminServer;
-use api::fairrank::v1::ranker_server::RankerServer;
 use engine::{Engine, TableKind};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -459,9 +459,8 @@ async fn serve(config: Config, engine: Engine, reload_dirs: ReloadDirs) -> anyho
     );
 
     let max_message = server_config.max_message_bytes;
-    let ranker = RankerServer::new(ranker::RankerService::new(Arc::clone(&shared)))
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
+    let ranker =
+        rank_route::RankerRoutes::new(ranker::RankerService::new(Arc::clone(&shared)), max_message);
     let admin = AdminServer::new(admin::AdminService::new(Arc::clone(&shared)))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);

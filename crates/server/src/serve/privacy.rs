@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use engine::{PrivacySetup, StateLedger};
-use state::{BudgetLedger, InMemoryLedger, LedgerOptions, PseudonymKey, StateDatabase};
+use state::{
+    BudgetLedger, InMemoryLedger, LeaseOptions, LedgerOptions, PseudonymKey, StateDatabase,
+};
 
-use crate::config::Config;
+use crate::config::{Config, LedgerCommit};
 
 /// The pseudonym key: from the configured environment variable, else the secret file
 /// (created with a fresh OS-random secret on first use).
@@ -60,10 +62,23 @@ fn ledger_options(config: &Config) -> LedgerOptions {
 pub fn open_durable(config: &Config, path: &Path) -> anyhow::Result<Arc<dyn BudgetLedger>> {
     let database = StateDatabase::open(path)
         .with_context(|| format!("opening the privacy ledger {}", path.display()))?;
-    let ledger = database
-        .ledger(ledger_options(config))
-        .with_context(|| format!("starting the privacy ledger {}", path.display()))?;
-    Ok(Arc::new(ledger))
+    let starting = || format!("starting the privacy ledger {}", path.display());
+    Ok(match config.ledger.commit {
+        LedgerCommit::PerCharge => Arc::new(
+            database
+                .ledger(ledger_options(config))
+                .with_context(starting)?,
+        ),
+        LedgerCommit::Leased => Arc::new(
+            database
+                .leased_ledger(LeaseOptions {
+                    lease_charges: config.ledger.lease_charges,
+                    store: ledger_options(config),
+                    ..LeaseOptions::default()
+                })
+                .with_context(starting)?,
+        ),
+    })
 }
 
 /// The engine's privacy setup: configuration and ledger (durable at `ledger.path`; in

@@ -12,9 +12,11 @@ use std::time::Instant;
 
 use api::fairrank::v1 as pb;
 use api::fairrank::v1::rank_batch_result::Outcome;
+use engine::CandidateIds;
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
+use super::rank_route::WireRankRequest;
 use super::replay::{Begin, Ticket};
 use super::{Shared, convert, deadline, errors};
 use crate::metrics::{Metrics, Stage};
@@ -39,25 +41,12 @@ impl pb::ranker_server::Ranker for RankerService {
         request: Request<pb::RankRequest>,
     ) -> Result<Response<pb::RankResponse>, Status> {
         let started = Instant::now();
-        let user = user_tag(&self.shared, request.get_ref());
-        let request_id = request.get_ref().request_id.clone();
-        let result = self.rank_one(request, started).await;
-        let metrics = &self.shared.metrics;
-        match &result {
-            Ok(response) => metrics.record_answer(response.personalized, response.replayed),
-            Err(_) => {
-                metrics.rank_errors.inc();
-            }
-        }
-        finish_call(
-            metrics,
-            "Rank",
-            result.as_ref().err(),
-            started,
-            &request_id,
-            user.as_deref(),
-        );
-        result.map(Response::new)
+        let deadline = deadline::of(&request, self.shared.default_deadline);
+        let mut message = request.into_inner();
+        let candidate_ids = std::mem::take(&mut message.candidate_ids).into();
+        self.rank_call(message, candidate_ids, deadline, started)
+            .await
+            .map(Response::new)
     }
 
     async fn rank_batch(
@@ -98,18 +87,62 @@ impl pb::ranker_server::Ranker for RankerService {
 }
 
 impl RankerService {
+    /// `Rank` as decoded by the fast route ([`super::rank_route`]).
+    pub(super) async fn rank_wire(
+        &self,
+        request: Request<WireRankRequest>,
+    ) -> Result<Response<pb::RankResponse>, Status> {
+        let started = Instant::now();
+        let deadline = deadline::of(&request, self.shared.default_deadline);
+        let (message, candidate_ids) = request.into_inner().into_parts()?;
+        self.rank_call(message, candidate_ids, deadline, started)
+            .await
+            .map(Response::new)
+    }
+
+    /// One `Rank` call: `message` without its candidate ids, which come separately.
+    async fn rank_call(
+        &self,
+        message: pb::RankRequest,
+        candidate_ids: CandidateIds,
+        deadline: Instant,
+        started: Instant,
+    ) -> Result<pb::RankResponse, Status> {
+        let user = user_tag(&self.shared, &message);
+        let request_id = message.request_id.clone();
+        let result = self
+            .rank_one(message, candidate_ids, deadline, started)
+            .await;
+        let metrics = &self.shared.metrics;
+        match &result {
+            Ok(response) => metrics.record_answer(response.personalized, response.replayed),
+            Err(_) => {
+                metrics.rank_errors.inc();
+            }
+        }
+        finish_call(
+            metrics,
+            "Rank",
+            result.as_ref().err(),
+            started,
+            &request_id,
+            user.as_deref(),
+        );
+        result
+    }
+
     async fn rank_one(
         &self,
-        request: Request<pb::RankRequest>,
+        message: pb::RankRequest,
+        candidate_ids: CandidateIds,
+        deadline: Instant,
         started: Instant,
     ) -> Result<pb::RankResponse, Status> {
         let shared = &self.shared;
         shared.metrics.rank_requests.inc();
-        let deadline = deadline::of(&request, shared.default_deadline);
-        let message = request.into_inner();
-        let digest = shared.replay.digest(&message);
+        let digest = shared.replay.digest_rank(&message, &candidate_ids);
         let request_id = message.request_id.clone();
-        let native = convert::rank_request(message, Some(deadline))?;
+        let native = convert::rank_request(message, candidate_ids, Some(deadline))?;
         let ticket = match shared.replay.begin(&request_id, digest) {
             Begin::Run(ticket) => ticket,
             Begin::Replay(stored) => return Ok(replayed(&stored, started)),
@@ -120,7 +153,7 @@ impl RankerService {
 
         let (sender, receiver) = oneshot::channel();
         let metrics = Arc::clone(&shared.metrics);
-        shared.engine.submit(
+        shared.engine.submit_small_inline(
             native,
             Box::new(move |result| {
                 let outcome = match result {
@@ -170,10 +203,11 @@ impl RankerService {
         let mut positions = Vec::new();
         let mut natives = Vec::new();
         let mut tickets = Vec::new();
-        for (position, entry) in batch.requests.into_iter().enumerate() {
-            let digest = shared.replay.digest(&entry);
+        for (position, mut entry) in batch.requests.into_iter().enumerate() {
+            let candidate_ids = std::mem::take(&mut entry.candidate_ids).into();
+            let digest = shared.replay.digest_rank(&entry, &candidate_ids);
             let request_id = entry.request_id.clone();
-            let native = match convert::rank_request(entry, Some(deadline)) {
+            let native = match convert::rank_request(entry, candidate_ids, Some(deadline)) {
                 Ok(native) => native,
                 Err(status) => {
                     outcomes.push(Some(Outcome::Error(pb::EntryError::from(&status))));

@@ -19,8 +19,12 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use api::fairrank::v1::RankResponse;
+use api::fairrank::v1::{RankRequest, RankResponse};
+use engine::CandidateIds;
 use prost::Message;
+
+/// Field number of `fairrank.v1.RankRequest.candidate_ids`.
+const CANDIDATE_IDS_FIELD: u32 = 10;
 
 /// Largest encoding buffer a thread keeps between digests.
 const MAX_KEPT_BUFFER_BYTES: usize = 1 << 20;
@@ -101,12 +105,40 @@ impl ReplayStore {
 
     /// The digest of a request's content (its protobuf encoding, which prost writes
     /// deterministically: fields in number order, map entries sorted).
+    #[cfg(test)]
     pub fn digest(&self, request: &impl Message) -> Digest {
+        // Encoding into a Vec cannot run out of space.
+        self.digest_of(|buffer| {
+            let _ = request.encode(buffer);
+        })
+    }
+
+    /// The digest of a Rank request whose candidate ids travel separately (the request's
+    /// own `candidate_ids` are empty): its encoding followed by the ids as `candidate_ids`
+    /// entries, which is a valid encoding of the whole request with the ids moved last (so
+    /// equal content gives equal digests, and different content different encodings).
+    pub fn digest_rank(&self, request: &RankRequest, candidate_ids: &CandidateIds) -> Digest {
+        self.digest_of(|buffer| {
+            let _ = request.encode(buffer);
+            buffer.reserve(candidate_ids.text_len() + 2 * candidate_ids.len());
+            for id in candidate_ids {
+                prost::encoding::encode_key(
+                    CANDIDATE_IDS_FIELD,
+                    prost::encoding::WireType::LengthDelimited,
+                    buffer,
+                );
+                prost::encoding::encode_varint(id.len() as u64, buffer);
+                buffer.extend_from_slice(id.as_bytes());
+            }
+        })
+    }
+
+    /// The digest of the bytes `encode` writes into a reused buffer.
+    fn digest_of(&self, encode: impl FnOnce(&mut Vec<u8>)) -> Digest {
         ENCODE_BUFFER.with(|buffer| {
             let mut buffer = buffer.borrow_mut();
             buffer.clear();
-            // Encoding into a Vec cannot run out of space.
-            let _ = request.encode(&mut *buffer);
+            encode(&mut buffer);
             let mut first = self.keys.0.build_hasher();
             let mut second = self.keys.1.build_hasher();
             first.write(&buffer);
@@ -285,7 +317,7 @@ impl Drop for Ticket {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use api::fairrank::v1::{RankRequest, RankedItem};
+    use api::fairrank::v1::RankedItem;
 
     fn request(id: &str, k: u32) -> RankRequest {
         RankRequest {
@@ -293,6 +325,30 @@ mod tests {
             k,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn rank_digests_cover_the_separate_candidate_ids() {
+        let store = ReplayStore::new(Duration::from_secs(60), 10, 1 << 20);
+        let ids = |list: &[&str]| CandidateIds::from(list);
+        let digest = store.digest_rank(&request("r-1", 5), &ids(&["a", "bc"]));
+        assert_eq!(
+            digest,
+            store.digest_rank(&request("r-1", 5), &ids(&["a", "bc"]))
+        );
+        for other in [
+            store.digest_rank(&request("r-1", 5), &ids(&["ab", "c"])),
+            store.digest_rank(&request("r-1", 5), &ids(&["bc", "a"])),
+            store.digest_rank(&request("r-1", 5), &ids(&["a"])),
+            store.digest_rank(&request("r-1", 6), &ids(&["a", "bc"])),
+        ] {
+            assert_ne!(digest, other);
+        }
+        // Without ids it is the plain request's digest.
+        assert_eq!(
+            store.digest_rank(&request("r-1", 5), &CandidateIds::new()),
+            store.digest(&request("r-1", 5))
+        );
     }
 
     fn answer(id: &str, items: usize) -> RankResponse {

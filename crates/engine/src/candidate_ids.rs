@@ -1,0 +1,207 @@
+//! [`CandidateIds`]: a request's candidate item ids stored back to back in one string, so a
+//! list of thousands of ids costs two allocations instead of one per id.
+
+use std::fmt;
+
+/// The candidate item ids of a request, in request order (empty: the whole catalog).
+///
+/// The ids are kept end to end in one `String` with the end offset of each, so building the
+/// list from a wire message copies bytes once and allocates twice, whatever the number of
+/// ids (a `Vec<String>` allocates, and later frees, once per id). Build it from a
+/// `Vec<String>` or any iterator of strings (`collect()`), or id by id with
+/// [`CandidateIds::push`].
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct CandidateIds {
+    text: String,
+    /// `ends[i]` is the byte offset in `text` where id `i` ends (ids may be empty).
+    ends: Vec<usize>,
+}
+
+impl CandidateIds {
+    /// An empty list.
+    pub fn new() -> CandidateIds {
+        CandidateIds::default()
+    }
+
+    /// An empty list with room for `ids` ids of `bytes` bytes in total.
+    pub fn with_capacity(ids: usize, bytes: usize) -> CandidateIds {
+        CandidateIds {
+            text: String::with_capacity(bytes),
+            ends: Vec::with_capacity(ids),
+        }
+    }
+
+    /// The list whose ids are `text` cut at `ends` (the byte offset where each id ends, in
+    /// order), or `None` if `ends` decreases, goes past `text` or stops short of its end,
+    /// or cuts a character in two.
+    pub fn from_parts(text: String, ends: Vec<usize>) -> Option<CandidateIds> {
+        let mut start = 0;
+        for &end in &ends {
+            if end < start || !text.is_char_boundary(end) {
+                return None;
+            }
+            start = end;
+        }
+        (start == text.len()).then_some(CandidateIds { text, ends })
+    }
+
+    /// Appends an id.
+    pub fn push(&mut self, id: &str) {
+        self.text.push_str(id);
+        self.ends.push(self.text.len());
+    }
+
+    /// Number of ids.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Whether there are no ids.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Total bytes of all ids.
+    pub fn text_len(&self) -> usize {
+        self.text.len()
+    }
+
+    /// Id `index`, or `None` past the end.
+    pub fn get(&self, index: usize) -> Option<&str> {
+        let end = *self.ends.get(index)?;
+        let start = match index.checked_sub(1) {
+            Some(previous) => self.ends[previous],
+            None => 0,
+        };
+        self.text.get(start..end)
+    }
+
+    /// The ids in order.
+    pub fn iter(&self) -> Iter<'_> {
+        Iter {
+            ids: self,
+            start: 0,
+            next: 0,
+        }
+    }
+
+    /// The ids as owned strings.
+    pub fn to_vec(&self) -> Vec<String> {
+        self.iter().map(str::to_owned).collect()
+    }
+}
+
+/// Iterator over [`CandidateIds`], in order.
+#[derive(Debug, Clone)]
+pub struct Iter<'a> {
+    ids: &'a CandidateIds,
+    start: usize,
+    next: usize,
+}
+
+impl<'a> Iterator for Iter<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let end = *self.ids.ends.get(self.next)?;
+        let id = self.ids.text.get(self.start..end)?;
+        self.start = end;
+        self.next += 1;
+        Some(id)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.ids.ends.len() - self.next;
+        (left, Some(left))
+    }
+}
+
+impl ExactSizeIterator for Iter<'_> {}
+
+impl<'a> IntoIterator for &'a CandidateIds {
+    type Item = &'a str;
+    type IntoIter = Iter<'a>;
+
+    fn into_iter(self) -> Iter<'a> {
+        self.iter()
+    }
+}
+
+impl<S: AsRef<str>> FromIterator<S> for CandidateIds {
+    fn from_iter<I: IntoIterator<Item = S>>(ids: I) -> CandidateIds {
+        let mut list = CandidateIds::new();
+        for id in ids {
+            list.push(id.as_ref());
+        }
+        list
+    }
+}
+
+impl From<Vec<String>> for CandidateIds {
+    fn from(ids: Vec<String>) -> CandidateIds {
+        let mut list = CandidateIds::with_capacity(ids.len(), ids.iter().map(String::len).sum());
+        for id in &ids {
+            list.push(id);
+        }
+        list
+    }
+}
+
+impl From<&[&str]> for CandidateIds {
+    fn from(ids: &[&str]) -> CandidateIds {
+        ids.iter().collect()
+    }
+}
+
+impl fmt::Debug for CandidateIds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_come_back_in_order_with_empty_ones() {
+        let owned = vec![
+            "i1".to_owned(),
+            String::new(),
+            "ümlaut".to_owned(),
+            "x".to_owned(),
+        ];
+        let ids = CandidateIds::from(owned.clone());
+        assert_eq!(ids.len(), 4);
+        assert_eq!(ids.text_len(), owned.iter().map(String::len).sum::<usize>());
+        assert_eq!(ids.to_vec(), owned);
+        assert_eq!(ids.iter().len(), 4);
+        assert_eq!(ids.get(1), Some(""));
+        assert_eq!(ids.get(2), Some("ümlaut"));
+        assert_eq!(ids.get(4), None);
+        assert_eq!(ids, owned.iter().collect::<CandidateIds>());
+        assert_eq!(format!("{ids:?}"), format!("{owned:?}"));
+        assert!(CandidateIds::new().is_empty());
+    }
+
+    #[test]
+    fn parts_must_cut_the_text_into_whole_characters() {
+        let text = "abü".to_owned();
+        assert_eq!(
+            CandidateIds::from_parts(text.clone(), vec![1, 1, 4]).map(|ids| ids.to_vec()),
+            Some(vec!["a".to_owned(), String::new(), "bü".to_owned()])
+        );
+        // Inside `ü`, decreasing, short of the end, past the end.
+        for ends in [vec![3, 4], vec![2, 1, 4], vec![2], vec![5]] {
+            assert_eq!(
+                CandidateIds::from_parts(text.clone(), ends.clone()),
+                None,
+                "{ends:?}"
+            );
+        }
+        assert_eq!(
+            CandidateIds::from_parts(String::new(), Vec::new()),
+            Some(CandidateIds::new())
+        );
+    }
+}
