@@ -127,7 +127,7 @@ fn setup(dir: &std::path::Path) -> (Engine, Vec<String>, Vec<f32>) {
 
 fn request(candidates: &[String], user: &[f32], policy: &FairnessPolicy) -> RankRequest {
     let mut request = RankRequest::new("bench", UserRef::embedding(user.to_vec()), K);
-    request.candidate_ids = candidates.to_vec();
+    request.candidate_ids = candidates.to_vec().into();
     request.pool_size = Some(CANDIDATES);
     request.fairness = policy.clone();
     request
