@@ -375,7 +375,7 @@ def test_inline_embedding_ranking_is_the_exact_top_k(fairrank: FairrankClient, t
             "INVALID_ARGUMENT",
             "ERROR_REASON_UNKNOWN_CONSTRAINT",
             "fairness.constraint",
-            ["no-such-rule", "`none`"],  # names the registered constraints
+            ["no-such-rule", "fa*ir", "none"],  # names the registered constraints
         ),
         (
             "unknown parameter",
