@@ -29,7 +29,7 @@ use std::fmt;
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Mutex, RwLock};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use redb::{ReadableTable, Table};
 
@@ -39,6 +39,7 @@ use crate::ledger::{
     BudgetLedger, ChargeOutcome, ChargeParams, ChargeRequest, Decision, RequestRecord,
     StoredAnswer, UserRecord, UserSpend, decide, replay, unix_millis,
 };
+use crate::ledger_writer::{AutoPrune, WriterCommand, apply_batch, reply_all};
 use crate::pseudonym::Pseudonym;
 
 /// Tuning of the durable ledger.
@@ -93,8 +94,51 @@ enum Command {
 /// A command's result waiting for the batch to commit.
 enum Pending {
     Charge(Result<ChargeOutcome, StateError>),
-    Prune(Result<u64, StateError>),
+    Prune(u64),
     Flush,
+}
+
+impl WriterCommand for Command {
+    type Applied = Pending;
+
+    fn apply(
+        &self,
+        database: &StateDatabase,
+        tables: &mut LedgerTables<'_>,
+    ) -> Result<Pending, StateError> {
+        Ok(match self {
+            Command::Charge { charge, .. } => {
+                Pending::Charge(apply_charge(database, tables, charge)?)
+            }
+            Command::Prune { cutoff_ms, .. } => {
+                Pending::Prune(prune_answers(database, tables, *cutoff_ms, usize::MAX)?)
+            }
+            Command::Flush { .. } => Pending::Flush,
+        })
+    }
+
+    fn reply(self, outcome: Result<Pending, StateError>) {
+        match (self, outcome) {
+            (Command::Charge { reply, .. }, Ok(Pending::Charge(result))) => {
+                let _ = reply.send(result);
+            }
+            (Command::Charge { reply, .. }, Err(error)) => {
+                let _ = reply.send(Err(error));
+            }
+            (Command::Prune { reply, .. }, Ok(Pending::Prune(pruned))) => {
+                let _ = reply.send(Ok(pruned));
+            }
+            (Command::Prune { reply, .. }, Err(error)) => {
+                let _ = reply.send(Err(error));
+            }
+            (Command::Flush { reply }, outcome) => {
+                let _ = reply.send(outcome.map(|_| ()));
+            }
+            // `apply` gives each command a result of its own kind; an unpaired command's
+            // reply channel is dropped, which its caller sees as WriterStopped (fail closed).
+            _ => {}
+        }
+    }
 }
 
 /// The durable, group-committing ledger. Create it with [`StateDatabase::ledger`].
@@ -242,7 +286,7 @@ impl Drop for DurableLedger {
 /// The writer thread: batches commands until every sender is gone.
 fn run_writer(database: &StateDatabase, receiver: &Receiver<Command>, options: &LedgerOptions) {
     let mut batch = Vec::with_capacity(options.max_batch.min(4096));
-    let mut last_prune = Instant::now();
+    let mut auto_prune = AutoPrune::new();
     while let Ok(first) = receiver.recv() {
         batch.push(first);
         while batch.len() < options.max_batch {
@@ -251,17 +295,16 @@ fn run_writer(database: &StateDatabase, receiver: &Receiver<Command>, options: &
                 Err(_) => break,
             }
         }
-        let auto_prune = match options.retention {
-            Some(retention) if last_prune.elapsed() >= options.prune_interval => {
-                last_prune = Instant::now();
-                SystemTime::now()
-                    .checked_sub(retention)
-                    .and_then(|cutoff| unix_millis(cutoff, "retention").ok())
-                    .map(|cutoff_ms| (cutoff_ms, options.prune_limit))
-            }
-            _ => None,
-        };
-        commit_batch(database, &mut batch, auto_prune);
+        let prune = auto_prune.due(options);
+        let outcome = apply_batch(
+            database,
+            "commit a batch of charges",
+            true,
+            &batch,
+            prune,
+            |_| Ok(()),
+        );
+        reply_all(&mut batch, outcome);
     }
 }
 
@@ -347,80 +390,6 @@ pub(crate) fn read_answer(
     {
         Some(guard) => Ok(Some(decode_answer(database, guard.value())?)),
         None => Ok(None),
-    }
-}
-
-/// Applies `batch` in one transaction, commits, and replies to every caller; empties `batch`.
-fn commit_batch(
-    database: &StateDatabase,
-    batch: &mut Vec<Command>,
-    auto_prune: Option<(u64, usize)>,
-) {
-    let operation = "commit a batch of charges";
-    let outcome = (|| -> Result<Vec<Pending>, StateError> {
-        let transaction = database.begin_write(operation)?;
-        let mut results = Vec::with_capacity(batch.len());
-        {
-            let mut tables = LedgerTables::open(database, &transaction, operation)?;
-            for command in batch.iter() {
-                results.push(match command {
-                    Command::Charge { charge, .. } => {
-                        Pending::Charge(apply_charge(database, &mut tables, charge)?)
-                    }
-                    Command::Prune { cutoff_ms, .. } => Pending::Prune(Ok(prune_answers(
-                        database,
-                        &mut tables,
-                        *cutoff_ms,
-                        usize::MAX,
-                    )?)),
-                    Command::Flush { .. } => Pending::Flush,
-                });
-            }
-            if let Some((cutoff_ms, limit)) = auto_prune {
-                prune_answers(database, &mut tables, cutoff_ms, limit)?;
-            }
-        }
-        transaction
-            .commit()
-            .map_err(|error| database.storage(operation, error))?;
-        Ok(results)
-    })();
-    match outcome {
-        Ok(results) => {
-            for (command, result) in batch.drain(..).zip(results) {
-                // A caller that gave up waiting has nothing to receive; ignore its channel.
-                match (command, result) {
-                    (Command::Charge { reply, .. }, Pending::Charge(result)) => {
-                        let _ = reply.send(result);
-                    }
-                    (Command::Prune { reply, .. }, Pending::Prune(result)) => {
-                        let _ = reply.send(result);
-                    }
-                    (Command::Flush { reply }, Pending::Flush) => {
-                        let _ = reply.send(Ok(()));
-                    }
-                    // Results are pushed in command order, so kinds always pair up; an
-                    // unpaired command's reply channel is dropped, which its caller sees as
-                    // WriterStopped (fail closed).
-                    _ => {}
-                }
-            }
-        }
-        Err(error) => {
-            for command in batch.drain(..) {
-                match command {
-                    Command::Charge { reply, .. } => {
-                        let _ = reply.send(Err(error.clone()));
-                    }
-                    Command::Prune { reply, .. } => {
-                        let _ = reply.send(Err(error.clone()));
-                    }
-                    Command::Flush { reply } => {
-                        let _ = reply.send(Err(error.clone()));
-                    }
-                }
-            }
-        }
     }
 }
 

@@ -20,6 +20,7 @@ use crate::ledger::{
     BudgetLedger, ChargeOutcome, ChargeParams, ChargeRequest, RequestRecord, StoredAnswer,
     UserRecord, UserSpend, current_window, replay, unix_millis,
 };
+use crate::ledger_writer::{AutoPrune, WriterCommand, apply_batch, reply_all};
 use crate::pseudonym::Pseudonym;
 use crate::rho::Rho;
 
@@ -834,8 +835,66 @@ impl Drop for LeasedLedger {
 /// A command's result waiting for the batch to commit.
 enum Pending {
     Lease(Result<LeaseGrant, StateError>),
-    Prune(Result<u64, StateError>),
+    Prune(u64),
     Done,
+}
+
+impl WriterCommand for Command {
+    type Applied = Pending;
+
+    fn apply(
+        &self,
+        database: &StateDatabase,
+        tables: &mut LedgerTables<'_>,
+    ) -> Result<Pending, StateError> {
+        Ok(match self {
+            Command::Lease {
+                pseudonym,
+                params,
+                need,
+                desired,
+                ..
+            } => Pending::Lease(apply_lease(
+                database, tables, pseudonym, params, *need, *desired,
+            )?),
+            Command::Return {
+                pseudonym,
+                window_start_ms,
+                amount,
+            } => {
+                apply_return(database, tables, pseudonym, *window_start_ms, *amount)?;
+                Pending::Done
+            }
+            Command::Prune { cutoff_ms, .. } => {
+                Pending::Prune(prune_answers(database, tables, *cutoff_ms, usize::MAX)?)
+            }
+            _ => Pending::Done,
+        })
+    }
+
+    fn reply(self, outcome: Result<Pending, StateError>) {
+        match (self, outcome) {
+            (Command::Lease { reply, .. }, Ok(Pending::Lease(result))) => {
+                let _ = reply.send(result);
+            }
+            // Fail closed: no lease was granted.
+            (Command::Lease { reply, .. }, Err(error)) => {
+                let _ = reply.send(Err(error));
+            }
+            (Command::Prune { reply, .. }, Ok(Pending::Prune(pruned))) => {
+                let _ = reply.send(Ok(pruned));
+            }
+            (Command::Prune { reply, .. }, Err(error)) => {
+                let _ = reply.send(Err(error));
+            }
+            (Command::Flush { reply }, outcome) => {
+                let _ = reply.send(outcome.map(|_| ()));
+            }
+            // Returns need no reply; an unpaired command's reply channel is dropped, which
+            // its caller sees as WriterStopped (fail closed).
+            _ => {}
+        }
+    }
 }
 
 /// Keeps a command for the next commit; `false` means stop now (the tests' abandon).
@@ -858,7 +917,7 @@ fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOpti
     let mut commands: Vec<Command> = Vec::new();
     // Answers taken from the queue whose commit failed; retried first.
     let mut retry: Vec<Arc<PendingAnswer>> = Vec::new();
-    let mut last_prune = Instant::now();
+    let mut auto_prune = AutoPrune::new();
     let mut last_fsync = Instant::now();
     // Some commit since the last fsync was not fsynced.
     let mut unsynced = false;
@@ -932,17 +991,8 @@ fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOpti
             || disconnected
             || last_fsync.elapsed() >= interval
             || answers.is_empty();
-        let auto_prune = match options.store.retention {
-            Some(retention) if last_prune.elapsed() >= options.store.prune_interval => {
-                last_prune = Instant::now();
-                SystemTime::now()
-                    .checked_sub(retention)
-                    .and_then(|cutoff| unix_millis(cutoff, "retention").ok())
-                    .map(|cutoff_ms| (cutoff_ms, options.store.prune_limit))
-            }
-            _ => None,
-        };
-        if commit_batch(shared, &answers, &mut commands, auto_prune, immediate) {
+        let prune = auto_prune.due(&options.store);
+        if commit_batch(shared, &answers, &mut commands, prune, immediate) {
             if immediate {
                 last_fsync = Instant::now();
                 unsynced = false;
@@ -969,7 +1019,8 @@ fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOpti
 }
 
 /// Writes `answers` and applies `commands` in one transaction, commits, removes the written
-/// answers from memory, then replies; empties `commands`. Returns whether it committed.
+/// answers from memory, then replies; empties `commands`. Returns whether it committed (if
+/// not, the answers stay readable in memory for a retry).
 fn commit_batch(
     shared: &Shared,
     answers: &[Arc<PendingAnswer>],
@@ -978,103 +1029,29 @@ fn commit_batch(
     immediate: bool,
 ) -> bool {
     let database = &shared.database;
-    let operation = "commit leases and answers";
-    let outcome = (|| -> Result<Vec<Pending>, StateError> {
-        let transaction = database.begin_write_with(operation, immediate)?;
-        let mut results = Vec::with_capacity(commands.len());
-        {
-            let mut tables = LedgerTables::open(database, &transaction, operation)?;
-            write_answers(database, &mut tables, answers)?;
-            for command in commands.iter() {
-                results.push(match command {
-                    Command::Lease {
-                        pseudonym,
-                        params,
-                        need,
-                        desired,
-                        ..
-                    } => Pending::Lease(apply_lease(
-                        database,
-                        &mut tables,
-                        pseudonym,
-                        params,
-                        *need,
-                        *desired,
-                    )?),
-                    Command::Return {
-                        pseudonym,
-                        window_start_ms,
-                        amount,
-                    } => {
-                        apply_return(database, &mut tables, pseudonym, *window_start_ms, *amount)?;
-                        Pending::Done
-                    }
-                    Command::Prune { cutoff_ms, .. } => Pending::Prune(Ok(prune_answers(
-                        database,
-                        &mut tables,
-                        *cutoff_ms,
-                        usize::MAX,
-                    )?)),
-                    _ => Pending::Done,
-                });
+    let outcome = apply_batch(
+        database,
+        "commit leases and answers",
+        immediate,
+        commands,
+        auto_prune,
+        |tables| write_answers(database, tables, answers),
+    );
+    let committed = outcome.is_ok();
+    if committed {
+        // Committed: memory may now forget the answers (lookups fall through to the file).
+        for answer in answers {
+            if let Ok(mut shard) = shared.answer_shard(&answer.pseudonym).lock()
+                && shard
+                    .get(&answer.key)
+                    .is_some_and(|held| Arc::ptr_eq(held, answer))
+            {
+                shard.remove(&answer.key);
             }
-            if let Some((cutoff_ms, limit)) = auto_prune {
-                prune_answers(database, &mut tables, cutoff_ms, limit)?;
-            }
-        }
-        transaction
-            .commit()
-            .map_err(|error| database.storage(operation, error))?;
-        Ok(results)
-    })();
-    match outcome {
-        Ok(results) => {
-            // Committed: memory may now forget the answers (lookups fall through to the file).
-            for answer in answers {
-                if let Ok(mut shard) = shared.answer_shard(&answer.pseudonym).lock()
-                    && shard
-                        .get(&answer.key)
-                        .is_some_and(|held| Arc::ptr_eq(held, answer))
-                {
-                    shard.remove(&answer.key);
-                }
-            }
-            // A caller that gave up waiting has nothing to receive; ignore its channel.
-            for (command, result) in commands.drain(..).zip(results) {
-                match (command, result) {
-                    (Command::Lease { reply, .. }, Pending::Lease(result)) => {
-                        let _ = reply.send(result);
-                    }
-                    (Command::Prune { reply, .. }, Pending::Prune(result)) => {
-                        let _ = reply.send(result);
-                    }
-                    (Command::Flush { reply }, _) => {
-                        let _ = reply.send(Ok(()));
-                    }
-                    _ => {}
-                }
-            }
-            true
-        }
-        Err(error) => {
-            // Fail closed: no lease was granted; the answers stay queued for a retry.
-            for command in commands.drain(..) {
-                match command {
-                    Command::Lease { reply, .. } => {
-                        let _ = reply.send(Err(error.clone()));
-                    }
-                    Command::Prune { reply, .. } => {
-                        let _ = reply.send(Err(error.clone()));
-                    }
-                    Command::Flush { reply } => {
-                        let _ = reply.send(Err(error.clone()));
-                    }
-                    _ => {}
-                }
-            }
-            false
         }
     }
+    reply_all(commands, outcome);
+    committed
 }
 
 /// The user's committed record inside the transaction; `Ok(Err(..))` for a corrupt record.

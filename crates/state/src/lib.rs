@@ -58,6 +58,7 @@ mod durable_ledger;
 mod error;
 mod leased_ledger;
 mod ledger;
+mod ledger_writer;
 mod memory_ledger;
 mod pseudonym;
 mod rho;

@@ -5,6 +5,12 @@
 //! charge (answers written in the background may be missing; a retry of one is charged
 //! again, never refunded).
 //!
+//! The child also runs the amortized fairness store on the same database, as the server does
+//! (one database, two tables, each with its own commit policy): every charge adds one ranking
+//! to a scope, and a flusher thread reports how many updates each completed `flush` covered.
+//! After the kills the scope must hold at least every reported flush and be internally
+//! consistent (each update adds exposure 1.0 with its ranking, so the two totals agree).
+//!
 //! The child is this same test binary, re-run with the ignored test `crash_child` selected
 //! and the database path in an environment variable.
 
@@ -13,11 +19,12 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use state::{
-    BudgetLedger, ChargeOutcome, ChargeRequest, LeaseOptions, LedgerOptions, PseudonymKey, Rho,
-    StateDatabase,
+    AmortizedOptions, AmortizedState, AmortizedStore, BudgetLedger, ChargeOutcome, ChargeRequest,
+    LeaseOptions, LedgerOptions, PseudonymKey, Rho, StateDatabase,
 };
 
 /// Environment variable carrying the database path to the child.
@@ -30,6 +37,17 @@ const KIND_VARIABLE: &str = "FAIRRANK_STATE_CRASH_LEDGER";
 const CHARGE: u64 = 1_000;
 /// Users the child's threads share (so charges for one user race).
 const USERS: [&str; 2] = ["alice", "bob"];
+/// The amortized scope the child updates once per charge.
+const SCOPE: &str = "crash-scope";
+
+/// One ranking with exposure 1.0 for group 0.
+fn one_ranking() -> AmortizedState {
+    AmortizedState {
+        group_exposure: [(0, 1.0)].into_iter().collect(),
+        group_relevance: [(0, 0.5)].into_iter().collect(),
+        rankings: 1,
+    }
+}
 
 fn key() -> PseudonymKey {
     PseudonymKey::new(&[9_u8; 32]).expect("a 32-byte key")
@@ -72,7 +90,9 @@ fn crash_request(key: &PseudonymKey, user: &str, request_id: &str) -> ChargeRequ
 }
 
 /// The child: charges forever from 4 threads, printing `charged <user> <request id>` after
-/// each charge the ledger reported as done.
+/// each charge the ledger reported as done, and adds one ranking to the amortized scope per
+/// charge; a fifth thread flushes the amortized store and prints `amortized <n>` after each
+/// flush, `n` being the updates completed before that flush began.
 #[test]
 #[ignore = "run as a child process by killed_writers_lose_no_reported_charge"]
 fn crash_child() {
@@ -83,9 +103,22 @@ fn crash_child() {
     let kind = std::env::var(KIND_VARIABLE).unwrap_or_default();
     let database = StateDatabase::open(&path).expect("the database opens");
     let ledger = open_ledger(&database, &kind);
-    let threads: Vec<_> = (0..4)
+    let amortized: Arc<dyn AmortizedStore> = Arc::new(
+        database
+            .amortized_store(AmortizedOptions {
+                flush_interval: Duration::from_millis(20),
+            })
+            .expect("an amortized store"),
+    );
+    // Updates completed, this round and the rounds before (read from the file at start).
+    let updates = Arc::new(AtomicU64::new(
+        amortized.load(SCOPE).expect("the scope loads").rankings,
+    ));
+    let mut threads: Vec<_> = (0..4)
         .map(|thread| {
             let ledger = Arc::clone(&ledger);
+            let amortized = Arc::clone(&amortized);
+            let updates = Arc::clone(&updates);
             let round = round.clone();
             std::thread::spawn(move || {
                 let key = key();
@@ -99,18 +132,60 @@ fn crash_child() {
                         }
                         other => panic!("unexpected {other:?}"),
                     }
+                    amortized
+                        .update(SCOPE, &one_ranking())
+                        .expect("an amortized update");
+                    updates.fetch_add(1, Ordering::SeqCst);
                 }
             })
         })
         .collect();
+    threads.push(std::thread::spawn(move || {
+        loop {
+            let before = updates.load(Ordering::SeqCst);
+            amortized.flush().expect("an amortized flush");
+            println!("amortized {before}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }));
     for thread in threads {
         let _ = thread.join();
     }
 }
 
+/// What a killed child reported: its charges and the most amortized updates a completed
+/// flush covered.
+struct Reported {
+    charges: Vec<(String, String)>,
+    amortized: u64,
+}
+
+/// Checks the amortized scope of the reopened database against the children's reports.
+fn check_amortized(database: &StateDatabase, flushed: u64) {
+    let store = database
+        .amortized_store(AmortizedOptions::default())
+        .expect("an amortized store");
+    let state = store.load(SCOPE).expect("the scope loads");
+    assert!(
+        state.rankings >= flushed,
+        "a flushed amortized update was lost: {} < {flushed}",
+        state.rankings
+    );
+    assert!(flushed > 0, "no amortized flush was reported");
+    assert_eq!(
+        state.group_exposure.get(&0).copied(),
+        Some(state.rankings as f64)
+    );
+    assert_eq!(
+        state.group_relevance.get(&0).copied(),
+        Some(state.rankings as f64 * 0.5)
+    );
+    store.close().expect("closed");
+}
+
 /// Runs one child until it has reported `at_least` charges, kills it with SIGKILL, and
-/// returns every (user, request id) it reported as charged.
-fn run_and_kill(path: &Path, kind: &str, round: u32, at_least: usize) -> Vec<(String, String)> {
+/// returns every (user, request id) it reported as charged and its last amortized report.
+fn run_and_kill(path: &Path, kind: &str, round: u32, at_least: usize) -> Reported {
     let mut child = Command::new(std::env::current_exe().expect("the test binary"))
         .args([
             "crash_child",
@@ -129,6 +204,7 @@ fn run_and_kill(path: &Path, kind: &str, round: u32, at_least: usize) -> Vec<(St
     let stdout = child.stdout.take().expect("piped stdout");
     let mut reader = BufReader::new(stdout);
     let mut reported = Vec::new();
+    let mut amortized = 0_u64;
     let mut killed = false;
     let mut line = String::new();
     loop {
@@ -138,12 +214,14 @@ fn run_and_kill(path: &Path, kind: &str, round: u32, at_least: usize) -> Vec<(St
             break;
         }
         // A line cut by the kill is not a complete report.
-        if let Some(report) = line
-            .strip_suffix('\n')
-            .and_then(|l| l.strip_prefix("charged "))
-        {
+        let Some(complete) = line.strip_suffix('\n') else {
+            continue;
+        };
+        if let Some(report) = complete.strip_prefix("charged ") {
             let (user, request_id) = report.split_once(' ').expect("user and request id");
             reported.push((user.to_string(), request_id.to_string()));
+        } else if let Some(count) = complete.strip_prefix("amortized ") {
+            amortized = amortized.max(count.parse().expect("an update count"));
         }
         if !killed && reported.len() >= at_least {
             // Child::kill sends SIGKILL on Unix.
@@ -154,18 +232,24 @@ fn run_and_kill(path: &Path, kind: &str, round: u32, at_least: usize) -> Vec<(St
     let status = child.wait().expect("the child exits");
     assert!(killed, "the child exited by itself: {status}");
     assert!(!status.success());
-    reported
+    Reported {
+        charges: reported,
+        amortized,
+    }
 }
 
 #[test]
 fn killed_writers_lose_no_reported_charge() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let path = dir.path().join("crash.redb");
-    let mut reported = run_and_kill(&path, "durable", 1, 300);
+    let first = run_and_kill(&path, "durable", 1, 300);
     // The second child recovers the file left by the first kill and is killed in turn.
-    reported.extend(run_and_kill(&path, "durable", 2, 300));
+    let second = run_and_kill(&path, "durable", 2, 300);
+    let mut reported = first.charges;
+    reported.extend(second.charges);
 
     let database = StateDatabase::open_existing(&path).expect("the crashed database reopens");
+    check_amortized(&database, first.amortized.max(second.amortized));
     let ledger = database.ledger(LedgerOptions::default()).expect("a ledger");
     let key = key();
     let mut per_user: HashMap<&str, u64> = HashMap::new();
@@ -196,10 +280,13 @@ fn killed_writers_lose_no_reported_charge() {
 fn killed_leased_ledgers_never_spend_less_than_they_released() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let path = dir.path().join("crash.redb");
-    let mut reported = run_and_kill(&path, "leased", 1, 2_000);
-    reported.extend(run_and_kill(&path, "leased", 2, 2_000));
+    let first = run_and_kill(&path, "leased", 1, 2_000);
+    let second = run_and_kill(&path, "leased", 2, 2_000);
+    let mut reported = first.charges;
+    reported.extend(second.charges);
 
     let database = StateDatabase::open_existing(&path).expect("the crashed database reopens");
+    check_amortized(&database, first.amortized.max(second.amortized));
     let key = key();
     let mut released: HashMap<&str, u64> = HashMap::new();
     for (user, _) in &reported {
