@@ -27,14 +27,16 @@
 //! The ledger is charged, durably, before anything is released; a ledger failure fails the
 //! request closed. The charge stores the released order and noisy scores, so a retry with
 //! the same request id gets the same answer with no new noise and no second charge, also
-//! after a restart.
+//! after a restart or an upgrade: the record holds a stable digest of the request's content
+//! (`fingerprint.rs`: XXH3-128 over a documented encoding), and a retry whose content
+//! differs is refused instead of replayed.
 
+mod fingerprint;
 mod ledger;
 mod state_ledger;
 mod workers;
 
 use std::cell::RefCell;
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -47,6 +49,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use store::Table;
 
+pub(crate) use fingerprint::{RequestDigest, StoredFingerprint};
 pub use ledger::{
     LedgerCharge, LedgerFailure, LedgerOutcome, MemoryLedger, PrivacyLedger, Spend, round_up_rho,
 };
@@ -243,8 +246,8 @@ pub(crate) struct Plan {
     pub user_norm_bound: f32,
     /// Score sensitivity `2 C_u C_v (1 + gamma)`.
     pub sensitivity: f64,
-    /// Hash of the request content, to refuse a request id reused for other content.
-    pub fingerprint: u64,
+    /// Digest of the request content, to refuse a request id reused for other content.
+    pub fingerprint: RequestDigest,
     /// The subject's cap per window.
     pub cap: f64,
     /// The budget window (`None`: lifetime).
@@ -403,32 +406,12 @@ pub(crate) fn plan(
         },
         user_norm_bound: config.user_norm_bound,
         sensitivity,
-        fingerprint: fingerprint(request),
+        fingerprint: RequestDigest::of(request),
         cap: config.subject_rho_cap,
         window: config.window(),
         noise_buffer: config.noise_buffer,
         ledger: Arc::clone(&setup.ledger),
     }))
-}
-
-/// A hash of everything in a request that shapes its answer (not its deadline).
-fn fingerprint(request: &RankRequest) -> u64 {
-    let mut hasher = DefaultHasher::new();
-    format!(
-        "{:?}|{:?}|{}|{:?}|{}|{}|{:?}|{:?}|{:?}|{:?}",
-        request.user,
-        request.candidate_ids,
-        request.skip_unknown_candidates,
-        request.pool_size,
-        request.k,
-        request.fallback_for_unknown_user,
-        request.fairness,
-        request.privacy,
-        request.consent,
-        request.explain,
-    )
-    .hash(&mut hasher);
-    hasher.finish()
 }
 
 /// Clips a user embedding to the plan's norm bound (a copy; the table row is untouched).
@@ -557,8 +540,8 @@ pub(crate) fn select_pool(
 pub(crate) struct StoredRelease {
     /// Format version.
     pub version: u32,
-    /// Request content hash.
-    pub fingerprint: u64,
+    /// Request content digest (a format version 1 record holds a legacy hash instead).
+    pub fingerprint: StoredFingerprint,
     /// Item ids of the pool in released order.
     pub pool: Vec<String>,
     /// The answer: positions into `pool`, best first.
@@ -739,8 +722,8 @@ pub(crate) fn release_record(
         ),
     };
     Ok(StoredRelease {
-        version: 1,
-        fingerprint: plan.fingerprint,
+        version: 2,
+        fingerprint: StoredFingerprint::Digest(plan.fingerprint),
         pool: pool_ids,
         answer: answer.iter().map(|&position| position as u32).collect(),
         scores,
