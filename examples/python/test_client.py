@@ -143,7 +143,10 @@ class ServerProcess:
             config_path.write_text(config)
             args += ["--config", str(config_path)]
         self.log_path = workdir / f"server-{secrets.token_hex(4)}.log"
+        # Each server its own state directory (one server per state database).
+        state_dir = workdir / f"state-{secrets.token_hex(4)}"
         env = dict(os.environ, FAIRRANK_ADMIN_TOKEN=admin_token)
+        env["FAIRRANK_STATE_DIR"] = str(state_dir)
         env.setdefault("RUST_LOG", "info")
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(

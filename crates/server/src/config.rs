@@ -4,6 +4,7 @@
 //! (file, environment and flags merged) with each key's documentation and default, in the
 //! file's own format, so its output is a valid starting configuration.
 
+use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -34,25 +35,95 @@ pub struct Config {
     pub state: StateConfig,
 }
 
-/// `[state]`: the state database. With a path, the amortized fairness state (FairCo's
-/// cumulative exposure and merit per exposure scope) survives restarts; without one it
-/// lives in memory.
+/// Environment variable that replaces the default state directory (a configured `[state]
+/// dir` or `--state-dir` still wins).
+pub const STATE_DIR_ENV_VAR: &str = "FAIRRANK_STATE_DIR";
+
+/// File name of the state database inside the state directory.
+pub const STATE_DATABASE_FILE: &str = "state.redb";
+
+/// File name of the generated pseudonym secret inside the state directory.
+pub const PSEUDONYM_SECRET_FILE: &str = "pseudonym.secret";
+
+/// `[state]`: the server's data directory. It holds ONE embedded database
+/// ([`STATE_DATABASE_FILE`]) with the privacy budget ledger and the amortized fairness state
+/// (separate tables, each with its own commit policy), and the generated pseudonym secret
+/// ([`PSEUDONYM_SECRET_FILE`]). One server process per directory: the database is locked
+/// while a server runs, and a second server on the same directory refuses to start.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StateConfig {
-    /// State database file (created if missing). Unset: state in memory only.
-    pub path: Option<PathBuf>,
+    /// Data directory (created, mode 0700, if missing). Unset: `$FAIRRANK_STATE_DIR`, else
+    /// `$XDG_DATA_HOME/fairrank`, else `$HOME/.local/share/fairrank`, else
+    /// `./.fairrank-state` (see [`StateConfig::resolved_dir`]). The `--state-dir` flag
+    /// overrides it.
+    pub dir: Option<PathBuf>,
+    /// `durable` (default): the ledger and the amortized state live in the database and
+    /// survive restarts and crashes. `memory`: both live in memory only and are LOST on
+    /// restart (a refunded privacy budget); for tests and development, with a loud warning.
+    pub mode: StateMode,
     /// How often changed amortized scopes are written, in milliseconds (default 50): the
     /// most a crash can lose. A graceful shutdown writes everything.
     pub amortized_flush_ms: u64,
 }
 
+/// `state.mode`: where the server's state lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateMode {
+    /// In the state database of the state directory.
+    #[default]
+    Durable,
+    /// In memory only (tests and development; lost on restart).
+    Memory,
+}
+
 impl Default for StateConfig {
     fn default() -> Self {
         StateConfig {
-            path: None,
+            dir: None,
+            mode: StateMode::Durable,
             amortized_flush_ms: 50,
         }
+    }
+}
+
+impl StateConfig {
+    /// The state directory in force: `dir` if set, else the per-user default from the
+    /// environment.
+    ///
+    /// The default is a *data* directory, not a cache or a state directory in the XDG sense
+    /// (`$XDG_STATE_HOME` is for state "not important enough" for `$XDG_DATA_HOME`): losing
+    /// the ledger silently refunds every user's privacy budget, so it belongs with the data
+    /// users back up. Production services should set `dir` (for example
+    /// `/var/lib/fairrank`).
+    pub fn resolved_dir(&self) -> PathBuf {
+        self.resolved_dir_from(|name| std::env::var_os(name))
+    }
+
+    /// [`StateConfig::resolved_dir`] with the environment given as a lookup function. Empty
+    /// variables count as unset, and so does a relative `XDG_DATA_HOME` (the XDG
+    /// specification says to ignore it).
+    fn resolved_dir_from(&self, lookup: impl Fn(&str) -> Option<OsString>) -> PathBuf {
+        if let Some(dir) = &self.dir {
+            return dir.clone();
+        }
+        let non_empty = |name: &str| lookup(name).filter(|value| !value.is_empty());
+        if let Some(dir) = non_empty(STATE_DIR_ENV_VAR) {
+            return PathBuf::from(dir);
+        }
+        if let Some(dir) = non_empty("XDG_DATA_HOME").map(PathBuf::from)
+            && dir.is_absolute()
+        {
+            return dir.join("fairrank");
+        }
+        if let Some(home) = non_empty("HOME") {
+            return PathBuf::from(home)
+                .join(".local")
+                .join("share")
+                .join("fairrank");
+        }
+        PathBuf::from(".fairrank-state")
     }
 }
 
@@ -60,17 +131,13 @@ impl Default for StateConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LedgerConfig {
-    /// Ledger database file (redb; one server process at a time). Unset: the ledger is
-    /// kept in memory only, budgets and stored answers are lost on restart, and the server
-    /// logs a warning at start-up: set it in production.
-    pub path: Option<PathBuf>,
     /// Environment variable holding the pseudonym secret (hex, at least 32 bytes) that
     /// keys user ids into ledger pseudonyms (default `FAIRRANK_PSEUDONYM_SECRET`). Unset
-    /// variable: a secret is generated once and kept in `secret_file` (with an in-memory
-    /// ledger: a fresh secret per start).
+    /// variable: a secret is generated once and kept in `secret_file` (with `state.mode =
+    /// "memory"` and no `secret_file`: a fresh secret per start).
     pub secret_env: String,
-    /// File holding the pseudonym secret when the variable is unset. Unset: `<ledger
-    /// path>.secret` (created with mode 0600).
+    /// File holding the pseudonym secret when the variable is unset. Unset:
+    /// `pseudonym.secret` in the state directory (created with mode 0600).
     pub secret_file: Option<PathBuf>,
     /// Most charges committed by one group commit (default 1024).
     pub max_batch: usize,
@@ -99,7 +166,6 @@ pub enum LedgerCommit {
 impl Default for LedgerConfig {
     fn default() -> Self {
         LedgerConfig {
-            path: None,
             secret_env: "FAIRRANK_PSEUDONYM_SECRET".to_owned(),
             secret_file: None,
             max_batch: 1024,
@@ -376,8 +442,13 @@ const KEY_DOCS: &[(&str, &str, &str)] = &[
     ),
     (
         "state",
-        "path",
-        "State database file (created if missing); the amortized fairness state survives restarts. Unset: in memory.",
+        "dir",
+        "Data directory holding the one state database (state.redb: privacy ledger + amortized fairness state) and the generated pseudonym secret; one server per directory. Unset: $FAIRRANK_STATE_DIR, else $XDG_DATA_HOME/fairrank, else ~/.local/share/fairrank. --state-dir overrides it.",
+    ),
+    (
+        "state",
+        "mode",
+        "\"durable\" (ledger and amortized state in the database, kept across restarts) or \"memory\" (LOST on restart, privacy budgets refunded: tests and development only).",
     ),
     (
         "state",
@@ -446,18 +517,13 @@ const KEY_DOCS: &[(&str, &str, &str)] = &[
     ),
     (
         "ledger",
-        "path",
-        "Ledger database file; unset: IN MEMORY ONLY (budgets lost on restart; set it in production).",
-    ),
-    (
-        "ledger",
         "secret_env",
         "Environment variable with the pseudonym secret (hex, at least 32 bytes).",
     ),
     (
         "ledger",
         "secret_file",
-        "Pseudonym secret file used when the variable is unset; unset: <ledger path>.secret.",
+        "Pseudonym secret file used when the variable is unset; unset: pseudonym.secret in the state directory.",
     ),
     (
         "ledger",
@@ -493,7 +559,7 @@ const SECTION_DOCS: &[(&str, &str)] = &[
     ("ranking", "Request limits, defaults and the micro-batcher."),
     (
         "state",
-        "Durable state (unset keys are listed commented out).",
+        "Durable state: the data directory (unset keys are listed commented out).",
     ),
     (
         "privacy",
@@ -501,7 +567,7 @@ const SECTION_DOCS: &[(&str, &str)] = &[
     ),
     (
         "ledger",
-        "Durable privacy budget ledger (charged before every DP answer).",
+        "Privacy budget ledger (in the state database; charged before every DP answer).",
     ),
 ];
 
@@ -510,6 +576,9 @@ impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("{}: cannot read the configuration file", path.display()))?;
+        if let Some(moved) = moved_key(&text) {
+            bail!("{}: invalid configuration: {moved}", path.display());
+        }
         let config: Config = toml::from_str(&text)
             .with_context(|| format!("{}: invalid configuration", path.display()))?;
         config
@@ -631,6 +700,28 @@ impl Config {
     }
 }
 
+/// Explains a key of an earlier version that was replaced, if `text` has one.
+fn moved_key(text: &str) -> Option<String> {
+    let table: toml::Table = toml::from_str(text).ok()?;
+    let (section, _) =
+        [("ledger", "path"), ("state", "path")]
+            .into_iter()
+            .find(|(section, key)| {
+                table
+                    .get(*section)
+                    .and_then(|value| value.get(key))
+                    .is_some()
+            })?;
+    Some(format!(
+        "{section}.path was replaced by `[state] dir`: the privacy ledger and the amortized \
+         fairness state now share one database, {STATE_DATABASE_FILE} in that directory. Move \
+         the old ledger file there as {STATE_DATABASE_FILE} (its tables are compatible; if both \
+         ledger.path and state.path were set, keep the ledger's file: the amortized state \
+         rebuilds itself) and its .secret file as {PSEUDONYM_SECRET_FILE}, or set \
+         ledger.secret_file; `mode = \"memory\"` under [state] keeps everything in memory"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -678,11 +769,10 @@ mod tests {
                 reload_dir: Some("c".into()),
             },
             state: StateConfig {
-                path: Some("d".into()),
+                dir: Some("d".into()),
                 ..StateConfig::default()
             },
             ledger: LedgerConfig {
-                path: Some("d".into()),
                 secret_file: Some("e".into()),
                 ..LedgerConfig::default()
             },
@@ -746,7 +836,7 @@ mod tests {
         let text = "[ranking]\ndefault_fairness_constraint = \"fa*ir\"\n\
                     default_fairness_params = { p = 0.5, alpha = 0.1, protected = 1 }\n\
                     default_on_infeasible = \"reject\"\n\
-                    [state]\npath = \"/var/lib/fairrank/state.redb\"\n";
+                    [state]\ndir = \"/var/lib/fairrank\"\nmode = \"memory\"\n";
         let config: Config = toml::from_str(text).unwrap();
         config.validate().unwrap();
         assert_eq!(config.ranking.default_fairness_constraint, "fa*ir");
@@ -761,6 +851,74 @@ mod tests {
         let rendered = config.to_documented_toml();
         let parsed: Config = toml::from_str(&rendered).unwrap();
         assert_eq!(parsed, config, "{rendered}");
+    }
+
+    #[test]
+    fn the_state_directory_follows_the_documented_precedence() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(key, _)| *key == name)
+                    .map(|(_, value)| OsString::from(value))
+            }
+        };
+        let unset = StateConfig::default();
+        let all: &'static [(&str, &str)] = &[
+            (STATE_DIR_ENV_VAR, "/srv/fr"),
+            ("XDG_DATA_HOME", "/xdg"),
+            ("HOME", "/home/ann"),
+        ];
+        assert_eq!(unset.resolved_dir_from(env(all)), PathBuf::from("/srv/fr"));
+        assert_eq!(
+            unset.resolved_dir_from(env(&[
+                (STATE_DIR_ENV_VAR, ""),
+                ("XDG_DATA_HOME", "/xdg"),
+                ("HOME", "/home/ann"),
+            ])),
+            PathBuf::from("/xdg/fairrank")
+        );
+        // A relative XDG_DATA_HOME is ignored, as the XDG specification says.
+        assert_eq!(
+            unset.resolved_dir_from(env(&[("XDG_DATA_HOME", "relative"), ("HOME", "/home/ann")])),
+            PathBuf::from("/home/ann/.local/share/fairrank")
+        );
+        assert_eq!(
+            unset.resolved_dir_from(env(&[])),
+            PathBuf::from(".fairrank-state")
+        );
+        let configured = StateConfig {
+            dir: Some("/var/lib/fairrank".into()),
+            ..StateConfig::default()
+        };
+        assert_eq!(
+            configured.resolved_dir_from(env(all)),
+            PathBuf::from("/var/lib/fairrank")
+        );
+    }
+
+    #[test]
+    fn replaced_database_paths_are_refused_with_directions() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fairrank.toml");
+        for text in [
+            "[ledger]\npath = \"/data/ledger.redb\"\n",
+            "[state]\npath = \"/data/state.redb\"\n",
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let message = format!("{:#}", Config::load(&path).unwrap_err());
+            assert!(
+                message.contains("fairrank.toml")
+                    && message.contains(".path was replaced by `[state] dir`")
+                    && message.contains(STATE_DATABASE_FILE),
+                "{message}"
+            );
+        }
+        std::fs::write(&path, "[state]\nmode = \"memory\"\n").unwrap();
+        assert_eq!(Config::load(&path).unwrap().state.mode, StateMode::Memory);
+        std::fs::write(&path, "[state]\nmode = \"disk\"\n").unwrap();
+        let message = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(message.contains("disk"), "{message}");
     }
 
     #[test]

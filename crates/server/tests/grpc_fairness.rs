@@ -340,8 +340,8 @@ async fn fairco_state_survives_a_restart_with_a_state_database() {
     let tables = tables(15);
     let state_dir = tempfile::tempdir().expect("temporary folder");
     let config = format!(
-        "[state]\npath = {:?}\n",
-        state_dir.path().join("state.redb").display().to_string()
+        "[state]\ndir = {:?}\n",
+        state_dir.path().display().to_string()
     );
     let users: Vec<String> = (0..4)
         .map(|user| tables.data.users.ids[user * 7].clone())

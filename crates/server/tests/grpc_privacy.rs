@@ -13,14 +13,16 @@ use tonic::Code;
 /// A pseudonym secret for test servers (hex, 32 bytes).
 const SECRET: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 
-fn config(ledger: &std::path::Path, cap: f64) -> String {
-    config_with_commit(ledger, cap, "per-charge")
+/// Configuration with the state directory `state_dir` (the ledger lives in its database).
+fn config(state_dir: &std::path::Path, cap: f64) -> String {
+    config_with_commit(state_dir, cap, "per-charge")
 }
 
-fn config_with_commit(ledger: &std::path::Path, cap: f64, commit: &str) -> String {
+fn config_with_commit(state_dir: &std::path::Path, cap: f64, commit: &str) -> String {
     format!(
-        "[privacy]\nsubject_rho_cap = {cap}\n\n[ledger]\npath = {:?}\ncommit = {commit:?}\n",
-        ledger.display().to_string()
+        "[privacy]\nsubject_rho_cap = {cap}\n\n[state]\ndir = {:?}\n\n[ledger]\n\
+         commit = {commit:?}\n",
+        state_dir.display().to_string()
     )
 }
 
@@ -57,7 +59,7 @@ fn ids(response: &pb::RankResponse) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dp_answers_charge_the_budget_replay_and_stop_at_the_cap() {
     let tables = tables(41);
-    let ledger = tables.dir.path().join("ledger.redb");
+    let ledger = tables.dir.path().join("state");
     let server = Server::start(&tables, Some(&config(&ledger, 0.35)), &env());
     let mut ranker = server.ranker().await;
     let user = tables.data.users.ids[2].clone();
@@ -150,7 +152,7 @@ async fn dp_answers_charge_the_budget_replay_and_stop_at_the_cap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ledger_survives_a_kill_and_replays_after_restart() {
     let tables = tables(43);
-    let ledger = tables.dir.path().join("ledger.redb");
+    let ledger = tables.dir.path().join("state");
     let config = config(&ledger, 1.0);
     let user = tables.data.users.ids[5].clone();
     let mut server = Server::start(&tables, Some(&config), &env());
@@ -194,7 +196,7 @@ async fn the_ledger_survives_a_kill_and_replays_after_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leased_ledger_never_refunds_a_released_charge_after_a_kill() {
     let tables = tables(44);
-    let ledger = tables.dir.path().join("ledger.redb");
+    let ledger = tables.dir.path().join("state");
     let cap = 2.0;
     let config = config_with_commit(&ledger, cap, "leased");
     let user = tables.data.users.ids[6].clone();
@@ -229,5 +231,144 @@ async fn a_leased_ledger_never_refunds_a_released_charge_after_a_kill() {
         }
         // The whole rest of the window's budget may have been leased and wasted.
         Err(status) => assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}"),
+    }
+}
+
+/// Without any state configuration the ledger is durable in the default state directory
+/// (here `$FAIRRANK_STATE_DIR`): one database and the generated pseudonym secret, both kept
+/// across a restart, so a released charge is never forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_state_directory_keeps_budgets_across_a_restart() {
+    let tables = tables(45);
+    let state_dir = tables.dir.path().join("default-state");
+    let state_dir_text = state_dir.display().to_string();
+    // No pseudonym secret variable: the server generates one into the state directory.
+    let env = [
+        ("FAIRRANK_STATE_DIR", state_dir_text.as_str()),
+        ("FAIRRANK_PSEUDONYM_SECRET", ""),
+    ];
+    let user = tables.data.users.ids[7].clone();
+    let mut server = Server::start(&tables, Some("[privacy]\nsubject_rho_cap = 1.0\n"), &env);
+    {
+        let mut ranker = server.ranker().await;
+        let first = ranker
+            .rank(dp_request("default-1", &user))
+            .await
+            .expect("ranks")
+            .into_inner();
+        assert!(report(&first).dp_applied);
+    }
+    assert!(state_dir.join("state.redb").is_file());
+    assert!(state_dir.join("pseudonym.secret").is_file());
+    assert!(!server.logs().contains("IN MEMORY"), "{}", server.logs());
+    server.signal("TERM");
+    assert!(server.wait(CALL_TIMEOUT).success(), "{}", server.logs());
+
+    let server = Server::start(&tables, Some("[privacy]\nsubject_rho_cap = 1.0\n"), &env);
+    let mut ranker = server.ranker().await;
+    let next = ranker
+        .rank(dp_request("default-2", &user))
+        .await
+        .expect("ranks")
+        .into_inner();
+    let remaining = report(&next).rho_remaining.expect("remaining");
+    // A clean shutdown returned the unused lease: exactly two charges are spent.
+    assert!(
+        (remaining - (1.0 - 2.0 * CHARGE)).abs() < 1e-6,
+        "the first charge survived the restart: {remaining}"
+    );
+}
+
+/// A second server on a state directory in use refuses to start, naming the database and
+/// how to choose another directory; it never falls back to memory. The first keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_the_same_state_directory_refuses_to_start() {
+    let tables = tables(46);
+    let state_dir = tables.dir.path().join("shared-state");
+    let config_text = config(&state_dir, 1.0);
+    let server = Server::start(&tables, Some(&config_text), &env());
+
+    let config_path = tables.dir.path().join("second.toml");
+    std::fs::write(&config_path, &config_text).expect("config file");
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_fairrank"))
+        .arg("serve")
+        .args(["--addr", "127.0.0.1:0", "--metrics-addr", ""])
+        .arg("--table")
+        .arg(&tables.items_path)
+        .arg("--users")
+        .arg(&tables.users_path)
+        .arg("--config")
+        .arg(&config_path)
+        .env("FAIRRANK_PSEUDONYM_SECRET", SECRET)
+        .env("FAIRRANK_CACHE", tables.dir.path().join("cache"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the fairrank binary starts");
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = second.try_wait().expect("the process can be polled") {
+            break status;
+        }
+        if started.elapsed() > START_TIMEOUT {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!("the second server did not refuse to start");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(
+        &mut second.stderr.take().expect("piped stderr"),
+        &mut stderr,
+    )
+    .expect("stderr");
+    assert!(!status.success(), "{stderr}");
+    let database = state_dir.join("state.redb").display().to_string();
+    assert!(stderr.contains(&database), "{stderr}");
+    assert!(stderr.contains("--state-dir"), "{stderr}");
+    assert!(!stderr.contains("IN MEMORY"), "{stderr}");
+
+    let mut ranker = server.ranker().await;
+    let user = tables.data.users.ids[8].clone();
+    let answer = ranker
+        .rank(dp_request("still-serving", &user))
+        .await
+        .expect("the first server still ranks")
+        .into_inner();
+    assert!(report(&answer).dp_applied);
+}
+
+/// `state.mode = "memory"` is an explicit opt-in: nothing is written to the state
+/// directory, the server warns, and a restart forgets the spend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_in_memory_state_is_an_explicit_opt_in_that_warns() {
+    let tables = tables(48);
+    let state_dir = tables.dir.path().join("unused-state");
+    let config_text = format!(
+        "[privacy]\nsubject_rho_cap = 1.0\n\n[state]\ndir = {:?}\nmode = \"memory\"\n",
+        state_dir.display().to_string()
+    );
+    let user = tables.data.users.ids[9].clone();
+    for round in 0..2 {
+        let server = Server::start(&tables, Some(&config_text), &env());
+        let mut ranker = server.ranker().await;
+        let answer = ranker
+            .rank(dp_request(&format!("memory-{round}"), &user))
+            .await
+            .expect("ranks")
+            .into_inner();
+        let remaining = report(&answer).rho_remaining.expect("remaining");
+        assert!(
+            (remaining - (1.0 - CHARGE)).abs() < 1e-6,
+            "round {round}: {remaining}"
+        );
+        assert!(
+            server.logs().contains("STATE IN MEMORY ONLY"),
+            "{}",
+            server.logs()
+        );
+        assert!(!state_dir.exists());
     }
 }

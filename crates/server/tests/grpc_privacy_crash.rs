@@ -42,11 +42,11 @@ fn dp_request(request_id: &str, user_id: &str) -> pb::RankRequest {
     request
 }
 
-/// `fairrank privacy ledger show USER --ledger PATH` as JSON.
-fn ledger_show(ledger: &std::path::Path, user: &str) -> serde_json::Value {
+/// `fairrank privacy ledger show USER --state-dir DIR` as JSON.
+fn ledger_show(state_dir: &std::path::Path, user: &str) -> serde_json::Value {
     let output = Command::new(env!("CARGO_BIN_EXE_fairrank"))
-        .args(["privacy", "ledger", "show", user, "--ledger"])
-        .arg(ledger)
+        .args(["privacy", "ledger", "show", user, "--state-dir"])
+        .arg(state_dir)
         .env("FAIRRANK_PSEUDONYM_SECRET", SECRET)
         .output()
         .expect("the CLI runs");
@@ -73,9 +73,10 @@ async fn no_released_charge_is_lost_with_leased_blocks() {
 async fn crash_under_load(commit: &str) {
     let exact_records = commit == "per-charge";
     let tables = tables(47);
-    let ledger = tables.dir.path().join("ledger.redb");
+    let ledger = tables.dir.path().join("state");
     let config = format!(
-        "[privacy]\nsubject_rho_cap = 1000000.0\n\n[ledger]\npath = {:?}\ncommit = {commit:?}\n",
+        "[privacy]\nsubject_rho_cap = 1000000.0\n\n[state]\ndir = {:?}\n\n[ledger]\n\
+         commit = {commit:?}\n",
         ledger.display().to_string()
     );
     let env = [("FAIRRANK_PSEUDONYM_SECRET", SECRET)];

@@ -1,5 +1,6 @@
 //! `fairrank privacy ledger show USER_ID`: a user's privacy budget spend, read from the
-//! durable ledger (stop the server first: the ledger file is locked while it runs).
+//! state database of a state directory (stop the server first: the database is locked while
+//! it runs).
 
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -7,8 +8,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use clap::{Args, Subcommand};
 use engine::StateLedger;
 
-use crate::config::Config;
+use crate::config::{Config, PSEUDONYM_SECRET_FILE, StateMode};
 use crate::serve::privacy::{open_durable, pseudonym_key};
+use crate::serve::state_setup::open_database;
 
 /// `fairrank privacy ledger ...`.
 #[derive(Debug, Subcommand)]
@@ -22,12 +24,13 @@ pub enum LedgerCommand {
 pub struct ShowArgs {
     /// The user id (or inline subject id) as sent in requests.
     pub user_id: String,
-    /// The server's configuration file (for `[ledger]` and `[privacy]`).
+    /// The server's configuration file (for `[state]`, `[ledger]` and `[privacy]`).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// The ledger file, overriding the configuration's `ledger.path`.
+    /// The server's state directory, overriding the configuration's `state.dir` (default:
+    /// the same default directory as `fairrank serve`).
     #[arg(long)]
-    pub ledger: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
 }
 
 /// Runs `fairrank privacy ledger ...`.
@@ -42,17 +45,20 @@ fn show(args: &ShowArgs) -> anyhow::Result<()> {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
-    let Some(path) = args.ledger.clone().or_else(|| config.ledger.path.clone()) else {
+    if config.state.mode == StateMode::Memory && args.state_dir.is_none() {
         anyhow::bail!(
-            "no ledger file: pass --ledger PATH or a --config with ledger.path (a server \
-             without ledger.path keeps its ledger in memory only)"
+            "the configuration keeps the server's state in memory (state.mode = \"memory\"): \
+             there is no ledger to read"
         );
-    };
-    if !path.exists() {
-        anyhow::bail!("no privacy ledger at {}", path.display());
     }
-    let key = pseudonym_key(&config, Some(&path))?;
-    let store = open_durable(&config, &path)?;
+    let dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| config.state.resolved_dir());
+    let database = open_database(&dir, true)?;
+    let path = database.path().to_path_buf();
+    let key = pseudonym_key(&config, Some(&dir.join(PSEUDONYM_SECRET_FILE)))?;
+    let store = open_durable(&config, &database)?;
     let ledger = StateLedger::new(store, key);
     let now = SystemTime::now();
     let spend = ledger

@@ -14,6 +14,7 @@ pub mod privacy;
 mod rank_route;
 mod ranker;
 mod replay;
+pub mod state_setup;
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
@@ -57,6 +58,10 @@ pub struct ServeArgs {
     /// Metrics listen address (`server.metrics_addr`); an empty string turns metrics off.
     #[arg(long)]
     pub metrics_addr: Option<String>,
+    /// State directory (`state.dir`): the privacy ledger and amortized fairness state
+    /// database; one server per directory.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
     /// Print the effective configuration (documented TOML, secrets redacted) and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -80,6 +85,9 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     if let Some(metrics_addr) = &args.metrics_addr {
         config.server.metrics_addr = metrics_addr.clone();
     }
+    if let Some(state_dir) = &args.state_dir {
+        config.state.dir = Some(state_dir.clone());
+    }
     config
         .validate()
         .context("invalid configuration after applying the command-line flags")?;
@@ -96,8 +104,11 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .map(|path| engine::open_table(TableKind::Users, path))
         .transpose()?;
     let reload_dirs = ReloadDirs::new(&config, &items_path, users_path.as_deref())?;
-    let (fairness, amortized) = fairness_setup(&config)?;
-    let privacy = privacy::setup(&config)?;
+    let state_setup::ServerState {
+        fairness,
+        privacy,
+        closer,
+    } = state_setup::ServerState::open(&config)?;
     let engine = Engine::with_setup(config.ranking.clone(), items, users, fairness, privacy)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -108,53 +119,11 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let served = runtime.block_on(serve(config, engine, reload_dirs));
     // A table reload still running on the blocking pool must not hold the exit up for long.
     runtime.shutdown_timeout(Duration::from_secs(5));
-    if let Some(store) = amortized {
-        // Writes the amortized fairness state of the last flush interval.
-        match store.close() {
-            Ok(()) => tracing::info!("amortized fairness state written"),
-            Err(error) => {
-                tracing::error!(%error, "the amortized fairness state could not be written");
-                served?;
-                return Err(
-                    anyhow::Error::new(error).context("closing the amortized fairness state")
-                );
-            }
-        }
-    }
-    served
-}
-
-/// The fairness registry and amortized state store: durable in the state database when
-/// `[state] path` is set (the backing store is returned to be closed at shutdown), else in
-/// memory.
-fn fairness_setup(
-    config: &Config,
-) -> anyhow::Result<(
-    engine::FairnessSetup,
-    Option<Arc<dyn state::AmortizedStore>>,
-)> {
-    let Some(path) = &config.state.path else {
-        return Ok((engine::FairnessSetup::in_memory(&config.ranking), None));
-    };
-    let database = state::StateDatabase::open(path)
-        .with_context(|| format!("opening the state database {}", path.display()))?;
-    let store: Arc<dyn state::AmortizedStore> = Arc::new(
-        database
-            .amortized_store(state::AmortizedOptions {
-                flush_interval: Duration::from_millis(config.state.amortized_flush_ms),
-            })
-            .context("starting the amortized fairness state store")?,
-    );
-    tracing::info!(path = %path.display(), "amortized fairness state is durable");
-    let adapter =
-        engine::AmortizedStoreAdapter::new(Arc::clone(&store), config.ranking.max_exposure_scopes);
-    Ok((
-        engine::FairnessSetup {
-            registry: fairness::Registry::with_builtins(),
-            store: Arc::new(adapter),
-        },
-        Some(store),
-    ))
+    // Writes the amortized fairness state of the last flush interval and the ledger's
+    // pending answers, and returns unused budget leases.
+    let closed = closer.close();
+    served?;
+    closed
 }
 
 /// The table files to open: configured, or the built-in default dataset.

@@ -1,21 +1,21 @@
-//! The privacy budget ledger of `fairrank serve`: where it lives, the pseudonym secret, and
-//! the engine's privacy setup built from `[privacy]` and `[ledger]`.
+//! The privacy budget ledger of `fairrank serve`: the pseudonym secret, the ledger in the
+//! state database (per `[ledger] commit`), and the engine's privacy setup built from
+//! `[privacy]` and `[ledger]`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use engine::{PrivacySetup, StateLedger};
-use state::{
-    BudgetLedger, InMemoryLedger, LeaseOptions, LedgerOptions, PseudonymKey, StateDatabase,
-};
+use state::{BudgetLedger, LeaseOptions, LedgerOptions, PseudonymKey, StateDatabase};
 
 use crate::config::{Config, LedgerCommit};
 
-/// The pseudonym key: from the configured environment variable, else the secret file
-/// (created with a fresh OS-random secret on first use).
-pub fn pseudonym_key(config: &Config, ledger_path: Option<&Path>) -> anyhow::Result<PseudonymKey> {
+/// The pseudonym key: from the configured environment variable, else `ledger.secret_file`,
+/// else `default_file` (created with a fresh OS-random secret on first use); with neither
+/// file (in-memory state), a fresh secret for this process.
+pub fn pseudonym_key(config: &Config, default_file: Option<&Path>) -> anyhow::Result<PseudonymKey> {
     let env = &config.ledger.secret_env;
     if !env.is_empty()
         && let Ok(hex) = std::env::var(env)
@@ -24,13 +24,9 @@ pub fn pseudonym_key(config: &Config, ledger_path: Option<&Path>) -> anyhow::Res
         return PseudonymKey::from_hex(&hex)
             .with_context(|| format!("the pseudonym secret in ${env}"));
     }
-    let file = match (&config.ledger.secret_file, ledger_path) {
+    let file = match (&config.ledger.secret_file, default_file) {
         (Some(file), _) => file.clone(),
-        (None, Some(ledger_path)) => {
-            let mut name = ledger_path.as_os_str().to_owned();
-            name.push(".secret");
-            PathBuf::from(name)
-        }
+        (None, Some(default_file)) => default_file.to_path_buf(),
         (None, None) => {
             let (key, _) = PseudonymKey::generate().context("generating a pseudonym secret")?;
             return Ok(key);
@@ -40,7 +36,7 @@ pub fn pseudonym_key(config: &Config, ledger_path: Option<&Path>) -> anyhow::Res
         tracing::warn!(
             file = %file.display(),
             "no pseudonym secret in ${env}: generating one and keeping it in this file (back it \
-             up with the ledger; without it, budgets cannot be matched to users)"
+             up with the state database; without it, budgets cannot be matched to users)"
         );
     }
     PseudonymKey::load_or_create(&file)
@@ -58,11 +54,17 @@ fn ledger_options(config: &Config) -> LedgerOptions {
     }
 }
 
-/// Opens the durable ledger at `path`.
-pub fn open_durable(config: &Config, path: &Path) -> anyhow::Result<Arc<dyn BudgetLedger>> {
-    let database = StateDatabase::open(path)
-        .with_context(|| format!("opening the privacy ledger {}", path.display()))?;
-    let starting = || format!("starting the privacy ledger {}", path.display());
+/// Starts the durable ledger (leased or per-charge, per `ledger.commit`) in `database`.
+pub fn open_durable(
+    config: &Config,
+    database: &StateDatabase,
+) -> anyhow::Result<Arc<dyn BudgetLedger>> {
+    let starting = || {
+        format!(
+            "starting the privacy ledger in {}",
+            database.path().display()
+        )
+    };
     Ok(match config.ledger.commit {
         LedgerCommit::PerCharge => Arc::new(
             database
@@ -81,26 +83,10 @@ pub fn open_durable(config: &Config, path: &Path) -> anyhow::Result<Arc<dyn Budg
     })
 }
 
-/// The engine's privacy setup: configuration and ledger (durable at `ledger.path`; in
-/// memory, with a loud warning, when none is configured).
-pub fn setup(config: &Config) -> anyhow::Result<PrivacySetup> {
-    let path = config.ledger.path.as_deref();
-    let key = pseudonym_key(config, path)?;
-    let store: Arc<dyn BudgetLedger> = match path {
-        None => {
-            tracing::warn!(
-                "PRIVACY LEDGER IN MEMORY ONLY (no ledger.path configured): privacy budgets and \
-                 stored DP answers are lost on restart; set ledger.path in production"
-            );
-            Arc::new(InMemoryLedger::new())
-        }
-        Some(path) => {
-            tracing::info!(path = %path.display(), "privacy budget ledger");
-            open_durable(config, path)?
-        }
-    };
-    Ok(PrivacySetup {
+/// The engine's privacy setup: the configuration and `ledger` keyed by `key`.
+pub fn setup(config: &Config, ledger: Arc<dyn BudgetLedger>, key: PseudonymKey) -> PrivacySetup {
+    PrivacySetup {
         config: config.privacy.clone(),
-        ledger: Arc::new(StateLedger::new(store, key)),
-    })
+        ledger: Arc::new(StateLedger::new(ledger, key)),
+    }
 }

@@ -216,6 +216,8 @@ impl Server {
             .args(["--addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
             .args(&extra)
             .env("FAIRRANK_CACHE", scratch.path().join("cache"))
+            // Each server its own state directory (a configured `[state] dir` still wins).
+            .env("FAIRRANK_STATE_DIR", scratch.path().join("state"))
             .env("RUST_LOG", "info")
             .env_remove("FAIRRANK_ADMIN_TOKEN")
             .stdin(Stdio::null())
