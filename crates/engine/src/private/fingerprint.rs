@@ -304,6 +304,9 @@ mod tests {
     use crate::candidate_ids::CandidateIds;
     use crate::request::{Consent, ExplainOptions, FairnessPolicy, PrivacyPolicy};
 
+    /// A named edit of a request.
+    type Change = Box<dyn Fn(&mut RankRequest)>;
+
     /// A request with every field away from its default.
     fn full_request() -> RankRequest {
         let mut params = BTreeMap::new();
@@ -434,7 +437,7 @@ mod tests {
     fn every_answer_determining_field_changes_the_digest() {
         let base = full_request();
         let digest = RequestDigest::of(&base);
-        let changes: Vec<(&str, Box<dyn Fn(&mut RankRequest)>)> = vec![
+        let changes: Vec<(&str, Change)> = vec![
             (
                 "user kind",
                 Box::new(|r: &mut RankRequest| r.user = UserRef::id("subject-9")),
