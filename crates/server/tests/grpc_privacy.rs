@@ -372,3 +372,38 @@ async fn the_in_memory_state_is_an_explicit_opt_in_that_warns() {
         assert!(!state_dir.exists());
     }
 }
+
+/// `fairrank privacy ledger show` reads the state directory's database, and refuses (rather
+/// than inventing a secret that matches no user) when the server's pseudonym secret is
+/// neither in the environment nor in the directory.
+#[test]
+fn ledger_show_needs_the_servers_pseudonym_secret() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    drop(state::StateDatabase::open(dir.path().join("state.redb")).expect("a state database"));
+    let show = |secret: Option<&str>| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_fairrank"));
+        command
+            .args(["privacy", "ledger", "show", "u000001", "--state-dir"])
+            .arg(dir.path())
+            .env_remove("FAIRRANK_PSEUDONYM_SECRET");
+        if let Some(secret) = secret {
+            command.env("FAIRRANK_PSEUDONYM_SECRET", secret);
+        }
+        command.output().expect("the CLI runs")
+    };
+    let refused = show(None);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("no pseudonym secret"), "{stderr}");
+    assert!(!dir.path().join("pseudonym.secret").exists());
+
+    let shown = show(Some(SECRET));
+    assert!(
+        shown.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&shown.stdout).expect("JSON output");
+    assert_eq!(json["charges"], 0);
+    assert_eq!(json["rho_spent"], 0.0);
+}

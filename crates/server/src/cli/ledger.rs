@@ -57,7 +57,22 @@ fn show(args: &ShowArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| config.state.resolved_dir());
     let database = open_database(&dir, true)?;
     let path = database.path().to_path_buf();
-    let key = pseudonym_key(&config, Some(&dir.join(PSEUDONYM_SECRET_FILE)))?;
+    let secret_file = config
+        .ledger
+        .secret_file
+        .clone()
+        .unwrap_or_else(|| dir.join(PSEUDONYM_SECRET_FILE));
+    let env = &config.ledger.secret_env;
+    let secret_in_env =
+        !env.is_empty() && std::env::var(env).is_ok_and(|value| !value.trim().is_empty());
+    if !secret_in_env && !secret_file.exists() {
+        // A fresh secret would match no user: refuse rather than report every user as new.
+        anyhow::bail!(
+            "no pseudonym secret: ${env} is unset and {} does not exist; give this command the              secret the server used (the same ${env}, or --config with its ledger.secret_file)",
+            secret_file.display()
+        );
+    }
+    let key = pseudonym_key(&config, Some(&secret_file))?;
     let store = open_durable(&config, &database)?;
     let ledger = StateLedger::new(store, key);
     let now = SystemTime::now();
