@@ -121,7 +121,7 @@ impl StateCloser {
             _ => {
                 for error in [&ledger, &amortized]
                     .into_iter()
-                    .filter_map(|r| r.as_ref().err())
+                    .filter_map(|result| result.as_ref().err())
                 {
                     tracing::error!(%error, "the state database could not be closed cleanly");
                 }
