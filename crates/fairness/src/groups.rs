@@ -190,22 +190,31 @@ impl<'a> GroupLists<'a> {
         if self.is_complete(group) {
             return false;
         }
-        if self.probing && group < 64 {
+        if self.probing && group < 64 && group <= self.labels.len() {
             // Find where the `count`-th item of the group lies (or its last item) without
             // filing anything, then file up to there.
             let needed = count - current;
-            let mut found = 0usize;
-            let mut end = self.scanned;
-            for (offset, candidate) in self.pool[self.scanned..].iter().enumerate() {
-                if dense_index(self.labels, candidate.group) == group {
-                    found += 1;
-                    end = self.scanned + offset + 1;
-                    if found == needed {
-                        break;
-                    }
+            let rest = &self.pool[self.scanned..];
+            let (found, end) = match self.labels.get(group) {
+                Some(&label) => probe(rest, needed, |other| other == label),
+                None => {
+                    // The rest group: labels not listed. Listed labels below 64 as a bit set.
+                    let labels = self.labels;
+                    let listed_small = labels
+                        .iter()
+                        .filter(|&&label| label < 64)
+                        .fold(0u64, |set, &label| set | (1u64 << label));
+                    let all_small = labels.iter().all(|&label| label < 64);
+                    probe(rest, needed, |other| {
+                        if other < 64 {
+                            listed_small & (1u64 << other) == 0
+                        } else {
+                            all_small || !labels.contains(&other)
+                        }
+                    })
                 }
-            }
-            self.scan_to(end);
+            };
+            self.scan_to(self.scanned + end);
             if found < needed {
                 self.complete |= 1u64 << group;
                 return false;
@@ -255,6 +264,24 @@ impl<'a> GroupLists<'a> {
         }
         best.map(|(group, _)| group)
     }
+}
+
+/// Counts the candidates of `rest` whose label satisfies `matches`, stopping at the
+/// `needed`-th: returns the count and the offset just past the last one counted (0 if none).
+#[inline]
+fn probe(rest: &[Candidate], needed: usize, matches: impl Fn(u32) -> bool) -> (usize, usize) {
+    let mut found = 0usize;
+    let mut end = 0usize;
+    for (offset, candidate) in rest.iter().enumerate() {
+        if matches(candidate.group) {
+            found += 1;
+            end = offset + 1;
+            if found == needed {
+                break;
+            }
+        }
+    }
+    (found, end)
 }
 
 /// Parses and checks the `targets` of a share-based constraint into [`GroupShares`].

@@ -177,22 +177,21 @@ impl Solver<'_, '_> {
         }
         let mut utility = 0.0;
         for rank in 1..=self.length {
-            let mut best = usize::MAX;
+            // (boosted score, pool position, group) of the best head.
+            let mut best: Option<(f64, usize, usize)> = None;
             for (group, &(boosted, position)) in heads.iter().enumerate() {
                 if position == usize::MAX {
                     continue;
                 }
-                if best == usize::MAX
-                    || boosted > heads[best].0
-                    || (boosted == heads[best].0 && position < heads[best].1)
-                {
-                    best = group;
+                if best.is_none_or(|(best_boosted, best_position, _)| {
+                    boosted > best_boosted || (boosted == best_boosted && position < best_position)
+                }) {
+                    best = Some((boosted, position, group));
                 }
             }
-            if best == usize::MAX {
+            let Some((boosted, position, best)) = best else {
                 break;
-            }
-            let (boosted, position) = heads[best];
+            };
             let weight = self.weights[rank - 1];
             counts[best] += 1;
             exposure[best] += weight;
