@@ -1,10 +1,20 @@
 //! The overhead target of issue 4: on a 10,000-candidate request with k = 100 (re-ranking
 //! pool of 10,000), fairness re-ranking plus the per-answer report add at most 5% to
-//! server-side latency. Measures `Engine::rank_blocking` with constraint `none` against
-//! `fa*ir`, `det-greedy`, `det-const-sort`, `min-exposure`, `fairco` and `plackett-luce`
-//! (criterion), then prints per constraint the median total latency, the median time of the
-//! fairness stage (`rerank_us + report_us`, which for `none` is the pool hand-over and the
-//! report), its share of the total, and the ratio of the median total to `none`'s.
+//! server-side latency. Measures `Engine::rank_blocking` (resolve 10,000 candidate ids, score
+//! them, select the pool, re-rank, report, explain and build the answer) with constraint
+//! `none` against `fa*ir`, `det-greedy`, `det-const-sort`, `min-exposure`, `fairco` and
+//! `plackett-luce` (criterion), then prints per constraint, over requests interleaved
+//! round-robin across the constraints (so machine load hits all alike), the median total
+//! server-side latency, the median fairness stage (`rerank_us + report_us`; for `none` the
+//! pool hand-over and the report), its share of the total, the overhead it adds to the rest
+//! of the request (`stage / (total - stage)`, the issue's target) and the ratio of the median
+//! total to `none`'s. The gRPC encoding of the answer is not included (it would only lower
+//! the shares).
+//!
+//! Environment: `RERANK_OVERHEAD_SUMMARY_ONLY=1` skips the criterion groups,
+//! `RERANK_OVERHEAD_REQUESTS=N` sets the requests per constraint of the summary (default
+//! 300), `RERANK_OVERHEAD_CONSTRAINTS=none,fairco` keeps only the named constraints (for
+//! `valgrind --tool=callgrind` runs).
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -138,58 +148,78 @@ fn median(values: &mut [u64]) -> u64 {
     values[values.len() / 2]
 }
 
+/// A positive integer from the environment, or `default`.
+fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .filter(|&count| count > 0)
+        .unwrap_or(default)
+}
+
 fn rerank_overhead(c: &mut Criterion) {
     let dir = match tempfile::tempdir() {
         Ok(dir) => dir,
         Err(error) => panic!("no temporary folder: {error}"),
     };
     let (engine, candidates, user) = setup(dir.path());
-    let policies = policies();
-
-    let mut group = c.benchmark_group("rank_blocking_10k_candidates_k100");
-    group.sample_size(30);
-    group.measurement_time(Duration::from_secs(4));
-    for (name, policy) in &policies {
-        group.bench_with_input(BenchmarkId::from_parameter(name), policy, |b, policy| {
-            b.iter_batched(
-                || request(&candidates, &user, policy),
-                |request| black_box(engine.rank_blocking(request)),
-                criterion::BatchSize::SmallInput,
-            );
-        });
+    let mut policies = policies();
+    if let Ok(names) = std::env::var("RERANK_OVERHEAD_CONSTRAINTS") {
+        let wanted: Vec<&str> = names.split(',').map(str::trim).collect();
+        policies.retain(|(name, _)| wanted.contains(name));
     }
-    group.finish();
+    let summary_only = std::env::var_os("RERANK_OVERHEAD_SUMMARY_ONLY").is_some();
+    let requests = env_count("RERANK_OVERHEAD_REQUESTS", SUMMARY_REQUESTS);
 
-    // Server-side stage timings of many requests per constraint.
-    println!(
-        "\nfairness overhead, {CANDIDATES} candidates (pool {CANDIDATES}), k = {K}, {SUMMARY_REQUESTS} requests each (medians):"
-    );
-    println!(
-        "{:<16} {:>10} {:>14} {:>10} {:>12}",
-        "constraint", "total_us", "rerank+report", "share", "vs none"
-    );
-    let mut none_total = None;
-    for (name, policy) in &policies {
-        let mut totals = Vec::with_capacity(SUMMARY_REQUESTS);
-        let mut stages = Vec::with_capacity(SUMMARY_REQUESTS);
-        for _ in 0..SUMMARY_REQUESTS {
+    if !summary_only {
+        let mut group = c.benchmark_group("rank_blocking_10k_candidates_k100");
+        group.sample_size(30);
+        group.measurement_time(Duration::from_secs(4));
+        for (name, policy) in &policies {
+            group.bench_with_input(BenchmarkId::from_parameter(name), policy, |b, policy| {
+                b.iter_batched(
+                    || request(&candidates, &user, policy),
+                    |request| black_box(engine.rank_blocking(request)),
+                    criterion::BatchSize::SmallInput,
+                );
+            });
+        }
+        group.finish();
+    }
+
+    // Server-side stage timings, requests interleaved round-robin across the constraints.
+    let mut totals = vec![Vec::with_capacity(requests); policies.len()];
+    let mut stages = vec![Vec::with_capacity(requests); policies.len()];
+    for _ in 0..requests {
+        for (slot, (name, policy)) in policies.iter().enumerate() {
             match engine.rank_blocking(request(&candidates, &user, policy)) {
                 Ok(response) => {
-                    totals.push(response.timings.total_us);
-                    stages.push(response.timings.rerank_us + response.timings.report_us);
+                    totals[slot].push(response.timings.total_us);
+                    stages[slot].push(response.timings.rerank_us + response.timings.report_us);
                 }
                 Err(error) => panic!("{name}: {error}"),
             }
         }
-        let total = median(&mut totals);
-        let stage = median(&mut stages);
+    }
+    println!(
+        "\nfairness overhead, {CANDIDATES} candidates (pool {CANDIDATES}), k = {K}, {requests} requests each, interleaved (medians):"
+    );
+    println!(
+        "{:<16} {:>10} {:>14} {:>10} {:>10} {:>10}",
+        "constraint", "total_us", "rerank+report", "share", "adds", "vs none"
+    );
+    let mut none_total = None;
+    for (slot, (name, _)) in policies.iter().enumerate() {
+        let total = median(&mut totals[slot]);
+        let stage = median(&mut stages[slot]);
         let baseline = *none_total.get_or_insert(total);
         println!(
-            "{:<16} {:>10} {:>14} {:>9.2}% {:>11.3}x",
+            "{:<16} {:>10} {:>14} {:>9.2}% {:>9.2}% {:>9.3}x",
             name,
             total,
             stage,
             100.0 * stage as f64 / total.max(1) as f64,
+            100.0 * stage as f64 / total.saturating_sub(stage).max(1) as f64,
             total as f64 / baseline.max(1) as f64
         );
     }

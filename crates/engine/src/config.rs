@@ -41,7 +41,7 @@ pub struct EngineConfig {
     /// refused with `ResourceExhausted` (default 4096).
     pub batch_queue_capacity: usize,
     /// Fairness constraint of requests that name none (default `none`): a name of the
-    /// fairness registry, checked at start-up.
+    /// fairness registry, exact and case-sensitive, checked at start-up.
     pub default_fairness_constraint: String,
     /// Parameters of the default constraint, keyed as in the fairness registry (default
     /// none), for example `{ p = 0.5, alpha = 0.1, protected = 1 }` for `fa*ir`.

@@ -316,6 +316,7 @@ fn rerank(
     personalization: &Personalization,
     pool: &[ScoredItem],
     k: usize,
+    defer_state_update: bool,
 ) -> Result<FairnessOutcome, EngineError> {
     let non_personalized = match personalization {
         Personalization::NonPersonalized(reason) => {
@@ -337,6 +338,7 @@ fn rerank(
         k,
         exposure_scope: &fairness.exposure_scope,
         non_personalized: non_personalized.as_deref(),
+        defer_state_update,
     })
 }
 
@@ -358,18 +360,22 @@ pub(crate) fn finish(
     let now = Instant::now();
     timings.select_pool_us = micros(now - stage);
 
-    // Re-rank and report: positions into the pool, best first.
+    // Re-rank and report: positions into the pool, best first. A DP answer may still be
+    // discarded (replayed or refused ledger charge), so its amortized state update waits
+    // for the charge: only a released answer counts.
     let outcome = rerank(
         &prepared.fairness,
         &prepared.items,
         &prepared.personalization,
         &pool,
         prepared.k,
+        prepared.private.is_some(),
     )?;
     timings.rerank_us = outcome.rerank_us;
     timings.report_us = outcome.report_us;
     let mut answer = outcome.answer;
     let mut fairness = outcome.report;
+    let pending_state = outcome.pending_state;
 
     // Privacy: charge the ledger before anything is released (fail closed).
     let release = match prepared.private.take() {
@@ -379,7 +385,12 @@ pub(crate) fn finish(
             let outcome = charge_release(&prepared, &plan, &pool, &answer, &fairness)?;
             prepared.timings.ledger_us = micros(stage.elapsed());
             match outcome {
-                Charged::Fresh(record, spend) => Some((record, spend, false)),
+                Charged::Fresh(record, spend) => {
+                    if let Some(update) = pending_state {
+                        update.commit()?;
+                    }
+                    Some((record, spend, false))
+                }
                 Charged::Replay(record) => {
                     (pool, answer) = restore_release(&prepared, &plan, &record)?;
                     // The report of the answer released first, not of this attempt's pool.

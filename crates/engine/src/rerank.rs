@@ -1,7 +1,10 @@
 //! The fairness stage of the request path: re-rankers built from request policies through
 //! the `fairness` registry (and cached), the re-ranking of the pool with a per-worker
 //! seeded RNG and reused buffers, amortized state kept per exposure scope, and the
-//! per-answer fairness report (`fairness::answer_report`).
+//! per-answer fairness report (the figures of `fairness::answer_report`, computed in one
+//! pass). The pool is turned into candidates and counted per group in a single pass, and
+//! every buffer lives in a per-thread workspace, so the stage does not allocate per request
+//! beyond the answer and the report it returns.
 
 use std::cell::RefCell;
 use std::collections::hash_map::RandomState;
@@ -11,8 +14,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use fairness::{
-    AmortizedState, AnswerReport, Candidate, ConstraintInfo, FairnessError, Measure, Registry,
-    RerankOutput, RerankReport, Reranker, answer_report,
+    AmortizedState, Candidate, ConstraintInfo, FairnessError, Measure, Registry, RerankOutput,
+    RerankReport, Reranker, dcg_weight,
 };
 use kernels::ScoredItem;
 use rand::{RngCore, SeedableRng};
@@ -209,7 +212,8 @@ impl FairnessRuntime {
             .iter()
             .map(|(key, value)| (key.clone(), json_value(value)))
             .collect();
-        let mut key = name.trim().to_ascii_lowercase();
+        // Names are exact and case-sensitive (the registry's contract), so the key is too.
+        let mut key = name.to_owned();
         key.push('\u{1f}');
         key.push_str(&Value::Object(spec.clone()).to_string());
         if let Some(built) = self.lock_cache().get(&key) {
@@ -323,6 +327,11 @@ pub(crate) struct FairnessInput<'a> {
     pub exposure_scope: &'a str,
     /// For a non-personalized answer: why (the fallback reason when the constraint holds).
     pub non_personalized: Option<&'a str>,
+    /// Whether the answer may still be discarded (a DP release not yet charged): an
+    /// amortized constraint then ranks against a snapshot of its state and returns the
+    /// update in [`FairnessOutcome::pending_state`] instead of storing it, so only a
+    /// released answer ever counts.
+    pub defer_state_update: bool,
 }
 
 /// The answer (positions into the pool, best first) and its fairness report.
@@ -336,19 +345,41 @@ pub(crate) struct FairnessOutcome {
     pub rerank_us: u64,
     /// Time spent on the report.
     pub report_us: u64,
+    /// The amortized state update of a deferred run ([`FairnessInput::defer_state_update`]),
+    /// to commit once the answer is released; `None` when there is nothing to commit.
+    pub pending_state: Option<PendingStateUpdate>,
+}
+
+/// An amortized state update held back until its answer is released.
+#[derive(Debug)]
+#[must_use = "the amortized state only counts the answer once the update is committed"]
+pub(crate) struct PendingStateUpdate {
+    store: Arc<dyn ExposureStateStore>,
+    scope_key: String,
+    /// This answer's exposure and merit per group and one ranking (additive).
+    delta: AmortizedState,
+}
+
+impl PendingStateUpdate {
+    /// Adds this answer to its scope's amortized state (call only once it is released).
+    pub fn commit(self) -> Result<(), EngineError> {
+        let delta = &self.delta;
+        self.store
+            .update(&self.scope_key, &mut |state: &mut AmortizedState| {
+                add_state_delta(state, delta);
+                Ok(true)
+            })
+            .map(|_| ())
+    }
 }
 
 /// Per-thread buffers of the fairness stage, reused across requests.
 #[derive(Debug, Default)]
 struct Workspace {
     candidates: Vec<Candidate>,
-    shifted: Vec<Candidate>,
     output: RerankOutput,
-    answer_report: AnswerReport,
-    unconstrained_report: AnswerReport,
-    prefix: Vec<usize>,
-    pool_groups: Vec<(u32, u32)>,
-    sorted_labels: Vec<u32>,
+    groups: GroupCounter,
+    tallies: Vec<GroupTally>,
     seeds: Option<ChaCha8Rng>,
 }
 
@@ -356,8 +387,166 @@ thread_local! {
     static WORKSPACE: RefCell<Workspace> = RefCell::new(Workspace::default());
 }
 
-/// Distinct groups counted by insertion into a sorted list before switching to a sort.
-const FEW_GROUPS: usize = 64;
+/// Labels below this bound are counted in a fixed array; larger ones are sorted and counted.
+const SMALL_LABELS: usize = 64;
+
+/// Counts items per group label in one pass: labels below [`SMALL_LABELS`] (the common case)
+/// by direct indexing, the others collected and counted by a sort at the end.
+#[derive(Debug, Clone)]
+struct GroupCounter {
+    small: [u32; SMALL_LABELS],
+    large: Vec<u32>,
+}
+
+impl Default for GroupCounter {
+    fn default() -> Self {
+        GroupCounter {
+            small: [0; SMALL_LABELS],
+            large: Vec::new(),
+        }
+    }
+}
+
+impl GroupCounter {
+    fn reset(&mut self) {
+        self.small = [0; SMALL_LABELS];
+        self.large.clear();
+    }
+
+    #[inline]
+    fn add(&mut self, label: u32) {
+        match self.small.get_mut(label as usize) {
+            Some(count) => *count += 1,
+            None => self.large.push(label),
+        }
+    }
+
+    /// Calls `emit(label, count)` per label with items, ascending label (`large` is left
+    /// sorted).
+    fn finish(&mut self, mut emit: impl FnMut(u32, u32)) {
+        for (label, &count) in self.small.iter().enumerate() {
+            if count > 0 {
+                emit(label as u32, count);
+            }
+        }
+        self.large.sort_unstable();
+        let mut runs = self.large.chunk_by(|a, b| a == b);
+        for run in &mut runs {
+            emit(run[0], u32::try_from(run.len()).unwrap_or(u32::MAX));
+        }
+    }
+}
+
+/// One pool group in the report: its label and pool count, and what the answer and the
+/// unconstrained top-k give it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct GroupTally {
+    label: u32,
+    in_pool: u32,
+    returned: u32,
+    /// Sum of the DCG weights of its answer positions.
+    exposure: f64,
+    /// The same for the unconstrained top-k.
+    unconstrained_exposure: f64,
+}
+
+/// Items per group label in the pool, ascending label, into `out` (`labels` is scratch).
+#[cfg(test)]
+fn count_groups(candidates: &[Candidate], out: &mut Vec<(u32, u32)>, labels: &mut Vec<u32>) {
+    let mut counter = GroupCounter {
+        large: std::mem::take(labels),
+        ..GroupCounter::default()
+    };
+    counter.reset();
+    for candidate in candidates {
+        counter.add(candidate.group);
+    }
+    out.clear();
+    counter.finish(|label, count| out.push((label, count)));
+    *labels = counter.large;
+}
+
+/// The pool as re-ranker candidates, in one pass: with group labels (`labels` indexed by
+/// item row; rows beyond it get label 0) also counting the pool per group into `counter`.
+fn build_candidates(
+    pool: &[ScoredItem],
+    labels: Option<&[u32]>,
+    candidates: &mut Vec<Candidate>,
+    counter: &mut GroupCounter,
+) {
+    candidates.clear();
+    counter.reset();
+    match labels {
+        Some(labels) => candidates.extend(pool.iter().map(|item| {
+            let group = labels.get(item.index as usize).copied().unwrap_or_default();
+            counter.add(group);
+            Candidate::new(item.index, item.score, group)
+        })),
+        None => candidates.extend(
+            pool.iter()
+                .map(|item| Candidate::new(item.index, item.score, 0)),
+        ),
+    }
+}
+
+/// The answer's NDCG against the unconstrained order and, per pool group in `tallies`
+/// (ascending label), its items and exposure in the answer and in the unconstrained top
+/// `unconstrained_len`, in one pass over each.
+///
+/// Gains are the scores shifted so the pool's lowest is 0 (the proto's NDCG definition);
+/// the sums run in rank order, so the figures equal `fairness::answer_report`'s on the
+/// shifted pool bit for bit.
+fn summarize(
+    candidates: &[Candidate],
+    answer: &[usize],
+    unconstrained_len: usize,
+    tallies: &mut [GroupTally],
+) -> Result<f64, EngineError> {
+    let lowest = candidates.last().map_or(0.0, |candidate| candidate.score);
+    let gain =
+        |candidate: &Candidate| f64::from((candidate.score - lowest).clamp(0.0, f32::MAX)).max(0.0);
+    let slot = |tallies: &[GroupTally], label: u32| {
+        tallies
+            .binary_search_by_key(&label, |tally| tally.label)
+            .ok()
+    };
+    let mut dcg = 0.0;
+    let mut ideal = 0.0;
+    for (index, &position) in answer.iter().enumerate() {
+        let Some(candidate) = candidates.get(position) else {
+            return Err(EngineError::internal(format!(
+                "fairness report failed: answer position {position} is outside the pool of {}",
+                candidates.len()
+            )));
+        };
+        let weight = dcg_weight(index + 1);
+        dcg += weight * gain(candidate);
+        if let Some(reference) = candidates.get(index) {
+            ideal += weight * gain(reference);
+        }
+        if let Some(slot) = slot(tallies, candidate.group) {
+            tallies[slot].returned += 1;
+            tallies[slot].exposure += weight;
+        }
+    }
+    for (index, candidate) in candidates.iter().take(unconstrained_len).enumerate() {
+        if let Some(slot) = slot(tallies, candidate.group) {
+            tallies[slot].unconstrained_exposure += dcg_weight(index + 1);
+        }
+    }
+    Ok(if ideal > 0.0 {
+        (dcg / ideal).min(1.0)
+    } else {
+        1.0
+    })
+}
+
+/// Sum of the DCG weights of ranks `1..=length` (in rank order).
+fn total_weight(length: usize) -> f64 {
+    (1..=length)
+        .map(dcg_weight)
+        .fold(0.0, |total, weight| total + weight)
+}
 
 /// How the answer relates to the constraint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -447,29 +636,19 @@ fn run(
     let reranker = &*policy.built.reranker;
     let Workspace {
         candidates,
-        shifted,
         output,
-        answer_report: answer_summary,
-        unconstrained_report: unconstrained_summary,
-        prefix,
-        pool_groups,
-        sorted_labels,
+        groups: counter,
+        tallies,
         seeds,
     } = workspace;
 
-    candidates.clear();
-    match input.groups {
-        Some((_, labels)) => candidates.extend(input.pool.iter().map(|item| {
-            let group = labels.get(item.index as usize).copied().unwrap_or_default();
-            Candidate::new(item.index, item.score, group)
-        })),
-        None => candidates.extend(
-            input
-                .pool
-                .iter()
-                .map(|item| Candidate::new(item.index, item.score, 0)),
-        ),
-    }
+    // One pass over the pool: candidates with their group labels, and the pool's groups.
+    build_candidates(
+        input.pool,
+        input.groups.map(|(_, labels)| labels),
+        candidates,
+        counter,
+    );
 
     let seed = reranker
         .is_stochastic()
@@ -479,7 +658,30 @@ fn run(
     let constraint = reranker.name();
     let mut amortized = Vec::new();
     let mut disparity_after = None;
+    let mut pending_state = None;
     let decision = match (&policy.scope_key, reranker.is_amortized()) {
+        (Some(scope_key), true) if input.defer_state_update => {
+            // Rank against a snapshot; the update waits for the release.
+            let before = policy.store.load(scope_key)?.unwrap_or_default();
+            reranker
+                .rerank(candidates, k, Some(&before), &mut rng, output)
+                .map_err(rerank_error)?;
+            let decision = decide(&output.report, policy.on_infeasible, constraint)?;
+            let after = match output.state.as_ref() {
+                Some(next) if decision != Decision::Unconstrained => {
+                    pending_state = Some(PendingStateUpdate {
+                        store: Arc::clone(&policy.store),
+                        scope_key: scope_key.clone(),
+                        delta: state::delta_between(&before, next),
+                    });
+                    next
+                }
+                _ => &before,
+            };
+            amortized = amortized_shares(after);
+            disparity_after = fairness::amortized_disparity(after);
+            decision
+        }
         (Some(scope_key), true) => {
             let mut decision = Decision::Constrained;
             let candidates = &*candidates;
@@ -516,52 +718,37 @@ fn run(
     let report_started = Instant::now();
     let rerank_us = micros(report_started - started);
 
-    // Gains: the pool's scores shifted so the lowest is 0 (the proto's NDCG definition);
-    // only the prefix the answer and the unconstrained top-k reach is needed.
-    let deepest = answer
-        .iter()
-        .map(|&position| position + 1)
-        .max()
-        .unwrap_or(0)
-        .max(unconstrained_len)
-        .min(candidates.len());
-    let lowest = candidates.last().map_or(0.0, |candidate| candidate.score);
-    shifted.clear();
-    shifted.extend(candidates[..deepest].iter().map(|candidate| Candidate {
-        score: (candidate.score - lowest).clamp(0.0, f32::MAX),
-        ..*candidate
-    }));
-    let summary_error =
-        |error: FairnessError| EngineError::internal(format!("fairness report failed: {error}"));
-    answer_report(shifted, &answer, &output.report, answer_summary).map_err(summary_error)?;
-    prefix.clear();
-    prefix.extend(0..unconstrained_len);
-    answer_report(shifted, prefix, &output.report, unconstrained_summary).map_err(summary_error)?;
-
+    // The report: NDCG and per-group exposure of the answer and of the unconstrained top-k.
+    tallies.clear();
+    if input.groups.is_some() {
+        counter.finish(|label, in_pool| {
+            tallies.push(GroupTally {
+                label,
+                in_pool,
+                ..GroupTally::default()
+            });
+        });
+    }
+    let ndcg = summarize(candidates, &answer, unconstrained_len, tallies)?;
     let groups = match input.groups {
         Some(_) => {
-            count_groups(candidates, pool_groups, sorted_labels);
-            pool_groups
+            let answer_total = total_weight(answer.len());
+            let unconstrained_total = total_weight(unconstrained_len);
+            let share = |exposure: f64, total: f64| {
+                if total > 0.0 { exposure / total } else { 0.0 }
+            };
+            tallies
                 .iter()
-                .map(|&(label, in_pool)| {
-                    let answered = answer_summary
-                        .groups
-                        .binary_search_by_key(&label, |share| share.group)
-                        .ok()
-                        .map(|slot| answer_summary.groups[slot]);
-                    let unconstrained = unconstrained_summary
-                        .groups
-                        .binary_search_by_key(&label, |share| share.group)
-                        .ok()
-                        .map(|slot| unconstrained_summary.groups[slot].share);
-                    GroupExposure {
-                        group: label,
-                        items_returned: answered.map_or(0, |share| share.items as u32),
-                        items_in_pool: in_pool,
-                        exposure_share: answered.map_or(0.0, |share| share.share),
-                        unconstrained_exposure_share: unconstrained.unwrap_or(0.0),
-                        target_share: policy.built.target(label),
-                    }
+                .map(|tally| GroupExposure {
+                    group: tally.label,
+                    items_returned: tally.returned,
+                    items_in_pool: tally.in_pool,
+                    exposure_share: share(tally.exposure, answer_total),
+                    unconstrained_exposure_share: share(
+                        tally.unconstrained_exposure,
+                        unconstrained_total,
+                    ),
+                    target_share: policy.built.target(tally.label),
                 })
                 .collect()
         }
@@ -591,8 +778,17 @@ fn run(
             ),
         ),
     };
-    let violations = match (decision, &rerank_report.violation) {
-        (Decision::BestEffort, Some(violation)) => vec![FairnessViolation {
+    // The violations of the order actually returned: the re-ranker's own for its
+    // best-effort answer, the constraint's check of the unconstrained top-k otherwise.
+    let returned_violation = match decision {
+        Decision::Constrained => None,
+        Decision::BestEffort => rerank_report.violation,
+        Decision::Unconstrained => reranker
+            .violation(candidates, &answer)
+            .map_err(|error| EngineError::internal(format!("fairness report failed: {error}")))?,
+    };
+    let violations = match &returned_violation {
+        Some(violation) => vec![FairnessViolation {
             kind: match violation.measure {
                 Measure::Count => ViolationKind::BelowMinCount,
                 Measure::ExposureShare => ViolationKind::BelowMinExposure,
@@ -603,7 +799,7 @@ fn run(
             actual: violation.actual,
             description: violation_text(violation),
         }],
-        _ => Vec::new(),
+        None => Vec::new(),
     };
     let is_amortized = reranker.is_amortized();
     let report = FairnessReport {
@@ -616,7 +812,7 @@ fn run(
         violations,
         fallback,
         fallback_reason,
-        ndcg_vs_unconstrained: answer_summary.ndcg,
+        ndcg_vs_unconstrained: ndcg,
         groups,
         exposure_scope: if is_amortized {
             input.exposure_scope.to_owned()
@@ -646,7 +842,19 @@ fn run(
         report,
         rerank_us,
         report_us,
+        pending_state,
     })
+}
+
+/// Adds `delta` (one answer's exposure and merit per group, and its ranking) to `state`.
+fn add_state_delta(state: &mut AmortizedState, delta: &AmortizedState) {
+    for (&group, &value) in &delta.group_exposure {
+        *state.group_exposure.entry(group).or_insert(0.0) += value;
+    }
+    for (&group, &value) in &delta.group_relevance {
+        *state.group_relevance.entry(group).or_insert(0.0) += value;
+    }
+    state.rankings = state.rankings.saturating_add(delta.rankings);
 }
 
 /// Cumulative exposure and merit shares per group of an amortized state, ascending label.
@@ -676,48 +884,6 @@ fn amortized_shares(state: &AmortizedState) -> Vec<AmortizedGroupExposure> {
             ),
         })
         .collect()
-}
-
-/// Items per group label in the pool, ascending label, into `out`.
-fn count_groups(candidates: &[Candidate], out: &mut Vec<(u32, u32)>, labels: &mut Vec<u32>) {
-    out.clear();
-    let mut last: Option<usize> = None;
-    for candidate in candidates {
-        if let Some(slot) = last
-            && out[slot].0 == candidate.group
-        {
-            out[slot].1 += 1;
-            continue;
-        }
-        match out.binary_search_by_key(&candidate.group, |&(label, _)| label) {
-            Ok(slot) => {
-                out[slot].1 += 1;
-                last = Some(slot);
-            }
-            Err(_) if out.len() >= FEW_GROUPS => {
-                count_many_groups(candidates, out, labels);
-                return;
-            }
-            Err(slot) => {
-                out.insert(slot, (candidate.group, 1));
-                last = Some(slot);
-            }
-        }
-    }
-}
-
-/// [`count_groups`] for pools with many distinct labels: sort and count runs.
-fn count_many_groups(candidates: &[Candidate], out: &mut Vec<(u32, u32)>, labels: &mut Vec<u32>) {
-    labels.clear();
-    labels.extend(candidates.iter().map(|candidate| candidate.group));
-    labels.sort_unstable();
-    out.clear();
-    for &label in labels.iter() {
-        match out.last_mut() {
-            Some((last, count)) if *last == label => *count += 1,
-            _ => out.push((label, 1)),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -752,8 +918,15 @@ mod tests {
             ("protected", ParamValue::Number(1.0)),
         ]);
         let first = runtime.resolve("fa*ir", &spec).expect("valid");
-        let second = runtime.resolve("FA*IR", &spec).expect("valid");
+        let second = runtime.resolve("fa*ir", &spec).expect("valid");
         assert!(Arc::ptr_eq(&first, &second));
+        // Names are case-sensitive: another spelling is an unknown constraint, not a hit.
+        let error = runtime.resolve("FA*IR", &spec).unwrap_err();
+        assert_eq!(error.field(), Some("fairness.constraint"));
+        assert!(
+            error.to_string().contains("did you mean `fa*ir`"),
+            "{error}"
+        );
         assert_eq!(first.name(), "fa*ir");
         assert_eq!(first.targets, vec![(1, 0.5)]);
         let other = runtime
@@ -840,6 +1013,131 @@ mod tests {
         config.default_fairness_constraint = "nope".to_owned();
         let error = FairnessRuntime::new(&config, FairnessSetup::in_memory(&config)).unwrap_err();
         assert_eq!(error.field(), Some("default_fairness_constraint"));
+    }
+
+    /// A pool of `size` random candidates in score order (with ties), labels from `labels`.
+    fn random_pool(seed: u64, size: usize, labels: &[u32]) -> Vec<Candidate> {
+        use rand::Rng;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut pool: Vec<Candidate> = (0..size)
+            .map(|index| {
+                let score = f32::from(rng.random_range(-40i16..60)) * 0.25;
+                let label = labels[rng.random_range(0..labels.len())];
+                Candidate::new(index as u32, score, label)
+            })
+            .collect();
+        pool.sort_by(|a, b| b.score.total_cmp(&a.score));
+        pool
+    }
+
+    #[test]
+    fn candidates_are_built_and_counted_in_one_pass() {
+        let labels: Vec<u32> = (0..500u32)
+            .map(|row| [0, 3, 70, 1000][row as usize % 4])
+            .collect();
+        let pool: Vec<ScoredItem> = (0..600u32)
+            .map(|row| ScoredItem::new(row, 600.0 - row as f32))
+            .collect();
+        let (mut candidates, mut counter) = (Vec::new(), GroupCounter::default());
+        build_candidates(&pool, Some(&labels), &mut candidates, &mut counter);
+        assert_eq!(candidates.len(), 600);
+        for (candidate, item) in candidates.iter().zip(&pool) {
+            assert_eq!((candidate.id, candidate.score), (item.index, item.score));
+            // Rows beyond the label column get label 0.
+            let expected = labels.get(item.index as usize).copied().unwrap_or(0);
+            assert_eq!(candidate.group, expected);
+        }
+        let mut counts = Vec::new();
+        counter.finish(|label, count| counts.push((label, count)));
+        assert_eq!(
+            counts,
+            vec![(0, 125 + 100), (3, 125), (70, 125), (1000, 125)]
+        );
+        // Reused buffers start from scratch; without labels every candidate is in group 0.
+        build_candidates(&pool[..10], None, &mut candidates, &mut counter);
+        assert_eq!(candidates.len(), 10);
+        assert!(candidates.iter().all(|candidate| candidate.group == 0));
+    }
+
+    #[test]
+    fn the_one_pass_report_equals_answer_report_on_the_shifted_pool() {
+        use fairness::{AnswerReport, RerankReport, answer_report};
+        use rand::seq::SliceRandom;
+        for seed in 0..40u64 {
+            let pool = random_pool(seed, 30 + seed as usize, &[0, 1, 2, 90]);
+            let k = 1 + (seed as usize * 7) % 40;
+            let unconstrained_len = k.min(pool.len());
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let mut answer: Vec<usize> = (0..pool.len()).collect();
+            answer.shuffle(&mut rng);
+            answer.truncate(unconstrained_len - usize::from(seed % 3 == 0));
+            let mut counter = GroupCounter::default();
+            let mut tallies = Vec::new();
+            for candidate in &pool {
+                counter.add(candidate.group);
+            }
+            counter.finish(|label, in_pool| {
+                tallies.push(GroupTally {
+                    label,
+                    in_pool,
+                    ..GroupTally::default()
+                })
+            });
+            let ndcg = summarize(&pool, &answer, unconstrained_len, &mut tallies).expect("valid");
+
+            let lowest = pool.last().map_or(0.0, |candidate| candidate.score);
+            let shifted: Vec<Candidate> = pool
+                .iter()
+                .map(|candidate| Candidate {
+                    score: (candidate.score - lowest).clamp(0.0, f32::MAX),
+                    ..*candidate
+                })
+                .collect();
+            let (mut expected, mut unconstrained) =
+                (AnswerReport::default(), AnswerReport::default());
+            let rerank = RerankReport::default();
+            answer_report(&shifted, &answer, &rerank, &mut expected).expect("valid");
+            let prefix: Vec<usize> = (0..unconstrained_len).collect();
+            answer_report(&shifted, &prefix, &rerank, &mut unconstrained).expect("valid");
+            assert_eq!(ndcg.to_bits(), expected.ndcg.to_bits(), "seed {seed}");
+            let answer_total = total_weight(answer.len());
+            let unconstrained_total = total_weight(unconstrained_len);
+            for tally in &tallies {
+                let find = |report: &AnswerReport| {
+                    report
+                        .groups
+                        .iter()
+                        .find(|share| share.group == tally.label)
+                        .copied()
+                };
+                let share =
+                    |exposure: f64, total: f64| if total > 0.0 { exposure / total } else { 0.0 };
+                match find(&expected) {
+                    Some(group) => {
+                        assert_eq!(tally.returned as usize, group.items);
+                        assert_eq!(
+                            share(tally.exposure, answer_total).to_bits(),
+                            group.share.to_bits(),
+                            "seed {seed}"
+                        );
+                    }
+                    None => assert_eq!((tally.returned, tally.exposure), (0, 0.0)),
+                }
+                match find(&unconstrained) {
+                    Some(group) => assert_eq!(
+                        share(tally.unconstrained_exposure, unconstrained_total).to_bits(),
+                        group.share.to_bits(),
+                        "seed {seed}"
+                    ),
+                    None => assert_eq!(tally.unconstrained_exposure, 0.0),
+                }
+            }
+            let in_pool: u32 = tallies.iter().map(|tally| tally.in_pool).sum();
+            assert_eq!(in_pool as usize, pool.len());
+        }
+        let pool = random_pool(1, 5, &[0]);
+        let mut tallies = Vec::new();
+        assert!(summarize(&pool, &[9], 5, &mut tallies).is_err());
     }
 
     #[test]

@@ -54,6 +54,47 @@ impl Reranker for MaxShare {
         serde_json::json!({ "name": self.name(), "max_share": self.max_share })
     }
 
+    /// Checks any order (the server uses it for answers it returns instead of ours).
+    fn violation(
+        &self,
+        pool: &[Candidate],
+        order: &[usize],
+    ) -> Result<Option<Violation>, FairnessError> {
+        let mut counts: Vec<(u32, usize)> = Vec::new();
+        for (index, &position) in order.iter().enumerate() {
+            let Some(candidate) = pool.get(position) else {
+                continue;
+            };
+            let prefix = index + 1;
+            let cap = ceil_share(prefix, self.max_share).max(1);
+            let count = match counts
+                .iter_mut()
+                .find(|(label, _)| *label == candidate.group)
+            {
+                Some(entry) => {
+                    entry.1 += 1;
+                    entry.1
+                }
+                None => {
+                    counts.push((candidate.group, 1));
+                    1
+                }
+            };
+            // Counts only grow while caps stay put or grow by one, so checking the group
+            // just placed finds the first violated prefix.
+            if count > cap {
+                return Ok(Some(Violation {
+                    prefix,
+                    group: candidate.group,
+                    required: cap as f64,
+                    actual: count as f64,
+                    measure: Measure::Count,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
     fn rerank(
         &self,
         pool: &[Candidate],
@@ -177,6 +218,19 @@ mod tests {
         let violation = out.report.violation.expect("violation");
         assert_eq!(violation.group, 0);
         assert_eq!(out.order.len(), 4);
+        // The check of any order finds the same first violation as the re-ranker reports.
+        assert_eq!(
+            reranker.violation(&pool, &out.order).expect("checks"),
+            Some(violation)
+        );
+        let score_order: Vec<usize> = (0..4).collect();
+        let first = reranker
+            .violation(&pool, &score_order)
+            .expect("checks")
+            .expect("group 0 holds 3 of the top 4, its cap is 2");
+        assert_eq!((first.prefix, first.group), (4, 0));
+        let feasible: Vec<usize> = vec![1, 0];
+        assert_eq!(reranker.violation(&pool, &feasible).expect("checks"), None);
     }
 
     #[test]

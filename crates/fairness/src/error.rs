@@ -9,13 +9,19 @@ use thiserror::Error;
 /// `INVALID_ARGUMENT` except [`FairnessError::KTooLarge`] (`OUT_OF_RANGE`).
 #[derive(Debug, Clone, PartialEq, Error)]
 pub enum FairnessError {
-    /// The requested constraint name is not registered.
-    #[error("unknown fairness constraint `{name}` (known constraints: {known})")]
+    /// The requested constraint name is not registered. Names are matched exactly
+    /// (case-sensitive, no trimming).
+    #[error(
+        "unknown fairness constraint `{name}`{hint} (registered names, exact and case-sensitive: {known})"
+    )]
     UnknownConstraint {
         /// The name that was asked for.
         name: String,
         /// Comma-separated registered names.
         known: String,
+        /// Empty, or a remark such as "; did you mean `fa*ir`?" when a registered name
+        /// differs from `name` only in letter case or surrounding whitespace.
+        hint: String,
     },
     /// The constraint specification is not an object with a string `name`.
     #[error("invalid fairness specification: {reason}")]

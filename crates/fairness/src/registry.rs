@@ -41,7 +41,7 @@ pub struct ParamInfo {
 /// Documentation of one constraint and its parameters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConstraintInfo {
-    /// Registry name (lower case).
+    /// Registry name, matched exactly (case-sensitive); built-in names are lower case.
     pub name: String,
     /// One-line summary with the reference.
     pub summary: String,
@@ -50,10 +50,11 @@ pub struct ConstraintInfo {
 }
 
 impl ConstraintInfo {
-    /// A constraint with no parameters yet.
+    /// A constraint with no parameters yet. `name` is kept exactly as given: requests must
+    /// spell it the same way (see [`Registry::build_named`]).
     pub fn new(name: &str, summary: &str) -> Self {
         Self {
-            name: name.trim().to_ascii_lowercase(),
+            name: name.to_string(),
             summary: summary.to_string(),
             params: Vec::new(),
         }
@@ -197,7 +198,9 @@ impl Registry {
         }
     }
 
-    /// Adds a constraint; fails if the name is taken.
+    /// Adds a constraint; fails if the name is empty, has surrounding whitespace or
+    /// control characters, is taken, or differs from a registered name only in letter case
+    /// (names are matched exactly, so such pairs would only confuse).
     pub fn register<F>(&mut self, info: ConstraintInfo, factory: F) -> Result<(), FairnessError>
     where
         F: Fn(&Params<'_>) -> Result<Box<dyn Reranker>, FairnessError> + Send + Sync + 'static,
@@ -207,8 +210,24 @@ impl Registry {
                 reason: "a constraint name must not be empty".to_string(),
             });
         }
+        if info.name.trim() != info.name || info.name.chars().any(char::is_control) {
+            return Err(FairnessError::InvalidSpec {
+                reason: format!(
+                    "constraint name {:?} must not have surrounding whitespace or control characters",
+                    info.name
+                ),
+            });
+        }
         if self.entries.contains_key(&info.name) {
             return Err(FairnessError::DuplicateConstraint { name: info.name });
+        }
+        if let Some(similar) = self.similar_name(&info.name) {
+            return Err(FairnessError::InvalidSpec {
+                reason: format!(
+                    "constraint name `{}` differs from the registered `{similar}` only in letter case",
+                    info.name
+                ),
+            });
         }
         self.entries.insert(
             info.name.clone(),
@@ -225,11 +244,19 @@ impl Registry {
         self.entries.values().map(|entry| &entry.info)
     }
 
-    /// Documentation of one constraint.
+    /// Documentation of one constraint (exact, case-sensitive name).
     pub fn info(&self, name: &str) -> Option<&ConstraintInfo> {
+        self.entries.get(name).map(|entry| &entry.info)
+    }
+
+    /// The registered name equal to `name` up to ASCII letter case and surrounding
+    /// whitespace, if any (for the hint of an unknown-name error).
+    fn similar_name(&self, name: &str) -> Option<&str> {
+        let wanted = name.trim();
         self.entries
-            .get(&name.trim().to_ascii_lowercase())
-            .map(|entry| &entry.info)
+            .keys()
+            .find(|known| known.eq_ignore_ascii_case(wanted))
+            .map(String::as_str)
     }
 
     /// The mtable cache shared by the FA*IR re-rankers this registry builds.
@@ -261,16 +288,23 @@ impl Registry {
     }
 
     /// Builds constraint `name` with parameters in `params` (a `"name"` key is ignored).
+    ///
+    /// Names are matched exactly: case-sensitive, without trimming (`FA*IR` and ` fa*ir`
+    /// are unknown; the error lists the registered names and points at `fa*ir`). gRPC, the
+    /// config file and the CLI all resolve names here, so the contract is the same everywhere.
     pub fn build_named(
         &self,
         name: &str,
         params: &Map<String, Value>,
     ) -> Result<Box<dyn Reranker>, FairnessError> {
-        let key = name.trim().to_ascii_lowercase();
-        let Some(entry) = self.entries.get(&key) else {
+        let Some(entry) = self.entries.get(name) else {
             return Err(FairnessError::UnknownConstraint {
                 name: name.to_string(),
                 known: self.entries.keys().cloned().collect::<Vec<_>>().join(", "),
+                hint: self
+                    .similar_name(name)
+                    .map(|similar| format!("; did you mean `{similar}`?"))
+                    .unwrap_or_default(),
             });
         };
         let params = Params::new(&entry.info.name, params);

@@ -35,6 +35,20 @@ pub trait Reranker: Send + Sync + fmt::Debug {
         false
     }
 
+    /// The first prefix at which `order` (pool positions, best first) breaks this
+    /// constraint, as it would be checked for an answer of length `order.len()`, or `None`
+    /// when the order meets it or the constraint sets no per-ranking requirement (amortized
+    /// and stochastic constraints; the default). The server reports with it the violations
+    /// of an answer it returns in place of the re-ranker's, such as the unconstrained order
+    /// under `on_infeasible = unconstrained`.
+    fn violation(
+        &self,
+        _pool: &[Candidate],
+        _order: &[usize],
+    ) -> Result<Option<Violation>, FairnessError> {
+        Ok(None)
+    }
+
     /// Re-ranks `pool` (non-increasing scores, see [`crate::validate_pool`]) into at most `k`
     /// pool positions written to `out.order`, fills `out.report`, and for amortized
     /// re-rankers the updated state in `out.state`. `out` is reset first; its buffers are

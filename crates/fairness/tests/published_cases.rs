@@ -258,7 +258,7 @@ fn registry_builds_every_builtin_from_json_and_strings_and_round_trips_configs()
     }
     let fair = registry
         .build_from_strings(
-            "FA*IR",
+            "fa*ir",
             [
                 ("p", "0.5"),
                 ("alpha", "0.05"),
@@ -377,4 +377,107 @@ fn invalid_pools_are_rejected_not_panicked_on() {
             Err(FairnessError::InvalidPool { .. })
         ));
     }
+}
+
+#[test]
+fn registry_names_are_exact_and_case_sensitive() {
+    let mut registry = Registry::with_builtins();
+    let params = serde_json::Map::new();
+    for asked in ["FA*IR", "Fa*ir", " fa*ir", "fa*ir ", "NONE"] {
+        let error = registry
+            .build_named(asked, &params)
+            .expect_err("only the exact spelling is registered");
+        let FairnessError::UnknownConstraint { name, known, hint } = &error else {
+            panic!("{asked:?}: expected UnknownConstraint, got {error}");
+        };
+        assert_eq!(name, asked);
+        assert!(known.contains("fa*ir") && known.contains("none"), "{known}");
+        assert!(hint.contains("did you mean"), "{asked:?}: {hint}");
+        let message = error.to_string();
+        assert!(message.contains("case-sensitive"), "{message}");
+        assert!(
+            message.contains("det-const-sort"),
+            "lists every name: {message}"
+        );
+    }
+    let error = registry.build_named("fiar", &params).expect_err("unknown");
+    assert!(
+        matches!(&error, FairnessError::UnknownConstraint { hint, .. } if hint.is_empty()),
+        "no hint without a case-insensitive match: {error}"
+    );
+    assert!(registry.info("fa*ir").is_some());
+    assert!(registry.info("FA*IR").is_none());
+    // Registration keeps the exact spelling and refuses names that would only differ in case.
+    registry
+        .register(
+            fairness::ConstraintInfo::new("MyRank", "research constraint"),
+            |_: &fairness::Params<'_>| Ok(Box::new(fairness::ScoreOrder) as Box<_>),
+        )
+        .expect("registers");
+    assert!(registry.build_named("MyRank", &params).is_ok());
+    assert!(registry.build_named("myrank", &params).is_err());
+    for clash in ["FAIRCO", "myRank", " padded", ""] {
+        assert!(
+            registry
+                .register(
+                    fairness::ConstraintInfo::new(clash, "clash"),
+                    |_: &fairness::Params<'_>| Ok(Box::new(fairness::ScoreOrder) as Box<_>),
+                )
+                .is_err(),
+            "{clash:?} must be refused"
+        );
+    }
+}
+
+#[test]
+fn violation_checks_any_returned_order_against_the_constraint() {
+    // Eight majority items on top, then four of group 1.
+    let rows: Vec<(f32, u32)> = (0..12)
+        .map(|i| (100.0 - i as f32, u32::from(i >= 8)))
+        .collect();
+    let pool = pool(&rows);
+    let top: Vec<usize> = (0..6).collect();
+    let registry = Registry::with_builtins();
+    let build = |spec: serde_json::Value| registry.build(&spec).expect("builds");
+    let fair = build(serde_json::json!({"name": "fa*ir", "p": 0.5, "protected": 1}));
+    let greedy = build(serde_json::json!({"name": "det-greedy", "targets": {"1": 0.5}}));
+    let sort = build(serde_json::json!({"name": "det-const-sort", "targets": {"1": 0.5}}));
+    let exposure = build(serde_json::json!({"name": "min-exposure", "targets": {"1": 0.3}}));
+    let targets = GroupShares::new(&[(1, 0.5)]).expect("valid");
+    for reranker in [&greedy, &sort] {
+        let violation = reranker
+            .violation(&pool, &top)
+            .expect("checks")
+            .expect("the score order starves group 1");
+        assert_eq!(Some(violation), check_min_counts(&pool, &top, &targets));
+        assert_eq!((violation.prefix, violation.group), (2, 1));
+        assert_eq!((violation.required, violation.actual), (1.0, 0.0));
+    }
+    let violation = fair
+        .violation(&pool, &top)
+        .expect("checks")
+        .expect("the score order fails the mtable");
+    assert_eq!(violation.group, 1);
+    assert_eq!(violation.actual, 0.0);
+    let exposure_violation = exposure
+        .violation(&pool, &top)
+        .expect("checks")
+        .expect("no exposure for group 1");
+    assert_eq!(exposure_violation.prefix, 6);
+    assert_eq!(exposure_violation.actual, 0.0);
+    // The re-rankers' own answers pass their checks; constraints without a per-ranking
+    // requirement never report one.
+    let mut out = RerankOutput::new();
+    for reranker in [&fair, &greedy, &sort, &exposure] {
+        reranker
+            .rerank(&pool, 6, None, &mut rng(1), &mut out)
+            .expect("reranks");
+        assert!(out.report.satisfied, "{}", reranker.name());
+        assert_eq!(reranker.violation(&pool, &out.order).expect("checks"), None);
+    }
+    for name in ["none", "plackett-luce"] {
+        let reranker = build(serde_json::json!({ "name": name }));
+        assert_eq!(reranker.violation(&pool, &top).expect("checks"), None);
+    }
+    assert_eq!(fair.violation(&pool, &[]).expect("checks"), None);
 }

@@ -403,7 +403,7 @@ const KEY_DOCS: &[(&str, &str, &str)] = &[
     (
         "ranking",
         "default_fairness_constraint",
-        "Fairness constraint of requests that name none (a registered name: none, fa*ir, det-greedy, det-cons, det-relaxed, det-const-sort, min-exposure, fairco, plackett-luce).",
+        "Fairness constraint of requests that name none (a registered name, exact and case-sensitive: none, fa*ir, det-greedy, det-cons, det-relaxed, det-const-sort, min-exposure, fairco, plackett-luce).",
     ),
     (
         "ranking",

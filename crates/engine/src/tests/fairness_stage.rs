@@ -400,3 +400,133 @@ fn every_registered_constraint_is_listed_with_its_parameters() {
             .any(|param| param.name == "p" && param.required)
     );
 }
+
+/// Under differential privacy only the released answer may update the amortized state: a
+/// personalized answer discarded for an exhausted budget (non-personalized fallback), a
+/// refused one, and a retry that replays the stored answer add nothing.
+#[test]
+fn only_released_dp_answers_update_the_amortized_state() {
+    use std::sync::Arc;
+
+    use store::Table;
+
+    use super::util::{DIM, ITEMS, USERS, items_data, users_data, write};
+    use crate::{
+        BudgetExhaustedAction, Engine, MemoryLedger, PrivacyBudget, PrivacyConfig, PrivacyLedger,
+        PrivacyMechanism, PrivacyPolicy, PrivacySetup,
+    };
+
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let items_path = write(dir.path(), "items.frt", &items_data(1, ITEMS, true));
+    let users_path = write(dir.path(), "users.frt", &users_data(2, USERS, DIM));
+    let engine = Engine::with_privacy(
+        EngineConfig::default(),
+        PrivacySetup {
+            // Each answer below costs 10 * 0.4^2 / 8 = 0.2: the second one does not fit.
+            config: PrivacyConfig {
+                subject_rho_cap: 0.25,
+                ..PrivacyConfig::default()
+            },
+            ledger: Arc::new(MemoryLedger::new()) as Arc<dyn PrivacyLedger>,
+        },
+        Table::open(&items_path).expect("items open"),
+        Some(Table::open(&users_path).expect("users open")),
+    )
+    .expect("engine starts");
+    let dp_fairco = |id: &str, exhausted: BudgetExhaustedAction| {
+        let mut request = request(
+            id,
+            "user-2",
+            5,
+            10,
+            FairnessPolicy {
+                exposure_scope: "dp".to_owned(),
+                ..policy("fairco", &[("lambda", number(1.0))])
+            },
+        );
+        request.privacy = PrivacyPolicy {
+            mechanism: PrivacyMechanism::GumbelTopK,
+            budget: Some(PrivacyBudget::EpsilonPerPick(0.4)),
+            on_budget_exhausted: exhausted,
+            ..PrivacyPolicy::default()
+        };
+        request
+    };
+    let rankings = || {
+        engine
+            .exposure_state("provider_group", "dp")
+            .expect("readable")
+            .map_or(0, |state| state.rankings)
+    };
+
+    let first = engine
+        .rank_blocking(dp_fairco("dp-1", BudgetExhaustedAction::Reject))
+        .expect("fits the budget");
+    assert!(first.privacy.dp_applied);
+    assert_eq!(rankings(), 1);
+    let replay = engine
+        .rank_blocking(dp_fairco("dp-1", BudgetExhaustedAction::Reject))
+        .expect("replays");
+    assert!(replay.privacy.ledger_replay);
+    assert_eq!(rankings(), 1, "a replay releases the stored answer again");
+    engine
+        .rank_blocking(dp_fairco("dp-2", BudgetExhaustedAction::Reject))
+        .expect_err("over the budget");
+    assert_eq!(rankings(), 1, "a refused answer is not released");
+    let fallback = engine
+        .rank_blocking(dp_fairco("dp-3", BudgetExhaustedAction::NonPersonalized))
+        .expect("answers non-personalized");
+    assert!(!fallback.personalized && !fallback.privacy.dp_applied);
+    assert_eq!(
+        rankings(),
+        2,
+        "only the released non-personalized answer counts"
+    );
+}
+
+/// With `on_infeasible = unconstrained` the report describes the order actually returned:
+/// not satisfied, and the first prefix and group at which the unconstrained top-k misses
+/// the constraint.
+#[test]
+fn an_unconstrained_fallback_reports_the_violations_of_the_returned_order() {
+    let fixture = fixture();
+    // Candidates: eleven of group 0 and one of group 1 (every third row is group 1).
+    let candidates: Vec<String> = (0..18)
+        .filter(|row| row % 3 != 0 || *row == 3)
+        .map(|row| format!("item-{row:03}"))
+        .collect();
+    let mut request = request(
+        "unconstrained-violations",
+        "user-1",
+        8,
+        13,
+        FairnessPolicy {
+            on_infeasible: InfeasibleAction::Unconstrained,
+            ..policy("det-greedy", &[("targets", shares(&[("1", 0.5)]))])
+        },
+    );
+    request.candidate_ids = candidates.into();
+    let response = fixture.engine.rank_blocking(request).expect("answers");
+    let report = &response.fairness;
+    assert_eq!(report.fallback, FairnessFallback::Unconstrained);
+    assert!(!report.satisfied);
+    let returned = labels(&response);
+    // The first prefix of the returned order with fewer than floor(t / 2) items of group 1.
+    let mut count = 0;
+    let expected = returned
+        .iter()
+        .enumerate()
+        .find_map(|(index, &label)| {
+            count += usize::from(label == 1);
+            let prefix = index + 1;
+            (count < prefix / 2).then_some((prefix, count))
+        })
+        .expect("the unconstrained order misses the target");
+    assert_eq!(report.violations.len(), 1, "{report:?}");
+    let violation = &report.violations[0];
+    assert_eq!(violation.group, 1);
+    assert_eq!(violation.position as usize, expected.0);
+    assert_eq!(violation.actual, expected.1 as f64);
+    assert_eq!(violation.required, (expected.0 / 2) as f64);
+    assert!(!violation.description.is_empty());
+}

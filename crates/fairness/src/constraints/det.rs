@@ -348,6 +348,14 @@ impl Reranker for DetRanker {
         self.variant.name()
     }
 
+    fn violation(
+        &self,
+        pool: &[Candidate],
+        order: &[usize],
+    ) -> Result<Option<Violation>, FairnessError> {
+        Ok(check_min_counts(pool, order, &self.targets))
+    }
+
     fn config(&self) -> serde_json::Value {
         serde_json::json!({ "name": self.name(), "targets": self.targets.to_json() })
     }
@@ -374,7 +382,8 @@ impl Reranker for DetRanker {
             ..
         } = out;
         let listed = self.targets.len();
-        let mut lists = GroupLists::new(pool, self.targets.labels(), &mut scratch.lists);
+        let mut lists =
+            GroupLists::new(pool, self.targets.labels(), &mut scratch.lists).with_probing();
         let counts = &mut scratch.counts;
         counts.clear();
         counts.resize(listed + 1, 0);
@@ -463,6 +472,14 @@ impl Reranker for DetConstSort {
         "det-const-sort"
     }
 
+    fn violation(
+        &self,
+        pool: &[Candidate],
+        order: &[usize],
+    ) -> Result<Option<Violation>, FairnessError> {
+        Ok(check_min_counts(pool, order, &self.targets))
+    }
+
     fn config(&self) -> serde_json::Value {
         serde_json::json!({ "name": self.name(), "targets": self.targets.to_json() })
     }
@@ -489,7 +506,8 @@ impl Reranker for DetConstSort {
             ..
         } = out;
         let groups = self.targets.len() + 1;
-        let mut lists = GroupLists::new(pool, self.targets.labels(), &mut scratch.lists);
+        let mut lists =
+            GroupLists::new(pool, self.targets.labels(), &mut scratch.lists).with_probing();
         let counts = &mut scratch.counts;
         counts.clear();
         counts.resize(groups, 0);

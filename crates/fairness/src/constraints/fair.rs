@@ -97,6 +97,25 @@ impl Reranker for FaStarIr {
         "fa*ir"
     }
 
+    fn violation(
+        &self,
+        pool: &[Candidate],
+        order: &[usize],
+    ) -> Result<Option<Violation>, FairnessError> {
+        if order.is_empty() {
+            return Ok(None);
+        }
+        if order.len() > MAX_MTABLE_K {
+            return Err(FairnessError::KTooLarge {
+                constraint: self.name().to_string(),
+                k: order.len(),
+                max: MAX_MTABLE_K,
+            });
+        }
+        let table = self.mtable(order.len())?;
+        Ok(check_mtable(pool, order, self.protected, &table))
+    }
+
     fn config(&self) -> serde_json::Value {
         serde_json::json!({
             "name": self.name(),

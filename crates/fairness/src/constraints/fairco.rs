@@ -35,9 +35,25 @@ impl FairCo {
     }
 }
 
-/// Index of `label` in `labels` (linear scan; groups per pool are few).
-fn find_label(labels: &[u32], label: u32) -> Option<usize> {
-    labels.iter().position(|&known| known == label)
+/// Labels below this bound map to their group index through a fixed array.
+const SMALL_LABELS: usize = 64;
+
+/// Marks a small label not seen yet.
+const NO_GROUP: u32 = u32::MAX;
+
+/// Group index of `label`: by the `small` array for labels below [`SMALL_LABELS`], else by
+/// `index_of` once it is in use (many groups), else by a linear scan of `labels`.
+fn group_index(
+    label: u32,
+    small: &[u32; SMALL_LABELS],
+    labels: &[u32],
+    index_of: &std::collections::HashMap<u32, usize>,
+) -> Option<usize> {
+    match small.get(label as usize) {
+        Some(&index) => (index != NO_GROUP).then_some(index as usize),
+        None if !index_of.is_empty() => index_of.get(&label).copied(),
+        None => labels.iter().position(|&known| known == label),
+    }
 }
 
 /// The largest difference between two groups' cumulative exposure per unit of merit.
@@ -98,7 +114,8 @@ impl Reranker for FairCo {
         } = out;
 
         // Per-group item counts and relevance sums over the pool, and each group's first
-        // `length` pool positions (enough for the merge).
+        // `length` pool positions (enough for the merge), in one pass. Labels below
+        // `SMALL_LABELS` find their group index by direct lookup.
         let labels = &mut scratch.labels;
         let sizes = &mut scratch.counts;
         let relevance = &mut scratch.values;
@@ -106,55 +123,59 @@ impl Reranker for FairCo {
         labels.clear();
         sizes.clear();
         relevance.clear();
-        let dense = &mut scratch.positions2;
-        dense.clear();
         let index_of = &mut scratch.label_index;
         index_of.clear();
-        let mut last = (u32::MAX, usize::MAX);
+        let mut small = [NO_GROUP; SMALL_LABELS];
         for (position, candidate) in pool.iter().enumerate() {
-            let index = if last.1 != usize::MAX && candidate.group == last.0 {
-                last.1
-            } else {
-                let known = if labels.len() <= MERGE_GROUP_LIMIT {
-                    find_label(labels, candidate.group)
-                } else {
-                    if index_of.is_empty() {
-                        index_of.extend(
-                            labels
-                                .iter()
-                                .enumerate()
-                                .map(|(index, &label)| (label, index)),
-                        );
-                    }
-                    index_of.get(&candidate.group).copied()
-                };
-                let index = match known {
-                    Some(index) => index,
-                    None => {
-                        labels.push(candidate.group);
-                        sizes.push(0);
-                        relevance.push(0.0);
-                        if lists.len() < labels.len() {
-                            lists.push(Vec::new());
+            let label = candidate.group;
+            let index = match small.get(label as usize) {
+                Some(&index) if index != NO_GROUP => index as usize,
+                _ => {
+                    let index = match group_index(label, &small, labels, index_of) {
+                        Some(index) => index,
+                        None => {
+                            labels.push(label);
+                            sizes.push(0);
+                            relevance.push(0.0);
+                            if lists.len() < labels.len() {
+                                lists.push(Vec::new());
+                            }
+                            lists[labels.len() - 1].clear();
+                            let index = labels.len() - 1;
+                            if labels.len() > MERGE_GROUP_LIMIT {
+                                // Many groups: large labels are looked up by hash from now on.
+                                if index_of.is_empty() {
+                                    index_of.extend(
+                                        labels
+                                            .iter()
+                                            .enumerate()
+                                            .filter(|&(_, &known)| (known as usize) >= SMALL_LABELS)
+                                            .map(|(index, &known)| (known, index)),
+                                    );
+                                } else if (label as usize) >= SMALL_LABELS {
+                                    index_of.insert(label, index);
+                                }
+                            }
+                            index
                         }
-                        lists[labels.len() - 1].clear();
-                        if !index_of.is_empty() {
-                            index_of.insert(candidate.group, labels.len() - 1);
-                        }
-                        labels.len() - 1
+                    };
+                    if let Some(slot) = small.get_mut(label as usize) {
+                        *slot = index as u32;
                     }
-                };
-                last = (candidate.group, index);
-                index
+                    index
+                }
             };
             sizes[index] += 1;
             relevance[index] += f64::from(candidate.score).max(0.0);
-            dense.push(index);
             if lists[index].len() < length {
                 lists[index].push(position);
             }
         }
         let many_groups = labels.len() > MERGE_GROUP_LIMIT;
+        // Group index of a label of the pool (every one is known by now).
+        let dense_of = |label: u32| -> usize {
+            group_index(label, &small, labels, index_of).unwrap_or_default()
+        };
 
         // Controller boost per group from the state before this ranking.
         let boosts = &mut scratch.values2;
@@ -216,8 +237,11 @@ impl Reranker for FairCo {
         } else {
             let keys = &mut scratch.heap;
             keys.clear();
-            keys.extend(dense.iter().enumerate().map(|(position, &index)| {
-                (f64::from(pool[position].score) + boosts[index], position)
+            keys.extend(pool.iter().enumerate().map(|(position, candidate)| {
+                (
+                    f64::from(candidate.score) + boosts[dense_of(candidate.group)],
+                    position,
+                )
             }));
             let by_rank =
                 |a: &(f64, usize), b: &(f64, usize)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
@@ -234,7 +258,7 @@ impl Reranker for FairCo {
         exposure.clear();
         exposure.resize(labels.len(), 0.0);
         for (rank, &position) in order.iter().enumerate() {
-            exposure[dense[position]] += dcg_weight(rank + 1);
+            exposure[dense_of(pool[position].group)] += dcg_weight(rank + 1);
         }
         for (index, &label) in labels.iter().enumerate() {
             let size = sizes[index] as f64;
@@ -330,6 +354,44 @@ mod tests {
             &mut RerankOutput::new(),
         );
         assert!(matches!(result, Err(FairnessError::InvalidState { .. })));
+    }
+
+    #[test]
+    fn small_and_large_labels_each_form_one_group_with_the_pool_means() {
+        // 24 labels, half of them above the direct-lookup range, interleaved.
+        for distinct in [3u32, 24] {
+            let pool: Vec<Candidate> = (0..200u32)
+                .map(|i| {
+                    let slot = (i * 7) % distinct;
+                    let label = if slot % 2 == 0 { slot } else { 1_000 + slot };
+                    Candidate::new(i, 2.0 - 0.01 * i as f32, label)
+                })
+                .collect();
+            let ranker = FairCo::new(1.0).expect("valid");
+            let mut out = RerankOutput::new();
+            ranker
+                .rerank(&pool, 10, None, &mut rng(0), &mut out)
+                .expect("reranks");
+            let state = out.state.clone().expect("amortized state");
+            let mut expected: std::collections::BTreeMap<u32, (f64, f64)> = Default::default();
+            for candidate in &pool {
+                let entry = expected.entry(candidate.group).or_default();
+                entry.0 += 1.0;
+                entry.1 += f64::from(candidate.score).max(0.0);
+            }
+            assert_eq!(state.group_relevance.len(), expected.len());
+            for (label, (size, sum)) in &expected {
+                let mean = state.group_relevance[label];
+                assert!((mean - sum / size).abs() < 1e-9, "label {label}");
+            }
+            let exposure: f64 = state
+                .group_exposure
+                .iter()
+                .map(|(label, mean)| mean * expected[label].0)
+                .sum();
+            let weights: f64 = (1..=10).map(dcg_weight).sum();
+            assert!((exposure - weights).abs() < 1e-9);
+        }
     }
 
     #[test]

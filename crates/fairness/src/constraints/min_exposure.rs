@@ -132,6 +132,23 @@ impl Solver<'_, '_> {
         Some(entry)
     }
 
+    /// Fills each group's cache with its first `length` items (all a merge can use), so
+    /// merges read plain slices.
+    fn prefill(&mut self) {
+        for group in 0..self.groups() {
+            let mut index = self.heads_cache.get(group).map_or(0, Vec::len);
+            while index < self.length && self.item(group, index).is_some() {
+                index += 1;
+            }
+        }
+    }
+
+    /// The `index`-th (score, pool position) of `group` from the prefilled cache.
+    #[inline]
+    fn cached(&self, group: usize, index: usize) -> Option<(f64, usize)> {
+        self.heads_cache.get(group)?.get(index).copied()
+    }
+
     /// Ranks by `score + lambda[group]` (ties: pool position), writing positions, per-group
     /// exposures and per-position groups; `heads` caches each group's next boosted item.
     #[allow(clippy::too_many_arguments)]
@@ -153,36 +170,35 @@ impl Solver<'_, '_> {
         labels.clear();
         heads.clear();
         for (group, &lambda) in lambdas.iter().enumerate().take(groups) {
-            heads.push(match self.item(group, 0) {
+            heads.push(match self.cached(group, 0) {
                 Some((score, position)) => (score + lambda, position),
                 None => (f64::NEG_INFINITY, usize::MAX),
             });
         }
         let mut utility = 0.0;
         for rank in 1..=self.length {
-            let mut best = usize::MAX;
+            // (boosted score, pool position, group) of the best head.
+            let mut best: Option<(f64, usize, usize)> = None;
             for (group, &(boosted, position)) in heads.iter().enumerate() {
                 if position == usize::MAX {
                     continue;
                 }
-                if best == usize::MAX
-                    || boosted > heads[best].0
-                    || (boosted == heads[best].0 && position < heads[best].1)
-                {
-                    best = group;
+                if best.is_none_or(|(best_boosted, best_position, _)| {
+                    boosted > best_boosted || (boosted == best_boosted && position < best_position)
+                }) {
+                    best = Some((boosted, position, group));
                 }
             }
-            if best == usize::MAX {
+            let Some((boosted, position, best)) = best else {
                 break;
-            }
-            let (boosted, position) = heads[best];
+            };
             let weight = self.weights[rank - 1];
             counts[best] += 1;
             exposure[best] += weight;
             utility += weight * (boosted - lambdas[best]);
             order.push(position);
             labels.push(best);
-            heads[best] = match self.item(best, counts[best]) {
+            heads[best] = match self.cached(best, counts[best]) {
                 Some((score, next)) => (score + lambdas[best], next),
                 None => (f64::NEG_INFINITY, usize::MAX),
             };
@@ -398,6 +414,14 @@ impl Reranker for MinExposure {
         "min-exposure"
     }
 
+    fn violation(
+        &self,
+        pool: &[Candidate],
+        order: &[usize],
+    ) -> Result<Option<Violation>, FairnessError> {
+        Ok(check_min_exposure(pool, order, &self.targets))
+    }
+
     fn config(&self) -> serde_json::Value {
         serde_json::json!({ "name": self.name(), "targets": self.targets.to_json() })
     }
@@ -448,7 +472,7 @@ impl Reranker for MinExposure {
         }
         let mut solver = Solver {
             pool,
-            lists: GroupLists::new(pool, self.targets.labels(), &mut scratch.lists),
+            lists: GroupLists::new(pool, self.targets.labels(), &mut scratch.lists).with_probing(),
             targets: &self.targets,
             length,
             required,
@@ -456,6 +480,7 @@ impl Reranker for MinExposure {
             weights,
             heads_cache,
         };
+        solver.prefill();
         let counts = &mut scratch.counts;
         let labels = &mut scratch.positions2;
         let lambdas = &mut scratch.values;
