@@ -14,6 +14,7 @@ pub mod privacy;
 mod rank_route;
 mod ranker;
 mod replay;
+mod siphash;
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
