@@ -66,6 +66,28 @@ impl CandidateIds {
         self.text.len()
     }
 
+    /// All ids back to back, in order (cut them with [`CandidateIds::ends`]).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// The byte offset in [`CandidateIds::text`] where each id ends, in order.
+    pub fn ends(&self) -> &[usize] {
+        &self.ends
+    }
+
+    /// The ids' bytes in order: as [`CandidateIds::iter`], without cutting `str`s (no
+    /// character-boundary checks), for hashing and lookups.
+    pub fn iter_bytes(&self) -> impl ExactSizeIterator<Item = &[u8]> + '_ {
+        let text = self.text.as_bytes();
+        let mut start = 0;
+        self.ends.iter().map(move |&end| {
+            let id = text.get(start..end).unwrap_or_default();
+            start = end;
+            id
+        })
+    }
+
     /// Id `index`, or `None` past the end.
     pub fn get(&self, index: usize) -> Option<&str> {
         let end = *self.ends.get(index)?;
@@ -176,6 +198,13 @@ mod tests {
         assert_eq!(ids.text_len(), owned.iter().map(String::len).sum::<usize>());
         assert_eq!(ids.to_vec(), owned);
         assert_eq!(ids.iter().len(), 4);
+        // The byte view, the text and the ends describe the same ids.
+        let bytes: Vec<&[u8]> = ids.iter_bytes().collect();
+        let expected: Vec<&[u8]> = owned.iter().map(String::as_bytes).collect();
+        assert_eq!(bytes, expected);
+        assert_eq!(ids.iter_bytes().len(), 4);
+        assert_eq!(ids.text(), owned.concat());
+        assert_eq!(ids.ends(), &[2, 2, 9, 10]);
         assert_eq!(ids.get(1), Some(""));
         assert_eq!(ids.get(2), Some("ümlaut"));
         assert_eq!(ids.get(4), None);

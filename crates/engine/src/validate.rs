@@ -361,7 +361,7 @@ fn resolve_candidates(
     const FIELD: &str = "candidate_ids";
     let lookups = &mut scratch.lookups;
     lookups.clear();
-    items.index_of_many(ids.iter(), lookups);
+    items.index_of_many(ids.iter_bytes(), lookups);
     // Each row has one id, so a repeated known id is a repeated row: one pass over a small
     // hash set of rows, in request order, finds every occurrence after an id's first.
     let seen = &mut scratch.seen;

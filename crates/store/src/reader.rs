@@ -356,9 +356,11 @@ impl Table {
     /// The rows of many item ids at once, appended to `out` in order (`None`: not in the
     /// table). Same answers as [`Table::index_of`] per id, several times faster for long
     /// lists: the lookups' cache misses overlap (see `IdIndex::get_many`).
-    pub fn index_of_many<'k>(
+    ///
+    /// The ids may be `&str`s or raw `&[u8]`s (ids are compared byte for byte).
+    pub fn index_of_many<'k, K: AsRef<[u8]> + ?Sized + 'k>(
         &self,
-        ids: impl IntoIterator<Item = &'k str>,
+        ids: impl IntoIterator<Item = &'k K>,
         out: &mut Vec<Option<u32>>,
     ) {
         let offsets = self.id_offsets();
@@ -367,7 +369,7 @@ impl Table {
             .get(self.layout.section(SectionKind::IdBytes))
             .unwrap_or(&[]);
         self.id_index.get_many(
-            ids.into_iter().map(str::as_bytes),
+            ids.into_iter().map(AsRef::as_ref),
             |row| strings::entry(offsets, bytes, row).unwrap_or(&[]),
             |row| crate::id_index::prefetch(offsets, row),
             |row| {

@@ -14,6 +14,7 @@ pub mod privacy;
 mod rank_route;
 mod ranker;
 mod replay;
+mod siphash;
 pub mod state_setup;
 
 use std::collections::hash_map::RandomState;

@@ -8,14 +8,17 @@
 //! (`ERROR_REASON_REQUEST_IN_PROGRESS`); the same id with different content gets
 //! `FAILED_PRECONDITION` (`ERROR_REASON_REQUEST_ID_REUSED`), whether running or stored.
 //!
-//! Content is compared by a 128-bit digest of the encoded request: two SipHash-1-3 hashes
-//! with keys drawn at random per process, so nobody outside the process can construct a
-//! different request with the same digest.
+//! Content is compared by a 128-bit digest of the request's content: SipHash-1-3 with a
+//! 128-bit output ([`super::siphash`]) under a key drawn at random per process, so nobody
+//! outside the process can construct a different request with the same digest. The digest
+//! is taken over an unambiguous serialization of the request (its protobuf encoding without
+//! the candidate ids, then the ids' lengths, then their bytes), not over a re-encoding of
+//! the whole request, and only when the store will use it (a non-empty request id, store on).
 
 use std::cell::RefCell;
 use std::collections::hash_map::{Entry as MapEntry, RandomState};
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, Hasher};
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -23,14 +26,13 @@ use api::fairrank::v1::{RankRequest, RankResponse};
 use engine::CandidateIds;
 use prost::Message;
 
-/// Field number of `fairrank.v1.RankRequest.candidate_ids`.
-const CANDIDATE_IDS_FIELD: u32 = 10;
+use super::siphash::SipHasher13;
 
 /// Largest encoding buffer a thread keeps between digests.
 const MAX_KEPT_BUFFER_BYTES: usize = 1 << 20;
 
 thread_local! {
-    /// Reused encoding buffer of [`ReplayStore::digest`] (no allocation per request).
+    /// Reused encoding buffer of [`ReplayStore::digest_rank`] (no allocation per request).
     static ENCODE_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -57,7 +59,8 @@ pub struct ReplayStore {
     window: Duration,
     max_entries: usize,
     max_bytes: usize,
-    keys: (RandomState, RandomState),
+    /// The SipHash key.
+    key: (u64, u64),
     state: Mutex<State>,
 }
 
@@ -93,7 +96,11 @@ impl ReplayStore {
             window,
             max_entries,
             max_bytes,
-            keys: (RandomState::new(), RandomState::new()),
+            // Each `RandomState` is keyed from the operating system's randomness.
+            key: (
+                RandomState::new().hash_one(0x7265_706c_6179_5f30_u64),
+                RandomState::new().hash_one(0x7265_706c_6179_5f31_u64),
+            ),
             state: Mutex::new(State::default()),
         })
     }
@@ -103,50 +110,56 @@ impl ReplayStore {
         self.max_entries > 0
     }
 
-    /// The digest of a request's content (its protobuf encoding, which prost writes
-    /// deterministically: fields in number order, map entries sorted).
+    /// The digest of a whole Rank request (ids inside the message), as
+    /// [`ReplayStore::digest_rank`] computes it for the same request with its ids apart.
     #[cfg(test)]
-    pub fn digest(&self, request: &impl Message) -> Digest {
-        // Encoding into a Vec cannot run out of space.
-        self.digest_of(|buffer| {
-            let _ = request.encode(buffer);
-        })
+    pub fn digest(&self, request: &RankRequest) -> Digest {
+        let mut message = request.clone();
+        let ids = CandidateIds::from(std::mem::take(&mut message.candidate_ids));
+        self.digest_rank(&message, &ids)
     }
 
     /// The digest of a Rank request whose candidate ids travel separately (the request's
-    /// own `candidate_ids` are empty): its encoding followed by the ids as `candidate_ids`
-    /// entries, which is a valid encoding of the whole request with the ids moved last (so
-    /// equal content gives equal digests, and different content different encodings).
+    /// own `candidate_ids` are empty). It is only needed by [`ReplayStore::begin`] for a
+    /// non-empty request id while the store is on; otherwise this returns a constant
+    /// without hashing anything.
+    ///
+    /// The hashed bytes are: the length of the message's encoding (varint), the encoding
+    /// (prost writes it deterministically: fields in number order, map entries sorted),
+    /// the number of ids and each id's length (varints), then the ids' bytes back to back.
+    /// Each part's length is known before it, so different requests give different bytes,
+    /// and equal requests equal bytes.
     pub fn digest_rank(&self, request: &RankRequest, candidate_ids: &CandidateIds) -> Digest {
-        self.digest_of(|buffer| {
-            let _ = request.encode(buffer);
-            buffer.reserve(candidate_ids.text_len() + 2 * candidate_ids.len());
-            for id in candidate_ids {
-                prost::encoding::encode_key(
-                    CANDIDATE_IDS_FIELD,
-                    prost::encoding::WireType::LengthDelimited,
-                    buffer,
-                );
-                prost::encoding::encode_varint(id.len() as u64, buffer);
-                buffer.extend_from_slice(id.as_bytes());
-            }
-        })
-    }
-
-    /// The digest of the bytes `encode` writes into a reused buffer.
-    fn digest_of(&self, encode: impl FnOnce(&mut Vec<u8>)) -> Digest {
+        if !self.enabled() || request.request_id.is_empty() {
+            return Digest(0, 0);
+        }
         ENCODE_BUFFER.with(|buffer| {
             let mut buffer = buffer.borrow_mut();
             buffer.clear();
-            encode(&mut buffer);
-            let mut first = self.keys.0.build_hasher();
-            let mut second = self.keys.1.build_hasher();
-            first.write(&buffer);
-            second.write(&buffer);
+            let message_len = request.encoded_len();
+            buffer.reserve(message_len + 2 * candidate_ids.len() + 20);
+            prost::encoding::encode_varint(message_len as u64, &mut *buffer);
+            // Encoding into a Vec cannot run out of space.
+            let _ = request.encode(&mut *buffer);
+            prost::encoding::encode_varint(candidate_ids.len() as u64, &mut *buffer);
+            let mut start = 0;
+            for &end in candidate_ids.ends() {
+                let len = end - start;
+                // A one-byte varint, written directly, in the common case.
+                match u8::try_from(len) {
+                    Ok(byte) if byte < 0x80 => buffer.push(byte),
+                    _ => prost::encoding::encode_varint(len as u64, &mut *buffer),
+                }
+                start = end;
+            }
+            let mut hasher = SipHasher13::new_128(self.key.0, self.key.1);
+            hasher.write(&buffer);
+            hasher.write(candidate_ids.text().as_bytes());
             if buffer.capacity() > MAX_KEPT_BUFFER_BYTES {
                 *buffer = Vec::new();
             }
-            Digest(first.finish(), second.finish())
+            let (first, second) = hasher.finish_128();
+            Digest(first, second)
         })
     }
 
@@ -344,10 +357,26 @@ mod tests {
         ] {
             assert_ne!(digest, other);
         }
-        // Without ids it is the plain request's digest.
+        // The ids inside the message give the same digest as the ids apart.
+        let mut whole = request("r-1", 5);
+        whole.candidate_ids = vec!["a".into(), "bc".into()];
+        assert_eq!(store.digest(&whole), digest);
+        // An id's bytes cannot move into the message or the lengths undetected.
+        let mut moved = request("r-1", 5);
+        moved.request_id = "r-1a".into();
+        assert_ne!(
+            store.digest_rank(&moved, &ids(&["bc"])),
+            store.digest_rank(&request("r-1", 5), &ids(&["a", "bc"]))
+        );
+        // Without a request id, or with the store off, nothing is hashed.
         assert_eq!(
-            store.digest_rank(&request("r-1", 5), &CandidateIds::new()),
-            store.digest(&request("r-1", 5))
+            store.digest_rank(&request("", 5), &ids(&["a"])),
+            store.digest_rank(&request("", 6), &ids(&["b"]))
+        );
+        let off = ReplayStore::new(Duration::from_secs(60), 0, 1 << 20);
+        assert_eq!(
+            off.digest_rank(&request("r-1", 5), &ids(&["a"])),
+            off.digest_rank(&request("r-1", 6), &ids(&["b"]))
         );
     }
 
