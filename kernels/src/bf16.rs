@@ -343,6 +343,7 @@ fn threshold_key(x: f32) -> u32 {
 }
 
 /// The inverse of [`threshold_key`].
+#[cfg(target_arch = "x86_64")]
 fn threshold_from_key(key: u32) -> f32 {
     match key >> 31 {
         1 => f32::from_bits(key & 0x7FFF_FFFF),
@@ -357,10 +358,12 @@ struct Bf16Scratch {
     block: Vec<u32>,
     /// Per block row: `sqrt(Σ x²) + 2^-40` in f32, or `+inf` above the norm limit.
     row_norms: Vec<f32>,
-    /// Per query of the batch: rows that may be among its best `k` (at most
-    /// [`kept_capacity`]`(k)`; every row ranking above the threshold is in it).
+    /// Per query of the batch: this task's rows that may be among its best `k` (fewer than
+    /// [`kept_capacity`]`(k)`). A row is left out only if it scores below the threshold or
+    /// ranks below `k` other rows of the list.
     kept: Vec<Vec<ScoredItem>>,
-    /// Per lane: the exact k-th best score so far (`-inf` until the heap is full).
+    /// Per lane: a score no final top-k row is below: the highest k-th best score known (this
+    /// task's or another's, see [`PackedQueries::shared_thresholds`]; `-inf` until known).
     thresholds: Vec<f32>,
 }
 
