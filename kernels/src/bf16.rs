@@ -12,19 +12,27 @@
 //!    reused scratch block sized for L2, computing each row's norm on the way;
 //! 2. runs a register-blocked microkernel: 16 queries per ZMM register (the queries were
 //!    converted and packed once per batch), up to 4 such registers (64 queries) times 6 rows
-//!    per step, each row's bf16 pair broadcast from memory: 24 accumulators;
+//!    per step, each row's bf16 pair broadcast from memory: 24 accumulators (measured on an
+//!    L2-resident block: 236 GFLOP/s per Zen 4 core, its `vdpbf16ps` peak; 2x12, 1x24 and
+//!    2x14 tiles are no faster). Each step also prefetches its share of the NEXT block's
+//!    source rows into L2, so the conversion finds them there (one burst of thousands of
+//!    prefetches per block instead left the conversion stalled on DRAM: a third of the
+//!    microkernel's time);
 //! 3. for every (query, row) it forms an upper bound `approx + bound(q, x)` on the exact
 //!    score and compares it (16 queries at once) with the query's current exact k-th best
 //!    score; a row whose upper bound is below it cannot be in the query's top-k;
 //! 4. rows that pass are rescored EXACTLY, with the scan kernel's f32 recipe
-//!    ([`crate::simd::score_row`]), and offered to the query's exact top-k heap.
+//!    ([`crate::simd::score_row`]); those not below the threshold are appended to the query's
+//!    kept list, which is cut back to its best `k` in bulk (a linear-time selection) whenever
+//!    it reaches `2 max(k, 32)` items, the threshold then rising to the k-th best score. (A
+//!    heap insertion per survivor cost as much as all the rescoring.)
 //!
 //! The thresholds are exact k-th best scores (not approximate ones minus a bound), so they are
 //! as tight as the data allows, and the candidate set is never stored: every surviving row is
 //! rescored at once, while it is still in cache. There is no cap anywhere: on adversarial data
 //! where the bound prunes nothing, every row is rescored and the answer is still exact (only
-//! slower). Per-task heaps are merged at the end, so the result equals, item for item and bit
-//! for bit, what [`crate::scan_topk`] returns for each query.
+//! slower). Per-task kept lists are merged at the end, so the result equals, item for item and
+//! bit for bit, what [`crate::scan_topk`] returns for each query.
 //!
 //! # Error bound
 //!
@@ -59,6 +67,9 @@
 //! adversarial data where it is nearly tight.
 
 use std::cell::Cell;
+use std::sync::atomic::AtomicU32;
+#[cfg(target_arch = "x86_64")]
+use std::sync::atomic::Ordering;
 #[cfg(target_arch = "x86_64")]
 use std::sync::{Mutex, PoisonError};
 
@@ -68,10 +79,10 @@ use rayon::prelude::*;
 use crate::matrix::RowMatrix;
 use crate::simd::PreparedQuery;
 #[cfg(target_arch = "x86_64")]
-use crate::simd::{prefetch_l2, score_row};
+use crate::simd::score_row;
 use crate::topk::ScoredItem;
 #[cfg(target_arch = "x86_64")]
-use crate::topk::{heap_offer, heap_threshold, sort_ranked};
+use crate::topk::{keep_best, may_enter, sort_ranked};
 
 /// Queries per SIMD register (16 f32 lanes of a ZMM register).
 const QUERY_LANES: usize = 16;
@@ -98,9 +109,17 @@ const NORM_OFFSET: f32 = 9.094_947e-13;
 /// Norms above this (`2^50`) get an infinite bound.
 const NORM_LIMIT: f32 = 1_125_899_906_842_624.0;
 
+/// Length at which a query's kept list is cut back to its best `k` (raising the threshold to
+/// the k-th best score). Appending and cutting back in bulk costs a few nanoseconds per row,
+/// where a heap insertion costs tens (unpredictable branches); the threshold lags a little.
+#[cfg(target_arch = "x86_64")]
+fn kept_capacity(k: usize) -> usize {
+    2 * k.max(32)
+}
+
 /// Tasks per pool thread, for load balance on a busy machine.
 #[cfg(target_arch = "x86_64")]
-const TASKS_PER_THREAD: usize = 2;
+const TASKS_PER_THREAD: usize = 8;
 
 /// Proof that the CPU runs AVX-512F and AVX-512 BF16 instructions; only [`Bf16Support::detect`]
 /// makes one.
@@ -211,6 +230,10 @@ struct PackedQueries {
     initial_thresholds: Vec<f32>,
     /// Per query, for exact rescoring with the scan recipe.
     prepared: Vec<PreparedQuery>,
+    /// Per lane: the highest threshold any task has published, as a [`threshold_key`]. Every
+    /// task's threshold is the k-th best score among its own (disjoint) rows, so no row
+    /// scoring below any of them can be in the final top k: tasks prune with the highest.
+    shared_thresholds: Vec<AtomicU32>,
 }
 
 impl PackedQueries {
@@ -225,6 +248,7 @@ impl PackedQueries {
         self.pairs.clear();
         self.scales.clear();
         self.initial_thresholds.clear();
+        self.shared_thresholds.clear();
         let count = queries.rows();
         self.prepared.resize_with(count, PreparedQuery::default);
         for (q, prepared) in self.prepared.iter_mut().enumerate() {
@@ -275,6 +299,55 @@ impl PackedQueries {
                 self.initial_thresholds.push(f32::NEG_INFINITY);
             }
         }
+        self.shared_thresholds.extend(
+            self.initial_thresholds
+                .iter()
+                .map(|&t| AtomicU32::new(threshold_key(t))),
+        );
+    }
+
+    /// Publishes a task's threshold for lane `lane` and returns the highest published so far
+    /// (`threshold` itself if it is NaN, which is never published).
+    #[cfg(target_arch = "x86_64")]
+    fn publish_threshold(&self, lane: usize, threshold: f32) -> f32 {
+        match (threshold.is_nan(), self.shared_thresholds.get(lane)) {
+            (false, Some(shared)) => {
+                let key = threshold_key(threshold);
+                let previous = shared.fetch_max(key, Ordering::Relaxed);
+                threshold_from_key(previous.max(key))
+            }
+            _ => threshold,
+        }
+    }
+
+    /// Raises each of `thresholds` (one per lane) to the highest published threshold.
+    #[cfg(target_arch = "x86_64")]
+    fn raise_to_shared(&self, thresholds: &mut [f32]) {
+        for (threshold, shared) in thresholds.iter_mut().zip(&self.shared_thresholds) {
+            let best = threshold_from_key(shared.load(Ordering::Relaxed));
+            // Also replaces a NaN threshold (published ones are never NaN).
+            if threshold.is_nan() || *threshold < best {
+                *threshold = best;
+            }
+        }
+    }
+}
+
+/// A key whose unsigned order is the IEEE total order of `x` (for atomic maxima).
+fn threshold_key(x: f32) -> u32 {
+    let bits = x.to_bits();
+    match bits >> 31 {
+        0 => bits | 0x8000_0000,
+        _ => !bits,
+    }
+}
+
+/// The inverse of [`threshold_key`].
+#[cfg(target_arch = "x86_64")]
+fn threshold_from_key(key: u32) -> f32 {
+    match key >> 31 {
+        1 => f32::from_bits(key & 0x7FFF_FFFF),
+        _ => f32::from_bits(!key),
     }
 }
 
@@ -285,9 +358,12 @@ struct Bf16Scratch {
     block: Vec<u32>,
     /// Per block row: `sqrt(Σ x²) + 2^-40` in f32, or `+inf` above the norm limit.
     row_norms: Vec<f32>,
-    /// One exact top-k heap per query of the batch.
-    heaps: Vec<Vec<ScoredItem>>,
-    /// Per lane: the exact k-th best score so far (`-inf` until the heap is full).
+    /// Per query of the batch: this task's rows that may be among its best `k` (fewer than
+    /// [`kept_capacity`]`(k)`). A row is left out only if it scores below the threshold or
+    /// ranks below `k` other rows of the list.
+    kept: Vec<Vec<ScoredItem>>,
+    /// Per lane: a score no final top-k row is below: the highest k-th best score known (this
+    /// task's or another's, see [`PackedQueries::shared_thresholds`]; `-inf` until known).
     thresholds: Vec<f32>,
 }
 
@@ -331,7 +407,7 @@ pub(crate) fn batch_topk_bf16(
     }
 }
 
-/// Splits the row blocks over rayon tasks and merges their heaps into `out`.
+/// Splits the row blocks over rayon tasks and merges their kept lists into `out`.
 #[cfg(target_arch = "x86_64")]
 fn run_tasks(
     support: Bf16Support,
@@ -358,15 +434,17 @@ fn run_tasks(
             return;
         }
         with_reused(&BF16_SCRATCH, |scratch| {
-            scratch.heaps.resize_with(packed.prepared.len(), Vec::new);
-            for heap in &mut scratch.heaps[..packed.prepared.len()] {
-                heap.clear();
-                heap.reserve(k);
+            scratch.kept.resize_with(packed.prepared.len(), Vec::new);
+            for kept in &mut scratch.kept[..packed.prepared.len()] {
+                kept.clear();
+                // Grows on demand beyond this (an absurd k must not allocate up front).
+                kept.reserve(kept_capacity(k).min(1 << 12));
             }
             scratch.thresholds.clear();
             scratch
                 .thresholds
                 .extend_from_slice(&packed.initial_thresholds);
+            packed.raise_to_shared(&mut scratch.thresholds);
             let pair_stride = m.dim().div_ceil(32) * 16;
             scratch.block.resize(plan.row_block * pair_stride, 0);
             scratch.row_norms.resize(plan.row_block, 0.0);
@@ -374,19 +452,35 @@ fn run_tasks(
                 let start = block * plan.row_block;
                 let len = plan.row_block.min(rows - start);
                 let next = start + len;
-                if next < rows {
-                    // The conversion reads the next block in row order: start it into L2 now.
-                    let next_end = (next + plan.row_block).min(rows);
-                    let (dim, stride) = (m.dim(), m.stride());
-                    prefetch_l2(&m.data()[next * stride..(next_end - 1) * stride + dim]);
+                // The next block's source rows, prefetched into L2 a few lines per microkernel
+                // step (a burst of thousands of prefetches at once stalls the core).
+                let next_rows: &[f32] = match next < rows {
+                    true => {
+                        let next_end = (next + plan.row_block).min(rows);
+                        let (dim, stride) = (m.dim(), m.stride());
+                        &m.data()[next * stride..(next_end - 1) * stride + dim]
+                    }
+                    false => &[],
+                };
+                if block > first_block {
+                    packed.raise_to_shared(&mut scratch.thresholds);
                 }
-                score_block(support, m, start, len, pair_stride, packed, k, scratch);
+                score_block(
+                    support,
+                    m,
+                    start,
+                    len,
+                    pair_stride,
+                    packed,
+                    k,
+                    scratch,
+                    next_rows,
+                );
             }
             let mut merged = merged.lock().unwrap_or_else(PoisonError::into_inner);
-            for (answer, heap) in merged.iter_mut().zip(&scratch.heaps) {
-                for &item in heap {
-                    heap_offer(answer, k, item);
-                }
+            for (answer, kept) in merged.iter_mut().zip(&mut scratch.kept) {
+                keep_best(kept, k);
+                answer.extend_from_slice(kept);
             }
         });
     };
@@ -400,6 +494,7 @@ fn run_tasks(
         .unwrap_or_else(PoisonError::into_inner)
         .iter_mut()
     {
+        keep_best(answer, k);
         sort_ranked(answer);
     }
 }
@@ -416,11 +511,12 @@ fn score_block(
     packed: &PackedQueries,
     k: usize,
     scratch: &mut Bf16Scratch,
+    next_rows: &[f32],
 ) {
     let Bf16Scratch {
         block,
         row_norms,
-        heaps,
+        kept,
         thresholds,
     } = scratch;
     let block = &mut block[..len * pair_stride];
@@ -433,11 +529,11 @@ fn score_block(
         m,
         first_row: start,
         packed,
-        heaps,
+        kept,
         thresholds,
         k,
     };
-    for query_block in &packed.blocks {
+    for (b, query_block) in packed.blocks.iter().enumerate() {
         let pass = BlockPass {
             block,
             row_norms,
@@ -445,6 +541,8 @@ fn score_block(
             pair_count: packed.pair_count,
             queries: query_block,
             packed,
+            // Spread over the first pass only: later passes find the lines in flight already.
+            prefetch: if b == 0 { next_rows } else { &[] },
         };
         // SAFETY: `support` proves the CPU features; `pass` describes in-bounds slices (the
         // block holds `row_norms.len()` rows, the packed queries `pair_count * vectors * 16`
@@ -469,16 +567,19 @@ struct BlockPass<'a> {
     pair_count: usize,
     queries: &'a QueryBlock,
     packed: &'a PackedQueries,
+    /// Source rows of the next block, to prefetch into L2 during this pass (may be empty).
+    prefetch: &'a [f32],
 }
 
-/// Where survivors go: exact rescoring into the per-query heaps.
+/// Where survivors go: exact rescoring into the per-query kept lists.
 #[cfg(target_arch = "x86_64")]
 struct Selection<'a, 'm> {
     m: RowMatrix<'m>,
     /// Table index of the block's row 0.
     first_row: usize,
     packed: &'a PackedQueries,
-    heaps: &'a mut [Vec<ScoredItem>],
+    /// Per query: the rows that may still be among its best `k` (see [`kept_capacity`]).
+    kept: &'a mut [Vec<ScoredItem>],
     thresholds: &'a mut [f32],
     k: usize,
 }
@@ -486,7 +587,7 @@ struct Selection<'a, 'm> {
 #[cfg(target_arch = "x86_64")]
 impl Selection<'_, '_> {
     /// Rescores block row `row` exactly for the queries of `block` register `vector` whose
-    /// lanes are set in `lanes`, and updates their heaps and thresholds. Kept out of line: it
+    /// lanes are set in `lanes`, and updates their kept lists and thresholds. Kept out of line: it
     /// is the rare path, and it must compute exactly what the scan computes.
     #[inline(never)]
     fn rescore(&mut self, block: &QueryBlock, vector: usize, row: usize, mut lanes: u32) {
@@ -502,10 +603,19 @@ impl Selection<'_, '_> {
             if lane >= block.queries {
                 continue;
             }
-            let heap = &mut self.heaps[block.first_query + lane];
             let score = score_row(row_data, prepared);
-            if heap_offer(heap, self.k, ScoredItem::new(index as u32, score)) {
-                self.thresholds[block.lane_offset + lane] = heap_threshold(heap, self.k);
+            let threshold = &mut self.thresholds[block.lane_offset + lane];
+            if !may_enter(score, *threshold) {
+                continue;
+            }
+            let kept = &mut self.kept[block.first_query + lane];
+            kept.push(ScoredItem::new(index as u32, score));
+            if kept.len() >= kept_capacity(self.k) {
+                keep_best(kept, self.k);
+                // The k-th best score so far (`keep_best` leaves it last): no row scoring
+                // below it can enter the final top k. (A NaN threshold prunes nothing.)
+                let own = kept.last().map_or(f32::NEG_INFINITY, |worst| worst.score);
+                *threshold = self.packed.publish_threshold(block.lane_offset + lane, own);
             }
         }
     }
@@ -523,6 +633,7 @@ mod x86 {
 
     use super::{BlockPass, NORM_LIMIT, NORM_OFFSET, QUERY_LANES, Selection};
     use crate::matrix::RowMatrix;
+    use crate::simd::prefetch_l2;
 
     /// Converts rows `start .. start + norms.len()` of `m` to bf16 pairs (`block`, row `r` at
     /// `r * pair_stride`, zero-padded to `pair_stride`) and stores each row's norm plus
@@ -620,13 +731,25 @@ mod x86 {
     ) {
         let rows = pass.row_norms.len();
         let full = rows / RB * RB;
+        // The next block's source rows, an equal share per step (in whole 64-byte lines).
+        let prefetch = pass.prefetch;
+        let share = prefetch
+            .len()
+            .div_ceil(16)
+            .div_ceil(rows.div_ceil(RB).max(1))
+            * 16;
+        let mut prefetched = 0;
         let mut row = 0;
         while row < full {
+            let end = prefetch.len().min(prefetched + share);
+            prefetch_l2(&prefetch[prefetched..end]);
+            prefetched = end;
             // SAFETY: rows `row .. row + RB` exist (`row + RB <= full <= rows`); the rest is
             // this function's contract.
             unsafe { step::<QV, RB>(pass, selection, row) };
             row += RB;
         }
+        prefetch_l2(&prefetch[prefetched..]);
         while row < rows {
             // SAFETY: row `row` exists; the rest is this function's contract.
             unsafe { step::<QV, 1>(pass, selection, row) };
@@ -791,6 +914,7 @@ mod tests {
                 pair_count: packed.pair_count,
                 queries: query_block,
                 packed: &packed,
+                prefetch: &[],
             };
             let mut raw = Vec::new();
             // SAFETY: the CPU features were detected; `pass` is built as `score_block` does.
@@ -1079,6 +1203,46 @@ mod tests {
         let mut out = vec![Vec::new(); queries.rows()];
         pool(2).install(|| batch_topk_bf16(support, m, queries, 30, &mut out, plan));
         check_against_scan(m, queries, 30, &out).unwrap();
+    }
+
+    #[test]
+    fn threshold_keys_follow_the_total_order_and_round_trip() {
+        let values = [
+            f32::NEG_INFINITY,
+            -f32::MAX,
+            -1.5,
+            -f32::MIN_POSITIVE,
+            -1e-45,
+            -0.0,
+            0.0,
+            1e-45,
+            1.0,
+            f32::MAX,
+            f32::INFINITY,
+        ];
+        for pair in values.windows(2) {
+            assert!(threshold_key(pair[0]) < threshold_key(pair[1]), "{pair:?}");
+        }
+        for x in values {
+            assert_eq!(threshold_from_key(threshold_key(x)).to_bits(), x.to_bits());
+        }
+        let mut packed = PackedQueries::default();
+        let data = [1.0f32, 2.0, 3.0, 4.0];
+        packed.pack(RowMatrix::dense(&data, 2).unwrap());
+        // Two queries, 16 lanes: publishing keeps the maximum; NaN is never published.
+        assert_eq!(packed.publish_threshold(1, 3.0), 3.0);
+        assert_eq!(packed.publish_threshold(1, 2.0), 3.0);
+        assert!(packed.publish_threshold(1, f32::NAN).is_nan());
+        let mut local = vec![f32::NEG_INFINITY; 16];
+        local[0] = f32::NAN;
+        packed.raise_to_shared(&mut local);
+        assert_eq!(local[0], f32::NEG_INFINITY);
+        assert_eq!(local[1], 3.0);
+        assert_eq!(
+            local[2],
+            f32::INFINITY,
+            "padding lanes never take survivors"
+        );
     }
 
     #[test]

@@ -51,6 +51,20 @@ pub fn sort_ranked(items: &mut [ScoredItem]) {
     items.sort_unstable_by(ScoredItem::rank_cmp);
 }
 
+/// Cuts `items` back to its best `k` under the ranking order (in no particular order).
+///
+/// Linear time on average (`select_nth_unstable_by`); a no-op when `items.len() <= k`. When
+/// it cuts, the last remaining item is the k-th best (the worst kept).
+pub(crate) fn keep_best(items: &mut Vec<ScoredItem>, k: usize) {
+    if items.len() <= k {
+        return;
+    }
+    if let Some(last) = k.checked_sub(1) {
+        items.select_nth_unstable_by(last, ScoredItem::rank_cmp);
+    }
+    items.truncate(k);
+}
+
 /// The score a candidate must reach (`!(score < threshold)`) to possibly enter a heap of `k`.
 ///
 /// While the heap has fewer than `k` items every score qualifies (`-inf`, and NaN compares
@@ -170,13 +184,16 @@ impl TopKHeap {
 /// Reusable scratch for the single-threaded top-k kernels ([`crate::scan_topk`],
 /// [`crate::candidates_topk`]).
 ///
-/// Holds the bounded heap and the query split into SIMD lanes. Buffers grow to the largest
-/// `k` and dimension seen and are then reused, so a warmed-up scratch makes the kernels
-/// allocation-free apart from the output vector (which is also reused if the caller keeps it).
+/// Holds the bounded heap, the survivor list and the query split into SIMD lanes. Buffers grow
+/// to the largest `k`, candidate list and dimension seen and are then reused, so a warmed-up
+/// scratch makes the kernels allocation-free apart from the output vector (which is also
+/// reused if the caller keeps it).
 #[derive(Debug, Clone, Default)]
 pub struct TopKScratch {
     pub(crate) heap: TopKHeap,
     pub(crate) query: PreparedQuery,
+    /// Survivors of [`crate::candidates_topk`], cut back to the best `k` in bulk.
+    pub(crate) kept: Vec<ScoredItem>,
 }
 
 impl TopKScratch {
