@@ -14,7 +14,9 @@
 //! Environment: `RERANK_OVERHEAD_SUMMARY_ONLY=1` skips the criterion groups,
 //! `RERANK_OVERHEAD_REQUESTS=N` sets the requests per constraint of the summary (default
 //! 300), `RERANK_OVERHEAD_CONSTRAINTS=none,fairco` keeps only the named constraints (for
-//! `valgrind --tool=callgrind` runs).
+//! `valgrind --tool=callgrind` runs), `RERANK_OVERHEAD_POOL=N` sets the re-ranking pool
+//! (default 10,000: every candidate; the server's default pool is `ranking.default_pool`,
+//! raised to k).
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -28,7 +30,7 @@ use store::{GroupAttribute, Table, TableData, write_table};
 
 /// Items in the table (the request lists `CANDIDATES` of them).
 const ITEMS: usize = 20_000;
-/// Candidates per request, all of which form the re-ranking pool.
+/// Candidates per request; by default all of them form the re-ranking pool.
 const CANDIDATES: usize = 10_000;
 /// Answer length.
 const K: usize = 100;
@@ -135,10 +137,15 @@ fn setup(dir: &std::path::Path) -> (Engine, Vec<String>, Vec<f32>) {
     (engine, candidates, user)
 }
 
-fn request(candidates: &[String], user: &[f32], policy: &FairnessPolicy) -> RankRequest {
+fn request(
+    candidates: &[String],
+    user: &[f32],
+    policy: &FairnessPolicy,
+    pool: usize,
+) -> RankRequest {
     let mut request = RankRequest::new("bench", UserRef::embedding(user.to_vec()), K);
     request.candidate_ids = candidates.to_vec().into();
-    request.pool_size = Some(CANDIDATES);
+    request.pool_size = Some(pool);
     request.fairness = policy.clone();
     request
 }
@@ -170,6 +177,7 @@ fn rerank_overhead(c: &mut Criterion) {
     }
     let summary_only = std::env::var_os("RERANK_OVERHEAD_SUMMARY_ONLY").is_some();
     let requests = env_count("RERANK_OVERHEAD_REQUESTS", SUMMARY_REQUESTS);
+    let pool = env_count("RERANK_OVERHEAD_POOL", CANDIDATES).clamp(K, CANDIDATES);
 
     if !summary_only {
         let mut group = c.benchmark_group("rank_blocking_10k_candidates_k100");
@@ -178,7 +186,7 @@ fn rerank_overhead(c: &mut Criterion) {
         for (name, policy) in &policies {
             group.bench_with_input(BenchmarkId::from_parameter(name), policy, |b, policy| {
                 b.iter_batched(
-                    || request(&candidates, &user, policy),
+                    || request(&candidates, &user, policy, pool),
                     |request| black_box(engine.rank_blocking(request)),
                     criterion::BatchSize::SmallInput,
                 );
@@ -192,7 +200,7 @@ fn rerank_overhead(c: &mut Criterion) {
     let mut stages = vec![Vec::with_capacity(requests); policies.len()];
     for _ in 0..requests {
         for (slot, (name, policy)) in policies.iter().enumerate() {
-            match engine.rank_blocking(request(&candidates, &user, policy)) {
+            match engine.rank_blocking(request(&candidates, &user, policy, pool)) {
                 Ok(response) => {
                     totals[slot].push(response.timings.total_us);
                     stages[slot].push(response.timings.rerank_us + response.timings.report_us);
@@ -202,7 +210,7 @@ fn rerank_overhead(c: &mut Criterion) {
         }
     }
     println!(
-        "\nfairness overhead, {CANDIDATES} candidates (pool {CANDIDATES}), k = {K}, {requests} requests each, interleaved (medians):"
+        "\nfairness overhead, {CANDIDATES} candidates (pool {pool}), k = {K}, {requests} requests each, interleaved (medians):"
     );
     println!(
         "{:<16} {:>10} {:>14} {:>10} {:>10} {:>10}",

@@ -53,7 +53,8 @@ pub struct BenchKernelArgs {
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Back the table with ordinary 4 KiB pages instead of transparent huge pages (as a
-    /// memory-mapped table file would be), to see what huge pages are worth.
+    /// mapped table file is on kernels whose page cache has no large folios), to see what
+    /// huge pages are worth.
     #[arg(long)]
     pub small_pages: bool,
 }
