@@ -154,7 +154,10 @@ fn main() {
     let leased = StateDatabase::open(dir.path().join("leased.redb"))
         .and_then(|database| {
             database.leased_ledger(LeaseOptions {
-                lease_charges: 8,
+                lease_charges: std::env::var("DP_LEDGER_LEASE_CHARGES")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(8),
                 ..LeaseOptions::default()
             })
         })
