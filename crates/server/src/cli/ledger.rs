@@ -68,7 +68,8 @@ fn show(args: &ShowArgs) -> anyhow::Result<()> {
     if !secret_in_env && !secret_file.exists() {
         // A fresh secret would match no user: refuse rather than report every user as new.
         anyhow::bail!(
-            "no pseudonym secret: ${env} is unset and {} does not exist; give this command the              secret the server used (the same ${env}, or --config with its ledger.secret_file)",
+            "no pseudonym secret: ${env} is unset and {} does not exist; give this command the \
+             secret the server used (the same ${env}, or --config with its ledger.secret_file)",
             secret_file.display()
         );
     }
