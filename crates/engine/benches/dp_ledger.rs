@@ -179,14 +179,15 @@ fn main() {
     let mut means = Vec::new();
     for (offset, (name, dp, ledger)) in setups.into_iter().enumerate() {
         let engine = engine(dir.path(), ledger);
-        let first = offset * 10 * count;
+        // Request ids never repeat within a setup (a repeated id would be a free replay).
+        let first = offset * (2 * SUBJECTS + count);
         // Warm-up: every subject charges twice, so the measured window sees the steady state
         // of known users (a leased ledger renews their blocks ahead of need). A user's very
         // first charge in a window waits for one group commit (an fsync) before release:
         // the warm-up's mean, printed too, shows that cost.
         let (warm_up, _, _) = run(&engine, dp, first, 2 * SUBJECTS, rate);
         let warm_up_mean = warm_up.iter().sum::<u64>() as f64 / warm_up.len().max(1) as f64;
-        let (latencies, achieved, errors) = run(&engine, dp, first + count, count, rate);
+        let (latencies, achieved, errors) = run(&engine, dp, first + 2 * SUBJECTS, count, rate);
         let pick = |q: f64| {
             latencies
                 .get(((latencies.len() as f64 - 1.0) * q) as usize)
