@@ -313,16 +313,24 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
 }
 
 /// Whether a failed call never ran on the server: refused (UNAVAILABLE: connection
-/// refused, stream refused after GOAWAY) or never sent because the client's connection
-/// was closing (hyper's "canceled"), as opposed to a call cut off while it ran.
+/// refused, stream refused after GOAWAY), a stream above the last one the server's graceful
+/// GOAWAY (NO_ERROR) accepted, which by RFC 9113 section 6.8 was not processed, or never
+/// sent because the client's connection was closing (hyper's "canceled"), as opposed to a
+/// call cut off while it ran. (That no call accepted by the server was cut off is checked on
+/// the server's side too: its log must say every call finished.)
 fn refused(status: &tonic::Status) -> bool {
     if status.code() == Code::Unavailable {
         return true;
     }
     let mut source = std::error::Error::source(status);
     while let Some(error) = source {
-        if let Some(hyper) = error.downcast_ref::<hyper::Error>() {
-            return hyper.is_canceled();
+        if let Some(h2) = error.downcast_ref::<h2::Error>() {
+            return h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR);
+        }
+        if let Some(hyper) = error.downcast_ref::<hyper::Error>()
+            && hyper.is_canceled()
+        {
+            return true;
         }
         source = error.source();
     }
