@@ -6,9 +6,11 @@
 mod grpc_support;
 
 use api::fairrank::v1 as pb;
+use api::fairrank::v1::ranker_client::RankerClient;
 use api::status::error_reason;
 use grpc_support::*;
 use tonic::Code;
+use tonic::transport::Channel;
 
 /// A pseudonym secret for test servers (hex, 32 bytes).
 const SECRET: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
@@ -44,6 +46,19 @@ fn dp_request(request_id: &str, user_id: &str) -> pb::RankRequest {
 
 const CHARGE: f64 = 0.1;
 
+/// Ranks `dp_request(request_id, user_id)`, which must succeed.
+async fn rank_dp(
+    ranker: &mut RankerClient<Channel>,
+    request_id: &str,
+    user_id: &str,
+) -> pb::RankResponse {
+    ranker
+        .rank(dp_request(request_id, user_id))
+        .await
+        .expect("ranks")
+        .into_inner()
+}
+
 fn report(response: &pb::RankResponse) -> pb::PrivacyReport {
     response.privacy.expect("a privacy report")
 }
@@ -64,11 +79,7 @@ async fn dp_answers_charge_the_budget_replay_and_stop_at_the_cap() {
     let mut ranker = server.ranker().await;
     let user = tables.data.users.ids[2].clone();
 
-    let first = ranker
-        .rank(dp_request("dp-first", &user))
-        .await
-        .expect("ranks")
-        .into_inner();
+    let first = rank_dp(&mut ranker, "dp-first", &user).await;
     assert_eq!(first.items.len(), 5);
     assert_eq!(first.pool_size, 20);
     assert_eq!(first.score_kind, pb::ScoreKind::Withheld as i32);
@@ -84,19 +95,11 @@ async fn dp_answers_charge_the_budget_replay_and_stop_at_the_cap() {
     assert_eq!(privacy.user_norm_bound, Some(1.0));
 
     // A retry gets the same answer, flagged, with no second charge.
-    let retry = ranker
-        .rank(dp_request("dp-first", &user))
-        .await
-        .expect("ranks")
-        .into_inner();
+    let retry = rank_dp(&mut ranker, "dp-first", &user).await;
     assert!(retry.replayed);
     assert_eq!(ids(&retry), ids(&first));
 
-    let second = ranker
-        .rank(dp_request("dp-second", &user))
-        .await
-        .expect("ranks")
-        .into_inner();
+    let second = rank_dp(&mut ranker, "dp-second", &user).await;
     let remaining_second = report(&second).rho_remaining.expect("remaining");
     assert!(
         (remaining_first - remaining_second - CHARGE).abs() < 1e-6,
@@ -158,30 +161,18 @@ async fn the_ledger_survives_a_kill_and_replays_after_restart() {
     let mut server = Server::start(&tables, Some(&config), &env());
     let first = {
         let mut ranker = server.ranker().await;
-        ranker
-            .rank(dp_request("durable-1", &user))
-            .await
-            .expect("ranks")
-            .into_inner()
+        rank_dp(&mut ranker, "durable-1", &user).await
     };
     server.signal("KILL");
     server.wait(CALL_TIMEOUT);
 
     let server = Server::start(&tables, Some(&config), &env());
     let mut ranker = server.ranker().await;
-    let retry = ranker
-        .rank(dp_request("durable-1", &user))
-        .await
-        .expect("ranks")
-        .into_inner();
+    let retry = rank_dp(&mut ranker, "durable-1", &user).await;
     assert!(retry.replayed, "the ledger's stored answer");
     assert_eq!(ids(&retry), ids(&first));
     assert_eq!(report(&retry).rho_charged, 0.0);
-    let next = ranker
-        .rank(dp_request("durable-2", &user))
-        .await
-        .expect("ranks")
-        .into_inner();
+    let next = rank_dp(&mut ranker, "durable-2", &user).await;
     let remaining = report(&next).rho_remaining.expect("remaining");
     assert!(
         (remaining - (1.0 - 2.0 * CHARGE)).abs() < 1e-6,
@@ -205,11 +196,7 @@ async fn a_leased_ledger_never_refunds_a_released_charge_after_a_kill() {
         let mut ranker = server.ranker().await;
         let mut charged = 0.0;
         for attempt in 0..3 {
-            let answer = ranker
-                .rank(dp_request(&format!("leased-{attempt}"), &user))
-                .await
-                .expect("ranks")
-                .into_inner();
+            let answer = rank_dp(&mut ranker, &format!("leased-{attempt}"), &user).await;
             charged += report(&answer).rho_charged;
         }
         charged
@@ -251,11 +238,7 @@ async fn the_default_state_directory_keeps_budgets_across_a_restart() {
     let mut server = Server::start(&tables, Some("[privacy]\nsubject_rho_cap = 1.0\n"), &env);
     {
         let mut ranker = server.ranker().await;
-        let first = ranker
-            .rank(dp_request("default-1", &user))
-            .await
-            .expect("ranks")
-            .into_inner();
+        let first = rank_dp(&mut ranker, "default-1", &user).await;
         assert!(report(&first).dp_applied);
     }
     assert!(state_dir.join("state.redb").is_file());
@@ -266,11 +249,7 @@ async fn the_default_state_directory_keeps_budgets_across_a_restart() {
 
     let server = Server::start(&tables, Some("[privacy]\nsubject_rho_cap = 1.0\n"), &env);
     let mut ranker = server.ranker().await;
-    let next = ranker
-        .rank(dp_request("default-2", &user))
-        .await
-        .expect("ranks")
-        .into_inner();
+    let next = rank_dp(&mut ranker, "default-2", &user).await;
     let remaining = report(&next).rho_remaining.expect("remaining");
     // A clean shutdown returned the unused lease: exactly two charges are spent.
     assert!(
@@ -354,11 +333,7 @@ async fn the_in_memory_state_is_an_explicit_opt_in_that_warns() {
     for round in 0..2 {
         let server = Server::start(&tables, Some(&config_text), &env());
         let mut ranker = server.ranker().await;
-        let answer = ranker
-            .rank(dp_request(&format!("memory-{round}"), &user))
-            .await
-            .expect("ranks")
-            .into_inner();
+        let answer = rank_dp(&mut ranker, &format!("memory-{round}"), &user).await;
         let remaining = report(&answer).rho_remaining.expect("remaining");
         assert!(
             (remaining - (1.0 - CHARGE)).abs() < 1e-6,
