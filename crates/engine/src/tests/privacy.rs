@@ -202,22 +202,17 @@ fn with_negligible_noise_the_private_pool_is_the_exact_top_pool() {
         let answer = fixture.engine.rank_blocking(request).expect("answers");
         let all_rows: Vec<usize> = rows.clone().unwrap_or_else(|| (0..ITEMS).collect());
         let expected = brute_force(&fixture.items, &user, all_rows.iter().copied(), 10);
-        let score_of = |id: &str| {
-            let r = fixture.items.ids.iter().position(|x| x == id).expect("id");
-            brute_force(&fixture.items, &user, [r], 1)[0].1
-        };
+        let row_of = |id: &str| fixture.items.ids.iter().position(|x| x == id).expect("id");
+        let score_of = |id: &str| brute_force(&fixture.items, &user, [row_of(id)], 1)[0].1;
         let got: Vec<f32> = answer.items.iter().map(|item| score_of(&item.id)).collect();
         let want: Vec<f32> = expected.iter().map(|(_, score)| *score).collect();
         assert_eq!(got, want, "{name}: scores of the released order");
         if let Some(rows) = &rows {
             for item in &answer.items {
-                let r = fixture
-                    .items
-                    .ids
-                    .iter()
-                    .position(|x| *x == item.id)
-                    .expect("id");
-                assert!(rows.contains(&r), "{name}: only candidates are released");
+                assert!(
+                    rows.contains(&row_of(&item.id)),
+                    "{name}: only candidates are released"
+                );
             }
         }
     }
