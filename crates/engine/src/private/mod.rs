@@ -637,9 +637,6 @@ pub(crate) fn noisy_scores(
             format!("cannot calibrate the score noise: {error}"),
         )
     };
-    let release_error = |error: privacy::PrivacyError| {
-        EngineError::internal(format!("noisy score release: {error}"))
-    };
     let sensitivity = plan.sensitivity;
     with_dp_thread(noise_buffer, |state| match noise {
         ScoreNoise::Gaussian { rho } => {
@@ -647,14 +644,7 @@ pub(crate) fn noisy_scores(
             let sigma = sensitivity / (2.0 * each).sqrt();
             let release = GaussianRelease::for_rho(each, sensitivity, grid_for(sigma))
                 .map_err(calibration)?;
-            let mut out = Vec::with_capacity(count);
-            for &score in exact {
-                out.push(
-                    release
-                        .release(f64::from(score), &mut state.rng)
-                        .map_err(release_error)? as f32,
-                );
-            }
+            let out = noisy_each(exact, |score| release.release(score, &mut state.rng))?;
             let rho = release.rho(sensitivity).map_err(calibration)? * count as f64;
             Ok(Some(NoisyScores {
                 scores: out,
@@ -668,14 +658,7 @@ pub(crate) fn noisy_scores(
             let scale = sensitivity / each;
             let release = LaplaceRelease::for_epsilon(each, sensitivity, grid_for(scale))
                 .map_err(calibration)?;
-            let mut out = Vec::with_capacity(count);
-            for &score in exact {
-                out.push(
-                    release
-                        .release(f64::from(score), &mut state.rng)
-                        .map_err(release_error)? as f32,
-                );
-            }
+            let out = noisy_each(exact, |score| release.release(score, &mut state.rng))?;
             let actual = release.epsilon(sensitivity).map_err(calibration)?;
             let rho = rho_pure_dp(actual).map_err(calibration)? * count as f64;
             Ok(Some(NoisyScores {
@@ -686,6 +669,21 @@ pub(crate) fn noisy_scores(
             }))
         }
     })
+}
+
+/// `release` applied to every exact score, in order (one fresh noise draw each).
+fn noisy_each(
+    exact: &[f32],
+    mut release: impl FnMut(f64) -> Result<f64, privacy::PrivacyError>,
+) -> Result<Vec<f32>, EngineError> {
+    exact
+        .iter()
+        .map(|&score| {
+            release(f64::from(score))
+                .map(|noisy| noisy as f32)
+                .map_err(|error| EngineError::internal(format!("noisy score release: {error}")))
+        })
+        .collect()
 }
 
 /// Builds the ledger record of a fresh DP answer.
