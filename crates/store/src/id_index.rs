@@ -1,14 +1,10 @@
 //! Item id to row index lookup: an open-addressing hash table of row indices, built at open.
 //!
-//! Each slot packs the top 32 bits of the id's hash with `row + 1` (0 marks an empty slot).
-//! A slot's home position is the top bits of the hash, and the stored 32 bits double as a
-//! tag: ids are compared only when the tags of the probed slot and the key agree. The hash is XXH3 with a per-process random seed, so
+//! The table stores no strings: each slot packs the top 32 bits of the id's hash with
+//! `row + 1` (0 marks an empty slot). A slot's home position is the top bits of the hash, and
+//! the stored 32 bits double as a tag: ids are compared byte for byte only when the tags of
+//! the probed slot and the key agree. The hash is XXH3 with a per-process random seed, so
 //! crafted ids cannot force collisions.
-//!
-//! Ids of up to 8 bytes (most catalog ids: `i0001234`, SKUs, numeric ids) are also kept in
-//! the slot itself, and the low 4 bits of the tag hold the id's length (or "longer than 8"),
-//! so looking one up touches one cache line: the slot. Longer ids are compared against the
-//! id bytes, which costs two more dependent cache misses (the id's offset, then its bytes).
 //!
 //! Because positions follow hash order, the build can avoid a cache and TLB miss per id: it
 //! hashes every id in one sequential pass, radix-partitions the `(hash, row)` entries by their
@@ -21,57 +17,11 @@ use std::hash::BuildHasher;
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-/// One slot: `entry` is `tag << 32 | (row + 1)` (0: empty), `short` the id's bytes
-/// (little-endian, zero-padded) when it is at most [`SHORT_ID_BYTES`] long, else 0.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[repr(C, align(16))]
-struct Slot {
-    entry: u64,
-    short: u64,
-}
-
-/// Ids up to this long are kept in their slot.
-const SHORT_ID_BYTES: usize = 8;
-
-/// Length code (the tag's low 4 bits) of ids longer than [`SHORT_ID_BYTES`].
-const LONG_ID_CODE: u64 = 0xf;
-
-/// The slot tag of an id: the top 32 bits of its hash, with the low 4 bits replaced by the
-/// id's length (0 to 8) or [`LONG_ID_CODE`]. Equal tags thus imply equal lengths for short
-/// ids. (The home position uses the tag's top bits, which are the hash's.)
-#[inline(always)]
-fn tag_of(hash: u64, len: usize) -> u64 {
-    let code = if len <= SHORT_ID_BYTES {
-        len as u64
-    } else {
-        LONG_ID_CODE
-    };
-    ((hash >> 32) & !0xf) | code
-}
-
-/// The bytes of a short id as a little-endian word, zero-padded (0 for longer ids).
-#[inline(always)]
-fn short_of(bytes: &[u8]) -> u64 {
-    // The common exact-length case is one load; shorter ids are assembled byte by byte (no
-    // `memcpy` call for a handful of bytes).
-    if let Ok(word) = <[u8; SHORT_ID_BYTES]>::try_from(bytes) {
-        return u64::from_le_bytes(word);
-    }
-    if bytes.len() > SHORT_ID_BYTES {
-        return 0;
-    }
-    bytes
-        .iter()
-        .enumerate()
-        .fold(0, |word, (at, &byte)| word | (u64::from(byte) << (8 * at)))
-}
-
 /// Hash-table of row indices keyed by item id bytes that live elsewhere.
 #[derive(Debug, Clone)]
 pub(crate) struct IdIndex {
-    slots: Vec<Slot>,
-    /// `32 - log2(slots.len())`: the home position of a key is `tag >> shift` (see
-    /// [`tag_of`]; for tables over 2^28 slots the length code takes part in it).
+    slots: Vec<u64>,
+    /// `32 - log2(slots.len())`: the home position of a hash is `(hash >> 32) >> shift`.
     shift: u32,
     mask: usize,
     seed: u64,
@@ -158,7 +108,7 @@ impl IdIndex {
         let capacity = (count * 2).next_power_of_two().max(16);
         let bits = capacity.trailing_zeros();
         let mut index = IdIndex {
-            slots: vec![Slot::default(); capacity],
+            slots: vec![EMPTY; capacity],
             shift: 32 - bits,
             mask: capacity - 1,
             seed: RandomState::new().hash_one(0x6672_6b5f_6964_7831_u64),
@@ -171,8 +121,7 @@ impl IdIndex {
         let mut starts = vec![0usize; (1 << partition_bits) + 1];
         let entries: Vec<u64> = (0..count)
             .map(|row| {
-                let bytes = id(row);
-                let entry = (tag_of(index.hash(bytes), bytes.len()) << 32) | row as u64;
+                let entry = (index.hash(id(row)) & !0xffff_ffff) | row as u64;
                 starts[partition_of(entry) + 1] += 1;
                 entry
             })
@@ -215,12 +164,9 @@ impl IdIndex {
         let row = (entry & 0xffff_ffff) as usize;
         let mut position = (tag >> self.shift) as usize;
         loop {
-            let slot = self.slots[position].entry;
+            let slot = self.slots[position];
             if slot == EMPTY {
-                self.slots[position] = Slot {
-                    entry: (tag << 32) | (row as u64 + 1),
-                    short: short_of(id(row)),
-                };
+                self.slots[position] = (tag << 32) | (row as u64 + 1);
                 return Ok(());
             }
             if slot >> 32 == tag {
@@ -240,28 +186,20 @@ impl IdIndex {
     /// The row whose id is `key`, where `id(row)` returns the bytes of row `row` (the same
     /// ids the index was built over).
     pub fn get<'a>(&self, key: &[u8], id: impl Fn(usize) -> &'a [u8]) -> Option<u32> {
-        self.probe(key, tag_of(self.hash(key), key.len()), &id)
+        self.probe(key, self.hash(key) >> 32, &id)
     }
 
-    /// The linear probe of [`IdIndex::get`] for a key whose tag ([`tag_of`]) is known. A
-    /// short key is compared with the slot's copy of the id; a long one with `id(row)`.
-    #[inline(always)]
+    /// The linear probe of [`IdIndex::get`] for a key whose tag (top 32 hash bits) is known.
     fn probe<'a>(&self, key: &[u8], tag: u64, id: &impl Fn(usize) -> &'a [u8]) -> Option<u32> {
-        let short = (key.len() <= SHORT_ID_BYTES).then(|| short_of(key));
         let mut position = (tag >> self.shift) as usize;
         loop {
             let slot = *self.slots.get(position)?;
-            if slot.entry == EMPTY {
+            if slot == EMPTY {
                 return None;
             }
-            if slot.entry >> 32 == tag {
-                let row = (slot.entry & 0xffff_ffff) as usize - 1;
-                // Equal tags mean equal length codes: a short key meets only short ids.
-                let same = match short {
-                    Some(short) => slot.short == short,
-                    None => same_bytes(id(row), key),
-                };
-                if same {
+            if slot >> 32 == tag {
+                let row = (slot & 0xffff_ffff) as usize - 1;
+                if same_bytes(id(row), key) {
                     return u32::try_from(row).ok();
                 }
             }
@@ -301,20 +239,18 @@ impl IdIndex {
             let mut tags = [0u64; LOOKUP_GROUP];
             // Stage 1: hash every key, start loading its home slot.
             for (tag, key) in tags.iter_mut().zip(group) {
-                *tag = tag_of(self.hash(key), key.len());
+                *tag = self.hash(key) >> 32;
                 prefetch(&self.slots, (*tag >> self.shift) as usize);
             }
-            // Stage 2: a home slot with a long key's tag names the likely row: start loading
-            // its offset. (Short keys are compared in the slot; keys that probed past their
-            // home slot are found in stage 4.)
+            // Stage 2: a home slot with the key's tag names the likely row: start loading
+            // its offset. (Keys that probed past their home slot are found in stage 4.)
             let mut likely = [usize::MAX; LOOKUP_GROUP];
             for (row, &tag) in likely.iter_mut().zip(&tags[..group.len()]) {
-                if tag & 0xf == LONG_ID_CODE
-                    && let Some(&slot) = self.slots.get((tag >> self.shift) as usize)
-                    && slot.entry != EMPTY
-                    && slot.entry >> 32 == tag
+                if let Some(&slot) = self.slots.get((tag >> self.shift) as usize)
+                    && slot != EMPTY
+                    && slot >> 32 == tag
                 {
-                    *row = (slot.entry & 0xffff_ffff) as usize - 1;
+                    *row = (slot & 0xffff_ffff) as usize - 1;
                     prefetch_offset(*row);
                 }
             }
@@ -334,7 +270,7 @@ impl IdIndex {
 
     /// Heap bytes used by the index.
     pub fn heap_bytes(&self) -> usize {
-        self.slots.len() * std::mem::size_of::<Slot>()
+        self.slots.len() * std::mem::size_of::<u64>()
     }
 }
 
@@ -400,7 +336,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn ids_kept_in_the_slot_and_long_ids_are_told_apart(
+        fn ids_differing_by_trailing_zeros_or_prefixes_are_told_apart(
             // A tiny alphabet with zero bytes: ids that differ only by trailing zeros, ids
             // that are prefixes of others, and lengths on both sides of 8 bytes.
             ids in prop::collection::hash_set(
