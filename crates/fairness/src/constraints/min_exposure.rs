@@ -69,6 +69,8 @@ struct Solver<'a, 'p> {
     weights: &'a [f64],
     /// Per group, the (score, pool position) of its items found so far, in score order.
     heads_cache: &'a mut Vec<Vec<(f64, usize)>>,
+    /// Use the original merge (test oracle) instead of the fast one.
+    reference: bool,
 }
 
 /// Result of ranking by boosted scores.
@@ -151,8 +153,117 @@ impl Solver<'_, '_> {
 
     /// Ranks by `score + lambda[group]` (ties: pool position), writing positions, per-group
     /// exposures and per-position groups; `heads` caches each group's next boosted item.
+    ///
+    /// Reads the prefilled per-group slices directly (a two-pointer merge with two groups);
+    /// bit for bit the same as [`Solver::merge_reference`], the original formulation kept as
+    /// the test oracle (`reference` set).
     #[allow(clippy::too_many_arguments)]
     fn merge(
+        &mut self,
+        lambdas: &[f64],
+        counts: &mut Vec<usize>,
+        heads: &mut Vec<(f64, usize)>,
+        order: &mut Vec<usize>,
+        labels: &mut Vec<usize>,
+        exposure: &mut Vec<f64>,
+    ) -> Merged {
+        if self.reference {
+            return self.merge_reference(lambdas, counts, heads, order, labels, exposure);
+        }
+        let groups = self.groups();
+        counts.clear();
+        counts.resize(groups, 0);
+        exposure.clear();
+        exposure.resize(groups, 0.0);
+        order.clear();
+        labels.clear();
+        order.reserve(self.length);
+        labels.reserve(self.length);
+        let cache = &self.heads_cache[..groups];
+        let weights = &self.weights[..self.length];
+        let mut utility = 0.0;
+        if let ([first, second], [lambda_first, lambda_second, ..]) = (cache, lambdas) {
+            let (first, second) = (first.as_slice(), second.as_slice());
+            let (lambda_first, lambda_second) = (*lambda_first, *lambda_second);
+            let (mut taken_first, mut taken_second) = (0usize, 0usize);
+            let (mut exposure_first, mut exposure_second) = (0.0, 0.0);
+            for &weight in weights {
+                // The second group wins only when strictly better (ties: earlier position).
+                let take_first = match (first.get(taken_first), second.get(taken_second)) {
+                    (Some(&(score_a, position_a)), Some(&(score_b, position_b))) => {
+                        let boosted_a = score_a + lambda_first;
+                        let boosted_b = score_b + lambda_second;
+                        !(boosted_b > boosted_a
+                            || (boosted_b == boosted_a && position_b < position_a))
+                    }
+                    (Some(_), None) => true,
+                    (None, Some(_)) => false,
+                    (None, None) => break,
+                };
+                if take_first {
+                    let (score, position) = first[taken_first];
+                    taken_first += 1;
+                    exposure_first += weight;
+                    utility += weight * ((score + lambda_first) - lambda_first);
+                    order.push(position);
+                    labels.push(0);
+                } else {
+                    let (score, position) = second[taken_second];
+                    taken_second += 1;
+                    exposure_second += weight;
+                    utility += weight * ((score + lambda_second) - lambda_second);
+                    order.push(position);
+                    labels.push(1);
+                }
+            }
+            counts[0] = taken_first;
+            counts[1] = taken_second;
+            exposure[0] = exposure_first;
+            exposure[1] = exposure_second;
+            return Merged { utility };
+        }
+        heads.clear();
+        heads.extend(
+            cache
+                .iter()
+                .zip(lambdas)
+                .map(|(items, &lambda)| match items.first() {
+                    Some(&(score, position)) => (score + lambda, position),
+                    None => (f64::NEG_INFINITY, usize::MAX),
+                }),
+        );
+        for &weight in weights {
+            // An exhausted group's head (-inf, usize::MAX) never beats a real one.
+            let mut best = 0;
+            let (mut best_boosted, mut best_position) = heads[0];
+            for (group, &(boosted, position)) in heads.iter().enumerate().skip(1) {
+                if boosted > best_boosted || (boosted == best_boosted && position < best_position)
+                {
+                    best = group;
+                    best_boosted = boosted;
+                    best_position = position;
+                }
+            }
+            if best_position == usize::MAX {
+                break;
+            }
+            counts[best] += 1;
+            exposure[best] += weight;
+            utility += weight * (best_boosted - lambdas[best]);
+            order.push(best_position);
+            labels.push(best);
+            heads[best] = match cache[best].get(counts[best]) {
+                Some(&(score, next)) => (score + lambdas[best], next),
+                None => (f64::NEG_INFINITY, usize::MAX),
+            };
+        }
+        Merged { utility }
+    }
+
+    /// The original merge over the lazily read per-group heads (the test oracle of
+    /// [`Solver::merge`]).
+    #[allow(clippy::too_many_arguments)]
+    fn merge_reference(
         &mut self,
         lambdas: &[f64],
         counts: &mut Vec<usize>,
@@ -434,6 +545,19 @@ impl Reranker for MinExposure {
         _rng: &mut dyn rand::RngCore,
         out: &mut RerankOutput,
     ) -> Result<(), FairnessError> {
+        self.solve(pool, k, out, false)
+    }
+}
+
+impl MinExposure {
+    /// The re-ranking; `reference` selects the original merge (the test oracle).
+    fn solve(
+        &self,
+        pool: &[Candidate],
+        k: usize,
+        out: &mut RerankOutput,
+        reference: bool,
+    ) -> Result<(), FairnessError> {
         out.reset();
         out.state = None;
         validate_pool(pool)?;
@@ -479,6 +603,7 @@ impl Reranker for MinExposure {
             tolerance: 1e-12 * total_weight,
             weights,
             heads_cache,
+            reference,
         };
         solver.prefill();
         let counts = &mut scratch.counts;
@@ -678,5 +803,96 @@ impl Reranker for MinExposure {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+
+    /// A pool of `size` items in score order: scores from `levels` distinct values (few
+    /// levels give many ties), groups `0..groups` with group 1 rarer.
+    fn pool(seed: u64, size: usize, groups: u32, levels: u32) -> Vec<Candidate> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut scores: Vec<f32> = (0..size)
+            .map(|_| rng.random_range(0..levels) as f32 / levels as f32 * 3.0 - 1.0)
+            .collect();
+        scores.sort_by(|a, b| b.total_cmp(a));
+        scores
+            .into_iter()
+            .enumerate()
+            .map(|(index, score)| {
+                let group = if rng.random_bool(0.25) {
+                    1
+                } else {
+                    rng.random_range(0..groups)
+                };
+                Candidate::new(index as u32, score, group.min(groups - 1))
+            })
+            .collect()
+    }
+
+    /// Runs the fast and the reference solver and checks they agree bit for bit.
+    fn same_as_reference(pool: &[Candidate], k: usize, pairs: &[(u32, f64)]) {
+        let Ok(targets) = GroupShares::new(pairs) else {
+            return;
+        };
+        let reranker = MinExposure::new(targets);
+        let mut fast = RerankOutput::new();
+        let mut reference = RerankOutput::new();
+        let fast_result = reranker.solve(pool, k, &mut fast, false);
+        let reference_result = reranker.solve(pool, k, &mut reference, true);
+        assert_eq!(
+            format!("{fast_result:?}"),
+            format!("{reference_result:?}")
+        );
+        assert_eq!(fast.order, reference.order, "k {k}, targets {pairs:?}");
+        // Debug prints the shortest round-tripping form: equal text means equal bits.
+        assert_eq!(
+            format!("{:?}", fast.report),
+            format!("{:?}", reference.report),
+            "k {k}, targets {pairs:?}"
+        );
+    }
+
+    #[test]
+    fn the_fast_merge_equals_the_reference_on_a_bench_sized_pool() {
+        for seed in 0..4 {
+            let pool = pool(seed, 10_000, 2, 1 << 20);
+            same_as_reference(&pool, 100, &[(1, 0.4)]);
+            let pool = pool_three(seed);
+            same_as_reference(&pool, 100, &[(1, 0.4), (2, 0.3)]);
+        }
+    }
+
+    fn pool_three(seed: u64) -> Vec<Candidate> {
+        pool(seed, 3_000, 3, 1 << 20)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        #[test]
+        fn the_fast_merge_equals_the_reference(
+            seed in 0u64..1_000_000,
+            size in 1usize..400,
+            groups in 1u32..5,
+            levels in prop::sample::select(vec![3u32, 20, 1 << 20]),
+            k in 1usize..150,
+            first in 0.0f64..0.8,
+            second in 0.0f64..0.5,
+            two_listed in any::<bool>(),
+        ) {
+            let pool = pool(seed, size, groups, levels);
+            if two_listed {
+                same_as_reference(&pool, k, &[(1, first * 0.6), (2, second * 0.6)]);
+            } else {
+                same_as_reference(&pool, k, &[(1, first)]);
+            }
+        }
     }
 }
