@@ -70,6 +70,145 @@ pub fn amortized_disparity(state: &AmortizedState) -> Option<f64> {
     (high >= low).then_some(high - low)
 }
 
+/// The pool pass of one call: per group (in order of first appearance) its label, pool size,
+/// relevance sum (in pool order) and first `length` pool positions.
+struct PoolPass<'s> {
+    labels: &'s mut Vec<u32>,
+    sizes: &'s mut Vec<usize>,
+    relevance: &'s mut Vec<f64>,
+    lists: &'s mut Vec<Vec<usize>>,
+    index_of: &'s mut std::collections::HashMap<u32, usize>,
+    small: &'s mut [u32; SMALL_LABELS],
+    length: usize,
+}
+
+impl PoolPass<'_> {
+    /// The pass, with sizes and relevance sums in local arrays while every label is below
+    /// [`SMALL_LABELS`]; from the first larger label on, [`PoolPass::scan_reference`]. The
+    /// results equal the reference pass bit for bit (each group's relevance is summed in
+    /// the same pool order).
+    fn scan(&mut self, pool: &[Candidate]) {
+        let mut sizes = [0usize; SMALL_LABELS];
+        let mut relevance = [0.0f64; SMALL_LABELS];
+        // Bit `g`: group `g`'s list holds its first `length` positions.
+        let mut full = 0u64;
+        let mut stop = pool.len();
+        for (position, candidate) in pool.iter().enumerate() {
+            let label = candidate.group as usize;
+            let Some(&known) = self.small.get(label) else {
+                stop = position;
+                break;
+            };
+            let index = if known == NO_GROUP {
+                self.register(candidate.group, &mut full)
+            } else {
+                known as usize
+            } % SMALL_LABELS;
+            sizes[index] += 1;
+            relevance[index] += f64::from(candidate.score).max(0.0);
+            if full & (1u64 << index) == 0 {
+                let list = &mut self.lists[index];
+                list.push(position);
+                if list.len() >= self.length {
+                    full |= 1u64 << index;
+                }
+            }
+        }
+        for (index, (size, sum)) in self
+            .sizes
+            .iter_mut()
+            .zip(self.relevance.iter_mut())
+            .enumerate()
+        {
+            *size = sizes[index % SMALL_LABELS];
+            *sum = relevance[index % SMALL_LABELS];
+        }
+        if stop < pool.len() {
+            self.scan_reference(pool, stop);
+        }
+    }
+
+    /// A new group for a label below [`SMALL_LABELS`] (only such labels were seen so far,
+    /// so the hashed index for large labels stays empty, as in the reference pass).
+    fn register(&mut self, label: u32, full: &mut u64) -> usize {
+        self.labels.push(label);
+        self.sizes.push(0);
+        self.relevance.push(0.0);
+        let index = self.labels.len() - 1;
+        if self.lists.len() <= index {
+            self.lists.push(Vec::new());
+        }
+        self.lists[index].clear();
+        if self.length == 0 {
+            *full |= 1u64 << (index % SMALL_LABELS);
+        }
+        if let Some(slot) = self.small.get_mut(label as usize) {
+            *slot = index as u32;
+        }
+        index
+    }
+
+    /// The original pass (the test oracle of [`PoolPass::scan`]) from pool position `from`
+    /// on, continuing the groups found before it.
+    fn scan_reference(&mut self, pool: &[Candidate], from: usize) {
+        let Self {
+            labels,
+            sizes,
+            relevance,
+            lists,
+            index_of,
+            small,
+            length,
+        } = self;
+        let (small, length) = (&mut **small, *length);
+            for (position, candidate) in pool.iter().enumerate().skip(from) {
+                let label = candidate.group;
+                let index = match small.get(label as usize) {
+                    Some(&index) if index != NO_GROUP => index as usize,
+                    _ => {
+                        let index = match group_index(label, small, labels, index_of) {
+                            Some(index) => index,
+                            None => {
+                                labels.push(label);
+                                sizes.push(0);
+                                relevance.push(0.0);
+                                if lists.len() < labels.len() {
+                                    lists.push(Vec::new());
+                                }
+                                lists[labels.len() - 1].clear();
+                                let index = labels.len() - 1;
+                                if labels.len() > MERGE_GROUP_LIMIT {
+                                    // Many groups: large labels are looked up by hash from now on.
+                                    if index_of.is_empty() {
+                                        index_of.extend(
+                                            labels
+                                                .iter()
+                                                .enumerate()
+                                                .filter(|&(_, &known)| (known as usize) >= SMALL_LABELS)
+                                                .map(|(index, &known)| (known, index)),
+                                        );
+                                    } else if (label as usize) >= SMALL_LABELS {
+                                        index_of.insert(label, index);
+                                    }
+                                }
+                                index
+                            }
+                        };
+                        if let Some(slot) = small.get_mut(label as usize) {
+                            *slot = index as u32;
+                        }
+                        index
+                    }
+                };
+                sizes[index] += 1;
+                relevance[index] += f64::from(candidate.score).max(0.0);
+                if lists[index].len() < length {
+                    lists[index].push(position);
+                }
+            }
+    }
+}
+
 impl Reranker for FairCo {
     fn name(&self) -> &str {
         "fairco"
@@ -90,6 +229,20 @@ impl Reranker for FairCo {
         state: Option<&AmortizedState>,
         _rng: &mut dyn rand::RngCore,
         out: &mut RerankOutput,
+    ) -> Result<(), FairnessError> {
+        self.solve(pool, k, state, out, false)
+    }
+}
+
+impl FairCo {
+    /// The re-ranking; `reference` selects the original pool pass (the test oracle).
+    fn solve(
+        &self,
+        pool: &[Candidate],
+        k: usize,
+        state: Option<&AmortizedState>,
+        out: &mut RerankOutput,
+        reference: bool,
     ) -> Result<(), FairnessError> {
         out.reset();
         validate_pool(pool)?;
@@ -126,50 +279,19 @@ impl Reranker for FairCo {
         let index_of = &mut scratch.label_index;
         index_of.clear();
         let mut small = [NO_GROUP; SMALL_LABELS];
-        for (position, candidate) in pool.iter().enumerate() {
-            let label = candidate.group;
-            let index = match small.get(label as usize) {
-                Some(&index) if index != NO_GROUP => index as usize,
-                _ => {
-                    let index = match group_index(label, &small, labels, index_of) {
-                        Some(index) => index,
-                        None => {
-                            labels.push(label);
-                            sizes.push(0);
-                            relevance.push(0.0);
-                            if lists.len() < labels.len() {
-                                lists.push(Vec::new());
-                            }
-                            lists[labels.len() - 1].clear();
-                            let index = labels.len() - 1;
-                            if labels.len() > MERGE_GROUP_LIMIT {
-                                // Many groups: large labels are looked up by hash from now on.
-                                if index_of.is_empty() {
-                                    index_of.extend(
-                                        labels
-                                            .iter()
-                                            .enumerate()
-                                            .filter(|&(_, &known)| (known as usize) >= SMALL_LABELS)
-                                            .map(|(index, &known)| (known, index)),
-                                    );
-                                } else if (label as usize) >= SMALL_LABELS {
-                                    index_of.insert(label, index);
-                                }
-                            }
-                            index
-                        }
-                    };
-                    if let Some(slot) = small.get_mut(label as usize) {
-                        *slot = index as u32;
-                    }
-                    index
-                }
-            };
-            sizes[index] += 1;
-            relevance[index] += f64::from(candidate.score).max(0.0);
-            if lists[index].len() < length {
-                lists[index].push(position);
-            }
+        let mut pass = PoolPass {
+            labels,
+            sizes,
+            relevance,
+            lists,
+            index_of,
+            small: &mut small,
+            length,
+        };
+        if reference {
+            pass.scan_reference(pool, 0);
+        } else {
+            pass.scan(pool);
         }
         let many_groups = labels.len() > MERGE_GROUP_LIMIT;
         // Group index of a label of the pool (every one is known by now).
@@ -391,6 +513,57 @@ mod tests {
                 .sum();
             let weights: f64 = (1..=10).map(dcg_weight).sum();
             assert!((exposure - weights).abs() < 1e-9);
+        }
+    }
+
+    /// A pool in score order with labels drawn from `labels` (few levels: many ties).
+    fn random_pool(seed: u64, size: usize, labels: &[u32], levels: u32) -> Vec<Candidate> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut scores: Vec<f32> = (0..size)
+            .map(|_| rng.random_range(0..levels) as f32 / levels as f32 * 4.0 - 1.0)
+            .collect();
+        scores.sort_by(|a, b| b.total_cmp(a));
+        scores
+            .into_iter()
+            .enumerate()
+            .map(|(index, score)| {
+                let label = labels[rng.random_range(0..labels.len())];
+                Candidate::new(index as u32, score, label)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_fast_pool_pass_equals_the_reference_bit_for_bit() {
+        let label_sets: [&[u32]; 5] = [
+            &[0],
+            &[0, 1],
+            &[3, 0, 1, 1, 1, 1],
+            &[0, 1, 63, 64, 1_000],
+            &[2, 5, 7, 9, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 62, 70],
+        ];
+        for seed in 0..60u64 {
+            let labels = label_sets[seed as usize % label_sets.len()];
+            let size = [0usize, 1, 7, 150, 2_000][seed as usize % 5];
+            let pool = random_pool(seed, size, labels, [3, 50, 1 << 20][seed as usize % 3]);
+            let ranker = FairCo::new(0.7).expect("valid");
+            let (mut fast, mut reference) = (RerankOutput::new(), RerankOutput::new());
+            let (mut fast_state, mut reference_state) = (None, None);
+            for k in [0usize, 1, 10, 100] {
+                ranker
+                    .solve(&pool, k, fast_state.as_ref(), &mut fast, false)
+                    .expect("reranks");
+                ranker
+                    .solve(&pool, k, reference_state.as_ref(), &mut reference, true)
+                    .expect("reranks");
+                assert_eq!(fast.order, reference.order, "seed {seed} k {k}");
+                // Debug prints the shortest round-tripping form: equal text, equal bits.
+                assert_eq!(format!("{:?}", fast.state), format!("{:?}", reference.state));
+                assert_eq!(format!("{:?}", fast.report), format!("{:?}", reference.report));
+                fast_state = fast.state.clone();
+                reference_state = reference.state.clone();
+            }
         }
     }
 

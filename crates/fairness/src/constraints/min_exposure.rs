@@ -25,7 +25,7 @@
 
 use crate::candidate::{Candidate, dcg_weight, validate_pool};
 use crate::error::FairnessError;
-use crate::groups::{GroupLists, GroupShares};
+use crate::groups::{GroupLists, GroupShares, dense_index};
 use crate::reranker::{AmortizedState, Measure, Optimality, RerankOutput, Reranker, Violation};
 
 /// Largest number of label sequences searched exhaustively (k <= 12 with two populated
@@ -135,12 +135,41 @@ impl Solver<'_, '_> {
     }
 
     /// Fills each group's cache with its first `length` items (all a merge can use), so
-    /// merges read plain slices.
+    /// merges read plain slices: one scan of the pool that stops once every group has them.
+    /// `reference` fills through the lazily scanned group lists instead (the test oracle).
     fn prefill(&mut self) {
-        for group in 0..self.groups() {
-            let mut index = self.heads_cache.get(group).map_or(0, Vec::len);
-            while index < self.length && self.item(group, index).is_some() {
-                index += 1;
+        let groups = self.groups();
+        if self.reference {
+            for group in 0..groups {
+                let mut index = self.heads_cache.get(group).map_or(0, Vec::len);
+                while index < self.length && self.item(group, index).is_some() {
+                    index += 1;
+                }
+            }
+            return;
+        }
+        let caches = &mut self.heads_cache[..groups];
+        let mut open = caches
+            .iter()
+            .filter(|cache| cache.len() < self.length)
+            .count();
+        if open == 0 {
+            return;
+        }
+        let labels = self.targets.labels();
+        for (position, candidate) in self.pool.iter().enumerate() {
+            let group = dense_index(labels, candidate.group);
+            let Some(cache) = caches.get_mut(group) else {
+                continue;
+            };
+            if cache.len() < self.length {
+                cache.push((f64::from(candidate.score), position));
+                if cache.len() == self.length {
+                    open -= 1;
+                    if open == 0 {
+                        break;
+                    }
+                }
             }
         }
     }
@@ -170,58 +199,105 @@ impl Solver<'_, '_> {
         if self.reference {
             return self.merge_reference(lambdas, counts, heads, order, labels, exposure);
         }
+        self.merge_fast::<true>(lambdas, counts, heads, order, labels, exposure)
+    }
+
+    /// [`Solver::merge`] for the multiplier search: the same positions, per-position groups
+    /// and exposures, but no utility (reported as 0).
+    fn probe(&mut self, lambdas: &[f64], buffers: &mut Buffers<'_>) {
+        if self.reference {
+            self.merge_into(lambdas, buffers);
+            return;
+        }
+        self.merge_fast::<false>(
+            lambdas,
+            buffers.counts,
+            buffers.heads,
+            buffers.order,
+            buffers.labels,
+            buffers.exposure,
+        );
+    }
+
+    /// The merge; `FULL` also sums the utility.
+    #[allow(clippy::too_many_arguments)]
+    fn merge_fast<const FULL: bool>(
+        &self,
+        lambdas: &[f64],
+        counts: &mut Vec<usize>,
+        heads: &mut Vec<(f64, usize)>,
+        order: &mut Vec<usize>,
+        labels: &mut Vec<usize>,
+        exposure: &mut Vec<f64>,
+    ) -> Merged {
         let groups = self.groups();
         counts.clear();
         counts.resize(groups, 0);
         exposure.clear();
         exposure.resize(groups, 0.0);
-        order.clear();
-        labels.clear();
-        order.reserve(self.length);
-        labels.reserve(self.length);
         let cache = &self.heads_cache[..groups];
         let weights = &self.weights[..self.length];
         let mut utility = 0.0;
         if let ([first, second], [lambda_first, lambda_second, ..]) = (cache, lambdas) {
-            let (first, second) = (first.as_slice(), second.as_slice());
             let (lambda_first, lambda_second) = (*lambda_first, *lambda_second);
-            let (mut taken_first, mut taken_second) = (0usize, 0usize);
+            let (mut rest_first, mut rest_second) = (first.iter(), second.iter());
+            let (mut head_first, mut head_second) = (rest_first.next(), rest_second.next());
             let (mut exposure_first, mut exposure_second) = (0.0, 0.0);
-            for &weight in weights {
+            let (mut taken_first, mut taken_second) = (0usize, 0usize);
+            order.clear();
+            labels.clear();
+            order.resize(self.length, 0);
+            labels.resize(self.length, 0);
+            let mut filled = 0;
+            for ((&weight, slot), label) in weights.iter().zip(order.iter_mut()).zip(labels.iter_mut())
+            {
                 // The second group wins only when strictly better (ties: earlier position).
-                let take_first = match (first.get(taken_first), second.get(taken_second)) {
-                    (Some(&(score_a, position_a)), Some(&(score_b, position_b))) => {
-                        let boosted_a = score_a + lambda_first;
-                        let boosted_b = score_b + lambda_second;
-                        !(boosted_b > boosted_a
-                            || (boosted_b == boosted_a && position_b < position_a))
+                let (second_wins, &(score, position)) = match (head_first, head_second) {
+                    (Some(a), Some(b)) => {
+                        let boosted_a = a.0 + lambda_first;
+                        let boosted_b = b.0 + lambda_second;
+                        if boosted_b > boosted_a || (boosted_b == boosted_a && b.1 < a.1) {
+                            (true, b)
+                        } else {
+                            (false, a)
+                        }
                     }
-                    (Some(_), None) => true,
-                    (None, Some(_)) => false,
+                    (Some(a), None) => (false, a),
+                    (None, Some(b)) => (true, b),
                     (None, None) => break,
                 };
-                if take_first {
-                    let (score, position) = first[taken_first];
-                    taken_first += 1;
-                    exposure_first += weight;
-                    utility += weight * ((score + lambda_first) - lambda_first);
-                    order.push(position);
-                    labels.push(0);
-                } else {
-                    let (score, position) = second[taken_second];
+                if second_wins {
+                    head_second = rest_second.next();
                     taken_second += 1;
                     exposure_second += weight;
-                    utility += weight * ((score + lambda_second) - lambda_second);
-                    order.push(position);
-                    labels.push(1);
+                    if FULL {
+                        utility += weight * ((score + lambda_second) - lambda_second);
+                    }
+                    *label = 1;
+                } else {
+                    head_first = rest_first.next();
+                    taken_first += 1;
+                    exposure_first += weight;
+                    if FULL {
+                        utility += weight * ((score + lambda_first) - lambda_first);
+                    }
+                    *label = 0;
                 }
+                *slot = position;
+                filled += 1;
             }
+            order.truncate(filled);
+            labels.truncate(filled);
             counts[0] = taken_first;
             counts[1] = taken_second;
             exposure[0] = exposure_first;
             exposure[1] = exposure_second;
             return Merged { utility };
         }
+        order.clear();
+        labels.clear();
+        order.reserve(self.length);
+        labels.reserve(self.length);
         heads.clear();
         heads.extend(
             cache
@@ -249,7 +325,9 @@ impl Solver<'_, '_> {
             }
             counts[best] += 1;
             exposure[best] += weight;
-            utility += weight * (best_boosted - lambdas[best]);
+            if FULL {
+                utility += weight * (best_boosted - lambdas[best]);
+            }
             order.push(best_position);
             labels.push(best);
             heads[best] = match cache[best].get(counts[best]) {
@@ -344,17 +422,17 @@ impl Solver<'_, '_> {
         accept: impl Fn(&Solver<'_, '_>, &[f64]) -> bool,
     ) -> Option<f64> {
         set(lambdas, high);
-        self.merge_into(lambdas, buffers);
+        self.probe(lambdas, buffers);
         if !accept(self, buffers.exposure) {
             return None;
         }
-        buffers.high_labels.clone_from(buffers.labels);
+        std::mem::swap(buffers.high_labels, buffers.labels);
         set(lambdas, low);
-        self.merge_into(lambdas, buffers);
+        self.probe(lambdas, buffers);
         if accept(self, buffers.exposure) {
             return Some(low);
         }
-        buffers.low_labels.clone_from(buffers.labels);
+        std::mem::swap(buffers.low_labels, buffers.labels);
         for _ in 0..BISECTION_STEPS {
             let middle = 0.5 * (low + high);
             if high - low <= resolution
@@ -364,13 +442,13 @@ impl Solver<'_, '_> {
                 break;
             }
             set(lambdas, middle);
-            self.merge_into(lambdas, buffers);
+            self.probe(lambdas, buffers);
             if accept(self, buffers.exposure) {
                 high = middle;
-                buffers.high_labels.clone_from(buffers.labels);
+                std::mem::swap(buffers.high_labels, buffers.labels);
             } else {
                 low = middle;
-                buffers.low_labels.clone_from(buffers.labels);
+                std::mem::swap(buffers.low_labels, buffers.labels);
             }
         }
         Some(high)
@@ -627,8 +705,9 @@ impl MinExposure {
         }
 
         // Small instances: exhaustive search.
+        // A group is in the pool iff its prefilled cache is not empty (`length` >= 1).
         let populated = (0..groups)
-            .filter(|&group| solver.lists.get(group, 0).is_some())
+            .filter(|&group| solver.cached(group, 0).is_some())
             .count();
         if length <= MAX_EXACT_LENGTH && (populated as f64).powi(length as i32) <= EXACT_LIMIT {
             let best_labels = &mut scratch.positions;
@@ -669,7 +748,7 @@ impl MinExposure {
             high_labels: &mut scratch.deadlines,
         };
         for _round in 0..listed + 2 {
-            solver.merge_into(lambdas, &mut buffers);
+            solver.probe(lambdas, &mut buffers);
             if solver.satisfied(buffers.exposure) {
                 break;
             }
@@ -712,7 +791,7 @@ impl MinExposure {
         // Phase 2: lower each multiplier to the smallest value that keeps its own group
         // satisfied (lowering one only helps the others), recovering utility; repeat while
         // that frees noticeable room.
-        solver.merge_into(lambdas, &mut buffers);
+        solver.probe(lambdas, &mut buffers);
         let mut passes = if solver.satisfied(buffers.exposure) {
             3
         } else {
