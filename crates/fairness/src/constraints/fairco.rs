@@ -70,6 +70,29 @@ pub fn amortized_disparity(state: &AmortizedState) -> Option<f64> {
     (high >= low).then_some(high - low)
 }
 
+/// Whether every partial sum of the pool's relevance estimates (scores clamped at 0, as
+/// `f64`), in any order and over any subset, is exact, so that every summation order gives
+/// the same bits.
+///
+/// Every positive estimate is a multiple of `2^q`, the unit in the last place of the
+/// smallest positive score as an `f32` (the pool is in score order, so that is the last
+/// positive one); a sum of such multiples is exact in `f64` while it stays below
+/// `2^(53 + q)`. The total is at most (positive items) * (largest score); this asks it to
+/// stay below `2^(52 + q)`, a factor of 2 over the rounding of that bound. Zero and negative
+/// scores add `+-0.0`, which changes no sum that starts at `+0.0`.
+fn sums_are_exact(pool: &[Candidate]) -> bool {
+    let positive = pool.partition_point(|candidate| candidate.score > 0.0);
+    let (Some(largest), Some(smallest)) = (pool.first(), positive.checked_sub(1).and_then(|last| pool.get(last)))
+    else {
+        return true;
+    };
+    let biased = (smallest.score.to_bits() >> 23) & 0xff;
+    // Subnormal f32 values are multiples of 2^-149 = 2^(-126 - 23).
+    let exponent = if biased == 0 { -126 } else { biased as i32 - 127 };
+    let quantum = exponent - 23;
+    (positive as f64) * f64::from(largest.score) < 2f64.powi(52 + quantum)
+}
+
 /// The pool pass of one call: per group (in order of first appearance) its label, pool size,
 /// relevance sum (in pool order) and first `length` pool positions.
 struct PoolPass<'s> {
@@ -85,33 +108,93 @@ struct PoolPass<'s> {
 impl PoolPass<'_> {
     /// The pass, with sizes and relevance sums in local arrays while every label is below
     /// [`SMALL_LABELS`]; from the first larger label on, [`PoolPass::scan_reference`]. The
-    /// results equal the reference pass bit for bit (each group's relevance is summed in
-    /// the same pool order).
+    /// results equal the reference pass bit for bit: when [`sums_are_exact`] holds, every
+    /// partial sum is exact, so the sums may be split over independent lanes (no
+    /// dependency from one item to the next); otherwise each group is summed in pool order.
     fn scan(&mut self, pool: &[Candidate]) {
-        let mut sizes = [0usize; SMALL_LABELS];
-        let mut relevance = [0.0f64; SMALL_LABELS];
-        // Bit `g`: group `g`'s list holds its first `length` positions.
-        let mut full = 0u64;
+        if sums_are_exact(pool) {
+            self.scan_lanes::<4>(pool);
+        } else {
+            self.scan_lanes::<1>(pool);
+        }
+    }
+
+    /// [`PoolPass::scan`] with item `i` summed into lane `i % LANES`.
+    fn scan_lanes<const LANES: usize>(&mut self, pool: &[Candidate]) {
+        let mut sizes = [[0usize; SMALL_LABELS]; LANES];
+        let mut relevance = [[0.0f64; SMALL_LABELS]; LANES];
+        // Bit `g`: group `g` exists; group `g`'s list holds its first `length` positions.
+        let (mut known, mut full) = (0u64, 0u64);
         let mut stop = pool.len();
-        for (position, candidate) in pool.iter().enumerate() {
-            let label = candidate.group as usize;
-            let Some(&known) = self.small.get(label) else {
-                stop = position;
-                break;
-            };
-            let index = if known == NO_GROUP {
-                self.register(candidate.group, &mut full)
-            } else {
-                known as usize
-            } % SMALL_LABELS;
-            sizes[index] += 1;
-            relevance[index] += f64::from(candidate.score).max(0.0);
-            if full & (1u64 << index) == 0 {
-                let list = &mut self.lists[index];
-                list.push(position);
-                if list.len() >= self.length {
-                    full |= 1u64 << index;
+        let mut position = 0;
+        'pass: while position < pool.len() {
+            // Filling the lists, until every group found so far has its first items.
+            while let Some(candidate) = pool.get(position) {
+                let label = candidate.group as usize;
+                let Some(&slot) = self.small.get(label) else {
+                    stop = position;
+                    break 'pass;
+                };
+                let index = if slot == NO_GROUP {
+                    let index = self.register(candidate.group, &mut full);
+                    known |= 1u64 << (index % SMALL_LABELS);
+                    index
+                } else {
+                    slot as usize
+                } % SMALL_LABELS;
+                let lane = position % LANES;
+                sizes[lane][index] += 1;
+                relevance[lane][index] += f64::from(candidate.score).max(0.0);
+                if full & (1u64 << index) == 0 {
+                    let list = &mut self.lists[index];
+                    list.push(position);
+                    if list.len() >= self.length {
+                        full |= 1u64 << index;
+                    }
                 }
+                position += 1;
+                if full == known {
+                    break;
+                }
+            }
+            // Only sums, while no new group appears: `LANES` items at a time (any lane
+            // assignment gives the same sums when there are several lanes, see `scan`), then
+            // one at a time from an item whose label needs a closer look.
+            if LANES > 1 {
+                while let Some(chunk) = pool.get(position..position + LANES) {
+                    let mut slots = [0usize; LANES];
+                    let mut known_labels = true;
+                    for (slot, candidate) in slots.iter_mut().zip(chunk) {
+                        match self.small.get(candidate.group as usize) {
+                            Some(&index) if index != NO_GROUP => *slot = index as usize,
+                            _ => known_labels = false,
+                        }
+                    }
+                    if !known_labels {
+                        break;
+                    }
+                    for (lane, (&slot, candidate)) in slots.iter().zip(chunk).enumerate() {
+                        let index = slot % SMALL_LABELS;
+                        sizes[lane][index] += 1;
+                        relevance[lane][index] += f64::from(candidate.score).max(0.0);
+                    }
+                    position += LANES;
+                }
+            }
+            while let Some(candidate) = pool.get(position) {
+                let label = candidate.group as usize;
+                let Some(&slot) = self.small.get(label) else {
+                    stop = position;
+                    break 'pass;
+                };
+                if slot == NO_GROUP {
+                    continue 'pass;
+                }
+                let index = slot as usize % SMALL_LABELS;
+                let lane = position % LANES;
+                sizes[lane][index] += 1;
+                relevance[lane][index] += f64::from(candidate.score).max(0.0);
+                position += 1;
             }
         }
         for (index, (size, sum)) in self
@@ -120,8 +203,12 @@ impl PoolPass<'_> {
             .zip(self.relevance.iter_mut())
             .enumerate()
         {
-            *size = sizes[index % SMALL_LABELS];
-            *sum = relevance[index % SMALL_LABELS];
+            let index = index % SMALL_LABELS;
+            *size = sizes.iter().map(|lane| lane[index]).sum();
+            // One lane: the plain sum; several: exact, so the order does not matter.
+            *sum = relevance[1..]
+                .iter()
+                .fold(relevance[0][index], |total, lane| total + lane[index]);
         }
         if stop < pool.len() {
             self.scan_reference(pool, stop);
@@ -523,6 +610,12 @@ mod tests {
         let mut scores: Vec<f32> = (0..size)
             .map(|_| rng.random_range(0..levels) as f32 / levels as f32 * 4.0 - 1.0)
             .collect();
+        if seed % 2 == 1 {
+            // Scores over many magnitudes: the relevance sums round, so the order counts.
+            for score in scores.iter_mut() {
+                *score = (rng.random_range(-30.0f32..8.0)).exp() - 1e-6;
+            }
+        }
         scores.sort_by(|a, b| b.total_cmp(a));
         scores
             .into_iter()
@@ -543,10 +636,12 @@ mod tests {
             &[0, 1, 63, 64, 1_000],
             &[2, 5, 7, 9, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 62, 70],
         ];
-        for seed in 0..60u64 {
+        let mut exact = [0usize; 2];
+        for seed in 0..120u64 {
             let labels = label_sets[seed as usize % label_sets.len()];
-            let size = [0usize, 1, 7, 150, 2_000][seed as usize % 5];
+            let size = [0usize, 1, 7, 150, 2_000, 5_000][seed as usize % 6];
             let pool = random_pool(seed, size, labels, [3, 50, 1 << 20][seed as usize % 3]);
+            exact[usize::from(sums_are_exact(&pool))] += 1;
             let ranker = FairCo::new(0.7).expect("valid");
             let (mut fast, mut reference) = (RerankOutput::new(), RerankOutput::new());
             let (mut fast_state, mut reference_state) = (None, None);
@@ -565,6 +660,51 @@ mod tests {
                 reference_state = reference.state.clone();
             }
         }
+        // Both the lane-split and the in-order summation were exercised.
+        assert!(exact[0] > 10 && exact[1] > 10, "{exact:?}");
+    }
+
+    #[test]
+    fn exact_sums_give_the_same_bits_in_every_order() {
+        use rand::seq::SliceRandom;
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut checked = 0;
+        for round in 0..400 {
+            let size = rng.random_range(1..3_000);
+            let scale = [1e-6f32, 1e-3, 1.0, 1e3, 1e6][round % 5];
+            let mut pool: Vec<Candidate> = (0..size)
+                .map(|index| {
+                    let score = (rng.random::<f32>() - 0.2) * scale;
+                    Candidate::new(index as u32, score, 0)
+                })
+                .collect();
+            pool.sort_by(|a, b| b.score.total_cmp(&a.score));
+            if !sums_are_exact(&pool) {
+                continue;
+            }
+            checked += 1;
+            let mut values: Vec<f64> = pool
+                .iter()
+                .map(|candidate| f64::from(candidate.score).max(0.0))
+                .collect();
+            let in_order = values.iter().fold(0.0f64, |sum, value| sum + value);
+            values.shuffle(&mut rng);
+            let shuffled = values.iter().fold(0.0f64, |sum, value| sum + value);
+            let mut lanes = [0.0f64; 4];
+            for (index, value) in values.iter().enumerate() {
+                lanes[index % 4] += value;
+            }
+            let split = ((lanes[0] + lanes[1]) + lanes[2]) + lanes[3];
+            assert_eq!(in_order.to_bits(), shuffled.to_bits(), "round {round}");
+            assert_eq!(in_order.to_bits(), split.to_bits(), "round {round}");
+        }
+        assert!(checked > 100, "{checked}");
+        // A tiny positive score beside a large one: sums round, so the order must be kept.
+        let pool = [Candidate::new(0, 1e6, 0), Candidate::new(1, 1e-30, 0)];
+        assert!(!sums_are_exact(&pool));
+        assert!(sums_are_exact(&[Candidate::new(0, -1.0, 0)]));
+        assert!(sums_are_exact(&[]));
     }
 
     #[test]
