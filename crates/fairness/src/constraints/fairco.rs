@@ -82,13 +82,19 @@ pub fn amortized_disparity(state: &AmortizedState) -> Option<f64> {
 /// scores add `+-0.0`, which changes no sum that starts at `+0.0`.
 fn sums_are_exact(pool: &[Candidate]) -> bool {
     let positive = pool.partition_point(|candidate| candidate.score > 0.0);
-    let (Some(largest), Some(smallest)) = (pool.first(), positive.checked_sub(1).and_then(|last| pool.get(last)))
-    else {
+    let (Some(largest), Some(smallest)) = (
+        pool.first(),
+        positive.checked_sub(1).and_then(|last| pool.get(last)),
+    ) else {
         return true;
     };
     let biased = (smallest.score.to_bits() >> 23) & 0xff;
     // Subnormal f32 values are multiples of 2^-149 = 2^(-126 - 23).
-    let exponent = if biased == 0 { -126 } else { biased as i32 - 127 };
+    let exponent = if biased == 0 {
+        -126
+    } else {
+        biased as i32 - 127
+    };
     let quantum = exponent - 23;
     (positive as f64) * f64::from(largest.score) < 2f64.powi(52 + quantum)
 }
@@ -248,51 +254,51 @@ impl PoolPass<'_> {
             length,
         } = self;
         let (small, length) = (&mut **small, *length);
-            for (position, candidate) in pool.iter().enumerate().skip(from) {
-                let label = candidate.group;
-                let index = match small.get(label as usize) {
-                    Some(&index) if index != NO_GROUP => index as usize,
-                    _ => {
-                        let index = match group_index(label, small, labels, index_of) {
-                            Some(index) => index,
-                            None => {
-                                labels.push(label);
-                                sizes.push(0);
-                                relevance.push(0.0);
-                                if lists.len() < labels.len() {
-                                    lists.push(Vec::new());
-                                }
-                                lists[labels.len() - 1].clear();
-                                let index = labels.len() - 1;
-                                if labels.len() > MERGE_GROUP_LIMIT {
-                                    // Many groups: large labels are looked up by hash from now on.
-                                    if index_of.is_empty() {
-                                        index_of.extend(
-                                            labels
-                                                .iter()
-                                                .enumerate()
-                                                .filter(|&(_, &known)| (known as usize) >= SMALL_LABELS)
-                                                .map(|(index, &known)| (known, index)),
-                                        );
-                                    } else if (label as usize) >= SMALL_LABELS {
-                                        index_of.insert(label, index);
-                                    }
-                                }
-                                index
+        for (position, candidate) in pool.iter().enumerate().skip(from) {
+            let label = candidate.group;
+            let index = match small.get(label as usize) {
+                Some(&index) if index != NO_GROUP => index as usize,
+                _ => {
+                    let index = match group_index(label, small, labels, index_of) {
+                        Some(index) => index,
+                        None => {
+                            labels.push(label);
+                            sizes.push(0);
+                            relevance.push(0.0);
+                            if lists.len() < labels.len() {
+                                lists.push(Vec::new());
                             }
-                        };
-                        if let Some(slot) = small.get_mut(label as usize) {
-                            *slot = index as u32;
+                            lists[labels.len() - 1].clear();
+                            let index = labels.len() - 1;
+                            if labels.len() > MERGE_GROUP_LIMIT {
+                                // Many groups: large labels are looked up by hash from now on.
+                                if index_of.is_empty() {
+                                    index_of.extend(
+                                        labels
+                                            .iter()
+                                            .enumerate()
+                                            .filter(|&(_, &known)| (known as usize) >= SMALL_LABELS)
+                                            .map(|(index, &known)| (known, index)),
+                                    );
+                                } else if (label as usize) >= SMALL_LABELS {
+                                    index_of.insert(label, index);
+                                }
+                            }
+                            index
                         }
-                        index
+                    };
+                    if let Some(slot) = small.get_mut(label as usize) {
+                        *slot = index as u32;
                     }
-                };
-                sizes[index] += 1;
-                relevance[index] += f64::from(candidate.score).max(0.0);
-                if lists[index].len() < length {
-                    lists[index].push(position);
+                    index
                 }
+            };
+            sizes[index] += 1;
+            relevance[index] += f64::from(candidate.score).max(0.0);
+            if lists[index].len() < length {
+                lists[index].push(position);
             }
+        }
     }
 }
 
@@ -634,7 +640,9 @@ mod tests {
             &[0, 1],
             &[3, 0, 1, 1, 1, 1],
             &[0, 1, 63, 64, 1_000],
-            &[2, 5, 7, 9, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 62, 70],
+            &[
+                2, 5, 7, 9, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 62, 70,
+            ],
         ];
         let mut exact = [0usize; 2];
         for seed in 0..120u64 {
@@ -654,8 +662,14 @@ mod tests {
                     .expect("reranks");
                 assert_eq!(fast.order, reference.order, "seed {seed} k {k}");
                 // Debug prints the shortest round-tripping form: equal text, equal bits.
-                assert_eq!(format!("{:?}", fast.state), format!("{:?}", reference.state));
-                assert_eq!(format!("{:?}", fast.report), format!("{:?}", reference.report));
+                assert_eq!(
+                    format!("{:?}", fast.state),
+                    format!("{:?}", reference.state)
+                );
+                assert_eq!(
+                    format!("{:?}", fast.report),
+                    format!("{:?}", reference.report)
+                );
                 fast_state = fast.state.clone();
                 reference_state = reference.state.clone();
             }

@@ -249,7 +249,8 @@ impl Solver<'_, '_> {
             order.resize(self.length, 0);
             labels.resize(self.length, 0);
             let mut filled = 0;
-            for ((&weight, slot), label) in weights.iter().zip(order.iter_mut()).zip(labels.iter_mut())
+            for ((&weight, slot), label) in
+                weights.iter().zip(order.iter_mut()).zip(labels.iter_mut())
             {
                 // The second group wins only when strictly better (ties: earlier position).
                 let (second_wins, &(score, position)) = match (head_first, head_second) {
@@ -313,8 +314,7 @@ impl Solver<'_, '_> {
             let mut best = 0;
             let (mut best_boosted, mut best_position) = heads[0];
             for (group, &(boosted, position)) in heads.iter().enumerate().skip(1) {
-                if boosted > best_boosted || (boosted == best_boosted && position < best_position)
-                {
+                if boosted > best_boosted || (boosted == best_boosted && position < best_position) {
                     best = group;
                     best_boosted = boosted;
                     best_position = position;
@@ -925,10 +925,7 @@ mod tests {
         let mut reference = RerankOutput::new();
         let fast_result = reranker.solve(pool, k, &mut fast, false);
         let reference_result = reranker.solve(pool, k, &mut reference, true);
-        assert_eq!(
-            format!("{fast_result:?}"),
-            format!("{reference_result:?}")
-        );
+        assert_eq!(format!("{fast_result:?}"), format!("{reference_result:?}"));
         assert_eq!(fast.order, reference.order, "k {k}, targets {pairs:?}");
         // Debug prints the shortest round-tripping form: equal text means equal bits.
         assert_eq!(
