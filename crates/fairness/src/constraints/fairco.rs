@@ -70,68 +70,196 @@ pub fn amortized_disparity(state: &AmortizedState) -> Option<f64> {
     (high >= low).then_some(high - low)
 }
 
-impl Reranker for FairCo {
-    fn name(&self) -> &str {
-        "fairco"
-    }
+/// Whether every partial sum of the pool's relevance estimates (scores clamped at 0, as
+/// `f64`), in any order and over any subset, is exact, so that every summation order gives
+/// the same bits.
+///
+/// Every positive estimate is a multiple of `2^q`, the unit in the last place of the
+/// smallest positive score as an `f32` (the pool is in score order, so that is the last
+/// positive one); a sum of such multiples is exact in `f64` while it stays below
+/// `2^(53 + q)`. The total is at most (positive items) * (largest score); this asks it to
+/// stay below `2^(52 + q)`, a factor of 2 over the rounding of that bound. Zero and negative
+/// scores add `+-0.0`, which changes no sum that starts at `+0.0`.
+fn sums_are_exact(pool: &[Candidate]) -> bool {
+    let positive = pool.partition_point(|candidate| candidate.score > 0.0);
+    let (Some(largest), Some(smallest)) = (
+        pool.first(),
+        positive.checked_sub(1).and_then(|last| pool.get(last)),
+    ) else {
+        return true;
+    };
+    let biased = (smallest.score.to_bits() >> 23) & 0xff;
+    // Subnormal f32 values are multiples of 2^-149 = 2^(-126 - 23).
+    let exponent = if biased == 0 {
+        -126
+    } else {
+        biased as i32 - 127
+    };
+    let quantum = exponent - 23;
+    (positive as f64) * f64::from(largest.score) < 2f64.powi(52 + quantum)
+}
 
-    fn config(&self) -> serde_json::Value {
-        serde_json::json!({ "name": self.name(), "lambda": self.lambda })
-    }
+/// The pool pass of one call: per group (in order of first appearance) its label, pool size,
+/// relevance sum (in pool order) and first `length` pool positions.
+struct PoolPass<'s> {
+    labels: &'s mut Vec<u32>,
+    sizes: &'s mut Vec<usize>,
+    relevance: &'s mut Vec<f64>,
+    lists: &'s mut Vec<Vec<usize>>,
+    index_of: &'s mut std::collections::HashMap<u32, usize>,
+    small: &'s mut [u32; SMALL_LABELS],
+    length: usize,
+}
 
-    fn is_amortized(&self) -> bool {
-        true
-    }
-
-    fn rerank(
-        &self,
-        pool: &[Candidate],
-        k: usize,
-        state: Option<&AmortizedState>,
-        _rng: &mut dyn rand::RngCore,
-        out: &mut RerankOutput,
-    ) -> Result<(), FairnessError> {
-        out.reset();
-        validate_pool(pool)?;
-        if let Some(state) = state {
-            state.validate()?;
+impl PoolPass<'_> {
+    /// The pass, with sizes and relevance sums in local arrays while every label is below
+    /// [`SMALL_LABELS`]; from the first larger label on, [`PoolPass::scan_reference`]. The
+    /// results equal the reference pass bit for bit: when [`sums_are_exact`] holds, every
+    /// partial sum is exact, so the sums may be split over independent lanes (no
+    /// dependency from one item to the next); otherwise each group is summed in pool order.
+    fn scan(&mut self, pool: &[Candidate]) {
+        if sums_are_exact(pool) {
+            self.scan_lanes::<4>(pool);
+        } else {
+            self.scan_lanes::<1>(pool);
         }
-        let mut next_state = out.state.take().unwrap_or_default();
-        match state {
-            Some(state) => next_state.clone_from(state),
-            None => {
-                next_state.group_exposure.clear();
-                next_state.group_relevance.clear();
-                next_state.rankings = 0;
+    }
+
+    /// [`PoolPass::scan`] with item `i` summed into lane `i % LANES`.
+    fn scan_lanes<const LANES: usize>(&mut self, pool: &[Candidate]) {
+        let mut sizes = [[0usize; SMALL_LABELS]; LANES];
+        let mut relevance = [[0.0f64; SMALL_LABELS]; LANES];
+        // Bit `g`: group `g` exists; group `g`'s list holds its first `length` positions.
+        let (mut known, mut full) = (0u64, 0u64);
+        let mut stop = pool.len();
+        let mut position = 0;
+        'pass: while position < pool.len() {
+            // Filling the lists, until every group found so far has its first items.
+            while let Some(candidate) = pool.get(position) {
+                let label = candidate.group as usize;
+                let Some(&slot) = self.small.get(label) else {
+                    stop = position;
+                    break 'pass;
+                };
+                let index = if slot == NO_GROUP {
+                    let index = self.register(candidate.group, &mut full);
+                    known |= 1u64 << (index % SMALL_LABELS);
+                    index
+                } else {
+                    slot as usize
+                } % SMALL_LABELS;
+                let lane = position % LANES;
+                sizes[lane][index] += 1;
+                relevance[lane][index] += f64::from(candidate.score).max(0.0);
+                if full & (1u64 << index) == 0 {
+                    let list = &mut self.lists[index];
+                    list.push(position);
+                    if list.len() >= self.length {
+                        full |= 1u64 << index;
+                    }
+                }
+                position += 1;
+                if full == known {
+                    break;
+                }
+            }
+            // Only sums, while no new group appears: `LANES` items at a time (any lane
+            // assignment gives the same sums when there are several lanes, see `scan`), then
+            // one at a time from an item whose label needs a closer look.
+            if LANES > 1 {
+                while let Some(chunk) = pool.get(position..position + LANES) {
+                    let mut slots = [0usize; LANES];
+                    let mut known_labels = true;
+                    for (slot, candidate) in slots.iter_mut().zip(chunk) {
+                        match self.small.get(candidate.group as usize) {
+                            Some(&index) if index != NO_GROUP => *slot = index as usize,
+                            _ => known_labels = false,
+                        }
+                    }
+                    if !known_labels {
+                        break;
+                    }
+                    for (lane, (&slot, candidate)) in slots.iter().zip(chunk).enumerate() {
+                        let index = slot % SMALL_LABELS;
+                        sizes[lane][index] += 1;
+                        relevance[lane][index] += f64::from(candidate.score).max(0.0);
+                    }
+                    position += LANES;
+                }
+            }
+            while let Some(candidate) = pool.get(position) {
+                let label = candidate.group as usize;
+                let Some(&slot) = self.small.get(label) else {
+                    stop = position;
+                    break 'pass;
+                };
+                if slot == NO_GROUP {
+                    continue 'pass;
+                }
+                let index = slot as usize % SMALL_LABELS;
+                let lane = position % LANES;
+                sizes[lane][index] += 1;
+                relevance[lane][index] += f64::from(candidate.score).max(0.0);
+                position += 1;
             }
         }
-        let length = k.min(pool.len());
-        let RerankOutput {
-            order,
-            report,
-            scratch,
-            ..
-        } = out;
+        for (index, (size, sum)) in self
+            .sizes
+            .iter_mut()
+            .zip(self.relevance.iter_mut())
+            .enumerate()
+        {
+            let index = index % SMALL_LABELS;
+            *size = sizes.iter().map(|lane| lane[index]).sum();
+            // One lane: the plain sum; several: exact, so the order does not matter.
+            *sum = relevance[1..]
+                .iter()
+                .fold(relevance[0][index], |total, lane| total + lane[index]);
+        }
+        if stop < pool.len() {
+            self.scan_reference(pool, stop);
+        }
+    }
 
-        // Per-group item counts and relevance sums over the pool, and each group's first
-        // `length` pool positions (enough for the merge), in one pass. Labels below
-        // `SMALL_LABELS` find their group index by direct lookup.
-        let labels = &mut scratch.labels;
-        let sizes = &mut scratch.counts;
-        let relevance = &mut scratch.values;
-        let lists = &mut scratch.lists;
-        labels.clear();
-        sizes.clear();
-        relevance.clear();
-        let index_of = &mut scratch.label_index;
-        index_of.clear();
-        let mut small = [NO_GROUP; SMALL_LABELS];
-        for (position, candidate) in pool.iter().enumerate() {
+    /// A new group for a label below [`SMALL_LABELS`] (only such labels were seen so far,
+    /// so the hashed index for large labels stays empty, as in the reference pass).
+    fn register(&mut self, label: u32, full: &mut u64) -> usize {
+        self.labels.push(label);
+        self.sizes.push(0);
+        self.relevance.push(0.0);
+        let index = self.labels.len() - 1;
+        if self.lists.len() <= index {
+            self.lists.push(Vec::new());
+        }
+        self.lists[index].clear();
+        if self.length == 0 {
+            *full |= 1u64 << (index % SMALL_LABELS);
+        }
+        if let Some(slot) = self.small.get_mut(label as usize) {
+            *slot = index as u32;
+        }
+        index
+    }
+
+    /// The original pass (the test oracle of [`PoolPass::scan`]) from pool position `from`
+    /// on, continuing the groups found before it.
+    fn scan_reference(&mut self, pool: &[Candidate], from: usize) {
+        let Self {
+            labels,
+            sizes,
+            relevance,
+            lists,
+            index_of,
+            small,
+            length,
+        } = self;
+        let (small, length) = (&mut **small, *length);
+        for (position, candidate) in pool.iter().enumerate().skip(from) {
             let label = candidate.group;
             let index = match small.get(label as usize) {
                 Some(&index) if index != NO_GROUP => index as usize,
                 _ => {
-                    let index = match group_index(label, &small, labels, index_of) {
+                    let index = match group_index(label, small, labels, index_of) {
                         Some(index) => index,
                         None => {
                             labels.push(label);
@@ -170,6 +298,93 @@ impl Reranker for FairCo {
             if lists[index].len() < length {
                 lists[index].push(position);
             }
+        }
+    }
+}
+
+impl Reranker for FairCo {
+    fn name(&self) -> &str {
+        "fairco"
+    }
+
+    fn config(&self) -> serde_json::Value {
+        serde_json::json!({ "name": self.name(), "lambda": self.lambda })
+    }
+
+    fn is_amortized(&self) -> bool {
+        true
+    }
+
+    fn rerank(
+        &self,
+        pool: &[Candidate],
+        k: usize,
+        state: Option<&AmortizedState>,
+        _rng: &mut dyn rand::RngCore,
+        out: &mut RerankOutput,
+    ) -> Result<(), FairnessError> {
+        self.solve(pool, k, state, out, false)
+    }
+}
+
+impl FairCo {
+    /// The re-ranking; `reference` selects the original pool pass (the test oracle).
+    fn solve(
+        &self,
+        pool: &[Candidate],
+        k: usize,
+        state: Option<&AmortizedState>,
+        out: &mut RerankOutput,
+        reference: bool,
+    ) -> Result<(), FairnessError> {
+        out.reset();
+        validate_pool(pool)?;
+        if let Some(state) = state {
+            state.validate()?;
+        }
+        let mut next_state = out.state.take().unwrap_or_default();
+        match state {
+            Some(state) => next_state.clone_from(state),
+            None => {
+                next_state.group_exposure.clear();
+                next_state.group_relevance.clear();
+                next_state.rankings = 0;
+            }
+        }
+        let length = k.min(pool.len());
+        let RerankOutput {
+            order,
+            report,
+            scratch,
+            ..
+        } = out;
+
+        // Per-group item counts and relevance sums over the pool, and each group's first
+        // `length` pool positions (enough for the merge), in one pass. Labels below
+        // `SMALL_LABELS` find their group index by direct lookup.
+        let labels = &mut scratch.labels;
+        let sizes = &mut scratch.counts;
+        let relevance = &mut scratch.values;
+        let lists = &mut scratch.lists;
+        labels.clear();
+        sizes.clear();
+        relevance.clear();
+        let index_of = &mut scratch.label_index;
+        index_of.clear();
+        let mut small = [NO_GROUP; SMALL_LABELS];
+        let mut pass = PoolPass {
+            labels,
+            sizes,
+            relevance,
+            lists,
+            index_of,
+            small: &mut small,
+            length,
+        };
+        if reference {
+            pass.scan_reference(pool, 0);
+        } else {
+            pass.scan(pool);
         }
         let many_groups = labels.len() > MERGE_GROUP_LIMIT;
         // Group index of a label of the pool (every one is known by now).
@@ -392,6 +607,118 @@ mod tests {
             let weights: f64 = (1..=10).map(dcg_weight).sum();
             assert!((exposure - weights).abs() < 1e-9);
         }
+    }
+
+    /// A pool in score order with labels drawn from `labels` (few levels: many ties).
+    fn random_pool(seed: u64, size: usize, labels: &[u32], levels: u32) -> Vec<Candidate> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut scores: Vec<f32> = (0..size)
+            .map(|_| rng.random_range(0..levels) as f32 / levels as f32 * 4.0 - 1.0)
+            .collect();
+        if seed % 2 == 1 {
+            // Scores over many magnitudes: the relevance sums round, so the order counts.
+            for score in scores.iter_mut() {
+                *score = (rng.random_range(-30.0f32..8.0)).exp() - 1e-6;
+            }
+        }
+        scores.sort_by(|a, b| b.total_cmp(a));
+        scores
+            .into_iter()
+            .enumerate()
+            .map(|(index, score)| {
+                let label = labels[rng.random_range(0..labels.len())];
+                Candidate::new(index as u32, score, label)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_fast_pool_pass_equals_the_reference_bit_for_bit() {
+        let label_sets: [&[u32]; 5] = [
+            &[0],
+            &[0, 1],
+            &[3, 0, 1, 1, 1, 1],
+            &[0, 1, 63, 64, 1_000],
+            &[
+                2, 5, 7, 9, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 62, 70,
+            ],
+        ];
+        let mut exact = [0usize; 2];
+        for seed in 0..120u64 {
+            let labels = label_sets[seed as usize % label_sets.len()];
+            let size = [0usize, 1, 7, 150, 2_000, 5_000][seed as usize % 6];
+            let pool = random_pool(seed, size, labels, [3, 50, 1 << 20][seed as usize % 3]);
+            exact[usize::from(sums_are_exact(&pool))] += 1;
+            let ranker = FairCo::new(0.7).expect("valid");
+            let (mut fast, mut reference) = (RerankOutput::new(), RerankOutput::new());
+            let (mut fast_state, mut reference_state) = (None, None);
+            for k in [0usize, 1, 10, 100] {
+                ranker
+                    .solve(&pool, k, fast_state.as_ref(), &mut fast, false)
+                    .expect("reranks");
+                ranker
+                    .solve(&pool, k, reference_state.as_ref(), &mut reference, true)
+                    .expect("reranks");
+                assert_eq!(fast.order, reference.order, "seed {seed} k {k}");
+                // Debug prints the shortest round-tripping form: equal text, equal bits.
+                assert_eq!(
+                    format!("{:?}", fast.state),
+                    format!("{:?}", reference.state)
+                );
+                assert_eq!(
+                    format!("{:?}", fast.report),
+                    format!("{:?}", reference.report)
+                );
+                fast_state = fast.state.clone();
+                reference_state = reference.state.clone();
+            }
+        }
+        // Both the lane-split and the in-order summation were exercised.
+        assert!(exact[0] > 10 && exact[1] > 10, "{exact:?}");
+    }
+
+    #[test]
+    fn exact_sums_give_the_same_bits_in_every_order() {
+        use rand::seq::SliceRandom;
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut checked = 0;
+        for round in 0..400 {
+            let size = rng.random_range(1..3_000);
+            let scale = [1e-6f32, 1e-3, 1.0, 1e3, 1e6][round % 5];
+            let mut pool: Vec<Candidate> = (0..size)
+                .map(|index| {
+                    let score = (rng.random::<f32>() - 0.2) * scale;
+                    Candidate::new(index as u32, score, 0)
+                })
+                .collect();
+            pool.sort_by(|a, b| b.score.total_cmp(&a.score));
+            if !sums_are_exact(&pool) {
+                continue;
+            }
+            checked += 1;
+            let mut values: Vec<f64> = pool
+                .iter()
+                .map(|candidate| f64::from(candidate.score).max(0.0))
+                .collect();
+            let in_order = values.iter().fold(0.0f64, |sum, value| sum + value);
+            values.shuffle(&mut rng);
+            let shuffled = values.iter().fold(0.0f64, |sum, value| sum + value);
+            let mut lanes = [0.0f64; 4];
+            for (index, value) in values.iter().enumerate() {
+                lanes[index % 4] += value;
+            }
+            let split = ((lanes[0] + lanes[1]) + lanes[2]) + lanes[3];
+            assert_eq!(in_order.to_bits(), shuffled.to_bits(), "round {round}");
+            assert_eq!(in_order.to_bits(), split.to_bits(), "round {round}");
+        }
+        assert!(checked > 100, "{checked}");
+        // A tiny positive score beside a large one: sums round, so the order must be kept.
+        let pool = [Candidate::new(0, 1e6, 0), Candidate::new(1, 1e-30, 0)];
+        assert!(!sums_are_exact(&pool));
+        assert!(sums_are_exact(&[Candidate::new(0, -1.0, 0)]));
+        assert!(sums_are_exact(&[]));
     }
 
     #[test]

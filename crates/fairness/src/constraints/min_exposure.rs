@@ -25,7 +25,7 @@
 
 use crate::candidate::{Candidate, dcg_weight, validate_pool};
 use crate::error::FairnessError;
-use crate::groups::{GroupLists, GroupShares};
+use crate::groups::{GroupLists, GroupShares, dense_index};
 use crate::reranker::{AmortizedState, Measure, Optimality, RerankOutput, Reranker, Violation};
 
 /// Largest number of label sequences searched exhaustively (k <= 12 with two populated
@@ -69,6 +69,8 @@ struct Solver<'a, 'p> {
     weights: &'a [f64],
     /// Per group, the (score, pool position) of its items found so far, in score order.
     heads_cache: &'a mut Vec<Vec<(f64, usize)>>,
+    /// Use the original merge (test oracle) instead of the fast one.
+    reference: bool,
 }
 
 /// Result of ranking by boosted scores.
@@ -133,12 +135,41 @@ impl Solver<'_, '_> {
     }
 
     /// Fills each group's cache with its first `length` items (all a merge can use), so
-    /// merges read plain slices.
+    /// merges read plain slices: one scan of the pool that stops once every group has them.
+    /// `reference` fills through the lazily scanned group lists instead (the test oracle).
     fn prefill(&mut self) {
-        for group in 0..self.groups() {
-            let mut index = self.heads_cache.get(group).map_or(0, Vec::len);
-            while index < self.length && self.item(group, index).is_some() {
-                index += 1;
+        let groups = self.groups();
+        if self.reference {
+            for group in 0..groups {
+                let mut index = self.heads_cache.get(group).map_or(0, Vec::len);
+                while index < self.length && self.item(group, index).is_some() {
+                    index += 1;
+                }
+            }
+            return;
+        }
+        let caches = &mut self.heads_cache[..groups];
+        let mut open = caches
+            .iter()
+            .filter(|cache| cache.len() < self.length)
+            .count();
+        if open == 0 {
+            return;
+        }
+        let labels = self.targets.labels();
+        for (position, candidate) in self.pool.iter().enumerate() {
+            let group = dense_index(labels, candidate.group);
+            let Some(cache) = caches.get_mut(group) else {
+                continue;
+            };
+            if cache.len() < self.length {
+                cache.push((f64::from(candidate.score), position));
+                if cache.len() == self.length {
+                    open -= 1;
+                    if open == 0 {
+                        break;
+                    }
+                }
             }
         }
     }
@@ -151,8 +182,166 @@ impl Solver<'_, '_> {
 
     /// Ranks by `score + lambda[group]` (ties: pool position), writing positions, per-group
     /// exposures and per-position groups; `heads` caches each group's next boosted item.
+    ///
+    /// Reads the prefilled per-group slices directly (a two-pointer merge with two groups);
+    /// bit for bit the same as [`Solver::merge_reference`], the original formulation kept as
+    /// the test oracle (`reference` set).
     #[allow(clippy::too_many_arguments)]
     fn merge(
+        &mut self,
+        lambdas: &[f64],
+        counts: &mut Vec<usize>,
+        heads: &mut Vec<(f64, usize)>,
+        order: &mut Vec<usize>,
+        labels: &mut Vec<usize>,
+        exposure: &mut Vec<f64>,
+    ) -> Merged {
+        if self.reference {
+            return self.merge_reference(lambdas, counts, heads, order, labels, exposure);
+        }
+        self.merge_fast::<true>(lambdas, counts, heads, order, labels, exposure)
+    }
+
+    /// [`Solver::merge`] for the multiplier search: the same positions, per-position groups
+    /// and exposures, but no utility (reported as 0).
+    fn probe(&mut self, lambdas: &[f64], buffers: &mut Buffers<'_>) {
+        if self.reference {
+            self.merge_into(lambdas, buffers);
+            return;
+        }
+        self.merge_fast::<false>(
+            lambdas,
+            buffers.counts,
+            buffers.heads,
+            buffers.order,
+            buffers.labels,
+            buffers.exposure,
+        );
+    }
+
+    /// The merge; `FULL` also sums the utility.
+    #[allow(clippy::too_many_arguments)]
+    fn merge_fast<const FULL: bool>(
+        &self,
+        lambdas: &[f64],
+        counts: &mut Vec<usize>,
+        heads: &mut Vec<(f64, usize)>,
+        order: &mut Vec<usize>,
+        labels: &mut Vec<usize>,
+        exposure: &mut Vec<f64>,
+    ) -> Merged {
+        let groups = self.groups();
+        counts.clear();
+        counts.resize(groups, 0);
+        exposure.clear();
+        exposure.resize(groups, 0.0);
+        let cache = &self.heads_cache[..groups];
+        let weights = &self.weights[..self.length];
+        let mut utility = 0.0;
+        if let ([first, second], [lambda_first, lambda_second, ..]) = (cache, lambdas) {
+            let (lambda_first, lambda_second) = (*lambda_first, *lambda_second);
+            let (mut rest_first, mut rest_second) = (first.iter(), second.iter());
+            let (mut head_first, mut head_second) = (rest_first.next(), rest_second.next());
+            let (mut exposure_first, mut exposure_second) = (0.0, 0.0);
+            let (mut taken_first, mut taken_second) = (0usize, 0usize);
+            order.clear();
+            labels.clear();
+            order.resize(self.length, 0);
+            labels.resize(self.length, 0);
+            let mut filled = 0;
+            for ((&weight, slot), label) in
+                weights.iter().zip(order.iter_mut()).zip(labels.iter_mut())
+            {
+                // The second group wins only when strictly better (ties: earlier position).
+                let (second_wins, &(score, position)) = match (head_first, head_second) {
+                    (Some(a), Some(b)) => {
+                        let boosted_a = a.0 + lambda_first;
+                        let boosted_b = b.0 + lambda_second;
+                        if boosted_b > boosted_a || (boosted_b == boosted_a && b.1 < a.1) {
+                            (true, b)
+                        } else {
+                            (false, a)
+                        }
+                    }
+                    (Some(a), None) => (false, a),
+                    (None, Some(b)) => (true, b),
+                    (None, None) => break,
+                };
+                if second_wins {
+                    head_second = rest_second.next();
+                    taken_second += 1;
+                    exposure_second += weight;
+                    if FULL {
+                        utility += weight * ((score + lambda_second) - lambda_second);
+                    }
+                    *label = 1;
+                } else {
+                    head_first = rest_first.next();
+                    taken_first += 1;
+                    exposure_first += weight;
+                    if FULL {
+                        utility += weight * ((score + lambda_first) - lambda_first);
+                    }
+                    *label = 0;
+                }
+                *slot = position;
+                filled += 1;
+            }
+            order.truncate(filled);
+            labels.truncate(filled);
+            counts[0] = taken_first;
+            counts[1] = taken_second;
+            exposure[0] = exposure_first;
+            exposure[1] = exposure_second;
+            return Merged { utility };
+        }
+        order.clear();
+        labels.clear();
+        order.reserve(self.length);
+        labels.reserve(self.length);
+        heads.clear();
+        heads.extend(
+            cache
+                .iter()
+                .zip(lambdas)
+                .map(|(items, &lambda)| match items.first() {
+                    Some(&(score, position)) => (score + lambda, position),
+                    None => (f64::NEG_INFINITY, usize::MAX),
+                }),
+        );
+        for &weight in weights {
+            // An exhausted group's head (-inf, usize::MAX) never beats a real one.
+            let mut best = 0;
+            let (mut best_boosted, mut best_position) = heads[0];
+            for (group, &(boosted, position)) in heads.iter().enumerate().skip(1) {
+                if boosted > best_boosted || (boosted == best_boosted && position < best_position) {
+                    best = group;
+                    best_boosted = boosted;
+                    best_position = position;
+                }
+            }
+            if best_position == usize::MAX {
+                break;
+            }
+            counts[best] += 1;
+            exposure[best] += weight;
+            if FULL {
+                utility += weight * (best_boosted - lambdas[best]);
+            }
+            order.push(best_position);
+            labels.push(best);
+            heads[best] = match cache[best].get(counts[best]) {
+                Some(&(score, next)) => (score + lambdas[best], next),
+                None => (f64::NEG_INFINITY, usize::MAX),
+            };
+        }
+        Merged { utility }
+    }
+
+    /// The original merge over the lazily read per-group heads (the test oracle of
+    /// [`Solver::merge`]).
+    #[allow(clippy::too_many_arguments)]
+    fn merge_reference(
         &mut self,
         lambdas: &[f64],
         counts: &mut Vec<usize>,
@@ -233,17 +422,17 @@ impl Solver<'_, '_> {
         accept: impl Fn(&Solver<'_, '_>, &[f64]) -> bool,
     ) -> Option<f64> {
         set(lambdas, high);
-        self.merge_into(lambdas, buffers);
+        self.probe(lambdas, buffers);
         if !accept(self, buffers.exposure) {
             return None;
         }
-        buffers.high_labels.clone_from(buffers.labels);
+        std::mem::swap(buffers.high_labels, buffers.labels);
         set(lambdas, low);
-        self.merge_into(lambdas, buffers);
+        self.probe(lambdas, buffers);
         if accept(self, buffers.exposure) {
             return Some(low);
         }
-        buffers.low_labels.clone_from(buffers.labels);
+        std::mem::swap(buffers.low_labels, buffers.labels);
         for _ in 0..BISECTION_STEPS {
             let middle = 0.5 * (low + high);
             if high - low <= resolution
@@ -253,13 +442,13 @@ impl Solver<'_, '_> {
                 break;
             }
             set(lambdas, middle);
-            self.merge_into(lambdas, buffers);
+            self.probe(lambdas, buffers);
             if accept(self, buffers.exposure) {
                 high = middle;
-                buffers.high_labels.clone_from(buffers.labels);
+                std::mem::swap(buffers.high_labels, buffers.labels);
             } else {
                 low = middle;
-                buffers.low_labels.clone_from(buffers.labels);
+                std::mem::swap(buffers.low_labels, buffers.labels);
             }
         }
         Some(high)
@@ -434,6 +623,19 @@ impl Reranker for MinExposure {
         _rng: &mut dyn rand::RngCore,
         out: &mut RerankOutput,
     ) -> Result<(), FairnessError> {
+        self.solve(pool, k, out, false)
+    }
+}
+
+impl MinExposure {
+    /// The re-ranking; `reference` selects the original merge (the test oracle).
+    fn solve(
+        &self,
+        pool: &[Candidate],
+        k: usize,
+        out: &mut RerankOutput,
+        reference: bool,
+    ) -> Result<(), FairnessError> {
         out.reset();
         out.state = None;
         validate_pool(pool)?;
@@ -479,6 +681,7 @@ impl Reranker for MinExposure {
             tolerance: 1e-12 * total_weight,
             weights,
             heads_cache,
+            reference,
         };
         solver.prefill();
         let counts = &mut scratch.counts;
@@ -502,8 +705,9 @@ impl Reranker for MinExposure {
         }
 
         // Small instances: exhaustive search.
+        // A group is in the pool iff its prefilled cache is not empty (`length` >= 1).
         let populated = (0..groups)
-            .filter(|&group| solver.lists.get(group, 0).is_some())
+            .filter(|&group| solver.cached(group, 0).is_some())
             .count();
         if length <= MAX_EXACT_LENGTH && (populated as f64).powi(length as i32) <= EXACT_LIMIT {
             let best_labels = &mut scratch.positions;
@@ -544,7 +748,7 @@ impl Reranker for MinExposure {
             high_labels: &mut scratch.deadlines,
         };
         for _round in 0..listed + 2 {
-            solver.merge_into(lambdas, &mut buffers);
+            solver.probe(lambdas, &mut buffers);
             if solver.satisfied(buffers.exposure) {
                 break;
             }
@@ -587,7 +791,7 @@ impl Reranker for MinExposure {
         // Phase 2: lower each multiplier to the smallest value that keeps its own group
         // satisfied (lowering one only helps the others), recovering utility; repeat while
         // that frees noticeable room.
-        solver.merge_into(lambdas, &mut buffers);
+        solver.probe(lambdas, &mut buffers);
         let mut passes = if solver.satisfied(buffers.exposure) {
             3
         } else {
@@ -678,5 +882,93 @@ impl Reranker for MinExposure {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+
+    /// A pool of `size` items in score order: scores from `levels` distinct values (few
+    /// levels give many ties), groups `0..groups` with group 1 rarer.
+    fn pool(seed: u64, size: usize, groups: u32, levels: u32) -> Vec<Candidate> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut scores: Vec<f32> = (0..size)
+            .map(|_| rng.random_range(0..levels) as f32 / levels as f32 * 3.0 - 1.0)
+            .collect();
+        scores.sort_by(|a, b| b.total_cmp(a));
+        scores
+            .into_iter()
+            .enumerate()
+            .map(|(index, score)| {
+                let group = if rng.random_bool(0.25) {
+                    1
+                } else {
+                    rng.random_range(0..groups)
+                };
+                Candidate::new(index as u32, score, group.min(groups - 1))
+            })
+            .collect()
+    }
+
+    /// Runs the fast and the reference solver and checks they agree bit for bit.
+    fn same_as_reference(pool: &[Candidate], k: usize, pairs: &[(u32, f64)]) {
+        let Ok(targets) = GroupShares::new(pairs) else {
+            return;
+        };
+        let reranker = MinExposure::new(targets);
+        let mut fast = RerankOutput::new();
+        let mut reference = RerankOutput::new();
+        let fast_result = reranker.solve(pool, k, &mut fast, false);
+        let reference_result = reranker.solve(pool, k, &mut reference, true);
+        assert_eq!(format!("{fast_result:?}"), format!("{reference_result:?}"));
+        assert_eq!(fast.order, reference.order, "k {k}, targets {pairs:?}");
+        // Debug prints the shortest round-tripping form: equal text means equal bits.
+        assert_eq!(
+            format!("{:?}", fast.report),
+            format!("{:?}", reference.report),
+            "k {k}, targets {pairs:?}"
+        );
+    }
+
+    #[test]
+    fn the_fast_merge_equals_the_reference_on_a_bench_sized_pool() {
+        for seed in 0..4 {
+            let pool = pool(seed, 10_000, 2, 1 << 20);
+            same_as_reference(&pool, 100, &[(1, 0.4)]);
+            let pool = pool_three(seed);
+            same_as_reference(&pool, 100, &[(1, 0.4), (2, 0.3)]);
+        }
+    }
+
+    fn pool_three(seed: u64) -> Vec<Candidate> {
+        pool(seed, 3_000, 3, 1 << 20)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        #[test]
+        fn the_fast_merge_equals_the_reference(
+            seed in 0u64..1_000_000,
+            size in 1usize..400,
+            groups in 1u32..5,
+            levels in prop::sample::select(vec![3u32, 20, 1 << 20]),
+            k in 1usize..150,
+            first in 0.0f64..0.8,
+            second in 0.0f64..0.5,
+            two_listed in any::<bool>(),
+        ) {
+            let pool = pool(seed, size, groups, levels);
+            if two_listed {
+                same_as_reference(&pool, k, &[(1, first * 0.6), (2, second * 0.6)]);
+            } else {
+                same_as_reference(&pool, k, &[(1, first)]);
+            }
+        }
     }
 }
