@@ -16,15 +16,16 @@
 //! - `DP_LEDGER_ROUNDS`: rounds (default 1); each round runs the four setups one after the
 //!   other, so the setups alternate over time and share the machine's load alike;
 //! - `DP_LEDGER_LEASE_CHARGES`: the leased ledger's `lease_charges` (default 8, the server's);
+//! - `DP_LEDGER_ONLY`: run only the setups whose name contains this (e.g. `leased`);
 //! - `DP_LEDGER_CAP`: each subject's rho cap (default 10, the server's, with its one-day
 //!   window; blocks are then 0.5 rho and renewed ahead of need). `0` means a cap of 1e9 and a
 //!   lifetime budget (one block per subject covers the whole run: the earlier layout).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use engine::{
-    Engine, EngineConfig, PrivacyBudget, PrivacyConfig, PrivacyMechanism, PrivacyPolicy,
+    CandidateIds, Engine, EngineConfig, PrivacyBudget, PrivacyConfig, PrivacyMechanism, PrivacyPolicy,
     PrivacySetup, RankRequest, StateLedger, UserRef,
 };
 use state::{
@@ -125,6 +126,31 @@ fn engine(
     .expect("engine starts")
 }
 
+/// Distinct candidate lists of the T1 shape, built once (formatting 1000 ids per request
+/// would load the sending thread more than Rank's own work does).
+const T1_LISTS: usize = 257;
+
+fn t1_candidates() -> &'static [CandidateIds] {
+    static LISTS: OnceLock<Vec<CandidateIds>> = OnceLock::new();
+    LISTS.get_or_init(|| {
+        let items = Shape::T1.items() as u64;
+        (0..T1_LISTS as u64)
+            .map(|list| {
+                // 1000 distinct ids spread over the table: a random start and a stride
+                // prime to the table size.
+                let mut state = (list + 1).wrapping_mul(0x2545_F491_4F6C_DD1D);
+                state ^= state >> 29;
+                let start = state % items;
+                let stride = [7919_u64, 15_013, 30_011, 49_999][(state >> 40) as usize % 4];
+                let ids: Vec<String> = (0..1000)
+                    .map(|j| format!("item-{}", (start + j * stride) % items))
+                    .collect();
+                CandidateIds::from(ids)
+            })
+            .collect()
+    })
+}
+
 fn request(shape: Shape, round: usize, id: usize, dp: bool) -> RankRequest {
     let mut request = RankRequest::new(
         format!("bench-{id}"),
@@ -137,18 +163,7 @@ fn request(shape: Shape, round: usize, id: usize, dp: bool) -> RankRequest {
     match shape {
         Shape::Catalog => request.pool_size = Some(20),
         Shape::T1 => {
-            // 1000 distinct ids spread over the table: a random start and a stride prime to
-            // the table size (ids repeat across requests, rows within one do not).
-            let items = shape.items() as u64;
-            let mut state = (id as u64 + 1).wrapping_mul(0x2545_F491_4F6C_DD1D);
-            state ^= state >> 29;
-            let start = state % items;
-            let stride = [7919_u64, 15_013, 30_011, 49_999][(state >> 40) as usize % 4];
-            let ids: Vec<String> = (0..1000)
-                .map(|j| format!("item-{}", (start + j * stride) % items))
-                .collect();
-            request.candidate_ids = ids.into();
-            request.skip_unknown_candidates = true;
+            request.candidate_ids = t1_candidates()[id % T1_LISTS].clone();
         }
     }
     request.privacy = PrivacyPolicy {
@@ -345,6 +360,13 @@ fn main() {
             "1e9 rho, lifetime".to_owned()
         }
     );
+    // `DP_LEDGER_ONLY=leased` (a substring of the names) runs that setup alone, for
+    // profiling; the comparison line needs all four.
+    let only = std::env::var("DP_LEDGER_ONLY").unwrap_or_default();
+    let setups: Vec<Setup> = setups
+        .into_iter()
+        .filter(|(name, _, _)| name.contains(only.as_str()))
+        .collect();
     for round in 0..rounds {
         let mut means = Vec::new();
         let mut p99s = Vec::new();

@@ -1528,6 +1528,52 @@ mod tests {
     }
 
     #[test]
+    fn new_request_ids_need_no_database_read_and_replays_are_still_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = StateDatabase::open(dir.path().join("state.redb")).unwrap();
+        {
+            let ledger = database.leased_ledger(options(10)).unwrap();
+            ledger.charge(&request("n", "old", 10, 1000, 0)).unwrap();
+            ledger.close().unwrap();
+        }
+        let replayed = |outcome: ChargeOutcome| matches!(outcome, ChargeOutcome::Replayed { .. });
+        // Remembered ids (the default), too many stored answers to remember, disabled.
+        for (round, limit) in [4096, 1, 0].into_iter().enumerate() {
+            let ledger = database
+                .leased_ledger(LeaseOptions {
+                    known_ids_per_user: limit,
+                    ..options(10)
+                })
+                .unwrap();
+            let t = 10 * round as u64;
+            // An answer written by an earlier run replays.
+            assert!(replayed(
+                ledger.charge(&request("n", "old", 10, 1000, t)).unwrap()
+            ));
+            let before = ledger.stats().answer_reads;
+            let fresh = format!("fresh-{round}");
+            ledger
+                .charge(&request("n", &fresh, 10, 1000, t + 1))
+                .unwrap();
+            let reads = ledger.stats().answer_reads - before;
+            if limit == 4096 {
+                assert_eq!(reads, 0, "a new request id was looked up in the database");
+            } else {
+                assert_eq!(reads, 1, "limit {limit}: every request id is looked up");
+            }
+            // Replays of an answer in memory, then of the same answer once written.
+            assert!(replayed(
+                ledger.charge(&request("n", &fresh, 10, 1000, t + 2)).unwrap()
+            ));
+            ledger.flush().unwrap();
+            assert!(replayed(
+                ledger.charge(&request("n", &fresh, 10, 1000, t + 3)).unwrap()
+            ));
+            ledger.close().unwrap();
+        }
+    }
+
+    #[test]
     fn a_crash_wastes_the_unused_lease_and_forgets_unwritten_answers() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb");
