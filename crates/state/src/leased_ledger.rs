@@ -29,7 +29,11 @@ use crate::rho::Rho;
 /// Shards of the in-memory maps (users and unwritten answers); a power of two.
 const SHARDS: usize = 64;
 
-/// The most answers a commit that carries lease commands writes (their callers may wait
+/// The longest a renewal asked for ahead of need waits for an fsync that is due anyway
+/// (bounded by [`LeaseOptions::answer_interval`] too).
+const MAX_RENEWAL_DELAY: Duration = Duration::from_millis(50);
+
+/// The most answers a commit that a charge waits for writes (their callers may wait
 /// for it; the other answers follow in commits of their own).
 const ANSWERS_WITH_LEASES: usize = 64;
 
@@ -260,6 +264,9 @@ enum Command {
         params: ChargeParams,
         need: u64,
         desired: u64,
+        /// A charge waits for it (else it is a renewal asked for ahead of need, which may
+        /// ride the next fsync).
+        urgent: bool,
         reply: SyncSender<Result<LeaseGrant, StateError>>,
     },
     /// A full batch of answers is waiting (no reply).
@@ -506,13 +513,27 @@ impl Shared {
 /// # Stored answers (idempotency)
 ///
 /// The answer of each accepted charge is kept in memory and written to the database by the
-/// writer thread in batches (at most [`LeaseOptions::answer_interval`] later). A retry with
-/// the same request id finds it in memory or in the database and gets the same answer with
-/// no new charge. **After a crash, a retry whose answer had not been written yet is treated
-/// as a new request**: it is charged again and computes a new answer. That is safe for
-/// privacy (the first answer's charge is in the durable spent, so both releases are paid
-/// for) and it never refunds; it only costs the user budget. [`flush`](BudgetLedger::flush)
-/// waits until every answer accepted so far is written.
+/// writer thread in batches (at most [`LeaseOptions::answer_interval`] later): these replay
+/// records are **not on the release path**; a charge inside its lease returns at once. A
+/// retry with the same request id finds the answer in memory or in the database and gets
+/// the same answer with no new charge. To know that a request id is *new* without a
+/// database read, each user in memory keeps the 64-bit hashes of its stored request ids
+/// ([`LeaseOptions::known_ids_per_user`]; read once when the user is loaded): a hash not in
+/// the set is certainly new, a hash in it (a retry, or a rare collision) is looked up.
+///
+/// Why the replay records may be group-committed off the release path: what must survive a
+/// crash is the *charge*, and it does: the block that covers it was fsynced before the
+/// charge was accepted, so the durable spent is at least the sum of every answer released,
+/// with or without its record. **After a crash (kill -9, power loss), a retry whose record
+/// had not reached the disk (answers of the last `2 * answer_interval`, 100 ms by default)
+/// is treated as a new request**: it is charged again, from a new lease, and draws new
+/// noise. Both releases are then paid for in the durable spent (two releases, two charges:
+/// the accounting by composition holds), and nothing is refunded; the cost is the user's
+/// budget and the idempotency of that one retry (it may get a different answer). Every other
+/// retry, including any retry while the process lives, replays. Deployments that need the
+/// same answer even for a retry right after a crash use [`DurableLedger`](crate::DurableLedger)
+/// (`[ledger] commit = "per-charge"`), which stores the record in the charge's own fsynced
+/// commit. [`flush`](BudgetLedger::flush) waits until every answer accepted so far is written.
 ///
 /// # Per-request differences from the durable ledger (by design)
 ///
@@ -525,8 +546,9 @@ impl Shared {
 ///
 /// # Cost
 ///
-/// A charge inside a lease costs a few map look-ups, one read transaction (is the request id
-/// stored from an earlier run?) and queueing its answer: no fsync. Measured in
+/// A charge inside a lease costs a few map look-ups, a hash of its request id (no database
+/// read for a new request id; a retry reads once) and queueing its answer: no fsync, and no
+/// wait on any commit except a lease's ([`LeasedLedger::stats`] counts the waits). Measured in
 /// `benches/benches/state.rs` on a shared 2-core VM whose fdatasync takes 0.3-3 ms, at the
 /// target load of 5,000 charges/s from 16 threads: 11 us mean per charge (p50 9 us, p99
 /// 43 us in a separate run) against 3.5 us for the in-memory ledger and 3-6 ms for
@@ -689,6 +711,7 @@ impl LeasedLedger {
                     params: *params,
                     need,
                     desired,
+                    urgent: true,
                     reply,
                 })
                 .map_err(|_| StateError::WriterStopped)?;
@@ -826,6 +849,7 @@ impl LeasedLedger {
                 params: *params,
                 need: 1,
                 desired: block,
+                urgent: false,
                 reply,
             };
             // If the writer stopped, the next charge that needs budget reports it.
@@ -1097,6 +1121,17 @@ impl WriterCommand for Command {
     }
 }
 
+impl Command {
+    /// Whether a caller waits for this command's commit (renewals asked for ahead of need
+    /// and returned leases do not).
+    fn is_urgent(&self) -> bool {
+        !matches!(
+            self,
+            Command::Lease { urgent: false, .. } | Command::Return { .. }
+        )
+    }
+}
+
 /// Keeps a command for the next commit; `false` means stop now (the tests' abandon).
 fn take(command: Command, commands: &mut Vec<Command>) -> bool {
     match command {
@@ -1109,12 +1144,15 @@ fn take(command: Command, commands: &mut Vec<Command>) -> bool {
 }
 
 /// The writer thread. Each commit takes every waiting command (leases first of all) and up
-/// to `answer_batch` waiting answers (at most [`ANSWERS_WITH_LEASES`] when it carries
-/// commands, all of them for a flush or prune). Commits with a
+/// to `answer_batch` waiting answers (at most [`ANSWERS_WITH_LEASES`] when a caller waits
+/// for it, all of them for a flush or prune). Renewals asked for ahead of need wait up to
+/// [`MAX_RENEWAL_DELAY`] for an fsync that is due anyway. Commits with a
 /// command are fsynced; commits of answers alone are fsynced only if the last fsync is older
 /// than `answer_interval`, and an fsync follows within that interval in any case.
 fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOptions) {
     let interval = options.answer_interval;
+    let renewal_delay = interval.min(MAX_RENEWAL_DELAY);
+    // Commands waiting for the next commit (renewals held back until their delay is over).
     let mut commands: Vec<Command> = Vec::new();
     // Answers taken from the queue whose commit failed; retried first.
     let mut retry: Vec<Arc<PendingAnswer>> = Vec::new();
@@ -1130,6 +1168,10 @@ fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOpti
                 queued_since.map_or(interval, |since| interval.saturating_sub(since.elapsed()));
             if unsynced || !retry.is_empty() {
                 wait = wait.min(interval.saturating_sub(last_fsync.elapsed()));
+            }
+            if !commands.is_empty() {
+                // Held renewals: commit them when their delay is over.
+                wait = wait.min(renewal_delay.saturating_sub(last_fsync.elapsed()));
             }
             match receiver.recv_timeout(wait) {
                 Ok(command) => {
@@ -1156,6 +1198,15 @@ fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOpti
             || commands
                 .iter()
                 .any(|command| matches!(command, Command::Flush { .. } | Command::Prune { .. }));
+        // Renewals asked for ahead of need (and returned leases) ride the next fsync that is
+        // due anyway, at most `renewal_delay` after the last one, instead of forcing one each:
+        // their users still hold half a block. A command a caller waits for commits at once.
+        let urgent = commands.iter().any(Command::is_urgent);
+        let held = if !urgent && !disconnected && last_fsync.elapsed() < renewal_delay {
+            std::mem::take(&mut commands)
+        } else {
+            Vec::new()
+        };
         let mut answers = std::mem::take(&mut retry);
         if let Ok(mut queue) = shared.queue.lock() {
             let due = !commands.is_empty()
@@ -1164,11 +1215,11 @@ fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOpti
                 || queue.answers.len() >= options.answer_batch
                 || queue.since.is_some_and(|since| since.elapsed() >= interval);
             if due {
-                // A commit that grants leases carries few answers: callers wait for it.
-                let batch = if commands.is_empty() {
-                    options.answer_batch
-                } else {
+                // A commit that a charge waits for carries few answers.
+                let batch = if urgent {
                     options.answer_batch.min(ANSWERS_WITH_LEASES)
+                } else {
+                    options.answer_batch
                 };
                 let count = if take_all {
                     queue.answers.len()
@@ -1189,6 +1240,7 @@ fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOpti
         shared.drained.notify_all();
         let fsync_due = unsynced && last_fsync.elapsed() >= interval;
         if commands.is_empty() && answers.is_empty() && !fsync_due {
+            commands = held;
             if disconnected {
                 break;
             }
@@ -1199,7 +1251,10 @@ fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOpti
             || last_fsync.elapsed() >= interval
             || answers.is_empty();
         let prune = auto_prune.due(&options.store);
-        if commit_batch(shared, &answers, &mut commands, prune, immediate) {
+        let committed = commit_batch(shared, &answers, &mut commands, prune, immediate);
+        // `commit_batch` replied to and emptied `commands`; the held ones wait on.
+        commands = held;
+        if committed {
             if immediate {
                 last_fsync = Instant::now();
                 unsynced = false;
