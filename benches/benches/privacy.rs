@@ -9,12 +9,12 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use rand::RngCore;
 use privacy::{
     DiscreteGaussian, DiscreteLaplace, ExponentialMechanism, GumbelTopK, LaplaceRelease,
     NoiseBuffer, SecureRng, StandardGumbel, calibrate_gaussian, clip_to_norm, gumbel_top_k,
     rho_to_epsilon, zcdp_delta,
 };
+use rand::RngCore;
 
 /// Candidates per request and pool size of the headline benchmark.
 const CANDIDATES: usize = 1_000;

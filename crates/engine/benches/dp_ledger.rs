@@ -25,8 +25,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use engine::{
-    CandidateIds, Engine, EngineConfig, PrivacyBudget, PrivacyConfig, PrivacyMechanism, PrivacyPolicy,
-    PrivacySetup, RankRequest, StateLedger, UserRef,
+    CandidateIds, Engine, EngineConfig, PrivacyBudget, PrivacyConfig, PrivacyMechanism,
+    PrivacyPolicy, PrivacySetup, RankRequest, StateLedger, UserRef,
 };
 use state::{
     BudgetLedger, InMemoryLedger, LeaseOptions, LeaseStats, LeasedLedger, LedgerOptions,

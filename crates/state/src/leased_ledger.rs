@@ -4,8 +4,8 @@
 //! The semantics (leases, what is durable, crashes, retries) are documented on [`LeasedLedger`].
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::hash::BuildHasher;
 use std::fmt;
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
@@ -797,8 +797,8 @@ impl LeasedLedger {
             }
             // Backpressure: wait for the writer when answers outrun the disk. The budget is
             // already covered by the lease; only this caller waits.
-            let started = (queue.answers.len() > self.options.max_unwritten_answers)
-                .then(Instant::now);
+            let started =
+                (queue.answers.len() > self.options.max_unwritten_answers).then(Instant::now);
             while queue.answers.len() > self.options.max_unwritten_answers
                 && shared.writer_running.load(Ordering::Acquire)
             {
@@ -1224,10 +1224,7 @@ fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOpti
                 let count = if take_all {
                     queue.answers.len()
                 } else {
-                    queue
-                        .answers
-                        .len()
-                        .min(batch.saturating_sub(answers.len()))
+                    queue.answers.len().min(batch.saturating_sub(answers.len()))
                 };
                 answers.extend(queue.answers.drain(..count));
                 queue.since = if queue.answers.is_empty() {
@@ -1618,11 +1615,15 @@ mod tests {
             }
             // Replays of an answer in memory, then of the same answer once written.
             assert!(replayed(
-                ledger.charge(&request("n", &fresh, 10, 1000, t + 2)).unwrap()
+                ledger
+                    .charge(&request("n", &fresh, 10, 1000, t + 2))
+                    .unwrap()
             ));
             ledger.flush().unwrap();
             assert!(replayed(
-                ledger.charge(&request("n", &fresh, 10, 1000, t + 3)).unwrap()
+                ledger
+                    .charge(&request("n", &fresh, 10, 1000, t + 3))
+                    .unwrap()
             ));
             ledger.close().unwrap();
         }

@@ -329,9 +329,7 @@ pub(super) fn decode(bytes: &[u8]) -> Option<StoredRelease> {
         fingerprint,
         pool: input.list(4, Reader::string)?,
         answer: input.list(4, Reader::u32)?,
-        scores: input.option(|input| {
-            input.list(4, |input| Some(f32::from_bits(input.u32()?)))
-        })?,
+        scores: input.option(|input| input.list(4, |input| Some(f32::from_bits(input.u32()?))))?,
         rho: input.f64()?,
         epsilon: input.f64()?,
         delta: input.f64()?,
@@ -451,7 +449,12 @@ mod tests {
             ..record.clone()
         })
         .expect("json");
-        assert!(binary.len() * 2 < json.len(), "{} vs {}", binary.len(), json.len());
+        assert!(
+            binary.len() * 2 < json.len(),
+            "{} vs {}",
+            binary.len(),
+            json.len()
+        );
         assert_eq!(StoredRelease::decode(&binary).expect("decodes"), record);
         let old = StoredRelease::decode(&json).expect("a version 2 record still decodes");
         assert_eq!(old.version, 2);
