@@ -142,8 +142,10 @@ pub struct LedgerConfig {
     /// Most charges committed by one group commit (default 1024).
     pub max_batch: usize,
     /// How charges reach the disk (default `leased`): `leased` reserves each user's budget
-    /// durably in blocks (one fsync per block; a crash wastes the unused rest of a block,
-    /// never refunds it) and writes stored answers in the background; `per-charge` fsyncs
+    /// durably in blocks (one fsync per block, renewed ahead of need; a crash wastes the
+    /// unused rest of a block, never refunds it) and writes stored answers in the background
+    /// (after a kill -9, a retry of an answer released in the last ~100 ms is charged again
+    /// and gets new noise: both releases are paid for, nothing is refunded); `per-charge` fsyncs
     /// every charge with its answer before release (group commit), so even a retry right
     /// after a crash replays the same answer, at milliseconds per charge on slow disks.
     pub commit: LedgerCommit,

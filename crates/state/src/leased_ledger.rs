@@ -3,8 +3,9 @@
 //!
 //! The semantics (leases, what is durable, crashes, retries) are documented on [`LeasedLedger`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::database::StateDatabase;
 use crate::durable_ledger::{
     LedgerOptions, LedgerTables, answer_key, decode_user, prune_answers, read_answer, read_user,
+    stored_request_ids,
 };
 use crate::error::StateError;
 use crate::ledger::{
@@ -26,6 +28,14 @@ use crate::rho::Rho;
 
 /// Shards of the in-memory maps (users and unwritten answers); a power of two.
 const SHARDS: usize = 64;
+
+/// The longest a renewal asked for ahead of need waits for an fsync that is due anyway
+/// (bounded by [`LeaseOptions::answer_interval`] too).
+const MAX_RENEWAL_DELAY: Duration = Duration::from_millis(50);
+
+/// The most answers a commit that a charge waits for writes (their callers may wait
+/// for it; the other answers follow in commits of their own).
+const ANSWERS_WITH_LEASES: usize = 64;
 
 /// Charges between two sweeps of one user shard (idle and expired users leave memory).
 const SWEEP_EVERY: u64 = 1024;
@@ -55,6 +65,10 @@ pub struct LeaseOptions {
     /// A user without charges for this long is dropped from memory and the unused rest of
     /// its lease is returned (bounds memory to the recently active users).
     pub idle_eviction: Duration,
+    /// Request ids (as 64-bit hashes) remembered per user in memory, so that a charge with a
+    /// new request id needs no database read to know it is not a replay. A user with more
+    /// stored answers than this falls back to one read per charge. 0 disables it.
+    pub known_ids_per_user: usize,
     /// Batch size, retention and pruning of the underlying store (see [`LedgerOptions`]).
     pub store: LedgerOptions,
 }
@@ -69,6 +83,7 @@ impl Default for LeaseOptions {
             answer_interval: Duration::from_millis(50),
             max_unwritten_answers: 65_536,
             idle_eviction: Duration::from_secs(600),
+            known_ids_per_user: 4096,
             store: LedgerOptions::default(),
         }
     }
@@ -130,6 +145,96 @@ impl LeaseOptions {
     }
 }
 
+/// Where the charges of a [`LeasedLedger`] waited and what its writer did, counted since it
+/// opened ([`LeasedLedger::stats`]). Waits are wall-clock time on the charging thread.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LeaseStats {
+    /// Charges answered (charged, replayed or refused).
+    pub charges: u64,
+    /// Charges that asked for a lease block and waited for its durable commit (a user's
+    /// first charge in a window, or a lease used up before its renewal was asked for).
+    pub lease_waits: u64,
+    /// Their total wait, in microseconds.
+    pub lease_wait_us: u64,
+    /// The longest of them, in microseconds.
+    pub lease_wait_max_us: u64,
+    /// Charges that waited for a block requested ahead of time (the lease ran out before
+    /// the renewal's commit came back).
+    pub renewal_waits: u64,
+    /// Their total wait, in microseconds.
+    pub renewal_wait_us: u64,
+    /// Charges that waited because too many answers were waiting to be written.
+    pub backpressure_waits: u64,
+    /// Their total wait, in microseconds.
+    pub backpressure_wait_us: u64,
+    /// Database reads of a stored answer (a request id not found in memory).
+    pub answer_reads: u64,
+    /// Their total time, in microseconds.
+    pub answer_read_us: u64,
+    /// Lease blocks requested ahead of time (renewals).
+    pub renewals: u64,
+    /// Commits of the writer thread, and how many of them were fsynced.
+    pub commits: u64,
+    /// Fsynced commits.
+    pub fsynced_commits: u64,
+    /// Answers written.
+    pub answers_written: u64,
+    /// Time the writer spent building and committing transactions, in microseconds (its
+    /// busy time; divide by `answers_written` for the writer's cost per charge).
+    pub writer_busy_us: u64,
+}
+
+/// The counters behind [`LeaseStats`] (relaxed atomics: diagnostics only).
+#[derive(Debug, Default)]
+struct StatCounters {
+    charges: AtomicU64,
+    lease_waits: AtomicU64,
+    lease_wait_us: AtomicU64,
+    lease_wait_max_us: AtomicU64,
+    renewal_waits: AtomicU64,
+    renewal_wait_us: AtomicU64,
+    backpressure_waits: AtomicU64,
+    backpressure_wait_us: AtomicU64,
+    answer_reads: AtomicU64,
+    answer_read_us: AtomicU64,
+    renewals: AtomicU64,
+    commits: AtomicU64,
+    fsynced_commits: AtomicU64,
+    answers_written: AtomicU64,
+    writer_busy_us: AtomicU64,
+}
+
+/// Adds the time since `since` to `total` (in microseconds) and counts one in `count`.
+fn count_wait(count: &AtomicU64, total: &AtomicU64, since: Instant) -> u64 {
+    let micros = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
+    count.fetch_add(1, Ordering::Relaxed);
+    total.fetch_add(micros, Ordering::Relaxed);
+    micros
+}
+
+impl StatCounters {
+    fn snapshot(&self) -> LeaseStats {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        LeaseStats {
+            charges: get(&self.charges),
+            lease_waits: get(&self.lease_waits),
+            lease_wait_us: get(&self.lease_wait_us),
+            lease_wait_max_us: get(&self.lease_wait_max_us),
+            renewal_waits: get(&self.renewal_waits),
+            renewal_wait_us: get(&self.renewal_wait_us),
+            backpressure_waits: get(&self.backpressure_waits),
+            backpressure_wait_us: get(&self.backpressure_wait_us),
+            answer_reads: get(&self.answer_reads),
+            answer_read_us: get(&self.answer_read_us),
+            renewals: get(&self.renewals),
+            commits: get(&self.commits),
+            fsynced_commits: get(&self.fsynced_commits),
+            answers_written: get(&self.answers_written),
+            writer_busy_us: get(&self.writer_busy_us),
+        }
+    }
+}
+
 /// An accepted answer waiting to be written.
 struct PendingAnswer {
     /// `pseudonym ++ request id`.
@@ -159,6 +264,9 @@ enum Command {
         params: ChargeParams,
         need: u64,
         desired: u64,
+        /// A charge waits for it (else it is a renewal asked for ahead of need, which may
+        /// ride the next fsync).
+        urgent: bool,
         reply: SyncSender<Result<LeaseGrant, StateError>>,
     },
     /// A full batch of answers is waiting (no reply).
@@ -198,6 +306,10 @@ struct UserLease {
     /// A block requested ahead of time, not yet absorbed.
     renewal: Option<Receiver<Result<LeaseGrant, StateError>>>,
     last_used: Instant,
+    /// Hashes of every request id with a stored answer for this user (in the database when
+    /// the entry was loaded, or accepted since), or `None` when unknown (too many). A
+    /// request id whose hash is absent is certainly not stored: no database read.
+    known_ids: Option<HashSet<u64>>,
 }
 
 impl UserLease {
@@ -211,6 +323,7 @@ impl UserLease {
             exhausted: false,
             renewal: None,
             last_used: Instant::now(),
+            known_ids: None,
         }
     }
 
@@ -290,6 +403,10 @@ struct Shared {
     drained: Condvar,
     /// False once the writer thread has stopped.
     writer_running: AtomicBool,
+    /// Where charges waited and what the writer did.
+    stats: StatCounters,
+    /// Hashes request ids for [`UserLease::known_ids`] (keyed at random per process).
+    id_hasher: std::collections::hash_map::RandomState,
 }
 
 impl Shared {
@@ -303,6 +420,36 @@ impl Shared {
         shard.get(key).map(|pending| pending.record.clone())
     }
 
+    /// The hash of a request id in [`UserLease::known_ids`].
+    fn id_hash(&self, request_id: &str) -> u64 {
+        self.id_hasher.hash_one(request_id.as_bytes())
+    }
+
+    /// Hashes of every request id with a stored answer for `pseudonym`: the answers still in
+    /// memory, then those in the database (in that order: the writer removes an answer from
+    /// memory only after committing it, so none slips between the two looks). `None` when
+    /// there are more than `limit`.
+    fn known_ids(
+        &self,
+        pseudonym: &Pseudonym,
+        limit: usize,
+    ) -> Result<Option<HashSet<u64>>, StateError> {
+        let prefix = pseudonym.as_bytes();
+        let mut ids = HashSet::new();
+        {
+            let shard = lock(self.answer_shard(pseudonym))?;
+            for key in shard.keys() {
+                if let Some(request_id) = key.strip_prefix(prefix.as_slice()) {
+                    ids.insert(self.id_hasher.hash_one(request_id));
+                }
+            }
+        }
+        let stored = stored_request_ids(&self.database, pseudonym, limit, |request_id| {
+            ids.insert(self.id_hasher.hash_one(request_id));
+        })?;
+        Ok((stored && ids.len() <= limit).then_some(ids))
+    }
+
     /// The stored answer: in memory first, then in the database. The writer removes an answer
     /// from memory only after it is committed, so a miss in memory is found in the database.
     fn stored_answer(
@@ -313,7 +460,16 @@ impl Shared {
     ) -> Result<Option<RequestRecord>, StateError> {
         match self.pending_answer(pseudonym, key) {
             Some(record) => Ok(Some(record)),
-            None => read_answer(&self.database, pseudonym, request_id),
+            None => {
+                let started = Instant::now();
+                let read = read_answer(&self.database, pseudonym, request_id);
+                count_wait(
+                    &self.stats.answer_reads,
+                    &self.stats.answer_read_us,
+                    started,
+                );
+                read
+            }
         }
     }
 }
@@ -357,13 +513,27 @@ impl Shared {
 /// # Stored answers (idempotency)
 ///
 /// The answer of each accepted charge is kept in memory and written to the database by the
-/// writer thread in batches (at most [`LeaseOptions::answer_interval`] later). A retry with
-/// the same request id finds it in memory or in the database and gets the same answer with
-/// no new charge. **After a crash, a retry whose answer had not been written yet is treated
-/// as a new request**: it is charged again and computes a new answer. That is safe for
-/// privacy (the first answer's charge is in the durable spent, so both releases are paid
-/// for) and it never refunds; it only costs the user budget. [`flush`](BudgetLedger::flush)
-/// waits until every answer accepted so far is written.
+/// writer thread in batches (at most [`LeaseOptions::answer_interval`] later): these replay
+/// records are **not on the release path**; a charge inside its lease returns at once. A
+/// retry with the same request id finds the answer in memory or in the database and gets
+/// the same answer with no new charge. To know that a request id is *new* without a
+/// database read, each user in memory keeps the 64-bit hashes of its stored request ids
+/// ([`LeaseOptions::known_ids_per_user`]; read once when the user is loaded): a hash not in
+/// the set is certainly new, a hash in it (a retry, or a rare collision) is looked up.
+///
+/// Why the replay records may be group-committed off the release path: what must survive a
+/// crash is the *charge*, and it does: the block that covers it was fsynced before the
+/// charge was accepted, so the durable spent is at least the sum of every answer released,
+/// with or without its record. **After a crash (kill -9, power loss), a retry whose record
+/// had not reached the disk (answers of the last `2 * answer_interval`, 100 ms by default)
+/// is treated as a new request**: it is charged again, from a new lease, and draws new
+/// noise. Both releases are then paid for in the durable spent (two releases, two charges:
+/// the accounting by composition holds), and nothing is refunded; the cost is the user's
+/// budget and the idempotency of that one retry (it may get a different answer). Every other
+/// retry, including any retry while the process lives, replays. Deployments that need the
+/// same answer even for a retry right after a crash use [`DurableLedger`](crate::DurableLedger)
+/// (`[ledger] commit = "per-charge"`), which stores the record in the charge's own fsynced
+/// commit. [`flush`](BudgetLedger::flush) waits until every answer accepted so far is written.
 ///
 /// # Per-request differences from the durable ledger (by design)
 ///
@@ -376,8 +546,9 @@ impl Shared {
 ///
 /// # Cost
 ///
-/// A charge inside a lease costs a few map look-ups, one read transaction (is the request id
-/// stored from an earlier run?) and queueing its answer: no fsync. Measured in
+/// A charge inside a lease costs a few map look-ups, a hash of its request id (no database
+/// read for a new request id; a retry reads once) and queueing its answer: no fsync, and no
+/// wait on any commit except a lease's ([`LeasedLedger::stats`] counts the waits). Measured in
 /// `benches/benches/state.rs` on a shared 2-core VM whose fdatasync takes 0.3-3 ms, at the
 /// target load of 5,000 charges/s from 16 threads: 11 us mean per charge (p50 9 us, p99
 /// 43 us in a separate run) against 3.5 us for the in-memory ledger and 3-6 ms for
@@ -415,6 +586,8 @@ impl StateDatabase {
             queue: Mutex::new(AnswerQueue::default()),
             drained: Condvar::new(),
             writer_running: AtomicBool::new(true),
+            stats: StatCounters::default(),
+            id_hasher: std::collections::hash_map::RandomState::new(),
         });
         let (sender, receiver) = mpsc::channel();
         let writer_shared = Arc::clone(&shared);
@@ -454,6 +627,11 @@ impl LeasedLedger {
         &self.options
     }
 
+    /// Where charges waited and what the writer did since the ledger opened.
+    pub fn stats(&self) -> LeaseStats {
+        self.shared.stats.snapshot()
+    }
+
     fn user_shard(&self, pseudonym: &Pseudonym) -> &UserShard {
         &self.users[usize::from(pseudonym.as_bytes()[1]) % SHARDS]
     }
@@ -477,14 +655,30 @@ impl LeasedLedger {
         sender: &Sender<Command>,
     ) -> Result<ChargeOutcome, StateError> {
         let shared = &self.shared;
+        let limit = self.options.known_ids_per_user;
         if !user.loaded {
             user.record = read_user(&shared.database, &request.pseudonym)?;
+            user.known_ids = if limit > 0 {
+                shared.known_ids(&request.pseudonym, limit)?
+            } else {
+                None
+            };
             user.loaded = true;
         }
         user.last_used = Instant::now();
         user.absorb_renewal(false);
         let key = answer_key(&request.pseudonym, &request.request_id);
-        if let Some(stored) = shared.stored_answer(&request.pseudonym, &key, &request.request_id)? {
+        let id_hash = shared.id_hash(&request.request_id);
+        // Only a request id that may be stored is looked up (a new one is not: the common
+        // case costs no database read).
+        let may_be_stored = user
+            .known_ids
+            .as_ref()
+            .is_none_or(|known| known.contains(&id_hash));
+        if may_be_stored
+            && let Some(stored) =
+                shared.stored_answer(&request.pseudonym, &key, &request.request_id)?
+        {
             return Ok(replay(user.record.as_ref(), params, stored));
         }
         loop {
@@ -502,7 +696,10 @@ impl LeasedLedger {
             }
             if user.renewal.is_some() {
                 // A block is on its way: wait for it rather than ask for another.
+                let started = Instant::now();
                 user.absorb_renewal(true);
+                let stats = &shared.stats;
+                count_wait(&stats.renewal_waits, &stats.renewal_wait_us, started);
                 continue;
             }
             let need = params.rho - available;
@@ -514,10 +711,16 @@ impl LeasedLedger {
                     params: *params,
                     need,
                     desired,
+                    urgent: true,
                     reply,
                 })
                 .map_err(|_| StateError::WriterStopped)?;
-            let grant = receiver.recv().map_err(|_| StateError::WriterStopped)??;
+            let started = Instant::now();
+            let grant = receiver.recv().map_err(|_| StateError::WriterStopped)?;
+            let stats = &shared.stats;
+            let waited = count_wait(&stats.lease_waits, &stats.lease_wait_us, started);
+            stats.lease_wait_max_us.fetch_max(waited, Ordering::Relaxed);
+            let grant = grant?;
             if grant.window_start_ms != current.window_start_ms {
                 // The durable window differs from the one in memory (a block requested ahead
                 // of time was lost with an evicted entry, or the clock moved): adopt the
@@ -594,6 +797,8 @@ impl LeasedLedger {
             }
             // Backpressure: wait for the writer when answers outrun the disk. The budget is
             // already covered by the lease; only this caller waits.
+            let started =
+                (queue.answers.len() > self.options.max_unwritten_answers).then(Instant::now);
             while queue.answers.len() > self.options.max_unwritten_answers
                 && shared.writer_running.load(Ordering::Acquire)
             {
@@ -603,6 +808,14 @@ impl LeasedLedger {
                     .map_err(|_| StateError::WriterStopped)?
                     .0;
             }
+            if let Some(started) = started {
+                let stats = &shared.stats;
+                count_wait(
+                    &stats.backpressure_waits,
+                    &stats.backpressure_wait_us,
+                    started,
+                );
+            }
         }
         if user.lease_window_start_ms != Some(current.window_start_ms) {
             // Only a zero charge gets here without a lease of this window.
@@ -611,6 +824,14 @@ impl LeasedLedger {
             user.exhausted = false;
         }
         user.available -= params.rho;
+        if let Some(known) = user.known_ids.as_mut() {
+            if known.len() < self.options.known_ids_per_user {
+                known.insert(shared.id_hash(&request.request_id));
+            } else {
+                // Too many to remember: look every request id up from now on.
+                user.known_ids = None;
+            }
+        }
         user.record = Some(UserRecord {
             spent: spent_after,
             charges: current.charges.saturating_add(1),
@@ -628,11 +849,13 @@ impl LeasedLedger {
                 params: *params,
                 need: 1,
                 desired: block,
+                urgent: false,
                 reply,
             };
             // If the writer stopped, the next charge that needs budget reports it.
             if sender.send(renewal).is_ok() {
                 user.renewal = Some(receiver);
+                shared.stats.renewals.fetch_add(1, Ordering::Relaxed);
             }
         }
         Ok(ChargeOutcome::Charged {
@@ -702,6 +925,7 @@ impl BudgetLedger for LeasedLedger {
             }
             break self.charge_locked(&mut user, request, &params, sender)?;
         };
+        self.shared.stats.charges.fetch_add(1, Ordering::Relaxed);
         let count = self.charges.fetch_add(1, Ordering::Relaxed);
         if count % SWEEP_EVERY == SWEEP_EVERY - 1 {
             self.sweep((count / SWEEP_EVERY) as usize, params.now_ms, sender);
@@ -897,6 +1121,17 @@ impl WriterCommand for Command {
     }
 }
 
+impl Command {
+    /// Whether a caller waits for this command's commit (renewals asked for ahead of need
+    /// and returned leases do not).
+    fn is_urgent(&self) -> bool {
+        !matches!(
+            self,
+            Command::Lease { urgent: false, .. } | Command::Return { .. }
+        )
+    }
+}
+
 /// Keeps a command for the next commit; `false` means stop now (the tests' abandon).
 fn take(command: Command, commands: &mut Vec<Command>) -> bool {
     match command {
@@ -909,11 +1144,15 @@ fn take(command: Command, commands: &mut Vec<Command>) -> bool {
 }
 
 /// The writer thread. Each commit takes every waiting command (leases first of all) and up
-/// to `answer_batch` waiting answers (all of them for a flush or prune). Commits with a
+/// to `answer_batch` waiting answers (at most [`ANSWERS_WITH_LEASES`] when a caller waits
+/// for it, all of them for a flush or prune). Renewals asked for ahead of need wait up to
+/// [`MAX_RENEWAL_DELAY`] for an fsync that is due anyway. Commits with a
 /// command are fsynced; commits of answers alone are fsynced only if the last fsync is older
 /// than `answer_interval`, and an fsync follows within that interval in any case.
 fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOptions) {
     let interval = options.answer_interval;
+    let renewal_delay = interval.min(MAX_RENEWAL_DELAY);
+    // Commands waiting for the next commit (renewals held back until their delay is over).
     let mut commands: Vec<Command> = Vec::new();
     // Answers taken from the queue whose commit failed; retried first.
     let mut retry: Vec<Arc<PendingAnswer>> = Vec::new();
@@ -929,6 +1168,10 @@ fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOpti
                 queued_since.map_or(interval, |since| interval.saturating_sub(since.elapsed()));
             if unsynced || !retry.is_empty() {
                 wait = wait.min(interval.saturating_sub(last_fsync.elapsed()));
+            }
+            if !commands.is_empty() {
+                // Held renewals: commit them when their delay is over.
+                wait = wait.min(renewal_delay.saturating_sub(last_fsync.elapsed()));
             }
             match receiver.recv_timeout(wait) {
                 Ok(command) => {
@@ -955,6 +1198,15 @@ fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOpti
             || commands
                 .iter()
                 .any(|command| matches!(command, Command::Flush { .. } | Command::Prune { .. }));
+        // Renewals asked for ahead of need (and returned leases) ride the next fsync that is
+        // due anyway, at most `renewal_delay` after the last one, instead of forcing one each:
+        // their users still hold half a block. A command a caller waits for commits at once.
+        let urgent = commands.iter().any(Command::is_urgent);
+        let held = if !urgent && !disconnected && last_fsync.elapsed() < renewal_delay {
+            std::mem::take(&mut commands)
+        } else {
+            Vec::new()
+        };
         let mut answers = std::mem::take(&mut retry);
         if let Ok(mut queue) = shared.queue.lock() {
             let due = !commands.is_empty()
@@ -963,13 +1215,16 @@ fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOpti
                 || queue.answers.len() >= options.answer_batch
                 || queue.since.is_some_and(|since| since.elapsed() >= interval);
             if due {
+                // A commit that a charge waits for carries few answers.
+                let batch = if urgent {
+                    options.answer_batch.min(ANSWERS_WITH_LEASES)
+                } else {
+                    options.answer_batch
+                };
                 let count = if take_all {
                     queue.answers.len()
                 } else {
-                    queue
-                        .answers
-                        .len()
-                        .min(options.answer_batch.saturating_sub(answers.len()))
+                    queue.answers.len().min(batch.saturating_sub(answers.len()))
                 };
                 answers.extend(queue.answers.drain(..count));
                 queue.since = if queue.answers.is_empty() {
@@ -982,6 +1237,7 @@ fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOpti
         shared.drained.notify_all();
         let fsync_due = unsynced && last_fsync.elapsed() >= interval;
         if commands.is_empty() && answers.is_empty() && !fsync_due {
+            commands = held;
             if disconnected {
                 break;
             }
@@ -992,7 +1248,10 @@ fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOpti
             || last_fsync.elapsed() >= interval
             || answers.is_empty();
         let prune = auto_prune.due(&options.store);
-        if commit_batch(shared, &answers, &mut commands, prune, immediate) {
+        let committed = commit_batch(shared, &answers, &mut commands, prune, immediate);
+        // `commit_batch` replied to and emptied `commands`; the held ones wait on.
+        commands = held;
+        if committed {
             if immediate {
                 last_fsync = Instant::now();
                 unsynced = false;
@@ -1029,6 +1288,7 @@ fn commit_batch(
     immediate: bool,
 ) -> bool {
     let database = &shared.database;
+    let started = Instant::now();
     let outcome = apply_batch(
         database,
         "commit leases and answers",
@@ -1038,7 +1298,15 @@ fn commit_batch(
         |tables| write_answers(database, tables, answers),
     );
     let committed = outcome.is_ok();
+    let stats = &shared.stats;
+    count_wait(&stats.commits, &stats.writer_busy_us, started);
     if committed {
+        if immediate {
+            stats.fsynced_commits.fetch_add(1, Ordering::Relaxed);
+        }
+        stats
+            .answers_written
+            .fetch_add(answers.len() as u64, Ordering::Relaxed);
         // Committed: memory may now forget the answers (lookups fall through to the file).
         for answer in answers {
             if let Ok(mut shard) = shared.answer_shard(&answer.pseudonym).lock()
@@ -1309,6 +1577,56 @@ mod tests {
             (spend.spent, spend.leased_unused),
             (Rho::from_nano(50), Rho::ZERO)
         );
+    }
+
+    #[test]
+    fn new_request_ids_need_no_database_read_and_replays_are_still_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = StateDatabase::open(dir.path().join("state.redb")).unwrap();
+        {
+            let ledger = database.leased_ledger(options(10)).unwrap();
+            ledger.charge(&request("n", "old", 10, 1000, 0)).unwrap();
+            ledger.close().unwrap();
+        }
+        let replayed = |outcome: ChargeOutcome| matches!(outcome, ChargeOutcome::Replayed { .. });
+        // Remembered ids (the default), too many stored answers to remember, disabled.
+        for (round, limit) in [4096, 1, 0].into_iter().enumerate() {
+            let ledger = database
+                .leased_ledger(LeaseOptions {
+                    known_ids_per_user: limit,
+                    ..options(10)
+                })
+                .unwrap();
+            let t = 10 * round as u64;
+            // An answer written by an earlier run replays.
+            assert!(replayed(
+                ledger.charge(&request("n", "old", 10, 1000, t)).unwrap()
+            ));
+            let before = ledger.stats().answer_reads;
+            let fresh = format!("fresh-{round}");
+            ledger
+                .charge(&request("n", &fresh, 10, 1000, t + 1))
+                .unwrap();
+            let reads = ledger.stats().answer_reads - before;
+            if limit == 4096 {
+                assert_eq!(reads, 0, "a new request id was looked up in the database");
+            } else {
+                assert_eq!(reads, 1, "limit {limit}: every request id is looked up");
+            }
+            // Replays of an answer in memory, then of the same answer once written.
+            assert!(replayed(
+                ledger
+                    .charge(&request("n", &fresh, 10, 1000, t + 2))
+                    .unwrap()
+            ));
+            ledger.flush().unwrap();
+            assert!(replayed(
+                ledger
+                    .charge(&request("n", &fresh, 10, 1000, t + 3))
+                    .unwrap()
+            ));
+            ledger.close().unwrap();
+        }
     }
 
     #[test]

@@ -72,7 +72,7 @@ pub use durable_amortized::{AmortizedOptions, DurableAmortizedStore};
 pub use durable_ledger::{DurableLedger, LedgerOptions};
 pub use error::StateError;
 pub use fairness::AmortizedState;
-pub use leased_ledger::{LeaseOptions, LeasedLedger};
+pub use leased_ledger::{LeaseOptions, LeaseStats, LeasedLedger};
 pub use ledger::{
     BudgetLedger, ChargeOutcome, ChargeRequest, MAX_ANSWER_BYTES, MAX_REQUEST_ID_BYTES,
     StoredAnswer, UserSpend,

@@ -33,6 +33,7 @@
 
 mod fingerprint;
 mod ledger;
+mod record;
 mod state_ledger;
 mod workers;
 
@@ -563,17 +564,22 @@ pub(crate) struct StoredRelease {
 }
 
 impl StoredRelease {
-    /// Encodes the record for the ledger.
+    /// Encodes the record for the ledger (binary, format version 3: `record.rs`).
     pub fn encode(&self) -> Result<Vec<u8>, EngineError> {
-        serde_json::to_vec(self)
-            .map_err(|error| EngineError::internal(format!("encoding a release: {error}")))
+        Ok(record::encode(self))
     }
 
-    /// Decodes a ledger record.
+    /// Decodes a ledger record: binary (version 3) or JSON (versions 1 and 2, written by
+    /// earlier releases; a JSON record starts with `{`, a binary one with `FRR`).
     pub fn decode(bytes: &[u8]) -> Result<StoredRelease, EngineError> {
-        serde_json::from_slice(bytes).map_err(|error| EngineError::LedgerUnavailable {
-            message: format!("the ledger holds an unreadable answer record: {error}"),
-        })
+        let unreadable = |reason: String| EngineError::LedgerUnavailable {
+            message: format!("the ledger holds an unreadable answer record: {reason}"),
+        };
+        if bytes.starts_with(&record::MAGIC[..3]) {
+            return record::decode(bytes)
+                .ok_or_else(|| unreadable("a damaged binary record".to_owned()));
+        }
+        serde_json::from_slice(bytes).map_err(|error| unreadable(error.to_string()))
     }
 
     /// The privacy report of this record: freshly charged (with the subject's spend, if
@@ -720,7 +726,7 @@ pub(crate) fn release_record(
         ),
     };
     Ok(StoredRelease {
-        version: 2,
+        version: record::VERSION,
         fingerprint: StoredFingerprint::Digest(plan.fingerprint),
         pool: pool_ids,
         answer: answer.iter().map(|&position| position as u32).collect(),
