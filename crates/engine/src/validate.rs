@@ -361,7 +361,8 @@ fn resolve_candidates(
     const FIELD: &str = "candidate_ids";
     let lookups = &mut scratch.lookups;
     lookups.clear();
-    items.index_of_many(ids.iter_bytes(), lookups);
+    // The rows found are scored next: start loading them while the other ids are looked up.
+    items.index_of_many_prefetch_rows(ids.iter_bytes(), lookups);
     // Each row has one id, so a repeated known id is a repeated row: one pass over a small
     // hash set of rows, in request order, finds every occurrence after an id's first.
     let seen = &mut scratch.seen;

@@ -51,10 +51,47 @@ const EMPTY: u64 = 0;
 /// in L1 while its ids are inserted, large enough that the counting sort's scatter streams
 /// stay few (measured best between 6 and 8 at a million ids).
 const PARTITION_SLOT_BITS: u32 = 8;
-/// Keys per group of [`IdIndex::get_many`]: enough independent loads in flight to cover a
-/// cache miss while the rest of the group is hashed, few enough that the prefetched lines
-/// are still in L1 when the group is probed.
-const LOOKUP_GROUP: usize = 16;
+/// Keys per group of [`IdIndex::get_many`]'s pipeline: each stage works on a whole group, and
+/// a group moves one stage on per step, so a key's slot is requested one group's work before
+/// it is read, its id offset one group before its bytes are requested, and those bytes one
+/// group before the comparison. Large enough to cover a miss with the work of the other keys;
+/// small enough that the `3 * LOOKUP_GROUP` lines in flight stay within the L1's miss buffers.
+const LOOKUP_GROUP: usize = 8;
+/// Groups in flight: one per stage.
+const LOOKUP_STAGES: usize = 4;
+
+/// What [`IdIndex::get_many`] hints to the caller's storage as keys go through its pipeline.
+/// Hints must not change results (they only prefetch).
+pub(crate) trait LookupHints {
+    /// Row `row` is the likely match of a key: start loading its id offset.
+    fn offset(&self, row: usize);
+    /// Start loading the id bytes of likely row `row` (its offset was hinted earlier).
+    fn bytes(&self, row: usize);
+    /// Row `row` is the likely match of a key: start loading whatever the caller will read
+    /// of that row after the lookups (nothing by default).
+    fn row(&self, row: usize) {
+        let _ = row;
+    }
+}
+
+/// A group of keys in the lookup pipeline.
+#[derive(Clone, Copy)]
+struct Group<'k> {
+    len: usize,
+    keys: [&'k [u8]; LOOKUP_GROUP],
+    tags: [u64; LOOKUP_GROUP],
+    /// The row named by each key's home slot when its tag matches, else `usize::MAX`.
+    likely: [usize; LOOKUP_GROUP],
+}
+
+impl Group<'_> {
+    const EMPTY: Group<'static> = Group {
+        len: 0,
+        keys: [&[]; LOOKUP_GROUP],
+        tags: [0; LOOKUP_GROUP],
+        likely: [usize::MAX; LOOKUP_GROUP],
+    };
+}
 
 /// `a == b`, without a `memcmp` call for the short strings ids usually are: lengths of 4 to
 /// 16 bytes compare as two overlapping fixed-size words.
@@ -80,22 +117,6 @@ fn same_bytes(a: &[u8], b: &[u8]) -> bool {
         }
         _ => a == b,
     }
-}
-
-/// Asks the CPU to start loading the cache line of `slice[index]` (a hint: never faults, no
-/// effect on results; nothing when `index` is out of range or off x86-64).
-#[inline(always)]
-pub(crate) fn prefetch<T>(slice: &[T], index: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if let Some(element) = slice.get(index) {
-        use core::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        // SAFETY: `_mm_prefetch` only hints the cache; it never faults and has no observable
-        // effect (the address is a valid element here anyway). SSE, which it requires, is
-        // part of the x86-64 baseline.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(element).cast::<i8>()) };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (slice, index);
 }
 
 impl IdIndex {
@@ -179,6 +200,7 @@ impl IdIndex {
         }
     }
 
+    #[inline(always)]
     fn hash(&self, bytes: &[u8]) -> u64 {
         xxh3_64_with_seed(bytes, self.seed)
     }
@@ -210,60 +232,69 @@ impl IdIndex {
     /// The rows of many keys at once, appended to `out` in key order (`None`: absent).
     ///
     /// Same answers as [`IdIndex::get`] per key, but a lookup costs up to three dependent
-    /// cache misses (the slot, then the id's offset, then its bytes), so the keys are taken in
-    /// groups of [`LOOKUP_GROUP`] and each stage is started for the whole group before any
-    /// key waits on it: `prefetch_offset(row)` and `prefetch_bytes(row)` hint the caller's
-    /// id storage (they must not change results). See BENCHMARKS.md for the effect on the
-    /// 1000-candidate Rank path.
+    /// cache misses (the slot, then the id's offset, then its bytes), so the keys go through a
+    /// software pipeline in groups of [`LOOKUP_GROUP`]: while group `g` is compared, group
+    /// `g + 1` has its id bytes requested, group `g + 2` its slots read and id offsets
+    /// requested, and group `g + 3` is hashed and its slots requested. Each miss thus has a
+    /// group's work to arrive, and no step waits for all of a group's misses. `hints`
+    /// prefetches the caller's id storage and, through [`LookupHints::row`], whatever the
+    /// caller reads of a found row next (hinted as soon as the slot names the likely row).
+    /// See BENCHMARKS.md for the effect on the 1000-candidate Rank path.
     pub fn get_many<'a, 'k>(
         &self,
         keys: impl IntoIterator<Item = &'k [u8]>,
         id: impl Fn(usize) -> &'a [u8],
-        prefetch_offset: impl Fn(usize),
-        prefetch_bytes: impl Fn(usize),
+        hints: &impl LookupHints,
         out: &mut Vec<Option<u32>>,
     ) {
-        let mut keys = keys.into_iter();
+        let mut keys = keys.into_iter().fuse();
         out.reserve(keys.size_hint().0);
-        let mut group: [&[u8]; LOOKUP_GROUP] = [&[]; LOOKUP_GROUP];
-        loop {
-            let mut len = 0;
-            for (slot, key) in group.iter_mut().zip(keys.by_ref()) {
-                *slot = key;
-                len += 1;
+        let mut groups = [Group::EMPTY; LOOKUP_STAGES];
+        let mut empty_fills = 0;
+        for step in 0usize.. {
+            // Stage 1, group `step`: hash its keys, request their home slots.
+            let group = &mut groups[step % LOOKUP_STAGES];
+            group.len = 0;
+            for (stored, key) in group.keys.iter_mut().zip(keys.by_ref()) {
+                let tag = self.hash(key) >> 32;
+                crate::prefetch::element(&self.slots, (tag >> self.shift) as usize);
+                *stored = key;
+                group.tags[group.len] = tag;
+                group.likely[group.len] = usize::MAX;
+                group.len += 1;
             }
-            if len == 0 {
-                return;
+            if group.len == 0 {
+                empty_fills += 1;
             }
-            let group = &group[..len];
-            let mut tags = [0u64; LOOKUP_GROUP];
-            // Stage 1: hash every key, start loading its home slot.
-            for (tag, key) in tags.iter_mut().zip(group) {
-                *tag = self.hash(key) >> 32;
-                prefetch(&self.slots, (*tag >> self.shift) as usize);
-            }
-            // Stage 2: a home slot with the key's tag names the likely row: start loading
-            // its offset. (Keys that probed past their home slot are found in stage 4.)
-            let mut likely = [usize::MAX; LOOKUP_GROUP];
-            for (row, &tag) in likely.iter_mut().zip(&tags[..group.len()]) {
+            // Stage 2, group `step - 1`: a home slot with the key's tag names the likely row;
+            // request its id offset and its row. (Keys that probed past their home slot are
+            // found by the exact probe of stage 4.)
+            let group = &mut groups[(step + LOOKUP_STAGES - 1) % LOOKUP_STAGES];
+            for (&tag, likely) in group.tags[..group.len].iter().zip(&mut group.likely) {
                 if let Some(&slot) = self.slots.get((tag >> self.shift) as usize)
                     && slot != EMPTY
                     && slot >> 32 == tag
                 {
-                    *row = (slot & 0xffff_ffff) as usize - 1;
-                    prefetch_offset(*row);
+                    *likely = (slot & 0xffff_ffff) as usize - 1;
+                    hints.offset(*likely);
+                    hints.row(*likely);
                 }
             }
-            // Stage 3: start loading the likely rows' id bytes.
-            for &row in likely[..group.len()]
-                .iter()
-                .filter(|&&row| row != usize::MAX)
-            {
-                prefetch_bytes(row);
+            // Stage 3, group `step - 2`: request the likely rows' id bytes.
+            let group = &groups[(step + LOOKUP_STAGES - 2) % LOOKUP_STAGES];
+            for &likely in &group.likely[..group.len] {
+                if likely != usize::MAX {
+                    hints.bytes(likely);
+                }
             }
-            // Stage 4: the exact probes, now mostly from cache.
-            for (key, &tag) in group.iter().zip(&tags) {
+            // Stage 4, group `step - 3`: the exact probes, now mostly from cache.
+            let group = &groups[(step + LOOKUP_STAGES - 3) % LOOKUP_STAGES];
+            for (key, &tag) in group.keys[..group.len].iter().zip(&group.tags) {
                 out.push(self.probe(key, tag, &id));
+            }
+            // The keys ran out: the three groups before the first empty one are done now.
+            if empty_fills == LOOKUP_STAGES - 1 {
+                return;
             }
         }
     }
@@ -278,6 +309,14 @@ impl IdIndex {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// No prefetching.
+    struct NoHints;
+
+    impl LookupHints for NoHints {
+        fn offset(&self, _: usize) {}
+        fn bytes(&self, _: usize) {}
+    }
 
     proptest! {
         #[test]
@@ -315,7 +354,7 @@ mod tests {
                 .chain(ids.iter().map(String::as_str))
                 .collect();
             let mut found = vec![Some(u32::MAX)];
-            index.get_many(keys.iter().map(|key| key.as_bytes()), |row| ids[row].as_bytes(), |_| {}, |_| {}, &mut found);
+            index.get_many(keys.iter().map(|key| key.as_bytes()), |row| ids[row].as_bytes(), &NoHints, &mut found);
             prop_assert_eq!(found.len(), keys.len() + 1, "appends to `out`");
             for (key, row) in keys.iter().zip(&found[1..]) {
                 prop_assert_eq!(*row, index.get(key.as_bytes(), |r| ids[r].as_bytes()));
@@ -357,7 +396,7 @@ mod tests {
                 .map(Vec::as_slice)
                 .collect();
             let mut found = Vec::new();
-            index.get_many(keys.iter().copied(), |row| ids[row].as_slice(), |_| {}, |_| {}, &mut found);
+            index.get_many(keys.iter().copied(), |row| ids[row].as_slice(), &NoHints, &mut found);
             for (key, row) in keys.iter().zip(&found) {
                 let expected = ids.iter().position(|id| id.as_slice() == *key).map(|row| row as u32);
                 prop_assert_eq!(*row, expected, "{:?}", key);

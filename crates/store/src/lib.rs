@@ -63,6 +63,7 @@ compile_error!("the store crate reads table files in place and supports little-e
 mod error;
 mod format;
 mod id_index;
+mod prefetch;
 mod reader;
 mod scan;
 mod strings;

@@ -18,7 +18,8 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::error::{FormatProblem, StoreError};
 use crate::format::{HEADER_SIZE, Header, Layout, MAX_ROWS, SectionKind, SectionRange};
-use crate::id_index::{BuildError, IdIndex};
+use crate::id_index::{BuildError, IdIndex, LookupHints};
+use crate::prefetch;
 use crate::scan::{norm_tolerance, scan_rows};
 use crate::strings;
 
@@ -76,6 +77,55 @@ pub struct TableStats {
     pub gap_bytes: u64,
     /// Heap bytes of the id lookup table built at open.
     pub id_index_heap_bytes: u64,
+}
+
+/// The prefetches of [`Table::index_of_many`]: a likely row's id offset, then its id bytes.
+struct IdHints<'t> {
+    offsets: &'t [u64],
+    bytes: &'t [u8],
+}
+
+impl LookupHints for IdHints<'_> {
+    #[inline(always)]
+    fn offset(&self, row: usize) {
+        prefetch::element(self.offsets, row);
+    }
+
+    #[inline(always)]
+    fn bytes(&self, row: usize) {
+        if let Some(&start) = self.offsets.get(row) {
+            prefetch::element(self.bytes, usize::try_from(start).unwrap_or(usize::MAX));
+        }
+    }
+}
+
+/// The prefetches of [`Table::index_of_many_prefetch_rows`]: those of [`IdHints`], and a
+/// likely row's values.
+struct RowHints<'t> {
+    ids: IdHints<'t>,
+    rows: &'t [f32],
+    stride: usize,
+    dim: usize,
+}
+
+impl LookupHints for RowHints<'_> {
+    #[inline(always)]
+    fn offset(&self, row: usize) {
+        self.ids.offset(row);
+    }
+
+    #[inline(always)]
+    fn bytes(&self, row: usize) {
+        self.ids.bytes(row);
+    }
+
+    #[inline(always)]
+    fn row(&self, row: usize) {
+        let start = row.wrapping_mul(self.stride);
+        if let Some(values) = self.rows.get(start..start.wrapping_add(self.dim)) {
+            prefetch::lines_l2(values);
+        }
+    }
 }
 
 /// Reinterprets validated bytes as a slice of `T`. Open checked every section's length and
@@ -363,20 +413,54 @@ impl Table {
         ids: impl IntoIterator<Item = &'k K>,
         out: &mut Vec<Option<u32>>,
     ) {
-        let offsets = self.id_offsets();
-        let bytes = self
-            .map
+        let hints = self.id_hints();
+        self.lookup_many(ids, &hints, out);
+    }
+
+    /// [`Table::index_of_many`] for a caller about to read the rows it finds (a candidate
+    /// list to score): same answers, and each found row's values are requested into the L2
+    /// cache as soon as the id's hash slot names it, so that their loads from memory overlap
+    /// the rest of the lookups instead of following them. A hint only: it changes no result,
+    /// and rows not read soon after are simply evicted again.
+    pub fn index_of_many_prefetch_rows<'k, K: AsRef<[u8]> + ?Sized + 'k>(
+        &self,
+        ids: impl IntoIterator<Item = &'k K>,
+        out: &mut Vec<Option<u32>>,
+    ) {
+        let hints = RowHints {
+            ids: self.id_hints(),
+            rows: self.rows(),
+            stride: self.layout.stride,
+            dim: self.layout.dim,
+        };
+        self.lookup_many(ids, &hints, out);
+    }
+
+    fn id_bytes(&self) -> &[u8] {
+        self.map
             .get(self.layout.section(SectionKind::IdBytes))
-            .unwrap_or(&[]);
+            .unwrap_or(&[])
+    }
+
+    fn id_hints(&self) -> IdHints<'_> {
+        IdHints {
+            offsets: self.id_offsets(),
+            bytes: self.id_bytes(),
+        }
+    }
+
+    fn lookup_many<'k, K: AsRef<[u8]> + ?Sized + 'k>(
+        &self,
+        ids: impl IntoIterator<Item = &'k K>,
+        hints: &impl LookupHints,
+        out: &mut Vec<Option<u32>>,
+    ) {
+        let offsets = self.id_offsets();
+        let bytes = self.id_bytes();
         self.id_index.get_many(
             ids.into_iter().map(AsRef::as_ref),
             |row| strings::entry(offsets, bytes, row).unwrap_or(&[]),
-            |row| crate::id_index::prefetch(offsets, row),
-            |row| {
-                if let Some(&start) = offsets.get(row) {
-                    crate::id_index::prefetch(bytes, usize::try_from(start).unwrap_or(usize::MAX));
-                }
-            },
+            hints,
             out,
         );
     }

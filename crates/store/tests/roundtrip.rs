@@ -463,3 +463,45 @@ fn large_tables_report_row_problems_before_id_problems() {
         "{error}"
     );
 }
+
+/// `index_of_many` and `index_of_many_prefetch_rows` answer exactly like `index_of` per id,
+/// for lists of every length around the lookup pipeline's group boundaries (groups of 8,
+/// four in flight), with unknown ids, repeated ids and ids that differ by one byte.
+#[test]
+fn batched_lookups_answer_like_single_ones_at_every_length() {
+    let rows = 300;
+    let data = TableData {
+        dim: 3,
+        rows: (0..rows * 3).map(|value| value as f32 / 1000.0).collect(),
+        ids: (0..rows).map(|row| format!("item-{row:03}")).collect(),
+        groups: Vec::new(),
+        prior: None,
+        dim_names: None,
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("items.frt");
+    write_table(&path, &data).expect("writes");
+    let table = Table::open(&path).expect("opens");
+    // Known, unknown (one byte off, longer, shorter, empty) and repeated ids, interleaved.
+    let pool: Vec<String> = (0..80)
+        .map(|i| match i % 5 {
+            0 => format!("item-{:03}", (i * 37) % rows),
+            1 => format!("item-{:03}x", i),
+            2 => format!("item-{:03}", (i * 11) % rows).replace('-', "_"),
+            3 => "item-007".to_owned(),
+            _ => ["", "item-", "item-29"][i % 3].to_owned(),
+        })
+        .collect();
+    for len in (0..=40).chain([63, 64, 65, 80]) {
+        let ids = &pool[..len];
+        let expected: Vec<Option<u32>> = ids.iter().map(|id| table.index_of(id)).collect();
+        let mut plain = vec![Some(u32::MAX)];
+        table.index_of_many(ids, &mut plain);
+        assert_eq!(plain[0], Some(u32::MAX), "appends to `out`");
+        assert_eq!(&plain[1..], expected.as_slice(), "length {len}");
+        let mut warm = Vec::new();
+        table.index_of_many_prefetch_rows(ids.iter().map(String::as_bytes), &mut warm);
+        assert_eq!(warm, expected, "length {len}");
+    }
+    assert!(pool.iter().any(|id| table.index_of(id).is_none()));
+}

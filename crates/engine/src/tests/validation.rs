@@ -273,6 +273,37 @@ fn unknown_and_duplicate_candidates_are_listed_up_to_five_with_the_total() {
     assert!(error.to_string().contains("1 duplicate entry"), "{error}");
 }
 
+/// The messages of unknown and duplicate candidates, in full, for a list long enough to cross
+/// several groups of the store's lookup pipeline (the lookups prefetch the rows they find).
+#[test]
+fn unknown_and_duplicate_candidate_messages_are_exact_for_long_lists() {
+    let fixture = fixture();
+    let mut request = base();
+    let mut ids: Vec<String> = (0..40).map(|i| format!("item-{:03}", i % 30)).collect();
+    ids[33] = "ghost-a".to_owned();
+    ids.push("ghost-b".to_owned());
+    request.candidate_ids = ids.iter().map(String::as_str).collect();
+    let error = fixture.engine.rank_blocking(request).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "invalid `candidate_ids`: 9 duplicate entries (\"item-000\" at position 30, \"item-001\" at \
+         position 31, \"item-002\" at position 32, \"item-004\" at position 34, \"item-005\" \
+         at position 35, and 4 more); each id may appear once"
+    );
+
+    let mut request = base();
+    let mut ids: Vec<String> = (0..30).map(|i| format!("item-{i:03}")).collect();
+    ids.insert(9, "ghost-a".to_owned());
+    ids.push("ghost-b".to_owned());
+    request.candidate_ids = ids.iter().map(String::as_str).collect();
+    let error = fixture.engine.rank_blocking(request).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "not found (`candidate_ids`): 2 ids are not in the item table: \"ghost-a\" at position 9, \
+         \"ghost-b\" at position 31"
+    );
+}
+
 #[test]
 fn user_ids_need_a_user_table() {
     let dir = tempfile::tempdir().expect("tempdir");

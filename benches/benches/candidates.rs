@@ -1,0 +1,288 @@
+//! Criterion benchmark of the Rank candidate path outside the server
+//! (`cargo bench -p benches --bench candidates`): resolve 1000 candidate ids to rows, then
+//! score the rows and keep the top 10, as `engine` does for a 1000-candidate request.
+//!
+//! What each function compares against:
+//! - `lookup`: `Table::index_of_many` alone (ids to rows, no row touched).
+//! - `lookup_warm_rows`: `Table::index_of_many_prefetch_rows` alone (the same lookups, also
+//!   starting to load each found row into L2).
+//! - `score`: `kernels::candidates_topk` over already resolved rows (k = 10).
+//! - `lookup_then_score`: the two passes one after the other (the path before the rows were
+//!   prefetched during the lookups) against `warm_rows_then_score`, the path the engine uses.
+//!
+//! Tables: the built-in default dataset (100 000 x 64, the T1 load test's table; 25.6 MB of
+//! rows, so after a few requests most of it sits in the 32 MiB L3) and a synthetic 1M x 128
+//! table (512 MB: rows come from DRAM). Each iteration takes the next of 64 lists of 1000
+//! distinct random ids, so consecutive iterations do not find the previous list's rows and
+//! id slots in L1/L2. `FAIRRANK_BENCH_CANDIDATES_LARGE=0` skips the 1M table (written once to
+//! the system temporary directory, removed afterwards).
+//!
+//! Times are the benchmark thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`), not wall time: on
+//! this shared 2-core machine a wall clock also counts the time other processes hold the
+//! core, which moved wall-clock results by 2x between identical runs. CPU time still includes
+//! the cache misses that other processes cause, so compare variants run in the same window.
+
+use std::hint::black_box;
+use std::path::PathBuf;
+
+use criterion::measurement::{Measurement, ValueFormatter, WallTime};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use kernels::{RowMatrix, ScoredItem, TopKScratch, candidates_topk};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use store::{Table, TableData, write_table};
+
+const CANDIDATES: usize = 1000;
+const LISTS: usize = 64;
+const K: usize = 10;
+
+/// Criterion measurement: CPU time of the calling thread, in nanoseconds.
+struct ThreadCpuTime;
+
+static WALL_TIME: WallTime = WallTime;
+
+fn thread_cpu_nanos() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `clock_gettime` writes one `timespec` through the valid, exclusive pointer it is
+    // given and reads nothing else; `CLOCK_THREAD_CPUTIME_ID` exists on every Linux.
+    let status = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut now) };
+    assert_eq!(status, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed");
+    (now.tv_sec as u64) * 1_000_000_000 + now.tv_nsec as u64
+}
+
+impl Measurement for ThreadCpuTime {
+    type Intermediate = u64;
+    type Value = u64;
+
+    fn start(&self) -> u64 {
+        thread_cpu_nanos()
+    }
+    fn end(&self, started: u64) -> u64 {
+        thread_cpu_nanos().saturating_sub(started)
+    }
+    fn add(&self, a: &u64, b: &u64) -> u64 {
+        a + b
+    }
+    fn zero(&self) -> u64 {
+        0
+    }
+    fn to_f64(&self, value: &u64) -> f64 {
+        *value as f64
+    }
+    fn formatter(&self) -> &dyn ValueFormatter {
+        // Nanoseconds, like wall time: the same units and scaling.
+        WALL_TIME.formatter()
+    }
+}
+
+/// A temporary directory removed on drop.
+struct ScratchDir(PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `LISTS` lists of `CANDIDATES` distinct ids of `table`, in random order.
+fn candidate_lists(table: &Table, seed: u64) -> Vec<Vec<String>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut rows: Vec<usize> = (0..table.len()).collect();
+    (0..LISTS)
+        .map(|_| {
+            let (chosen, _) = rows.partial_shuffle(&mut rng, CANDIDATES.min(table.len()));
+            chosen.iter().map(|&row| table.id(row).to_owned()).collect()
+        })
+        .collect()
+}
+
+fn matrix(table: &Table) -> RowMatrix<'_> {
+    match RowMatrix::new(table.rows(), table.len(), table.dim(), table.row_stride()) {
+        Ok(matrix) => matrix,
+        Err(e) => panic!("table rows are not a matrix: {e}"),
+    }
+}
+
+/// The buffers of one resolve-and-score pass, reused across iterations.
+#[derive(Default)]
+struct Buffers {
+    found: Vec<Option<u32>>,
+    rows: Vec<u32>,
+    scratch: TopKScratch,
+    out: Vec<ScoredItem>,
+}
+
+/// Resolves `ids` (all known) to rows with `lookup`, then scores them.
+fn resolve_and_score(
+    table: &Table,
+    ids: &[String],
+    query: &[f32],
+    lookup: impl Fn(&Table, &[String], &mut Vec<Option<u32>>),
+    buffers: &mut Buffers,
+) -> usize {
+    let Buffers {
+        found,
+        rows,
+        scratch,
+        out,
+    } = buffers;
+    found.clear();
+    lookup(table, ids, found);
+    rows.clear();
+    rows.extend(found.iter().flatten());
+    if let Err(e) = candidates_topk(matrix(table), query, rows, K, scratch, out) {
+        panic!("{e}");
+    }
+    out.len()
+}
+
+fn plain_lookup(table: &Table, ids: &[String], found: &mut Vec<Option<u32>>) {
+    table.index_of_many(ids, found);
+}
+
+fn warm_lookup(table: &Table, ids: &[String], found: &mut Vec<Option<u32>>) {
+    table.index_of_many_prefetch_rows(ids, found);
+}
+
+fn bench_table(c: &mut Criterion<ThreadCpuTime>, label: &str, table: &Table) {
+    let lists = candidate_lists(table, 5);
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let query: Vec<f32> = (0..table.dim())
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    let resolved: Vec<Vec<u32>> = lists
+        .iter()
+        .map(|ids| {
+            let mut found = Vec::new();
+            table.index_of_many(ids, &mut found);
+            found.into_iter().flatten().collect()
+        })
+        .collect();
+    // The two lookups must agree before either is timed.
+    for ids in &lists {
+        let (mut plain, mut warm) = (Vec::new(), Vec::new());
+        table.index_of_many(ids, &mut plain);
+        table.index_of_many_prefetch_rows(ids, &mut warm);
+        assert_eq!(plain, warm);
+        assert!(plain.iter().all(Option::is_some));
+    }
+
+    let mut group = c.benchmark_group(format!("candidates/{label}"));
+    group.throughput(Throughput::Elements(CANDIDATES as u64));
+    group.sample_size(50);
+    let mut next = 0;
+    let mut take = move || {
+        next = (next + 1) % LISTS;
+        next
+    };
+    let mut buffers = Buffers::default();
+
+    group.bench_function("lookup", |b| {
+        b.iter(|| {
+            buffers.found.clear();
+            plain_lookup(table, &lists[take()], &mut buffers.found);
+            black_box(buffers.found.len())
+        })
+    });
+    group.bench_function("lookup_warm_rows", |b| {
+        b.iter(|| {
+            buffers.found.clear();
+            warm_lookup(table, &lists[take()], &mut buffers.found);
+            black_box(buffers.found.len())
+        })
+    });
+    group.bench_function("score", |b| {
+        b.iter(|| {
+            let rows = &resolved[take()];
+            let Buffers { scratch, out, .. } = &mut buffers;
+            if let Err(e) = candidates_topk(matrix(table), &query, rows, K, scratch, out) {
+                panic!("{e}");
+            }
+            black_box(out.len())
+        })
+    });
+    group.bench_function("lookup_then_score", |b| {
+        b.iter(|| {
+            let ids = &lists[take()];
+            black_box(resolve_and_score(
+                table,
+                ids,
+                &query,
+                plain_lookup,
+                &mut buffers,
+            ))
+        })
+    });
+    group.bench_function("warm_rows_then_score", |b| {
+        b.iter(|| {
+            let ids = &lists[take()];
+            black_box(resolve_and_score(
+                table,
+                ids,
+                &query,
+                warm_lookup,
+                &mut buffers,
+            ))
+        })
+    });
+    group.finish();
+}
+
+/// Uniform values in [-0.5, 0.5) from a xorshift generator (deterministic).
+fn synthetic_table(rows: usize, dim: usize) -> TableData {
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    TableData {
+        dim,
+        rows: (0..rows * dim).map(|_| next()).collect(),
+        ids: (0..rows).map(|row| format!("item-{row:08}")).collect(),
+        groups: Vec::new(),
+        prior: None,
+        dim_names: None,
+    }
+}
+
+fn bench_candidates(c: &mut Criterion<ThreadCpuTime>) {
+    let default = match datasets::default_dataset() {
+        Ok(paths) => paths,
+        Err(e) => panic!("cannot generate the default dataset: {e}"),
+    };
+    match Table::open(&default.items) {
+        Ok(table) => bench_table(c, "default-100k-x64", &table),
+        Err(e) => panic!("{e}"),
+    }
+
+    if std::env::var("FAIRRANK_BENCH_CANDIDATES_LARGE").as_deref() == Ok("0") {
+        return;
+    }
+    let dir = ScratchDir(
+        std::env::temp_dir().join(format!("fairrank-bench-candidates-{}", std::process::id())),
+    );
+    if let Err(e) = std::fs::create_dir_all(&dir.0) {
+        panic!("cannot create a scratch directory: {e}");
+    }
+    let path = dir.0.join("items-1m-128.frt");
+    if let Err(e) = write_table(&path, &synthetic_table(1_000_000, 128)) {
+        panic!("cannot write the benchmark table: {e}");
+    }
+    match Table::open(&path) {
+        Ok(table) => bench_table(c, "1m-x128", &table),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().with_measurement(ThreadCpuTime);
+    targets = bench_candidates
+}
+criterion_main!(benches);
