@@ -2,7 +2,8 @@
 //! the `fairness` registry (and cached), the re-ranking of the pool with a per-worker
 //! seeded RNG and reused buffers, amortized state kept per exposure scope, and the
 //! per-answer fairness report (the figures of `fairness::answer_report`, computed in one
-//! pass). The pool is turned into candidates and counted per group in a single pass, and
+//! pass). The pool is turned into candidates and counted per group in a single pass (the
+//! counts reach the re-ranker as a `fairness::PoolSummary`, so it need not count again), and
 //! every buffer lives in a per-thread workspace, so the stage does not allocate per request
 //! beyond the answer and the report it returns.
 
@@ -14,8 +15,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use fairness::{
-    AmortizedState, Candidate, ConstraintInfo, FairnessError, Measure, Registry, RerankOutput,
-    RerankReport, Reranker, dcg_weight,
+    AmortizedState, Candidate, ConstraintInfo, FairnessError, Measure, PoolSummary, Registry,
+    RerankOutput, RerankReport, Reranker, dcg_weight,
 };
 use kernels::ScoredItem;
 use rand::{RngCore, SeedableRng};
@@ -379,6 +380,7 @@ struct Workspace {
     candidates: Vec<Candidate>,
     output: RerankOutput,
     groups: GroupCounter,
+    summary: PoolSummary,
     tallies: Vec<GroupTally>,
     seeds: Option<ChaCha8Rng>,
 }
@@ -486,6 +488,22 @@ fn build_candidates(
             pool.iter()
                 .map(|item| Candidate::new(item.index, item.score, 0)),
         ),
+    }
+}
+
+/// The pool summary handed to the re-ranker, from the counts of [`build_candidates`] (every
+/// item is in group 0 when the request has no group labels).
+fn summarize_pool(
+    labelled: bool,
+    items: usize,
+    counter: &mut GroupCounter,
+    summary: &mut PoolSummary,
+) {
+    summary.clear();
+    if labelled {
+        counter.finish(|label, count| summary.add(label, count as usize));
+    } else {
+        summary.add(0, items);
     }
 }
 
@@ -638,6 +656,7 @@ fn run(
         candidates,
         output,
         groups: counter,
+        summary,
         tallies,
         seeds,
     } = workspace;
@@ -649,6 +668,8 @@ fn run(
         candidates,
         counter,
     );
+    summarize_pool(input.groups.is_some(), candidates.len(), counter, summary);
+    let summary = &*summary;
 
     let seed = reranker
         .is_stochastic()
@@ -664,7 +685,7 @@ fn run(
             // Rank against a snapshot; the update waits for the release.
             let before = policy.store.load(scope_key)?.unwrap_or_default();
             reranker
-                .rerank(candidates, k, Some(&before), &mut rng, output)
+                .rerank_summarized(candidates, summary, k, Some(&before), &mut rng, output)
                 .map_err(rerank_error)?;
             let decision = decide(&output.report, policy.on_infeasible, constraint)?;
             let after = match output.state.as_ref() {
@@ -689,7 +710,7 @@ fn run(
                 .store
                 .update(scope_key, &mut |state: &mut AmortizedState| {
                     reranker
-                        .rerank(candidates, k, Some(state), &mut rng, output)
+                        .rerank_summarized(candidates, summary, k, Some(state), &mut rng, output)
                         .map_err(rerank_error)?;
                     decision = decide(&output.report, policy.on_infeasible, constraint)?;
                     let changed = decision != Decision::Unconstrained;
@@ -705,7 +726,7 @@ fn run(
         }
         _ => {
             reranker
-                .rerank(candidates, k, None, &mut rng, output)
+                .rerank_summarized(candidates, summary, k, None, &mut rng, output)
                 .map_err(rerank_error)?;
             decide(&output.report, policy.on_infeasible, constraint)?
         }
@@ -1057,6 +1078,38 @@ mod tests {
         build_candidates(&pool[..10], None, &mut candidates, &mut counter);
         assert_eq!(candidates.len(), 10);
         assert!(candidates.iter().all(|candidate| candidate.group == 0));
+    }
+
+    #[test]
+    fn the_engine_pool_summary_equals_pool_summary_of() {
+        use rand::Rng;
+        let (mut candidates, mut counter) = (Vec::new(), GroupCounter::default());
+        let mut summary = PoolSummary::new();
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        for case in 0..60u32 {
+            let rows = rng.random_range(0..400u32);
+            let palette: &[u32] = match case % 4 {
+                0 => &[0],
+                1 => &[0, 1],
+                2 => &[2, 5, 63, 64],
+                _ => &[1, 70, 1000, u32::MAX],
+            };
+            let labels: Vec<u32> = (0..rng.random_range(0..rows + 1))
+                .map(|_| palette[rng.random_range(0..palette.len())])
+                .collect();
+            let pool: Vec<ScoredItem> = (0..rows)
+                .map(|row| ScoredItem::new(row, rows as f32 - row as f32))
+                .collect();
+            let labelled = case % 5 != 4;
+            build_candidates(
+                &pool,
+                labelled.then_some(labels.as_slice()),
+                &mut candidates,
+                &mut counter,
+            );
+            summarize_pool(labelled, candidates.len(), &mut counter, &mut summary);
+            assert_eq!(summary, PoolSummary::of(&candidates), "case {case}");
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use crate::candidate::Candidate;
 use crate::error::FairnessError;
+use crate::summary::PoolSummary;
 
 /// Target shares per listed group label, plus the implicit "rest" group.
 ///
@@ -122,6 +123,8 @@ pub(crate) struct GroupLists<'a> {
     probing: bool,
     /// Bit `g` set: group `g` (< 64) has no items at or after `scanned`.
     complete: u64,
+    /// Items of each group in the whole pool, when the caller knows them (a [`PoolSummary`]).
+    totals: Option<&'a [usize]>,
 }
 
 impl<'a> GroupLists<'a> {
@@ -146,7 +149,17 @@ impl<'a> GroupLists<'a> {
             scanned: 0,
             probing: false,
             complete: 0,
+            totals: None,
         }
+    }
+
+    /// Uses the pool's items per group (`totals[g]` for group `g`, the last entry the rest
+    /// group; see [`group_totals`]): a request for more items than a group has then scans
+    /// only up to its last item, and an absent group costs no scan at all. `totals` must
+    /// describe the pool; answers are unchanged.
+    pub(crate) fn with_totals(mut self, totals: &'a [usize]) -> Self {
+        self.totals = Some(totals);
+        self
     }
 
     /// Probe ahead before scanning: a request for more items of a group (below 64) than the
@@ -190,6 +203,23 @@ impl<'a> GroupLists<'a> {
         if self.is_complete(group) {
             return false;
         }
+        if let Some(totals) = self.totals {
+            // Never look for more items than the group has: the scan then stops at its last
+            // item (or does not start), and the group is complete once all are filed.
+            let total = totals.get(group).copied().unwrap_or(0);
+            let reachable = count.min(total);
+            let has = current >= reachable || self.ensure_uncapped(group, reachable);
+            if self.lists.get(group).map_or(0, Vec::len) >= total && group < 64 {
+                self.complete |= 1u64 << group;
+            }
+            return has && reachable >= count;
+        }
+        self.ensure_uncapped(group, count)
+    }
+
+    /// [`GroupLists::ensure`] without the totals (for `count` above the group's list length).
+    fn ensure_uncapped(&mut self, group: usize, count: usize) -> bool {
+        let current = self.lists.get(group).map_or(0, Vec::len);
         if self.probing && group < 64 && group <= self.labels.len() {
             // Find where the `count`-th item of the group lies (or its last item) without
             // filing anything, then file up to there.
@@ -282,6 +312,15 @@ fn probe(rest: &[Candidate], needed: usize, matches: impl Fn(u32) -> bool) -> (u
         }
     }
     (found, end)
+}
+
+/// Items of each listed group of `labels` in the pool described by `summary`, then the rest
+/// group (labels not listed), into `totals` (for [`GroupLists::with_totals`]).
+pub(crate) fn group_totals(labels: &[u32], summary: &PoolSummary, totals: &mut Vec<usize>) {
+    totals.clear();
+    totals.extend(labels.iter().map(|&label| summary.count_of(label)));
+    let listed: usize = totals.iter().sum();
+    totals.push(summary.len().saturating_sub(listed));
 }
 
 /// Parses and checks the `targets` of a share-based constraint into [`GroupShares`].

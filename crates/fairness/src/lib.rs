@@ -49,6 +49,7 @@ mod params;
 mod registry;
 mod report;
 mod reranker;
+mod summary;
 
 pub use candidate::{
     Candidate, ceil_share, dcg_weight, floor_share, share_deadline, validate_pool,
@@ -70,6 +71,7 @@ pub use report::{AnswerReport, GroupShare, answer_report};
 pub use reranker::{
     AmortizedState, Measure, Optimality, RerankOutput, RerankReport, Reranker, Violation,
 };
+pub use summary::PoolSummary;
 
 #[cfg(test)]
 pub(crate) mod test_support {

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::candidate::Candidate;
 use crate::error::FairnessError;
+use crate::summary::PoolSummary;
 
 /// A fairness re-ranker: turns the pool (the unconstrained order) into the final top-k.
 ///
@@ -61,6 +62,23 @@ pub trait Reranker: Send + Sync + fmt::Debug {
         rng: &mut dyn rand::RngCore,
         out: &mut RerankOutput,
     ) -> Result<(), FairnessError>;
+
+    /// [`Reranker::rerank`] for a caller that already knows the pool's items per group
+    /// (`summary` must describe `pool`, for example [`PoolSummary::of`]`(pool)`). The output
+    /// must equal `rerank`'s bit for bit; re-rankers that would otherwise scan the whole
+    /// pool to count groups override it to skip that scan. The default ignores the summary.
+    fn rerank_summarized(
+        &self,
+        pool: &[Candidate],
+        summary: &PoolSummary,
+        k: usize,
+        state: Option<&AmortizedState>,
+        rng: &mut dyn rand::RngCore,
+        out: &mut RerankOutput,
+    ) -> Result<(), FairnessError> {
+        let _ = summary;
+        self.rerank(pool, k, state, rng, out)
+    }
 }
 
 /// What a [`Violation`] counts.
@@ -191,6 +209,7 @@ pub struct Scratch {
     pub(crate) required: Vec<f64>,
     pub(crate) group_items: Vec<Vec<(f64, usize)>>,
     pub(crate) consumed: Vec<usize>,
+    pub(crate) totals: Vec<usize>,
 }
 
 /// The output buffer of [`Reranker::rerank`]: keep one per worker and reuse it.

@@ -28,8 +28,9 @@
 
 use crate::candidate::{Candidate, ceil_share, floor_share, share_deadline, validate_pool};
 use crate::error::FairnessError;
-use crate::groups::{GroupLists, GroupShares, dense_index};
+use crate::groups::{GroupLists, GroupShares, dense_index, group_totals};
 use crate::reranker::{AmortizedState, Measure, RerankOutput, RerankReport, Reranker, Violation};
+use crate::summary::PoolSummary;
 
 /// The selection rule of Algorithm 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -368,6 +369,32 @@ impl Reranker for DetRanker {
         _rng: &mut dyn rand::RngCore,
         out: &mut RerankOutput,
     ) -> Result<(), FairnessError> {
+        self.solve(pool, None, k, out)
+    }
+
+    fn rerank_summarized(
+        &self,
+        pool: &[Candidate],
+        summary: &PoolSummary,
+        k: usize,
+        _state: Option<&AmortizedState>,
+        _rng: &mut dyn rand::RngCore,
+        out: &mut RerankOutput,
+    ) -> Result<(), FairnessError> {
+        summary.check(pool)?;
+        self.solve(pool, Some(summary), k, out)
+    }
+}
+
+impl DetRanker {
+    /// The re-ranking; with a `summary` the group sizes come from it instead of pool scans.
+    fn solve(
+        &self,
+        pool: &[Candidate],
+        summary: Option<&PoolSummary>,
+        k: usize,
+        out: &mut RerankOutput,
+    ) -> Result<(), FairnessError> {
         out.reset();
         out.state = None;
         validate_pool(pool)?;
@@ -384,6 +411,10 @@ impl Reranker for DetRanker {
         let listed = self.targets.len();
         let mut lists =
             GroupLists::new(pool, self.targets.labels(), &mut scratch.lists).with_probing();
+        if let Some(summary) = summary {
+            group_totals(self.targets.labels(), summary, &mut scratch.totals);
+            lists = lists.with_totals(&scratch.totals);
+        }
         let counts = &mut scratch.counts;
         counts.clear();
         counts.resize(listed + 1, 0);
@@ -492,6 +523,32 @@ impl Reranker for DetConstSort {
         _rng: &mut dyn rand::RngCore,
         out: &mut RerankOutput,
     ) -> Result<(), FairnessError> {
+        self.solve(pool, None, k, out)
+    }
+
+    fn rerank_summarized(
+        &self,
+        pool: &[Candidate],
+        summary: &PoolSummary,
+        k: usize,
+        _state: Option<&AmortizedState>,
+        _rng: &mut dyn rand::RngCore,
+        out: &mut RerankOutput,
+    ) -> Result<(), FairnessError> {
+        summary.check(pool)?;
+        self.solve(pool, Some(summary), k, out)
+    }
+}
+
+impl DetConstSort {
+    /// The re-ranking; with a `summary` the group sizes come from it instead of pool scans.
+    fn solve(
+        &self,
+        pool: &[Candidate],
+        summary: Option<&PoolSummary>,
+        k: usize,
+        out: &mut RerankOutput,
+    ) -> Result<(), FairnessError> {
         out.reset();
         out.state = None;
         validate_pool(pool)?;
@@ -508,6 +565,10 @@ impl Reranker for DetConstSort {
         let groups = self.targets.len() + 1;
         let mut lists =
             GroupLists::new(pool, self.targets.labels(), &mut scratch.lists).with_probing();
+        if let Some(summary) = summary {
+            group_totals(self.targets.labels(), summary, &mut scratch.totals);
+            lists = lists.with_totals(&scratch.totals);
+        }
         let counts = &mut scratch.counts;
         counts.clear();
         counts.resize(groups, 0);

@@ -14,6 +14,7 @@
 use crate::candidate::{Candidate, dcg_weight, validate_pool};
 use crate::error::FairnessError;
 use crate::reranker::{AmortizedState, RerankOutput, Reranker};
+use crate::summary::PoolSummary;
 
 /// Above this many distinct groups in a pool, the ranking uses a selection over all items
 /// instead of a per-group merge.
@@ -221,6 +222,111 @@ impl PoolPass<'_> {
         }
     }
 
+    /// The pass with the group sizes known from `summary` (every label below
+    /// [`SMALL_LABELS`], at most [`MERGE_GROUP_LIMIT`] groups): only the relevance sums and
+    /// the first positions remain, and the sums stop at the last positive score, since the
+    /// items after it add `+-0.0` (no change to a sum that starts at `+0.0`). Equal to
+    /// [`PoolPass::scan_reference`] bit for bit, like [`PoolPass::scan`]; the groups are
+    /// indexed in label order instead of order of appearance, which no result depends on.
+    /// Fails if the pool holds a label the summary does not list.
+    fn scan_summarized(
+        &mut self,
+        pool: &[Candidate],
+        summary: &PoolSummary,
+    ) -> Result<(), FairnessError> {
+        if sums_are_exact(pool) {
+            self.scan_summarized_lanes::<4>(pool, summary)
+        } else {
+            self.scan_summarized_lanes::<1>(pool, summary)
+        }
+    }
+
+    /// [`PoolPass::scan_summarized`] with item `i` summed into lane `i % LANES`.
+    fn scan_summarized_lanes<const LANES: usize>(
+        &mut self,
+        pool: &[Candidate],
+        summary: &PoolSummary,
+    ) -> Result<(), FairnessError> {
+        let unlisted = |position: usize| FairnessError::InvalidInput {
+            function: "rerank_summarized",
+            reason: format!("pool position {position} has a group the pool summary lacks"),
+        };
+        let mut full = 0u64;
+        let mut known = 0u64;
+        // List length each group needs: its first `length` positions, or all of them.
+        let mut wanted = [0usize; SMALL_LABELS];
+        for &(label, size) in summary.groups() {
+            let index = self.register(label, &mut full) % SMALL_LABELS;
+            self.sizes[index] = size;
+            known |= 1u64 << index;
+            wanted[index] = size.min(self.length);
+            if wanted[index] == 0 {
+                full |= 1u64 << index;
+            }
+        }
+        let mut relevance = [[0.0f64; SMALL_LABELS]; LANES];
+        let positive = pool.partition_point(|candidate| candidate.score > 0.0);
+        let mut position = 0;
+        // Filling the lists (and summing) until every group has the positions it needs.
+        while full != known {
+            let Some(candidate) = pool.get(position) else {
+                break;
+            };
+            let slot = self.small.get(candidate.group as usize).copied();
+            let index = match slot {
+                Some(slot) if slot != NO_GROUP => slot as usize % SMALL_LABELS,
+                _ => return Err(unlisted(position)),
+            };
+            relevance[position % LANES][index] += f64::from(candidate.score).max(0.0);
+            if full & (1u64 << index) == 0 {
+                let list = &mut self.lists[index];
+                list.push(position);
+                if list.len() >= wanted[index] {
+                    full |= 1u64 << index;
+                }
+            }
+            position += 1;
+        }
+        // Only sums, over the rest of the positive scores, `LANES` items at a time.
+        while position < positive {
+            let end = (position + LANES).min(positive);
+            let chunk = &pool[position..end];
+            if chunk.len() == LANES {
+                let mut slots = [0usize; LANES];
+                let mut listed = true;
+                for (slot, candidate) in slots.iter_mut().zip(chunk) {
+                    match self.small.get(candidate.group as usize) {
+                        Some(&index) if index != NO_GROUP => *slot = index as usize,
+                        _ => listed = false,
+                    }
+                }
+                if listed {
+                    for (lane, (&slot, candidate)) in slots.iter().zip(chunk).enumerate() {
+                        relevance[lane][slot % SMALL_LABELS] += f64::from(candidate.score);
+                    }
+                    position += LANES;
+                    continue;
+                }
+            }
+            for (offset, candidate) in chunk.iter().enumerate() {
+                let index = match self.small.get(candidate.group as usize) {
+                    Some(&index) if index != NO_GROUP => index as usize % SMALL_LABELS,
+                    _ => return Err(unlisted(position + offset)),
+                };
+                relevance[(position + offset) % LANES][index] += f64::from(candidate.score);
+            }
+            position = end;
+        }
+        for (index, sum) in self.relevance.iter_mut().enumerate() {
+            let index = index % SMALL_LABELS;
+            // One lane: the plain sum; several: exact, so the order does not matter.
+            *sum = relevance[1..]
+                .iter()
+                .fold(relevance[0][index], |total, lane| total + lane[index]);
+        }
+        Ok(())
+    }
+
     /// A new group for a label below [`SMALL_LABELS`] (only such labels were seen so far,
     /// so the hashed index for large labels stays empty, as in the reference pass).
     fn register(&mut self, label: u32, full: &mut u64) -> usize {
@@ -323,15 +429,30 @@ impl Reranker for FairCo {
         _rng: &mut dyn rand::RngCore,
         out: &mut RerankOutput,
     ) -> Result<(), FairnessError> {
-        self.solve(pool, k, state, out, false)
+        self.solve(pool, None, k, state, out, false)
+    }
+
+    fn rerank_summarized(
+        &self,
+        pool: &[Candidate],
+        summary: &PoolSummary,
+        k: usize,
+        state: Option<&AmortizedState>,
+        _rng: &mut dyn rand::RngCore,
+        out: &mut RerankOutput,
+    ) -> Result<(), FairnessError> {
+        summary.check(pool)?;
+        self.solve(pool, Some(summary), k, state, out, false)
     }
 }
 
 impl FairCo {
-    /// The re-ranking; `reference` selects the original pool pass (the test oracle).
+    /// The re-ranking; `reference` selects the original pool pass (the test oracle), a
+    /// `summary` (when its labels suit [`PoolPass::scan_summarized`]) the pass without counting.
     fn solve(
         &self,
         pool: &[Candidate],
+        summary: Option<&PoolSummary>,
         k: usize,
         state: Option<&AmortizedState>,
         out: &mut RerankOutput,
@@ -381,8 +502,17 @@ impl FairCo {
             small: &mut small,
             length,
         };
+        let summary = summary.filter(|summary| {
+            summary.groups().len() <= MERGE_GROUP_LIMIT
+                && summary
+                    .groups()
+                    .iter()
+                    .all(|&(label, _)| (label as usize) < SMALL_LABELS)
+        });
         if reference {
             pass.scan_reference(pool, 0);
+        } else if let Some(summary) = summary {
+            pass.scan_summarized(pool, summary)?;
         } else {
             pass.scan(pool);
         }
@@ -651,27 +781,50 @@ mod tests {
             let pool = random_pool(seed, size, labels, [3, 50, 1 << 20][seed as usize % 3]);
             exact[usize::from(sums_are_exact(&pool))] += 1;
             let ranker = FairCo::new(0.7).expect("valid");
+            let summary = PoolSummary::of(&pool);
             let (mut fast, mut reference) = (RerankOutput::new(), RerankOutput::new());
+            let mut summarized = RerankOutput::new();
             let (mut fast_state, mut reference_state) = (None, None);
+            let mut summarized_state = None;
             for k in [0usize, 1, 10, 100] {
                 ranker
-                    .solve(&pool, k, fast_state.as_ref(), &mut fast, false)
+                    .solve(&pool, None, k, fast_state.as_ref(), &mut fast, false)
                     .expect("reranks");
                 ranker
-                    .solve(&pool, k, reference_state.as_ref(), &mut reference, true)
+                    .solve(
+                        &pool,
+                        None,
+                        k,
+                        reference_state.as_ref(),
+                        &mut reference,
+                        true,
+                    )
                     .expect("reranks");
-                assert_eq!(fast.order, reference.order, "seed {seed} k {k}");
-                // Debug prints the shortest round-tripping form: equal text, equal bits.
-                assert_eq!(
-                    format!("{:?}", fast.state),
-                    format!("{:?}", reference.state)
-                );
-                assert_eq!(
-                    format!("{:?}", fast.report),
-                    format!("{:?}", reference.report)
-                );
+                ranker
+                    .solve(
+                        &pool,
+                        Some(&summary),
+                        k,
+                        summarized_state.as_ref(),
+                        &mut summarized,
+                        false,
+                    )
+                    .expect("reranks");
+                for output in [&fast, &summarized] {
+                    assert_eq!(output.order, reference.order, "seed {seed} k {k}");
+                    // Debug prints the shortest round-tripping form: equal text, equal bits.
+                    assert_eq!(
+                        format!("{:?}", output.state),
+                        format!("{:?}", reference.state)
+                    );
+                    assert_eq!(
+                        format!("{:?}", output.report),
+                        format!("{:?}", reference.report)
+                    );
+                }
                 fast_state = fast.state.clone();
                 reference_state = reference.state.clone();
+                summarized_state = summarized.state.clone();
             }
         }
         // Both the lane-split and the in-order summation were exercised.
