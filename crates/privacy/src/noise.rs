@@ -164,9 +164,20 @@ impl<S: NoiseSampler> NoiseBuffer<S> {
         sample
     }
 
-    /// Drops used samples and appends fresh ones until `target` unused samples are ready.
+    /// Overwrites the used samples with fresh ones in place and appends fresh ones until
+    /// `target` unused samples are ready.
+    ///
+    /// The unused samples stay where they are (no copy of the buffer: with a buffer sized for
+    /// the whole catalog, moving the unused rest to the front after every request was the
+    /// largest single cost of a DP worker). Their order does not matter: every sample is an
+    /// independent draw that does not depend on the data, so any arrangement of unused
+    /// samples has the same joint distribution, and a used one is overwritten before it
+    /// could be handed out again.
     fn top_up<R: CryptoRng + ?Sized>(&mut self, target: usize, rng: &mut R) {
-        self.samples.drain(..self.next);
+        let sampler = &self.sampler;
+        for slot in &mut self.samples[..self.next] {
+            *slot = sampler.draw(rng);
+        }
         self.next = 0;
         while self.samples.len() < target {
             self.samples.push(self.sampler.draw(rng));
@@ -251,6 +262,24 @@ mod tests {
             }
         }
         assert!(seen.insert(buffer.take_one(&mut rng).to_bits()));
+    }
+
+    #[test]
+    fn refill_replaces_exactly_the_used_samples() {
+        let mut rng = SecureRng::from_seed(35);
+        let mut buffer = NoiseBuffer::filled(StandardGumbel, 64, &mut rng);
+        let before: Vec<u64> = buffer.samples.iter().map(|value| value.to_bits()).collect();
+        let taken: HashSet<u64> = buffer
+            .take(20, &mut rng)
+            .iter()
+            .map(|value| value.to_bits())
+            .collect();
+        buffer.refill(&mut rng);
+        assert_eq!(buffer.available(), 64);
+        let after: Vec<u64> = buffer.samples.iter().map(|value| value.to_bits()).collect();
+        // The 44 unused samples are kept; none of the 20 handed out is left.
+        assert_eq!(after[20..], before[20..]);
+        assert!(after.iter().all(|bits| !taken.contains(bits)));
     }
 
     #[test]
