@@ -23,15 +23,15 @@
 //! the cache misses that other processes cause, so compare variants run in the same window.
 
 use std::hint::black_box;
-use std::path::PathBuf;
 
+use benches::synthetic::{ScratchDir, synthetic_table};
 use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use kernels::{RowMatrix, ScoredItem, TopKScratch, candidates_topk};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use store::{Table, TableData, write_table};
+use store::{Table, write_table};
 
 const CANDIDATES: usize = 1000;
 const LISTS: usize = 64;
@@ -76,15 +76,6 @@ impl Measurement for ThreadCpuTime {
     fn formatter(&self) -> &dyn ValueFormatter {
         // Nanoseconds, like wall time: the same units and scaling.
         WALL_TIME.formatter()
-    }
-}
-
-/// A temporary directory removed on drop.
-struct ScratchDir(PathBuf);
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -232,25 +223,6 @@ fn bench_table(c: &mut Criterion<ThreadCpuTime>, label: &str, table: &Table) {
     group.finish();
 }
 
-/// Uniform values in [-0.5, 0.5) from a xorshift generator (deterministic).
-fn synthetic_table(rows: usize, dim: usize) -> TableData {
-    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-    };
-    TableData {
-        dim,
-        rows: (0..rows * dim).map(|_| next()).collect(),
-        ids: (0..rows).map(|row| format!("item-{row:08}")).collect(),
-        groups: Vec::new(),
-        prior: None,
-        dim_names: None,
-    }
-}
-
 fn bench_candidates(c: &mut Criterion<ThreadCpuTime>) {
     let default = match datasets::default_dataset() {
         Ok(paths) => paths,
@@ -264,13 +236,11 @@ fn bench_candidates(c: &mut Criterion<ThreadCpuTime>) {
     if std::env::var("FAIRRANK_BENCH_CANDIDATES_LARGE").as_deref() == Ok("0") {
         return;
     }
-    let dir = ScratchDir(
-        std::env::temp_dir().join(format!("fairrank-bench-candidates-{}", std::process::id())),
-    );
-    if let Err(e) = std::fs::create_dir_all(&dir.0) {
-        panic!("cannot create a scratch directory: {e}");
-    }
-    let path = dir.0.join("items-1m-128.frt");
+    let dir = match ScratchDir::new("candidates") {
+        Ok(dir) => dir,
+        Err(e) => panic!("cannot create a scratch directory: {e}"),
+    };
+    let path = dir.path().join("items-1m-128.frt");
     if let Err(e) = write_table(&path, &synthetic_table(1_000_000, 128)) {
         panic!("cannot write the benchmark table: {e}");
     }

@@ -10,29 +10,10 @@
 //! are compared against the 50 ms open target and against `verify`, which reads every byte
 //! once and so shows what one pass over the file costs on this machine.
 
-use std::hint::black_box;
-use std::path::PathBuf;
-
+use benches::synthetic::{ScratchDir, item_id, synthetic_table};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use store::{GroupAttribute, Table, TableData, write_table};
-
-/// A temporary directory removed on drop (the benches crate has no `tempfile`).
-struct ScratchDir(PathBuf);
-
-impl ScratchDir {
-    fn new() -> std::io::Result<ScratchDir> {
-        let path =
-            std::env::temp_dir().join(format!("fairrank-bench-store-{}", std::process::id()));
-        std::fs::create_dir_all(&path)?;
-        Ok(ScratchDir(path))
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use std::hint::black_box;
+use store::{Table, write_table};
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -41,40 +22,14 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn item_id(row: usize) -> String {
-    format!("item-{row:08}")
-}
-
-/// Uniform values in [-0.5, 0.5) from a xorshift generator (deterministic).
-fn synthetic_table(rows: usize, dim: usize) -> TableData {
-    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-    };
-    TableData {
-        dim,
-        rows: (0..rows * dim).map(|_| next()).collect(),
-        ids: (0..rows).map(item_id).collect(),
-        groups: vec![GroupAttribute {
-            name: "provider_group".into(),
-            labels: (0..rows).map(|row| (row % 7) as u32).collect(),
-        }],
-        prior: Some((0..rows).map(|row| 1.0 / (row as f32 + 1.0)).collect()),
-        dim_names: None,
-    }
-}
-
 fn bench_store(c: &mut Criterion) {
     let rows = env_usize("FAIRRANK_BENCH_STORE_ROWS", 1_000_000);
     let dim = env_usize("FAIRRANK_BENCH_STORE_DIM", 128);
-    let scratch = match ScratchDir::new() {
+    let scratch = match ScratchDir::new("store") {
         Ok(scratch) => scratch,
         Err(e) => panic!("cannot create a scratch directory: {e}"),
     };
-    let path = scratch.0.join("bench.frt");
+    let path = scratch.path().join("bench.frt");
     let summary = match write_table(&path, &synthetic_table(rows, dim)) {
         Ok(summary) => summary,
         Err(e) => panic!("cannot write the benchmark table: {e}"),

@@ -6,5 +6,6 @@
 
 pub mod error;
 pub mod loadgen;
+pub mod synthetic;
 
 pub use error::LoadgenError;
