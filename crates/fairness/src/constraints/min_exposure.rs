@@ -70,6 +70,7 @@ struct Solver<'a, 'p> {
     /// Per group, the (score, pool position) of its items found so far, in score order.
     heads_cache: &'a mut Vec<Vec<(f64, usize)>>,
     /// Use the original merge (test oracle) instead of the fast one.
+    #[cfg(test)]
     reference: bool,
 }
 
@@ -116,7 +117,9 @@ impl Solver<'_, '_> {
         f64::from(self.pool[position].score)
     }
 
-    /// The `index`-th (score, pool position) of `group`, scanning the pool lazily.
+    /// The `index`-th (score, pool position) of `group`, scanning the pool lazily (the
+    /// reference prefill of the test oracle).
+    #[cfg(test)]
     fn item(&mut self, group: usize, index: usize) -> Option<(f64, usize)> {
         if let Some(&entry) = self
             .heads_cache
@@ -139,6 +142,7 @@ impl Solver<'_, '_> {
     /// `reference` fills through the lazily scanned group lists instead (the test oracle).
     fn prefill(&mut self) {
         let groups = self.groups();
+        #[cfg(test)]
         if self.reference {
             for group in 0..groups {
                 let mut index = self.heads_cache.get(group).map_or(0, Vec::len);
@@ -184,8 +188,8 @@ impl Solver<'_, '_> {
     /// exposures and per-position groups; `heads` caches each group's next boosted item.
     ///
     /// Reads the prefilled per-group slices directly (a two-pointer merge with two groups);
-    /// bit for bit the same as [`Solver::merge_reference`], the original formulation kept as
-    /// the test oracle (`reference` set).
+    /// bit for bit the same as `Solver::merge_reference`, the original formulation kept as
+    /// the test oracle (`reference` set; compiled for tests only).
     #[allow(clippy::too_many_arguments)]
     fn merge(
         &mut self,
@@ -196,6 +200,7 @@ impl Solver<'_, '_> {
         labels: &mut Vec<usize>,
         exposure: &mut Vec<f64>,
     ) -> Merged {
+        #[cfg(test)]
         if self.reference {
             return self.merge_reference(lambdas, counts, heads, order, labels, exposure);
         }
@@ -205,6 +210,7 @@ impl Solver<'_, '_> {
     /// [`Solver::merge`] for the multiplier search: the same positions, per-position groups
     /// and exposures, but no utility (reported as 0).
     fn probe(&mut self, lambdas: &[f64], buffers: &mut Buffers<'_>) {
+        #[cfg(test)]
         if self.reference {
             self.merge_into(lambdas, buffers);
             return;
@@ -340,6 +346,7 @@ impl Solver<'_, '_> {
 
     /// The original merge over the lazily read per-group heads (the test oracle of
     /// [`Solver::merge`]).
+    #[cfg(test)]
     #[allow(clippy::too_many_arguments)]
     fn merge_reference(
         &mut self,
@@ -395,6 +402,8 @@ impl Solver<'_, '_> {
         Merged { utility }
     }
 
+    /// [`Solver::merge`] into `buffers` (the reference probe of the test oracle).
+    #[cfg(test)]
     fn merge_into(&mut self, lambdas: &[f64], buffers: &mut Buffers<'_>) -> Merged {
         self.merge(
             lambdas,
@@ -634,7 +643,7 @@ impl MinExposure {
         pool: &[Candidate],
         k: usize,
         out: &mut RerankOutput,
-        reference: bool,
+        #[cfg_attr(not(test), allow(unused_variables))] reference: bool,
     ) -> Result<(), FairnessError> {
         out.reset();
         out.state = None;
@@ -681,6 +690,7 @@ impl MinExposure {
             tolerance: 1e-12 * total_weight,
             weights,
             heads_cache,
+            #[cfg(test)]
             reference,
         };
         solver.prefill();
