@@ -102,6 +102,13 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     seed: u64,
 
+    /// Process id of the server at --addr (e.g. `$(pgrep -f 'fairrank serve')`): report its
+    /// CPU per call next to the load generator's, and Rank's CPU per call as a multiple of
+    /// Echo's (with the in-process Echo or the server's own). The load generator's CPU is
+    /// always reported.
+    #[arg(long)]
+    server_pid: Option<u32>,
+
     /// Print one JSON object per step on stdout (the table goes to stderr).
     #[arg(long)]
     json: bool,
@@ -150,6 +157,7 @@ fn run_config(args: &Args) -> anyhow::Result<RunConfig> {
         },
         client_threads: args.client_threads,
         seed: args.seed,
+        server_pid: args.server_pid,
     })
 }
 

@@ -21,6 +21,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::error::LoadgenError;
 use crate::loadgen::codec::{MAX_WORKER_INDEX, PreEncoded, RawCodec, RequestId, ResponseInfo};
+use crate::loadgen::cpu::{CpuMeter, CpuSample};
 use crate::loadgen::mix::{Mix, RequestKind};
 use crate::loadgen::parse::{MAX_CONCURRENCY, MAX_CONNECTIONS, MAX_PHASE, MAX_REQUESTS_PER_STEP};
 use crate::loadgen::stats::{ErrorTally, Outcome, ServerSamples};
@@ -111,6 +112,8 @@ pub struct StepConfig {
     pub stop: StopRule,
     /// Seed of the callers' kind and template choices.
     pub seed: u64,
+    /// Samples CPU time at the measured window's start and end; `None` skips it.
+    pub cpu_meter: Option<CpuMeter>,
 }
 
 impl StepConfig {
@@ -162,6 +165,9 @@ pub struct StepResult {
     pub per_kind: Vec<(RequestKind, Outcome)>,
     /// First message seen per error label.
     pub error_messages: std::collections::BTreeMap<String, String>,
+    /// CPU time at the window's start and end (when the step had a meter): the end is read
+    /// when the window's time is up, or, with a request count, when the callers stop.
+    pub cpu_window: Option<(CpuSample, CpuSample)>,
 }
 
 /// State shared by the callers of a step.
@@ -223,6 +229,24 @@ pub async fn run_step(
         nonce: rand::random(),
     });
 
+    // The meter runs on this runtime next to the callers: it wakes at the window's edges
+    // (a timer's lateness of a millisecond or so is noise against windows of seconds).
+    let cpu_sampler = config.cpu_meter.map(|meter| {
+        let stop = config.stop;
+        tokio::spawn(async move {
+            tokio::time::sleep_until(measure_start.into()).await;
+            let start = meter.sample();
+            let end = match stop {
+                StopRule::Duration(_) => {
+                    tokio::time::sleep_until(measure_end.into()).await;
+                    Some(meter.sample())
+                }
+                StopRule::Requests(_) => None,
+            };
+            (meter, start, end)
+        })
+    });
+
     let mut tasks = Vec::with_capacity(config.concurrency);
     for worker in 0..config.concurrency {
         let grpc = Grpc::new(channels[worker % channels.len()].clone())
@@ -255,6 +279,16 @@ pub async fn run_step(
         last_completion = last_completion.max(record.last_completion);
     }
 
+    let cpu_window = match cpu_sampler {
+        None => None,
+        Some(sampler) => {
+            // Callers only stop inside or after the window, so the start sample is taken.
+            let (meter, start, end) = sampler
+                .await
+                .map_err(|error| LoadgenError::Worker(error.to_string()))?;
+            Some((start, end.unwrap_or_else(|| meter.sample())))
+        }
+    };
     let truncated = shared.truncated.load(Ordering::Relaxed);
     let window = match (config.stop, truncated) {
         (StopRule::Duration(duration), false) => duration,
@@ -294,6 +328,7 @@ pub async fn run_step(
         overall,
         per_kind,
         error_messages: all_errors.first_messages(),
+        cpu_window,
     })
 }
 
@@ -424,8 +459,13 @@ mod tests {
             warmup: Duration::from_millis(100),
             stop: StopRule::Duration(Duration::from_millis(400)),
             seed: 3,
+            // The in-process Echo server doubles as "the server" of the meter.
+            cpu_meter: Some(crate::loadgen::cpu::CpuMeter::new(Some(std::process::id())).unwrap()),
         };
         let result = run_step(&channels, workload, &config).await.unwrap();
+        let (cpu_start, cpu_end) = result.cpu_window.unwrap();
+        assert!(cpu_end.load_generator > cpu_start.load_generator);
+        assert!(cpu_end.server.is_some());
 
         assert_eq!(result.window, Duration::from_millis(400));
         assert!(!result.truncated);
@@ -465,11 +505,15 @@ mod tests {
             warmup: Duration::ZERO,
             stop: StopRule::Requests(150),
             seed: 1,
+            cpu_meter: Some(crate::loadgen::cpu::CpuMeter::new(None).unwrap()),
         };
         let result = run_step(&channels, echo_workload("catalog", &[(64, 64)]), &good)
             .await
             .unwrap();
         assert_eq!(result.overall.requests_ok, 150);
+        let (cpu_start, cpu_end) = result.cpu_window.unwrap();
+        assert!(cpu_end.load_generator >= cpu_start.load_generator);
+        assert_eq!(cpu_end.server, None);
         assert!(result.window > Duration::ZERO);
 
         // Asking for more than the Echo service's 4 MiB limit fails every call.
@@ -508,6 +552,7 @@ mod tests {
             warmup: Duration::ZERO,
             stop: StopRule::Requests(1),
             seed: 1,
+            cpu_meter: None,
         };
         for bad in [
             StepConfig {

@@ -10,6 +10,7 @@
 //! - [`codec`]: sends pre-encoded messages (plus a fresh request id) and measures responses
 //!   without decoding them, so the client's per-call work is one copy.
 //! - [`closed_loop`]: the callers, warm-up and measured window of one step.
+//! - [`cpu`]: CPU time per call of the load generator and the server.
 //! - [`echo`]: the in-process Echo server.
 //! - [`stats`]: exact nearest-rank percentiles and error tallies.
 //! - [`report`]: step reports as a table or JSON lines.
@@ -43,6 +44,7 @@
 //!     warmup: Duration::from_millis(20),
 //!     stop: StopRule::Requests(100),
 //!     seed: 1,
+//!     cpu_meter: None,
 //! };
 //! let result = run_step(&channels, workload, &config).await?;
 //! assert_eq!(result.overall.requests_ok, 100);
@@ -54,6 +56,7 @@
 
 pub mod closed_loop;
 pub mod codec;
+pub mod cpu;
 pub mod echo;
 pub mod mix;
 pub mod parse;

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::loadgen::closed_loop::StepResult;
+use crate::loadgen::cpu::CpuPerCall;
 use crate::loadgen::stats::Outcome;
 
 /// Outcome of one request kind within a target's step.
@@ -43,18 +44,29 @@ pub struct TargetReport {
     /// First error message per error label; present only when there were errors.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub error_messages: BTreeMap<String, String>,
+    /// CPU time per call over the measured window (see [`crate::loadgen::cpu`]); absent
+    /// when the step was not metered or completed no call.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuPerCall>,
 }
 
 impl TargetReport {
     /// Builds the report of a step result; `request_bytes` holds the mean request size of
-    /// each kind and `weights` the mix weights (both in the mix's kind order).
+    /// each kind and `weights` the mix weights (both in the mix's kind order);
+    /// `server_in_process` says the target's server runs inside the load generator (the
+    /// in-process Echo), so its CPU is counted in the load generator's.
     pub fn new(
         target: &str,
         addr: &str,
         result: StepResult,
         request_bytes: &[f64],
         weights: &[f64],
+        server_in_process: bool,
     ) -> Self {
+        let calls = result.overall.requests_ok + result.overall.requests_failed;
+        let cpu = result
+            .cpu_window
+            .and_then(|(start, end)| CpuPerCall::between(start, end, calls, server_in_process));
         let mean_request_bytes = request_bytes
             .iter()
             .zip(weights)
@@ -83,6 +95,7 @@ impl TargetReport {
             outcome: result.overall,
             kinds,
             error_messages: result.error_messages,
+            cpu,
         }
     }
 }
@@ -113,6 +126,11 @@ pub struct StepReport {
     pub p95_latency_ratio_vs_echo: Option<f64>,
     /// Rank 99th-percentile latency / Echo's.
     pub p99_latency_ratio_vs_echo: Option<f64>,
+    /// Rank's CPU per call (load generator and server together) / Echo's. When client and
+    /// server share the machine's cores and keep them busy, the throughput ratio cannot
+    /// exceed its inverse. Absent unless both totals were measured (`--server-pid`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_per_call_ratio_vs_echo: Option<f64>,
 }
 
 /// `numerator / denominator` when both are finite and the denominator is positive.
@@ -139,7 +157,11 @@ impl StepReport {
                 .zip(echo_latency)
                 .and_then(|(rank, echo)| ratio(pick(&rank), pick(&echo)))
         };
+        let total_cpu = |report: &TargetReport| report.cpu.and_then(|cpu| cpu.total_us_per_call);
         Self {
+            cpu_per_call_ratio_vs_echo: total_cpu(&rank)
+                .zip(echo.as_ref().and_then(total_cpu))
+                .and_then(|(rank, echo)| ratio(rank, echo)),
             throughput_ratio_vs_echo: echo
                 .as_ref()
                 .and_then(|echo| ratio(rank.outcome.throughput_rps, echo.outcome.throughput_rps)),
@@ -266,6 +288,19 @@ fn target_rows(out: &mut String, step: &StepReport, report: &TargetReport) {
             millis(Some(server.mean_ledger_us)),
         );
     }
+    if let Some(cpu) = &report.cpu {
+        let micros =
+            |value: Option<f64>| value.map_or_else(|| "-".to_owned(), |us| format!("{us:.1}"));
+        let _ = writeln!(
+            out,
+            "{:>13}  {} cpu per call: load generator {} us, server {} us, total {} us",
+            "",
+            report.target,
+            micros(Some(cpu.load_generator_us_per_call)),
+            micros(cpu.server_us_per_call),
+            micros(cpu.total_us_per_call),
+        );
+    }
     for (label, count) in &report.outcome.errors {
         let message = report.error_messages.get(label).map_or("", String::as_str);
         let _ = writeln!(
@@ -306,6 +341,15 @@ pub fn table_rows(step: &StepReport) -> String {
             times(step.p95_latency_ratio_vs_echo),
             times(step.p99_latency_ratio_vs_echo),
         );
+        if let Some(cpu_ratio) = step.cpu_per_call_ratio_vs_echo {
+            let _ = writeln!(
+                out,
+                "{:>13}  rank/echo cpu per call {} (throughput ratio at most {} on busy shared cores)",
+                "",
+                times(Some(cpu_ratio)),
+                times(Some(1.0 / cpu_ratio)),
+            );
+        }
     }
     out
 }
@@ -348,6 +392,7 @@ mod tests {
             overall,
             per_kind,
             error_messages: tally.first_messages(),
+            cpu_window: None,
         }
     }
 
@@ -360,6 +405,7 @@ mod tests {
             result(800, 3_000, rank_errors, kinds),
             &bytes[..kinds],
             &weights[..kinds],
+            false,
         );
         let echo = echo.then(|| {
             TargetReport::new(
@@ -368,9 +414,78 @@ mod tests {
                 result(400, 5_000, &[], kinds),
                 &bytes[..kinds],
                 &weights[..kinds],
+                true,
             )
         });
         StepReport::new(16, 2, "candidates1000".into(), 10, 1, rank, echo)
+    }
+
+    #[test]
+    fn cpu_per_call_and_its_ratio_to_echo() {
+        use crate::loadgen::cpu::CpuSample;
+        let seconds = |client: u64, server: Option<u64>| CpuSample {
+            load_generator: Duration::from_secs(client),
+            server: server.map(Duration::from_secs),
+        };
+        // Rank: 3 000 calls, 0.3 s of load generator and 0.6 s of server CPU: 100 + 200 us.
+        let mut rank_result = result(800, 3_000, &[], 1);
+        rank_result.cpu_window = Some((
+            seconds(1, Some(10)),
+            CpuSample {
+                load_generator: Duration::from_millis(1_300),
+                server: Some(Duration::from_millis(10_600)),
+            },
+        ));
+        let rank = TargetReport::new("rank", "a", rank_result, &[10_000.0], &[1.0], false);
+        let cpu = rank.cpu.unwrap();
+        assert!((cpu.load_generator_us_per_call - 100.0).abs() < 1e-6);
+        assert!((cpu.server_us_per_call.unwrap() - 200.0).abs() < 1e-6);
+        assert!((cpu.total_us_per_call.unwrap() - 300.0).abs() < 1e-6);
+        // In-process Echo: 5 000 calls, 0.5 s in the load generator (client and server).
+        let mut echo_result = result(400, 5_000, &[], 1);
+        echo_result.cpu_window = Some((
+            seconds(2, Some(10)),
+            CpuSample {
+                load_generator: Duration::from_millis(2_500),
+                server: Some(Duration::from_secs(99)),
+            },
+        ));
+        let echo = TargetReport::new("echo", "in-process", echo_result, &[10_000.0], &[1.0], true);
+        assert_eq!(echo.cpu.unwrap().server_us_per_call, None);
+        let step = StepReport::new(16, 2, "candidates1000".into(), 10, 1, rank, Some(echo));
+        assert!((step.cpu_per_call_ratio_vs_echo.unwrap() - 3.0).abs() < 1e-6);
+        let value: serde_json::Value = serde_json::from_str(&step.to_json_line()).unwrap();
+        assert!(
+            (value["rank"]["cpu"]["server_us_per_call"].as_f64().unwrap() - 200.0).abs() < 1e-6
+        );
+        assert!(value["echo"]["cpu"]["server_us_per_call"].is_null());
+        let rows = table_rows(&step);
+        assert!(
+            rows.contains(
+                "rank cpu per call: load generator 100.0 us, server 200.0 us, total 300.0 us"
+            ),
+            "{rows}"
+        );
+        assert!(
+            rows.contains(
+                "echo cpu per call: load generator 100.0 us, server - us, total 100.0 us"
+            ),
+            "{rows}"
+        );
+        assert!(
+            rows.contains("rank/echo cpu per call 3.00x (throughput ratio at most 0.33x"),
+            "{rows}"
+        );
+        // Without metering, none of it appears.
+        assert!(step_without_cpu_has_no_cpu_fields());
+    }
+
+    fn step_without_cpu_has_no_cpu_fields() -> bool {
+        let plain = step(true, 1, &[]);
+        let value: serde_json::Value = serde_json::from_str(&plain.to_json_line()).unwrap();
+        value["rank"].get("cpu").is_none()
+            && value.get("cpu_per_call_ratio_vs_echo").is_none()
+            && !table_rows(&plain).contains("cpu per call")
     }
 
     #[test]

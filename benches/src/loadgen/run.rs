@@ -16,6 +16,7 @@ use crate::loadgen::closed_loop::{
     ECHO_PATH, RANK_PATH, StepConfig, StopRule, Workload, connect, run_step,
 };
 use crate::loadgen::codec::RANK_RESPONSE_TIMINGS_FIELD;
+use crate::loadgen::cpu::CpuMeter;
 use crate::loadgen::echo::EchoServerHandle;
 use crate::loadgen::mix::{Mix, RequestKind};
 use crate::loadgen::parse::{MAX_CONCURRENCY, MAX_CONNECTIONS};
@@ -63,6 +64,8 @@ pub struct RunConfig {
     pub client_threads: usize,
     /// Seed of the callers' choices.
     pub seed: u64,
+    /// Process id of the server at `addr`, to report its CPU per call (`/proc/<pid>/stat`).
+    pub server_pid: Option<u32>,
 }
 
 /// What the probe call of one request kind returned.
@@ -195,6 +198,7 @@ pub async fn run(
             format!("must be in 1..={MAX_CONCURRENCY}"),
         ));
     }
+    let cpu_meter = CpuMeter::new(config.server_pid)?;
     let templates = build_rank_templates(&config.spec, &config.mix)?;
     let max_used_connections = config
         .connections
@@ -264,6 +268,7 @@ pub async fn run(
             warmup: config.warmup,
             stop: config.stop,
             seed: config.seed.wrapping_add(step_index as u64),
+            cpu_meter: Some(cpu_meter),
         };
         let echo_report = match &echo {
             None => None,
@@ -275,13 +280,25 @@ pub async fn run(
                     mix: config.mix.clone(),
                     bodies: bodies.clone(),
                 };
-                let result = run_step(&channels[..connections], workload, &step).await?;
+                // The server pid belongs to `addr`: an Echo elsewhere has no server figure.
+                let echo_meter = match &config.echo {
+                    EchoBaseline::External(addr) if *addr != config.addr => {
+                        Some(cpu_meter.without_server())
+                    }
+                    _ => Some(cpu_meter),
+                };
+                let echo_step = StepConfig {
+                    cpu_meter: echo_meter,
+                    ..step.clone()
+                };
+                let result = run_step(&channels[..connections], workload, &echo_step).await?;
                 Some(TargetReport::new(
                     "echo",
                     label,
                     result,
                     &echo_request_bytes,
                     weights,
+                    matches!(config.echo, EchoBaseline::InProcess { .. }),
                 ))
             }
         };
@@ -293,7 +310,8 @@ pub async fn run(
             bodies: rank_bodies.clone(),
         };
         let result = run_step(&rank_channels[..connections], workload, &step).await?;
-        let rank_report = TargetReport::new("rank", &config.addr, result, &request_bytes, weights);
+        let rank_report =
+            TargetReport::new("rank", &config.addr, result, &request_bytes, weights, false);
         let report = StepReport::new(
             concurrency,
             connections,
@@ -428,6 +446,8 @@ mod tests {
             },
             client_threads: 2,
             seed: 9,
+            // The fake ranker runs in this process: it stands in for the server's pid.
+            server_pid: Some(std::process::id()),
         }
     }
 
@@ -467,6 +487,18 @@ mod tests {
             assert!(echo.outcome.server_timings.is_none());
             assert!(report.throughput_ratio_vs_echo.unwrap() > 0.0);
             assert!(report.p99_latency_ratio_vs_echo.unwrap() > 0.0);
+            // CPU per call: Rank's server is this process (given as the pid), Echo's runs
+            // inside the load generator; both totals are there, so is their ratio.
+            let rank_cpu = report.rank.cpu.unwrap();
+            assert!(rank_cpu.server_us_per_call.is_some());
+            assert!(rank_cpu.total_us_per_call.unwrap() > 0.0);
+            let echo_cpu = echo.cpu.unwrap();
+            assert_eq!(echo_cpu.server_us_per_call, None);
+            assert_eq!(
+                echo_cpu.total_us_per_call,
+                Some(echo_cpu.load_generator_us_per_call)
+            );
+            assert!(report.cpu_per_call_ratio_vs_echo.is_some());
             // Echo mirrors Rank's sizes, kind by kind.
             for (rank_kind, echo_kind) in report.rank.kinds.iter().zip(&echo.kinds) {
                 assert_eq!(rank_kind.kind, echo_kind.kind);
