@@ -349,6 +349,9 @@ impl UnaryService<WireRankRequest> for RankMethod {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+    use proptest::test_runner::TestCaseError;
     use prost::bytes::Bytes;
 
     fn request(ids: &[&str]) -> pb::RankRequest {
@@ -434,5 +437,62 @@ mod tests {
             WireRankRequest::decode(&wrong[..]).unwrap_err().to_string(),
             pb::RankRequest::decode(&wrong[..]).unwrap_err().to_string()
         );
+    }
+
+    /// What `bytes` decode to by our decoder (fed in chunks of `chunk` bytes) and by prost:
+    /// the same request, or the same error message.
+    fn assert_decodes_like_prost(bytes: &[u8], chunk: usize) -> Result<(), TestCaseError> {
+        let prosts = pb::RankRequest::decode(bytes);
+        match (decode_chunked(bytes, chunk), prosts) {
+            (Ok(ours), Ok(prosts)) => {
+                let (mut message, candidates) = ours.into_parts().map_err(|status| {
+                    TestCaseError::fail(format!("into_parts failed: {status:?}"))
+                })?;
+                message.candidate_ids = candidates.to_vec();
+                prop_assert_eq!(message, prosts);
+            }
+            (Err(ours), Err(prosts)) => prop_assert_eq!(ours.to_string(), prosts.to_string()),
+            (ours, prosts) => prop_assert!(
+                false,
+                "ours {:?}, prost's {:?}",
+                ours.map(|_| ()),
+                prosts.map(|_| ())
+            ),
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+        /// Untrusted bytes: a valid request with a few bytes overwritten and possibly cut
+        /// short, fed in random chunk sizes. Never a panic, and always prost's verdict.
+        #[test]
+        fn a_damaged_request_decodes_exactly_as_prost_decodes_it(
+            ids in proptest::collection::vec("[a-z0-9]{0,20}|\\PC{0,4}", 0..40),
+            edits in proptest::collection::vec((any::<Index>(), any::<u8>()), 0..4),
+            cut in proptest::option::of(any::<Index>()),
+            chunk in 1_usize..80,
+        ) {
+            let mut bytes = request(&ids.iter().map(String::as_str).collect::<Vec<_>>())
+                .encode_to_vec();
+            for (at, byte) in edits {
+                let at = at.index(bytes.len());
+                bytes[at] = byte;
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut.index(bytes.len() + 1));
+            }
+            assert_decodes_like_prost(&bytes, chunk)?;
+        }
+
+        /// Arbitrary bytes, mostly not a request at all.
+        #[test]
+        fn arbitrary_bytes_decode_exactly_as_prost_decodes_them(
+            bytes in proptest::collection::vec(any::<u8>(), 0..300),
+            chunk in 1_usize..80,
+        ) {
+            assert_decodes_like_prost(&bytes, chunk)?;
+        }
     }
 }
