@@ -21,6 +21,15 @@
 //! **Floating point.** Scores, noise and comparisons are f64. The guarantee is the one of the
 //! real-valued mechanism; the score sensitivity passed in should come from
 //! [`crate::score_sensitivity`], which covers the f32 rounding of the scores themselves.
+//! Two residual gaps are not covered by that guarantee. First, the Gumbel samples have a
+//! bounded range (see [`StandardGumbel`]: the uniform behind them has at most 53 bits), so
+//! the noise's upper tail is cut at a probability of about `1e-16` per sample; read strictly,
+//! an `epsilon`-DP selection is `(epsilon, delta)`-DP with `delta` of that order per noisy
+//! score. Second, floating-point implementations of the exponential mechanism can leak
+//! through the rounding of the noisy values (Ilvento, "Implementing the Exponential Mechanism
+//! with Base-2 Differential Privacy", CCS 2020); releasing only the order of ids, never a
+//! noisy value, narrows but does not formally close that channel. Numbers that leave the
+//! server use the exact integer samplers (discrete Laplace and Gaussian) instead.
 
 use rand::CryptoRng;
 

@@ -9,6 +9,11 @@
 //!
 //! `m(i) = min { m : BinomCDF(m; i, p) > alpha }` (the inverse binomial CDF).
 //!
+//! The comparison is strict, as in the paper's test. The reference code's
+//! `scipy.stats.binom.ppf(alpha, i, p)` takes the smallest `m` with `BinomCDF >= alpha`, which
+//! differs when a CDF value equals `alpha` exactly: for `k = 4, p = 0.5, alpha = 0.0625`
+//! (`BinomCDF(0; 4, 0.5) = 1/16`) this mtable is `[0, 0, 0, 1]` and the reference's ends in 0.
+//!
 //! Because the test is repeated at every prefix, a fair ranking fails at least one of them
 //! with probability `P(exists i <= k : X_i < m(i))`, larger than `alpha`. [`failure_probability`]
 //! computes that probability exactly by dynamic programming over the number of protected

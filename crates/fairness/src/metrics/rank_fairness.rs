@@ -11,6 +11,14 @@
 //! - rRD = `(1/Z) sum_i |S+_{1..i}/S-_{1..i} - P/(N-P)| / log2(i)`, where a prefix without
 //!   non-protected items has ratio 0 (the reference code's convention)
 //!
+//! These are the paper's definitions, so values differ from the reference code's
+//! (`DataResponsibly/FairRank`, `measures.py`) in two more ways: its rND divides by
+//! `log2(i + 1)` instead of `log2(i)`, and its rRD is one-sided,
+//! `|min(P/(N-P), S+/S-) - P/(N-P)|` (following the FATML poster: over-representing the
+//! protected group costs nothing there), where the paper's and ours is two-sided. Example:
+//! `N = 20, P = 10, s = 10`, 9 protected items in the top 10: the rRD term at `i = 10` is
+//! `|9 - 1| = 8` here and 0 there.
+//!
 //! `Z` is the largest value of the sum over all rankings with the same `N` and `P`. The
 //! reference code estimates it by simulating rankings; here it is exact. The sum depends on
 //! a ranking only through the protected counts `x_j` at the cut points `c_j`, and a count
