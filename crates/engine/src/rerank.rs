@@ -1142,12 +1142,13 @@ mod tests {
         let (mut candidates, mut counter) = (Vec::new(), GroupCounter::default());
         let mut summary = PoolSummary::new();
         let mut rng = ChaCha8Rng::seed_from_u64(11);
-        for case in 0..60u32 {
+        for case in 0..70u32 {
             let rows = rng.random_range(0..400u32);
-            let palette: &[u32] = match case % 4 {
+            let palette: &[u32] = match case % 5 {
                 0 => &[0],
                 1 => &[0, 1],
                 2 => &[2, 5, 63, 64],
+                3 => &[1],
                 _ => &[1, 70, 1000, u32::MAX],
             };
             let labels: Vec<u32> = (0..rng.random_range(0..rows + 1))
@@ -1156,7 +1157,7 @@ mod tests {
             let pool: Vec<ScoredItem> = (0..rows)
                 .map(|row| ScoredItem::new(row, rows as f32 - row as f32))
                 .collect();
-            let labelled = case % 5 != 4;
+            let labelled = case % 7 != 6;
             build_candidates(
                 &pool,
                 labelled.then_some(labels.as_slice()),

@@ -199,6 +199,7 @@ pub struct Scratch {
     pub(crate) values: Vec<f64>,
     pub(crate) values2: Vec<f64>,
     pub(crate) values3: Vec<f64>,
+    pub(crate) held: Vec<f64>,
     pub(crate) positions: Vec<usize>,
     pub(crate) positions2: Vec<usize>,
     pub(crate) labels: Vec<u32>,

@@ -88,6 +88,31 @@ struct Buffers<'b> {
     exposure: &'b mut Vec<f64>,
     low_labels: &'b mut Vec<usize>,
     high_labels: &'b mut Vec<usize>,
+    /// The multipliers of the merge whose results the other buffers hold, while `holding`.
+    held: &'b mut Vec<f64>,
+    /// Whether the buffers still hold the results for `held` (a probe with the same
+    /// multipliers would write exactly them; cleared when the search swaps labels out).
+    holding: bool,
+}
+
+impl Buffers<'_> {
+    /// Whether the buffers hold the results of ranking with exactly `lambdas` (bit for bit).
+    fn hold(&self, lambdas: &[f64]) -> bool {
+        self.holding
+            && self.held.len() == lambdas.len()
+            && self
+                .held
+                .iter()
+                .zip(lambdas)
+                .all(|(held, lambda)| held.to_bits() == lambda.to_bits())
+    }
+
+    /// Records that the buffers now hold the results for `lambdas`.
+    fn set_held(&mut self, lambdas: &[f64]) {
+        self.held.clear();
+        self.held.extend_from_slice(lambdas);
+        self.holding = true;
+    }
 }
 
 /// Whether two label sequences differ by exactly one event of a monotone boost: one adjacent
@@ -209,12 +234,20 @@ impl Solver<'_, '_> {
 
     /// [`Solver::merge`] for the multiplier search: the same positions, per-position groups
     /// and exposures, but no utility (reported as 0).
+    ///
+    /// Skips the merge when the buffers already hold its results (the multiplier search
+    /// probes some multipliers twice: the unconstrained ones, and the ones phase 1 ends on,
+    /// which phase 2 starts from); the reference solver (test oracle) always merges.
     fn probe(&mut self, lambdas: &[f64], buffers: &mut Buffers<'_>) {
         #[cfg(test)]
         if self.reference {
             self.merge_into(lambdas, buffers);
             return;
         }
+        if buffers.hold(lambdas) {
+            return;
+        }
+        buffers.set_held(lambdas);
         self.merge_fast::<false>(
             lambdas,
             buffers.counts,
@@ -436,12 +469,14 @@ impl Solver<'_, '_> {
             return None;
         }
         std::mem::swap(buffers.high_labels, buffers.labels);
+        buffers.holding = false;
         set(lambdas, low);
         self.probe(lambdas, buffers);
         if accept(self, buffers.exposure) {
             return Some(low);
         }
         std::mem::swap(buffers.low_labels, buffers.labels);
+        buffers.holding = false;
         for _ in 0..BISECTION_STEPS {
             let middle = 0.5 * (low + high);
             if high - low <= resolution
@@ -455,9 +490,11 @@ impl Solver<'_, '_> {
             if accept(self, buffers.exposure) {
                 high = middle;
                 std::mem::swap(buffers.high_labels, buffers.labels);
+                buffers.holding = false;
             } else {
                 low = middle;
                 std::mem::swap(buffers.low_labels, buffers.labels);
+                buffers.holding = false;
             }
         }
         Some(high)
@@ -719,7 +756,9 @@ impl MinExposure {
         let populated = (0..groups)
             .filter(|&group| solver.cached(group, 0).is_some())
             .count();
-        if length <= MAX_EXACT_LENGTH && (populated as f64).powi(length as i32) <= EXACT_LIMIT {
+        let searched =
+            length <= MAX_EXACT_LENGTH && (populated as f64).powi(length as i32) <= EXACT_LIMIT;
+        if searched {
             let best_labels = &mut scratch.positions;
             if let Some(utility) = solver.exact(counts, best_labels) {
                 counts.clear();
@@ -756,7 +795,14 @@ impl MinExposure {
             exposure,
             low_labels: &mut scratch.consumed,
             high_labels: &mut scratch.deadlines,
+            held: &mut scratch.held,
+            holding: false,
         };
+        // The buffers hold the unconstrained merge (all multipliers 0), unless the
+        // exhaustive search above reused them.
+        if !searched {
+            buffers.set_held(lambdas);
+        }
         for _round in 0..listed + 2 {
             solver.probe(lambdas, &mut buffers);
             if solver.satisfied(buffers.exposure) {
