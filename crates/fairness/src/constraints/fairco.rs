@@ -287,7 +287,53 @@ impl PoolPass<'_> {
             }
             position += 1;
         }
-        // Only sums, over the rest of the positive scores, `LANES` items at a time.
+        // Only sums, over the rest of the positive scores. With exact sums (several lanes)
+        // and two groups, in registers: 8 lanes per group, every item adding its score to
+        // its group and `+0.0` to the other (no change), so no item waits on the previous.
+        if LANES > 1
+            && let &[(first, _), (second, _)] = summary.groups()
+            && let (Some(&first_slot), Some(&second_slot)) = (
+                self.small.get(first as usize),
+                self.small.get(second as usize),
+            )
+            && first_slot != NO_GROUP
+            && second_slot != NO_GROUP
+            && position < positive
+        {
+            let rest = &pool[position..positive];
+            let (mut first_sums, mut second_sums) = ([0.0f64; 8], [0.0f64; 8]);
+            let mut unlisted_label = false;
+            let mut chunks = rest.chunks_exact(8);
+            for chunk in &mut chunks {
+                for (lane, candidate) in chunk.iter().enumerate() {
+                    let score = f64::from(candidate.score);
+                    let (is_first, is_second) =
+                        (candidate.group == first, candidate.group == second);
+                    first_sums[lane] += if is_first { score } else { 0.0 };
+                    second_sums[lane] += if is_second { score } else { 0.0 };
+                    unlisted_label |= !(is_first | is_second);
+                }
+            }
+            for candidate in chunks.remainder() {
+                let score = f64::from(candidate.score);
+                let (is_first, is_second) = (candidate.group == first, candidate.group == second);
+                first_sums[0] += if is_first { score } else { 0.0 };
+                second_sums[0] += if is_second { score } else { 0.0 };
+                unlisted_label |= !(is_first | is_second);
+            }
+            if unlisted_label {
+                let offset = rest
+                    .iter()
+                    .position(|candidate| candidate.group != first && candidate.group != second)
+                    .unwrap_or(0);
+                return Err(unlisted(position + offset));
+            }
+            for (slot, sums) in [(first_slot, first_sums), (second_slot, second_sums)] {
+                let total = sums.iter().fold(0.0, |total, &sum| total + sum);
+                relevance[0][slot as usize % SMALL_LABELS] += total;
+            }
+            position = positive;
+        }
         while position < positive {
             let end = (position + LANES).min(positive);
             let chunk = &pool[position..end];

@@ -88,6 +88,56 @@ struct Buffers<'b> {
     exposure: &'b mut Vec<f64>,
     low_labels: &'b mut Vec<usize>,
     high_labels: &'b mut Vec<usize>,
+    /// The multipliers of the merge whose results the other buffers hold, while `holding`.
+    held: &'b mut Vec<f64>,
+    /// Whether the buffers still hold the results for `held` (a probe with the same
+    /// multipliers would write exactly them; cleared when the search swaps labels out).
+    holding: bool,
+    /// A copy of the unconstrained merge's groups, counts and exposures (all multipliers
+    /// `+0.0`), while `zero_kept`.
+    zero_labels: &'b mut Vec<usize>,
+    zero_counts: &'b mut Vec<usize>,
+    zero_exposure: &'b mut Vec<f64>,
+    zero_kept: bool,
+}
+
+impl Buffers<'_> {
+    /// Whether the buffers hold the results of ranking with exactly `lambdas` (bit for bit).
+    fn hold(&self, lambdas: &[f64]) -> bool {
+        self.holding
+            && self.held.len() == lambdas.len()
+            && self
+                .held
+                .iter()
+                .zip(lambdas)
+                .all(|(held, lambda)| held.to_bits() == lambda.to_bits())
+    }
+
+    /// Keeps a copy of the results the buffers hold, which must be for all multipliers 0.
+    fn keep_zero(&mut self) {
+        self.zero_labels.clone_from(self.labels);
+        self.zero_counts.clone_from(self.counts);
+        self.zero_exposure.clone_from(self.exposure);
+        self.zero_kept = true;
+    }
+
+    /// Restores the kept results of all multipliers 0 if `lambdas` are all `+0.0`.
+    fn restore_zero(&mut self, lambdas: &[f64]) -> bool {
+        if !self.zero_kept || lambdas.iter().any(|lambda| lambda.to_bits() != 0) {
+            return false;
+        }
+        self.labels.clone_from(self.zero_labels);
+        self.counts.clone_from(self.zero_counts);
+        self.exposure.clone_from(self.zero_exposure);
+        true
+    }
+
+    /// Records that the buffers now hold the results for `lambdas`.
+    fn set_held(&mut self, lambdas: &[f64]) {
+        self.held.clear();
+        self.held.extend_from_slice(lambdas);
+        self.holding = true;
+    }
 }
 
 /// Whether two label sequences differ by exactly one event of a monotone boost: one adjacent
@@ -207,12 +257,25 @@ impl Solver<'_, '_> {
         self.merge_fast::<true>(lambdas, counts, heads, order, labels, exposure)
     }
 
-    /// [`Solver::merge`] for the multiplier search: the same positions, per-position groups
-    /// and exposures, but no utility (reported as 0).
+    /// [`Solver::merge`] for the multiplier search: the same per-position groups, counts and
+    /// exposures, but no utility and no positions (`order` is left empty).
+    ///
+    /// Skips the merge when the buffers already hold its results, and copies those of all
+    /// multipliers 0 (the unconstrained merge) when asked for them again: the multiplier
+    /// search probes some multipliers several times (0 at the start of each bisection from
+    /// 0, and the ones phase 1 ends on, which phase 2 starts from). The reference solver
+    /// (test oracle) always merges.
     fn probe(&mut self, lambdas: &[f64], buffers: &mut Buffers<'_>) {
         #[cfg(test)]
         if self.reference {
             self.merge_into(lambdas, buffers);
+            return;
+        }
+        if buffers.hold(lambdas) {
+            return;
+        }
+        buffers.set_held(lambdas);
+        if buffers.restore_zero(lambdas) {
             return;
         }
         self.merge_fast::<false>(
@@ -225,7 +288,8 @@ impl Solver<'_, '_> {
         );
     }
 
-    /// The merge; `FULL` also sums the utility.
+    /// The merge; `FULL` also sums the utility and writes the positions (`order`), which
+    /// the multiplier search never reads (it is left empty otherwise).
     #[allow(clippy::too_many_arguments)]
     fn merge_fast<const FULL: bool>(
         &self,
@@ -252,12 +316,12 @@ impl Solver<'_, '_> {
             let (mut taken_first, mut taken_second) = (0usize, 0usize);
             order.clear();
             labels.clear();
-            order.resize(self.length, 0);
+            if FULL {
+                order.resize(self.length, 0);
+            }
             labels.resize(self.length, 0);
             let mut filled = 0;
-            for ((&weight, slot), label) in
-                weights.iter().zip(order.iter_mut()).zip(labels.iter_mut())
-            {
+            for (&weight, label) in weights.iter().zip(labels.iter_mut()) {
                 // The second group wins only when strictly better (ties: earlier position).
                 let (second_wins, &(score, position)) = match (head_first, head_second) {
                     (Some(a), Some(b)) => {
@@ -290,7 +354,9 @@ impl Solver<'_, '_> {
                     }
                     *label = 0;
                 }
-                *slot = position;
+                if FULL && let Some(slot) = order.get_mut(filled) {
+                    *slot = position;
+                }
                 filled += 1;
             }
             order.truncate(filled);
@@ -334,7 +400,9 @@ impl Solver<'_, '_> {
             if FULL {
                 utility += weight * (best_boosted - lambdas[best]);
             }
-            order.push(best_position);
+            if FULL {
+                order.push(best_position);
+            }
             labels.push(best);
             heads[best] = match cache[best].get(counts[best]) {
                 Some(&(score, next)) => (score + lambdas[best], next),
@@ -436,12 +504,14 @@ impl Solver<'_, '_> {
             return None;
         }
         std::mem::swap(buffers.high_labels, buffers.labels);
+        buffers.holding = false;
         set(lambdas, low);
         self.probe(lambdas, buffers);
         if accept(self, buffers.exposure) {
             return Some(low);
         }
         std::mem::swap(buffers.low_labels, buffers.labels);
+        buffers.holding = false;
         for _ in 0..BISECTION_STEPS {
             let middle = 0.5 * (low + high);
             if high - low <= resolution
@@ -455,9 +525,11 @@ impl Solver<'_, '_> {
             if accept(self, buffers.exposure) {
                 high = middle;
                 std::mem::swap(buffers.high_labels, buffers.labels);
+                buffers.holding = false;
             } else {
                 low = middle;
                 std::mem::swap(buffers.low_labels, buffers.labels);
+                buffers.holding = false;
             }
         }
         Some(high)
@@ -719,7 +791,9 @@ impl MinExposure {
         let populated = (0..groups)
             .filter(|&group| solver.cached(group, 0).is_some())
             .count();
-        if length <= MAX_EXACT_LENGTH && (populated as f64).powi(length as i32) <= EXACT_LIMIT {
+        let searched =
+            length <= MAX_EXACT_LENGTH && (populated as f64).powi(length as i32) <= EXACT_LIMIT;
+        if searched {
             let best_labels = &mut scratch.positions;
             if let Some(utility) = solver.exact(counts, best_labels) {
                 counts.clear();
@@ -756,7 +830,19 @@ impl MinExposure {
             exposure,
             low_labels: &mut scratch.consumed,
             high_labels: &mut scratch.deadlines,
+            held: &mut scratch.held,
+            holding: false,
+            zero_labels: &mut scratch.zero_labels,
+            zero_counts: &mut scratch.zero_counts,
+            zero_exposure: &mut scratch.zero_exposure,
+            zero_kept: false,
         };
+        // The buffers hold the unconstrained merge (all multipliers 0), unless the
+        // exhaustive search above reused them.
+        if !searched {
+            buffers.set_held(lambdas);
+            buffers.keep_zero();
+        }
         for _round in 0..listed + 2 {
             solver.probe(lambdas, &mut buffers);
             if solver.satisfied(buffers.exposure) {

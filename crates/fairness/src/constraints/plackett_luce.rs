@@ -23,6 +23,10 @@ use crate::reranker::{AmortizedState, RerankOutput, Reranker};
 #[derive(Debug, Clone)]
 pub struct PlackettLuce {
     temperature: f64,
+    /// Run the original sampler (heap built by insertion, tail always recomputed): the
+    /// test oracle.
+    #[cfg(test)]
+    reference: bool,
 }
 
 impl PlackettLuce {
@@ -31,7 +35,11 @@ impl PlackettLuce {
         if !(temperature.is_finite() && temperature > 0.0) {
             return Err(format!("{temperature} must be a finite positive number"));
         }
-        Ok(Self { temperature })
+        Ok(Self {
+            temperature,
+            #[cfg(test)]
+            reference: false,
+        })
     }
 }
 
@@ -59,6 +67,8 @@ fn heap_less(a: (f64, usize), b: (f64, usize)) -> bool {
     a.0 < b.0 || (a.0 == b.0 && a.1 > b.1)
 }
 
+/// The old insertion one key at a time (the test oracle of [`heapify`]).
+#[cfg(test)]
 fn heap_push(heap: &mut Vec<(f64, usize)>, entry: (f64, usize)) {
     heap.push(entry);
     let mut child = heap.len() - 1;
@@ -73,12 +83,8 @@ fn heap_push(heap: &mut Vec<(f64, usize)>, entry: (f64, usize)) {
     }
 }
 
-fn heap_replace_min(heap: &mut [(f64, usize)], entry: (f64, usize)) {
-    if heap.is_empty() {
-        return;
-    }
-    heap[0] = entry;
-    let mut parent = 0;
+/// Moves `heap[parent]` down until neither child is smaller.
+fn sift_down(heap: &mut [(f64, usize)], mut parent: usize) {
     loop {
         let left = 2 * parent + 1;
         let right = left + 1;
@@ -95,6 +101,25 @@ fn heap_replace_min(heap: &mut [(f64, usize)], entry: (f64, usize)) {
         heap.swap(parent, smallest);
         parent = smallest;
     }
+}
+
+/// Turns `heap` into a min-heap in place (Floyd's bottom-up construction, O(n)).
+///
+/// The sampler only ever reads the heap's minimum and replaces it, and keys never tie on
+/// position, so `heap_less` is a strict total order: any valid heap over the same entries
+/// has the same minimum, and the answer equals the one built by inserting one key at a time.
+fn heapify(heap: &mut [(f64, usize)]) {
+    for parent in (0..heap.len() / 2).rev() {
+        sift_down(heap, parent);
+    }
+}
+
+fn heap_replace_min(heap: &mut [(f64, usize)], entry: (f64, usize)) {
+    if heap.is_empty() {
+        return;
+    }
+    heap[0] = entry;
+    sift_down(heap, 0);
 }
 
 impl Reranker for PlackettLuce {
@@ -130,8 +155,20 @@ impl Reranker for PlackettLuce {
         let RerankOutput { order, scratch, .. } = out;
         let heap = &mut scratch.heap;
         heap.clear();
-        for position in 0..length {
-            heap_push(heap, (utility(position) + gumbel(rng), position));
+        #[cfg(test)]
+        let build = !self.reference;
+        #[cfg(not(test))]
+        let build = true;
+        if build {
+            // The same draws in the same order as inserting one at a time; one heap build.
+            heap.extend((0..length).map(|position| (utility(position) + gumbel(rng), position)));
+            heapify(heap);
+        }
+        #[cfg(test)]
+        if self.reference {
+            for position in 0..length {
+                heap_push(heap, (utility(position) + gumbel(rng), position));
+            }
         }
         let mut position = length;
         while position < pool.len() {
@@ -142,14 +179,23 @@ impl Reranker for PlackettLuce {
                 break;
             }
             // Skip the items that do not beat the bound: Geometric(bound) failures.
+            let mut skipped = false;
             if bound < 1.0 {
                 let skip = (open_unit(rng).ln() / (-bound).ln_1p()).floor();
                 if skip.is_nan() || skip >= (pool.len() - position) as f64 {
                     break;
                 }
                 position += skip as usize;
+                skipped = skip > 0.0;
             }
-            let local_tail = gumbel_tail(threshold - utility(position));
+            #[cfg(test)]
+            let skipped = skipped || self.reference;
+            // Without a skip the item is the one the bound was computed for.
+            let local_tail = if skipped {
+                gumbel_tail(threshold - utility(position))
+            } else {
+                bound
+            };
             if open_unit(rng) * bound < local_tail {
                 let noise = gumbel_above(threshold - utility(position), local_tail, rng);
                 heap_replace_min(heap, (utility(position) + noise, position));
@@ -166,6 +212,7 @@ impl Reranker for PlackettLuce {
 mod tests {
     use super::*;
     use crate::test_support::rng;
+    use rand::RngCore;
 
     fn pool(scores: &[f32]) -> Vec<Candidate> {
         scores
@@ -239,6 +286,61 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A pool of `size` scores in non-increasing order with ties, from `seed`.
+    fn random_pool(seed: u64, size: usize, spread: f32) -> Vec<Candidate> {
+        use rand::Rng;
+        let mut generator = rng(seed);
+        let mut scores: Vec<f32> = (0..size)
+            .map(|_| f32::from(generator.random_range(-400i16..400)) * spread / 400.0)
+            .collect();
+        scores.sort_by(|a, b| b.total_cmp(a));
+        pool(&scores)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+
+        /// The heap built in one go and the reused tail give the original sampler's answer
+        /// bit for bit (same draws, same order) for every seed.
+        #[test]
+        fn the_fast_sampler_equals_the_reference(
+            pool_seed in 0u64..1000,
+            size in 0usize..400,
+            k in 0usize..120,
+            temperature in proptest::sample::select(vec![1e-3, 0.05, 0.1, 0.5, 2.0, 50.0]),
+            spread in proptest::sample::select(vec![0.0f32, 0.5, 5.0, 50.0]),
+            seed in 0u64..u64::MAX,
+        ) {
+            let pool = random_pool(pool_seed, size, spread);
+            let fast = PlackettLuce::new(temperature).expect("valid");
+            let reference = PlackettLuce { reference: true, ..fast.clone() };
+            let (mut expected, mut actual) = (RerankOutput::new(), RerankOutput::new());
+            let (mut first, mut second) = (rng(seed), rng(seed));
+            reference
+                .rerank(&pool, k, None, &mut first, &mut expected)
+                .expect("samples");
+            fast.rerank(&pool, k, None, &mut second, &mut actual)
+                .expect("samples");
+            proptest::prop_assert_eq!(&expected.order, &actual.order);
+            // Both consumed the same number of draws.
+            proptest::prop_assert_eq!(first.next_u64(), second.next_u64());
+        }
+    }
+
+    #[test]
+    fn heapify_builds_a_min_heap() {
+        let mut heap: Vec<(f64, usize)> = [5.0, 1.0, 3.0, 1.0, 9.0, -2.0, 4.0, 0.5]
+            .iter()
+            .enumerate()
+            .map(|(position, &key)| (key, position))
+            .collect();
+        heapify(&mut heap);
+        for child in 1..heap.len() {
+            assert!(!heap_less(heap[child], heap[(child - 1) / 2]), "{heap:?}");
+        }
+        assert_eq!(heap[0], (-2.0, 5));
     }
 
     #[test]
