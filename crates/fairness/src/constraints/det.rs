@@ -21,8 +21,9 @@
 //!
 //! Algorithm 3 (DetConstSort) inserts an item whenever its group's minimum count increases,
 //! records the prefix length at which it became required (its max index) and bubbles it up
-//! past lower-scored items that can move down. Third-party implementations (and the printed
-//! pseudo-code) test `maxIndices[start-1] >= start`, which lets the displaced item slip one
+//! past lower-scored items that can move down. Third-party ports of the pseudo-code with 0-based
+//! lists (AIF360's `DeterministicReranking` among them) test `maxIndices[start-1] >= start`,
+//! which lets the displaced item slip one
 //! position past its max index; ours requires its new 1-based position `start + 1` to be at
 //! most its max index, so every minimum holds at every prefix.
 

@@ -7,9 +7,11 @@
 //! over the past rankings. Per ranking, a group's exposure is the mean over its items in the
 //! pool of `1 / log2(1 + rank)` (0 beyond the top k) and its merit is the mean relevance
 //! estimate of its items in the pool; the ratio of the cumulative sums equals the ratio of
-//! the averages, so the state keeps sums plus the ranking count `tau - 1`. Relevance
-//! estimates are the scores clamped at 0 (FairCo needs non-negative merits, e.g. calibrated
-//! probabilities). Groups without accumulated merit get no correction yet.
+//! the averages, so the state keeps sums plus the ranking count `tau - 1`. Merits use the
+//! scores clamped at 0 (FairCo needs non-negative merits, e.g. calibrated probabilities); the
+//! ranking itself sorts by the raw score plus `lambda * err(d)`, unclamped, as the reference
+//! controller does (Morik et al.'s `controller_rank`: `weighted_popularity + KP * e_p`).
+//! Groups without accumulated merit get no correction yet.
 
 use crate::candidate::{Candidate, dcg_weight, validate_pool};
 use crate::error::FairnessError;

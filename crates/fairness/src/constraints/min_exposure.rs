@@ -13,7 +13,8 @@
 //! every ranking meeting the targets `T_g = share_g W` (weak duality), and `D(0)` is the
 //! unconstrained utility. The multipliers are searched in two phases: (1) the deficient groups
 //! are raised together by the smallest common shift that satisfies all of them (a common shift
-//! keeps their relative order, so they only take positions from unconstrained items); (2) each
+//! keeps their relative order, so they take positions only from other groups: unlisted ones,
+//! and listed ones whose multiplier is 0, which is why phase 1 may need another round); (2) each
 //! multiplier is lowered to the smallest value that still satisfies its own group (lowering one
 //! only helps the others), repeated while that frees room. Each search is a bisection over the
 //! multiplier that stops once a single ranking change separates the bracket ends. Adjacent
