@@ -394,36 +394,6 @@ pub(crate) fn read_answer(
 }
 
 /// `pseudonym ++ request_id`.
-/// Calls `each` with the request id (bytes) of every answer stored for `pseudonym`, in one
-/// read transaction; stops and returns `false` after more than `limit` of them.
-pub(crate) fn stored_request_ids(
-    database: &StateDatabase,
-    pseudonym: &Pseudonym,
-    limit: usize,
-    mut each: impl FnMut(&[u8]),
-) -> Result<bool, StateError> {
-    let operation = "list a user's stored answers";
-    let storage = |error: redb::StorageError| database.storage(operation, error);
-    let transaction = database.begin_read(operation)?;
-    let answers = transaction
-        .open_table(LEDGER_ANSWERS)
-        .map_err(|error| database.storage(operation, error))?;
-    let prefix = pseudonym.as_bytes().as_slice();
-    let mut seen = 0_usize;
-    for entry in answers.range(prefix..).map_err(storage)? {
-        let (key, _) = entry.map_err(storage)?;
-        let Some(request_id) = key.value().strip_prefix(prefix) else {
-            break;
-        };
-        seen += 1;
-        if seen > limit {
-            return Ok(false);
-        }
-        each(request_id);
-    }
-    Ok(true)
-}
-
 pub(crate) fn answer_key(pseudonym: &Pseudonym, request_id: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(32 + request_id.len());
     key.extend_from_slice(pseudonym.as_bytes());

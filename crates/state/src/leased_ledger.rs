@@ -3,19 +3,18 @@
 //!
 //! The semantics (leases, what is durable, crashes, retries) are documented on [`LeasedLedger`].
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::database::StateDatabase;
+use crate::answer_log::{AnswerLog, LogRecovery, key_hash, log_dir};
+use crate::database::{LEDGER_ANSWER_TIMES, LEDGER_ANSWERS, StateDatabase};
 use crate::durable_ledger::{
-    LedgerOptions, LedgerTables, answer_key, decode_user, prune_answers, read_answer, read_user,
-    stored_request_ids,
+    LedgerOptions, LedgerTables, answer_key, decode_answer, decode_user, prune_answers, read_user,
 };
 use crate::error::StateError;
 use crate::ledger::{
@@ -65,10 +64,6 @@ pub struct LeaseOptions {
     /// A user without charges for this long is dropped from memory and the unused rest of
     /// its lease is returned (bounds memory to the recently active users).
     pub idle_eviction: Duration,
-    /// Request ids (as 64-bit hashes) remembered per user in memory, so that a charge with a
-    /// new request id needs no database read to know it is not a replay. A user with more
-    /// stored answers than this falls back to one read per charge. 0 disables it.
-    pub known_ids_per_user: usize,
     /// Batch size, retention and pruning of the underlying store (see [`LedgerOptions`]).
     pub store: LedgerOptions,
 }
@@ -83,7 +78,6 @@ impl Default for LeaseOptions {
             answer_interval: Duration::from_millis(50),
             max_unwritten_answers: 65_536,
             idle_eviction: Duration::from_secs(600),
-            known_ids_per_user: 4096,
             store: LedgerOptions::default(),
         }
     }
@@ -167,7 +161,8 @@ pub struct LeaseStats {
     pub backpressure_waits: u64,
     /// Their total wait, in microseconds.
     pub backpressure_wait_us: u64,
-    /// Database reads of a stored answer (a request id not found in memory).
+    /// Reads of a stored answer from the answer log (a request id that the log's index
+    /// knows: a retry, or a rare hash collision; a new request id is never read).
     pub answer_reads: u64,
     /// Their total time, in microseconds.
     pub answer_read_us: u64,
@@ -177,10 +172,11 @@ pub struct LeaseStats {
     pub commits: u64,
     /// Fsynced commits.
     pub fsynced_commits: u64,
-    /// Answers written.
+    /// Answers written (appended to the answer log).
     pub answers_written: u64,
-    /// Time the writer spent building and committing transactions, in microseconds (its
-    /// busy time; divide by `answers_written` for the writer's cost per charge).
+    /// Time the writer spent appending answers and building and committing transactions, in
+    /// microseconds (its busy time; divide by `answers_written` for the writer's cost per
+    /// charge).
     pub writer_busy_us: u64,
 }
 
@@ -279,6 +275,8 @@ enum Command {
     },
     Prune {
         cutoff_ms: u64,
+        /// Answers the writer pruned from the answer log before the transaction.
+        from_log: u64,
         reply: SyncSender<Result<u64, StateError>>,
     },
     Flush {
@@ -306,10 +304,6 @@ struct UserLease {
     /// A block requested ahead of time, not yet absorbed.
     renewal: Option<Receiver<Result<LeaseGrant, StateError>>>,
     last_used: Instant,
-    /// Hashes of every request id with a stored answer for this user (in the database when
-    /// the entry was loaded, or accepted since), or `None` when unknown (too many). A
-    /// request id whose hash is absent is certainly not stored: no database read.
-    known_ids: Option<HashSet<u64>>,
 }
 
 impl UserLease {
@@ -323,7 +317,6 @@ impl UserLease {
             exhausted: false,
             renewal: None,
             last_used: Instant::now(),
-            known_ids: None,
         }
     }
 
@@ -405,8 +398,8 @@ struct Shared {
     writer_running: AtomicBool,
     /// Where charges waited and what the writer did.
     stats: StatCounters,
-    /// Hashes request ids for [`UserLease::known_ids`] (keyed at random per process).
-    id_hasher: std::collections::hash_map::RandomState,
+    /// The written answers: segment files and their index in memory.
+    log: AnswerLog,
 }
 
 impl Shared {
@@ -420,57 +413,28 @@ impl Shared {
         shard.get(key).map(|pending| pending.record.clone())
     }
 
-    /// The hash of a request id in [`UserLease::known_ids`].
-    fn id_hash(&self, request_id: &str) -> u64 {
-        self.id_hasher.hash_one(request_id.as_bytes())
-    }
-
-    /// Hashes of every request id with a stored answer for `pseudonym`: the answers still in
-    /// memory, then those in the database (in that order: the writer removes an answer from
-    /// memory only after committing it, so none slips between the two looks). `None` when
-    /// there are more than `limit`.
-    fn known_ids(
-        &self,
-        pseudonym: &Pseudonym,
-        limit: usize,
-    ) -> Result<Option<HashSet<u64>>, StateError> {
-        let prefix = pseudonym.as_bytes();
-        let mut ids = HashSet::new();
-        {
-            let shard = lock(self.answer_shard(pseudonym))?;
-            for key in shard.keys() {
-                if let Some(request_id) = key.strip_prefix(prefix.as_slice()) {
-                    ids.insert(self.id_hasher.hash_one(request_id));
-                }
-            }
-        }
-        let stored = stored_request_ids(&self.database, pseudonym, limit, |request_id| {
-            ids.insert(self.id_hasher.hash_one(request_id));
-        })?;
-        Ok((stored && ids.len() <= limit).then_some(ids))
-    }
-
-    /// The stored answer: in memory first, then in the database. The writer removes an answer
-    /// from memory only after it is committed, so a miss in memory is found in the database.
+    /// The stored answer: in memory first, then in the answer log. The writer removes an
+    /// answer from memory only after the log's index has it, so a miss in memory is found in
+    /// the log. A key the log's index does not know (every new request id) costs no read.
     fn stored_answer(
         &self,
         pseudonym: &Pseudonym,
         key: &[u8],
-        request_id: &str,
     ) -> Result<Option<RequestRecord>, StateError> {
-        match self.pending_answer(pseudonym, key) {
-            Some(record) => Ok(Some(record)),
-            None => {
-                let started = Instant::now();
-                let read = read_answer(&self.database, pseudonym, request_id);
-                count_wait(
-                    &self.stats.answer_reads,
-                    &self.stats.answer_read_us,
-                    started,
-                );
-                read
-            }
+        if let Some(record) = self.pending_answer(pseudonym, key) {
+            return Ok(Some(record));
         }
+        if !self.log.may_contain(key_hash(key)) {
+            return Ok(None);
+        }
+        let started = Instant::now();
+        let read = self.log.get(key);
+        count_wait(
+            &self.stats.answer_reads,
+            &self.stats.answer_read_us,
+            started,
+        );
+        read
     }
 }
 
@@ -564,6 +528,8 @@ pub struct LeasedLedger {
     sender: RwLock<Option<Sender<Command>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     charges: AtomicU64,
+    /// What opening the answer log found and repaired.
+    recovery: LogRecovery,
 }
 
 impl fmt::Debug for LeasedLedger {
@@ -578,8 +544,14 @@ impl fmt::Debug for LeasedLedger {
 impl StateDatabase {
     /// The leased budget ledger in this database; starts its writer thread. Use either this
     /// or [`StateDatabase::ledger`] on one database, not both at once.
+    ///
+    /// Opens the answer log next to the database file (`state.redb.answers/`; see
+    /// [`LogRecovery`] for what the scan repairs) and moves answers stored in the database by
+    /// older versions into it, once.
     pub fn leased_ledger(&self, options: LeaseOptions) -> Result<LeasedLedger, StateError> {
         options.validate()?;
+        let (log, mut recovery) = AnswerLog::open(&log_dir(self.path()))?;
+        recovery.migrated_answers = migrate_answers(self, &log)?;
         let shared = Arc::new(Shared {
             database: self.clone(),
             pending: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
@@ -587,7 +559,7 @@ impl StateDatabase {
             drained: Condvar::new(),
             writer_running: AtomicBool::new(true),
             stats: StatCounters::default(),
-            id_hasher: std::collections::hash_map::RandomState::new(),
+            log,
         });
         let (sender, receiver) = mpsc::channel();
         let writer_shared = Arc::clone(&shared);
@@ -607,8 +579,61 @@ impl StateDatabase {
             sender: RwLock::new(Some(sender)),
             writer: Mutex::new(Some(writer)),
             charges: AtomicU64::new(0),
+            recovery,
         })
     }
+}
+
+/// Moves the answers that older versions stored in the database (table `ledger_answers`)
+/// into the answer log: appended and fsynced first, then deleted from the database in one
+/// durable commit. A crash in between leaves them in both, and the next open moves them
+/// again (the log keeps the later copy of a key, with the same content). Returns how many
+/// were moved.
+fn migrate_answers(database: &StateDatabase, log: &AnswerLog) -> Result<u64, StateError> {
+    use redb::{ReadableTable, ReadableTableMetadata};
+    let operation = "move stored answers into the answer log";
+    let storage = |error: redb::StorageError| database.storage(operation, error);
+    let transaction = database.begin_read(operation)?;
+    let answers = transaction
+        .open_table(LEDGER_ANSWERS)
+        .map_err(|error| database.storage(operation, error))?;
+    if answers.len().map_err(storage)? == 0 {
+        return Ok(0);
+    }
+    let mut moved = 0_u64;
+    let mut batch: Vec<(Vec<u8>, RequestRecord)> = Vec::new();
+    for entry in answers.iter().map_err(storage)? {
+        let (key, value) = entry.map_err(storage)?;
+        // A record that does not decode is dropped (its retry is charged again).
+        if let Ok(record) = decode_answer(database, value.value()) {
+            batch.push((key.value().to_vec(), record));
+        }
+        if batch.len() >= 1024 {
+            moved += batch.len() as u64;
+            log.append(batch.iter().map(|(key, record)| (key.as_slice(), record)))?;
+            batch.clear();
+        }
+    }
+    moved += batch.len() as u64;
+    log.append(batch.iter().map(|(key, record)| (key.as_slice(), record)))?;
+    log.sync()?;
+    drop(answers);
+    drop(transaction);
+    let transaction = database.begin_write(operation)?;
+    {
+        let mut answers = transaction
+            .open_table(LEDGER_ANSWERS)
+            .map_err(|error| database.storage(operation, error))?;
+        answers.retain(|_, _| false).map_err(storage)?;
+        let mut times = transaction
+            .open_table(LEDGER_ANSWER_TIMES)
+            .map_err(|error| database.storage(operation, error))?;
+        times.retain(|_, _| false).map_err(storage)?;
+    }
+    transaction
+        .commit()
+        .map_err(|error| database.storage(operation, error))?;
+    Ok(moved)
 }
 
 /// Locks a mutex; a poisoned one (a panic while holding it) means the store stopped.
@@ -630,6 +655,12 @@ impl LeasedLedger {
     /// Where charges waited and what the writer did since the ledger opened.
     pub fn stats(&self) -> LeaseStats {
         self.shared.stats.snapshot()
+    }
+
+    /// What opening the answer log found: segments scanned, answers indexed, torn or corrupt
+    /// records cut or skipped, answers moved from the database (for the server's log).
+    pub fn recovery(&self) -> &LogRecovery {
+        &self.recovery
     }
 
     fn user_shard(&self, pseudonym: &Pseudonym) -> &UserShard {
@@ -655,30 +686,15 @@ impl LeasedLedger {
         sender: &Sender<Command>,
     ) -> Result<ChargeOutcome, StateError> {
         let shared = &self.shared;
-        let limit = self.options.known_ids_per_user;
         if !user.loaded {
             user.record = read_user(&shared.database, &request.pseudonym)?;
-            user.known_ids = if limit > 0 {
-                shared.known_ids(&request.pseudonym, limit)?
-            } else {
-                None
-            };
             user.loaded = true;
         }
         user.last_used = Instant::now();
         user.absorb_renewal(false);
         let key = answer_key(&request.pseudonym, &request.request_id);
-        let id_hash = shared.id_hash(&request.request_id);
-        // Only a request id that may be stored is looked up (a new one is not: the common
-        // case costs no database read).
-        let may_be_stored = user
-            .known_ids
-            .as_ref()
-            .is_none_or(|known| known.contains(&id_hash));
-        if may_be_stored
-            && let Some(stored) =
-                shared.stored_answer(&request.pseudonym, &key, &request.request_id)?
-        {
+        // A new request id is answered from memory (the log's index): no read.
+        if let Some(stored) = shared.stored_answer(&request.pseudonym, &key)? {
             return Ok(replay(user.record.as_ref(), params, stored));
         }
         loop {
@@ -824,14 +840,6 @@ impl LeasedLedger {
             user.exhausted = false;
         }
         user.available -= params.rho;
-        if let Some(known) = user.known_ids.as_mut() {
-            if known.len() < self.options.known_ids_per_user {
-                known.insert(shared.id_hash(&request.request_id));
-            } else {
-                // Too many to remember: look every request id up from now on.
-                user.known_ids = None;
-            }
-        }
         user.record = Some(UserRecord {
             spent: spent_after,
             charges: current.charges.saturating_add(1),
@@ -943,7 +951,7 @@ impl BudgetLedger for LeasedLedger {
         let key = answer_key(pseudonym, request_id);
         Ok(self
             .shared
-            .stored_answer(pseudonym, &key, request_id)?
+            .stored_answer(pseudonym, &key)?
             .map(RequestRecord::into_stored))
     }
 
@@ -975,7 +983,11 @@ impl BudgetLedger for LeasedLedger {
         let sender = guard.as_ref().ok_or(StateError::Closed)?;
         let (reply, receiver) = mpsc::sync_channel(1);
         sender
-            .send(Command::Prune { cutoff_ms, reply })
+            .send(Command::Prune {
+                cutoff_ms,
+                from_log: 0,
+                reply,
+            })
             .map_err(|_| StateError::WriterStopped)?;
         drop(guard);
         receiver.recv().map_err(|_| StateError::WriterStopped)?
@@ -1089,8 +1101,12 @@ impl WriterCommand for Command {
                 apply_return(database, tables, pseudonym, *window_start_ms, *amount)?;
                 Pending::Done
             }
-            Command::Prune { cutoff_ms, .. } => {
-                Pending::Prune(prune_answers(database, tables, *cutoff_ms, usize::MAX)?)
+            Command::Prune {
+                cutoff_ms,
+                from_log,
+                ..
+            } => {
+                Pending::Prune(from_log + prune_answers(database, tables, *cutoff_ms, usize::MAX)?)
             }
             _ => Pending::Done,
         })
@@ -1157,6 +1173,7 @@ fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOpti
     // Answers taken from the queue whose commit failed; retried first.
     let mut retry: Vec<Arc<PendingAnswer>> = Vec::new();
     let mut auto_prune = AutoPrune::new();
+    let mut counts = Counts::new();
     let mut last_fsync = Instant::now();
     // Some commit since the last fsync was not fsynced.
     let mut unsynced = false;
@@ -1248,7 +1265,14 @@ fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOpti
             || last_fsync.elapsed() >= interval
             || answers.is_empty();
         let prune = auto_prune.due(&options.store);
-        let committed = commit_batch(shared, &answers, &mut commands, prune, immediate);
+        let committed = commit_batch(
+            shared,
+            &answers,
+            &mut commands,
+            &mut counts,
+            prune,
+            immediate,
+        );
         // `commit_batch` replied to and emptied `commands`; the held ones wait on.
         commands = held;
         if committed {
@@ -1277,37 +1301,40 @@ fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOpti
     }
 }
 
-/// Writes `answers` and applies `commands` in one transaction, commits, removes the written
-/// answers from memory, then replies; empties `commands`. Returns whether it committed (if
-/// not, the answers stay readable in memory for a retry).
+/// Answers written per user and window whose count is not yet in the database.
+type Counts = HashMap<(Pseudonym, u64), u64>;
+
+/// Appends `answers` to the answer log (fsynced when `immediate`), removes them from memory,
+/// then applies `commands` and the answers' counts in one transaction and commits it; replies
+/// and empties `commands`. Returns whether the answers were written (if not, they stay
+/// readable in memory for a retry). Counts whose commit failed wait in `counts`.
 fn commit_batch(
     shared: &Shared,
     answers: &[Arc<PendingAnswer>],
     commands: &mut Vec<Command>,
+    counts: &mut Counts,
     auto_prune: Option<(u64, usize)>,
     immediate: bool,
 ) -> bool {
     let database = &shared.database;
+    let log = &shared.log;
     let started = Instant::now();
-    let outcome = apply_batch(
-        database,
-        "commit leases and answers",
-        immediate,
-        commands,
-        auto_prune,
-        |tables| write_answers(database, tables, answers),
+    let mut written = log.append(
+        answers
+            .iter()
+            .map(|answer| (answer.key.as_slice(), &answer.record)),
     );
-    let committed = outcome.is_ok();
-    let stats = &shared.stats;
-    count_wait(&stats.commits, &stats.writer_busy_us, started);
-    if committed {
-        if immediate {
-            stats.fsynced_commits.fetch_add(1, Ordering::Relaxed);
+    if immediate && written.is_ok() {
+        written = log.sync();
+    }
+    let written = written.is_ok();
+    if written {
+        for answer in answers {
+            *counts
+                .entry((answer.pseudonym, answer.window_start_ms))
+                .or_default() += 1;
         }
-        stats
-            .answers_written
-            .fetch_add(answers.len() as u64, Ordering::Relaxed);
-        // Committed: memory may now forget the answers (lookups fall through to the file).
+        // Written: memory may now forget the answers (lookups find them in the log).
         for answer in answers {
             if let Ok(mut shard) = shared.answer_shard(&answer.pseudonym).lock()
                 && shard
@@ -1318,8 +1345,43 @@ fn commit_batch(
             }
         }
     }
+    for command in commands.iter_mut() {
+        if let Command::Prune {
+            cutoff_ms,
+            from_log,
+            ..
+        } = command
+        {
+            // A failure only keeps answers longer (the next pruning tries again).
+            *from_log = log.prune(*cutoff_ms, usize::MAX).unwrap_or(0);
+        }
+    }
+    if let Some((cutoff_ms, limit)) = auto_prune {
+        let _ = log.prune(cutoff_ms, limit);
+    }
+    let outcome = apply_batch(
+        database,
+        "commit leases and answer counts",
+        immediate,
+        commands,
+        auto_prune,
+        |tables| count_answers(database, tables, counts),
+    );
+    if outcome.is_ok() {
+        counts.clear();
+    }
+    let stats = &shared.stats;
+    count_wait(&stats.commits, &stats.writer_busy_us, started);
+    if outcome.is_ok() && immediate {
+        stats.fsynced_commits.fetch_add(1, Ordering::Relaxed);
+    }
+    if written {
+        stats
+            .answers_written
+            .fetch_add(answers.len() as u64, Ordering::Relaxed);
+    }
     reply_all(commands, outcome);
-    committed
+    written
 }
 
 /// The user's committed record inside the transaction; `Ok(Err(..))` for a corrupt record.
@@ -1400,21 +1462,14 @@ fn apply_return(
     Ok(())
 }
 
-/// Stores accepted answers and counts them in their users' stored windows (one user record
-/// update per user and window).
-fn write_answers(
+/// Counts written answers in their users' stored windows (one user record update per user
+/// and window).
+fn count_answers(
     database: &StateDatabase,
     tables: &mut LedgerTables<'_>,
-    answers: &[Arc<PendingAnswer>],
+    counts: &Counts,
 ) -> Result<(), StateError> {
-    let mut counts: HashMap<(Pseudonym, u64), u64> = HashMap::new();
-    for answer in answers {
-        tables.insert_answer(database, &answer.key, &answer.record)?;
-        *counts
-            .entry((answer.pseudonym, answer.window_start_ms))
-            .or_default() += 1;
-    }
-    for ((pseudonym, window_start_ms), count) in counts {
+    for (&(pseudonym, window_start_ms), &count) in counts {
         // A corrupt user record is reported by the next lease; the answers are still stored.
         if let Ok(Some(mut record)) = user_in(database, tables, &pseudonym)?
             && record.window_start_ms == window_start_ms
@@ -1446,6 +1501,7 @@ impl LeasedLedger {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::durable_ledger::read_answer;
     use crate::ledger_contract::{at, request, user};
 
     /// The spent stored durably for `who` (leases included).
@@ -1580,7 +1636,7 @@ mod tests {
     }
 
     #[test]
-    fn new_request_ids_need_no_database_read_and_replays_are_still_found() {
+    fn new_request_ids_need_no_read_and_replays_are_found_in_memory_in_the_log_and_after_restart() {
         let dir = tempfile::tempdir().unwrap();
         let database = StateDatabase::open(dir.path().join("state.redb")).unwrap();
         {
@@ -1589,44 +1645,57 @@ mod tests {
             ledger.close().unwrap();
         }
         let replayed = |outcome: ChargeOutcome| matches!(outcome, ChargeOutcome::Replayed { .. });
-        // Remembered ids (the default), too many stored answers to remember, disabled.
-        for (round, limit) in [4096, 1, 0].into_iter().enumerate() {
-            let ledger = database
-                .leased_ledger(LeaseOptions {
-                    known_ids_per_user: limit,
-                    ..options(10)
-                })
-                .unwrap();
-            let t = 10 * round as u64;
-            // An answer written by an earlier run replays.
+        for round in 0..2_u64 {
+            let ledger = database.leased_ledger(options(10)).unwrap();
+            assert_eq!(ledger.recovery().answers, 1 + 50 * round);
+            let t = 10 * round;
+            // An answer written by an earlier run replays (one read of the log).
             assert!(replayed(
                 ledger.charge(&request("n", "old", 10, 1000, t)).unwrap()
             ));
-            let before = ledger.stats().answer_reads;
+            assert_eq!(ledger.stats().answer_reads, 1);
             let fresh = format!("fresh-{round}");
-            ledger
-                .charge(&request("n", &fresh, 10, 1000, t + 1))
-                .unwrap();
-            let reads = ledger.stats().answer_reads - before;
-            if limit == 4096 {
-                assert_eq!(reads, 0, "a new request id was looked up in the database");
-            } else {
-                assert_eq!(reads, 1, "limit {limit}: every request id is looked up");
-            }
-            // Replays of an answer in memory, then of the same answer once written.
-            assert!(replayed(
+            for index in 0..50 {
                 ledger
-                    .charge(&request("n", &fresh, 10, 1000, t + 2))
-                    .unwrap()
+                    .charge(&request("n", &format!("{fresh}-{index}"), 1, 1000, t + 1))
+                    .unwrap();
+            }
+            assert_eq!(
+                ledger.stats().answer_reads,
+                1,
+                "a new request id was read from the log"
+            );
+            // Replays of an answer in memory, then of the same answer once written.
+            let id = format!("{fresh}-7");
+            assert!(replayed(
+                ledger.charge(&request("n", &id, 1, 1000, t + 2)).unwrap()
             ));
             ledger.flush().unwrap();
-            assert!(replayed(
+            assert!(
                 ledger
-                    .charge(&request("n", &fresh, 10, 1000, t + 3))
-                    .unwrap()
+                    .shared
+                    .pending_answer(&user("n"), &answer_key(&user("n"), &id))
+                    .is_none()
+            );
+            let before = ledger.stats().answer_reads;
+            assert!(replayed(
+                ledger.charge(&request("n", &id, 1, 1000, t + 3)).unwrap()
             ));
+            assert_eq!(ledger.stats().answer_reads, before + 1);
+            assert_eq!(
+                ledger.lookup(&user("n"), &id).unwrap().unwrap().answer,
+                format!("answer to {id}").into_bytes()
+            );
             ledger.close().unwrap();
         }
+        // After a restart, every answer of both rounds replays from the log.
+        let ledger = database.leased_ledger(options(10)).unwrap();
+        assert_eq!(ledger.recovery().answers, 101);
+        assert!(replayed(
+            ledger
+                .charge(&request("n", "fresh-1-49", 1, 1000, 30))
+                .unwrap()
+        ));
     }
 
     #[test]
@@ -1795,7 +1864,7 @@ mod tests {
         for index in 0..100 {
             let key = answer_key(&user("q"), &index.to_string());
             assert!(ledger.shared.pending_answer(&user("q"), &key).is_none());
-            let stored = read_answer(&database, &user("q"), &index.to_string()).unwrap();
+            let stored = ledger.shared.log.get(&key).unwrap();
             assert_eq!(
                 stored.unwrap().answer,
                 format!("answer to {index}").into_bytes()
@@ -1804,6 +1873,114 @@ mod tests {
         assert_eq!(
             read_user(&database, &user("q")).unwrap().unwrap().charges,
             100
+        );
+    }
+
+    #[test]
+    fn answers_stored_in_the_database_by_older_versions_move_to_the_log_and_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = StateDatabase::open(dir.path().join("state.redb")).unwrap();
+        // What an older version left: answers in the `ledger_answers` table (the per-charge
+        // ledger still stores them there).
+        {
+            let durable = database.ledger(LedgerOptions::default()).unwrap();
+            for index in 0..3 {
+                durable
+                    .charge(&request("m", &format!("r{index}"), 10, 1000, index))
+                    .unwrap();
+            }
+            durable.close().unwrap();
+        }
+        assert!(read_answer(&database, &user("m"), "r1").unwrap().is_some());
+        let ledger = database.leased_ledger(options(10)).unwrap();
+        assert_eq!(ledger.recovery().migrated_answers, 3);
+        // Moved: gone from the table, found in the log, replayed without a charge.
+        assert_eq!(read_answer(&database, &user("m"), "r1").unwrap(), None);
+        match ledger.charge(&request("m", "r1", 10, 1000, 5)).unwrap() {
+            ChargeOutcome::Replayed { answer, spent, .. } => {
+                assert_eq!(answer, b"answer to r1");
+                assert_eq!(spent, Rho::from_nano(30));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(ledger.stats().answer_reads, 1);
+        ledger.close().unwrap();
+        // Once only: the next open finds nothing to move, and the answers stay.
+        let ledger = database.leased_ledger(options(10)).unwrap();
+        assert_eq!(ledger.recovery().migrated_answers, 0);
+        assert_eq!(ledger.recovery().answers, 3);
+        assert!(ledger.lookup(&user("m"), "r2").unwrap().is_some());
+        // Pruning counts the moved answers like any other (charged at 0, 1, 2 s).
+        assert_eq!(ledger.prune(at(2)).unwrap(), 2);
+        assert_eq!(ledger.lookup(&user("m"), "r0").unwrap(), None);
+        assert!(ledger.lookup(&user("m"), "r2").unwrap().is_some());
+    }
+
+    #[test]
+    fn a_torn_answer_log_tail_is_cut_and_its_retry_is_charged_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let segment = {
+            let database = StateDatabase::open(&path).unwrap();
+            let ledger = database.leased_ledger(options(10)).unwrap();
+            ledger.charge(&request("t", "whole", 10, 1000, 0)).unwrap();
+            ledger.flush().unwrap();
+            ledger.charge(&request("t", "torn", 10, 1000, 1)).unwrap();
+            ledger.flush().unwrap();
+            let segment = ledger.shared.log.active_segment_path();
+            ledger.abandon();
+            segment
+        };
+        // The crash interrupted the last write: its last bytes never reached the disk.
+        let length = std::fs::metadata(&segment).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&segment)
+            .unwrap()
+            .set_len(length - 3)
+            .unwrap();
+        let database = StateDatabase::open_existing(&path).unwrap();
+        let ledger = database.leased_ledger(options(10)).unwrap();
+        let recovery = ledger.recovery().clone();
+        assert_eq!(recovery.answers, 1, "{recovery:?}");
+        assert!(recovery.truncated_bytes > 0, "{recovery:?}");
+        assert_eq!(recovery.messages.len(), 1, "{recovery:?}");
+        assert!(matches!(
+            ledger.charge(&request("t", "whole", 10, 1000, 2)).unwrap(),
+            ChargeOutcome::Replayed { .. }
+        ));
+        // Both charges were covered by the block fsynced before them (100); the retry of
+        // the lost answer is a new charge (never a refund).
+        assert_eq!(durable_spent(&database, "t"), 100);
+        assert_eq!(
+            charged(ledger.charge(&request("t", "torn", 10, 1000, 3)).unwrap()),
+            110
+        );
+    }
+
+    #[test]
+    fn retention_drops_old_answers_and_whole_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = StateDatabase::open(dir.path().join("state.redb")).unwrap();
+        let ledger = database.leased_ledger(options(64)).unwrap();
+        for index in 0..4 {
+            ledger
+                .charge(&request("r", &format!("old{index}"), 1, 1000, index))
+                .unwrap();
+        }
+        ledger.flush().unwrap();
+        ledger.shared.log.seal().unwrap();
+        ledger.charge(&request("r", "new", 1, 1000, 100)).unwrap();
+        ledger.flush().unwrap();
+        assert_eq!(ledger.shared.log.segment_count(), 2);
+        assert_eq!(ledger.prune(at(50)).unwrap(), 4);
+        assert_eq!(ledger.shared.log.segment_count(), 1);
+        assert_eq!(ledger.lookup(&user("r"), "old0").unwrap(), None);
+        assert!(ledger.lookup(&user("r"), "new").unwrap().is_some());
+        // A retry of a pruned answer is a new charge.
+        assert_eq!(
+            charged(ledger.charge(&request("r", "old0", 1, 1000, 101)).unwrap()),
+            6
         );
     }
 
