@@ -168,7 +168,8 @@ pub struct LeaseStats {
     pub answer_read_us: u64,
     /// Lease blocks requested ahead of time (renewals).
     pub renewals: u64,
-    /// Commits of the writer thread, and how many of them were fsynced.
+    /// Batches of the writer thread: answers appended to the log, with a database commit
+    /// when the batch carried commands or an fsync was due (answers alone need none).
     pub commits: u64,
     /// Fsynced commits.
     pub fsynced_commits: u64,
@@ -1359,6 +1360,18 @@ fn commit_batch(
     if let Some((cutoff_ms, limit)) = auto_prune {
         let _ = log.prune(cutoff_ms, limit);
     }
+    let stats = &shared.stats;
+    if commands.is_empty() && !immediate && auto_prune.is_none() {
+        // Answers alone: no database transaction. Their counts ride the next commit (a
+        // command's, or the fsync due within `answer_interval`).
+        count_wait(&stats.commits, &stats.writer_busy_us, started);
+        if written {
+            stats
+                .answers_written
+                .fetch_add(answers.len() as u64, Ordering::Relaxed);
+        }
+        return written;
+    }
     let outcome = apply_batch(
         database,
         "commit leases and answer counts",
@@ -1370,7 +1383,6 @@ fn commit_batch(
     if outcome.is_ok() {
         counts.clear();
     }
-    let stats = &shared.stats;
     count_wait(&stats.commits, &stats.writer_busy_us, started);
     if outcome.is_ok() && immediate {
         stats.fsynced_commits.fetch_add(1, Ordering::Relaxed);
