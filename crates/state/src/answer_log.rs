@@ -95,6 +95,11 @@ const HEADER_BYTES: usize = 16;
 /// Bytes of a body before the key.
 const BODY_FIXED_BYTES: usize = 18;
 
+/// The segment number of answers that are in the database's `ledger_answers` table (stored
+/// by older versions, or by the per-charge ledger), indexed here so that a lookup knows
+/// without a read whether a key may be stored.
+const IN_DATABASE: u32 = u32::MAX;
+
 /// Index shards (a power of two).
 const SHARDS: usize = 64;
 
@@ -115,8 +120,9 @@ pub struct LogRecovery {
     pub truncated_bytes: u64,
     /// Bytes skipped at the end of older segments after a damaged record length.
     pub skipped_bytes: u64,
-    /// Answers moved from the database table of older versions into the log.
-    pub migrated_answers: u64,
+    /// Answers found in the database table (`ledger_answers`, written by older versions or
+    /// by the per-charge ledger): indexed too, and read from the database on a retry.
+    pub database_answers: u64,
     /// What was found, one line each (empty when the log was clean).
     pub messages: Vec<String>,
 }
@@ -158,6 +164,17 @@ struct Appender {
     pruned: Vec<(u64, u32, u64)>,
     /// Encoding buffer, reused.
     buffer: Vec<u8>,
+}
+
+/// Where the answer of a key is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Lookup {
+    /// Read from the log.
+    Found(RequestRecord),
+    /// Not stored.
+    Absent,
+    /// In the database's `ledger_answers` table: read it there.
+    InDatabase,
 }
 
 /// The answer log: segment files and the index in memory.
@@ -584,15 +601,59 @@ impl AnswerLog {
             .map_or(true, |shard| shard.contains_key(&hash))
     }
 
+    /// Indexes an answer stored in the database table (`key`, charged at `charged_at_ms`)
+    /// unless the log holds one for the key.
+    pub(crate) fn index_in_database(
+        &self,
+        key: &[u8],
+        charged_at_ms: u64,
+    ) -> Result<(), StateError> {
+        let hash = key_hash(key);
+        let mut appender = lock(&self.appender)?;
+        let mut shard = lock(&self.index[(hash as usize) % SHARDS])?;
+        if shard.contains_key(&hash) {
+            return Ok(());
+        }
+        shard.insert(
+            hash,
+            Location {
+                segment: IN_DATABASE,
+                offset: 0,
+                length: 0,
+                charged_at_ms,
+            },
+        );
+        let meta = appender
+            .metas
+            .entry(IN_DATABASE)
+            .or_insert_with(SegmentMeta::empty);
+        meta.hashes.push(hash);
+        meta.live += 1;
+        meta.min_charged_ms = meta.min_charged_ms.min(charged_at_ms);
+        Ok(())
+    }
+
     /// The stored answer of `key` (`pseudonym ++ request id`), read from its segment.
     pub(crate) fn get(&self, key: &[u8]) -> Result<Option<RequestRecord>, StateError> {
+        match self.lookup(key)? {
+            Lookup::Found(record) => Ok(Some(record)),
+            Lookup::Absent | Lookup::InDatabase => Ok(None),
+        }
+    }
+
+    /// Where the stored answer of `key` is (`pseudonym ++ request id`); an answer in the log
+    /// is read from its segment.
+    pub(crate) fn lookup(&self, key: &[u8]) -> Result<Lookup, StateError> {
         let hash = key_hash(key);
         let Some(location) = lock(&self.index[(hash as usize) % SHARDS])?
             .get(&hash)
             .copied()
         else {
-            return Ok(None);
+            return Ok(Lookup::Absent);
         };
+        if location.segment == IN_DATABASE {
+            return Ok(Lookup::InDatabase);
+        }
         let file = self
             .files
             .read()
@@ -601,7 +662,7 @@ impl AnswerLog {
             .cloned();
         // A segment deleted meanwhile was pruned: the answer is gone.
         let Some(file) = file else {
-            return Ok(None);
+            return Ok(Lookup::Absent);
         };
         let mut bytes = vec![0; HEADER_BYTES + location.length as usize];
         read_at(&file, &mut bytes, location.offset)
@@ -620,17 +681,23 @@ impl AnswerLog {
         }
         let (stored_key, record) = decode_body(body).ok_or_else(|| corrupt("bad body"))?;
         // Another key with the same hash: this one is not stored.
-        Ok((stored_key == key).then_some(record))
+        Ok(if stored_key == key {
+            Lookup::Found(record)
+        } else {
+            Lookup::Absent
+        })
     }
 
     /// Forgets up to `limit` answers charged before `cutoff_ms` and deletes the sealed
     /// segments left without answers; remembers the cutoff for later opens. Returns how many
-    /// answers it forgot.
+    /// answers of the log it forgot (answers in the database table leave the index too, but
+    /// are deleted and counted by the caller's pruning of the table).
     pub(crate) fn prune(&self, cutoff_ms: u64, limit: usize) -> Result<u64, StateError> {
         let mut appender = lock(&self.appender)?;
         let appender = &mut *appender;
         let end = (appender.segment, appender.size);
         let mut removed = 0_u64;
+        let mut steps = 0_usize;
         let mut emptied = Vec::new();
         for (&segment, meta) in &mut appender.metas {
             if meta.min_charged_ms >= cutoff_ms {
@@ -647,13 +714,17 @@ impl AnswerLog {
                     continue;
                 }
                 if location.charged_at_ms < cutoff_ms {
-                    if removed as usize >= limit {
+                    if steps >= limit {
                         complete = false;
                         break;
                     }
                     shard.remove(&hash);
                     meta.live = meta.live.saturating_sub(1);
-                    removed += 1;
+                    steps += 1;
+                    // Rows of the database table are deleted (and counted) by the caller.
+                    if segment != IN_DATABASE {
+                        removed += 1;
+                    }
                 } else {
                     min_left = min_left.min(location.charged_at_ms);
                 }
@@ -661,7 +732,7 @@ impl AnswerLog {
             if complete {
                 meta.min_charged_ms = min_left;
             }
-            if meta.live == 0 && segment != appender.segment {
+            if meta.live == 0 && segment != appender.segment && segment != IN_DATABASE {
                 emptied.push(segment);
             }
             if !complete {

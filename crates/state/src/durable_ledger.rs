@@ -27,12 +27,13 @@
 
 use std::fmt;
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use redb::{ReadableTable, Table};
 
+use crate::answer_log::{AnswerLog, log_dir};
 use crate::database::{LEDGER_ANSWER_TIMES, LEDGER_ANSWERS, LEDGER_USERS, StateDatabase};
 use crate::error::StateError;
 use crate::ledger::{
@@ -144,6 +145,8 @@ impl WriterCommand for Command {
 /// The durable, group-committing ledger. Create it with [`StateDatabase::ledger`].
 pub struct DurableLedger {
     database: StateDatabase,
+    /// Answers the leased ledger stored (on an earlier run): still replayed.
+    log: Arc<AnswerLog>,
     sender: RwLock<Option<Sender<Command>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -165,14 +168,20 @@ impl StateDatabase {
                 reason: "must be at least 1".to_string(),
             });
         }
+        // Answers stored by the leased ledger on an earlier run are in its log: they replay
+        // here too (this ledger stores its own in the database table).
+        let (log, _) = AnswerLog::open(&log_dir(self.path()))?;
+        let log = Arc::new(log);
         let (sender, receiver) = mpsc::channel();
         let database = self.clone();
+        let writer_log = Arc::clone(&log);
         let writer = std::thread::Builder::new()
             .name("fairrank-ledger-writer".to_string())
-            .spawn(move || run_writer(&database, &receiver, &options))
+            .spawn(move || run_writer(&database, &writer_log, &receiver, &options))
             .map_err(|error| self.storage("start the ledger writer thread", error))?;
         Ok(DurableLedger {
             database: self.clone(),
+            log,
             sender: RwLock::new(Some(sender)),
             writer: Mutex::new(Some(writer)),
         })
@@ -230,6 +239,16 @@ impl DurableLedger {
 impl BudgetLedger for DurableLedger {
     fn charge(&self, request: &ChargeRequest) -> Result<ChargeOutcome, StateError> {
         let params = request.params()?;
+        // The log is not written while this ledger runs: a replay found there needs no
+        // transaction.
+        if let Some(stored) = self
+            .log
+            .get(&answer_key(&request.pseudonym, &request.request_id))?
+        {
+            self.ensure_open()?;
+            let record = read_user(&self.database, &request.pseudonym)?;
+            return Ok(replay(record.as_ref(), &params, stored));
+        }
         let (reply, receiver) = mpsc::sync_channel(1);
         let command = Command::Charge {
             charge: QueuedCharge {
@@ -249,7 +268,11 @@ impl BudgetLedger for DurableLedger {
         request_id: &str,
     ) -> Result<Option<StoredAnswer>, StateError> {
         self.ensure_open()?;
-        Ok(read_answer(&self.database, pseudonym, request_id)?.map(RequestRecord::into_stored))
+        let stored = match read_answer(&self.database, pseudonym, request_id)? {
+            Some(stored) => Some(stored),
+            None => self.log.get(&answer_key(pseudonym, request_id))?,
+        };
+        Ok(stored.map(RequestRecord::into_stored))
     }
 
     fn spend(&self, pseudonym: &Pseudonym, now: SystemTime) -> Result<UserSpend, StateError> {
@@ -262,7 +285,8 @@ impl BudgetLedger for DurableLedger {
     fn prune(&self, older_than: SystemTime) -> Result<u64, StateError> {
         let cutoff_ms = unix_millis(older_than, "older_than")?;
         let (reply, receiver) = mpsc::sync_channel(1);
-        self.call(Command::Prune { cutoff_ms, reply }, &receiver)
+        let pruned = self.call(Command::Prune { cutoff_ms, reply }, &receiver)?;
+        Ok(pruned + self.log.prune(cutoff_ms, usize::MAX)?)
     }
 
     fn flush(&self) -> Result<(), StateError> {
@@ -284,7 +308,12 @@ impl Drop for DurableLedger {
 }
 
 /// The writer thread: batches commands until every sender is gone.
-fn run_writer(database: &StateDatabase, receiver: &Receiver<Command>, options: &LedgerOptions) {
+fn run_writer(
+    database: &StateDatabase,
+    log: &AnswerLog,
+    receiver: &Receiver<Command>,
+    options: &LedgerOptions,
+) {
     let mut batch = Vec::with_capacity(options.max_batch.min(4096));
     let mut auto_prune = AutoPrune::new();
     while let Ok(first) = receiver.recv() {
@@ -296,6 +325,10 @@ fn run_writer(database: &StateDatabase, receiver: &Receiver<Command>, options: &
             }
         }
         let prune = auto_prune.due(options);
+        if let Some((cutoff_ms, limit)) = prune {
+            // A failure only keeps old answers longer (the next pruning tries again).
+            let _ = log.prune(cutoff_ms, limit);
+        }
         let outcome = apply_batch(
             database,
             "commit a batch of charges",
@@ -378,14 +411,21 @@ pub(crate) fn read_answer(
     pseudonym: &Pseudonym,
     request_id: &str,
 ) -> Result<Option<RequestRecord>, StateError> {
+    read_answer_at(database, &answer_key(pseudonym, request_id))
+}
+
+/// The committed answer stored under `key` (`pseudonym ++ request id`), if any.
+pub(crate) fn read_answer_at(
+    database: &StateDatabase,
+    key: &[u8],
+) -> Result<Option<RequestRecord>, StateError> {
     let operation = "look up a stored answer";
     let transaction = database.begin_read(operation)?;
     let answers = transaction
         .open_table(LEDGER_ANSWERS)
         .map_err(|error| database.storage(operation, error))?;
-    let key = answer_key(pseudonym, request_id);
     match answers
-        .get(key.as_slice())
+        .get(key)
         .map_err(|error| database.storage(operation, error))?
     {
         Some(guard) => Ok(Some(decode_answer(database, guard.value())?)),

@@ -11,10 +11,10 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::answer_log::{AnswerLog, LogRecovery, key_hash, log_dir};
-use crate::database::{LEDGER_ANSWER_TIMES, LEDGER_ANSWERS, StateDatabase};
+use crate::answer_log::{AnswerLog, LogRecovery, Lookup, key_hash, log_dir};
+use crate::database::{LEDGER_ANSWERS, StateDatabase};
 use crate::durable_ledger::{
-    LedgerOptions, LedgerTables, answer_key, decode_answer, decode_user, prune_answers, read_user,
+    LedgerOptions, LedgerTables, answer_key, decode_user, prune_answers, read_answer_at, read_user,
 };
 use crate::error::StateError;
 use crate::ledger::{
@@ -429,7 +429,12 @@ impl Shared {
             return Ok(None);
         }
         let started = Instant::now();
-        let read = self.log.get(key);
+        let read = match self.log.lookup(key) {
+            Ok(Lookup::Found(record)) => Ok(Some(record)),
+            Ok(Lookup::Absent) => Ok(None),
+            Ok(Lookup::InDatabase) => read_answer_at(&self.database, key),
+            Err(error) => Err(error),
+        };
         count_wait(
             &self.stats.answer_reads,
             &self.stats.answer_read_us,
@@ -547,12 +552,13 @@ impl StateDatabase {
     /// or [`StateDatabase::ledger`] on one database, not both at once.
     ///
     /// Opens the answer log next to the database file (`state.redb.answers/`; see
-    /// [`LogRecovery`] for what the scan repairs) and moves answers stored in the database by
-    /// older versions into it, once.
+    /// [`LogRecovery`] for what the scan repairs) and indexes the answers stored in the
+    /// database table by older versions or by the per-charge ledger (read from there on a
+    /// retry; the table is left as it is, so either ledger can be used on the file later).
     pub fn leased_ledger(&self, options: LeaseOptions) -> Result<LeasedLedger, StateError> {
         options.validate()?;
         let (log, mut recovery) = AnswerLog::open(&log_dir(self.path()))?;
-        recovery.migrated_answers = migrate_answers(self, &log)?;
+        recovery.database_answers = index_database_answers(self, &log)?;
         let shared = Arc::new(Shared {
             database: self.clone(),
             pending: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
@@ -585,56 +591,31 @@ impl StateDatabase {
     }
 }
 
-/// Moves the answers that older versions stored in the database (table `ledger_answers`)
-/// into the answer log: appended and fsynced first, then deleted from the database in one
-/// durable commit. A crash in between leaves them in both, and the next open moves them
-/// again (the log keeps the later copy of a key, with the same content). Returns how many
-/// were moved.
-fn migrate_answers(database: &StateDatabase, log: &AnswerLog) -> Result<u64, StateError> {
-    use redb::{ReadableTable, ReadableTableMetadata};
-    let operation = "move stored answers into the answer log";
+/// Indexes the answers in the database table `ledger_answers` (written by older versions, or
+/// by the per-charge ledger) in the answer log's index, so that a lookup knows without a read
+/// whether a key may be stored there. Returns how many there are.
+fn index_database_answers(database: &StateDatabase, log: &AnswerLog) -> Result<u64, StateError> {
+    use redb::ReadableTable;
+    let operation = "index the answers stored in the database";
     let storage = |error: redb::StorageError| database.storage(operation, error);
     let transaction = database.begin_read(operation)?;
     let answers = transaction
         .open_table(LEDGER_ANSWERS)
         .map_err(|error| database.storage(operation, error))?;
-    if answers.len().map_err(storage)? == 0 {
-        return Ok(0);
-    }
-    let mut moved = 0_u64;
-    let mut batch: Vec<(Vec<u8>, RequestRecord)> = Vec::new();
+    let mut count = 0_u64;
     for entry in answers.iter().map_err(storage)? {
         let (key, value) = entry.map_err(storage)?;
-        // A record that does not decode is dropped (its retry is charged again).
-        if let Ok(record) = decode_answer(database, value.value()) {
-            batch.push((key.value().to_vec(), record));
-        }
-        if batch.len() >= 1024 {
-            moved += batch.len() as u64;
-            log.append(batch.iter().map(|(key, record)| (key.as_slice(), record)))?;
-            batch.clear();
-        }
+        // The charge time leads the record; a record too short for it is indexed as charged
+        // at 0 (a retry reads it and reports it corrupt).
+        let charged_at_ms = value
+            .value()
+            .get(..8)
+            .and_then(|bytes| bytes.try_into().ok())
+            .map_or(0, u64::from_le_bytes);
+        log.index_in_database(key.value(), charged_at_ms)?;
+        count += 1;
     }
-    moved += batch.len() as u64;
-    log.append(batch.iter().map(|(key, record)| (key.as_slice(), record)))?;
-    log.sync()?;
-    drop(answers);
-    drop(transaction);
-    let transaction = database.begin_write(operation)?;
-    {
-        let mut answers = transaction
-            .open_table(LEDGER_ANSWERS)
-            .map_err(|error| database.storage(operation, error))?;
-        answers.retain(|_, _| false).map_err(storage)?;
-        let mut times = transaction
-            .open_table(LEDGER_ANSWER_TIMES)
-            .map_err(|error| database.storage(operation, error))?;
-        times.retain(|_, _| false).map_err(storage)?;
-    }
-    transaction
-        .commit()
-        .map_err(|error| database.storage(operation, error))?;
-    Ok(moved)
+    Ok(count)
 }
 
 /// Locks a mutex; a poisoned one (a panic while holding it) means the store stopped.
@@ -1889,11 +1870,12 @@ mod tests {
     }
 
     #[test]
-    fn answers_stored_in_the_database_by_older_versions_move_to_the_log_and_replay() {
+    fn answers_in_the_database_table_replay_and_either_ledger_replays_the_others_answers() {
         let dir = tempfile::tempdir().unwrap();
         let database = StateDatabase::open(dir.path().join("state.redb")).unwrap();
-        // What an older version left: answers in the `ledger_answers` table (the per-charge
-        // ledger still stores them there).
+        let replayed = |outcome: ChargeOutcome| matches!(outcome, ChargeOutcome::Replayed { .. });
+        // What an older version (or the per-charge ledger) left: answers in the
+        // `ledger_answers` table.
         {
             let durable = database.ledger(LedgerOptions::default()).unwrap();
             for index in 0..3 {
@@ -1903,29 +1885,57 @@ mod tests {
             }
             durable.close().unwrap();
         }
-        assert!(read_answer(&database, &user("m"), "r1").unwrap().is_some());
-        let ledger = database.leased_ledger(options(10)).unwrap();
-        assert_eq!(ledger.recovery().migrated_answers, 3);
-        // Moved: gone from the table, found in the log, replayed without a charge.
-        assert_eq!(read_answer(&database, &user("m"), "r1").unwrap(), None);
-        match ledger.charge(&request("m", "r1", 10, 1000, 5)).unwrap() {
-            ChargeOutcome::Replayed { answer, spent, .. } => {
-                assert_eq!(answer, b"answer to r1");
-                assert_eq!(spent, Rho::from_nano(30));
+        {
+            let ledger = database.leased_ledger(options(10)).unwrap();
+            assert_eq!(ledger.recovery().database_answers, 3);
+            match ledger.charge(&request("m", "r1", 10, 1000, 5)).unwrap() {
+                ChargeOutcome::Replayed { answer, spent, .. } => {
+                    assert_eq!(answer, b"answer to r1");
+                    assert_eq!(spent, Rho::from_nano(30));
+                }
+                other => panic!("{other:?}"),
             }
-            other => panic!("{other:?}"),
+            assert_eq!(ledger.stats().answer_reads, 1);
+            // A new request id is known to be new without a read.
+            assert_eq!(
+                charged(ledger.charge(&request("m", "leased", 10, 1000, 6)).unwrap()),
+                40
+            );
+            assert_eq!(ledger.stats().answer_reads, 1);
+            ledger.close().unwrap();
         }
-        assert_eq!(ledger.stats().answer_reads, 1);
-        ledger.close().unwrap();
-        // Once only: the next open finds nothing to move, and the answers stay.
+        // The table is left as it was: the per-charge ledger replays its own answers and
+        // the leased ledger's (from the log).
+        assert!(read_answer(&database, &user("m"), "r1").unwrap().is_some());
+        {
+            let durable = database.ledger(LedgerOptions::default()).unwrap();
+            assert!(replayed(
+                durable.charge(&request("m", "r0", 10, 1000, 7)).unwrap()
+            ));
+            assert!(replayed(
+                durable
+                    .charge(&request("m", "leased", 10, 1000, 7))
+                    .unwrap()
+            ));
+            assert!(durable.lookup(&user("m"), "leased").unwrap().is_some());
+            durable.close().unwrap();
+        }
         let ledger = database.leased_ledger(options(10)).unwrap();
-        assert_eq!(ledger.recovery().migrated_answers, 0);
-        assert_eq!(ledger.recovery().answers, 3);
+        assert_eq!(
+            (
+                ledger.recovery().database_answers,
+                ledger.recovery().answers
+            ),
+            (3, 1)
+        );
         assert!(ledger.lookup(&user("m"), "r2").unwrap().is_some());
-        // Pruning counts the moved answers like any other (charged at 0, 1, 2 s).
+        // Pruning counts each answer once, wherever it is (charged at 0, 1, 2 and 6 s).
         assert_eq!(ledger.prune(at(2)).unwrap(), 2);
         assert_eq!(ledger.lookup(&user("m"), "r0").unwrap(), None);
+        assert_eq!(read_answer(&database, &user("m"), "r0").unwrap(), None);
         assert!(ledger.lookup(&user("m"), "r2").unwrap().is_some());
+        assert_eq!(ledger.prune(at(7)).unwrap(), 2);
+        assert_eq!(ledger.lookup(&user("m"), "leased").unwrap(), None);
     }
 
     #[test]

@@ -776,9 +776,12 @@ fn noisy_each(
 /// Conversions remembered per thread by [`epsilon_of`].
 const EPSILON_MEMO: usize = 8;
 
+/// `(rho bits, delta bits, epsilon)` of recent conversions, and the slot to replace next.
+type EpsilonMemo = ([(u64, u64, f64); EPSILON_MEMO], usize);
+
 thread_local! {
-    /// `(rho bits, delta bits, epsilon)` of recent conversions, and the slot to replace next.
-    static EPSILON_OF: RefCell<([(u64, u64, f64); EPSILON_MEMO], usize)> =
+    /// Recent conversions of this thread.
+    static EPSILON_OF: RefCell<EpsilonMemo> =
         const { RefCell::new(([(u64::MAX, u64::MAX, 0.0); EPSILON_MEMO], 0)) };
 }
 
@@ -913,7 +916,12 @@ mod tests {
     fn remembered_epsilons_are_bit_identical_to_fresh_conversions() {
         // More distinct inputs than the memo holds, each asked several times in a mixed order.
         let inputs: Vec<(f64, f64)> = (0..2 * EPSILON_MEMO)
-            .map(|index| (0.001 * (index + 1) as f64, if index % 2 == 0 { 1e-6 } else { 1e-9 }))
+            .map(|index| {
+                (
+                    0.001 * (index + 1) as f64,
+                    if index % 2 == 0 { 1e-6 } else { 1e-9 },
+                )
+            })
             .collect();
         for round in 0..3 {
             for (index, &(rho, delta)) in inputs.iter().enumerate() {
@@ -924,8 +932,15 @@ mod tests {
                 };
                 let remembered = epsilon_of(rho, delta).expect("converts");
                 let fresh = rho_to_epsilon(rho, delta).expect("converts");
-                assert_eq!(remembered.to_bits(), fresh.to_bits(), "rho {rho}, delta {delta}");
-                assert_eq!(epsilon_of(rho, delta).expect("converts").to_bits(), fresh.to_bits());
+                assert_eq!(
+                    remembered.to_bits(),
+                    fresh.to_bits(),
+                    "rho {rho}, delta {delta}"
+                );
+                assert_eq!(
+                    epsilon_of(rho, delta).expect("converts").to_bits(),
+                    fresh.to_bits()
+                );
             }
         }
         // Errors are not remembered.

@@ -26,8 +26,8 @@ use crate::response::{
     FairnessViolation, GroupExposure, ViolationKind,
 };
 
-use super::{ReleaseTail, StoredRelease};
 use super::fingerprint::{RequestDigest, StoredFingerprint};
+use super::{ReleaseTail, StoredRelease};
 
 /// The first bytes of a binary record: magic and format version.
 pub(super) const MAGIC: [u8; 4] = *b"FRR\x04";

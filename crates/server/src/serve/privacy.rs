@@ -71,16 +71,40 @@ pub fn open_durable(
                 .ledger(ledger_options(config))
                 .with_context(starting)?,
         ),
-        LedgerCommit::Leased => Arc::new(
-            database
+        LedgerCommit::Leased => {
+            let ledger = database
                 .leased_ledger(LeaseOptions {
                     lease_charges: config.ledger.lease_charges,
                     store: ledger_options(config),
                     ..LeaseOptions::default()
                 })
-                .with_context(starting)?,
-        ),
+                .with_context(starting)?;
+            log_recovery(ledger.recovery());
+            Arc::new(ledger)
+        }
     })
+}
+
+/// Reports what opening the leased ledger's answer log found (a torn tail after a crash, a
+/// damaged record, answers moved from the database of an older version).
+fn log_recovery(recovery: &state::LogRecovery) {
+    for message in &recovery.messages {
+        tracing::warn!(
+            "stored answers (replay records): {message}; a retry of an answer lost this way is \
+             charged again as a new request"
+        );
+    }
+    if recovery.migrated_answers > 0 {
+        tracing::info!(
+            answers = recovery.migrated_answers,
+            "moved the stored answers of an older version from the database into the answer log"
+        );
+    }
+    tracing::debug!(
+        segments = recovery.segments,
+        answers = recovery.answers,
+        "opened the answer log"
+    );
 }
 
 /// The engine's privacy setup: the configuration and `ledger` keyed by `key`.
