@@ -50,7 +50,11 @@ pub struct LedgerOptions {
     pub max_batch: usize,
     /// Stored answers older than this (by the server clock) are deleted automatically by the
     /// writer; `None` keeps them until [`BudgetLedger::prune`] is called. Set it to at least
-    /// the budget window: a retry whose answer was pruned is charged again.
+    /// the budget window: a retry whose answer was pruned is charged again. (The server sets
+    /// `max(budget window, 1 hour)`: one day by default.) This is the replay window of both
+    /// ledgers: a pruned answer is no longer found at once. In the leased ledger's answer
+    /// log, disk space is given back by whole segments, each sealed after 64 MiB or one hour,
+    /// so a segment file may hold pruned answers (not found) until its newest answer expires.
     pub retention: Option<Duration>,
     /// How often automatic pruning runs (it shares a batch's transaction).
     pub prune_interval: Duration,

@@ -482,14 +482,20 @@ impl Shared {
 ///
 /// # Stored answers (idempotency)
 ///
-/// The answer of each accepted charge is kept in memory and written to the database by the
-/// writer thread in batches (at most [`LeaseOptions::answer_interval`] later): these replay
-/// records are **not on the release path**; a charge inside its lease returns at once. A
-/// retry with the same request id finds the answer in memory or in the database and gets
-/// the same answer with no new charge. To know that a request id is *new* without a
-/// database read, each user in memory keeps the 64-bit hashes of its stored request ids
-/// ([`LeaseOptions::known_ids_per_user`]; read once when the user is loaded): a hash not in
-/// the set is certainly new, a hash in it (a retry, or a rare collision) is looked up.
+/// The answer of each accepted charge is kept in memory and appended by the writer thread in
+/// batches (at most [`LeaseOptions::answer_interval`] later) to the *answer log*, a directory
+/// of append-only segment files next to the database (`state.redb.answers/`; format,
+/// recovery rule and retention in `answer_log.rs`), fsynced on the cadence the database is:
+/// these replay records are **not on the release path**; a charge inside its lease returns
+/// at once. (They used to be rows of a database table keyed by pseudonym and request id; a
+/// row per answer cost a copy-on-write of a random B-tree leaf. Rows left there by older
+/// versions, or by the per-charge ledger, are indexed at open and read in place.) A retry
+/// with the same request id finds the answer in memory or through the log's index (in
+/// memory, rebuilt by scanning the log at open) and gets the same answer with no new charge.
+/// A request id the index does not know is certainly new: no read; one it knows (a retry,
+/// or a rare 64-bit hash collision, told apart by the key stored in the record) is read
+/// from its segment. What opening the log repaired (a torn tail cut after a crash, a
+/// corrupt record skipped) is in [`LeasedLedger::recovery`].
 ///
 /// Why the replay records may be group-committed off the release path: what must survive a
 /// crash is the *charge*, and it does: the block that covers it was fsynced before the
@@ -508,7 +514,8 @@ impl Shared {
 /// # Per-request differences from the durable ledger (by design)
 ///
 /// - `UserSpend::leased_unused` reports the reservation; `spent` is only what answers used.
-/// - `UserSpend::charges` of a user not in memory counts the *written* answers of the window.
+/// - `UserSpend::charges` of a user not in memory counts the *written* answers of the window
+///   whose count reached the database (counts ride the writer's next database commit).
 /// - After a crash, `spent` includes the wasted rest of the leases that were live.
 ///
 /// Only one process may use a database (redb holds a file lock), so leases never race with
@@ -523,8 +530,10 @@ impl Shared {
 /// target load of 5,000 charges/s from 16 threads: 11 us mean per charge (p50 9 us, p99
 /// 43 us in a separate run) against 3.5 us for the in-memory ledger and 3-6 ms for
 /// [`DurableLedger`](crate::DurableLedger), that is under 4% of a 0.3 ms Rank. The limit is
-/// the writer storing answers (about 17,000-26,000 answers/s there, by redb B-tree inserts):
-/// above that rate charges wait for it ([`LeaseOptions::max_unwritten_answers`]).
+/// the writer storing answers: above its rate charges wait for it
+/// ([`LeaseOptions::max_unwritten_answers`]). Appending to the answer log costs the writer
+/// about 10 000 instructions per answer where a redb row cost about 70 000 (see
+/// `BENCHMARKS.md`, "Privacy").
 pub struct LeasedLedger {
     shared: Arc<Shared>,
     options: LeaseOptions,

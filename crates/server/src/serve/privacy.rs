@@ -86,7 +86,7 @@ pub fn open_durable(
 }
 
 /// Reports what opening the leased ledger's answer log found (a torn tail after a crash, a
-/// damaged record, answers moved from the database of an older version).
+/// damaged record).
 fn log_recovery(recovery: &state::LogRecovery) {
     for message in &recovery.messages {
         tracing::warn!(
@@ -94,16 +94,12 @@ fn log_recovery(recovery: &state::LogRecovery) {
              charged again as a new request"
         );
     }
-    if recovery.migrated_answers > 0 {
-        tracing::info!(
-            answers = recovery.migrated_answers,
-            "moved the stored answers of an older version from the database into the answer log"
-        );
-    }
     tracing::debug!(
         segments = recovery.segments,
         answers = recovery.answers,
-        "opened the answer log"
+        database_answers = recovery.database_answers,
+        "opened the answer log (database_answers: stored by an older version or the \
+         per-charge ledger, read in place)"
     );
 }
 
