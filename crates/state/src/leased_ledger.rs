@@ -3,7 +3,7 @@
 //!
 //! The semantics (leases, what is durable, crashes, retries) are documented on [`LeasedLedger`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError};
@@ -515,7 +515,9 @@ impl Shared {
 ///
 /// - `UserSpend::leased_unused` reports the reservation; `spent` is only what answers used.
 /// - `UserSpend::charges` of a user not in memory counts the *written* answers of the window
-///   whose count reached the database (counts ride the writer's next database commit).
+///   whose count reached the database: counts are written with the user's next lease or
+///   returned lease, or with all others within about a second ([`BudgetLedger::flush`] and
+///   a clean close write them all).
 /// - After a crash, `spent` includes the wasted rest of the leases that were live.
 ///
 /// Only one process may use a database (redb holds a file lock), so leases never race with
@@ -1164,7 +1166,7 @@ fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOpti
     // Answers taken from the queue whose commit failed; retried first.
     let mut retry: Vec<Arc<PendingAnswer>> = Vec::new();
     let mut auto_prune = AutoPrune::new();
-    let mut counts = Counts::new();
+    let mut counts = Counts::default();
     let mut last_fsync = Instant::now();
     // Some commit since the last fsync was not fsynced.
     let mut unsynced = false;
@@ -1292,8 +1294,18 @@ fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOpti
     }
 }
 
-/// Answers written per user and window whose count is not yet in the database.
-type Counts = HashMap<(Pseudonym, u64), u64>;
+/// Answers written per user and window whose count is not yet in the database, and when the
+/// oldest of them was counted.
+#[derive(Default)]
+struct Counts {
+    pending: HashMap<(Pseudonym, u64), u64>,
+    since: Option<Instant>,
+}
+
+/// How long a written answer's count may wait for its user's next lease or return before
+/// all waiting counts are written (a user's record is written with its leases anyway; this
+/// bounds how stale `UserSpend::charges` of a user not in memory can be).
+const COUNT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Appends `answers` to the answer log (fsynced when `immediate`), removes them from memory,
 /// then applies `commands` and the answers' counts in one transaction and commits it; replies
@@ -1322,8 +1334,12 @@ fn commit_batch(
     if written {
         for answer in answers {
             *counts
+                .pending
                 .entry((answer.pseudonym, answer.window_start_ms))
                 .or_default() += 1;
+        }
+        if !answers.is_empty() && counts.since.is_none() {
+            counts.since = Some(Instant::now());
         }
         // Written: memory may now forget the answers (lookups find them in the log).
         for answer in answers {
@@ -1362,16 +1378,54 @@ fn commit_batch(
         }
         return written;
     }
+    // Counts go with their users' leases and returns in this batch; all of them when a
+    // caller waits for everything (flush, prune, close) or the oldest waited long enough.
+    let all = commands
+        .iter()
+        .any(|command| matches!(command, Command::Flush { .. } | Command::Prune { .. }))
+        || counts
+            .since
+            .is_some_and(|since| since.elapsed() >= COUNT_INTERVAL);
+    let mut due: Vec<((Pseudonym, u64), u64)> = if all {
+        counts.pending.drain().collect()
+    } else {
+        let touched: HashSet<Pseudonym> = commands
+            .iter()
+            .filter_map(|command| match command {
+                Command::Lease { pseudonym, .. } | Command::Return { pseudonym, .. } => {
+                    Some(*pseudonym)
+                }
+                _ => None,
+            })
+            .collect();
+        if touched.is_empty() {
+            Vec::new()
+        } else {
+            counts
+                .pending
+                .extract_if(|(user, _), _| touched.contains(user))
+                .collect()
+        }
+    };
+    if counts.pending.is_empty() {
+        counts.since = None;
+    }
     let outcome = apply_batch(
         database,
         "commit leases and answer counts",
         immediate,
         commands,
         auto_prune,
-        |tables| count_answers(database, tables, counts),
+        |tables| count_answers(database, tables, &due),
     );
-    if outcome.is_ok() {
-        counts.clear();
+    if outcome.is_err() {
+        // Retried with a later commit.
+        for (key, count) in due.drain(..) {
+            *counts.pending.entry(key).or_default() += count;
+        }
+        if !counts.pending.is_empty() && counts.since.is_none() {
+            counts.since = Some(Instant::now());
+        }
     }
     count_wait(&stats.commits, &stats.writer_busy_us, started);
     if outcome.is_ok() && immediate {
@@ -1469,9 +1523,9 @@ fn apply_return(
 fn count_answers(
     database: &StateDatabase,
     tables: &mut LedgerTables<'_>,
-    counts: &Counts,
+    counts: &[((Pseudonym, u64), u64)],
 ) -> Result<(), StateError> {
-    for (&(pseudonym, window_start_ms), &count) in counts {
+    for &((pseudonym, window_start_ms), count) in counts {
         // A corrupt user record is reported by the next lease; the answers are still stored.
         if let Ok(Some(mut record)) = user_in(database, tables, &pseudonym)?
             && record.window_start_ms == window_start_ms
