@@ -525,16 +525,17 @@ impl Shared {
 ///
 /// # Cost
 ///
-/// A charge inside a lease costs a few map look-ups, a hash of its request id (no database
-/// read for a new request id; a retry reads once) and queueing its answer: no fsync, and no
+/// A charge inside a lease costs a few map look-ups, a hash of its request id (no read for a
+/// new request id; a retry reads its answer once) and queueing its answer: no fsync, and no
 /// wait on any commit except a lease's ([`LeasedLedger::stats`] counts the waits). Measured in
 /// `benches/benches/state.rs` on a shared 2-core VM whose fdatasync takes 0.3-3 ms, at the
 /// target load of 5,000 charges/s from 16 threads: 11 us mean per charge (p50 9 us, p99
 /// 43 us in a separate run) against 3.5 us for the in-memory ledger and 3-6 ms for
 /// [`DurableLedger`](crate::DurableLedger), that is under 4% of a 0.3 ms Rank. The limit is
 /// the writer storing answers: above its rate charges wait for it
-/// ([`LeaseOptions::max_unwritten_answers`]). Appending to the answer log costs the writer
-/// about 10 000 instructions per answer where a redb row cost about 70 000 (see
+/// ([`LeaseOptions::max_unwritten_answers`]). Appending an answer to the answer log costs
+/// the writer about 4 000 instructions; with its share of the lease commits the writer
+/// spends about 27 000 per answer, where one redb row per answer made it about 72 000 (see
 /// `BENCHMARKS.md`, "Privacy").
 pub struct LeasedLedger {
     shared: Arc<Shared>,
