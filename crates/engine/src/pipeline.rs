@@ -356,7 +356,7 @@ pub(crate) fn finish(
     // pool in the batch), best first.
     let stage = Instant::now();
     scored.truncate(prepared.pool);
-    let mut pool = scored;
+    let pool = scored;
     let now = Instant::now();
     timings.select_pool_us = micros(now - stage);
 
@@ -373,8 +373,10 @@ pub(crate) fn finish(
     )?;
     timings.rerank_us = outcome.rerank_us;
     timings.report_us = outcome.report_us;
-    let mut answer = outcome.answer;
+    let answer = outcome.answer;
     let mut fairness = outcome.report;
+    // A replay's answer items (row and pseudo-score, pool position) and pool size.
+    let mut restored = None;
     let pending_state = outcome.pending_state;
 
     // Privacy: charge the ledger before anything is released (fail closed).
@@ -392,7 +394,7 @@ pub(crate) fn finish(
                     Some((record, spend, false))
                 }
                 Charged::Replay(record) => {
-                    (pool, answer) = restore_release(&prepared, &plan, &record)?;
+                    restored = Some(restore_release(&prepared, &plan, &record)?);
                     // The report of the answer released first, not of this attempt's pool.
                     if let Some(report) = &record.fairness {
                         fairness = report.clone();
@@ -410,6 +412,22 @@ pub(crate) fn finish(
             }
         }
     };
+    // The released items with their positions in the pool, and the pool's size.
+    let (released, pool_size) = match restored {
+        Some(restored) => restored,
+        None => {
+            let mut released = Vec::with_capacity(answer.len());
+            for &pool_position in &answer {
+                let Some(scored) = pool.get(pool_position) else {
+                    return Err(EngineError::internal(
+                        "re-ranker returned a position outside the pool",
+                    ));
+                };
+                released.push((*scored, pool_position));
+            }
+            (released, pool.len())
+        }
+    };
     let timings = &mut prepared.timings;
     let now = Instant::now();
 
@@ -420,7 +438,7 @@ pub(crate) fn finish(
     let has_prior = table.prior().is_some();
     let (basis, score_kind) = match &prepared.personalization {
         Personalization::Personalized(_) if release.is_some() => (
-            Basis::Private { picks: pool.len() },
+            Basis::Private { picks: pool_size },
             match &release {
                 Some((record, _, _)) if record.scores.is_some() => ScoreKind::NoisyDotProduct,
                 _ => ScoreKind::Withheld,
@@ -458,13 +476,8 @@ pub(crate) fn finish(
         basis,
     };
     let attributes = table.group_attribute_names().len();
-    let mut items = Vec::with_capacity(answer.len());
-    for (position, &pool_position) in answer.iter().enumerate() {
-        let Some(scored) = pool.get(pool_position) else {
-            return Err(EngineError::internal(
-                "re-ranker returned a position outside the pool",
-            ));
-        };
+    let mut items = Vec::with_capacity(released.len());
+    for (position, &(scored, pool_position)) in released.iter().enumerate() {
         let row = scored.index as usize;
         let (Some(id), Some(embedding)) = (table.get_id(row), table.get_row(row)) else {
             return Err(EngineError::internal(format!(
@@ -529,7 +542,7 @@ pub(crate) fn finish(
         items_table: prepared.items.version(),
         users_table: prepared.users_version,
         scored_items,
-        pool_size: pool.len(),
+        pool_size,
         skipped_candidate_ids: prepared.skipped,
         timings: prepared.timings,
     })
@@ -557,12 +570,16 @@ fn charge_release(
     let Personalization::Personalized(query) = &prepared.personalization else {
         return Err(EngineError::internal("a DP plan without a user embedding"));
     };
-    let mut pool_ids = Vec::with_capacity(pool.len());
-    for item in pool {
-        let id = table.get_id(item.index as usize).ok_or_else(|| {
-            EngineError::internal(format!("pooled row {} is not in the table", item.index))
-        })?;
-        pool_ids.push(id.to_owned());
+    // The record keeps the answer's ids only (a replay needs no other pooled id).
+    let mut answer_ids = Vec::with_capacity(answer.len());
+    for &position in answer {
+        let id = pool
+            .get(position)
+            .and_then(|item| table.get_id(item.index as usize))
+            .ok_or_else(|| {
+                EngineError::internal(format!("answer position {position} is not in the pool"))
+            })?;
+        answer_ids.push((position as u32, id.to_owned()));
     }
     let scores = if plan.score_count > 0 {
         let exact: Vec<f32> = answer
@@ -575,12 +592,17 @@ fn charge_release(
     } else {
         None
     };
-    let mut record = private::release_record(plan, pool_ids, answer, scores)?;
-    record.fairness = Some(fairness.clone());
+    let record = private::release_record(plan, pool.len(), answer_ids, scores)?;
     if plan.mechanism.is_none() || record.rho <= 0.0 {
         return Ok(Charged::Fresh(record, None));
     }
-    match private::charge(plan.ledger.as_ref(), plan, &prepared.request_id, &record)? {
+    match private::charge(
+        plan.ledger.as_ref(),
+        plan,
+        &prepared.request_id,
+        &record,
+        fairness,
+    )? {
         LedgerOutcome::Charged(spend) => Ok(Charged::Fresh(record, Some(spend))),
         LedgerOutcome::Replayed { answer } => Ok(Charged::Replay(StoredRelease::decode(&answer)?)),
         LedgerOutcome::Exceeded(spend) => match plan.on_exhausted {
@@ -592,12 +614,13 @@ fn charge_release(
     }
 }
 
-/// The pool and answer of a stored release, mapped onto the serving table.
+/// The answer of a stored release mapped onto the serving table: each item's row with its
+/// pseudo-score from rank (as at release) and its position in the pool; and the pool's size.
 fn restore_release(
     prepared: &Prepared,
     plan: &Plan,
     record: &StoredRelease,
-) -> Result<(Vec<ScoredItem>, Vec<usize>), EngineError> {
+) -> Result<(Vec<(ScoredItem, usize)>, usize), EngineError> {
     if record.fingerprint != plan.fingerprint {
         return Err(EngineError::FailedPrecondition {
             field: Some("request_id".to_owned()),
@@ -610,9 +633,13 @@ fn restore_release(
         });
     }
     let table = &prepared.items.data.table;
-    let picks = record.pool.len();
-    let mut pool = Vec::with_capacity(picks);
-    for (position, id) in record.pool.iter().enumerate() {
+    let picks = record.picks as usize;
+    let mut released = Vec::with_capacity(record.answer.len());
+    for (position, id) in &record.answer {
+        let position = *position as usize;
+        if position >= picks {
+            continue;
+        }
         let row = table
             .index_of(id)
             .ok_or_else(|| EngineError::LedgerUnavailable {
@@ -622,13 +649,7 @@ fn restore_release(
                     prepared.request_id
                 ),
             })?;
-        pool.push(ScoredItem::new(row, (picks - position) as f32));
+        released.push((ScoredItem::new(row, (picks - position) as f32), position));
     }
-    let answer = record
-        .answer
-        .iter()
-        .map(|&position| position as usize)
-        .filter(|&position| position < picks)
-        .collect();
-    Ok((pool, answer))
+    Ok((released, picks))
 }

@@ -27,12 +27,13 @@
 
 use std::fmt;
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use redb::{ReadableTable, Table};
 
+use crate::answer_log::{AnswerLog, log_dir};
 use crate::database::{LEDGER_ANSWER_TIMES, LEDGER_ANSWERS, LEDGER_USERS, StateDatabase};
 use crate::error::StateError;
 use crate::ledger::{
@@ -49,7 +50,11 @@ pub struct LedgerOptions {
     pub max_batch: usize,
     /// Stored answers older than this (by the server clock) are deleted automatically by the
     /// writer; `None` keeps them until [`BudgetLedger::prune`] is called. Set it to at least
-    /// the budget window: a retry whose answer was pruned is charged again.
+    /// the budget window: a retry whose answer was pruned is charged again. (The server sets
+    /// `max(budget window, 1 hour)`: one day by default.) This is the replay window of both
+    /// ledgers: a pruned answer is no longer found at once. In the leased ledger's answer
+    /// log, disk space is given back by whole segments, each sealed after 64 MiB or one hour,
+    /// so a segment file may hold pruned answers (not found) until its newest answer expires.
     pub retention: Option<Duration>,
     /// How often automatic pruning runs (it shares a batch's transaction).
     pub prune_interval: Duration,
@@ -144,6 +149,8 @@ impl WriterCommand for Command {
 /// The durable, group-committing ledger. Create it with [`StateDatabase::ledger`].
 pub struct DurableLedger {
     database: StateDatabase,
+    /// Answers the leased ledger stored (on an earlier run): still replayed.
+    log: Arc<AnswerLog>,
     sender: RwLock<Option<Sender<Command>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -165,14 +172,20 @@ impl StateDatabase {
                 reason: "must be at least 1".to_string(),
             });
         }
+        // Answers stored by the leased ledger on an earlier run are in its log: they replay
+        // here too (this ledger stores its own in the database table).
+        let (log, _) = AnswerLog::open(&log_dir(self.path()))?;
+        let log = Arc::new(log);
         let (sender, receiver) = mpsc::channel();
         let database = self.clone();
+        let writer_log = Arc::clone(&log);
         let writer = std::thread::Builder::new()
             .name("fairrank-ledger-writer".to_string())
-            .spawn(move || run_writer(&database, &receiver, &options))
+            .spawn(move || run_writer(&database, &writer_log, &receiver, &options))
             .map_err(|error| self.storage("start the ledger writer thread", error))?;
         Ok(DurableLedger {
             database: self.clone(),
+            log,
             sender: RwLock::new(Some(sender)),
             writer: Mutex::new(Some(writer)),
         })
@@ -230,6 +243,16 @@ impl DurableLedger {
 impl BudgetLedger for DurableLedger {
     fn charge(&self, request: &ChargeRequest) -> Result<ChargeOutcome, StateError> {
         let params = request.params()?;
+        // The log is not written while this ledger runs: a replay found there needs no
+        // transaction.
+        if let Some(stored) = self
+            .log
+            .get(&answer_key(&request.pseudonym, &request.request_id))?
+        {
+            self.ensure_open()?;
+            let record = read_user(&self.database, &request.pseudonym)?;
+            return Ok(replay(record.as_ref(), &params, stored));
+        }
         let (reply, receiver) = mpsc::sync_channel(1);
         let command = Command::Charge {
             charge: QueuedCharge {
@@ -249,7 +272,11 @@ impl BudgetLedger for DurableLedger {
         request_id: &str,
     ) -> Result<Option<StoredAnswer>, StateError> {
         self.ensure_open()?;
-        Ok(read_answer(&self.database, pseudonym, request_id)?.map(RequestRecord::into_stored))
+        let stored = match read_answer(&self.database, pseudonym, request_id)? {
+            Some(stored) => Some(stored),
+            None => self.log.get(&answer_key(pseudonym, request_id))?,
+        };
+        Ok(stored.map(RequestRecord::into_stored))
     }
 
     fn spend(&self, pseudonym: &Pseudonym, now: SystemTime) -> Result<UserSpend, StateError> {
@@ -262,7 +289,8 @@ impl BudgetLedger for DurableLedger {
     fn prune(&self, older_than: SystemTime) -> Result<u64, StateError> {
         let cutoff_ms = unix_millis(older_than, "older_than")?;
         let (reply, receiver) = mpsc::sync_channel(1);
-        self.call(Command::Prune { cutoff_ms, reply }, &receiver)
+        let pruned = self.call(Command::Prune { cutoff_ms, reply }, &receiver)?;
+        Ok(pruned + self.log.prune(cutoff_ms, usize::MAX)?)
     }
 
     fn flush(&self) -> Result<(), StateError> {
@@ -284,7 +312,12 @@ impl Drop for DurableLedger {
 }
 
 /// The writer thread: batches commands until every sender is gone.
-fn run_writer(database: &StateDatabase, receiver: &Receiver<Command>, options: &LedgerOptions) {
+fn run_writer(
+    database: &StateDatabase,
+    log: &AnswerLog,
+    receiver: &Receiver<Command>,
+    options: &LedgerOptions,
+) {
     let mut batch = Vec::with_capacity(options.max_batch.min(4096));
     let mut auto_prune = AutoPrune::new();
     while let Ok(first) = receiver.recv() {
@@ -296,6 +329,10 @@ fn run_writer(database: &StateDatabase, receiver: &Receiver<Command>, options: &
             }
         }
         let prune = auto_prune.due(options);
+        if let Some((cutoff_ms, limit)) = prune {
+            // A failure only keeps old answers longer (the next pruning tries again).
+            let _ = log.prune(cutoff_ms, limit);
+        }
         let outcome = apply_batch(
             database,
             "commit a batch of charges",
@@ -378,14 +415,21 @@ pub(crate) fn read_answer(
     pseudonym: &Pseudonym,
     request_id: &str,
 ) -> Result<Option<RequestRecord>, StateError> {
+    read_answer_at(database, &answer_key(pseudonym, request_id))
+}
+
+/// The committed answer stored under `key` (`pseudonym ++ request id`), if any.
+pub(crate) fn read_answer_at(
+    database: &StateDatabase,
+    key: &[u8],
+) -> Result<Option<RequestRecord>, StateError> {
     let operation = "look up a stored answer";
     let transaction = database.begin_read(operation)?;
     let answers = transaction
         .open_table(LEDGER_ANSWERS)
         .map_err(|error| database.storage(operation, error))?;
-    let key = answer_key(pseudonym, request_id);
     match answers
-        .get(key.as_slice())
+        .get(key)
         .map_err(|error| database.storage(operation, error))?
     {
         Some(guard) => Ok(Some(decode_answer(database, guard.value())?)),
@@ -394,36 +438,6 @@ pub(crate) fn read_answer(
 }
 
 /// `pseudonym ++ request_id`.
-/// Calls `each` with the request id (bytes) of every answer stored for `pseudonym`, in one
-/// read transaction; stops and returns `false` after more than `limit` of them.
-pub(crate) fn stored_request_ids(
-    database: &StateDatabase,
-    pseudonym: &Pseudonym,
-    limit: usize,
-    mut each: impl FnMut(&[u8]),
-) -> Result<bool, StateError> {
-    let operation = "list a user's stored answers";
-    let storage = |error: redb::StorageError| database.storage(operation, error);
-    let transaction = database.begin_read(operation)?;
-    let answers = transaction
-        .open_table(LEDGER_ANSWERS)
-        .map_err(|error| database.storage(operation, error))?;
-    let prefix = pseudonym.as_bytes().as_slice();
-    let mut seen = 0_usize;
-    for entry in answers.range(prefix..).map_err(storage)? {
-        let (key, _) = entry.map_err(storage)?;
-        let Some(request_id) = key.value().strip_prefix(prefix) else {
-            break;
-        };
-        seen += 1;
-        if seen > limit {
-            return Ok(false);
-        }
-        each(request_id);
-    }
-    Ok(true)
-}
-
 pub(crate) fn answer_key(pseudonym: &Pseudonym, request_id: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(32 + request_id.len());
     key.extend_from_slice(pseudonym.as_bytes());

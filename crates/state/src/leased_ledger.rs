@@ -5,17 +5,16 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
-use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::database::StateDatabase;
+use crate::answer_log::{AnswerLog, LogRecovery, Lookup, key_hash, log_dir};
+use crate::database::{LEDGER_ANSWERS, StateDatabase};
 use crate::durable_ledger::{
-    LedgerOptions, LedgerTables, answer_key, decode_user, prune_answers, read_answer, read_user,
-    stored_request_ids,
+    LedgerOptions, LedgerTables, answer_key, decode_user, prune_answers, read_answer_at, read_user,
 };
 use crate::error::StateError;
 use crate::ledger::{
@@ -65,10 +64,6 @@ pub struct LeaseOptions {
     /// A user without charges for this long is dropped from memory and the unused rest of
     /// its lease is returned (bounds memory to the recently active users).
     pub idle_eviction: Duration,
-    /// Request ids (as 64-bit hashes) remembered per user in memory, so that a charge with a
-    /// new request id needs no database read to know it is not a replay. A user with more
-    /// stored answers than this falls back to one read per charge. 0 disables it.
-    pub known_ids_per_user: usize,
     /// Batch size, retention and pruning of the underlying store (see [`LedgerOptions`]).
     pub store: LedgerOptions,
 }
@@ -83,7 +78,6 @@ impl Default for LeaseOptions {
             answer_interval: Duration::from_millis(50),
             max_unwritten_answers: 65_536,
             idle_eviction: Duration::from_secs(600),
-            known_ids_per_user: 4096,
             store: LedgerOptions::default(),
         }
     }
@@ -167,20 +161,23 @@ pub struct LeaseStats {
     pub backpressure_waits: u64,
     /// Their total wait, in microseconds.
     pub backpressure_wait_us: u64,
-    /// Database reads of a stored answer (a request id not found in memory).
+    /// Reads of a stored answer from the answer log (a request id that the log's index
+    /// knows: a retry, or a rare hash collision; a new request id is never read).
     pub answer_reads: u64,
     /// Their total time, in microseconds.
     pub answer_read_us: u64,
     /// Lease blocks requested ahead of time (renewals).
     pub renewals: u64,
-    /// Commits of the writer thread, and how many of them were fsynced.
+    /// Batches of the writer thread: answers appended to the log, with a database commit
+    /// when the batch carried commands or an fsync was due (answers alone need none).
     pub commits: u64,
     /// Fsynced commits.
     pub fsynced_commits: u64,
-    /// Answers written.
+    /// Answers written (appended to the answer log).
     pub answers_written: u64,
-    /// Time the writer spent building and committing transactions, in microseconds (its
-    /// busy time; divide by `answers_written` for the writer's cost per charge).
+    /// Time the writer spent appending answers and building and committing transactions, in
+    /// microseconds (its busy time; divide by `answers_written` for the writer's cost per
+    /// charge).
     pub writer_busy_us: u64,
 }
 
@@ -279,6 +276,8 @@ enum Command {
     },
     Prune {
         cutoff_ms: u64,
+        /// Answers the writer pruned from the answer log before the transaction.
+        from_log: u64,
         reply: SyncSender<Result<u64, StateError>>,
     },
     Flush {
@@ -306,10 +305,6 @@ struct UserLease {
     /// A block requested ahead of time, not yet absorbed.
     renewal: Option<Receiver<Result<LeaseGrant, StateError>>>,
     last_used: Instant,
-    /// Hashes of every request id with a stored answer for this user (in the database when
-    /// the entry was loaded, or accepted since), or `None` when unknown (too many). A
-    /// request id whose hash is absent is certainly not stored: no database read.
-    known_ids: Option<HashSet<u64>>,
 }
 
 impl UserLease {
@@ -323,7 +318,6 @@ impl UserLease {
             exhausted: false,
             renewal: None,
             last_used: Instant::now(),
-            known_ids: None,
         }
     }
 
@@ -405,8 +399,8 @@ struct Shared {
     writer_running: AtomicBool,
     /// Where charges waited and what the writer did.
     stats: StatCounters,
-    /// Hashes request ids for [`UserLease::known_ids`] (keyed at random per process).
-    id_hasher: std::collections::hash_map::RandomState,
+    /// The written answers: segment files and their index in memory.
+    log: AnswerLog,
 }
 
 impl Shared {
@@ -420,57 +414,33 @@ impl Shared {
         shard.get(key).map(|pending| pending.record.clone())
     }
 
-    /// The hash of a request id in [`UserLease::known_ids`].
-    fn id_hash(&self, request_id: &str) -> u64 {
-        self.id_hasher.hash_one(request_id.as_bytes())
-    }
-
-    /// Hashes of every request id with a stored answer for `pseudonym`: the answers still in
-    /// memory, then those in the database (in that order: the writer removes an answer from
-    /// memory only after committing it, so none slips between the two looks). `None` when
-    /// there are more than `limit`.
-    fn known_ids(
-        &self,
-        pseudonym: &Pseudonym,
-        limit: usize,
-    ) -> Result<Option<HashSet<u64>>, StateError> {
-        let prefix = pseudonym.as_bytes();
-        let mut ids = HashSet::new();
-        {
-            let shard = lock(self.answer_shard(pseudonym))?;
-            for key in shard.keys() {
-                if let Some(request_id) = key.strip_prefix(prefix.as_slice()) {
-                    ids.insert(self.id_hasher.hash_one(request_id));
-                }
-            }
-        }
-        let stored = stored_request_ids(&self.database, pseudonym, limit, |request_id| {
-            ids.insert(self.id_hasher.hash_one(request_id));
-        })?;
-        Ok((stored && ids.len() <= limit).then_some(ids))
-    }
-
-    /// The stored answer: in memory first, then in the database. The writer removes an answer
-    /// from memory only after it is committed, so a miss in memory is found in the database.
+    /// The stored answer: in memory first, then in the answer log. The writer removes an
+    /// answer from memory only after the log's index has it, so a miss in memory is found in
+    /// the log. A key the log's index does not know (every new request id) costs no read.
     fn stored_answer(
         &self,
         pseudonym: &Pseudonym,
         key: &[u8],
-        request_id: &str,
     ) -> Result<Option<RequestRecord>, StateError> {
-        match self.pending_answer(pseudonym, key) {
-            Some(record) => Ok(Some(record)),
-            None => {
-                let started = Instant::now();
-                let read = read_answer(&self.database, pseudonym, request_id);
-                count_wait(
-                    &self.stats.answer_reads,
-                    &self.stats.answer_read_us,
-                    started,
-                );
-                read
-            }
+        if let Some(record) = self.pending_answer(pseudonym, key) {
+            return Ok(Some(record));
         }
+        if !self.log.may_contain(key_hash(key)) {
+            return Ok(None);
+        }
+        let started = Instant::now();
+        let read = match self.log.lookup(key) {
+            Ok(Lookup::Found(record)) => Ok(Some(record)),
+            Ok(Lookup::Absent) => Ok(None),
+            Ok(Lookup::InDatabase) => read_answer_at(&self.database, key),
+            Err(error) => Err(error),
+        };
+        count_wait(
+            &self.stats.answer_reads,
+            &self.stats.answer_read_us,
+            started,
+        );
+        read
     }
 }
 
@@ -512,14 +482,20 @@ impl Shared {
 ///
 /// # Stored answers (idempotency)
 ///
-/// The answer of each accepted charge is kept in memory and written to the database by the
-/// writer thread in batches (at most [`LeaseOptions::answer_interval`] later): these replay
-/// records are **not on the release path**; a charge inside its lease returns at once. A
-/// retry with the same request id finds the answer in memory or in the database and gets
-/// the same answer with no new charge. To know that a request id is *new* without a
-/// database read, each user in memory keeps the 64-bit hashes of its stored request ids
-/// ([`LeaseOptions::known_ids_per_user`]; read once when the user is loaded): a hash not in
-/// the set is certainly new, a hash in it (a retry, or a rare collision) is looked up.
+/// The answer of each accepted charge is kept in memory and appended by the writer thread in
+/// batches (at most [`LeaseOptions::answer_interval`] later) to the *answer log*, a directory
+/// of append-only segment files next to the database (`state.redb.answers/`; format,
+/// recovery rule and retention in `answer_log.rs`), fsynced on the cadence the database is:
+/// these replay records are **not on the release path**; a charge inside its lease returns
+/// at once. (They used to be rows of a database table keyed by pseudonym and request id; a
+/// row per answer cost a copy-on-write of a random B-tree leaf. Rows left there by older
+/// versions, or by the per-charge ledger, are indexed at open and read in place.) A retry
+/// with the same request id finds the answer in memory or through the log's index (in
+/// memory, rebuilt by scanning the log at open) and gets the same answer with no new charge.
+/// A request id the index does not know is certainly new: no read; one it knows (a retry,
+/// or a rare 64-bit hash collision, told apart by the key stored in the record) is read
+/// from its segment. What opening the log repaired (a torn tail cut after a crash, a
+/// corrupt record skipped) is in [`LeasedLedger::recovery`].
 ///
 /// Why the replay records may be group-committed off the release path: what must survive a
 /// crash is the *charge*, and it does: the block that covers it was fsynced before the
@@ -538,7 +514,10 @@ impl Shared {
 /// # Per-request differences from the durable ledger (by design)
 ///
 /// - `UserSpend::leased_unused` reports the reservation; `spent` is only what answers used.
-/// - `UserSpend::charges` of a user not in memory counts the *written* answers of the window.
+/// - `UserSpend::charges` of a user not in memory counts the *written* answers of the window
+///   whose count reached the database: counts are written with the user's next lease or
+///   returned lease, or with all others within about a second ([`BudgetLedger::flush`] and
+///   a clean close write them all).
 /// - After a crash, `spent` includes the wasted rest of the leases that were live.
 ///
 /// Only one process may use a database (redb holds a file lock), so leases never race with
@@ -546,15 +525,18 @@ impl Shared {
 ///
 /// # Cost
 ///
-/// A charge inside a lease costs a few map look-ups, a hash of its request id (no database
-/// read for a new request id; a retry reads once) and queueing its answer: no fsync, and no
+/// A charge inside a lease costs a few map look-ups, a hash of its request id (no read for a
+/// new request id; a retry reads its answer once) and queueing its answer: no fsync, and no
 /// wait on any commit except a lease's ([`LeasedLedger::stats`] counts the waits). Measured in
 /// `benches/benches/state.rs` on a shared 2-core VM whose fdatasync takes 0.3-3 ms, at the
 /// target load of 5,000 charges/s from 16 threads: 11 us mean per charge (p50 9 us, p99
 /// 43 us in a separate run) against 3.5 us for the in-memory ledger and 3-6 ms for
 /// [`DurableLedger`](crate::DurableLedger), that is under 4% of a 0.3 ms Rank. The limit is
-/// the writer storing answers (about 17,000-26,000 answers/s there, by redb B-tree inserts):
-/// above that rate charges wait for it ([`LeaseOptions::max_unwritten_answers`]).
+/// the writer storing answers: above its rate charges wait for it
+/// ([`LeaseOptions::max_unwritten_answers`]). Appending an answer to the answer log costs
+/// the writer about 4 000 instructions; with its share of the lease commits the writer
+/// spends about 27 000 per answer, where one redb row per answer made it about 72 000 (see
+/// `BENCHMARKS.md`, "Privacy").
 pub struct LeasedLedger {
     shared: Arc<Shared>,
     options: LeaseOptions,
@@ -564,6 +546,8 @@ pub struct LeasedLedger {
     sender: RwLock<Option<Sender<Command>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     charges: AtomicU64,
+    /// What opening the answer log found and repaired.
+    recovery: LogRecovery,
 }
 
 impl fmt::Debug for LeasedLedger {
@@ -578,8 +562,15 @@ impl fmt::Debug for LeasedLedger {
 impl StateDatabase {
     /// The leased budget ledger in this database; starts its writer thread. Use either this
     /// or [`StateDatabase::ledger`] on one database, not both at once.
+    ///
+    /// Opens the answer log next to the database file (`state.redb.answers/`; see
+    /// [`LogRecovery`] for what the scan repairs) and indexes the answers stored in the
+    /// database table by older versions or by the per-charge ledger (read from there on a
+    /// retry; the table is left as it is, so either ledger can be used on the file later).
     pub fn leased_ledger(&self, options: LeaseOptions) -> Result<LeasedLedger, StateError> {
         options.validate()?;
+        let (log, mut recovery) = AnswerLog::open(&log_dir(self.path()))?;
+        recovery.database_answers = index_database_answers(self, &log)?;
         let shared = Arc::new(Shared {
             database: self.clone(),
             pending: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
@@ -587,7 +578,7 @@ impl StateDatabase {
             drained: Condvar::new(),
             writer_running: AtomicBool::new(true),
             stats: StatCounters::default(),
-            id_hasher: std::collections::hash_map::RandomState::new(),
+            log,
         });
         let (sender, receiver) = mpsc::channel();
         let writer_shared = Arc::clone(&shared);
@@ -607,8 +598,36 @@ impl StateDatabase {
             sender: RwLock::new(Some(sender)),
             writer: Mutex::new(Some(writer)),
             charges: AtomicU64::new(0),
+            recovery,
         })
     }
+}
+
+/// Indexes the answers in the database table `ledger_answers` (written by older versions, or
+/// by the per-charge ledger) in the answer log's index, so that a lookup knows without a read
+/// whether a key may be stored there. Returns how many there are.
+fn index_database_answers(database: &StateDatabase, log: &AnswerLog) -> Result<u64, StateError> {
+    use redb::ReadableTable;
+    let operation = "index the answers stored in the database";
+    let storage = |error: redb::StorageError| database.storage(operation, error);
+    let transaction = database.begin_read(operation)?;
+    let answers = transaction
+        .open_table(LEDGER_ANSWERS)
+        .map_err(|error| database.storage(operation, error))?;
+    let mut count = 0_u64;
+    for entry in answers.iter().map_err(storage)? {
+        let (key, value) = entry.map_err(storage)?;
+        // The charge time leads the record; a record too short for it is indexed as charged
+        // at 0 (a retry reads it and reports it corrupt).
+        let charged_at_ms = value
+            .value()
+            .get(..8)
+            .and_then(|bytes| bytes.try_into().ok())
+            .map_or(0, u64::from_le_bytes);
+        log.index_in_database(key.value(), charged_at_ms)?;
+        count += 1;
+    }
+    Ok(count)
 }
 
 /// Locks a mutex; a poisoned one (a panic while holding it) means the store stopped.
@@ -630,6 +649,12 @@ impl LeasedLedger {
     /// Where charges waited and what the writer did since the ledger opened.
     pub fn stats(&self) -> LeaseStats {
         self.shared.stats.snapshot()
+    }
+
+    /// What opening the answer log found: segments scanned, answers indexed, torn or corrupt
+    /// records cut or skipped, answers moved from the database (for the server's log).
+    pub fn recovery(&self) -> &LogRecovery {
+        &self.recovery
     }
 
     fn user_shard(&self, pseudonym: &Pseudonym) -> &UserShard {
@@ -655,30 +680,15 @@ impl LeasedLedger {
         sender: &Sender<Command>,
     ) -> Result<ChargeOutcome, StateError> {
         let shared = &self.shared;
-        let limit = self.options.known_ids_per_user;
         if !user.loaded {
             user.record = read_user(&shared.database, &request.pseudonym)?;
-            user.known_ids = if limit > 0 {
-                shared.known_ids(&request.pseudonym, limit)?
-            } else {
-                None
-            };
             user.loaded = true;
         }
         user.last_used = Instant::now();
         user.absorb_renewal(false);
         let key = answer_key(&request.pseudonym, &request.request_id);
-        let id_hash = shared.id_hash(&request.request_id);
-        // Only a request id that may be stored is looked up (a new one is not: the common
-        // case costs no database read).
-        let may_be_stored = user
-            .known_ids
-            .as_ref()
-            .is_none_or(|known| known.contains(&id_hash));
-        if may_be_stored
-            && let Some(stored) =
-                shared.stored_answer(&request.pseudonym, &key, &request.request_id)?
-        {
+        // A new request id is answered from memory (the log's index): no read.
+        if let Some(stored) = shared.stored_answer(&request.pseudonym, &key)? {
             return Ok(replay(user.record.as_ref(), params, stored));
         }
         loop {
@@ -824,14 +834,6 @@ impl LeasedLedger {
             user.exhausted = false;
         }
         user.available -= params.rho;
-        if let Some(known) = user.known_ids.as_mut() {
-            if known.len() < self.options.known_ids_per_user {
-                known.insert(shared.id_hash(&request.request_id));
-            } else {
-                // Too many to remember: look every request id up from now on.
-                user.known_ids = None;
-            }
-        }
         user.record = Some(UserRecord {
             spent: spent_after,
             charges: current.charges.saturating_add(1),
@@ -943,7 +945,7 @@ impl BudgetLedger for LeasedLedger {
         let key = answer_key(pseudonym, request_id);
         Ok(self
             .shared
-            .stored_answer(pseudonym, &key, request_id)?
+            .stored_answer(pseudonym, &key)?
             .map(RequestRecord::into_stored))
     }
 
@@ -975,7 +977,11 @@ impl BudgetLedger for LeasedLedger {
         let sender = guard.as_ref().ok_or(StateError::Closed)?;
         let (reply, receiver) = mpsc::sync_channel(1);
         sender
-            .send(Command::Prune { cutoff_ms, reply })
+            .send(Command::Prune {
+                cutoff_ms,
+                from_log: 0,
+                reply,
+            })
             .map_err(|_| StateError::WriterStopped)?;
         drop(guard);
         receiver.recv().map_err(|_| StateError::WriterStopped)?
@@ -1089,8 +1095,12 @@ impl WriterCommand for Command {
                 apply_return(database, tables, pseudonym, *window_start_ms, *amount)?;
                 Pending::Done
             }
-            Command::Prune { cutoff_ms, .. } => {
-                Pending::Prune(prune_answers(database, tables, *cutoff_ms, usize::MAX)?)
+            Command::Prune {
+                cutoff_ms,
+                from_log,
+                ..
+            } => {
+                Pending::Prune(from_log + prune_answers(database, tables, *cutoff_ms, usize::MAX)?)
             }
             _ => Pending::Done,
         })
@@ -1157,6 +1167,7 @@ fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOpti
     // Answers taken from the queue whose commit failed; retried first.
     let mut retry: Vec<Arc<PendingAnswer>> = Vec::new();
     let mut auto_prune = AutoPrune::new();
+    let mut counts = Counts::default();
     let mut last_fsync = Instant::now();
     // Some commit since the last fsync was not fsynced.
     let mut unsynced = false;
@@ -1248,7 +1259,14 @@ fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOpti
             || last_fsync.elapsed() >= interval
             || answers.is_empty();
         let prune = auto_prune.due(&options.store);
-        let committed = commit_batch(shared, &answers, &mut commands, prune, immediate);
+        let committed = commit_batch(
+            shared,
+            &answers,
+            &mut commands,
+            &mut counts,
+            prune,
+            immediate,
+        );
         // `commit_batch` replied to and emptied `commands`; the held ones wait on.
         commands = held;
         if committed {
@@ -1277,37 +1295,54 @@ fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOpti
     }
 }
 
-/// Writes `answers` and applies `commands` in one transaction, commits, removes the written
-/// answers from memory, then replies; empties `commands`. Returns whether it committed (if
-/// not, the answers stay readable in memory for a retry).
+/// Answers written per user and window whose count is not yet in the database, and when the
+/// oldest of them was counted.
+#[derive(Default)]
+struct Counts {
+    pending: HashMap<(Pseudonym, u64), u64>,
+    since: Option<Instant>,
+}
+
+/// How long a written answer's count may wait for its user's next lease or return before
+/// all waiting counts are written (a user's record is written with its leases anyway; this
+/// bounds how stale `UserSpend::charges` of a user not in memory can be).
+const COUNT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Appends `answers` to the answer log (fsynced when `immediate`), removes them from memory,
+/// then applies `commands` and the answers' counts in one transaction and commits it; replies
+/// and empties `commands`. Returns whether the answers were written (if not, they stay
+/// readable in memory for a retry). Counts whose commit failed wait in `counts`.
 fn commit_batch(
     shared: &Shared,
     answers: &[Arc<PendingAnswer>],
     commands: &mut Vec<Command>,
+    counts: &mut Counts,
     auto_prune: Option<(u64, usize)>,
     immediate: bool,
 ) -> bool {
     let database = &shared.database;
+    let log = &shared.log;
     let started = Instant::now();
-    let outcome = apply_batch(
-        database,
-        "commit leases and answers",
-        immediate,
-        commands,
-        auto_prune,
-        |tables| write_answers(database, tables, answers),
+    let mut written = log.append(
+        answers
+            .iter()
+            .map(|answer| (answer.key.as_slice(), &answer.record)),
     );
-    let committed = outcome.is_ok();
-    let stats = &shared.stats;
-    count_wait(&stats.commits, &stats.writer_busy_us, started);
-    if committed {
-        if immediate {
-            stats.fsynced_commits.fetch_add(1, Ordering::Relaxed);
+    if immediate && written.is_ok() {
+        written = log.sync();
+    }
+    let written = written.is_ok();
+    if written {
+        for answer in answers {
+            *counts
+                .pending
+                .entry((answer.pseudonym, answer.window_start_ms))
+                .or_default() += 1;
         }
-        stats
-            .answers_written
-            .fetch_add(answers.len() as u64, Ordering::Relaxed);
-        // Committed: memory may now forget the answers (lookups fall through to the file).
+        if !answers.is_empty() && counts.since.is_none() {
+            counts.since = Some(Instant::now());
+        }
+        // Written: memory may now forget the answers (lookups find them in the log).
         for answer in answers {
             if let Ok(mut shard) = shared.answer_shard(&answer.pseudonym).lock()
                 && shard
@@ -1318,8 +1353,92 @@ fn commit_batch(
             }
         }
     }
+    for command in commands.iter_mut() {
+        if let Command::Prune {
+            cutoff_ms,
+            from_log,
+            ..
+        } = command
+        {
+            // A failure only keeps answers longer (the next pruning tries again).
+            *from_log = log.prune(*cutoff_ms, usize::MAX).unwrap_or(0);
+        }
+    }
+    if let Some((cutoff_ms, limit)) = auto_prune {
+        let _ = log.prune(cutoff_ms, limit);
+    }
+    let stats = &shared.stats;
+    if commands.is_empty() && !immediate && auto_prune.is_none() {
+        // Answers alone: no database transaction. Their counts ride the next commit (a
+        // command's, or the fsync due within `answer_interval`).
+        count_wait(&stats.commits, &stats.writer_busy_us, started);
+        if written {
+            stats
+                .answers_written
+                .fetch_add(answers.len() as u64, Ordering::Relaxed);
+        }
+        return written;
+    }
+    // Counts go with their users' leases and returns in this batch; all of them when a
+    // caller waits for everything (flush, prune, close) or the oldest waited long enough.
+    let all = commands
+        .iter()
+        .any(|command| matches!(command, Command::Flush { .. } | Command::Prune { .. }))
+        || counts
+            .since
+            .is_some_and(|since| since.elapsed() >= COUNT_INTERVAL);
+    let mut due: Vec<((Pseudonym, u64), u64)> = if all {
+        counts.pending.drain().collect()
+    } else {
+        let touched: HashSet<Pseudonym> = commands
+            .iter()
+            .filter_map(|command| match command {
+                Command::Lease { pseudonym, .. } | Command::Return { pseudonym, .. } => {
+                    Some(*pseudonym)
+                }
+                _ => None,
+            })
+            .collect();
+        if touched.is_empty() {
+            Vec::new()
+        } else {
+            counts
+                .pending
+                .extract_if(|(user, _), _| touched.contains(user))
+                .collect()
+        }
+    };
+    if counts.pending.is_empty() {
+        counts.since = None;
+    }
+    let outcome = apply_batch(
+        database,
+        "commit leases and answer counts",
+        immediate,
+        commands,
+        auto_prune,
+        |tables| count_answers(database, tables, &due),
+    );
+    if outcome.is_err() {
+        // Retried with a later commit.
+        for (key, count) in due.drain(..) {
+            *counts.pending.entry(key).or_default() += count;
+        }
+        if !counts.pending.is_empty() && counts.since.is_none() {
+            counts.since = Some(Instant::now());
+        }
+    }
+    count_wait(&stats.commits, &stats.writer_busy_us, started);
+    if outcome.is_ok() && immediate {
+        stats.fsynced_commits.fetch_add(1, Ordering::Relaxed);
+    }
+    if written {
+        stats
+            .answers_written
+            .fetch_add(answers.len() as u64, Ordering::Relaxed);
+    }
     reply_all(commands, outcome);
-    committed
+    written
 }
 
 /// The user's committed record inside the transaction; `Ok(Err(..))` for a corrupt record.
@@ -1400,21 +1519,14 @@ fn apply_return(
     Ok(())
 }
 
-/// Stores accepted answers and counts them in their users' stored windows (one user record
-/// update per user and window).
-fn write_answers(
+/// Counts written answers in their users' stored windows (one user record update per user
+/// and window).
+fn count_answers(
     database: &StateDatabase,
     tables: &mut LedgerTables<'_>,
-    answers: &[Arc<PendingAnswer>],
+    counts: &[((Pseudonym, u64), u64)],
 ) -> Result<(), StateError> {
-    let mut counts: HashMap<(Pseudonym, u64), u64> = HashMap::new();
-    for answer in answers {
-        tables.insert_answer(database, &answer.key, &answer.record)?;
-        *counts
-            .entry((answer.pseudonym, answer.window_start_ms))
-            .or_default() += 1;
-    }
-    for ((pseudonym, window_start_ms), count) in counts {
+    for &((pseudonym, window_start_ms), count) in counts {
         // A corrupt user record is reported by the next lease; the answers are still stored.
         if let Ok(Some(mut record)) = user_in(database, tables, &pseudonym)?
             && record.window_start_ms == window_start_ms
@@ -1446,6 +1558,7 @@ impl LeasedLedger {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::durable_ledger::read_answer;
     use crate::ledger_contract::{at, request, user};
 
     /// The spent stored durably for `who` (leases included).
@@ -1580,7 +1693,7 @@ mod tests {
     }
 
     #[test]
-    fn new_request_ids_need_no_database_read_and_replays_are_still_found() {
+    fn new_request_ids_need_no_read_and_replays_are_found_in_memory_in_the_log_and_after_restart() {
         let dir = tempfile::tempdir().unwrap();
         let database = StateDatabase::open(dir.path().join("state.redb")).unwrap();
         {
@@ -1589,44 +1702,57 @@ mod tests {
             ledger.close().unwrap();
         }
         let replayed = |outcome: ChargeOutcome| matches!(outcome, ChargeOutcome::Replayed { .. });
-        // Remembered ids (the default), too many stored answers to remember, disabled.
-        for (round, limit) in [4096, 1, 0].into_iter().enumerate() {
-            let ledger = database
-                .leased_ledger(LeaseOptions {
-                    known_ids_per_user: limit,
-                    ..options(10)
-                })
-                .unwrap();
-            let t = 10 * round as u64;
-            // An answer written by an earlier run replays.
+        for round in 0..2_u64 {
+            let ledger = database.leased_ledger(options(10)).unwrap();
+            assert_eq!(ledger.recovery().answers, 1 + 50 * round);
+            let t = 10 * round;
+            // An answer written by an earlier run replays (one read of the log).
             assert!(replayed(
                 ledger.charge(&request("n", "old", 10, 1000, t)).unwrap()
             ));
-            let before = ledger.stats().answer_reads;
+            assert_eq!(ledger.stats().answer_reads, 1);
             let fresh = format!("fresh-{round}");
-            ledger
-                .charge(&request("n", &fresh, 10, 1000, t + 1))
-                .unwrap();
-            let reads = ledger.stats().answer_reads - before;
-            if limit == 4096 {
-                assert_eq!(reads, 0, "a new request id was looked up in the database");
-            } else {
-                assert_eq!(reads, 1, "limit {limit}: every request id is looked up");
-            }
-            // Replays of an answer in memory, then of the same answer once written.
-            assert!(replayed(
+            for index in 0..50 {
                 ledger
-                    .charge(&request("n", &fresh, 10, 1000, t + 2))
-                    .unwrap()
+                    .charge(&request("n", &format!("{fresh}-{index}"), 1, 1000, t + 1))
+                    .unwrap();
+            }
+            assert_eq!(
+                ledger.stats().answer_reads,
+                1,
+                "a new request id was read from the log"
+            );
+            // Replays of an answer in memory, then of the same answer once written.
+            let id = format!("{fresh}-7");
+            assert!(replayed(
+                ledger.charge(&request("n", &id, 1, 1000, t + 2)).unwrap()
             ));
             ledger.flush().unwrap();
-            assert!(replayed(
+            assert!(
                 ledger
-                    .charge(&request("n", &fresh, 10, 1000, t + 3))
-                    .unwrap()
+                    .shared
+                    .pending_answer(&user("n"), &answer_key(&user("n"), &id))
+                    .is_none()
+            );
+            let before = ledger.stats().answer_reads;
+            assert!(replayed(
+                ledger.charge(&request("n", &id, 1, 1000, t + 3)).unwrap()
             ));
+            assert_eq!(ledger.stats().answer_reads, before + 1);
+            assert_eq!(
+                ledger.lookup(&user("n"), &id).unwrap().unwrap().answer,
+                format!("answer to {id}").into_bytes()
+            );
             ledger.close().unwrap();
         }
+        // After a restart, every answer of both rounds replays from the log.
+        let ledger = database.leased_ledger(options(10)).unwrap();
+        assert_eq!(ledger.recovery().answers, 101);
+        assert!(replayed(
+            ledger
+                .charge(&request("n", "fresh-1-49", 1, 1000, 30))
+                .unwrap()
+        ));
     }
 
     #[test]
@@ -1795,7 +1921,7 @@ mod tests {
         for index in 0..100 {
             let key = answer_key(&user("q"), &index.to_string());
             assert!(ledger.shared.pending_answer(&user("q"), &key).is_none());
-            let stored = read_answer(&database, &user("q"), &index.to_string()).unwrap();
+            let stored = ledger.shared.log.get(&key).unwrap();
             assert_eq!(
                 stored.unwrap().answer,
                 format!("answer to {index}").into_bytes()
@@ -1804,6 +1930,143 @@ mod tests {
         assert_eq!(
             read_user(&database, &user("q")).unwrap().unwrap().charges,
             100
+        );
+    }
+
+    #[test]
+    fn answers_in_the_database_table_replay_and_either_ledger_replays_the_others_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = StateDatabase::open(dir.path().join("state.redb")).unwrap();
+        let replayed = |outcome: ChargeOutcome| matches!(outcome, ChargeOutcome::Replayed { .. });
+        // What an older version (or the per-charge ledger) left: answers in the
+        // `ledger_answers` table.
+        {
+            let durable = database.ledger(LedgerOptions::default()).unwrap();
+            for index in 0..3 {
+                durable
+                    .charge(&request("m", &format!("r{index}"), 10, 1000, index))
+                    .unwrap();
+            }
+            durable.close().unwrap();
+        }
+        {
+            let ledger = database.leased_ledger(options(10)).unwrap();
+            assert_eq!(ledger.recovery().database_answers, 3);
+            match ledger.charge(&request("m", "r1", 10, 1000, 5)).unwrap() {
+                ChargeOutcome::Replayed { answer, spent, .. } => {
+                    assert_eq!(answer, b"answer to r1");
+                    assert_eq!(spent, Rho::from_nano(30));
+                }
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(ledger.stats().answer_reads, 1);
+            // A new request id is known to be new without a read.
+            assert_eq!(
+                charged(ledger.charge(&request("m", "leased", 10, 1000, 6)).unwrap()),
+                40
+            );
+            assert_eq!(ledger.stats().answer_reads, 1);
+            ledger.close().unwrap();
+        }
+        // The table is left as it was: the per-charge ledger replays its own answers and
+        // the leased ledger's (from the log).
+        assert!(read_answer(&database, &user("m"), "r1").unwrap().is_some());
+        {
+            let durable = database.ledger(LedgerOptions::default()).unwrap();
+            assert!(replayed(
+                durable.charge(&request("m", "r0", 10, 1000, 7)).unwrap()
+            ));
+            assert!(replayed(
+                durable
+                    .charge(&request("m", "leased", 10, 1000, 7))
+                    .unwrap()
+            ));
+            assert!(durable.lookup(&user("m"), "leased").unwrap().is_some());
+            durable.close().unwrap();
+        }
+        let ledger = database.leased_ledger(options(10)).unwrap();
+        assert_eq!(
+            (
+                ledger.recovery().database_answers,
+                ledger.recovery().answers
+            ),
+            (3, 1)
+        );
+        assert!(ledger.lookup(&user("m"), "r2").unwrap().is_some());
+        // Pruning counts each answer once, wherever it is (charged at 0, 1, 2 and 6 s).
+        assert_eq!(ledger.prune(at(2)).unwrap(), 2);
+        assert_eq!(ledger.lookup(&user("m"), "r0").unwrap(), None);
+        assert_eq!(read_answer(&database, &user("m"), "r0").unwrap(), None);
+        assert!(ledger.lookup(&user("m"), "r2").unwrap().is_some());
+        assert_eq!(ledger.prune(at(7)).unwrap(), 2);
+        assert_eq!(ledger.lookup(&user("m"), "leased").unwrap(), None);
+    }
+
+    #[test]
+    fn a_torn_answer_log_tail_is_cut_and_its_retry_is_charged_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let segment = {
+            let database = StateDatabase::open(&path).unwrap();
+            let ledger = database.leased_ledger(options(10)).unwrap();
+            ledger.charge(&request("t", "whole", 10, 1000, 0)).unwrap();
+            ledger.flush().unwrap();
+            ledger.charge(&request("t", "torn", 10, 1000, 1)).unwrap();
+            ledger.flush().unwrap();
+            let segment = ledger.shared.log.active_segment_path();
+            ledger.abandon();
+            segment
+        };
+        // The crash interrupted the last write: its last bytes never reached the disk.
+        let length = std::fs::metadata(&segment).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&segment)
+            .unwrap()
+            .set_len(length - 3)
+            .unwrap();
+        let database = StateDatabase::open_existing(&path).unwrap();
+        let ledger = database.leased_ledger(options(10)).unwrap();
+        let recovery = ledger.recovery().clone();
+        assert_eq!(recovery.answers, 1, "{recovery:?}");
+        assert!(recovery.truncated_bytes > 0, "{recovery:?}");
+        assert_eq!(recovery.messages.len(), 1, "{recovery:?}");
+        assert!(matches!(
+            ledger.charge(&request("t", "whole", 10, 1000, 2)).unwrap(),
+            ChargeOutcome::Replayed { .. }
+        ));
+        // Both charges were covered by the block fsynced before them (100); the retry of
+        // the lost answer is a new charge (never a refund).
+        assert_eq!(durable_spent(&database, "t"), 100);
+        assert_eq!(
+            charged(ledger.charge(&request("t", "torn", 10, 1000, 3)).unwrap()),
+            110
+        );
+    }
+
+    #[test]
+    fn retention_drops_old_answers_and_whole_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = StateDatabase::open(dir.path().join("state.redb")).unwrap();
+        let ledger = database.leased_ledger(options(64)).unwrap();
+        for index in 0..4 {
+            ledger
+                .charge(&request("r", &format!("old{index}"), 1, 1000, index))
+                .unwrap();
+        }
+        ledger.flush().unwrap();
+        ledger.shared.log.seal().unwrap();
+        ledger.charge(&request("r", "new", 1, 1000, 100)).unwrap();
+        ledger.flush().unwrap();
+        assert_eq!(ledger.shared.log.segment_count(), 2);
+        assert_eq!(ledger.prune(at(50)).unwrap(), 4);
+        assert_eq!(ledger.shared.log.segment_count(), 1);
+        assert_eq!(ledger.lookup(&user("r"), "old0").unwrap(), None);
+        assert!(ledger.lookup(&user("r"), "new").unwrap().is_some());
+        // A retry of a pruned answer is a new charge.
+        assert_eq!(
+            charged(ledger.charge(&request("r", "old0", 1, 1000, 101)).unwrap()),
+            6
         );
     }
 

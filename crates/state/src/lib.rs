@@ -52,6 +52,7 @@
 //! ```
 
 mod amortized;
+mod answer_log;
 mod database;
 mod durable_amortized;
 mod durable_ledger;
@@ -67,6 +68,7 @@ mod rho;
 mod ledger_contract;
 
 pub use amortized::{AmortizedStore, InMemoryAmortizedStore, MAX_SCOPE_BYTES, delta_between};
+pub use answer_log::LogRecovery;
 pub use database::{SCHEMA_VERSION, StateDatabase};
 pub use durable_amortized::{AmortizedOptions, DurableAmortizedStore};
 pub use durable_ledger::{DurableLedger, LedgerOptions};

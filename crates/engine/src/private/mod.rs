@@ -536,17 +536,20 @@ pub(crate) fn select_pool(
     })
 }
 
-/// The record a DP answer leaves in the ledger: enough to rebuild the released answer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The record a DP answer leaves in the ledger: what a replay of the released answer shows
+/// (format version 4). A replay shows the answer's items, each with its position in the
+/// privately selected pool (its unconstrained rank) and that pool's size; it never needs the
+/// ids of the pool's other items.
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct StoredRelease {
-    /// Format version.
+    /// Format version (4; 1 to 3 for records of earlier releases, converted on decoding).
     pub version: u32,
     /// Request content digest (a format version 1 record holds a legacy hash instead).
     pub fingerprint: StoredFingerprint,
-    /// Item ids of the pool in released order.
-    pub pool: Vec<String>,
-    /// The answer: positions into `pool`, best first.
-    pub answer: Vec<u32>,
+    /// The size of the privately selected pool.
+    pub picks: u32,
+    /// The answer, best first: each item's position in the pool's released order, and its id.
+    pub answer: Vec<(u32, String)>,
     /// Noisy scores of the answer's items, in answer order.
     pub scores: Option<Vec<f32>>,
     /// rho charged.
@@ -558,19 +561,81 @@ pub(crate) struct StoredRelease {
     pub score_noise_stddev: Option<f64>,
     /// `C_u`.
     pub user_norm_bound: f64,
-    /// The fairness report of the released answer (a replay reports it unchanged).
+    /// The fairness report of the released answer (a replay reports it unchanged). `None` in
+    /// a freshly built record: the release path passes the report to the encoder instead.
+    pub fairness: Option<FairnessReport>,
+}
+
+/// The fields of a record after its answer (shared by every format version).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ReleaseTail {
+    pub scores: Option<Vec<f32>>,
+    pub rho: f64,
+    pub epsilon: f64,
+    pub delta: f64,
+    pub score_noise_stddev: Option<f64>,
+    pub user_norm_bound: f64,
+    pub fairness: Option<FairnessReport>,
+}
+
+/// A record of format versions 1 to 3 (JSON or binary): the ids of the whole pool, and the
+/// answer as positions into it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct LegacyRelease {
+    pub version: u32,
+    pub fingerprint: StoredFingerprint,
+    pub pool: Vec<String>,
+    pub answer: Vec<u32>,
+    pub scores: Option<Vec<f32>>,
+    pub rho: f64,
+    pub epsilon: f64,
+    pub delta: f64,
+    pub score_noise_stddev: Option<f64>,
+    pub user_norm_bound: f64,
     #[serde(default)]
     pub fairness: Option<FairnessReport>,
 }
 
 impl StoredRelease {
-    /// Encodes the record for the ledger (binary, format version 3: `record.rs`).
-    pub fn encode(&self) -> Result<Vec<u8>, EngineError> {
-        Ok(record::encode(self))
+    /// The record of a pool's ids and the answer's positions into it (earlier formats). A
+    /// position outside the pool is dropped (as the replay of those formats did).
+    pub(crate) fn from_pool(
+        version: u32,
+        fingerprint: StoredFingerprint,
+        pool: Vec<String>,
+        positions: &[u32],
+        tail: ReleaseTail,
+    ) -> StoredRelease {
+        let answer = positions
+            .iter()
+            .filter_map(|&position| {
+                let id = pool.get(position as usize)?;
+                Some((position, id.clone()))
+            })
+            .collect();
+        StoredRelease {
+            version,
+            fingerprint,
+            picks: u32::try_from(pool.len()).unwrap_or(u32::MAX),
+            answer,
+            scores: tail.scores,
+            rho: tail.rho,
+            epsilon: tail.epsilon,
+            delta: tail.delta,
+            score_noise_stddev: tail.score_noise_stddev,
+            user_norm_bound: tail.user_norm_bound,
+            fairness: tail.fairness,
+        }
     }
 
-    /// Decodes a ledger record: binary (version 3) or JSON (versions 1 and 2, written by
-    /// earlier releases; a JSON record starts with `{`, a binary one with `FRR`).
+    /// Encodes the record for the ledger (binary, format version 4: `record.rs`) with the
+    /// fairness report `fairness` (the record's own `fairness` field is not read).
+    pub fn encode(&self, fairness: Option<&FairnessReport>) -> Vec<u8> {
+        record::encode(self, fairness)
+    }
+
+    /// Decodes a ledger record: binary (versions 3 and 4) or JSON (versions 1 and 2, written
+    /// by earlier releases; a JSON record starts with `{`, a binary one with `FRR`).
     pub fn decode(bytes: &[u8]) -> Result<StoredRelease, EngineError> {
         let unreadable = |reason: String| EngineError::LedgerUnavailable {
             message: format!("the ledger holds an unreadable answer record: {reason}"),
@@ -579,7 +644,23 @@ impl StoredRelease {
             return record::decode(bytes)
                 .ok_or_else(|| unreadable("a damaged binary record".to_owned()));
         }
-        serde_json::from_slice(bytes).map_err(|error| unreadable(error.to_string()))
+        let legacy: LegacyRelease =
+            serde_json::from_slice(bytes).map_err(|error| unreadable(error.to_string()))?;
+        Ok(StoredRelease::from_pool(
+            legacy.version,
+            legacy.fingerprint,
+            legacy.pool,
+            &legacy.answer,
+            ReleaseTail {
+                scores: legacy.scores,
+                rho: legacy.rho,
+                epsilon: legacy.epsilon,
+                delta: legacy.delta,
+                score_noise_stddev: legacy.score_noise_stddev,
+                user_norm_bound: legacy.user_norm_bound,
+                fairness: legacy.fairness,
+            },
+        ))
     }
 
     /// The privacy report of this record: freshly charged (with the subject's spend, if
@@ -692,11 +773,53 @@ fn noisy_each(
         .collect()
 }
 
-/// Builds the ledger record of a fresh DP answer.
+/// Conversions remembered per thread by [`epsilon_of`].
+const EPSILON_MEMO: usize = 8;
+
+/// `(rho bits, delta bits, epsilon)` of recent conversions, and the slot to replace next.
+type EpsilonMemo = ([(u64, u64, f64); EPSILON_MEMO], usize);
+
+thread_local! {
+    /// Recent conversions of this thread.
+    static EPSILON_OF: RefCell<EpsilonMemo> =
+        const { RefCell::new(([(u64::MAX, u64::MAX, 0.0); EPSILON_MEMO], 0)) };
+}
+
+/// [`rho_to_epsilon`], remembered for the last few `(rho, delta)` of this thread. The tight
+/// conversion searches over Renyi orders (about 47 000 instructions); requests under one
+/// policy charge the same rho, so a DP request usually finds it here. The function is pure:
+/// a remembered value is bit-identical to a fresh one (inputs compared by their bits).
+fn epsilon_of(rho: f64, delta: f64) -> Result<f64, privacy::PrivacyError> {
+    let key = (rho.to_bits(), delta.to_bits());
+    let found = EPSILON_OF.with(|memo| {
+        memo.try_borrow().ok().and_then(|memo| {
+            memo.0
+                .iter()
+                .find(|entry| (entry.0, entry.1) == key)
+                .map(|entry| entry.2)
+        })
+    });
+    if let Some(epsilon) = found {
+        return Ok(epsilon);
+    }
+    let epsilon = rho_to_epsilon(rho, delta)?;
+    EPSILON_OF.with(|memo| {
+        if let Ok(mut memo) = memo.try_borrow_mut() {
+            let slot = memo.1;
+            memo.0[slot] = (key.0, key.1, epsilon);
+            memo.1 = (slot + 1) % EPSILON_MEMO;
+        }
+    });
+    Ok(epsilon)
+}
+
+/// Builds the ledger record of a fresh DP answer: a pool of `picks` items and the answer as
+/// (pool position, item id), best first. The fairness report is not copied in: pass it to
+/// [`StoredRelease::encode`].
 pub(crate) fn release_record(
     plan: &Plan,
-    pool_ids: Vec<String>,
-    answer: &[usize],
+    picks: usize,
+    answer: Vec<(u32, String)>,
     scores: Option<NoisyScores>,
 ) -> Result<StoredRelease, EngineError> {
     let (scores, rho_scores, epsilon_scores, stddev) = match scores {
@@ -720,7 +843,7 @@ pub(crate) fn release_record(
             )
         }
         None => (
-            rho_to_epsilon(rho, plan.delta)
+            epsilon_of(rho, plan.delta)
                 .map_err(|error| EngineError::internal(format!("epsilon conversion: {error}")))?,
             plan.delta,
         ),
@@ -728,8 +851,8 @@ pub(crate) fn release_record(
     Ok(StoredRelease {
         version: record::VERSION,
         fingerprint: StoredFingerprint::Digest(plan.fingerprint),
-        pool: pool_ids,
-        answer: answer.iter().map(|&position| position as u32).collect(),
+        picks: u32::try_from(picks).unwrap_or(u32::MAX),
+        answer,
         scores,
         rho,
         epsilon,
@@ -767,8 +890,9 @@ pub(crate) fn charge(
     plan: &Plan,
     request_id: &str,
     record: &StoredRelease,
+    fairness: &FairnessReport,
 ) -> Result<LedgerOutcome, EngineError> {
-    let bytes = record.encode()?;
+    let bytes = record.encode(Some(fairness));
     ledger
         .charge(&LedgerCharge {
             subject: &plan.subject,
@@ -782,4 +906,45 @@ pub(crate) fn charge(
         .map_err(|failure| EngineError::LedgerUnavailable {
             message: failure.message,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remembered_epsilons_are_bit_identical_to_fresh_conversions() {
+        // More distinct inputs than the memo holds, each asked several times in a mixed order.
+        let inputs: Vec<(f64, f64)> = (0..2 * EPSILON_MEMO)
+            .map(|index| {
+                (
+                    0.001 * (index + 1) as f64,
+                    if index % 2 == 0 { 1e-6 } else { 1e-9 },
+                )
+            })
+            .collect();
+        for round in 0..3 {
+            for (index, &(rho, delta)) in inputs.iter().enumerate() {
+                let (rho, delta) = if round == 1 {
+                    inputs[inputs.len() - 1 - index]
+                } else {
+                    (rho, delta)
+                };
+                let remembered = epsilon_of(rho, delta).expect("converts");
+                let fresh = rho_to_epsilon(rho, delta).expect("converts");
+                assert_eq!(
+                    remembered.to_bits(),
+                    fresh.to_bits(),
+                    "rho {rho}, delta {delta}"
+                );
+                assert_eq!(
+                    epsilon_of(rho, delta).expect("converts").to_bits(),
+                    fresh.to_bits()
+                );
+            }
+        }
+        // Errors are not remembered.
+        assert!(epsilon_of(0.1, 1.5).is_err());
+        assert!(epsilon_of(0.1, 1.5).is_err());
+    }
 }

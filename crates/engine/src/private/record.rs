@@ -1,34 +1,45 @@
-//! The binary encoding of a DP answer's ledger record ([`StoredRelease`], format version 3).
+//! The binary encoding of a DP answer's ledger record ([`StoredRelease`], format version 4).
 //!
 //! Every charged answer is stored by the ledger for replays, so this encoding is written once
 //! per DP request (and stored by the ledger's writer), and read only by a retry. It replaced
 //! JSON (format versions 1 and 2, still read): about half the bytes, no field names, no
-//! number formatting.
+//! number formatting. Version 4 stores only what a replay shows: the size of the privately
+//! selected pool and, for each answer item, its position in the pool's released order and its
+//! id (version 3, still read, stored the ids of the whole pool: 100 ids by default where a
+//! replay needs 10).
 //!
 //! # Layout
 //!
-//! `"FRR"`, the format byte `3`, then the fields in declaration order of [`StoredRelease`]
-//! (the version field is the format byte). Integers and floats are little-endian (`u32`,
-//! `u64`, IEEE `f32`/`f64` bits, so every float round-trips exactly), a `bool` is one byte
-//! 0 or 1, a string or list is a `u32` count then its items (strings as UTF-8 bytes), an
-//! `Option` is a byte 0 (none) or 1 then the value, an enum is one byte (its variant's
-//! index below). The fingerprint is a byte 0 and the 16 bytes of the digest, or 1 and the
-//! legacy `u64`. Nothing may follow the last field. A JSON record starts with `{`, so the
-//! two are told apart by the first byte.
+//! `"FRR"`, the format byte `4`, the fingerprint, the pool size (`u32`), the answer as a list
+//! of (`u32` pool position, id string), then the fields of [`StoredRelease`] from `scores` on
+//! in declaration order (the version field is the format byte). Integers and floats are
+//! little-endian (`u32`, `u64`, IEEE `f32`/`f64` bits, so every float round-trips exactly), a
+//! `bool` is one byte 0 or 1, a string or list is a `u32` count then its items (strings as
+//! UTF-8 bytes), an `Option` is a byte 0 (none) or 1 then the value, an enum is one byte (its
+//! variant's index below). The fingerprint is a byte 0 and the 16 bytes of the digest, or 1
+//! and the legacy `u64`. Nothing may follow the last field. Version 3 has, after the
+//! fingerprint, the list of the pool's ids and the list of the answer's `u32` positions into
+//! it. A JSON record starts with `{`, so the two are told apart by the first byte.
 
 use crate::response::{
     AmortizedGroupExposure, FairnessFallback, FairnessOptimality, FairnessReport,
     FairnessViolation, GroupExposure, ViolationKind,
 };
 
-use super::StoredRelease;
 use super::fingerprint::{RequestDigest, StoredFingerprint};
+use super::{ReleaseTail, StoredRelease};
 
 /// The first bytes of a binary record: magic and format version.
-pub(super) const MAGIC: [u8; 4] = *b"FRR\x03";
+pub(super) const MAGIC: [u8; 4] = *b"FRR\x04";
 
 /// The format version of binary records.
-pub(super) const VERSION: u32 = 3;
+pub(super) const VERSION: u32 = 4;
+
+/// The first bytes of a version 3 record (earlier releases; still read).
+const MAGIC_V3: [u8; 4] = *b"FRR\x03";
+
+/// Format version 3.
+const VERSION_V3: u32 = 3;
 
 /// Appends fields to a record.
 struct Writer(Vec<u8>);
@@ -275,12 +286,8 @@ fn read_fairness(input: &mut Reader<'_>) -> Option<FairnessReport> {
     })
 }
 
-/// The binary record of `release` (its `version` field is not stored: the format byte is).
-pub(super) fn encode(release: &StoredRelease) -> Vec<u8> {
-    let ids: usize = release.pool.iter().map(|id| 4 + id.len()).sum();
-    let mut out = Writer(Vec::with_capacity(128 + ids + 8 * release.answer.len()));
-    out.0.extend_from_slice(&MAGIC);
-    match release.fingerprint {
+fn write_fingerprint(out: &mut Writer, fingerprint: StoredFingerprint) {
+    match fingerprint {
         StoredFingerprint::Digest(digest) => {
             out.u8(0);
             out.0.extend_from_slice(&digest.0.to_le_bytes());
@@ -290,14 +297,19 @@ pub(super) fn encode(release: &StoredRelease) -> Vec<u8> {
             out.u64(hash);
         }
     }
-    out.count(release.pool.len());
-    for id in &release.pool {
-        out.str(id);
-    }
-    out.count(release.answer.len());
-    for &position in &release.answer {
-        out.u32(position);
-    }
+}
+
+fn read_fingerprint(input: &mut Reader<'_>) -> Option<StoredFingerprint> {
+    Some(match input.u8()? {
+        0 => StoredFingerprint::Digest(RequestDigest(u128::from_le_bytes(
+            input.bytes(16)?.try_into().ok()?,
+        ))),
+        1 => StoredFingerprint::Legacy(input.u64()?),
+        _ => return None,
+    })
+}
+
+fn write_tail(out: &mut Writer, release: &StoredRelease, fairness: Option<&FairnessReport>) {
     out.option(release.scores.as_ref(), |out, scores| {
         out.count(scores.len());
         for score in scores {
@@ -309,26 +321,11 @@ pub(super) fn encode(release: &StoredRelease) -> Vec<u8> {
     out.f64(release.delta);
     out.option(release.score_noise_stddev, Writer::f64);
     out.f64(release.user_norm_bound);
-    out.option(release.fairness.as_ref(), write_fairness);
-    out.0
+    out.option(fairness, write_fairness);
 }
 
-/// The record encoded by [`encode`]; `None` for anything else (wrong magic, truncated,
-/// out-of-range values, trailing bytes).
-pub(super) fn decode(bytes: &[u8]) -> Option<StoredRelease> {
-    let mut input = Reader(bytes.strip_prefix(&MAGIC)?);
-    let fingerprint = match input.u8()? {
-        0 => StoredFingerprint::Digest(RequestDigest(u128::from_le_bytes(
-            input.bytes(16)?.try_into().ok()?,
-        ))),
-        1 => StoredFingerprint::Legacy(input.u64()?),
-        _ => return None,
-    };
-    let release = StoredRelease {
-        version: VERSION,
-        fingerprint,
-        pool: input.list(4, Reader::string)?,
-        answer: input.list(4, Reader::u32)?,
+fn read_tail(input: &mut Reader<'_>) -> Option<ReleaseTail> {
+    Some(ReleaseTail {
         scores: input.option(|input| input.list(4, |input| Some(f32::from_bits(input.u32()?))))?,
         rho: input.f64()?,
         epsilon: input.f64()?,
@@ -336,13 +333,105 @@ pub(super) fn decode(bytes: &[u8]) -> Option<StoredRelease> {
         score_noise_stddev: input.option(Reader::f64)?,
         user_norm_bound: input.f64()?,
         fairness: input.option(read_fairness)?,
+    })
+}
+
+/// The binary record (format version 4) of `release` with the fairness report `fairness`
+/// (passed apart so that the release path need not clone it into the record; the record's
+/// own `fairness` field is not read). Its `version` field is not stored: the format byte is.
+pub(super) fn encode(release: &StoredRelease, fairness: Option<&FairnessReport>) -> Vec<u8> {
+    let ids: usize = release.answer.iter().map(|(_, id)| 8 + id.len()).sum();
+    let mut out = Writer(Vec::with_capacity(256 + ids + 4 * release.answer.len()));
+    out.0.extend_from_slice(&MAGIC);
+    write_fingerprint(&mut out, release.fingerprint);
+    out.u32(release.picks);
+    out.count(release.answer.len());
+    for (position, id) in &release.answer {
+        out.u32(*position);
+        out.str(id);
+    }
+    write_tail(&mut out, release, fairness);
+    out.0
+}
+
+/// The record encoded by [`encode`] (version 4) or by the version 3 encoder of earlier
+/// releases (the whole pool's ids and the answer's positions into it; converted: the pool's
+/// size and the answer's ids are kept); `None` for anything else (wrong magic, truncated,
+/// out-of-range values, trailing bytes).
+pub(super) fn decode(bytes: &[u8]) -> Option<StoredRelease> {
+    if let Some(rest) = bytes.strip_prefix(&MAGIC_V3) {
+        let mut input = Reader(rest);
+        let fingerprint = read_fingerprint(&mut input)?;
+        let pool = input.list(4, Reader::string)?;
+        let positions = input.list(4, Reader::u32)?;
+        let tail = read_tail(&mut input)?;
+        if !input.0.is_empty() {
+            return None;
+        }
+        return Some(StoredRelease::from_pool(
+            VERSION_V3,
+            fingerprint,
+            pool,
+            &positions,
+            tail,
+        ));
+    }
+    let mut input = Reader(bytes.strip_prefix(&MAGIC)?);
+    let fingerprint = read_fingerprint(&mut input)?;
+    let picks = input.u32()?;
+    let answer = input.list(8, |input| Some((input.u32()?, input.string()?)))?;
+    let tail = read_tail(&mut input)?;
+    let release = StoredRelease {
+        version: VERSION,
+        fingerprint,
+        picks,
+        answer,
+        scores: tail.scores,
+        rho: tail.rho,
+        epsilon: tail.epsilon,
+        delta: tail.delta,
+        score_noise_stddev: tail.score_noise_stddev,
+        user_norm_bound: tail.user_norm_bound,
+        fairness: tail.fairness,
     };
     input.0.is_empty().then_some(release)
+}
+
+/// The version 3 record of a whole pool (what earlier releases wrote; tests only).
+#[cfg(test)]
+pub(super) fn encode_v3(legacy: &super::LegacyRelease) -> Vec<u8> {
+    let mut out = Writer(Vec::new());
+    out.0.extend_from_slice(&MAGIC_V3);
+    write_fingerprint(&mut out, legacy.fingerprint);
+    out.count(legacy.pool.len());
+    for id in &legacy.pool {
+        out.str(id);
+    }
+    out.count(legacy.answer.len());
+    for &position in &legacy.answer {
+        out.u32(position);
+    }
+    let tail = StoredRelease {
+        version: VERSION_V3,
+        fingerprint: legacy.fingerprint,
+        picks: 0,
+        answer: Vec::new(),
+        scores: legacy.scores.clone(),
+        rho: legacy.rho,
+        epsilon: legacy.epsilon,
+        delta: legacy.delta,
+        score_noise_stddev: legacy.score_noise_stddev,
+        user_norm_bound: legacy.user_norm_bound,
+        fairness: None,
+    };
+    write_tail(&mut out, &tail, legacy.fairness.as_ref());
+    out.0
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::private::LegacyRelease;
 
     fn full_record() -> StoredRelease {
         StoredRelease {
@@ -350,8 +439,12 @@ mod tests {
             fingerprint: StoredFingerprint::Digest(RequestDigest(
                 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
             )),
-            pool: vec!["item-1".into(), String::new(), "élément-ü".into()],
-            answer: vec![2, 0, 1],
+            picks: 3,
+            answer: vec![
+                (2, "élément-ü".into()),
+                (0, "item-1".into()),
+                (1, String::new()),
+            ],
             scores: Some(vec![0.5, -1.25, f32::MIN_POSITIVE]),
             rho: 0.012_5,
             epsilon: 1.0 / 3.0,
@@ -403,7 +496,10 @@ mod tests {
     #[test]
     fn records_round_trip_exactly() {
         let full = full_record();
-        assert_eq!(decode(&encode(&full)), Some(full.clone()));
+        assert_eq!(
+            decode(&encode(&full, full.fairness.as_ref())),
+            Some(full.clone())
+        );
         let sparse = StoredRelease {
             fingerprint: StoredFingerprint::Legacy(7),
             scores: None,
@@ -411,12 +507,13 @@ mod tests {
             fairness: None,
             ..full
         };
-        assert_eq!(decode(&encode(&sparse)), Some(sparse));
+        assert_eq!(decode(&encode(&sparse, None)), Some(sparse));
     }
 
     #[test]
     fn damaged_records_are_refused_without_panicking() {
-        let bytes = encode(&full_record());
+        let full = full_record();
+        let bytes = encode(&full, full.fairness.as_ref());
         for length in 0..bytes.len() {
             assert_eq!(decode(&bytes[..length]), None, "truncated to {length}");
         }
@@ -439,16 +536,30 @@ mod tests {
         assert_eq!(decode(&huge), None);
     }
 
+    /// The pool of `full_record` (ids by position) as earlier formats stored it.
+    fn legacy_record(version: u32) -> LegacyRelease {
+        let full = full_record();
+        LegacyRelease {
+            version,
+            fingerprint: full.fingerprint,
+            pool: vec!["item-1".into(), String::new(), "élément-ü".into()],
+            answer: vec![2, 0, 1],
+            scores: full.scores,
+            rho: full.rho,
+            epsilon: full.epsilon,
+            delta: full.delta,
+            score_noise_stddev: full.score_noise_stddev,
+            user_norm_bound: full.user_norm_bound,
+            fairness: full.fairness,
+        }
+    }
+
     #[test]
-    fn binary_records_are_smaller_and_json_ones_still_read() {
+    fn binary_records_are_smaller_and_json_and_version_3_ones_still_read() {
         let record = full_record();
-        let binary = record.encode().expect("encodes");
+        let binary = record.encode(record.fairness.as_ref());
         assert!(binary.starts_with(&MAGIC));
-        let json = serde_json::to_vec(&StoredRelease {
-            version: 2,
-            ..record.clone()
-        })
-        .expect("json");
+        let json = serde_json::to_vec(&legacy_record(2)).expect("json");
         assert!(
             binary.len() * 2 < json.len(),
             "{} vs {}",
@@ -456,9 +567,62 @@ mod tests {
             json.len()
         );
         assert_eq!(StoredRelease::decode(&binary).expect("decodes"), record);
+        // Earlier formats decode to the same answer (ids and pool positions) and pool size.
         let old = StoredRelease::decode(&json).expect("a version 2 record still decodes");
-        assert_eq!(old.version, 2);
-        assert_eq!(old.pool, record.pool);
+        assert_eq!(
+            old,
+            StoredRelease {
+                version: 2,
+                ..record.clone()
+            }
+        );
+        let v3 = encode_v3(&legacy_record(3));
+        assert!(v3.starts_with(&MAGIC_V3));
+        assert_eq!(
+            StoredRelease::decode(&v3).expect("a version 3 record still decodes"),
+            StoredRelease {
+                version: 3,
+                ..record.clone()
+            }
+        );
         assert!(StoredRelease::decode(b"FRR\x03garbage").is_err());
+        assert!(StoredRelease::decode(b"FRR\x04garbage").is_err());
+    }
+
+    #[test]
+    fn a_record_holds_the_answer_ids_only_not_the_pool() {
+        // A pool of 100 ids and an answer of 10 (the server's defaults).
+        let pool: Vec<String> = (0..100).map(|index| format!("item-{index:06}")).collect();
+        let positions: Vec<u32> = (0..10).map(|index| 9 * index + 3).collect();
+        let legacy = LegacyRelease {
+            version: 3,
+            pool: pool.clone(),
+            answer: positions.clone(),
+            fairness: None,
+            ..legacy_record(3)
+        };
+        let release = StoredRelease::decode(&encode_v3(&legacy)).expect("decodes");
+        assert_eq!(release.picks, 100);
+        assert_eq!(
+            release.answer,
+            positions
+                .iter()
+                .map(|&position| (position, pool[position as usize].clone()))
+                .collect::<Vec<_>>()
+        );
+        let v4 = release.encode(None);
+        assert!(
+            v4.len() * 4 < encode_v3(&legacy).len(),
+            "{} vs {}",
+            v4.len(),
+            encode_v3(&legacy).len()
+        );
+        assert_eq!(
+            StoredRelease::decode(&v4).expect("decodes"),
+            StoredRelease {
+                version: VERSION,
+                ..release
+            }
+        );
     }
 }

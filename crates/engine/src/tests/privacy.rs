@@ -114,6 +114,10 @@ fn a_retry_with_the_same_request_id_returns_the_stored_answer_without_a_second_c
             .rank_blocking(dp_request("same-id", "user-1", 8, 40, 0.05))
             .expect("answers");
         assert_eq!(again.items, first.items, "same order, no new noise");
+        // Ranks in the pool, explanations, pool size and fairness report as released (the
+        // record holds the answer's ids and pool positions, not the pool).
+        assert_eq!(again.pool_size, first.pool_size);
+        assert_eq!(again.fairness, first.fairness);
         assert!(again.privacy.ledger_replay);
         assert_eq!(again.privacy.rho_charged, 0.0);
         assert_eq!(fixture.ledger.spent("user-1"), spent, "no second charge");

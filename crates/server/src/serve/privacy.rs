@@ -71,16 +71,36 @@ pub fn open_durable(
                 .ledger(ledger_options(config))
                 .with_context(starting)?,
         ),
-        LedgerCommit::Leased => Arc::new(
-            database
+        LedgerCommit::Leased => {
+            let ledger = database
                 .leased_ledger(LeaseOptions {
                     lease_charges: config.ledger.lease_charges,
                     store: ledger_options(config),
                     ..LeaseOptions::default()
                 })
-                .with_context(starting)?,
-        ),
+                .with_context(starting)?;
+            log_recovery(ledger.recovery());
+            Arc::new(ledger)
+        }
     })
+}
+
+/// Reports what opening the leased ledger's answer log found (a torn tail after a crash, a
+/// damaged record).
+fn log_recovery(recovery: &state::LogRecovery) {
+    for message in &recovery.messages {
+        tracing::warn!(
+            "stored answers (replay records): {message}; a retry of an answer lost this way is \
+             charged again as a new request"
+        );
+    }
+    tracing::debug!(
+        segments = recovery.segments,
+        answers = recovery.answers,
+        database_answers = recovery.database_answers,
+        "opened the answer log (database_answers: stored by an older version or the \
+         per-charge ledger, read in place)"
+    );
 }
 
 /// The engine's privacy setup: the configuration and `ledger` keyed by `key`.
