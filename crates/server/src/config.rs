@@ -152,6 +152,11 @@ pub struct LedgerConfig {
     /// Charges one leased block covers (default 8; `commit = "leased"` only): a crash
     /// wastes at most this many charges of each active user's budget.
     pub lease_charges: u64,
+    /// Most stored answers kept for replays (default 8 000 000; `commit = "leased"` only).
+    /// Their index takes about 50 bytes of memory each; beyond this bound the oldest are
+    /// pruned before their retention is over (a retry of one is charged again, with new
+    /// noise; never a refund).
+    pub max_stored_answers: u64,
 }
 
 /// `ledger.commit`: when a charge becomes durable.
@@ -173,6 +178,7 @@ impl Default for LedgerConfig {
             max_batch: 1024,
             commit: LedgerCommit::Leased,
             lease_charges: 8,
+            max_stored_answers: 8_000_000,
         }
     }
 }
@@ -542,6 +548,11 @@ const KEY_DOCS: &[(&str, &str, &str)] = &[
         "lease_charges",
         "Charges one leased block covers (commit = \"leased\").",
     ),
+    (
+        "ledger",
+        "max_stored_answers",
+        "Most stored answers kept for replays, about 50 bytes of memory each; beyond it the oldest are pruned early, and a retry of one is charged again (commit = \"leased\").",
+    ),
 ];
 
 /// Section order and headers of the documented rendering.
@@ -619,6 +630,9 @@ impl Config {
         }
         if self.ledger.lease_charges == 0 {
             bail!("ledger.lease_charges must be at least 1");
+        }
+        if self.ledger.max_stored_answers == 0 {
+            bail!("ledger.max_stored_answers must be at least 1");
         }
         Ok(())
     }

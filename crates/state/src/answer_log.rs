@@ -63,7 +63,10 @@
 //!
 //! The index holds 8 bytes of key hash and 24 bytes of location per stored answer (plus hash
 //! table overhead), and the writer 8 bytes per answer per segment for pruning: about 50 bytes
-//! per stored answer, for as long as answers are retained.
+//! per stored answer, for as long as answers are retained, and at most
+//! [`LeaseOptions::max_stored_answers`](crate::LeaseOptions::max_stored_answers) of them: the
+//! leased ledger then prunes the oldest whole segments early (segments are also sealed at an
+//! eighth of that bound, which is the granularity of that pruning).
 //!
 //! [`BudgetLedger::prune`]: crate::BudgetLedger::prune
 
@@ -164,6 +167,9 @@ struct Appender {
     pruned: Vec<(u64, u32, u64)>,
     /// Encoding buffer, reused.
     buffer: Vec<u8>,
+    /// A segment is also sealed once it holds this many records (see
+    /// [`AnswerLog::limit_segment_records`]).
+    segment_records: usize,
 }
 
 /// Where the answer of a key is.
@@ -483,6 +489,7 @@ impl AnswerLog {
                 metas,
                 pruned,
                 buffer: Vec::new(),
+                segment_records: usize::MAX,
             }),
         };
         Ok((log, recovery))
@@ -520,7 +527,14 @@ impl AnswerLog {
         answers: impl Iterator<Item = (&'a [u8], &'a RequestRecord)>,
     ) -> Result<(), StateError> {
         let mut appender = lock(&self.appender)?;
-        if appender.size >= SEGMENT_BYTES || appender.opened.elapsed() >= SEGMENT_AGE {
+        let records = appender
+            .metas
+            .get(&appender.segment)
+            .map_or(0, |meta| meta.hashes.len());
+        if appender.size >= SEGMENT_BYTES
+            || appender.opened.elapsed() >= SEGMENT_AGE
+            || records >= appender.segment_records
+        {
             // Seal the full segment (fsynced before the next one starts).
             appender
                 .file
@@ -686,6 +700,51 @@ impl AnswerLog {
         } else {
             Lookup::Absent
         })
+    }
+
+    /// Seals a segment once it holds `records` records too (at least 1), so that a bound on
+    /// the index can be kept by dropping whole segments at that granularity.
+    pub(crate) fn limit_segment_records(&self, records: usize) -> Result<(), StateError> {
+        lock(&self.appender)?.segment_records = records.max(1);
+        Ok(())
+    }
+
+    /// Answers in the index (in the log and in the database table).
+    #[cfg(test)]
+    pub(crate) fn indexed(&self) -> Result<u64, StateError> {
+        let appender = lock(&self.appender)?;
+        Ok(appender.metas.values().map(|meta| meta.live).sum())
+    }
+
+    /// The pruning cutoff that brings the index down to at most `keep` answers by dropping
+    /// the oldest answers whole segments at a time (the database table's answers, written
+    /// by older versions, count as the oldest): the earliest charge time still indexed in the
+    /// oldest segment that is kept. `None` when the index fits, or when only the segment
+    /// being written would be left (it is sealed at [`AnswerLog::limit_segment_records`]).
+    pub(crate) fn cutoff_to_keep(&self, keep: u64) -> Result<Option<u64>, StateError> {
+        let appender = lock(&self.appender)?;
+        let mut left: u64 = appender.metas.values().map(|meta| meta.live).sum();
+        if left <= keep {
+            return Ok(None);
+        }
+        let oldest_first = appender
+            .metas
+            .get_key_value(&IN_DATABASE)
+            .into_iter()
+            .chain(appender.metas.range(..IN_DATABASE));
+        for (&segment, meta) in oldest_first {
+            if meta.live == 0 {
+                continue;
+            }
+            if left <= keep {
+                return Ok(Some(meta.min_charged_ms));
+            }
+            if segment == appender.segment {
+                break;
+            }
+            left -= meta.live;
+        }
+        Ok(None)
     }
 
     /// Forgets up to `limit` answers charged before `cutoff_ms` and deletes the sealed
@@ -908,6 +967,33 @@ mod tests {
 
     fn answer(log: &AnswerLog, key: &[u8]) -> Option<Vec<u8>> {
         log.get(key).unwrap().map(|record| record.answer)
+    }
+
+    #[test]
+    fn cutoff_to_keep_drops_the_oldest_whole_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = AnswerLog::open(dir.path()).unwrap();
+        log.limit_segment_records(3).unwrap();
+        // Segments of 3 records each, charged at 0..12 in order: [0,1,2] [3,4,5] [6,7,8]
+        // [9,10,11] (the last one being written).
+        for at in 0..12_u64 {
+            append(&log, &[(key(1, &format!("k{at}")), record(at, "x"))]);
+        }
+        assert_eq!(log.segment_count(), 4);
+        assert_eq!(log.indexed().unwrap(), 12);
+        assert_eq!(log.cutoff_to_keep(12).unwrap(), None);
+        // Keeping 7 keeps the last two segments (6 answers): prune before 6.
+        assert_eq!(log.cutoff_to_keep(7).unwrap(), Some(6));
+        assert_eq!(log.cutoff_to_keep(6).unwrap(), Some(6));
+        assert_eq!(log.cutoff_to_keep(5).unwrap(), Some(9));
+        // Only the segment being written would be left: nothing to drop whole.
+        assert_eq!(log.cutoff_to_keep(2).unwrap(), None);
+        assert_eq!(log.prune(6, usize::MAX).unwrap(), 6);
+        assert_eq!(log.indexed().unwrap(), 6);
+        assert_eq!(log.segment_count(), 2);
+        assert_eq!(answer(&log, &key(1, "k5")), None);
+        assert_eq!(answer(&log, &key(1, "k6")), Some(b"x".to_vec()));
+        assert_eq!(log.cutoff_to_keep(6).unwrap(), None);
     }
 
     #[test]

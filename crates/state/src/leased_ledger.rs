@@ -64,6 +64,14 @@ pub struct LeaseOptions {
     /// A user without charges for this long is dropped from memory and the unused rest of
     /// its lease is returned (bounds memory to the recently active users).
     pub idle_eviction: Duration,
+    /// The most stored answers kept for replays (at least 1). The answer log's index holds
+    /// about 50 bytes of memory per stored answer for the whole retention (one day by the
+    /// server's default), so under a sustained high rate of DP answers this bounds memory:
+    /// beyond it, the oldest answers are pruned (whole log segments at a time, each at most
+    /// an eighth of this bound) before their retention is over, and a retry of one is
+    /// charged again as a new request (never a refund). Such early prunings are counted in
+    /// [`LeaseStats::early_prunings`]. Default 8 000 000 (about 400 MB).
+    pub max_stored_answers: u64,
     /// Batch size, retention and pruning of the underlying store (see [`LedgerOptions`]).
     pub store: LedgerOptions,
 }
@@ -78,6 +86,7 @@ impl Default for LeaseOptions {
             answer_interval: Duration::from_millis(50),
             max_unwritten_answers: 65_536,
             idle_eviction: Duration::from_secs(600),
+            max_stored_answers: 8_000_000,
             store: LedgerOptions::default(),
         }
     }
@@ -109,6 +118,7 @@ impl LeaseOptions {
             }
         };
         at_least_one("lease_charges", self.lease_charges)?;
+        at_least_one("max_stored_answers", self.max_stored_answers)?;
         at_least_one("answer_batch", self.answer_batch as u64)?;
         at_least_one("max_batch", self.store.max_batch as u64)?;
         if self.max_unwritten_answers < self.answer_batch {
@@ -179,6 +189,8 @@ pub struct LeaseStats {
     /// microseconds (its busy time; divide by `answers_written` for the writer's cost per
     /// charge).
     pub writer_busy_us: u64,
+    /// Prunings forced by [`LeaseOptions::max_stored_answers`] before the retention was over.
+    pub early_prunings: u64,
 }
 
 /// The counters behind [`LeaseStats`] (relaxed atomics: diagnostics only).
@@ -199,6 +211,7 @@ struct StatCounters {
     fsynced_commits: AtomicU64,
     answers_written: AtomicU64,
     writer_busy_us: AtomicU64,
+    early_prunings: AtomicU64,
 }
 
 /// Adds the time since `since` to `total` (in microseconds) and counts one in `count`.
@@ -228,6 +241,7 @@ impl StatCounters {
             fsynced_commits: get(&self.fsynced_commits),
             answers_written: get(&self.answers_written),
             writer_busy_us: get(&self.writer_busy_us),
+            early_prunings: get(&self.early_prunings),
         }
     }
 }
@@ -571,6 +585,9 @@ impl StateDatabase {
         options.validate()?;
         let (log, mut recovery) = AnswerLog::open(&log_dir(self.path()))?;
         recovery.database_answers = index_database_answers(self, &log)?;
+        log.limit_segment_records(
+            usize::try_from(options.max_stored_answers / 8).unwrap_or(usize::MAX),
+        )?;
         let shared = Arc::new(Shared {
             database: self.clone(),
             pending: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
@@ -1153,6 +1170,9 @@ fn take(command: Command, commands: &mut Vec<Command>) -> bool {
     true
 }
 
+/// How often the writer compares the stored answers with [`LeaseOptions::max_stored_answers`].
+const SIZE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The writer thread. Each commit takes every waiting command (leases first of all) and up
 /// to `answer_batch` waiting answers (at most [`ANSWERS_WITH_LEASES`] when a caller waits
 /// for it, all of them for a flush or prune). Renewals asked for ahead of need wait up to
@@ -1167,6 +1187,7 @@ fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOpti
     // Answers taken from the queue whose commit failed; retried first.
     let mut retry: Vec<Arc<PendingAnswer>> = Vec::new();
     let mut auto_prune = AutoPrune::new();
+    let mut last_size_check = Instant::now();
     let mut counts = Counts::default();
     let mut last_fsync = Instant::now();
     // Some commit since the last fsync was not fsynced.
@@ -1258,7 +1279,18 @@ fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOpti
             || disconnected
             || last_fsync.elapsed() >= interval
             || answers.is_empty();
-        let prune = auto_prune.due(&options.store);
+        let mut prune = auto_prune.due(&options.store);
+        if last_size_check.elapsed() >= SIZE_CHECK_INTERVAL {
+            last_size_check = Instant::now();
+            if let Ok(Some(cutoff_ms)) = shared.log.cutoff_to_keep(options.max_stored_answers) {
+                // The later cutoff of the two: retention's and the bound's.
+                let retention_cutoff = prune.map_or(0, |(cutoff, _)| cutoff);
+                if cutoff_ms > retention_cutoff {
+                    prune = Some((cutoff_ms, options.store.prune_limit));
+                    shared.stats.early_prunings.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
         let committed = commit_batch(
             shared,
             &answers,
@@ -2071,6 +2103,41 @@ mod tests {
     }
 
     #[test]
+    fn beyond_max_stored_answers_the_oldest_are_pruned_early() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = StateDatabase::open(dir.path().join("state.redb")).unwrap();
+        // At most 8 answers: segments are sealed at 1 record, so pruning is exact here.
+        let ledger = database
+            .leased_ledger(LeaseOptions {
+                max_stored_answers: 8,
+                ..options(64)
+            })
+            .unwrap();
+        for index in 0..20 {
+            ledger
+                .charge(&request("m", &format!("a{index}"), 1, 1000, index))
+                .unwrap();
+            ledger.flush().unwrap();
+        }
+        assert_eq!(ledger.shared.log.indexed().unwrap(), 20);
+        // The writer compares at most once a second, on its next batch.
+        std::thread::sleep(SIZE_CHECK_INTERVAL + Duration::from_millis(100));
+        ledger.charge(&request("m", "a20", 1, 1000, 20)).unwrap();
+        ledger.flush().unwrap();
+        ledger.flush().unwrap();
+        assert!(ledger.stats().early_prunings >= 1);
+        assert!(ledger.shared.log.indexed().unwrap() <= 8 + 1);
+        assert_eq!(ledger.lookup(&user("m"), "a0").unwrap(), None);
+        assert!(ledger.lookup(&user("m"), "a20").unwrap().is_some());
+        assert!(ledger.lookup(&user("m"), "a19").unwrap().is_some());
+        // A retry of an answer pruned early is charged again (never a refund).
+        assert_eq!(
+            charged(ledger.charge(&request("m", "a0", 1, 1000, 21)).unwrap()),
+            22
+        );
+    }
+
+    #[test]
     fn options_out_of_range_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let database = StateDatabase::open(dir.path().join("state.redb")).unwrap();
@@ -2098,6 +2165,13 @@ mod tests {
                 ..LeaseOptions::default()
             }),
             "lease_charges"
+        );
+        assert_eq!(
+            refused(LeaseOptions {
+                max_stored_answers: 0,
+                ..LeaseOptions::default()
+            }),
+            "max_stored_answers"
         );
         assert_eq!(
             refused(LeaseOptions {

@@ -75,6 +75,7 @@ pub fn open_durable(
             let ledger = database
                 .leased_ledger(LeaseOptions {
                     lease_charges: config.ledger.lease_charges,
+                    max_stored_answers: config.ledger.max_stored_answers,
                     store: ledger_options(config),
                     ..LeaseOptions::default()
                 })
