@@ -613,10 +613,22 @@ impl StoredRelease {
                 Some((position, id.clone()))
             })
             .collect();
+        let picks = u32::try_from(pool.len()).unwrap_or(u32::MAX);
+        StoredRelease::with_tail(version, fingerprint, picks, answer, tail)
+    }
+
+    /// The record of an answer (pool positions and ids) and the fields after it.
+    pub(crate) fn with_tail(
+        version: u32,
+        fingerprint: StoredFingerprint,
+        picks: u32,
+        answer: Vec<(u32, String)>,
+        tail: ReleaseTail,
+    ) -> StoredRelease {
         StoredRelease {
             version,
             fingerprint,
-            picks: u32::try_from(pool.len()).unwrap_or(u32::MAX),
+            picks,
             answer,
             scores: tail.scores,
             rho: tail.rho,

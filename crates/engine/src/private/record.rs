@@ -381,19 +381,7 @@ pub(super) fn decode(bytes: &[u8]) -> Option<StoredRelease> {
     let picks = input.u32()?;
     let answer = input.list(8, |input| Some((input.u32()?, input.string()?)))?;
     let tail = read_tail(&mut input)?;
-    let release = StoredRelease {
-        version: VERSION,
-        fingerprint,
-        picks,
-        answer,
-        scores: tail.scores,
-        rho: tail.rho,
-        epsilon: tail.epsilon,
-        delta: tail.delta,
-        score_noise_stddev: tail.score_noise_stddev,
-        user_norm_bound: tail.user_norm_bound,
-        fairness: tail.fairness,
-    };
+    let release = StoredRelease::with_tail(VERSION, fingerprint, picks, answer, tail);
     input.0.is_empty().then_some(release)
 }
 
