@@ -802,6 +802,10 @@ thread_local! {
 /// policy charge the same rho, so a DP request usually finds it here. The function is pure:
 /// a remembered value is bit-identical to a fresh one (inputs compared by their bits).
 fn epsilon_of(rho: f64, delta: f64) -> Result<f64, privacy::PrivacyError> {
+    // Empty slots hold the bits of a NaN: non-finite inputs never look them up.
+    if !(rho.is_finite() && delta.is_finite()) {
+        return rho_to_epsilon(rho, delta);
+    }
     let key = (rho.to_bits(), delta.to_bits());
     let found = EPSILON_OF.with(|memo| {
         memo.try_borrow().ok().and_then(|memo| {
