@@ -396,7 +396,7 @@ pub(crate) fn finish(
                 Charged::Replay(record) => {
                     restored = Some(restore_release(&prepared, &plan, &record)?);
                     // The report of the answer released first, not of this attempt's pool.
-                    if let Some(report) = &record.fairness {
+                    if let Some(report) = &record.tail.fairness {
                         fairness = report.clone();
                     }
                     Some((record, None, true))
@@ -440,7 +440,7 @@ pub(crate) fn finish(
         Personalization::Personalized(_) if release.is_some() => (
             Basis::Private { picks: pool_size },
             match &release {
-                Some((record, _, _)) if record.scores.is_some() => ScoreKind::NoisyDotProduct,
+                Some((record, _, _)) if record.tail.scores.is_some() => ScoreKind::NoisyDotProduct,
                 _ => ScoreKind::Withheld,
             },
         ),
@@ -502,6 +502,7 @@ pub(crate) fn finish(
             .collect();
         let score = match &release {
             Some((record, _, _)) => record
+                .tail
                 .scores
                 .as_ref()
                 .and_then(|scores| scores.get(position).copied()),
@@ -593,7 +594,7 @@ fn charge_release(
         None
     };
     let record = private::release_record(plan, pool.len(), answer_ids, scores)?;
-    if plan.mechanism.is_none() || record.rho <= 0.0 {
+    if plan.mechanism.is_none() || record.tail.rho <= 0.0 {
         return Ok(Charged::Fresh(record, None));
     }
     match private::charge(
@@ -607,7 +608,7 @@ fn charge_release(
         LedgerOutcome::Replayed { answer } => Ok(Charged::Replay(StoredRelease::decode(&answer)?)),
         LedgerOutcome::Exceeded(spend) => match plan.on_exhausted {
             private::ExhaustedPolicy::Reject => {
-                Err(private::exhausted_error(plan, record.rho, spend))
+                Err(private::exhausted_error(plan, record.tail.rho, spend))
             }
             private::ExhaustedPolicy::NonPersonalized => Ok(Charged::Exhausted),
         },

@@ -550,6 +550,14 @@ pub(crate) struct StoredRelease {
     pub picks: u32,
     /// The answer, best first: each item's position in the pool's released order, and its id.
     pub answer: Vec<(u32, String)>,
+    /// Everything after the answer: scores, privacy figures, fairness report.
+    pub tail: ReleaseTail,
+}
+
+/// The fields of a record after its answer (shared by every format version; in a JSON record
+/// of versions 1 and 2 they sit at the top level beside the pool).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ReleaseTail {
     /// Noisy scores of the answer's items, in answer order.
     pub scores: Option<Vec<f32>>,
     /// rho charged.
@@ -563,18 +571,7 @@ pub(crate) struct StoredRelease {
     pub user_norm_bound: f64,
     /// The fairness report of the released answer (a replay reports it unchanged). `None` in
     /// a freshly built record: the release path passes the report to the encoder instead.
-    pub fairness: Option<FairnessReport>,
-}
-
-/// The fields of a record after its answer (shared by every format version).
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct ReleaseTail {
-    pub scores: Option<Vec<f32>>,
-    pub rho: f64,
-    pub epsilon: f64,
-    pub delta: f64,
-    pub score_noise_stddev: Option<f64>,
-    pub user_norm_bound: f64,
+    #[serde(default)]
     pub fairness: Option<FairnessReport>,
 }
 
@@ -586,14 +583,8 @@ pub(crate) struct LegacyRelease {
     pub fingerprint: StoredFingerprint,
     pub pool: Vec<String>,
     pub answer: Vec<u32>,
-    pub scores: Option<Vec<f32>>,
-    pub rho: f64,
-    pub epsilon: f64,
-    pub delta: f64,
-    pub score_noise_stddev: Option<f64>,
-    pub user_norm_bound: f64,
-    #[serde(default)]
-    pub fairness: Option<FairnessReport>,
+    #[serde(flatten)]
+    pub tail: ReleaseTail,
 }
 
 impl StoredRelease {
@@ -613,30 +604,12 @@ impl StoredRelease {
                 Some((position, id.clone()))
             })
             .collect();
-        let picks = u32::try_from(pool.len()).unwrap_or(u32::MAX);
-        StoredRelease::with_tail(version, fingerprint, picks, answer, tail)
-    }
-
-    /// The record of an answer (pool positions and ids) and the fields after it.
-    pub(crate) fn with_tail(
-        version: u32,
-        fingerprint: StoredFingerprint,
-        picks: u32,
-        answer: Vec<(u32, String)>,
-        tail: ReleaseTail,
-    ) -> StoredRelease {
         StoredRelease {
             version,
             fingerprint,
-            picks,
+            picks: u32::try_from(pool.len()).unwrap_or(u32::MAX),
             answer,
-            scores: tail.scores,
-            rho: tail.rho,
-            epsilon: tail.epsilon,
-            delta: tail.delta,
-            score_noise_stddev: tail.score_noise_stddev,
-            user_norm_bound: tail.user_norm_bound,
-            fairness: tail.fairness,
+            tail,
         }
     }
 
@@ -663,15 +636,7 @@ impl StoredRelease {
             legacy.fingerprint,
             legacy.pool,
             &legacy.answer,
-            ReleaseTail {
-                scores: legacy.scores,
-                rho: legacy.rho,
-                epsilon: legacy.epsilon,
-                delta: legacy.delta,
-                score_noise_stddev: legacy.score_noise_stddev,
-                user_norm_bound: legacy.user_norm_bound,
-                fairness: legacy.fairness,
-            },
+            legacy.tail,
         ))
     }
 
@@ -681,15 +646,15 @@ impl StoredRelease {
         PrivacyReport {
             dp_applied: true,
             mechanism: PrivacyMechanism::GumbelTopK,
-            rho_charged: if replay { 0.0 } else { self.rho },
-            epsilon: Some(self.epsilon),
-            delta: Some(self.delta),
+            rho_charged: if replay { 0.0 } else { self.tail.rho },
+            epsilon: Some(self.tail.epsilon),
+            delta: Some(self.tail.delta),
             rho_remaining: spend.map(|spend| spend.remaining()),
             rho_budget: spend.map(|spend| spend.cap),
             budget_resets_at: spend.and_then(|spend| spend.resets_at),
-            scores_noised: self.scores.is_some(),
-            score_noise_stddev: self.score_noise_stddev,
-            user_norm_bound: Some(self.user_norm_bound),
+            scores_noised: self.tail.scores.is_some(),
+            score_noise_stddev: self.tail.score_noise_stddev,
+            user_norm_bound: Some(self.tail.user_norm_bound),
             ledger_replay: replay,
         }
     }
@@ -869,13 +834,15 @@ pub(crate) fn release_record(
         fingerprint: StoredFingerprint::Digest(plan.fingerprint),
         picks: u32::try_from(picks).unwrap_or(u32::MAX),
         answer,
-        scores,
-        rho,
-        epsilon,
-        delta,
-        score_noise_stddev: stddev,
-        user_norm_bound: f64::from(plan.user_norm_bound),
-        fairness: None,
+        tail: ReleaseTail {
+            scores,
+            rho,
+            epsilon,
+            delta,
+            score_noise_stddev: stddev,
+            user_norm_bound: f64::from(plan.user_norm_bound),
+            fairness: None,
+        },
     })
 }
 
@@ -913,7 +880,7 @@ pub(crate) fn charge(
         .charge(&LedgerCharge {
             subject: &plan.subject,
             request_id,
-            rho: record.rho,
+            rho: record.tail.rho,
             cap: plan.cap,
             window: plan.window,
             now: SystemTime::now(),

@@ -309,18 +309,19 @@ fn read_fingerprint(input: &mut Reader<'_>) -> Option<StoredFingerprint> {
     })
 }
 
-fn write_tail(out: &mut Writer, release: &StoredRelease, fairness: Option<&FairnessReport>) {
-    out.option(release.scores.as_ref(), |out, scores| {
+/// Writes `tail` with the fairness report `fairness` (the tail's own `fairness` is not read).
+fn write_tail(out: &mut Writer, tail: &ReleaseTail, fairness: Option<&FairnessReport>) {
+    out.option(tail.scores.as_ref(), |out, scores| {
         out.count(scores.len());
         for score in scores {
             out.u32(score.to_bits());
         }
     });
-    out.f64(release.rho);
-    out.f64(release.epsilon);
-    out.f64(release.delta);
-    out.option(release.score_noise_stddev, Writer::f64);
-    out.f64(release.user_norm_bound);
+    out.f64(tail.rho);
+    out.f64(tail.epsilon);
+    out.f64(tail.delta);
+    out.option(tail.score_noise_stddev, Writer::f64);
+    out.f64(tail.user_norm_bound);
     out.option(fairness, write_fairness);
 }
 
@@ -350,7 +351,7 @@ pub(super) fn encode(release: &StoredRelease, fairness: Option<&FairnessReport>)
         out.u32(*position);
         out.str(id);
     }
-    write_tail(&mut out, release, fairness);
+    write_tail(&mut out, &release.tail, fairness);
     out.0
 }
 
@@ -381,8 +382,13 @@ pub(super) fn decode(bytes: &[u8]) -> Option<StoredRelease> {
     let picks = input.u32()?;
     let answer = input.list(8, |input| Some((input.u32()?, input.string()?)))?;
     let tail = read_tail(&mut input)?;
-    let release = StoredRelease::with_tail(VERSION, fingerprint, picks, answer, tail);
-    input.0.is_empty().then_some(release)
+    input.0.is_empty().then_some(StoredRelease {
+        version: VERSION,
+        fingerprint,
+        picks,
+        answer,
+        tail,
+    })
 }
 
 /// The version 3 record of a whole pool (what earlier releases wrote; tests only).
@@ -399,20 +405,7 @@ pub(super) fn encode_v3(legacy: &super::LegacyRelease) -> Vec<u8> {
     for &position in &legacy.answer {
         out.u32(position);
     }
-    let tail = StoredRelease {
-        version: VERSION_V3,
-        fingerprint: legacy.fingerprint,
-        picks: 0,
-        answer: Vec::new(),
-        scores: legacy.scores.clone(),
-        rho: legacy.rho,
-        epsilon: legacy.epsilon,
-        delta: legacy.delta,
-        score_noise_stddev: legacy.score_noise_stddev,
-        user_norm_bound: legacy.user_norm_bound,
-        fairness: None,
-    };
-    write_tail(&mut out, &tail, legacy.fairness.as_ref());
+    write_tail(&mut out, &legacy.tail, legacy.tail.fairness.as_ref());
     out.0
 }
 
@@ -433,6 +426,12 @@ mod tests {
                 (0, "item-1".into()),
                 (1, String::new()),
             ],
+            tail: full_tail(),
+        }
+    }
+
+    fn full_tail() -> ReleaseTail {
+        ReleaseTail {
             scores: Some(vec![0.5, -1.25, f32::MIN_POSITIVE]),
             rho: 0.012_5,
             epsilon: 1.0 / 3.0,
@@ -485,14 +484,17 @@ mod tests {
     fn records_round_trip_exactly() {
         let full = full_record();
         assert_eq!(
-            decode(&encode(&full, full.fairness.as_ref())),
+            decode(&encode(&full, full.tail.fairness.as_ref())),
             Some(full.clone())
         );
         let sparse = StoredRelease {
             fingerprint: StoredFingerprint::Legacy(7),
-            scores: None,
-            score_noise_stddev: None,
-            fairness: None,
+            tail: ReleaseTail {
+                scores: None,
+                score_noise_stddev: None,
+                fairness: None,
+                ..full.tail
+            },
             ..full
         };
         assert_eq!(decode(&encode(&sparse, None)), Some(sparse));
@@ -501,7 +503,7 @@ mod tests {
     #[test]
     fn damaged_records_are_refused_without_panicking() {
         let full = full_record();
-        let bytes = encode(&full, full.fairness.as_ref());
+        let bytes = encode(&full, full.tail.fairness.as_ref());
         for length in 0..bytes.len() {
             assert_eq!(decode(&bytes[..length]), None, "truncated to {length}");
         }
@@ -532,22 +534,21 @@ mod tests {
             fingerprint: full.fingerprint,
             pool: vec!["item-1".into(), String::new(), "élément-ü".into()],
             answer: vec![2, 0, 1],
-            scores: full.scores,
-            rho: full.rho,
-            epsilon: full.epsilon,
-            delta: full.delta,
-            score_noise_stddev: full.score_noise_stddev,
-            user_norm_bound: full.user_norm_bound,
-            fairness: full.fairness,
+            tail: full.tail,
         }
     }
 
     #[test]
     fn binary_records_are_smaller_and_json_and_version_3_ones_still_read() {
         let record = full_record();
-        let binary = record.encode(record.fairness.as_ref());
+        let binary = record.encode(record.tail.fairness.as_ref());
         assert!(binary.starts_with(&MAGIC));
         let json = serde_json::to_vec(&legacy_record(2)).expect("json");
+        // Earlier releases wrote the fields after the answer at the top level, beside the pool.
+        let fields: serde_json::Value = serde_json::from_slice(&json).expect("json");
+        assert!(fields.get("tail").is_none(), "{fields}");
+        assert_eq!(fields["rho"], serde_json::json!(0.012_5));
+        assert!(fields["fairness"].is_object(), "{fields}");
         assert!(
             binary.len() * 2 < json.len(),
             "{} vs {}",
@@ -573,6 +574,13 @@ mod tests {
                 ..record.clone()
             }
         );
+        // Version 1 records had no fairness report.
+        let mut v1 = serde_json::to_value(legacy_record(1)).expect("json");
+        v1.as_object_mut().expect("an object").remove("fairness");
+        let v1 = StoredRelease::decode(&serde_json::to_vec(&v1).expect("json"))
+            .expect("a version 1 record still decodes");
+        assert_eq!(v1.tail.fairness, None);
+        assert_eq!(v1.tail.rho, record.tail.rho);
         assert!(StoredRelease::decode(b"FRR\x03garbage").is_err());
         assert!(StoredRelease::decode(b"FRR\x04garbage").is_err());
     }
@@ -586,7 +594,10 @@ mod tests {
             version: 3,
             pool: pool.clone(),
             answer: positions.clone(),
-            fairness: None,
+            tail: ReleaseTail {
+                fairness: None,
+                ..full_tail()
+            },
             ..legacy_record(3)
         };
         let release = StoredRelease::decode(&encode_v3(&legacy)).expect("decodes");
