@@ -9,6 +9,12 @@ mod serve;
 
 use clap::{Parser, Subcommand};
 
+/// The global allocator: mimalloc with the `mimalloc` feature (the default; it cut the
+/// server's CPU per T1 call, see BENCHMARKS.md, branch `srvcpu`), otherwise the system's.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// fairrank: a fairness-aware ranking server over memory-mapped embedding tables.
 #[derive(Debug, Parser)]
 #[command(name = "fairrank", version, about, long_about = None)]

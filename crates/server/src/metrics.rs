@@ -10,8 +10,8 @@
 //! `batcher_queued`.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
@@ -59,6 +59,21 @@ pub enum Stage {
     report,
     /// Converting the answer to its wire form and storing it for replay.
     respond,
+}
+
+impl Stage {
+    /// Every stage, in declaration order (`Stage as usize` indexes it).
+    const ALL: [Stage; 9] = [
+        Stage::queue,
+        Stage::validate,
+        Stage::resolve_user,
+        Stage::score,
+        Stage::select_pool,
+        Stage::rerank,
+        Stage::explain,
+        Stage::report,
+        Stage::respond,
+    ];
 }
 
 /// Labels of per-stage latency.
@@ -133,6 +148,14 @@ pub struct Metrics {
     pub batcher_expired: Counter,
     /// Requests waiting for the micro-batcher.
     pub batcher_queued: Gauge,
+    /// The series of `stages`, by `Stage as usize`, looked up on first use and kept (each
+    /// lookup in a family takes its lock and hashes the labels; a series still appears in
+    /// `/metrics` only once something was recorded in it).
+    stage_series: [OnceLock<Histogram>; Stage::ALL.len()],
+    /// `requests{method="Rank",code="Ok"}` and `latency{method="Rank"}`, kept likewise.
+    rank_ok_series: OnceLock<(Counter, Histogram)>,
+    /// `answers{personalized="false"}` and `{personalized="true"}`, kept likewise.
+    answer_series: [OnceLock<Counter>; 2],
 }
 
 fn latency_histogram() -> Histogram {
@@ -276,11 +299,28 @@ impl Metrics {
             batcher_queries,
             batcher_expired,
             batcher_queued,
+            stage_series: Default::default(),
+            rank_ok_series: OnceLock::new(),
+            answer_series: Default::default(),
         }
     }
 
     /// Records one finished call.
     pub fn record_call(&self, method: &'static str, code: tonic::Code, elapsed: Duration) {
+        if method == "Rank" && code == tonic::Code::Ok {
+            let (calls, latency) = self.rank_ok_series.get_or_init(|| {
+                (
+                    self.requests.get_or_create_owned(&CallLabels {
+                        method,
+                        code: format!("{code:?}"),
+                    }),
+                    self.latency.get_or_create_owned(&MethodLabels { method }),
+                )
+            });
+            calls.inc();
+            latency.observe(elapsed.as_secs_f64());
+            return;
+        }
         self.requests
             .get_or_create(&CallLabels {
                 method,
@@ -294,16 +334,19 @@ impl Metrics {
 
     /// Records one stage duration, given in microseconds.
     pub fn record_stage(&self, stage: Stage, micros: u64) {
-        self.stages
-            .get_or_create(&StageLabels { stage })
+        self.stage_series[stage as usize]
+            .get_or_init(|| self.stages.get_or_create_owned(&StageLabels { stage }))
             .observe(micros as f64 * 1e-6);
     }
 
     /// Records one answer.
     pub fn record_answer(&self, personalized: bool, replayed: bool) {
-        let personalized = if personalized { "true" } else { "false" };
-        self.answers
-            .get_or_create(&AnswerLabels { personalized })
+        self.answer_series[usize::from(personalized)]
+            .get_or_init(|| {
+                let personalized = if personalized { "true" } else { "false" };
+                self.answers
+                    .get_or_create_owned(&AnswerLabels { personalized })
+            })
             .inc();
         if replayed {
             self.replayed.inc();

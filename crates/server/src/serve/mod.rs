@@ -6,6 +6,7 @@
 //! `metrics on http://HOST:PORT/metrics` (or `metrics off`). Logs go to stderr.
 
 mod admin;
+mod answer;
 mod convert;
 mod deadline;
 mod echo;

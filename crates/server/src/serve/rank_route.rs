@@ -20,10 +20,11 @@ use prost::Message;
 use prost::bytes::{Buf, BufMut};
 use prost::encoding::{DecodeContext, WireType};
 use tonic::Status;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
 use tonic::server::{NamedService, UnaryService};
 
+use super::answer::WireRankResponse;
 use super::ranker::RankerService;
 
 /// Field number of `fairrank.v1.RankRequest.candidate_ids`.
@@ -31,6 +32,12 @@ const CANDIDATE_IDS_FIELD: u32 = 10;
 
 /// Ids up to this long are copied as one fixed-size block (no `memcpy` call per id).
 const ID_COPY_BLOCK: usize = 16;
+
+/// Initial size of the buffer tonic gathers a request's body in (its default is 8 KiB): a
+/// 1000-candidate request is about 10 KB, so the default buffer was grown, by a `realloc`
+/// that copies, on every call. Requests of up to the inline limit (2048 candidates of
+/// 8-byte ids) fit.
+const REQUEST_BUFFER_BYTES: usize = 32 * 1024;
 
 /// Path of the `Rank` method.
 const RANK_PATH: &str = "/fairrank.v1.Ranker/Rank";
@@ -43,7 +50,7 @@ pub struct WireRankRequest {
     pub message: pb::RankRequest,
     /// The candidate ids, back to back, in `id_text[..id_text_len]` (valid UTF-8: every id
     /// appended is ASCII or came from prost's own `String`). The bytes past `id_text_len`
-    /// are zero room that lets a short id be copied as one fixed 16-byte block.
+    /// are spare room that lets a short id be copied as one fixed 16-byte block.
     id_text: Vec<u8>,
     /// Length of the ids' text in `id_text`.
     id_text_len: usize,
@@ -106,27 +113,23 @@ impl WireRankRequest {
         self.id_ends.push(end);
     }
 
-    /// Takes `candidate_ids` entries from `buf` while they are simple: a one-byte length,
-    /// the whole id in the current chunk, ASCII. The first entry's key has been read; each
-    /// further entry is taken only when its key (one byte: field 10, length-delimited)
-    /// comes next. Returns false (consuming nothing) when the first entry is not simple.
-    ///
-    /// Taking a run of ids here instead of returning to prost's field loop per id avoids a
-    /// varint key decode, a buffer bounds check and a call per id.
-    fn take_simple_ids(&mut self, buf: &mut impl Buf) -> bool {
+    /// Appends the simple ids at the start of `chunk` (its first byte is the first id's
+    /// length; see [`WireRankRequest::take_simple_ids`]), checking each is ASCII when
+    /// `check_ascii`, and returns the length of the bytes taken (0: none).
+    #[inline(always)]
+    fn take_run(&mut self, chunk: &[u8], check_ascii: bool) -> usize {
         /// The one-byte key of field 10 with wire type 2.
         const KEY: u8 = ((CANDIDATE_IDS_FIELD as u8) << 3) | WireType::LengthDelimited as u8;
-        let chunk = buf.chunk();
-        if self.id_ends.is_empty() {
-            // Room for the rest of the message as ids of the first id's length (no regrowth
-            // for lists of similar ids; bounded by the message size).
-            let entry_len = chunk.first().map_or(1, |&len| usize::from(len) + 2);
-            // Zero room for the whole rest of the message at once (one `memset`, no
-            // regrowth; bounded by the message size).
-            self.id_text
-                .resize(self.id_text_len + chunk.len() + ID_COPY_BLOCK, 0);
-            self.id_ends.reserve(chunk.len() / entry_len + 1);
+        // Room for every id of the chunk (they hold fewer bytes than it) and a block past
+        // them, so the loop below only writes into a slice.
+        let room = self.id_text_len + chunk.len() + ID_COPY_BLOCK;
+        if self.id_text.len() < room {
+            self.id_text.resize(room, 0);
         }
+        // Locals rather than fields, so the loop keeps them in registers.
+        let text = self.id_text.as_mut_slice();
+        let ends = &mut self.id_ends;
+        let mut text_len = self.id_text_len;
         // `next` is where the next entry's length byte is; `taken` ends the last id taken.
         let mut next = 0;
         let mut taken = 0;
@@ -136,19 +139,69 @@ impl WireRankRequest {
             if len >= 0x80 {
                 break;
             }
-            let Some(id) = chunk.get(next + 1..next + 1 + len) else {
+            let start = next + 1;
+            let end = start + len;
+            let Some(id) = chunk.get(start..end) else {
                 break;
             };
-            if !id.is_ascii() {
+            if check_ascii && !id.is_ascii() {
                 break;
             }
-            self.push_id(&chunk[next + 1..], len);
-            taken = next + 1 + len;
+            let block = chunk
+                .get(start..)
+                .and_then(<[u8]>::first_chunk::<ID_COPY_BLOCK>);
+            let target = text
+                .get_mut(text_len..)
+                .and_then(<[u8]>::first_chunk_mut::<ID_COPY_BLOCK>);
+            match (block, target) {
+                // Fixed-size arrays: two register moves rather than a `memcpy` call.
+                (Some(block), Some(target)) if len <= ID_COPY_BLOCK => *target = *block,
+                _ => match text.get_mut(text_len..text_len + len) {
+                    Some(target) => target.copy_from_slice(id),
+                    None => break,
+                },
+            }
+            text_len += len;
+            ends.push(text_len);
+            taken = end;
             if chunk.get(taken) != Some(&KEY) {
                 break;
             }
             // Read the key ahead; if the id after it is not simple, prost reads it again.
             next = taken + 1;
+        }
+        self.id_text_len = text_len;
+        taken
+    }
+
+    /// Takes `candidate_ids` entries from `buf` while they are simple: a one-byte length,
+    /// the whole id in the current chunk, ASCII. The first entry's key has been read; each
+    /// further entry is taken only when its key (one byte: field 10, length-delimited)
+    /// comes next. Returns false (consuming nothing) when the first entry is not simple.
+    ///
+    /// Taking a run of ids here instead of returning to prost's field loop per id avoids a
+    /// varint key decode, a buffer bounds check and a call per id.
+    fn take_simple_ids(&mut self, buf: &mut impl Buf) -> bool {
+        let chunk = buf.chunk();
+        if self.id_ends.is_empty() {
+            // Room for the rest of the message as ids of the first id's length (no regrowth
+            // for lists of similar ids; bounded by the message size).
+            let entry_len = chunk.first().map_or(1, |&len| usize::from(len) + 2);
+            self.id_ends.reserve(chunk.len() / entry_len + 1);
+        }
+        // Take the run of ids without looking at their bytes, then check all of them at
+        // once; only a run with a non-ASCII byte somewhere is taken again, id by id, up to the
+        // id that holds it (which prost then decodes, or refuses).
+        let (text_start, ends_start) = (self.id_text_len, self.id_ends.len());
+        let mut taken = self.take_run(chunk, false);
+        if !self
+            .id_text
+            .get(text_start..self.id_text_len)
+            .is_some_and(<[u8]>::is_ascii)
+        {
+            self.id_text_len = text_start;
+            self.id_ends.truncate(ends_start);
+            taken = self.take_run(chunk, true);
         }
         if taken == 0 {
             return false;
@@ -218,11 +271,12 @@ impl Message for WireRankRequest {
     }
 }
 
-/// The codec of the `Rank` route: [`WireRankRequest`] in, `RankResponse` out.
+/// The codec of the `Rank` route: [`WireRankRequest`] in, `RankResponse` out (encoded
+/// once, as a [`WireRankResponse`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RankCodec;
 
-/// Encodes `RankResponse`s as prost does.
+/// Writes [`WireRankResponse`]s: prost's encoding of the `RankResponse`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ResponseEncoder;
 
@@ -231,7 +285,7 @@ pub struct ResponseEncoder;
 pub struct RequestDecoder;
 
 impl Codec for RankCodec {
-    type Encode = pb::RankResponse;
+    type Encode = WireRankResponse;
     type Decode = WireRankRequest;
     type Encoder = ResponseEncoder;
     type Decoder = RequestDecoder;
@@ -246,13 +300,14 @@ impl Codec for RankCodec {
 }
 
 impl Encoder for ResponseEncoder {
-    type Item = pb::RankResponse;
+    type Item = WireRankResponse;
     type Error = Status;
 
-    fn encode(&mut self, item: pb::RankResponse, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        // The buffer grows as needed, so encoding cannot run out of space.
-        item.encode(buf)
-            .map_err(|error| Status::internal(error.to_string()))
+    fn encode(&mut self, item: WireRankResponse, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        // The buffer grows as needed, so writing cannot run out of space.
+        buf.reserve(item.encoded_len());
+        item.write(buf);
+        Ok(())
     }
 }
 
@@ -277,6 +332,11 @@ impl Decoder for RequestDecoder {
         decoded
             .map(Some)
             .map_err(|error| Status::internal(error.to_string()))
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        // The yield threshold only matters when encoding streams: tonic's default, 32 KiB.
+        BufferSettings::new(REQUEST_BUFFER_BYTES, 32 * 1024)
     }
 }
 
@@ -337,8 +397,8 @@ where
 struct RankMethod(Arc<RankerService>);
 
 impl UnaryService<WireRankRequest> for RankMethod {
-    type Response = pb::RankResponse;
-    type Future = BoxFuture<tonic::Response<pb::RankResponse>, Status>;
+    type Response = WireRankResponse;
+    type Future = BoxFuture<tonic::Response<WireRankResponse>, Status>;
 
     fn call(&mut self, request: tonic::Request<WireRankRequest>) -> Self::Future {
         let service = Arc::clone(&self.0);

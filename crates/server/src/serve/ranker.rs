@@ -16,6 +16,7 @@ use engine::CandidateIds;
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
+use super::answer::WireRankResponse;
 use super::rank_route::WireRankRequest;
 use super::replay::{Begin, Ticket};
 use super::{Shared, convert, deadline, errors};
@@ -44,9 +45,13 @@ impl pb::ranker_server::Ranker for RankerService {
         let deadline = deadline::of(&request, self.shared.default_deadline);
         let mut message = request.into_inner();
         let candidate_ids = std::mem::take(&mut message.candidate_ids).into();
-        self.rank_call(message, candidate_ids, deadline, started)
-            .await
+        let answer = self
+            .rank_call(message, candidate_ids, deadline, started)
+            .await?;
+        answer
+            .to_message()
             .map(Response::new)
+            .map_err(|_| errors::internal("an encoded answer failed to decode"))
     }
 
     async fn rank_batch(
@@ -91,7 +96,7 @@ impl RankerService {
     pub(super) async fn rank_wire(
         &self,
         request: Request<WireRankRequest>,
-    ) -> Result<Response<pb::RankResponse>, Status> {
+    ) -> Result<Response<WireRankResponse>, Status> {
         let started = Instant::now();
         let deadline = deadline::of(&request, self.shared.default_deadline);
         let (message, candidate_ids) = request.into_inner().into_parts()?;
@@ -107,7 +112,7 @@ impl RankerService {
         candidate_ids: CandidateIds,
         deadline: Instant,
         started: Instant,
-    ) -> Result<pb::RankResponse, Status> {
+    ) -> Result<WireRankResponse, Status> {
         let user = user_tag(&self.shared, &message);
         let request_id = message.request_id.clone();
         let result = self
@@ -137,7 +142,7 @@ impl RankerService {
         candidate_ids: CandidateIds,
         deadline: Instant,
         started: Instant,
-    ) -> Result<pb::RankResponse, Status> {
+    ) -> Result<WireRankResponse, Status> {
         let shared = &self.shared;
         shared.metrics.rank_requests.inc();
         let digest = shared.replay.digest_rank(&message, &candidate_ids);
@@ -145,7 +150,9 @@ impl RankerService {
         let native = convert::rank_request(message, candidate_ids, Some(deadline))?;
         let ticket = match shared.replay.begin(&request_id, digest) {
             Begin::Run(ticket) => ticket,
-            Begin::Replay(stored) => return Ok(replayed(&stored, started)),
+            Begin::Replay(stored) => {
+                return replayed_stored(stored, started).map(WireRankResponse::encode);
+            }
             Begin::Reused => return Err(errors::request_id_reused(&request_id)),
             Begin::InProgress => return Err(errors::request_in_progress(&request_id)),
         };
@@ -157,7 +164,7 @@ impl RankerService {
             native,
             Box::new(move |result| {
                 let outcome = match result {
-                    Ok(answer) => Ok(respond(&metrics, answer, ticket)),
+                    Ok(answer) => Ok(respond_wire(&metrics, answer, ticket)),
                     Err(error) => {
                         // Free the id before answering, so an immediate retry runs.
                         drop(ticket);
@@ -221,7 +228,10 @@ impl RankerService {
                     tickets.push(ticket);
                     None
                 }
-                Begin::Replay(stored) => Some(Outcome::Response(replayed(&stored, started))),
+                Begin::Replay(stored) => Some(match replayed_stored(stored, started) {
+                    Ok(response) => Outcome::Response(response),
+                    Err(status) => Outcome::Error(pb::EntryError::from(&status)),
+                }),
                 Begin::Reused => Some(Outcome::Error(pb::EntryError::from(
                     &errors::request_id_reused(&request_id),
                 ))),
@@ -305,12 +315,33 @@ impl RankerService {
 }
 
 /// Converts an engine answer to its wire form on the compute thread, stores it for replay
-/// and records its stage timings.
+/// and records its stage timings (a `RankBatch` entry).
 fn respond(metrics: &Metrics, answer: engine::RankResponse, ticket: Ticket) -> pb::RankResponse {
     let respond_started = Instant::now();
     let timings = answer.timings;
     let response = convert::rank_response(answer);
     ticket.complete(&response);
+    record_stages(metrics, &timings, respond_started);
+    response
+}
+
+/// As [`respond`] for a `Rank` call: the answer is encoded once, and the idempotency store
+/// keeps the same buffer that is sent.
+fn respond_wire(
+    metrics: &Metrics,
+    answer: engine::RankResponse,
+    ticket: Ticket,
+) -> WireRankResponse {
+    let respond_started = Instant::now();
+    let timings = answer.timings;
+    let response = WireRankResponse::encode(convert::rank_response(answer));
+    ticket.complete_wire(&response);
+    record_stages(metrics, &timings, respond_started);
+    response
+}
+
+/// Records an answer's stage timings, and the `respond` stage since `respond_started`.
+fn record_stages(metrics: &Metrics, timings: &engine::StageTimings, respond_started: Instant) {
     for (stage, micros) in [
         (Stage::queue, timings.queue_us),
         (Stage::validate, timings.validate_us),
@@ -324,7 +355,6 @@ fn respond(metrics: &Metrics, answer: engine::RankResponse, ticket: Ticket) -> p
         metrics.record_stage(stage, micros);
     }
     metrics.record_stage(Stage::respond, micros_since(respond_started));
-    response
 }
 
 /// The status of an engine error; a full whole-catalog queue is load shedding too and is
@@ -336,9 +366,25 @@ fn refusal(metrics: &Metrics, error: &engine::EngineError) -> Status {
     errors::engine_status(error)
 }
 
+/// A stored answer (its encoding without timings), as a replay.
+fn replayed_stored(
+    stored: prost::bytes::Bytes,
+    started: Instant,
+) -> Result<pb::RankResponse, Status> {
+    use prost::Message as _;
+    let stored = pb::RankResponse::decode(stored)
+        .map_err(|_| errors::internal("a stored answer failed to decode"))?;
+    Ok(replayed_owned(stored, started))
+}
+
 /// A stored answer, as a replay: `replayed = true` and this call's timings.
+#[cfg(test)]
 fn replayed(stored: &pb::RankResponse, started: Instant) -> pb::RankResponse {
-    let mut response = stored.clone();
+    replayed_owned(stored.clone(), started)
+}
+
+/// [`replayed`], taking the stored answer.
+fn replayed_owned(mut response: pb::RankResponse, started: Instant) -> pb::RankResponse {
     response.replayed = true;
     response.timings = Some(pb::StageTimings {
         total_us: micros_since(started),

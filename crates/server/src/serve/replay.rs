@@ -8,15 +8,21 @@
 //! (`ERROR_REASON_REQUEST_IN_PROGRESS`); the same id with different content gets
 //! `FAILED_PRECONDITION` (`ERROR_REASON_REQUEST_ID_REUSED`), whether running or stored.
 //!
+//! Answers are kept encoded ([`super::answer::WireRankResponse`]: one buffer, shared with the
+//! response that was sent, without its timings, which a replay replaces anyway), so storing
+//! one copies nothing and dropping one frees one buffer.
+//!
 //! Content is compared by a 128-bit digest of the request's content: SipHash-1-3 with a
 //! 128-bit output ([`super::siphash`]) under a key drawn at random per process, so nobody
 //! outside the process can construct a different request with the same digest. The digest
 //! is taken over an unambiguous serialization of the request (its protobuf encoding without
 //! the candidate ids, then the ids' lengths, then their bytes), not over a re-encoding of
 //! the whole request, and only when the store will use it (a non-empty request id, store on).
+//! Keyed BLAKE3 was measured as the alternative and is slower here (BENCHMARKS.md, branch
+//! `srvcpu`; `cargo bench -p benches --bench replay_digest`).
 
 use std::cell::RefCell;
-use std::collections::hash_map::{Entry as MapEntry, RandomState};
+use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -25,7 +31,9 @@ use std::time::{Duration, Instant};
 use api::fairrank::v1::{RankRequest, RankResponse};
 use engine::CandidateIds;
 use prost::Message;
+use prost::bytes::Bytes;
 
+use super::answer::{WireRankResponse, timings_len};
 use super::siphash::SipHasher13;
 
 /// Largest encoding buffer a thread keeps between digests.
@@ -45,8 +53,8 @@ pub struct Digest(u64, u64);
 pub enum Begin {
     /// Run it; the ticket stores its answer (or forgets the id if it fails).
     Run(Ticket),
-    /// Answer with this stored answer.
-    Replay(Arc<RankResponse>),
+    /// Answer with this stored answer: the encoding of every field but `timings`.
+    Replay(Bytes),
     /// The id was used with different content.
     Reused,
     /// The first attempt with this id and content still runs.
@@ -66,10 +74,11 @@ pub struct ReplayStore {
 
 #[derive(Debug, Default)]
 struct State {
-    entries: HashMap<String, Entry>,
+    /// By request id (shared with `order` and the running request's [`Ticket`]).
+    entries: HashMap<Arc<str>, Entry>,
     /// Stored answers, oldest first: (id, sequence number). A sequence number that no
     /// longer matches the entry marks a stale position.
-    order: VecDeque<(String, u64)>,
+    order: VecDeque<(Arc<str>, u64)>,
     stored: usize,
     bytes: usize,
     next_sequence: u64,
@@ -82,7 +91,8 @@ enum Entry {
     },
     Done {
         digest: Digest,
-        response: Arc<RankResponse>,
+        /// The answer's encoding without its timings.
+        response: Bytes,
         stored_at: Instant,
         sequence: u64,
         bytes: usize,
@@ -171,25 +181,26 @@ impl ReplayStore {
         let now = Instant::now();
         let mut state = self.lock();
         self.expire(&mut state, now);
-        match state.entries.entry(request_id.to_owned()) {
-            MapEntry::Vacant(vacant) => {
-                vacant.insert(Entry::Running { digest });
-                Begin::Run(Ticket {
-                    store: Some(Arc::clone(self)),
-                    request_id: request_id.to_owned(),
-                    digest,
-                })
-            }
-            MapEntry::Occupied(occupied) => match occupied.get() {
+        if let Some(entry) = state.entries.get(request_id) {
+            return match entry {
                 Entry::Running { digest: running } if *running == digest => Begin::InProgress,
                 Entry::Done {
                     digest: stored,
                     response,
                     ..
-                } if *stored == digest => Begin::Replay(Arc::clone(response)),
+                } if *stored == digest => Begin::Replay(response.clone()),
                 _ => Begin::Reused,
-            },
+            };
         }
+        let request_id: Arc<str> = Arc::from(request_id);
+        state
+            .entries
+            .insert(Arc::clone(&request_id), Entry::Running { digest });
+        Begin::Run(Ticket {
+            store: Some(Arc::clone(self)),
+            request_id: Some(request_id),
+            digest,
+        })
     }
 
     /// Number of stored answers (not counting running requests).
@@ -239,35 +250,30 @@ impl ReplayStore {
         }
     }
 
-    fn complete(&self, request_id: &str, digest: Digest, response: RankResponse) {
-        let bytes = response.encoded_len();
+    /// Stores `response` (the encoding without timings) of `bytes` encoded bytes in all.
+    fn complete(&self, request_id: &Arc<str>, digest: Digest, response: Bytes, bytes: usize) {
         let now = Instant::now();
         let mut guard = self.lock();
         let state = &mut *guard;
-        let running = matches!(
-            state.entries.get(request_id),
-            Some(Entry::Running { digest: running }) if *running == digest
-        );
-        if !running {
+        let Some(entry) = state.entries.get_mut(&**request_id).filter(
+            |entry| matches!(entry, Entry::Running { digest: running } if *running == digest),
+        ) else {
             return;
-        }
+        };
         if bytes > self.max_bytes {
-            state.entries.remove(request_id);
+            state.entries.remove(&**request_id);
             return;
         }
         let sequence = state.next_sequence;
         state.next_sequence += 1;
-        state.entries.insert(
-            request_id.to_owned(),
-            Entry::Done {
-                digest,
-                response: Arc::new(response),
-                stored_at: now,
-                sequence,
-                bytes,
-            },
-        );
-        state.order.push_back((request_id.to_owned(), sequence));
+        *entry = Entry::Done {
+            digest,
+            response,
+            stored_at: now,
+            sequence,
+            bytes,
+        };
+        state.order.push_back((Arc::clone(request_id), sequence));
         state.stored += 1;
         state.bytes += bytes;
         while state.stored > self.max_entries || state.bytes > self.max_bytes {
@@ -297,7 +303,7 @@ impl ReplayStore {
 #[derive(Debug)]
 pub struct Ticket {
     store: Option<Arc<ReplayStore>>,
-    request_id: String,
+    request_id: Option<Arc<str>>,
     digest: Digest,
 }
 
@@ -306,23 +312,40 @@ impl Ticket {
     fn detached() -> Ticket {
         Ticket {
             store: None,
-            request_id: String::new(),
+            request_id: None,
             digest: Digest(0, 0),
         }
     }
 
-    /// Stores the answer for replay.
-    pub fn complete(mut self, response: &RankResponse) {
-        if let Some(store) = self.store.take() {
-            store.complete(&self.request_id, self.digest, response.clone());
+    /// Stores the answer for replay (encoding it).
+    pub fn complete(self, response: &RankResponse) {
+        if self.store.is_some() {
+            // `timings` is the last field, so the encoding without it is a prefix.
+            let mut body = response.encode_to_vec();
+            let size = body.len();
+            body.truncate(size - timings_len(response.timings.as_ref()));
+            self.store_encoded(Bytes::from(body), size);
+        }
+    }
+
+    /// Stores the encoded answer for replay (shares its buffer, copies nothing).
+    pub fn complete_wire(self, response: &WireRankResponse) {
+        if self.store.is_some() {
+            self.store_encoded(response.body().clone(), response.encoded_len());
+        }
+    }
+
+    fn store_encoded(mut self, body: Bytes, size: usize) {
+        if let (Some(store), Some(request_id)) = (self.store.take(), self.request_id.take()) {
+            store.complete(&request_id, self.digest, body, size);
         }
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        if let Some(store) = self.store.take() {
-            store.release(&self.request_id, self.digest);
+        if let (Some(store), Some(request_id)) = (self.store.take(), self.request_id.take()) {
+            store.release(&request_id, self.digest);
         }
     }
 }
@@ -380,6 +403,51 @@ mod tests {
         );
     }
 
+    /// The digest is keyed SipHash-1-3-128 of the documented serialization (built here the
+    /// plain way: one buffer, every varint through prost, one write).
+    fn oracle_digest(store: &ReplayStore, request: &RankRequest, ids: &[String]) -> Digest {
+        let mut bytes = Vec::new();
+        prost::encoding::encode_varint(request.encoded_len() as u64, &mut bytes);
+        request.encode(&mut bytes).unwrap();
+        prost::encoding::encode_varint(ids.len() as u64, &mut bytes);
+        for id in ids {
+            prost::encoding::encode_varint(id.len() as u64, &mut bytes);
+        }
+        for id in ids {
+            bytes.extend_from_slice(id.as_bytes());
+        }
+        let mut hasher = SipHasher13::new_128(store.key.0, store.key.1);
+        hasher.write(&bytes);
+        let (first, second) = hasher.finish_128();
+        Digest(first, second)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn digests_are_keyed_siphash_of_the_documented_bytes(
+            request_id in "[a-z0-9-]{1,40}",
+            k in 0_u32..1000,
+            ids in proptest::collection::vec("[a-z0-9]{0,20}|\\PC{0,200}", 0..300),
+        ) {
+            let store = ReplayStore::new(Duration::from_secs(60), 10, 1 << 20);
+            let message = request(&request_id, k);
+            let candidates: CandidateIds = ids.iter().collect();
+            proptest::prop_assert_eq!(
+                store.digest_rank(&message, &candidates),
+                oracle_digest(&store, &message, &ids)
+            );
+        }
+    }
+
+    #[test]
+    fn digests_depend_on_the_per_process_key() {
+        let first = ReplayStore::new(Duration::from_secs(60), 10, 1 << 20);
+        let second = ReplayStore::new(Duration::from_secs(60), 10, 1 << 20);
+        assert_ne!(first.key, second.key);
+        let message = request("r-1", 5);
+        assert_ne!(first.digest(&message), second.digest(&message));
+    }
+
     fn answer(id: &str, items: usize) -> RankResponse {
         RankResponse {
             request_id: id.into(),
@@ -415,7 +483,9 @@ mod tests {
         ticket.complete(&answer("r-1", 3));
 
         match store.begin("r-1", digest) {
-            Begin::Replay(response) => assert_eq!(*response, answer("r-1", 3)),
+            Begin::Replay(response) => {
+                assert_eq!(RankResponse::decode(response).unwrap(), answer("r-1", 3))
+            }
             other => panic!("expected a replay, got {other:?}"),
         }
         assert!(matches!(store.begin("r-1", other), Begin::Reused));
