@@ -1,30 +1,196 @@
-//! Item id to row index lookup: an open-addressing hash table of row indices, built at open.
+//! Item id to row index lookup: an open-addressing hash table of cache-line buckets, built at
+//! open, that resolves an id of up to 8 bytes from its bucket alone.
 //!
-//! The table stores no strings: each slot packs the top 32 bits of the id's hash with
-//! `row + 1` (0 marks an empty slot). A slot's home position is the top bits of the hash, and
-//! the stored 32 bits double as a tag: ids are compared byte for byte only when the tags of
-//! the probed slot and the key agree. The hash is XXH3 with a per-process random seed, so
+//! Each bucket is one 64-byte cache line of 5 slots. A slot holds an 8-byte word and
+//! `row + 1` (0 marks an empty slot), whose top bit says whether the id is exactly 8 bytes
+//! long. The word encodes the id:
+//!
+//! - exactly 8 bytes: the id's bytes (top bit of the row field set);
+//! - 0 to 7 bytes: the bytes zero-padded, with the length in the top byte (0 to 7);
+//! - more than 8 bytes: a 64-bit fingerprint (the id's keyed hash) whose top byte is at
+//!   least 8, so it never equals a short id's word.
+//!
+//! So for an id of at most 8 bytes, word and flag equal the key's exactly when the ids are
+//! equal: a lookup reads one bucket (one cache line; a second one for the few keys whose
+//! bucket overflowed) and never the table's id offsets or id bytes. A longer id whose word
+//! and flag match is confirmed byte for byte against the stored id (a 64-bit fingerprint
+//! makes a false match rare, never wrong).
+//!
+//! A key's home bucket is `((hash >> 32) * buckets) >> 32` (multiply-shift, any bucket
+//! count), and a full bucket overflows into the next one (linear probing over buckets): a
+//! lookup stops at the first bucket with an empty slot. Buckets are sized for a load of
+//! 0.65 (about 19.7 bytes per id). The hash is XXH3 with a per-process random seed, so
 //! crafted ids cannot force collisions.
 //!
-//! Because positions follow hash order, the build can avoid a cache and TLB miss per id: it
-//! hashes every id in one sequential pass, radix-partitions the `(hash, row)` entries by their
-//! top bits (a counting sort), then inserts partition by partition, each into a small stretch
-//! of the table that stays in L1 (several times faster than inserting in row order at a
-//! million ids).
+//! The build inserts in row order, hashing each id (sequential reads of the ids) 16 rows
+//! before its insert and requesting its home bucket then, so the buckets' cache misses
+//! overlap. (The former 8-byte slots were inserted after radix-partitioning `(hash, row)`
+//! entries by hash; with 16-byte entries that sort's scatter and the extra temporary memory
+//! cost more than the misses it avoided: see BENCHMARKS.md.) The first copy of an id is
+//! inserted and a later copy finds it, so the first duplicate found has the smallest row.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+/// Slots per bucket: 5 words and 5 row fields fill a 64-byte cache line.
+const BUCKET_SLOTS: usize = 5;
+/// Bit of a slot's row field set when the id is exactly 8 bytes long (its word is its bytes).
+const EXACT_EIGHT: u32 = 1 << 31;
+/// The `row + 1` bits of a slot's row field (0: empty slot).
+const ROW_BITS: u32 = EXACT_EIGHT - 1;
+/// Set in the word of an id longer than 8 bytes: its top byte is then at least 8, which no
+/// shorter id's top byte (its length, 0 to 7) is.
+const LONG_WORD: u64 = 8 << 56;
+/// Target load (slots used / slots): 13 / 20.
+const LOAD_NUMERATOR: usize = 13;
+const LOAD_DENOMINATOR: usize = 20;
+
+/// One cache line of slots; used slots come first (nothing is ever removed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, bytemuck::Zeroable, bytemuck::Pod)]
+#[repr(C, align(64))]
+struct Bucket {
+    words: [u64; BUCKET_SLOTS],
+    /// `row + 1` (bits 0 to 30, 0: empty) and [`EXACT_EIGHT`].
+    rows: [u32; BUCKET_SLOTS],
+    _padding: u32,
+}
+
+impl Bucket {
+    /// Whether every slot is used (lookups of keys not found here go on to the next bucket).
+    #[inline(always)]
+    fn is_full(&self) -> bool {
+        self.rows[BUCKET_SLOTS - 1] != 0
+    }
+}
+
+const _: () = assert!(std::mem::size_of::<Bucket>() == 64);
+/// A bucket's size in words of the index's storage.
+const BUCKET_WORDS: usize = 8;
+
+/// The keyed hash of an id: XXH3 with the index's seed.
+#[inline(always)]
+fn index_hash(seed: u64, weak_hash: bool, bytes: &[u8]) -> u64 {
+    let hash = xxh3_64_with_seed(bytes, seed);
+    if cfg!(test) && weak_hash {
+        // Tests only. Home bucket first or last (long overflow chains, the last one wrapping
+        // around to the first bucket), and four fingerprints for all long ids.
+        let top = if hash >> 63 == 1 {
+            0xffff_ffff_u64 << 32
+        } else {
+            0
+        };
+        return top | (hash & 3);
+    }
+    hash
+}
+
+/// The home bucket of a hash among `buckets`: multiply-shift of its top 32 bits.
+#[inline(always)]
+fn home(hash: u64, buckets: usize) -> usize {
+    (((hash >> 32) * buckets as u64) >> 32) as usize
+}
+
+/// The bucket after `position` among `buckets` (the last one wraps to the first).
+#[inline(always)]
+fn next(position: usize, buckets: usize) -> usize {
+    if position + 1 == buckets {
+        0
+    } else {
+        position + 1
+    }
+}
+
+/// A key as the slots see it: its word and its [`EXACT_EIGHT`] flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct SlotKey {
+    word: u64,
+    flag: u32,
+}
+
+impl SlotKey {
+    /// The word and flag of `bytes`, whose keyed hash is `hash`.
+    #[inline(always)]
+    fn of(bytes: &[u8], hash: u64) -> SlotKey {
+        let len = bytes.len();
+        let word = match len {
+            8 => {
+                return SlotKey {
+                    word: u64::from_le_bytes(word::<8>(bytes, 0)),
+                    flag: EXACT_EIGHT,
+                };
+            }
+            9.. => {
+                return SlotKey {
+                    word: hash | LONG_WORD,
+                    flag: 0,
+                };
+            }
+            // Two overlapping 4-byte loads cover the bytes; their overlap agrees.
+            4..=7 => {
+                let low = u64::from(u32::from_le_bytes(word::<4>(bytes, 0)));
+                let high = u64::from(u32::from_le_bytes(word::<4>(bytes, len - 4)));
+                low | (high << (8 * (len - 4)))
+            }
+            // Bytes 0, len / 2 and len - 1 cover lengths 1 to 3.
+            1..=3 => {
+                u64::from(bytes[0])
+                    | (u64::from(bytes[len / 2]) << (8 * (len / 2)))
+                    | (u64::from(bytes[len - 1]) << (8 * (len - 1)))
+            }
+            0 => 0,
+        };
+        SlotKey {
+            word: word | ((len as u64) << 56),
+            flag: 0,
+        }
+    }
+
+    /// Whether a key of `len` bytes is confirmed by its word alone (at most 8 bytes long).
+    #[inline(always)]
+    fn is_exact(len: usize) -> bool {
+        len <= 8
+    }
+
+    /// Whether this is the key of an id longer than 8 bytes (its word only a fingerprint).
+    #[inline(always)]
+    fn is_long(&self) -> bool {
+        self.flag == 0 && self.word >= LONG_WORD
+    }
+
+    /// Whether a slot (word, row field) holds this key's word and flag (and is used).
+    #[inline(always)]
+    fn matches(&self, word: u64, row_field: u32) -> bool {
+        // `row_field ^ flag` is in 1..=ROW_BITS exactly when the slot is used and its flag
+        // is the key's.
+        word == self.word && (row_field ^ self.flag).wrapping_sub(1) < ROW_BITS
+    }
+}
+
+/// `N` bytes of `bytes` from `at` (zeros if out of range).
+#[inline(always)]
+fn word<const N: usize>(bytes: &[u8], at: usize) -> [u8; N] {
+    let mut word = [0u8; N];
+    if let Some(part) = bytes.get(at..at + N) {
+        word.copy_from_slice(part);
+    }
+    word
+}
+
 /// Hash-table of row indices keyed by item id bytes that live elsewhere.
 #[derive(Debug, Clone)]
 pub(crate) struct IdIndex {
-    slots: Vec<u64>,
-    /// `32 - log2(slots.len())`: the home position of a hash is `(hash >> 32) >> shift`.
-    shift: u32,
-    mask: usize,
+    /// The buckets, from the first 64-byte boundary on (see [`IdIndex::buckets`]). Plain
+    /// zeroed words rather than a `Vec<Bucket>`: the allocator hands out a large zeroed
+    /// block of 8-byte alignment as fresh pages, zeroed only when first touched, while a
+    /// 64-byte aligned one is zeroed up front by `memset`, a pass of its own.
+    storage: Vec<u64>,
+    bucket_count: usize,
     seed: u64,
+    /// Tests only: keep just a few hash bits, to force shared buckets and fingerprints.
+    #[cfg(test)]
+    weak_hash: bool,
 }
 
 /// Why an index could not be built.
@@ -42,20 +208,18 @@ pub(crate) enum BuildError {
     TooMany,
 }
 
-/// Largest number of ids (row indices must fit 31 bits so that the table has at most 2^32
-/// slots, addressed by the top 32 bits of the hash).
+/// Largest number of ids: `row + 1` must fit the 31 row bits of a slot (and the bucket
+/// count, fewer than 2^32, is addressed by the top 32 bits of the hash).
 pub(crate) const MAX_IDS: usize = i32::MAX as usize;
 
-const EMPTY: u64 = 0;
-/// Each build partition covers about 2^PARTITION_SLOT_BITS slots (2 KiB): small enough to stay
-/// in L1 while its ids are inserted, large enough that the counting sort's scatter streams
-/// stay few (measured best between 6 and 8 at a million ids).
-const PARTITION_SLOT_BITS: u32 = 8;
+/// Ids between the one being inserted by the build and the one whose bucket it requests.
+const BUILD_PREFETCH_DISTANCE: usize = 16;
 /// Keys per group of [`IdIndex::get_many`]'s pipeline: each stage works on a whole group, and
-/// a group moves one stage on per step, so a key's slot is requested one group's work before
-/// it is read, its id offset one group before its bytes are requested, and those bytes one
-/// group before the comparison. Large enough to cover a miss with the work of the other keys;
-/// small enough that the `3 * LOOKUP_GROUP` lines in flight stay within the L1's miss buffers.
+/// a group moves one stage on per step, so a key's bucket is requested one group's work
+/// before it is read, and (for a key longer than 8 bytes) its id offset one group before its
+/// bytes are requested, and those bytes one group before the comparison. Large enough to
+/// cover a miss with the work of the other keys; small enough that the lines in flight stay
+/// within the L1's miss buffers.
 const LOOKUP_GROUP: usize = 8;
 /// Groups in flight: one per stage.
 const LOOKUP_STAGES: usize = 4;
@@ -63,12 +227,14 @@ const LOOKUP_STAGES: usize = 4;
 /// What [`IdIndex::get_many`] hints to the caller's storage as keys go through its pipeline.
 /// Hints must not change results (they only prefetch).
 pub(crate) trait LookupHints {
-    /// Row `row` is the likely match of a key: start loading its id offset.
+    /// Row `row` is the likely match of a key longer than 8 bytes: start loading its id
+    /// offset.
     fn offset(&self, row: usize);
     /// Start loading the id bytes of likely row `row` (its offset was hinted earlier).
     fn bytes(&self, row: usize);
-    /// Row `row` is the likely match of a key: start loading whatever the caller will read
-    /// of that row after the lookups (nothing by default).
+    /// Row `row` is the likely (for a key of at most 8 bytes: the certain) match of a key:
+    /// start loading whatever the caller will read of that row after the lookups (nothing
+    /// by default).
     fn row(&self, row: usize) {
         let _ = row;
     }
@@ -79,8 +245,10 @@ pub(crate) trait LookupHints {
 struct Group<'k> {
     len: usize,
     keys: [&'k [u8]; LOOKUP_GROUP],
-    tags: [u64; LOOKUP_GROUP],
-    /// The row named by each key's home slot when its tag matches, else `usize::MAX`.
+    slot_keys: [SlotKey; LOOKUP_GROUP],
+    homes: [usize; LOOKUP_GROUP],
+    /// The first row whose slot holds the key's word and flag, else `usize::MAX`: the answer
+    /// for a key of at most 8 bytes, a row to confirm for a longer one.
     likely: [usize; LOOKUP_GROUP],
 }
 
@@ -88,7 +256,8 @@ impl Group<'_> {
     const EMPTY: Group<'static> = Group {
         len: 0,
         keys: [&[]; LOOKUP_GROUP],
-        tags: [0; LOOKUP_GROUP],
+        slot_keys: [SlotKey { word: 0, flag: 0 }; LOOKUP_GROUP],
+        homes: [0; LOOKUP_GROUP],
         likely: [usize::MAX; LOOKUP_GROUP],
     };
 }
@@ -97,13 +266,6 @@ impl Group<'_> {
 /// 16 bytes compare as two overlapping fixed-size words.
 #[inline(always)]
 fn same_bytes(a: &[u8], b: &[u8]) -> bool {
-    fn word<const N: usize>(bytes: &[u8], at: usize) -> [u8; N] {
-        let mut word = [0u8; N];
-        if let Some(part) = bytes.get(at..at + N) {
-            word.copy_from_slice(part);
-        }
-        word
-    }
     let len = a.len();
     if len != b.len() {
         return false;
@@ -119,127 +281,201 @@ fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     }
 }
 
-impl IdIndex {
-    /// Builds the index over `count` ids, where `id(row)` returns the bytes of row `row`.
-    pub fn build<'a>(count: usize, id: impl Fn(usize) -> &'a [u8]) -> Result<IdIndex, BuildError> {
-        if count > MAX_IDS {
-            return Err(BuildError::TooMany);
-        }
-        // Load factor at most 1/2 keeps linear-probe chains short; capacity <= 2^32.
-        let capacity = (count * 2).next_power_of_two().max(16);
-        let bits = capacity.trailing_zeros();
-        let mut index = IdIndex {
-            slots: vec![EMPTY; capacity],
-            shift: 32 - bits,
-            mask: capacity - 1,
-            seed: RandomState::new().hash_one(0x6672_6b5f_6964_7831_u64),
-        };
+/// A build entry (16 bytes): the id's slot word, and `(top 32 hash bits) << 32 | flag | row`
+/// (the [`EXACT_EIGHT`] flag above the 31 row bits).
+#[derive(Clone, Copy, bytemuck::Zeroable)]
+struct Entry {
+    word: u64,
+    hash_flag_row: u64,
+}
 
-        // Pass 1: hash every id (sequential reads) into entries `(top 32 hash bits) << 32 |
-        // row`, counting entries per partition (the top `partition_bits` of the hash).
-        let partition_bits = bits.saturating_sub(PARTITION_SLOT_BITS).max(1);
-        let partition_of = |entry: u64| (entry >> (64 - partition_bits)) as usize;
-        let mut starts = vec![0usize; (1 << partition_bits) + 1];
-        let entries: Vec<u64> = (0..count)
-            .map(|row| {
-                let entry = (index.hash(id(row)) & !0xffff_ffff) | row as u64;
-                starts[partition_of(entry) + 1] += 1;
-                entry
-            })
-            .collect();
-        for partition in 1..starts.len() {
-            starts[partition] += starts[partition - 1];
-        }
-        // Pass 2: counting sort by partition, stable (row order within a partition).
-        let mut sorted = vec![0u64; count];
-        for &entry in &entries {
-            let cursor = &mut starts[partition_of(entry)];
-            sorted[*cursor] = entry;
-            *cursor += 1;
-        }
-        drop(entries);
-        // Pass 3: insert partition by partition. Equal ids have equal hashes, so all copies
-        // of an id meet in one partition, in row order: the first copy is inserted and each
-        // later copy finds it. Keep going to report the duplicate with the smallest row.
-        let mut first_duplicate: Option<(usize, usize)> = None;
-        for &entry in &sorted {
-            if let Err((first, second)) = index.insert(entry, &id)
-                && first_duplicate.is_none_or(|(_, best)| second < best)
-            {
-                first_duplicate = Some((first, second));
-            }
-        }
-        match first_duplicate {
-            Some((first, second)) => Err(BuildError::Duplicate { first, second }),
-            None => Ok(index),
+impl Entry {
+    fn key(&self) -> SlotKey {
+        SlotKey {
+            word: self.word,
+            flag: self.hash_flag_row as u32 & EXACT_EIGHT,
         }
     }
 
-    /// Inserts `(top 32 hash bits) << 32 | row`; on a duplicate id returns `(earlier, row)`.
+    fn row(&self) -> usize {
+        (self.hash_flag_row as u32 & ROW_BITS) as usize
+    }
+}
+
+impl IdIndex {
+    /// Builds the index over `count` ids, where `id(row)` returns the bytes of row `row`.
+    pub fn build<'a>(count: usize, id: impl Fn(usize) -> &'a [u8]) -> Result<IdIndex, BuildError> {
+        Self::build_with(count, id, false)
+    }
+
+    fn build_with<'a>(
+        count: usize,
+        id: impl Fn(usize) -> &'a [u8],
+        weak_hash: bool,
+    ) -> Result<IdIndex, BuildError> {
+        if count > MAX_IDS {
+            return Err(BuildError::TooMany);
+        }
+        // Load at most 13 / 20 keeps overflows rare (about 7 % of ids live past their home
+        // bucket); fewer than 2^32 buckets.
+        let buckets = (count * LOAD_DENOMINATOR)
+            .div_ceil(LOAD_NUMERATOR * BUCKET_SLOTS)
+            .max(1);
+        let mut index = IdIndex {
+            // One bucket more than needed, to start at a 64-byte boundary.
+            storage: vec![0; (buckets + 1) * BUCKET_WORDS],
+            bucket_count: buckets,
+            seed: RandomState::new().hash_one(0x6672_6b5f_6964_7831_u64),
+            #[cfg(test)]
+            weak_hash,
+        };
+
+        // Insert in row order, hashing each id (sequential reads) BUILD_PREFETCH_DISTANCE
+        // rows ahead of its insert and requesting its home bucket then, so that the
+        // buckets' cache misses overlap. Equal ids have equal hashes: the first copy of an id
+        // is inserted and each later copy finds it, so the first duplicate found is the one
+        // with the smallest later row, reported with the id's first row.
+        let (bucket_count, seed) = (index.bucket_count, index.seed);
+        let mut pending = [Entry {
+            word: 0,
+            hash_flag_row: 0,
+        }; BUILD_PREFETCH_DISTANCE];
+        let (_, table, _) = bytemuck::pod_align_to_mut::<u64, Bucket>(&mut index.storage);
+        let table = &mut table[..bucket_count];
+        for row in 0..count + BUILD_PREFETCH_DISTANCE {
+            let slot = row % BUILD_PREFETCH_DISTANCE;
+            if row >= BUILD_PREFETCH_DISTANCE
+                && let Err((first, second)) = Self::insert(table, &pending[slot], &id)
+            {
+                return Err(BuildError::Duplicate { first, second });
+            }
+            if row < count {
+                let bytes = id(row);
+                let hash = index_hash(seed, weak_hash, bytes);
+                let key = SlotKey::of(bytes, hash);
+                pending[slot] = Entry {
+                    word: key.word,
+                    hash_flag_row: (hash & !0xffff_ffff) | u64::from(key.flag) | row as u64,
+                };
+                crate::prefetch::element(table, home(hash, bucket_count));
+            }
+        }
+        Ok(index)
+    }
+
+    /// Inserts an entry; on a duplicate id returns `(earlier row, row)`.
     fn insert<'a>(
-        &mut self,
-        entry: u64,
+        table: &mut [Bucket],
+        entry: &Entry,
         id: &impl Fn(usize) -> &'a [u8],
     ) -> Result<(), (usize, usize)> {
-        let tag = entry >> 32;
-        let row = (entry & 0xffff_ffff) as usize;
-        let mut position = (tag >> self.shift) as usize;
+        let row = entry.row();
+        let key = entry.key();
+        let mut position = home(entry.hash_flag_row, table.len());
         loop {
-            let slot = self.slots[position];
-            if slot == EMPTY {
-                self.slots[position] = (tag << 32) | (row as u64 + 1);
-                return Ok(());
-            }
-            if slot >> 32 == tag {
-                let other = (slot & 0xffff_ffff) as usize - 1;
-                if id(other) == id(row) {
-                    return Err((other, row));
+            let bucket = &mut table[position];
+            for slot in 0..BUCKET_SLOTS {
+                let row_field = bucket.rows[slot];
+                if row_field == 0 {
+                    bucket.words[slot] = key.word;
+                    // `row < MAX_IDS`, so `row + 1` fits the 31 row bits.
+                    bucket.rows[slot] = (row as u32 + 1) | key.flag;
+                    return Ok(());
+                }
+                if key.matches(bucket.words[slot], row_field) {
+                    let other = (row_field & ROW_BITS) as usize - 1;
+                    // Equal words of ids of at most 8 bytes are equal ids; long ids are read
+                    // only when their fingerprints agree.
+                    if !key.is_long() || id(other) == id(row) {
+                        return Err((other, row));
+                    }
                 }
             }
-            position = (position + 1) & self.mask;
+            position = next(position, table.len());
         }
+    }
+
+    /// The buckets: the 64-byte aligned part of `storage`.
+    #[inline(always)]
+    fn buckets(&self) -> &[Bucket] {
+        let (_, buckets, _) = bytemuck::pod_align_to::<u64, Bucket>(&self.storage);
+        buckets.get(..self.bucket_count).unwrap_or(&[])
     }
 
     #[inline(always)]
     fn hash(&self, bytes: &[u8]) -> u64 {
-        xxh3_64_with_seed(bytes, self.seed)
+        #[cfg(test)]
+        let weak_hash = self.weak_hash;
+        #[cfg(not(test))]
+        let weak_hash = false;
+        index_hash(self.seed, weak_hash, bytes)
+    }
+
+    /// The first row from bucket `position` on whose slot holds `key` and that `accept`s
+    /// (`None` once a bucket with an empty slot has none).
+    #[inline(always)]
+    fn probe(
+        buckets: &[Bucket],
+        mut position: usize,
+        key: SlotKey,
+        mut accept: impl FnMut(usize) -> bool,
+    ) -> Option<usize> {
+        loop {
+            let bucket = buckets.get(position)?;
+            for slot in 0..BUCKET_SLOTS {
+                if key.matches(bucket.words[slot], bucket.rows[slot]) {
+                    let row = (bucket.rows[slot] & ROW_BITS) as usize - 1;
+                    if accept(row) {
+                        return Some(row);
+                    }
+                }
+            }
+            if !bucket.is_full() {
+                return None;
+            }
+            position = next(position, buckets.len());
+        }
     }
 
     /// The row whose id is `key`, where `id(row)` returns the bytes of row `row` (the same
     /// ids the index was built over).
     pub fn get<'a>(&self, key: &[u8], id: impl Fn(usize) -> &'a [u8]) -> Option<u32> {
-        self.probe(key, self.hash(key) >> 32, &id)
+        let hash = self.hash(key);
+        let buckets = self.buckets();
+        let home = home(hash, buckets.len());
+        Self::exact_probe(buckets, key, home, SlotKey::of(key, hash), &id)
     }
 
-    /// The linear probe of [`IdIndex::get`] for a key whose tag (top 32 hash bits) is known.
-    fn probe<'a>(&self, key: &[u8], tag: u64, id: &impl Fn(usize) -> &'a [u8]) -> Option<u32> {
-        let mut position = (tag >> self.shift) as usize;
-        loop {
-            let slot = *self.slots.get(position)?;
-            if slot == EMPTY {
-                return None;
-            }
-            if slot >> 32 == tag {
-                let row = (slot & 0xffff_ffff) as usize - 1;
-                if same_bytes(id(row), key) {
-                    return u32::try_from(row).ok();
-                }
-            }
-            position = (position + 1) & self.mask;
-        }
+    /// The probe of [`IdIndex::get`] for a key whose home bucket and slot key are known.
+    #[inline(always)]
+    fn exact_probe<'a>(
+        buckets: &[Bucket],
+        key: &[u8],
+        home: usize,
+        slot_key: SlotKey,
+        id: &impl Fn(usize) -> &'a [u8],
+    ) -> Option<u32> {
+        let row = if SlotKey::is_exact(key.len()) {
+            Self::probe(buckets, home, slot_key, |_| true)
+        } else {
+            Self::probe(buckets, home, slot_key, |row| same_bytes(id(row), key))
+        };
+        row.and_then(|row| u32::try_from(row).ok())
     }
 
     /// The rows of many keys at once, appended to `out` in key order (`None`: absent).
     ///
-    /// Same answers as [`IdIndex::get`] per key, but a lookup costs up to three dependent
-    /// cache misses (the slot, then the id's offset, then its bytes), so the keys go through a
-    /// software pipeline in groups of [`LOOKUP_GROUP`]: while group `g` is compared, group
-    /// `g + 1` has its id bytes requested, group `g + 2` its slots read and id offsets
-    /// requested, and group `g + 3` is hashed and its slots requested. Each miss thus has a
-    /// group's work to arrive, and no step waits for all of a group's misses. `hints`
-    /// prefetches the caller's id storage and, through [`LookupHints::row`], whatever the
-    /// caller reads of a found row next (hinted as soon as the slot names the likely row).
-    /// See BENCHMARKS.md for the effect on the 1000-candidate Rank path.
+    /// Same answers as [`IdIndex::get`] per key. A key of at most 8 bytes costs one cache
+    /// miss (its bucket), a longer one up to three dependent ones (the bucket, then the id's
+    /// offset, then its bytes), so the keys go through a software pipeline in groups of
+    /// [`LOOKUP_GROUP`]: while group `g` is answered, group `g + 1` has the id bytes of its
+    /// long keys requested, group `g + 2` its buckets read (which answers its short keys) and
+    /// its long keys' id offsets requested, and group `g + 3` is hashed and its buckets
+    /// requested. Each miss thus has a group's work to arrive, and no step waits for all of a
+    /// group's misses. `hints` prefetches the caller's id storage and, through
+    /// [`LookupHints::row`], whatever the caller reads of a found row next (hinted as soon as
+    /// the bucket names the likely row). See BENCHMARKS.md for the effect on the
+    /// 1000-candidate Rank path.
     pub fn get_many<'a, 'k>(
         &self,
         keys: impl IntoIterator<Item = &'k [u8]>,
@@ -247,50 +483,64 @@ impl IdIndex {
         hints: &impl LookupHints,
         out: &mut Vec<Option<u32>>,
     ) {
+        let buckets = self.buckets();
         let mut keys = keys.into_iter().fuse();
         out.reserve(keys.size_hint().0);
         let mut groups = [Group::EMPTY; LOOKUP_STAGES];
         let mut empty_fills = 0;
         for step in 0usize.. {
-            // Stage 1, group `step`: hash its keys, request their home slots.
+            // Stage 1, group `step`: hash its keys, request their home buckets.
             let group = &mut groups[step % LOOKUP_STAGES];
             group.len = 0;
             for (stored, key) in group.keys.iter_mut().zip(keys.by_ref()) {
-                let tag = self.hash(key) >> 32;
-                crate::prefetch::element(&self.slots, (tag >> self.shift) as usize);
+                let hash = self.hash(key);
+                let home = home(hash, buckets.len());
+                crate::prefetch::element(buckets, home);
                 *stored = key;
-                group.tags[group.len] = tag;
-                group.likely[group.len] = usize::MAX;
+                group.slot_keys[group.len] = SlotKey::of(key, hash);
+                group.homes[group.len] = home;
                 group.len += 1;
             }
             if group.len == 0 {
                 empty_fills += 1;
             }
-            // Stage 2, group `step - 1`: a home slot with the key's tag names the likely row;
-            // request its id offset and its row. (Keys that probed past their home slot are
-            // found by the exact probe of stage 4.)
+            // Stage 2, group `step - 1`: the first slot with the key's word names its row (a
+            // key of at most 8 bytes is answered now); request the row, and a long key's id
+            // offset.
             let group = &mut groups[(step + LOOKUP_STAGES - 1) % LOOKUP_STAGES];
-            for (&tag, likely) in group.tags[..group.len].iter().zip(&mut group.likely) {
-                if let Some(&slot) = self.slots.get((tag >> self.shift) as usize)
-                    && slot != EMPTY
-                    && slot >> 32 == tag
-                {
-                    *likely = (slot & 0xffff_ffff) as usize - 1;
-                    hints.offset(*likely);
-                    hints.row(*likely);
+            for key in 0..group.len {
+                let likely = Self::probe(buckets, group.homes[key], group.slot_keys[key], |_| true);
+                group.likely[key] = likely.unwrap_or(usize::MAX);
+                if let Some(row) = likely {
+                    if !SlotKey::is_exact(group.keys[key].len()) {
+                        hints.offset(row);
+                    }
+                    hints.row(row);
                 }
             }
-            // Stage 3, group `step - 2`: request the likely rows' id bytes.
+            // Stage 3, group `step - 2`: request the long keys' likely id bytes.
             let group = &groups[(step + LOOKUP_STAGES - 2) % LOOKUP_STAGES];
-            for &likely in &group.likely[..group.len] {
-                if likely != usize::MAX {
+            for (key, &likely) in group.keys[..group.len].iter().zip(&group.likely) {
+                if likely != usize::MAX && !SlotKey::is_exact(key.len()) {
                     hints.bytes(likely);
                 }
             }
-            // Stage 4, group `step - 3`: the exact probes, now mostly from cache.
+            // Stage 4, group `step - 3`: the answers; long keys are confirmed byte for byte,
+            // now mostly from cache.
             let group = &groups[(step + LOOKUP_STAGES - 3) % LOOKUP_STAGES];
-            for (key, &tag) in group.keys[..group.len].iter().zip(&group.tags) {
-                out.push(self.probe(key, tag, &id));
+            for key in 0..group.len {
+                let bytes = group.keys[key];
+                let likely = group.likely[key];
+                let row = if likely == usize::MAX {
+                    // No slot holds the key's word: absent, whatever its length.
+                    None
+                } else if SlotKey::is_exact(bytes.len()) || same_bytes(id(likely), bytes) {
+                    u32::try_from(likely).ok()
+                } else {
+                    // A long key whose fingerprint matched another id: the full probe.
+                    Self::exact_probe(buckets, bytes, group.homes[key], group.slot_keys[key], &id)
+                };
+                out.push(row);
             }
             // The keys ran out: the three groups before the first empty one are done now.
             if empty_fills == LOOKUP_STAGES - 1 {
@@ -301,7 +551,7 @@ impl IdIndex {
 
     /// Heap bytes used by the index.
     pub fn heap_bytes(&self) -> usize {
-        self.slots.len() * std::mem::size_of::<u64>()
+        self.storage.len() * std::mem::size_of::<u64>()
     }
 }
 
@@ -402,6 +652,163 @@ mod tests {
                 prop_assert_eq!(*row, expected, "{:?}", key);
                 prop_assert_eq!(index.get(key, |r| ids[r].as_slice()), expected);
             }
+        }
+    }
+
+    /// Ids of 0 to 20 bytes that often share their first 8 bytes (or a prefix of them), with
+    /// zero and non-ASCII bytes.
+    fn tricky_id() -> impl Strategy<Value = Vec<u8>> {
+        const PREFIXES: [&[u8; 8]; 4] =
+            [b"i0000123", b"i0000124", b"\xff\x00\xc3\xa9abcd", &[0; 8]];
+        (
+            0..PREFIXES.len(),
+            0..=8_usize,
+            prop::collection::vec(prop_oneof![Just(0_u8), Just(b'1'), Just(0xff)], 0..=12),
+        )
+            .prop_map(|(prefix, cut, suffix)| {
+                let mut id = PREFIXES[prefix][..cut].to_vec();
+                id.extend(suffix);
+                id
+            })
+    }
+
+    /// `ids` with duplicates dropped (first copy kept), and probes: every id, the given
+    /// extra keys, and each id with its last byte changed, dropped, or a byte appended.
+    fn ids_and_probes(ids: Vec<Vec<u8>>, extra: Vec<Vec<u8>>) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let mut seen = std::collections::HashSet::new();
+        let ids: Vec<Vec<u8>> = ids
+            .into_iter()
+            .filter(|id| seen.insert(id.clone()))
+            .collect();
+        let mut probes = extra;
+        for id in &ids {
+            probes.push(id.clone());
+            let mut longer = id.clone();
+            longer.push(0);
+            probes.push(longer);
+            if let Some((&last, rest)) = id.split_last() {
+                probes.push(rest.to_vec());
+                let mut changed = rest.to_vec();
+                changed.push(last ^ 1);
+                probes.push(changed);
+            }
+        }
+        (ids, probes)
+    }
+
+    fn check_against_oracle(
+        ids: &[Vec<u8>],
+        probes: &[Vec<u8>],
+        weak_hash: bool,
+    ) -> Result<(), TestCaseError> {
+        let index = IdIndex::build_with(ids.len(), |row| ids[row].as_slice(), weak_hash)
+            .map_err(|error| TestCaseError::fail(format!("{error:?}")))?;
+        let id = |row: usize| ids[row].as_slice();
+        let mut found = Vec::new();
+        index.get_many(probes.iter().map(Vec::as_slice), id, &NoHints, &mut found);
+        prop_assert_eq!(found.len(), probes.len());
+        for (probe, row) in probes.iter().zip(&found) {
+            let expected = ids.iter().position(|id| id == probe).map(|row| row as u32);
+            prop_assert_eq!(*row, expected, "get_many {:?}", probe);
+            prop_assert_eq!(index.get(probe, id), expected, "get {:?}", probe);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn ids_of_any_length_sharing_prefixes_answer_like_the_oracle(
+            ids in prop::collection::vec(tricky_id(), 0..150),
+            extra in prop::collection::vec(tricky_id(), 0..60),
+        ) {
+            let (ids, probes) = ids_and_probes(ids, extra);
+            check_against_oracle(&ids, &probes, false)?;
+        }
+
+        #[test]
+        fn colliding_hashes_still_answer_like_the_oracle(
+            // A hash of 3 bits: every id shares a home bucket (and overflow chain) with many
+            // others, and long ids share fingerprints, so long keys are confirmed against the
+            // wrong rows first and absent keys meet slots of every kind.
+            ids in prop::collection::vec(tricky_id(), 0..150),
+            extra in prop::collection::vec(tricky_id(), 0..60),
+        ) {
+            let (ids, probes) = ids_and_probes(ids, extra);
+            check_against_oracle(&ids, &probes, true)?;
+        }
+
+        #[test]
+        fn reports_first_duplicate_of_any_length_in_row_order(
+            ids in prop::collection::vec(tricky_id(), 1..80),
+            weak_hash in any::<bool>(),
+        ) {
+            let expected = (0..ids.len()).find_map(|second| {
+                (0..second).find(|&first| ids[first] == ids[second]).map(|first| BuildError::Duplicate { first, second })
+            });
+            let found = IdIndex::build_with(ids.len(), |row| ids[row].as_slice(), weak_hash).err();
+            prop_assert_eq!(found, expected);
+        }
+    }
+
+    #[test]
+    fn slot_keys_of_short_ids_are_equal_only_for_equal_ids() {
+        // Every id of up to 8 bytes over a few byte values (including zero and 0xff), and
+        // ids longer than 8 bytes, whose words must differ from every short id's.
+        let alphabet = [0_u8, 7, 8, b'a', 0xff];
+        let mut short: Vec<Vec<u8>> = vec![Vec::new()];
+        let mut frontier: Vec<Vec<u8>> = vec![Vec::new()];
+        for len in 1..=8 {
+            frontier = frontier
+                .iter()
+                .flat_map(|id| {
+                    alphabet.iter().map(move |&byte| {
+                        let mut longer = id.clone();
+                        longer.push(byte);
+                        longer
+                    })
+                })
+                .filter(|id| len <= 4 || id[..len - 1].iter().all(|&b| b == id[0]))
+                .collect();
+            short.extend(frontier.iter().cloned());
+        }
+        let keys: std::collections::HashMap<SlotKey, &Vec<u8>> = short
+            .iter()
+            .map(|id| (SlotKey::of(id, 0x1234_5678_9abc_def0), id))
+            .collect();
+        assert_eq!(keys.len(), short.len(), "two short ids share a slot key");
+        assert!(keys.keys().all(|key| !key.is_long()));
+        for long in [vec![0_u8; 9], vec![0xff; 9], vec![b'a'; 20]] {
+            for hash in [0, u64::MAX, 7 << 56, 0x1234_5678_9abc_def0] {
+                let key = SlotKey::of(&long, hash);
+                assert!(
+                    !keys.contains_key(&key),
+                    "{long:?} shares a short id's slot key"
+                );
+                assert!(key.is_long());
+            }
+        }
+    }
+
+    #[test]
+    fn index_memory_is_about_twenty_bytes_per_id() {
+        let ids: Vec<String> = (0..100_000).map(|row| format!("i{row:07}")).collect();
+        let index = IdIndex::build(ids.len(), |row| ids[row].as_bytes())
+            .unwrap_or_else(|error| panic!("{error:?}"));
+        let per_id = index.heap_bytes() as f64 / ids.len() as f64;
+        assert!((19.0..20.0).contains(&per_id), "{per_id} bytes per id");
+        // A clone's storage starts elsewhere: its buckets are found at its own boundary.
+        let clone = index.clone();
+        assert_eq!(clone.buckets(), index.buckets());
+        assert_eq!(index.buckets().len(), index.bucket_count);
+        for (row, id) in ids.iter().enumerate().step_by(997) {
+            assert_eq!(
+                clone.get(id.as_bytes(), |r| ids[r].as_bytes()),
+                Some(row as u32)
+            );
+            assert_eq!(
+                index.get(id.as_bytes(), |r| ids[r].as_bytes()),
+                Some(row as u32)
+            );
         }
     }
 
