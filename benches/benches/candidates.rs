@@ -8,7 +8,16 @@
 //!   starting to load each found row into L2).
 //! - `score`: `kernels::candidates_topk` over already resolved rows (k = 10).
 //! - `lookup_then_score`: the two passes one after the other (the path before the rows were
-//!   prefetched during the lookups) against `warm_rows_then_score`, the path the engine uses.
+//!   prefetched during the lookups) against `warm_rows_then_score`, the path the engine used
+//!   before the int8 copy.
+//! - `score_quantized`: `kernels::quantized_candidates_topk` over already resolved rows (the
+//!   int8 copy prunes, the f32 kernel rescores the rest; same answer as `score`), and
+//!   `warm_quantized_then_score_quantized`: the engine's path with the copy ready (the
+//!   lookups prefetch the int8 rows through `Table::index_of_many_hinting_rows`).
+//!
+//! Before timing, it prints how long the int8 copy takes to build (best of 3, wall clock) and
+//! how many candidates the quantized kernel rescores per list (mean over the 64 lists, with
+//! every user of the default dataset's user table as the query for the default table).
 //!
 //! Tables: the built-in default dataset (100 000 x 64, the T1 load test's table; 25.6 MB of
 //! rows, so after a few requests most of it sits in the 32 MiB L3) and a synthetic 1M x 128
@@ -27,7 +36,9 @@ use std::hint::black_box;
 use benches::synthetic::{ScratchDir, synthetic_table};
 use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use kernels::{RowMatrix, ScoredItem, TopKScratch, candidates_topk};
+use kernels::{
+    QuantizedRows, RowMatrix, ScoredItem, TopKScratch, candidates_topk, quantized_candidates_topk,
+};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -139,12 +150,79 @@ fn warm_lookup(table: &Table, ids: &[String], found: &mut Vec<Option<u32>>) {
     table.index_of_many_prefetch_rows(ids, found);
 }
 
-fn bench_table(c: &mut Criterion<ThreadCpuTime>, label: &str, table: &Table) {
+/// Builds the int8 copy of `table` three times and prints the best wall time.
+fn build_quantized(label: &str, table: &Table) -> QuantizedRows {
+    let mut best = std::time::Duration::MAX;
+    let mut built = None;
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let copy = QuantizedRows::build(matrix(table));
+        best = best.min(started.elapsed());
+        built = Some(copy);
+    }
+    let Some(built) = built else {
+        unreachable!("built three times")
+    };
+    eprintln!(
+        "candidates/{label}: int8 copy of {} x {} built in {:.1} ms (best of 3, {} rayon threads), {} heap bytes ({} per row)",
+        table.len(),
+        table.dim(),
+        best.as_secs_f64() * 1e3,
+        kernels::current_threads(),
+        built.heap_bytes(),
+        built.bytes_per_row(),
+    );
+    built
+}
+
+/// Prints the mean number of candidates the quantized kernel rescores per list, over every
+/// (query, list) pair, after checking each answer against the f32 kernel.
+fn report_rescored(
+    label: &str,
+    table: &Table,
+    quantized: &QuantizedRows,
+    queries: &[Vec<f32>],
+    resolved: &[Vec<u32>],
+) {
+    let (mut scratch, mut exact, mut pruned) = (TopKScratch::new(), Vec::new(), Vec::new());
+    let (mut rescored, mut runs) = (0usize, 0usize);
+    for query in queries {
+        for rows in resolved {
+            candidates_topk(matrix(table), query, rows, K, &mut scratch, &mut exact)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let pass = quantized_candidates_topk(
+                matrix(table),
+                quantized,
+                query,
+                rows,
+                K,
+                &mut scratch,
+                &mut pruned,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(exact, pruned, "the quantized kernel changed an answer");
+            rescored += pass.rescored;
+            runs += 1;
+        }
+    }
+    eprintln!(
+        "candidates/{label}: {:.1} of {CANDIDATES} candidates rescored per list at k = {K} (mean over {runs} query x list pairs)",
+        rescored as f64 / runs.max(1) as f64
+    );
+}
+
+fn bench_table(
+    c: &mut Criterion<ThreadCpuTime>,
+    label: &str,
+    table: &Table,
+    users: Option<&Table>,
+) {
     let lists = candidate_lists(table, 5);
     let mut rng = ChaCha8Rng::seed_from_u64(6);
     let query: Vec<f32> = (0..table.dim())
         .map(|_| rng.random_range(-1.0f32..1.0))
         .collect();
+    let quantized = build_quantized(label, table);
     let resolved: Vec<Vec<u32>> = lists
         .iter()
         .map(|ids| {
@@ -161,6 +239,11 @@ fn bench_table(c: &mut Criterion<ThreadCpuTime>, label: &str, table: &Table) {
         assert_eq!(plain, warm);
         assert!(plain.iter().all(Option::is_some));
     }
+    let queries: Vec<Vec<f32>> = match users {
+        Some(users) => (0..users.len()).map(|u| users.row(u).to_vec()).collect(),
+        None => vec![query.clone()],
+    };
+    report_rescored(label, table, &quantized, &queries, &resolved);
 
     let mut group = c.benchmark_group(format!("candidates/{label}"));
     group.throughput(Throughput::Elements(CANDIDATES as u64));
@@ -196,6 +279,18 @@ fn bench_table(c: &mut Criterion<ThreadCpuTime>, label: &str, table: &Table) {
             black_box(out.len())
         })
     });
+    group.bench_function("score_quantized", |b| {
+        b.iter(|| {
+            let rows = &resolved[take()];
+            let Buffers { scratch, out, .. } = &mut buffers;
+            if let Err(e) =
+                quantized_candidates_topk(matrix(table), &quantized, &query, rows, K, scratch, out)
+            {
+                panic!("{e}");
+            }
+            black_box(out.len())
+        })
+    });
     group.bench_function("lookup_then_score", |b| {
         b.iter(|| {
             let ids = &lists[take()];
@@ -220,6 +315,27 @@ fn bench_table(c: &mut Criterion<ThreadCpuTime>, label: &str, table: &Table) {
             ))
         })
     });
+    group.bench_function("warm_quantized_then_score_quantized", |b| {
+        b.iter(|| {
+            let ids = &lists[take()];
+            let Buffers {
+                found,
+                rows,
+                scratch,
+                out,
+            } = &mut buffers;
+            found.clear();
+            table.index_of_many_hinting_rows(ids, |row| quantized.prefetch_row(row), found);
+            rows.clear();
+            rows.extend(found.iter().flatten());
+            if let Err(e) =
+                quantized_candidates_topk(matrix(table), &quantized, &query, rows, K, scratch, out)
+            {
+                panic!("{e}");
+            }
+            black_box(out.len())
+        })
+    });
     group.finish();
 }
 
@@ -228,8 +344,12 @@ fn bench_candidates(c: &mut Criterion<ThreadCpuTime>) {
         Ok(paths) => paths,
         Err(e) => panic!("cannot generate the default dataset: {e}"),
     };
+    let users = match Table::open(&default.users) {
+        Ok(users) => users,
+        Err(e) => panic!("{e}"),
+    };
     match Table::open(&default.items) {
-        Ok(table) => bench_table(c, "default-100k-x64", &table),
+        Ok(table) => bench_table(c, "default-100k-x64", &table, Some(&users)),
         Err(e) => panic!("{e}"),
     }
 
@@ -245,7 +365,7 @@ fn bench_candidates(c: &mut Criterion<ThreadCpuTime>) {
         panic!("cannot write the benchmark table: {e}");
     }
     match Table::open(&path) {
-        Ok(table) => bench_table(c, "1m-x128", &table),
+        Ok(table) => bench_table(c, "1m-x128", &table, None),
         Err(e) => panic!("{e}"),
     }
 }

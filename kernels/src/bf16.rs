@@ -166,7 +166,7 @@ pub(crate) fn score_bound(dim: usize, query: &[f32], row: &[f32]) -> f64 {
 }
 
 /// `x` as `f32`, rounded towards +infinity.
-fn f32_rounded_up(x: f64) -> f32 {
+pub(crate) fn f32_rounded_up(x: f64) -> f32 {
     let y = x as f32;
     if f64::from(y) < x { y.next_up() } else { y }
 }

@@ -112,6 +112,22 @@ pub enum KernelError {
         path: &'static str,
     },
 
+    /// A quantized copy of rows is used with a matrix it was not built from.
+    #[error(
+        "the quantized rows ({quantized_rows} rows of dimension {quantized_dim}) were not built \
+         from this matrix ({rows} rows of dimension {dim})"
+    )]
+    QuantizedMismatch {
+        /// Rows of the quantized copy.
+        quantized_rows: usize,
+        /// Dimension of the quantized copy.
+        quantized_dim: usize,
+        /// Rows of the matrix.
+        rows: usize,
+        /// Dimension of the matrix.
+        dim: usize,
+    },
+
     /// A thread pool could not be created.
     #[error("could not build a thread pool with {threads} threads: {reason}")]
     ThreadPool {

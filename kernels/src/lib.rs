@@ -10,6 +10,7 @@
 //! | [`dot`] | one pair of vectors | latency |
 //! | [`scan_topk`] / [`par_scan_topk`] | one query over the whole table | memory bandwidth |
 //! | [`score_candidates`] / [`candidates_topk`] | one query over a candidate list | memory latency |
+//! | [`quantized_candidates_topk`] | one query over a candidate list, pruned on an int8 copy ([`QuantizedRows`], one cache line per row at dimension 64) and rescored exactly | memory latency |
 //! | [`batch_topk`] | many queries over the whole table | compute (AVX-512 BF16 with exact rescoring, else faer GEMM) |
 //!
 //! [`scalar`] holds the specification of each kernel, written for clarity; every fast
@@ -23,7 +24,9 @@
 //! scan returns exactly what the single-threaded scan returns, whatever the thread count). The
 //! batched kernel returns the same on CPUs with AVX-512 BF16 (its bf16 pass only prunes; every
 //! kept row is rescored with the scan's recipe); its faer fallback sums in GEMM order, so those
-//! scores can differ in the last bits ([`batch_path`] says which path runs).
+//! scores can differ in the last bits ([`batch_path`] says which path runs). The quantized
+//! candidate kernel returns exactly what [`candidates_topk`] returns: its int8 pass only
+//! prunes, with a proven error bound, and every candidate it keeps is rescored in f32.
 //!
 //! # Allocation and memory
 //!
@@ -61,6 +64,7 @@ mod candidates;
 mod error;
 mod matrix;
 mod pool;
+mod quantized;
 pub mod scalar;
 mod scan;
 mod simd;
@@ -76,6 +80,7 @@ pub use candidates::{candidates_topk, score_candidates};
 pub use error::KernelError;
 pub use matrix::{AlignedRows, MAX_ROWS, PagePolicy, ROW_ALIGN_FLOATS, RowMatrix};
 pub use pool::{ScoringPool, current_threads};
+pub use quantized::{QuantizedPass, QuantizedRows, quantized_candidates_topk};
 pub use scan::{par_scan_topk, scan_topk};
 pub use simd::dot;
 pub use topk::{ScoredItem, TopKScratch, sort_ranked};

@@ -6,6 +6,7 @@
 
 use std::cmp::Ordering;
 
+use crate::quantized::QuantizedScratch;
 use crate::simd::PreparedQuery;
 
 /// One ranked row: its index in the matrix and its score (a dot product with the query).
@@ -192,8 +193,11 @@ impl TopKHeap {
 pub struct TopKScratch {
     pub(crate) heap: TopKHeap,
     pub(crate) query: PreparedQuery,
-    /// Survivors of [`crate::candidates_topk`], cut back to the best `k` in bulk.
+    /// Survivors of [`crate::candidates_topk`], cut back to the best `k` in bulk (and the
+    /// rescored candidates of [`crate::quantized_candidates_topk`]).
     pub(crate) kept: Vec<ScoredItem>,
+    /// The quantized query and bounds of [`crate::quantized_candidates_topk`].
+    pub(crate) quantized: QuantizedScratch,
 }
 
 impl TopKScratch {

@@ -63,6 +63,12 @@ pub struct EngineConfig {
     pub require_explicit_consent: bool,
     /// Whether reloads check the whole-file checksum before swapping (default true).
     pub verify_checksum_on_reload: bool,
+    /// Whether candidate lists are pruned on an int8 copy of the item rows before exact
+    /// scoring (default true; see [`kernels::quantized_candidates_topk`]). Answers are the
+    /// same bit for bit either way; the copy costs the dimension (rounded up to 16, 32, 64
+    /// or a multiple of 64) plus 4 bytes per item row, and is built in the background after
+    /// each item table swap (the exact path serves until it is ready).
+    pub quantized_candidates: bool,
 }
 
 impl Default for EngineConfig {
@@ -85,6 +91,7 @@ impl Default for EngineConfig {
             default_group_attribute: "provider_group".to_owned(),
             require_explicit_consent: false,
             verify_checksum_on_reload: true,
+            quantized_candidates: true,
         }
     }
 }

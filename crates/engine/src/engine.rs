@@ -221,8 +221,13 @@ impl Engine {
         }
         let batcher = Batcher::start(&config)?;
         let inner = Inner {
-            items: TableSlot::new(TableKind::Items, Some(items), config.max_pool),
-            users: TableSlot::new(TableKind::Users, users, config.max_pool),
+            items: TableSlot::new(
+                TableKind::Items,
+                Some(items),
+                config.max_pool,
+                config.quantized_candidates,
+            ),
+            users: TableSlot::new(TableKind::Users, users, config.max_pool, false),
             paused: AtomicBool::new(false),
             paused_since: Mutex::new(SystemTime::now()),
             in_flight: Arc::new(AtomicUsize::new(0)),

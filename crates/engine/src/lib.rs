@@ -15,7 +15,9 @@
 //! 2. **resolve user**: an operator pause or a denied consent makes the answer
 //!    non-personalized (ranked by the item table's prior, or in row order without one) and
 //!    the user embedding is not read; otherwise the user table row or the inline embedding.
-//! 3. **score**: a candidate list is scored inline ([`kernels::candidates_topk`]); a
+//! 3. **score**: a candidate list is scored inline ([`kernels::quantized_candidates_topk`]
+//!    on the item table's int8 copy once built, same answers as [`kernels::candidates_topk`],
+//!    which serves until then, with `quantized_candidates = false`, and under DP); a
 //!    whole-catalog request goes to the micro-batcher ([`batcher`]), which scores concurrent
 //!    requests together ([`kernels::batch_topk`]) and a lone one at once
 //!    ([`kernels::par_scan_topk`]).

@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::Instant;
 
-use kernels::{ScoredItem, TopKScratch, candidates_topk, par_scan_topk};
+use kernels::{ScoredItem, TopKScratch, candidates_topk, par_scan_topk, quantized_candidates_topk};
 
 use crate::config::EngineConfig;
 use crate::error::{DeadlineStage, EngineError, NotFoundReason, PreconditionReason};
@@ -145,10 +145,16 @@ pub(crate) fn prepare(
     let (scope, skipped) = if request.candidate_ids.is_empty() {
         (Scope::Catalog, Vec::new())
     } else {
+        // Private requests score every candidate exactly: their f32 rows are what to warm.
+        let quantized = match private::is_private(&request, privacy) {
+            true => None,
+            false => snapshot.items.data.quantized.get(),
+        };
         let candidates = validate::candidates(
             &request.candidate_ids,
             request.skip_unknown_candidates,
             items,
+            quantized,
             config.max_candidates,
         )?;
         (Scope::Candidates(candidates.rows), candidates.skipped)
@@ -276,13 +282,18 @@ pub(crate) fn score_inline(prepared: &Prepared) -> Result<Vec<ScoredItem>, Engin
             }
             let matrix = data.matrix()?;
             let query = query.as_slice();
+            // The int8 copy, once built, prunes; the answer is the f32 kernel's either way.
+            let score =
+                |scratch: &mut TopKScratch, out: &mut Vec<ScoredItem>| match data.quantized.get() {
+                    Some(quantized) => quantized_candidates_topk(
+                        matrix, quantized, query, rows, pool, scratch, out,
+                    )
+                    .map(drop),
+                    None => candidates_topk(matrix, query, rows, pool, scratch, out),
+                };
             CANDIDATE_SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
-                Ok(mut scratch) => {
-                    candidates_topk(matrix, query, rows, pool, &mut scratch, &mut out)
-                }
-                Err(_) => {
-                    candidates_topk(matrix, query, rows, pool, &mut TopKScratch::new(), &mut out)
-                }
+                Ok(mut scratch) => score(&mut scratch, &mut out),
+                Err(_) => score(&mut TopKScratch::new(), &mut out),
             })?;
         }
         (Personalization::Personalized(query), Scope::Catalog) => {

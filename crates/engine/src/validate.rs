@@ -5,6 +5,7 @@ use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
+use kernels::QuantizedRows;
 use store::Table;
 
 use crate::candidate_ids::CandidateIds;
@@ -309,11 +310,14 @@ pub(crate) struct Candidates {
 }
 
 /// Resolves candidate ids to rows. Refuses too many ids, duplicates (naming up to five and
-/// the total) and, unless `skip_unknown`, unknown ids (likewise).
+/// the total) and, unless `skip_unknown`, unknown ids (likewise). While the ids are looked
+/// up, the rows found start loading into L2: from `quantized` when the rows will be scored
+/// there first (one cache line per row at dimension 64), else the f32 rows.
 pub(crate) fn candidates(
     ids: &CandidateIds,
     skip_unknown: bool,
     items: &Table,
+    quantized: Option<&QuantizedRows>,
     max_candidates: usize,
 ) -> Result<Candidates, EngineError> {
     const FIELD: &str = "candidate_ids";
@@ -324,8 +328,14 @@ pub(crate) fn candidates(
         ));
     }
     CANDIDATE_SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
-        Ok(mut scratch) => resolve_candidates(ids, skip_unknown, items, &mut scratch),
-        Err(_) => resolve_candidates(ids, skip_unknown, items, &mut CandidateScratch::new()),
+        Ok(mut scratch) => resolve_candidates(ids, skip_unknown, items, quantized, &mut scratch),
+        Err(_) => resolve_candidates(
+            ids,
+            skip_unknown,
+            items,
+            quantized,
+            &mut CandidateScratch::new(),
+        ),
     })
 }
 
@@ -356,13 +366,21 @@ fn resolve_candidates(
     ids: &CandidateIds,
     skip_unknown: bool,
     items: &Table,
+    quantized: Option<&QuantizedRows>,
     scratch: &mut CandidateScratch,
 ) -> Result<Candidates, EngineError> {
     const FIELD: &str = "candidate_ids";
     let lookups = &mut scratch.lookups;
     lookups.clear();
     // The rows found are scored next: start loading them while the other ids are looked up.
-    items.index_of_many_prefetch_rows(ids.iter_bytes(), lookups);
+    match quantized {
+        Some(quantized) => items.index_of_many_hinting_rows(
+            ids.iter_bytes(),
+            |row| quantized.prefetch_row(row),
+            lookups,
+        ),
+        None => items.index_of_many_prefetch_rows(ids.iter_bytes(), lookups),
+    }
     // Each row has one id, so a repeated known id is a repeated row: one pass over a small
     // hash set of rows, in request order, finds every occurrence after an id's first.
     let seen = &mut scratch.seen;

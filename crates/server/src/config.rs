@@ -449,6 +449,11 @@ const KEY_DOCS: &[(&str, &str, &str)] = &[
         "Whether reloads verify the whole-file checksum before swapping.",
     ),
     (
+        "ranking",
+        "quantized_candidates",
+        "Whether candidate lists are first scored on an int8 copy of the item rows, and only the candidates its proven error bound cannot rule out rescored in f32 (same answers bit for bit; the copy costs dim rounded up to 16/32/64 or a multiple of 64, plus 4 bytes, per item row, and is built in the background after each item table swap). Not used under differential privacy.",
+    ),
+    (
         "state",
         "dir",
         "Data directory holding the one state database (state.redb: privacy ledger + amortized fairness state) and the generated pseudonym secret; one server per directory. Unset: $FAIRRANK_STATE_DIR, else $XDG_DATA_HOME/fairrank, else ~/.local/share/fairrank. --state-dir overrides it.",

@@ -128,6 +128,30 @@ impl LookupHints for RowHints<'_> {
     }
 }
 
+/// The prefetches of [`Table::index_of_many_hinting_rows`]: those of [`IdHints`], and the
+/// caller's own hint for a likely row.
+struct CallerRowHints<'t, F> {
+    ids: IdHints<'t>,
+    row: F,
+}
+
+impl<F: Fn(usize)> LookupHints for CallerRowHints<'_, F> {
+    #[inline(always)]
+    fn offset(&self, row: usize) {
+        self.ids.offset(row);
+    }
+
+    #[inline(always)]
+    fn bytes(&self, row: usize) {
+        self.ids.bytes(row);
+    }
+
+    #[inline(always)]
+    fn row(&self, row: usize) {
+        (self.row)(row);
+    }
+}
+
 /// Reinterprets validated bytes as a slice of `T`. Open checked every section's length and
 /// alignment with this same cast, so the empty fallback is unreachable; it exists so that no
 /// accessor can panic.
@@ -432,6 +456,24 @@ impl Table {
             rows: self.rows(),
             stride: self.layout.stride,
             dim: self.layout.dim,
+        };
+        self.lookup_many(ids, &hints, out);
+    }
+
+    /// [`Table::index_of_many`] for a caller that keeps its own copy of the rows (an int8
+    /// copy, say): same answers, and `row_hint(row)` is called with each likely row as soon
+    /// as the id's hash slot names it, so that the caller can start loading its data while
+    /// the other ids are looked up. The row may be wrong (or, for an absent id, any row
+    /// index below [`Table::len`]): the hint must only prefetch, never change a result.
+    pub fn index_of_many_hinting_rows<'k, K: AsRef<[u8]> + ?Sized + 'k>(
+        &self,
+        ids: impl IntoIterator<Item = &'k K>,
+        row_hint: impl Fn(usize),
+        out: &mut Vec<Option<u32>>,
+    ) {
+        let hints = CallerRowHints {
+            ids: self.id_hints(),
+            row: row_hint,
         };
         self.lookup_many(ids, &hints, out);
     }

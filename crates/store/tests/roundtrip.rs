@@ -464,7 +464,8 @@ fn large_tables_report_row_problems_before_id_problems() {
     );
 }
 
-/// `index_of_many` and `index_of_many_prefetch_rows` answer exactly like `index_of` per id,
+/// `index_of_many`, `index_of_many_prefetch_rows` and `index_of_many_hinting_rows` answer
+/// exactly like `index_of` per id,
 /// for lists of every length around the lookup pipeline's group boundaries (groups of 8,
 /// four in flight), with unknown ids, repeated ids and ids that differ by one byte.
 #[test]
@@ -502,6 +503,20 @@ fn batched_lookups_answer_like_single_ones_at_every_length() {
         let mut warm = Vec::new();
         table.index_of_many_prefetch_rows(ids.iter().map(String::as_bytes), &mut warm);
         assert_eq!(warm, expected, "length {len}");
+        // The caller's hint sees only row indices of the table (most found rows: a key
+        // that probed past its home slot is found without a hint).
+        let hinted = std::cell::RefCell::new(Vec::new());
+        let mut with_hint = Vec::new();
+        table.index_of_many_hinting_rows(ids, |row| hinted.borrow_mut().push(row), &mut with_hint);
+        assert_eq!(with_hint, expected, "length {len}");
+        let hinted = hinted.into_inner();
+        assert!(hinted.iter().all(|&row| row < rows), "length {len}");
+        let found = expected.iter().flatten().count();
+        assert!(
+            2 * hinted.len() >= found,
+            "length {len}: {} hints for {found} rows",
+            hinted.len()
+        );
     }
     assert!(pool.iter().any(|id| table.index_of(id).is_none()));
 }

@@ -259,6 +259,15 @@ pub(crate) struct Plan {
     pub ledger: Arc<dyn PrivacyLedger>,
 }
 
+/// Whether `request` is answered under differential privacy (its scores then come from the
+/// exact kernel over every candidate, never from the quantized copy).
+pub(crate) fn is_private(request: &RankRequest, setup: &PrivacySetup) -> bool {
+    matches!(
+        effective_mechanism(&request.privacy, &setup.config),
+        PrivacyMechanism::GumbelTopK
+    )
+}
+
 /// The mechanism a request gets: its own, or the configured default.
 fn effective_mechanism(policy: &PrivacyPolicy, config: &PrivacyConfig) -> PrivacyMechanism {
     match (policy.mechanism, config.default_mechanism) {

@@ -537,3 +537,90 @@ fn rank_batch_refuses_batch_level_problems() {
         Some("requests[1].request_id".to_owned())
     );
 }
+
+/// Waits (up to 10 s) until the serving item table's int8 copy is built.
+fn wait_for_quantized_copy(engine: &crate::Engine) -> u64 {
+    let started = Instant::now();
+    loop {
+        let status = engine.status().expect("status");
+        if let Some(bytes) = status.items.quantized_copy_bytes {
+            return bytes;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the quantized copy was not built"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn quantized_candidates_answer_exactly_like_the_f32_kernel() {
+    // Non-integer rows (so the int8 copy is inexact) and inline queries; two engines over
+    // the same files, one without the copy.
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let mut items = util::items_data(3, ITEMS, false);
+    for (i, value) in items.rows.iter_mut().enumerate() {
+        *value = *value * 0.731 + (i * 7919 % 1000) as f32 / 997.0;
+    }
+    let path = util::write(dir.path(), "items.frt", &items);
+    let open = || store::Table::open(&path).expect("items open");
+    let quantized = crate::Engine::new(EngineConfig::default(), open(), None).expect("starts");
+    let exact = crate::Engine::new(
+        EngineConfig {
+            quantized_candidates: false,
+            ..EngineConfig::default()
+        },
+        open(),
+        None,
+    )
+    .expect("starts");
+    let bytes = wait_for_quantized_copy(&quantized);
+    // Dimension 8: 16 code bytes and a 4-byte scale per row, plus alignment slack.
+    assert!(bytes >= (ITEMS * 20) as u64, "{bytes}");
+    assert_eq!(
+        exact.status().expect("status").items.quantized_copy_bytes,
+        None
+    );
+    for seed in 0..40u64 {
+        let query: Vec<f32> = util::integer_values(100 + seed, DIM)
+            .iter()
+            .enumerate()
+            .map(|(d, v)| v * 0.9 + d as f32 * 0.013)
+            .collect();
+        let count = [3, 40, 200, ITEMS][seed as usize % 4];
+        let k = [1, 5, 10, 50][seed as usize / 4 % 4];
+        let mut request = RankRequest::new(format!("q{seed}"), UserRef::embedding(query), k);
+        request.candidate_ids = (0..count)
+            .map(|i| items.ids[(i * 97 + seed as usize) % ITEMS].clone())
+            .collect();
+        let a = quantized.rank_blocking(request.clone()).expect("ranks");
+        let b = exact.rank_blocking(request).expect("ranks");
+        let bits = |response: &crate::RankResponse| -> Vec<(String, u32)> {
+            ids_scores(response)
+                .into_iter()
+                .map(|(id, score)| (id, score.to_bits()))
+                .collect()
+        };
+        assert_eq!(bits(&a), bits(&b), "seed {seed}");
+    }
+}
+
+#[test]
+fn a_reloaded_item_table_gets_its_own_quantized_copy() {
+    let fixture = fixture();
+    wait_for_quantized_copy(&fixture.engine);
+    let bigger = util::items_data(9, 2 * ITEMS, true);
+    let path = util::write(fixture.dir.path(), "bigger.frt", &bigger);
+    let outcome = fixture.engine.reload_items(Some(&path)).expect("reloads");
+    assert_eq!(outcome.table.rows, 2 * ITEMS);
+    let bytes = wait_for_quantized_copy(&fixture.engine);
+    assert!(bytes >= (2 * ITEMS * 20) as u64, "{bytes}");
+    let mut request = RankRequest::new("after", UserRef::id("user-2"), 7);
+    request.candidate_ids = (0..2 * ITEMS).map(|r| bigger.ids[r].clone()).collect();
+    let response = fixture.engine.rank_blocking(request).expect("ranks");
+    assert_eq!(
+        ids_scores(&response),
+        brute_force(&bigger, row(&fixture.users, 2), 0..2 * ITEMS, 7)
+    );
+}

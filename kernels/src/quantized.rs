@@ -1,0 +1,1073 @@
+//! An int8 copy of a row matrix and the candidate top-k that prunes with it: a proven error
+//! bound decides which candidates the exact f32 kernel must rescore, so the answer is exact.
+//!
+//! # Why
+//!
+//! Candidate lists are scored at random rows, so the f32 kernel ([`crate::candidates_topk`])
+//! is bound by the cache lines it fetches: a row of dimension 64 is 256 bytes, four lines. The
+//! quantized copy ([`QuantizedRows`]) stores each element as an `i8` with one `f32` scale per
+//! row (in a separate array, 4 bytes per row): a row of dimension 64 is one 64-byte line.
+//! [`quantized_candidates_topk`] reads that line per candidate, and the four f32 lines only
+//! for the few candidates whose approximate score does not rule them out.
+//!
+//! # Algorithm
+//!
+//! 1. The query is quantized too, to `i16` codes `q̃_i = round(q_i / t)` with a step `t` (up
+//!    to 32767 levels, fewer for very long rows so that no `i32` sum can overflow). The dot
+//!    product of the codes `P = Σ c_i q̃_i` is then EXACT in `i32` (`vpmaddwd`, no rounding
+//!    at all), and cheaper than converting the codes to floats.
+//! 2. For every candidate, with row scale `s`: `a = s t P` approximates the exact score `E`
+//!    (what the f32 kernel computes), and `|E - a| <= s W + η` (below), so
+//!    `lower = s (t P - W) - η <= E <= upper = s (t P + W) + η`, with the roundings of that
+//!    very computation included in `W` and `η`.
+//! 3. `L` is the k-th largest `lower`. At least `k` candidates have `E >= lower >= L`, so the
+//!    k-th best exact score is `>= L`; a candidate with `upper < L` has `E < L` and cannot be
+//!    in the top k (not even by a tie, since its score is strictly lower). `L` is tracked as
+//!    the scan goes (a list of lower bounds cut back to the best `k` in bulk, like
+//!    [`crate::candidates_topk`]'s survivors), and candidates whose `upper` is below the
+//!    running `L` are dropped at once (the final `L` can only be higher).
+//! 4. Every remaining candidate with `upper >= L` is rescored with the f32 kernel's own
+//!    recipe ([`score_rows8`] / [`score_row`]), so its score is bit for bit the score
+//!    [`crate::candidates_topk`] gives it, and the best `k` of them under the same ranking
+//!    order (score descending, ties by row index) are returned: the same list, item for item.
+//!
+//! There is no cap: on data where the bound prunes nothing every candidate is rescored (only
+//! slower). When an input lies outside the proven range (a non-finite value in the table, a
+//! zero or tiny query, sums that could approach overflow, `k` covering every candidate) the
+//! exact kernel runs alone.
+//!
+//! # Error bound
+//!
+//! `d` is the dimension, `u = 2^-24`, `γ = m u / (1 - m u)` with `m = d + 38` (every
+//! rounding the f32 recipe can apply to one product: at most `d / 32 + 5` along its path, and
+//! `d + 38` operations in all for the underflow term), `Q1 = Σ |q_i|`, `r = Σ |q_i - t q̃_i|`
+//! (computed per query), `M = max |x_i|` of the row.
+//!
+//! - Row quantization: `s = fl(M / 127)` and `c_i = round(fl(x_i fl(1 / s)))`, so
+//!   `|x_i / s - c_i| <= 1/2 + 256 u` and `|c_i| <= 127`; `M <= 127 s (1 + 2u)`. Rows whose
+//!   `M / 127` would be subnormal use a power-of-two scale instead, where `x_i / s` is exact
+//!   (error `1/2`). So `|Σ q_i x_i - s Σ q_i c_i| <= s Q1 (1 + 2^-14) / 2`.
+//! - Query quantization: `|s Σ c_i q_i - s t P| <= 127 s r`.
+//! - The f32 kernel: `|E - Σ q_i x_i| <= γ Σ |q_i x_i| + (d + 38) 2^-150 (1 + γ)
+//!   <= 127 (1 + 2u) γ Q1 s + (d + 38) 2^-149` (standard FMA error analysis, with the
+//!   absolute underflow term).
+//! - So `|E - s t P| <= s W0 + η0` with `W0 = Q1 (1 + 2^-14) / 2 + 127 r + 127 (1 + 2u) γ Q1`
+//!   and `η0 = (d + 38) 2^-149`.
+//! - Computing `lower` and `upper` in f32 (`P` to f32, times `t`, `± W`, times `s`, `∓ η`)
+//!   adds at most `s (7 u G + 4 u W) + 2^-149 + u η` with `G = 127 (Q1 + r) >= |t P|`
+//!   (no intermediate underflows but the last two operations: `t >= 2^-115` and a
+//!   subnormal difference is exact). The kernel uses
+//!   `W = (W0 + 7 u G) / (1 - 4 u) (1 + 2^-30)` rounded up to f32 (the last factor absorbs
+//!   the f64 evaluation) and `η = (d + 48) 2^-148`, which cover all of it.
+//!
+//! Overflow is ruled out up front (`Q1 · max |x| · (d + 1) <= 2^100`), so every score is
+//! finite. The tests check `lower <= E <= upper` on random and adversarial data (rows at
+//! half-steps, one huge element, tiny and subnormal rows) and that halving `W` breaks an
+//! answer.
+
+use rayon::prelude::*;
+use wide::{f32x8, i8x16, i16x16, i32x8};
+
+use crate::bf16::f32_rounded_up;
+use crate::candidates::candidates_topk;
+use crate::error::KernelError;
+use crate::matrix::RowMatrix;
+use crate::simd::{ROW_BLOCK, prefetch_l2, score_row, score_rows8};
+use crate::topk::{ScoredItem, TopKScratch, keep_best, may_enter, sort_ranked};
+use crate::validate::{check_candidates, check_k, check_query};
+
+/// Bytes of a cache line: quantized rows of up to 64 elements never straddle one.
+const LINE_BYTES: usize = 64;
+
+/// Codes per SIMD step (an `i8x16` widened to an `i16x16`).
+const CHUNK: usize = 16;
+
+/// Largest code magnitude of a row element.
+const ROW_CODE_LIMIT: f32 = 127.0;
+
+/// Largest code magnitude of a query element (`i16`, and `vpmaddwd` cannot overflow on it).
+const QUERY_CODE_LIMIT: usize = i16::MAX as usize;
+
+/// Fewest query code levels worth the int8 pass (only rows longer than about 66 000 elements
+/// get fewer; the exact kernel then runs alone).
+const MIN_QUERY_CODE_LIMIT: usize = 255;
+
+/// Largest dimension the error bound is proven for.
+const MAX_DIM: usize = 1 << 20;
+
+/// Rows whose largest magnitude is below `2^-118` get a power-of-two scale (their `M / 127`
+/// would be near the subnormal range, where a division loses relative precision).
+const POWER_OF_TWO_SCALE_BELOW: f32 = f32::from_bits(9 << 23);
+
+/// Queries whose largest magnitude is below `2^-100` are scored by the exact kernel alone.
+const MIN_QUERY_MAGNITUDE: f32 = f32::from_bits(27 << 23);
+
+/// `Q1 · max |x| · (d + 1)` above this (`2^100`) sends a query to the exact kernel alone.
+const MAGNITUDE_LIMIT: f64 = 1.267_650_600_228_229_4e30;
+
+/// How many 8-candidate groups ahead the quantized rows are prefetched.
+const PREFETCH_BLOCKS: usize = 4;
+
+/// Rows quantized per rayon task when building a large copy.
+const ROWS_PER_TASK: usize = 4096;
+
+/// Copies with fewer elements are built on the calling thread.
+const PARALLEL_MIN_ELEMENTS: usize = 1 << 20;
+
+/// Bytes per quantized row: `dim` rounded up to 16, then to a power of two up to 64 bytes
+/// (so that a row never straddles a cache line) or to a multiple of 64 beyond.
+fn quantized_stride(dim: usize) -> usize {
+    let padded = dim.max(1).next_multiple_of(CHUNK);
+    if padded <= LINE_BYTES {
+        padded.next_power_of_two()
+    } else {
+        padded.next_multiple_of(LINE_BYTES)
+    }
+}
+
+/// An int8 copy of a [`RowMatrix`]: per row, `i8` codes `c_i` (zero-padded to a cache-line
+/// friendly stride, 64-byte aligned) and one `f32` scale `s` (a separate array), with
+/// `x_i ≈ s c_i`. Memory: `stride + 4` bytes per row, where the stride is the dimension
+/// rounded up to 16, 32, 64 or a multiple of 64 (dimension 64: 68 bytes per row instead of
+/// 256). Built once per table by [`QuantizedRows::build`]; read by
+/// [`quantized_candidates_topk`].
+#[derive(Debug, Clone)]
+pub struct QuantizedRows {
+    storage: Vec<i8>,
+    start: usize,
+    rows: usize,
+    dim: usize,
+    stride: usize,
+    scales: Vec<f32>,
+    max_abs: f32,
+    finite: bool,
+    source: usize,
+}
+
+/// What quantizing some rows found.
+#[derive(Debug, Clone, Copy)]
+struct RowsSummary {
+    max_abs: f32,
+    finite: bool,
+}
+
+impl RowsSummary {
+    const EMPTY: RowsSummary = RowsSummary {
+        max_abs: 0.0,
+        finite: true,
+    };
+
+    fn merge(self, other: RowsSummary) -> RowsSummary {
+        RowsSummary {
+            max_abs: self.max_abs.max(other.max_abs),
+            finite: self.finite && other.finite,
+        }
+    }
+}
+
+/// Quantizes one row into `codes` (zeroed beyond the row, which the caller provides zeroed)
+/// and returns its scale and summary. A row with a non-finite value gets zero codes and is
+/// reported non-finite (the kernel then never uses the copy).
+fn quantize_row(row: &[f32], codes: &mut [i8]) -> (f32, RowsSummary) {
+    if !row.iter().all(|x| x.is_finite()) {
+        return (
+            0.0,
+            RowsSummary {
+                max_abs: 0.0,
+                finite: false,
+            },
+        );
+    }
+    let max_abs = row.iter().fold(0.0f32, |max, x| max.max(x.abs()));
+    let summary = RowsSummary {
+        max_abs,
+        finite: true,
+    };
+    if max_abs == 0.0 {
+        return (0.0, summary);
+    }
+    if max_abs >= POWER_OF_TWO_SCALE_BELOW {
+        let scale = max_abs / ROW_CODE_LIMIT;
+        let inverse = 1.0 / scale;
+        for (code, &x) in codes.iter_mut().zip(row) {
+            *code = (x * inverse).round().clamp(-ROW_CODE_LIMIT, ROW_CODE_LIMIT) as i8;
+        }
+        return (scale, summary);
+    }
+    // Tiny rows: the smallest power of two `s >= M / 127` (at least 2^-149, the smallest
+    // f32). Dividing by it is exact in f64, so each code is off by at most 1/2.
+    let wanted = f64::from(max_abs) / f64::from(ROW_CODE_LIMIT);
+    let mut exponent = (wanted.log2().ceil() as i32).max(-149);
+    while f64::from(ROW_CODE_LIMIT) * 2f64.powi(exponent) < f64::from(max_abs) {
+        exponent += 1;
+    }
+    let scale = 2f64.powi(exponent) as f32;
+    for (code, &x) in codes.iter_mut().zip(row) {
+        *code = (f64::from(x) / f64::from(scale))
+            .round()
+            .clamp(-f64::from(ROW_CODE_LIMIT), f64::from(ROW_CODE_LIMIT)) as i8;
+    }
+    (scale, summary)
+}
+
+impl QuantizedRows {
+    /// Quantizes every row of `m` (on the current rayon pool for a million elements or
+    /// more). The copy remembers which matrix it was built from: the kernel refuses any
+    /// other.
+    pub fn build(m: RowMatrix<'_>) -> QuantizedRows {
+        let (rows, dim) = (m.rows(), m.dim());
+        let stride = quantized_stride(dim);
+        let mut storage = vec![0i8; rows * stride + LINE_BYTES - 1];
+        // Where the first 64-byte aligned row starts (always below 64 for bytes).
+        let start = storage
+            .as_ptr()
+            .align_offset(LINE_BYTES)
+            .min(LINE_BYTES - 1);
+        let mut scales = vec![0.0f32; rows];
+        let body = &mut storage[start..start + rows * stride];
+        let quantize_range = |first_row: usize, codes: &mut [i8], scales: &mut [f32]| {
+            let mut summary = RowsSummary::EMPTY;
+            for (offset, (codes, scale)) in codes
+                .chunks_exact_mut(stride)
+                .zip(scales.iter_mut())
+                .enumerate()
+            {
+                let (row_scale, row_summary) = quantize_row(m.row(first_row + offset), codes);
+                *scale = row_scale;
+                summary = summary.merge(row_summary);
+            }
+            summary
+        };
+        let summary = if rows * dim >= PARALLEL_MIN_ELEMENTS {
+            body.par_chunks_mut(stride * ROWS_PER_TASK)
+                .zip(scales.par_chunks_mut(ROWS_PER_TASK))
+                .enumerate()
+                .map(|(task, (codes, scales))| quantize_range(task * ROWS_PER_TASK, codes, scales))
+                .reduce(|| RowsSummary::EMPTY, RowsSummary::merge)
+        } else {
+            quantize_range(0, body, &mut scales)
+        };
+        QuantizedRows {
+            storage,
+            start,
+            rows,
+            dim,
+            stride,
+            scales,
+            max_abs: summary.max_abs,
+            finite: summary.finite,
+            source: m.data().as_ptr().addr(),
+        }
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of components per row.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Bytes per row: the code stride plus the 4-byte scale.
+    pub fn bytes_per_row(&self) -> usize {
+        self.stride + std::mem::size_of::<f32>()
+    }
+
+    /// Heap bytes held (codes, alignment slack and scales).
+    pub fn heap_bytes(&self) -> usize {
+        self.storage.len() + std::mem::size_of_val(self.scales.as_slice())
+    }
+
+    /// Whether every value of the source matrix was finite (otherwise the kernel always runs
+    /// the exact path).
+    pub fn is_usable(&self) -> bool {
+        self.finite
+    }
+
+    /// Asks the CPU to start loading row `row`'s codes and scale into L2 (a hint for a
+    /// caller about to score it; nothing for an index out of range).
+    #[inline]
+    pub fn prefetch_row(&self, row: usize) {
+        if row < self.rows {
+            prefetch_l2(self.codes(row));
+            prefetch_l2(&self.scales[row..=row]);
+        }
+    }
+
+    /// The codes of row `row` (`stride` bytes, zero beyond `dim`).
+    #[inline(always)]
+    fn codes(&self, row: usize) -> &[i8] {
+        let first = self.start + row * self.stride;
+        &self.storage[first..first + self.stride]
+    }
+
+    /// Checks that this copy was built from `m`.
+    fn check_source(&self, m: RowMatrix<'_>) -> Result<(), KernelError> {
+        if self.rows == m.rows() && self.dim == m.dim() && self.source == m.data().as_ptr().addr() {
+            return Ok(());
+        }
+        Err(KernelError::QuantizedMismatch {
+            quantized_rows: self.rows,
+            quantized_dim: self.dim,
+            rows: m.rows(),
+            dim: m.dim(),
+        })
+    }
+}
+
+/// A query quantized for [`QuantizedRows`], with the error bound's constants.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct QuantizedQuery {
+    /// The `i16` codes in 16-lane chunks, the last zero-padded.
+    lanes: Vec<i16x16>,
+    /// The step `t`: `q_i ≈ t q̃_i`.
+    step: f32,
+    /// `W`: the bound is `s W + η`.
+    width: f32,
+    /// `η`, the absolute (underflow) part of the bound.
+    floor: f32,
+}
+
+impl QuantizedQuery {
+    /// Quantizes `query` (finite, checked by the caller) for a table whose largest magnitude
+    /// is `table_max_abs`. False when the inputs fall outside the proven range: then the
+    /// exact kernel must run alone.
+    fn prepare(&mut self, query: &[f32], table_max_abs: f32) -> bool {
+        let dim = query.len();
+        if dim == 0 || dim > MAX_DIM {
+            return false;
+        }
+        let query_max = query.iter().fold(0.0f32, |max, x| max.max(x.abs()));
+        if query_max < MIN_QUERY_MAGNITUDE {
+            return false;
+        }
+        let sum_abs: f64 = query.iter().map(|&x| f64::from(x.abs())).sum();
+        if sum_abs * f64::from(table_max_abs) * (dim as f64 + 1.0) > MAGNITUDE_LIMIT {
+            return false;
+        }
+        let padded = dim.next_multiple_of(CHUNK);
+        // |Σ c_i q̃_i| <= 127 padded limit <= i32::MAX: the exact integer sum never overflows.
+        let limit = (i32::MAX as usize / (ROW_CODE_LIMIT as usize * padded)).min(QUERY_CODE_LIMIT);
+        if limit < MIN_QUERY_CODE_LIMIT {
+            return false;
+        }
+        let limit = limit as f64;
+        // Rounded up, so that |q_i / t| <= limit and no code is clamped.
+        let step = f32_rounded_up(f64::from(query_max) / limit * (1.0 + 2f64.powi(-50)));
+        let step64 = f64::from(step);
+        let mut residual = 0.0f64;
+        let mut codes = [0i16; CHUNK];
+        self.lanes.clear();
+        for chunk in query.chunks(CHUNK) {
+            codes.fill(0);
+            for (code, &x) in codes.iter_mut().zip(chunk) {
+                let level = (f64::from(x) / step64).round().clamp(-limit, limit);
+                residual += (f64::from(x) - level * step64).abs();
+                *code = level as i16;
+            }
+            self.lanes.push(i16x16::new(codes));
+        }
+        let unit = 2f64.powi(-24);
+        let operations = dim as f64 + 38.0;
+        let gamma = operations * unit / (1.0 - operations * unit);
+        let row_code_limit = f64::from(ROW_CODE_LIMIT);
+        let approx_magnitude = row_code_limit * (sum_abs + residual);
+        let error = sum_abs * (1.0 + 2f64.powi(-14)) / 2.0
+            + row_code_limit * residual
+            + row_code_limit * (1.0 + 2.0 * unit) * gamma * sum_abs;
+        let width =
+            (error + 7.0 * unit * approx_magnitude) / (1.0 - 4.0 * unit) * (1.0 + 2f64.powi(-30));
+        self.step = step;
+        self.width = f32_rounded_up(width);
+        self.floor = f32_rounded_up((dim as f64 + 48.0) * 2f64.powi(-148));
+        true
+    }
+}
+
+/// One candidate that the running threshold has not ruled out: its row and upper bound.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OpenCandidate {
+    row: u32,
+    upper: f32,
+}
+
+/// Scratch of [`quantized_candidates_topk`] (inside [`TopKScratch`]).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct QuantizedScratch {
+    query: QuantizedQuery,
+    /// Lower bounds at or above the running threshold, cut back to the best `k` in bulk.
+    lowers: Vec<f32>,
+    /// Candidates whose upper bound reached the running threshold.
+    open: Vec<OpenCandidate>,
+}
+
+/// What [`quantized_candidates_topk`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantizedPass {
+    /// Candidates scored by the exact f32 kernel (all of them when it ran alone).
+    pub rescored: usize,
+    /// Whether the int8 pass ran (false: `k` covered every candidate or an input was outside
+    /// its proven range, and the exact kernel ran alone).
+    pub pruned: bool,
+}
+
+/// The exact `i32` dot product lanes of one row's codes with the query codes.
+#[inline(always)]
+fn code_dot(codes: &[i8], lanes: &[i16x16]) -> i32x8 {
+    let (chunks, _) = codes.as_chunks::<CHUNK>();
+    let mut sum = i32x8::ZERO;
+    for (chunk, lane) in chunks.iter().zip(lanes) {
+        sum += i16x16::from_i8x16(i8x16::new(*chunk)).dot(*lane);
+    }
+    sum
+}
+
+/// Lane `r`: the sum of the eight lanes of `sums[r]` (exact integer sums, any order).
+#[inline(always)]
+fn sum_lanes_x8(sums: [i32x8; ROW_BLOCK]) -> i32x8 {
+    // The transpose only moves bits, so it is done on the bits as f32 lanes.
+    let t = f32x8::transpose(sums.map(bytemuck::cast::<i32x8, f32x8>))
+        .map(bytemuck::cast::<f32x8, i32x8>);
+    ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]))
+}
+
+/// Lower and upper bounds on the exact scores of eight rows.
+#[inline(always)]
+fn bounds8(
+    rows: &QuantizedRows,
+    query: &QuantizedQuery,
+    block: &[u32; ROW_BLOCK],
+) -> (f32x8, f32x8) {
+    let lanes = query.lanes.as_slice();
+    let [r0, r1, r2, r3, r4, r5, r6, r7] = block.map(|row| rows.codes(row as usize));
+    let dots = sum_lanes_x8([
+        code_dot(r0, lanes),
+        code_dot(r1, lanes),
+        code_dot(r2, lanes),
+        code_dot(r3, lanes),
+        code_dot(r4, lanes),
+        code_dot(r5, lanes),
+        code_dot(r6, lanes),
+        code_dot(r7, lanes),
+    ]);
+    let scales = f32x8::new(block.map(|row| rows.scales[row as usize]));
+    let approx = f32x8::from_i32x8(dots) * f32x8::splat(query.step);
+    let width = f32x8::splat(query.width);
+    let floor = f32x8::splat(query.floor);
+    let lower = scales * (approx - width) - floor;
+    let upper = scales * (approx + width) + floor;
+    (lower, upper)
+}
+
+/// Lower and upper bounds on the exact score of one row (the same operations as one lane
+/// of [`bounds8`]).
+#[inline(always)]
+fn bounds1(rows: &QuantizedRows, query: &QuantizedQuery, row: u32) -> (f32, f32) {
+    let dot: i32 = code_dot(rows.codes(row as usize), &query.lanes)
+        .to_array()
+        .iter()
+        .sum();
+    let scale = rows.scales[row as usize];
+    let approx = dot as f32 * query.step;
+    let lower = scale * (approx - query.width) - query.floor;
+    let upper = scale * (approx + query.width) + query.floor;
+    (lower, upper)
+}
+
+/// Cuts `lowers` back to its `k` largest values and returns the smallest of them (the k-th
+/// largest lower bound so far).
+fn cut_lowers(lowers: &mut Vec<f32>, k: usize) -> f32 {
+    if lowers.len() > k {
+        lowers.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+        lowers.truncate(k);
+    }
+    lowers.iter().copied().fold(f32::INFINITY, f32::min)
+}
+
+/// Requests into L2 the quantized rows of candidate group `group` (see the f32 kernel's
+/// `prefetch_group`).
+#[inline]
+fn prefetch_group(rows: &QuantizedRows, blocks: &[[u32; ROW_BLOCK]], rest: &[u32], group: usize) {
+    let group_rows: &[u32] = match blocks.get(group) {
+        Some(block) => block,
+        None if group == blocks.len() => rest,
+        None => return,
+    };
+    for &row in group_rows {
+        prefetch_l2(rows.codes(row as usize));
+    }
+}
+
+/// The best `k` candidate rows for `query`, best first, into `out`: exactly what
+/// [`candidates_topk`] returns (same items, same scores bit for bit, same order), computed by
+/// scoring `quantized` (which must have been built from `m`) and rescoring with the f32
+/// kernel only the candidates the error bound cannot rule out (see the module docs).
+///
+/// Errors as [`candidates_topk`], plus [`KernelError::QuantizedMismatch`] when `quantized`
+/// was not built from `m`.
+pub fn quantized_candidates_topk(
+    m: RowMatrix<'_>,
+    quantized: &QuantizedRows,
+    query: &[f32],
+    candidates: &[u32],
+    k: usize,
+    scratch: &mut TopKScratch,
+    out: &mut Vec<ScoredItem>,
+) -> Result<QuantizedPass, KernelError> {
+    check_k(k)?;
+    check_query(m.dim(), query, 0)?;
+    check_candidates(m.rows(), candidates)?;
+    quantized.check_source(m)?;
+    if k >= candidates.len()
+        || !quantized.finite
+        || !scratch.quantized.query.prepare(query, quantized.max_abs)
+    {
+        candidates_topk(m, query, candidates, k, scratch, out)?;
+        return Ok(QuantizedPass {
+            rescored: candidates.len(),
+            pruned: false,
+        });
+    }
+    let QuantizedScratch {
+        query: codes,
+        lowers,
+        open,
+    } = &mut scratch.quantized;
+    lowers.clear();
+    open.clear();
+    // The running threshold: the k-th largest lower bound so far, once `k` are known.
+    let mut threshold = f32::NEG_INFINITY;
+    let capacity = 2 * k.max((candidates.len() / 32).clamp(32, 2048));
+    let mut offer = |row: u32, lower: f32, upper: f32, threshold: &mut f32| {
+        open.push(OpenCandidate { row, upper });
+        if may_enter(lower, *threshold) {
+            lowers.push(lower);
+            if lowers.len() >= capacity {
+                *threshold = cut_lowers(lowers, k);
+            }
+        }
+    };
+    let (blocks, rest) = candidates.as_chunks::<ROW_BLOCK>();
+    for group in 0..PREFETCH_BLOCKS {
+        prefetch_group(quantized, blocks, rest, group);
+    }
+    for (b, block) in blocks.iter().enumerate() {
+        prefetch_group(quantized, blocks, rest, b + PREFETCH_BLOCKS);
+        let (lower, upper) = bounds8(quantized, codes, block);
+        // Lower bounds never exceed upper ones: a lane below the threshold is done.
+        let mut reached = !upper.simd_lt(f32x8::splat(threshold)).to_bitmask() & 0xFF;
+        if reached != 0 {
+            let (lower, upper) = (lower.to_array(), upper.to_array());
+            while reached != 0 {
+                let lane = reached.trailing_zeros() as usize;
+                offer(block[lane], lower[lane], upper[lane], &mut threshold);
+                reached &= reached - 1;
+            }
+        }
+    }
+    for &row in rest {
+        let (lower, upper) = bounds1(quantized, codes, row);
+        if may_enter(upper, threshold) {
+            offer(row, lower, upper, &mut threshold);
+        }
+    }
+    // At least k lower bounds were kept (every one until the first cut, k after each).
+    let threshold = match lowers.len() >= k {
+        true => cut_lowers(lowers, k),
+        false => f32::NEG_INFINITY,
+    };
+    open.retain(|candidate| may_enter(candidate.upper, threshold));
+    for candidate in open.iter() {
+        prefetch_l2(m.row(candidate.row as usize));
+    }
+    // Exact rescoring with the f32 kernel's recipe.
+    scratch.query.prepare(query);
+    let exact = &scratch.query;
+    let kept = &mut scratch.kept;
+    kept.clear();
+    let (open_blocks, open_rest) = open.as_chunks::<ROW_BLOCK>();
+    for block in open_blocks {
+        let scores = score_rows8(
+            block.map(|candidate| m.row_extended(candidate.row as usize)),
+            exact,
+        )
+        .to_array();
+        kept.extend(
+            block
+                .iter()
+                .zip(scores)
+                .map(|(candidate, score)| ScoredItem::new(candidate.row, score)),
+        );
+    }
+    kept.extend(open_rest.iter().map(|candidate| {
+        ScoredItem::new(
+            candidate.row,
+            score_row(m.row_extended(candidate.row as usize), exact),
+        )
+    }));
+    let rescored = kept.len();
+    keep_best(kept, k);
+    out.clear();
+    out.extend_from_slice(kept);
+    sort_ranked(out);
+    Ok(QuantizedPass {
+        rescored,
+        pruned: true,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{integer_rows, random_rows, random_vec};
+    use proptest::prelude::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// Kinds of rows that stress the quantization.
+    #[derive(Debug, Clone, Copy)]
+    enum RowKind {
+        /// Uniform in [-1, 1).
+        Uniform,
+        /// Small integers (exact ties).
+        Integer,
+        /// One huge element, the rest small: the small ones all quantize to zero.
+        Spike,
+        /// Elements just below a half step: maximal quantization error, all of one sign.
+        HalfSteps,
+        /// Magnitudes near the smallest floats (power-of-two scales, subnormals).
+        Tiny,
+        /// All zeros.
+        Zero,
+    }
+
+    fn row_of(kind: RowKind, rng: &mut ChaCha8Rng, dim: usize) -> Vec<f32> {
+        match kind {
+            RowKind::Uniform => (0..dim).map(|_| rng.random_range(-1.0f32..1.0)).collect(),
+            RowKind::Integer => (0..dim)
+                .map(|_| f32::from(rng.random_range(-4i8..=4)))
+                .collect(),
+            RowKind::Spike => {
+                let mut row: Vec<f32> = (0..dim).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                row[rng.random_range(0..dim)] = rng.random_range(-1.0e6f32..1.0e6);
+                row
+            }
+            RowKind::HalfSteps => {
+                let scale = rng.random_range(0.01f32..100.0);
+                let mut row: Vec<f32> = (0..dim)
+                    .map(|_| {
+                        let level = f32::from(rng.random_range(0i8..126));
+                        scale * (level + 0.499_99)
+                    })
+                    .collect();
+                row[0] = scale * 127.0;
+                row
+            }
+            RowKind::Tiny => (0..dim)
+                .map(|_| {
+                    rng.random_range(-1.0f32..1.0) * f32::from_bits(rng.random_range(1..(40 << 23)))
+                })
+                .collect(),
+            RowKind::Zero => vec![0.0; dim],
+        }
+    }
+
+    const KINDS: [RowKind; 6] = [
+        RowKind::Uniform,
+        RowKind::Integer,
+        RowKind::Spike,
+        RowKind::HalfSteps,
+        RowKind::Tiny,
+        RowKind::Zero,
+    ];
+
+    /// `rows` rows of dimension `dim` at stride `stride`, each of a kind drawn from `mix`
+    /// (a bit set over [`KINDS`]), some duplicated; NaN padding.
+    fn mixed_rows(seed: u64, rows: usize, dim: usize, stride: usize, mix: u8) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let kinds: Vec<RowKind> = KINDS
+            .iter()
+            .enumerate()
+            .filter(|(bit, _)| mix & (1 << bit) != 0)
+            .map(|(_, kind)| *kind)
+            .collect();
+        let kinds = if kinds.is_empty() {
+            vec![RowKind::Uniform]
+        } else {
+            kinds
+        };
+        let mut data = vec![f32::NAN; rows * stride];
+        let mut previous: Option<Vec<f32>> = None;
+        for chunk in data.chunks_mut(stride).take(rows) {
+            let row = match (&previous, rng.random_range(0..8)) {
+                (Some(previous), 0) => previous.clone(),
+                _ => row_of(kinds[rng.random_range(0..kinds.len())], &mut rng, dim),
+            };
+            chunk[..dim].copy_from_slice(&row);
+            previous = Some(row);
+        }
+        data
+    }
+
+    /// A query of one of several shapes: uniform, integer, signs of one row (aligned with
+    /// its quantization errors), spiky, tiny.
+    fn query_of(seed: u64, dim: usize, shape: u8) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        match shape % 5 {
+            0 => random_vec(seed, dim),
+            1 => (0..dim)
+                .map(|_| f32::from(rng.random_range(-3i8..=3)))
+                .collect(),
+            2 => (0..dim)
+                .map(|i| if i % 3 == 0 { -1.0 } else { 1.0 })
+                .collect(),
+            3 => {
+                let mut q = random_vec(seed, dim);
+                q[rng.random_range(0..dim)] = 1.0e5;
+                q
+            }
+            _ => random_vec(seed, dim).iter().map(|x| x * 1.0e-20).collect(),
+        }
+    }
+
+    /// Checks the quantized kernel against the f32 kernel, bit for bit.
+    fn check_same_answer(
+        m: RowMatrix<'_>,
+        quantized: &QuantizedRows,
+        query: &[f32],
+        candidates: &[u32],
+        k: usize,
+    ) -> Result<QuantizedPass, TestCaseError> {
+        let mut expected = Vec::new();
+        candidates_topk(
+            m,
+            query,
+            candidates,
+            k,
+            &mut TopKScratch::new(),
+            &mut expected,
+        )
+        .unwrap();
+        let mut got = Vec::new();
+        let pass = quantized_candidates_topk(
+            m,
+            quantized,
+            query,
+            candidates,
+            k,
+            &mut TopKScratch::new(),
+            &mut got,
+        )
+        .unwrap();
+        prop_assert_eq!(got.len(), expected.len());
+        for (g, e) in got.iter().zip(&expected) {
+            prop_assert_eq!(g.index, e.index);
+            prop_assert_eq!(g.score.to_bits(), e.score.to_bits());
+        }
+        Ok(pass)
+    }
+
+    /// Checks `lower <= exact <= upper` for every row.
+    fn check_bounds(
+        m: RowMatrix<'_>,
+        quantized: &QuantizedRows,
+        query: &[f32],
+    ) -> Result<bool, TestCaseError> {
+        let mut codes = QuantizedQuery::default();
+        if !codes.prepare(query, quantized.max_abs) {
+            return Ok(false);
+        }
+        let mut exact_query = crate::simd::PreparedQuery::default();
+        exact_query.prepare(query);
+        for row in 0..m.rows() {
+            let exact = score_row(m.row_extended(row), &exact_query);
+            let (lower, upper) = bounds1(quantized, &codes, row as u32);
+            prop_assert!(
+                lower <= exact && exact <= upper,
+                "row {row}: {lower} <= {exact} <= {upper} fails"
+            );
+        }
+        Ok(true)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn same_answer_as_the_f32_kernel(
+            rows in 1usize..300,
+            dim in 1usize..150,
+            pad in 0usize..9,
+            mix in any::<u8>(),
+            shape in any::<u8>(),
+            count in 0usize..400,
+            k in 1usize..40,
+            seed in any::<u64>(),
+        ) {
+            let stride = dim + pad;
+            let data = mixed_rows(seed, rows, dim, stride, mix);
+            let m = RowMatrix::new(&data, rows, dim, stride).unwrap();
+            let quantized = QuantizedRows::build(m);
+            let query = query_of(!seed, dim, shape);
+            // With replacement: rows listed twice are scored twice, as the f32 kernel does.
+            let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
+            let candidates: Vec<u32> = (0..count).map(|_| rng.random_range(0..rows as u32)).collect();
+            check_same_answer(m, &quantized, &query, &candidates, k)?;
+            check_bounds(m, &quantized, &query)?;
+        }
+
+        #[test]
+        fn exact_ties_and_k_beyond_the_list(
+            rows in 1usize..120,
+            dim in 1usize..20,
+            count in 0usize..200,
+            k in 1usize..250,
+            seed in any::<u64>(),
+        ) {
+            let data = integer_rows(seed, rows, dim, dim);
+            let m = RowMatrix::dense(&data, dim).unwrap();
+            let quantized = QuantizedRows::build(m);
+            let query = integer_rows(!seed, 1, dim, dim);
+            let candidates: Vec<u32> = (0..count).map(|i| ((seed as usize).wrapping_add(i * 31) % rows) as u32).collect();
+            let pass = check_same_answer(m, &quantized, &query, &candidates, k)?;
+            if k >= count {
+                prop_assert!(!pass.pruned);
+            }
+        }
+
+        #[test]
+        fn the_bound_holds(
+            rows in 1usize..64,
+            dim in 1usize..200,
+            mix in any::<u8>(),
+            shape in any::<u8>(),
+            seed in any::<u64>(),
+        ) {
+            let data = mixed_rows(seed, rows, dim, dim, mix);
+            let m = RowMatrix::dense(&data, dim).unwrap();
+            let quantized = QuantizedRows::build(m);
+            check_bounds(m, &quantized, &query_of(!seed, dim, shape))?;
+        }
+    }
+
+    #[test]
+    fn rows_quantize_within_half_a_step() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        for kind in KINDS {
+            for dim in [1, 7, 16, 33, 64, 100] {
+                let row = row_of(kind, &mut rng, dim);
+                let mut codes = vec![0i8; quantized_stride(dim)];
+                let (scale, summary) = quantize_row(&row, &mut codes);
+                assert!(summary.finite);
+                for (&x, &c) in row.iter().zip(&codes) {
+                    let error = (f64::from(x) - f64::from(scale) * f64::from(c)).abs();
+                    assert!(
+                        error <= f64::from(scale) * 0.5 * (1.0 + 2f64.powi(-14)),
+                        "{kind:?}: {x} vs {scale} * {c}"
+                    );
+                }
+                assert!(
+                    f64::from(summary.max_abs) <= 127.0 * f64::from(scale) * (1.0 + 2f64.powi(-22))
+                );
+                assert!(codes[dim..].iter().all(|&c| c == 0));
+            }
+        }
+    }
+
+    #[test]
+    fn the_bound_is_needed_in_full() {
+        // Query all ones (quantized exactly). Row A's small elements all round down to 0
+        // (approx 127, exact 130.43); row B's round up (approx 133, exact 130.0). The true
+        // best is A; a bound of half the proven width would rule A out on B's lower bound.
+        let dim = 8;
+        let a = [127.0, 0.49, 0.49, 0.49, 0.49, 0.49, 0.49, 0.49];
+        let b = [127.0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.0];
+        let data: Vec<f32> = a.iter().chain(&b).copied().collect();
+        let m = RowMatrix::dense(&data, dim).unwrap();
+        let quantized = QuantizedRows::build(m);
+        let query = vec![1.0f32; dim];
+        let mut codes = QuantizedQuery::default();
+        assert!(codes.prepare(&query, quantized.max_abs));
+        let (a_lower, a_upper) = bounds1(&quantized, &codes, 0);
+        let (b_lower, b_upper) = bounds1(&quantized, &codes, 1);
+        assert!(a_lower <= 130.43 && 130.43 <= a_upper);
+        assert!(b_lower <= 130.0 && 130.0 <= b_upper);
+        // Halving the width would put A's upper bound below B's lower bound.
+        let half = codes.width / 2.0;
+        assert!(127.0 + half < 133.0 - half);
+        let mut top = Vec::new();
+        let pass = quantized_candidates_topk(
+            m,
+            &quantized,
+            &query,
+            &[1, 0],
+            1,
+            &mut TopKScratch::new(),
+            &mut top,
+        )
+        .unwrap();
+        assert!(pass.pruned);
+        assert_eq!(top[0].index, 0);
+        assert_eq!(pass.rescored, 2);
+    }
+
+    #[test]
+    fn underflow_is_covered_by_the_floor() {
+        // Every product is 2^-150, which the f32 kernel rounds to 0 (ties to even): its score
+        // is 0 where the true dot product is 8 * 2^-150. The quantized copy represents the
+        // row exactly (scale 2^-149, codes 1), so only the floor η covers the difference.
+        let dim = 8;
+        let data = vec![f32::from_bits(1); dim];
+        let m = RowMatrix::dense(&data, dim).unwrap();
+        let quantized = QuantizedRows::build(m);
+        let query = vec![0.5f32; dim];
+        let mut codes = QuantizedQuery::default();
+        assert!(codes.prepare(&query, quantized.max_abs));
+        let (lower, upper) = bounds1(&quantized, &codes, 0);
+        let mut exact_query = crate::simd::PreparedQuery::default();
+        exact_query.prepare(&query);
+        let exact = score_row(m.row_extended(0), &exact_query);
+        assert_eq!(exact, 0.0);
+        assert!(
+            lower <= exact && exact <= upper,
+            "{lower} <= {exact} <= {upper}"
+        );
+        assert!(lower + codes.floor > exact, "the floor is needed here");
+    }
+
+    #[test]
+    fn prunes_most_of_a_random_list() {
+        let (rows, dim) = (4000, 64);
+        let data = random_rows(1, rows, dim, dim);
+        let m = RowMatrix::dense(&data, dim).unwrap();
+        let quantized = QuantizedRows::build(m);
+        assert_eq!(quantized.bytes_per_row(), 68);
+        let candidates: Vec<u32> = (0..1000).map(|i| (i * 37 % rows) as u32).collect();
+        let query = random_vec(2, dim);
+        let mut top = Vec::new();
+        let pass = quantized_candidates_topk(
+            m,
+            &quantized,
+            &query,
+            &candidates,
+            10,
+            &mut TopKScratch::new(),
+            &mut top,
+        )
+        .unwrap();
+        assert!(pass.pruned);
+        assert!(pass.rescored < 100, "rescored {}", pass.rescored);
+        let mut expected = Vec::new();
+        candidates_topk(
+            m,
+            &query,
+            &candidates,
+            10,
+            &mut TopKScratch::new(),
+            &mut expected,
+        )
+        .unwrap();
+        assert_eq!(top, expected);
+    }
+
+    #[test]
+    fn refuses_a_copy_of_another_matrix_and_falls_back_on_odd_inputs() {
+        let data = random_rows(3, 50, 10, 10);
+        let other = data.clone();
+        let m = RowMatrix::dense(&data, 10).unwrap();
+        let quantized = QuantizedRows::build(RowMatrix::dense(&other, 10).unwrap());
+        let mut top = Vec::new();
+        let mut scratch = TopKScratch::new();
+        assert!(matches!(
+            quantized_candidates_topk(
+                m,
+                &quantized,
+                &[0.5; 10],
+                &[1, 2, 3],
+                1,
+                &mut scratch,
+                &mut top
+            ),
+            Err(KernelError::QuantizedMismatch { .. })
+        ));
+        let quantized = QuantizedRows::build(m);
+        // A zero query, and a table with a NaN: the exact kernel alone.
+        let pass = quantized_candidates_topk(
+            m,
+            &quantized,
+            &[0.0; 10],
+            &[1, 2, 3],
+            1,
+            &mut scratch,
+            &mut top,
+        )
+        .unwrap();
+        assert!(!pass.pruned);
+        let mut poisoned = data.clone();
+        poisoned[17] = f32::NAN;
+        let poisoned_m = RowMatrix::dense(&poisoned, 10).unwrap();
+        let poisoned_q = QuantizedRows::build(poisoned_m);
+        assert!(!poisoned_q.is_usable());
+        let pass = quantized_candidates_topk(
+            poisoned_m,
+            &poisoned_q,
+            &[0.5; 10],
+            &[0, 2, 3],
+            1,
+            &mut scratch,
+            &mut top,
+        )
+        .unwrap();
+        assert!(!pass.pruned);
+        assert_eq!(
+            quantized_candidates_topk(
+                m,
+                &quantized,
+                &[0.5; 10],
+                &[1, 2, 3],
+                0,
+                &mut scratch,
+                &mut top
+            ),
+            Err(KernelError::ZeroK)
+        );
+    }
+
+    /// Build time of the int8 copy of a 1M x 128 table (BENCHMARKS.md); run with
+    /// `cargo test --release -p kernels --lib -- --ignored --nocapture build_time`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn build_time_of_a_large_copy() {
+        let (rows, dim) = (1_000_000, 128);
+        let data = random_rows(11, rows, dim, dim);
+        let m = RowMatrix::dense(&data, dim).unwrap();
+        for _ in 0..3 {
+            let started = std::time::Instant::now();
+            let copy = QuantizedRows::build(m);
+            eprintln!(
+                "{rows} x {dim}: built in {:.1} ms on {} rayon threads, {} heap bytes",
+                started.elapsed().as_secs_f64() * 1e3,
+                rayon::current_num_threads(),
+                copy.heap_bytes()
+            );
+        }
+    }
+
+    #[test]
+    fn large_copies_are_built_in_parallel_the_same_way() {
+        let (rows, dim) = (ROWS_PER_TASK * 3 + 17, 100);
+        let data = random_rows(9, rows, dim, 112);
+        let m = RowMatrix::new(&data, rows, dim, 112).unwrap();
+        assert!(rows * dim >= PARALLEL_MIN_ELEMENTS);
+        let parallel = QuantizedRows::build(m);
+        for row in [0, 1, ROWS_PER_TASK - 1, ROWS_PER_TASK, rows - 1] {
+            let mut codes = vec![0i8; quantized_stride(dim)];
+            let (scale, _) = quantize_row(m.row(row), &mut codes);
+            assert_eq!(parallel.codes(row), codes.as_slice());
+            assert_eq!(parallel.scales[row].to_bits(), scale.to_bits());
+            assert_eq!(parallel.codes(row).as_ptr().addr() % LINE_BYTES, 0);
+        }
+    }
+}
