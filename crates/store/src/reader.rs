@@ -99,37 +99,9 @@ impl LookupHints for IdHints<'_> {
     }
 }
 
-/// The prefetches of [`Table::index_of_many_prefetch_rows`]: those of [`IdHints`], and a
-/// likely row's values.
-struct RowHints<'t> {
-    ids: IdHints<'t>,
-    rows: &'t [f32],
-    stride: usize,
-    dim: usize,
-}
-
-impl LookupHints for RowHints<'_> {
-    #[inline(always)]
-    fn offset(&self, row: usize) {
-        self.ids.offset(row);
-    }
-
-    #[inline(always)]
-    fn bytes(&self, row: usize) {
-        self.ids.bytes(row);
-    }
-
-    #[inline(always)]
-    fn row(&self, row: usize) {
-        let start = row.wrapping_mul(self.stride);
-        if let Some(values) = self.rows.get(start..start.wrapping_add(self.dim)) {
-            prefetch::lines_l2(values);
-        }
-    }
-}
-
-/// The prefetches of [`Table::index_of_many_hinting_rows`]: those of [`IdHints`], and the
-/// caller's own hint for a likely row.
+/// The prefetches of [`Table::index_of_many_hinting_rows`] (and of
+/// [`Table::index_of_many_prefetch_rows`]): those of [`IdHints`], and the caller's own hint
+/// for a likely row.
 struct CallerRowHints<'t, F> {
     ids: IdHints<'t>,
     row: F,
@@ -451,13 +423,14 @@ impl Table {
         ids: impl IntoIterator<Item = &'k K>,
         out: &mut Vec<Option<u32>>,
     ) {
-        let hints = RowHints {
-            ids: self.id_hints(),
-            rows: self.rows(),
-            stride: self.layout.stride,
-            dim: self.layout.dim,
+        let (rows, stride, dim) = (self.rows(), self.layout.stride, self.layout.dim);
+        let prefetch_row = |row: usize| {
+            let start = row.wrapping_mul(stride);
+            if let Some(values) = rows.get(start..start.wrapping_add(dim)) {
+                prefetch::lines_l2(values);
+            }
         };
-        self.lookup_many(ids, &hints, out);
+        self.index_of_many_hinting_rows(ids, prefetch_row, out);
     }
 
     /// [`Table::index_of_many`] for a caller that keeps its own copy of the rows (an int8
