@@ -25,17 +25,23 @@ const MIN_KEPT_CAPACITY: usize = 64;
 const MAX_KEPT_CAPACITY: usize = 4096;
 
 /// Requests into L2 the rows of candidate group `group` (groups of eight; the trailing partial
-/// group is number `blocks.len()`; larger numbers are ignored). Random rows come from DRAM,
-/// and L2 tracks more outstanding misses than L1, so this keeps many rows in flight at once.
+/// group is number `blocks.len()`; larger numbers are ignored), `row(c)` being candidate `c`'s
+/// data (its f32 row, or its int8 codes). Random rows come from DRAM, and L2 tracks more
+/// outstanding misses than L1, so this keeps many rows in flight at once.
 #[inline]
-fn prefetch_group(m: RowMatrix<'_>, blocks: &[[u32; ROW_BLOCK]], rest: &[u32], group: usize) {
+pub(crate) fn prefetch_group<'m, T: 'm>(
+    blocks: &[[u32; ROW_BLOCK]],
+    rest: &[u32],
+    group: usize,
+    row: impl Fn(usize) -> &'m [T],
+) {
     let rows: &[u32] = match blocks.get(group) {
         Some(block) => block,
         None if group == blocks.len() => rest,
         None => return,
     };
     for &c in rows {
-        prefetch_l2(m.row(c as usize));
+        prefetch_l2(row(c as usize));
     }
 }
 
@@ -59,10 +65,10 @@ pub fn score_candidates(
         let query = &scratch.query;
         let (blocks, rest) = candidates.as_chunks::<ROW_BLOCK>();
         for group in 0..PREFETCH_BLOCKS {
-            prefetch_group(m, blocks, rest, group);
+            prefetch_group(blocks, rest, group, |c| m.row(c));
         }
         for (b, block) in blocks.iter().enumerate() {
-            prefetch_group(m, blocks, rest, b + PREFETCH_BLOCKS);
+            prefetch_group(blocks, rest, b + PREFETCH_BLOCKS, |c| m.row(c));
             let rows = block.map(|c| m.row_extended(c as usize));
             out.extend_from_slice(&score_rows8(rows, query).to_array());
         }
@@ -112,10 +118,10 @@ pub fn candidates_topk(
     };
     let (blocks, rest) = candidates.as_chunks::<ROW_BLOCK>();
     for group in 0..PREFETCH_BLOCKS {
-        prefetch_group(m, blocks, rest, group);
+        prefetch_group(blocks, rest, group, |c| m.row(c));
     }
     for (b, block) in blocks.iter().enumerate() {
-        prefetch_group(m, blocks, rest, b + PREFETCH_BLOCKS);
+        prefetch_group(blocks, rest, b + PREFETCH_BLOCKS, |c| m.row(c));
         let scores = score_rows8(block.map(|c| m.row_extended(c as usize)), query);
         let mut survivors = !scores.simd_lt(f32x8::splat(threshold)).to_bitmask() & 0xFF;
         if survivors != 0 {

@@ -69,7 +69,7 @@ use rayon::prelude::*;
 use wide::{f32x8, i8x16, i16x16, i32x8};
 
 use crate::bf16::f32_rounded_up;
-use crate::candidates::candidates_topk;
+use crate::candidates::{candidates_topk, prefetch_group};
 use crate::error::KernelError;
 use crate::matrix::RowMatrix;
 use crate::simd::{ROW_BLOCK, prefetch_l2, score_row, score_rows8};
@@ -486,20 +486,6 @@ fn cut_lowers(lowers: &mut Vec<f32>, k: usize) -> f32 {
     lowers.iter().copied().fold(f32::INFINITY, f32::min)
 }
 
-/// Requests into L2 the quantized rows of candidate group `group` (see the f32 kernel's
-/// `prefetch_group`).
-#[inline]
-fn prefetch_group(rows: &QuantizedRows, blocks: &[[u32; ROW_BLOCK]], rest: &[u32], group: usize) {
-    let group_rows: &[u32] = match blocks.get(group) {
-        Some(block) => block,
-        None if group == blocks.len() => rest,
-        None => return,
-    };
-    for &row in group_rows {
-        prefetch_l2(rows.codes(row as usize));
-    }
-}
-
 /// The best `k` candidate rows for `query`, best first, into `out`: exactly what
 /// [`candidates_topk`] returns (same items, same scores bit for bit, same order), computed by
 /// scoring `quantized` (which must have been built from `m`) and rescoring with the f32
@@ -551,10 +537,12 @@ pub fn quantized_candidates_topk(
     };
     let (blocks, rest) = candidates.as_chunks::<ROW_BLOCK>();
     for group in 0..PREFETCH_BLOCKS {
-        prefetch_group(quantized, blocks, rest, group);
+        prefetch_group(blocks, rest, group, |row| quantized.codes(row));
     }
     for (b, block) in blocks.iter().enumerate() {
-        prefetch_group(quantized, blocks, rest, b + PREFETCH_BLOCKS);
+        prefetch_group(blocks, rest, b + PREFETCH_BLOCKS, |row| {
+            quantized.codes(row)
+        });
         let (lower, upper) = bounds8(quantized, codes, block);
         // Lower bounds never exceed upper ones: a lane below the threshold is done.
         let mut reached = !upper.simd_lt(f32x8::splat(threshold)).to_bitmask() & 0xFF;
