@@ -64,7 +64,10 @@ async fn admin_calls_need_the_configured_bearer_token() {
     assert_eq!(items.rows as usize, ITEMS);
     assert_eq!(items.dim as usize, DIM);
     assert_eq!(items.version.map(|v| v.generation), Some(1));
-    assert_eq!(status.users_table.map(|t| t.rows as usize), Some(USERS));
+    assert_eq!(
+        status.users_table.as_ref().map(|t| t.rows as usize),
+        Some(USERS)
+    );
     for name in ["none", "fa*ir", "det-greedy", "fairco", "plackett-luce"] {
         assert!(
             status
@@ -77,6 +80,32 @@ async fn admin_calls_need_the_configured_bearer_token() {
     }
     assert!(status.config.contains("[ranking]"), "{}", status.config);
     assert!(!status.config.contains(ADMIN_TOKEN));
+    // The int8 copy of the item rows is built in the background after the load: it appears
+    // with its size (one code per padded dimension plus a scale per row, at least); the
+    // user table never has one.
+    assert_eq!(
+        status
+            .users_table
+            .as_ref()
+            .and_then(|t| t.quantized_copy_bytes),
+        None
+    );
+    let mut copy_bytes = items.quantized_copy_bytes;
+    for _ in 0..200 {
+        if copy_bytes.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        copy_bytes = admin
+            .get_status(with_token(pb::GetStatusRequest {}, ADMIN_TOKEN))
+            .await
+            .expect("status")
+            .into_inner()
+            .items_table
+            .and_then(|t| t.quantized_copy_bytes);
+    }
+    let copy_bytes = copy_bytes.expect("the int8 copy is built within 5 s") as usize;
+    assert!(copy_bytes >= ITEMS * (DIM + 4), "{copy_bytes}");
 
     // Without a configured token the service is off.
     let plain = Server::start(&tables, None, &[]);

@@ -453,6 +453,7 @@ pub fn table_status(status: &engine::TableStatus) -> pb::TableStatus {
         has_dim_names: status.has_dim_names,
         max_row_norm: status.max_row_norm,
         rollback_target: status.rollback_target.map(table_version),
+        quantized_copy_bytes: status.quantized_copy_bytes,
     }
 }
 
