@@ -965,62 +965,31 @@ mod tests {
         let data = random_rows(3, 50, 10, 10);
         let other = data.clone();
         let m = RowMatrix::dense(&data, 10).unwrap();
-        let quantized = QuantizedRows::build(RowMatrix::dense(&other, 10).unwrap());
         let mut top = Vec::new();
         let mut scratch = TopKScratch::new();
+        // The top of candidates 1, 2 and 3 (row 0 in place of 1 if `rows_0_2_3`).
+        let mut run = |m, quantized: &QuantizedRows, query: f32, rows_0_2_3: bool, k| {
+            let candidates = if rows_0_2_3 { [0, 2, 3] } else { [1, 2, 3] };
+            let query = [query; 10];
+            quantized_candidates_topk(m, quantized, &query, &candidates, k, &mut scratch, &mut top)
+        };
+        let foreign = QuantizedRows::build(RowMatrix::dense(&other, 10).unwrap());
         assert!(matches!(
-            quantized_candidates_topk(
-                m,
-                &quantized,
-                &[0.5; 10],
-                &[1, 2, 3],
-                1,
-                &mut scratch,
-                &mut top
-            ),
+            run(m, &foreign, 0.5, false, 1),
             Err(KernelError::QuantizedMismatch { .. })
         ));
         let quantized = QuantizedRows::build(m);
         // A zero query, and a table with a NaN: the exact kernel alone.
-        let pass = quantized_candidates_topk(
-            m,
-            &quantized,
-            &[0.0; 10],
-            &[1, 2, 3],
-            1,
-            &mut scratch,
-            &mut top,
-        )
-        .unwrap();
-        assert!(!pass.pruned);
+        assert!(!run(m, &quantized, 0.0, false, 1).unwrap().pruned);
         let mut poisoned = data.clone();
         poisoned[17] = f32::NAN;
         let poisoned_m = RowMatrix::dense(&poisoned, 10).unwrap();
         let poisoned_q = QuantizedRows::build(poisoned_m);
         assert!(!poisoned_q.is_usable());
-        let pass = quantized_candidates_topk(
-            poisoned_m,
-            &poisoned_q,
-            &[0.5; 10],
-            &[0, 2, 3],
-            1,
-            &mut scratch,
-            &mut top,
-        )
-        .unwrap();
-        assert!(!pass.pruned);
-        assert_eq!(
-            quantized_candidates_topk(
-                m,
-                &quantized,
-                &[0.5; 10],
-                &[1, 2, 3],
-                0,
-                &mut scratch,
-                &mut top
-            ),
-            Err(KernelError::ZeroK)
-        );
+        assert!(!run(poisoned_m, &poisoned_q, 0.5, true, 1).unwrap().pruned);
+        assert_eq!(run(m, &quantized, 0.5, false, 0), Err(KernelError::ZeroK));
+        // The same inputs with a usable copy and a real query do prune.
+        assert!(run(m, &quantized, 0.5, false, 1).unwrap().pruned);
     }
 
     /// Build time of the int8 copy of a 1M x 128 table (BENCHMARKS.md); run with
