@@ -340,10 +340,7 @@ impl TableSlot {
         warm(&table);
         let loaded = Arc::new(LoadedTable::new(table, self.kind, self.max_pool));
         let load_us = micros(started.elapsed());
-        let previous = self.swap_in(Arc::clone(&loaded), current);
-        if self.quantize {
-            loaded.quantize_in_background();
-        }
+        let previous = self.swap_in(loaded, current);
         Ok(ReloadOutcome {
             table: self.status_or_internal()?,
             previous,
@@ -379,11 +376,7 @@ impl TableSlot {
             problem: ReloadProblem::DimensionMismatch,
             message,
         })?;
-        let previous = self.swap_in(Arc::clone(&target), current);
-        if self.quantize {
-            // Normally built while it served; a no-op then.
-            target.quantize_in_background();
-        }
+        let previous = self.swap_in(target, current);
         Ok(ReloadOutcome {
             table: self.status_or_internal()?,
             previous,
@@ -391,8 +384,8 @@ impl TableSlot {
         })
     }
 
-    /// Installs `data` as the next generation and retains `current` for rollback. Called
-    /// with the change lock held.
+    /// Installs `data` as the next generation and retains `current` for rollback, then (with
+    /// `quantize`) starts building its int8 copy. Called with the change lock held.
     fn swap_in(
         &self,
         data: Arc<LoadedTable>,
@@ -402,12 +395,17 @@ impl TableSlot {
         let served = Arc::new(Served {
             generation,
             since: SystemTime::now(),
-            data,
+            data: Arc::clone(&data),
         });
         let mut previous = self.previous.lock().unwrap_or_else(PoisonError::into_inner);
         *previous = current.as_ref().map(|current| Arc::clone(&current.data));
         self.last_generation.store(generation, Ordering::Release);
         self.current.store(Some(served));
+        if self.quantize {
+            // After the swap, so that it never delays one; a no-op for a rolled-back table
+            // whose copy was built while it served.
+            data.quantize_in_background();
+        }
         current.map(|current| current.version())
     }
 
