@@ -197,8 +197,7 @@ impl ReplayStore {
             .entries
             .insert(Arc::clone(&request_id), Entry::Running { digest });
         Begin::Run(Ticket {
-            store: Some(Arc::clone(self)),
-            request_id: Some(request_id),
+            held: Some((Arc::clone(self), request_id)),
             digest,
         })
     }
@@ -302,8 +301,9 @@ impl ReplayStore {
 /// the ticket without completing it frees the id (a failed request can be retried).
 #[derive(Debug)]
 pub struct Ticket {
-    store: Option<Arc<ReplayStore>>,
-    request_id: Option<Arc<str>>,
+    /// The store and the request id it holds for this request (`None`: detached, or
+    /// already completed).
+    held: Option<(Arc<ReplayStore>, Arc<str>)>,
     digest: Digest,
 }
 
@@ -311,15 +311,14 @@ impl Ticket {
     /// A ticket that stores nothing (store off, or no id).
     fn detached() -> Ticket {
         Ticket {
-            store: None,
-            request_id: None,
+            held: None,
             digest: Digest(0, 0),
         }
     }
 
     /// Stores the answer for replay (encoding it).
     pub fn complete(self, response: &RankResponse) {
-        if self.store.is_some() {
+        if self.held.is_some() {
             // `timings` is the last field, so the encoding without it is a prefix.
             let mut body = response.encode_to_vec();
             let size = body.len();
@@ -330,13 +329,13 @@ impl Ticket {
 
     /// Stores the encoded answer for replay (shares its buffer, copies nothing).
     pub fn complete_wire(self, response: &WireRankResponse) {
-        if self.store.is_some() {
+        if self.held.is_some() {
             self.store_encoded(response.body().clone(), response.encoded_len());
         }
     }
 
     fn store_encoded(mut self, body: Bytes, size: usize) {
-        if let (Some(store), Some(request_id)) = (self.store.take(), self.request_id.take()) {
+        if let Some((store, request_id)) = self.held.take() {
             store.complete(&request_id, self.digest, body, size);
         }
     }
@@ -344,7 +343,7 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        if let (Some(store), Some(request_id)) = (self.store.take(), self.request_id.take()) {
+        if let Some((store, request_id)) = self.held.take() {
             store.release(&request_id, self.digest);
         }
     }
