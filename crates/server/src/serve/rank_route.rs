@@ -33,6 +33,10 @@ const CANDIDATE_IDS_FIELD: u32 = 10;
 /// Ids up to this long are copied as one fixed-size block (no `memcpy` call per id).
 const ID_COPY_BLOCK: usize = 16;
 
+/// Bytes of an entry window of the fast loop of [`WireRankRequest::take_run`]: the id's
+/// length byte, a copy block and the next entry's key.
+const FAST_WINDOW: usize = ID_COPY_BLOCK + 2;
+
 /// Initial size of the buffer tonic gathers a request's body in (its default is 8 KiB): a
 /// 1000-candidate request is about 10 KB, so the default buffer was grown, by a `realloc`
 /// that copies, on every call. Requests of up to the inline limit (2048 candidates of
@@ -133,6 +137,42 @@ impl WireRankRequest {
         // `next` is where the next entry's length byte is; `taken` ends the last id taken.
         let mut next = 0;
         let mut taken = 0;
+        // The common case first: while a whole entry window (length byte, a block of id
+        // bytes, the next key) lies in the chunk, one bounds check covers the entry. An id
+        // longer than a block, or the chunk's last bytes, go on in the general loop below.
+        if !check_ascii {
+            while let Some(window) = chunk
+                .get(next..)
+                .and_then(<[u8]>::first_chunk::<FAST_WINDOW>)
+            {
+                let len = usize::from(window[0]);
+                if len > ID_COPY_BLOCK {
+                    break;
+                }
+                let Some(block) = window
+                    .get(1..)
+                    .and_then(<[u8]>::first_chunk::<ID_COPY_BLOCK>)
+                else {
+                    break;
+                };
+                let Some(target) = text
+                    .get_mut(text_len..)
+                    .and_then(<[u8]>::first_chunk_mut::<ID_COPY_BLOCK>)
+                else {
+                    break;
+                };
+                *target = *block;
+                text_len += len;
+                ends.push(text_len);
+                taken = next + 1 + len;
+                // The key after the id is inside the window (`1 + len <= 1 + ID_COPY_BLOCK`).
+                if window.get(1 + len) != Some(&KEY) {
+                    self.id_text_len = text_len;
+                    return taken;
+                }
+                next = taken + 1;
+            }
+        }
         while let Some(&len) = chunk.get(next) {
             let len = usize::from(len);
             // A length byte below 0x80 is the whole varint.
@@ -472,6 +512,34 @@ mod tests {
                 pb::RankRequest::decode(&decoded.encode_to_vec()[..]).unwrap(),
                 original
             );
+        }
+    }
+
+    #[test]
+    fn the_fast_loop_hands_over_at_long_ids_other_fields_and_the_chunk_end() {
+        // Runs of 8-byte ids broken by ids of 16 (the block) and 17 bytes (past it) and an
+        // empty id, a non-ASCII id, other fields after the ids, and every chunk size:
+        // always prost's request.
+        let (block, past) = ("b".repeat(ID_COPY_BLOCK), "p".repeat(ID_COPY_BLOCK + 1));
+        let mut ids: Vec<String> = (0..40).map(|i| format!("i{i:07}")).collect();
+        ids.insert(5, block);
+        ids.insert(11, past);
+        ids.insert(20, String::new());
+        ids.insert(30, "é".to_owned());
+        let mut original = request(&ids.iter().map(String::as_str).collect::<Vec<_>>());
+        original.pool_size = Some(7);
+        original.explain = Some(pb::ExplainOptions {
+            level: pb::ExplainLevel::Reasons as i32,
+            max_dimensions: 3,
+        });
+        let bytes = original.encode_to_vec();
+        for chunk in 1..=FAST_WINDOW + 2 {
+            assert_decodes_like_prost(&bytes, chunk).unwrap();
+        }
+        assert_decodes_like_prost(&bytes, bytes.len()).unwrap();
+        // Cut anywhere: the same error as prost (or the same shorter request).
+        for cut in 0..bytes.len() {
+            assert_decodes_like_prost(&bytes[..cut], bytes.len()).unwrap();
         }
     }
 

@@ -8,7 +8,7 @@
 //! the limit while they compute, and their answers are still stored for a retry.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use api::fairrank::v1 as pb;
 use api::fairrank::v1::rank_batch_result::Outcome;
@@ -83,7 +83,7 @@ impl pb::ranker_server::Ranker for RankerService {
             metrics,
             "RankBatch",
             result.as_ref().err(),
-            started,
+            started.elapsed(),
             "",
             None,
         );
@@ -115,12 +115,19 @@ impl RankerService {
     ) -> Result<WireRankResponse, Status> {
         let user = user_tag(&self.shared, &message);
         let request_id = message.request_id.clone();
-        let result = self
+        let mut result = self
             .rank_one(message, candidate_ids, deadline, started)
             .await;
+        // One clock read for the answer's total and the call's metrics and log.
+        let elapsed = started.elapsed();
         let metrics = &self.shared.metrics;
-        match &result {
-            Ok(response) => metrics.record_answer(response.personalized, response.replayed),
+        match &mut result {
+            Ok(response) => {
+                if let Some(timings) = &mut response.timings {
+                    timings.total_us = micros(elapsed);
+                }
+                metrics.record_answer(response.personalized, response.replayed);
+            }
             Err(_) => {
                 metrics.rank_errors.inc();
             }
@@ -129,7 +136,7 @@ impl RankerService {
             metrics,
             "Rank",
             result.as_ref().err(),
-            started,
+            elapsed,
             &request_id,
             user.as_deref(),
         );
@@ -148,7 +155,7 @@ impl RankerService {
         let digest = shared.replay.digest_rank(&message, &candidate_ids);
         let request_id = message.request_id.clone();
         let native = convert::rank_request(message, candidate_ids, Some(deadline))?;
-        let ticket = match shared.replay.begin(&request_id, digest) {
+        let ticket = match shared.replay.begin(&request_id, digest, started) {
             Begin::Run(ticket) => ticket,
             Begin::Replay(stored) => {
                 return replayed_stored(stored, started).map(WireRankResponse::encode);
@@ -176,19 +183,14 @@ impl RankerService {
                 let _ = sender.send(outcome);
             }),
         );
-        let mut response = match tokio::time::timeout_at(deadline.into(), receiver).await {
-            Ok(Ok(outcome)) => outcome?,
-            Ok(Err(_)) => return Err(errors::internal("the engine lost the request")),
-            Err(_) => {
-                return Err(errors::deadline_exceeded(
-                    "while ranking; a retry with the same request id returns the answer if it completes",
-                ));
-            }
-        };
-        if let Some(timings) = &mut response.timings {
-            timings.total_us = micros_since(started);
+        // The caller sets the answer's `timings.total_us`.
+        match tokio::time::timeout_at(deadline.into(), receiver).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err(errors::internal("the engine lost the request")),
+            Err(_) => Err(errors::deadline_exceeded(
+                "while ranking; a retry with the same request id returns the answer if it completes",
+            )),
         }
-        Ok(response)
     }
 
     async fn rank_many(
@@ -221,7 +223,7 @@ impl RankerService {
                     continue;
                 }
             };
-            let outcome = match shared.replay.begin(&request_id, digest) {
+            let outcome = match shared.replay.begin(&request_id, digest, started) {
                 Begin::Run(ticket) => {
                     positions.push(position);
                     natives.push(native);
@@ -320,7 +322,7 @@ fn respond(metrics: &Metrics, answer: engine::RankResponse, ticket: Ticket) -> p
     let respond_started = Instant::now();
     let timings = answer.timings;
     let response = convert::rank_response(answer);
-    ticket.complete(&response);
+    ticket.complete(&response, respond_started);
     record_stages(metrics, &timings, respond_started);
     response
 }
@@ -335,7 +337,7 @@ fn respond_wire(
     let respond_started = Instant::now();
     let timings = answer.timings;
     let response = WireRankResponse::encode(convert::rank_response(answer));
-    ticket.complete_wire(&response);
+    ticket.complete_wire(&response, respond_started);
     record_stages(metrics, &timings, respond_started);
     response
 }
@@ -451,11 +453,10 @@ fn finish_call(
     metrics: &Metrics,
     method: &'static str,
     error: Option<&Status>,
-    started: Instant,
+    elapsed: Duration,
     request_id: &str,
     user: Option<&str>,
 ) {
-    let elapsed = started.elapsed();
     let code = error.map_or(tonic::Code::Ok, Status::code);
     metrics.record_call(method, code, elapsed);
     let elapsed_us = elapsed.as_micros() as u64;
@@ -486,7 +487,12 @@ fn finish_call(
 }
 
 fn micros_since(started: Instant) -> u64 {
-    u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)
+    micros(started.elapsed())
+}
+
+/// A duration in whole microseconds (saturating).
+fn micros(elapsed: Duration) -> u64 {
+    u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

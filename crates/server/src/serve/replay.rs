@@ -44,6 +44,30 @@ thread_local! {
     static ENCODE_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Appends each id's length (from the ids' end offsets) as a varint.
+///
+/// Every length is first written as one byte, saturated at `0xff` (a tight loop without
+/// branches); if all of them are below `0x80`, those bytes are the one-byte varints. Only
+/// otherwise (some id of 128 bytes or more) are the lengths written again, one varint each.
+fn push_id_lengths(buffer: &mut Vec<u8>, ends: &[usize]) {
+    let lengths_start = buffer.len();
+    let mut start = 0;
+    buffer.extend(ends.iter().map(|&end| {
+        let len = end.wrapping_sub(start);
+        start = end;
+        u8::try_from(len).unwrap_or(u8::MAX)
+    }));
+    if buffer.get(lengths_start..).is_some_and(<[u8]>::is_ascii) {
+        return;
+    }
+    buffer.truncate(lengths_start);
+    let mut start = 0;
+    for &end in ends {
+        prost::encoding::encode_varint((end - start) as u64, &mut *buffer);
+        start = end;
+    }
+}
+
 /// A 128-bit keyed digest of a request's content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Digest(u64, u64);
@@ -152,16 +176,7 @@ impl ReplayStore {
             // Encoding into a Vec cannot run out of space.
             let _ = request.encode(&mut *buffer);
             prost::encoding::encode_varint(candidate_ids.len() as u64, &mut *buffer);
-            let mut start = 0;
-            for &end in candidate_ids.ends() {
-                let len = end - start;
-                // A one-byte varint, written directly, in the common case.
-                match u8::try_from(len) {
-                    Ok(byte) if byte < 0x80 => buffer.push(byte),
-                    _ => prost::encoding::encode_varint(len as u64, &mut *buffer),
-                }
-                start = end;
-            }
+            push_id_lengths(&mut buffer, candidate_ids.ends());
             let mut hasher = SipHasher13::new_128(self.key.0, self.key.1);
             hasher.write(&buffer);
             hasher.write(candidate_ids.text().as_bytes());
@@ -173,12 +188,13 @@ impl ReplayStore {
         })
     }
 
-    /// Looks the id up and, when it is new, reserves it for this request.
-    pub fn begin(self: &Arc<Self>, request_id: &str, digest: Digest) -> Begin {
+    /// Looks the id up and, when it is new, reserves it for this request. `now` is the
+    /// current time (the caller's clock read, e.g. the call's start: answers stored more
+    /// than the window before it have expired).
+    pub fn begin(self: &Arc<Self>, request_id: &str, digest: Digest, now: Instant) -> Begin {
         if !self.enabled() || request_id.is_empty() {
             return Begin::Run(Ticket::detached());
         }
-        let now = Instant::now();
         let mut state = self.lock();
         self.expire(&mut state, now);
         if let Some(entry) = state.entries.get(request_id) {
@@ -249,9 +265,16 @@ impl ReplayStore {
         }
     }
 
-    /// Stores `response` (the encoding without timings) of `bytes` encoded bytes in all.
-    fn complete(&self, request_id: &Arc<str>, digest: Digest, response: Bytes, bytes: usize) {
-        let now = Instant::now();
+    /// Stores `response` (the encoding without timings) of `bytes` encoded bytes in all,
+    /// as stored at `now`.
+    fn complete(
+        &self,
+        request_id: &Arc<str>,
+        digest: Digest,
+        response: Bytes,
+        bytes: usize,
+        now: Instant,
+    ) {
         let mut guard = self.lock();
         let state = &mut *guard;
         let Some(entry) = state.entries.get_mut(&**request_id).filter(
@@ -316,27 +339,28 @@ impl Ticket {
         }
     }
 
-    /// Stores the answer for replay (encoding it).
-    pub fn complete(self, response: &RankResponse) {
+    /// Stores the answer for replay (encoding it), as stored at `now` (the current time).
+    pub fn complete(self, response: &RankResponse, now: Instant) {
         if self.held.is_some() {
             // `timings` is the last field, so the encoding without it is a prefix.
             let mut body = response.encode_to_vec();
             let size = body.len();
             body.truncate(size - timings_len(response.timings.as_ref()));
-            self.store_encoded(Bytes::from(body), size);
+            self.store_encoded(Bytes::from(body), size, now);
         }
     }
 
-    /// Stores the encoded answer for replay (shares its buffer, copies nothing).
-    pub fn complete_wire(self, response: &WireRankResponse) {
+    /// Stores the encoded answer for replay (shares its buffer, copies nothing), as stored
+    /// at `now` (the current time).
+    pub fn complete_wire(self, response: &WireRankResponse, now: Instant) {
         if self.held.is_some() {
-            self.store_encoded(response.body().clone(), response.encoded_len());
+            self.store_encoded(response.body().clone(), response.encoded_len(), now);
         }
     }
 
-    fn store_encoded(mut self, body: Bytes, size: usize) {
+    fn store_encoded(mut self, body: Bytes, size: usize, now: Instant) {
         if let Some((store, request_id)) = self.held.take() {
-            store.complete(&request_id, self.digest, body, size);
+            store.complete(&request_id, self.digest, body, size, now);
         }
     }
 }
@@ -421,6 +445,30 @@ mod tests {
         Digest(first, second)
     }
 
+    #[test]
+    fn id_lengths_around_the_one_byte_varint_limit_digest_as_documented() {
+        let store = ReplayStore::new(Duration::from_secs(60), 10, 1 << 20);
+        let message = request("r-1", 5);
+        // One-byte lengths saturate at 0xff before the check, so lengths of 255, 256 and
+        // more (and 128: the first two-byte varint) must take the varint path.
+        for lengths in [
+            vec![0, 1, 127],
+            vec![128],
+            vec![8, 127, 128, 8],
+            vec![255, 8],
+            vec![8, 256],
+            vec![300, 0, 16_384],
+        ] {
+            let ids: Vec<String> = lengths.iter().map(|&len| "x".repeat(len)).collect();
+            let candidates: CandidateIds = ids.iter().collect();
+            assert_eq!(
+                store.digest_rank(&message, &candidates),
+                oracle_digest(&store, &message, &ids),
+                "{lengths:?}"
+            );
+        }
+    }
+
     proptest::proptest! {
         #[test]
         fn digests_are_keyed_siphash_of_the_documented_bytes(
@@ -462,7 +510,7 @@ mod tests {
     }
 
     fn run(store: &Arc<ReplayStore>, id: &str, digest: Digest) -> Ticket {
-        match store.begin(id, digest) {
+        match store.begin(id, digest, Instant::now()) {
             Begin::Run(ticket) => ticket,
             other => panic!("{id}: expected to run, got {other:?}"),
         }
@@ -477,17 +525,26 @@ mod tests {
         assert_ne!(digest, other);
 
         let ticket = run(&store, "r-1", digest);
-        assert!(matches!(store.begin("r-1", digest), Begin::InProgress));
-        assert!(matches!(store.begin("r-1", other), Begin::Reused));
-        ticket.complete(&answer("r-1", 3));
+        assert!(matches!(
+            store.begin("r-1", digest, Instant::now()),
+            Begin::InProgress
+        ));
+        assert!(matches!(
+            store.begin("r-1", other, Instant::now()),
+            Begin::Reused
+        ));
+        ticket.complete(&answer("r-1", 3), Instant::now());
 
-        match store.begin("r-1", digest) {
+        match store.begin("r-1", digest, Instant::now()) {
             Begin::Replay(response) => {
                 assert_eq!(RankResponse::decode(response).unwrap(), answer("r-1", 3))
             }
             other => panic!("expected a replay, got {other:?}"),
         }
-        assert!(matches!(store.begin("r-1", other), Begin::Reused));
+        assert!(matches!(
+            store.begin("r-1", other, Instant::now()),
+            Begin::Reused
+        ));
     }
 
     #[test]
@@ -496,7 +553,7 @@ mod tests {
         let digest = store.digest(&request("r-2", 5));
         drop(run(&store, "r-2", digest));
         let ticket = run(&store, "r-2", digest);
-        ticket.complete(&answer("r-2", 1));
+        ticket.complete(&answer("r-2", 1), Instant::now());
         assert_eq!(store.stored(), 1);
     }
 
@@ -504,7 +561,7 @@ mod tests {
     fn answers_expire_after_the_window() {
         let store = ReplayStore::new(Duration::from_millis(1), 10, 1 << 20);
         let digest = store.digest(&request("r-3", 5));
-        run(&store, "r-3", digest).complete(&answer("r-3", 1));
+        run(&store, "r-3", digest).complete(&answer("r-3", 1), Instant::now());
         std::thread::sleep(Duration::from_millis(5));
         // Expired: the id runs again.
         let ticket = run(&store, "r-3", digest);
@@ -518,12 +575,12 @@ mod tests {
         let ids: Vec<String> = (0..5).map(|i| format!("r-{i}")).collect();
         for id in &ids {
             let digest = store.digest(&request(id, 1));
-            run(&store, id, digest).complete(&answer(id, 1));
+            run(&store, id, digest).complete(&answer(id, 1), Instant::now());
         }
         assert_eq!(store.stored(), 3);
         for (position, id) in ids.iter().enumerate() {
             let digest = store.digest(&request(id, 1));
-            let replayed = matches!(store.begin(id, digest), Begin::Replay(_));
+            let replayed = matches!(store.begin(id, digest, Instant::now()), Begin::Replay(_));
             assert_eq!(replayed, position >= 2, "{id}");
         }
 
@@ -531,25 +588,31 @@ mod tests {
         let store = ReplayStore::new(Duration::from_secs(60), 100, 2 * one + one / 2);
         for id in ["b-0", "b-1", "b-2"] {
             let digest = store.digest(&request(id, 1));
-            run(&store, id, digest).complete(&answer(id, 10));
+            run(&store, id, digest).complete(&answer(id, 10), Instant::now());
         }
         assert_eq!(store.stored(), 2);
         let digest = store.digest(&request("b-0", 1));
-        assert!(matches!(store.begin("b-0", digest), Begin::Run(_)));
+        assert!(matches!(
+            store.begin("b-0", digest, Instant::now()),
+            Begin::Run(_)
+        ));
 
         // Larger than the whole budget: not kept at all.
         let store = ReplayStore::new(Duration::from_secs(60), 100, one / 2);
         let digest = store.digest(&request("big", 1));
-        run(&store, "big", digest).complete(&answer("big", 10));
+        run(&store, "big", digest).complete(&answer("big", 10), Instant::now());
         assert_eq!(store.stored(), 0);
-        assert!(matches!(store.begin("big", digest), Begin::Run(_)));
+        assert!(matches!(
+            store.begin("big", digest, Instant::now()),
+            Begin::Run(_)
+        ));
     }
 
     #[test]
     fn a_disabled_store_runs_everything() {
         let store = ReplayStore::new(Duration::from_secs(60), 0, 1 << 20);
         let digest = store.digest(&request("r", 1));
-        run(&store, "r", digest).complete(&answer("r", 1));
+        run(&store, "r", digest).complete(&answer("r", 1), Instant::now());
         let _first = run(&store, "r", digest);
         let _second = run(&store, "r", digest);
     }
