@@ -35,14 +35,24 @@ impl CandidateIds {
     /// order), or `None` if `ends` decreases, goes past `text` or stops short of its end,
     /// or cuts a character in two.
     pub fn from_parts(text: String, ends: Vec<usize>) -> Option<CandidateIds> {
-        let mut start = 0;
-        for &end in &ends {
-            if end < start || !text.is_char_boundary(end) {
-                return None;
-            }
-            start = end;
-        }
-        (start == text.len()).then_some(CandidateIds { text, ends })
+        // Passes without early exits (lists are valid but for bugs). An end below the one
+        // before flags the list; ends past the text are caught by the last end, which must
+        // be the text's length. Every offset into ASCII text (the common case) is a
+        // character boundary; in other text an end on a UTF-8 continuation byte
+        // (`0x80..=0xBF`; the text's end reads as 0) flags the list too.
+        let bytes = text.as_bytes();
+        let decreasing = ends
+            .iter()
+            .zip(ends.iter().skip(1))
+            .fold(false, |wrong, (&previous, &end)| wrong | (end < previous));
+        let inside_characters = !bytes.is_ascii()
+            && ends.iter().fold(false, |wrong, &end| {
+                let byte_at_end = bytes.get(end).copied().unwrap_or(0);
+                wrong | ((byte_at_end as i8) < -0x40)
+            });
+        let last = ends.last().copied().unwrap_or(0);
+        (!decreasing && !inside_characters && last == text.len())
+            .then_some(CandidateIds { text, ends })
     }
 
     /// Appends an id.
@@ -184,6 +194,7 @@ impl fmt::Debug for CandidateIds {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn ids_come_back_in_order_with_empty_ones() {
@@ -211,6 +222,58 @@ mod tests {
         assert_eq!(ids, owned.iter().collect::<CandidateIds>());
         assert_eq!(format!("{ids:?}"), format!("{owned:?}"));
         assert!(CandidateIds::new().is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn parts_are_accepted_exactly_when_they_cut_at_increasing_character_boundaries(
+            text in "[aé€\u{10348}]{0,12}",
+            picks in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+            tweak in prop::option::of((any::<prop::sample::Index>(), 0..50_usize)),
+        ) {
+            // Valid ends (increasing character boundaries, the last at the text's end), then
+            // maybe one end moved anywhere (inside a character, backwards, past the end).
+            let boundaries: Vec<usize> =
+                text.char_indices().map(|(index, _)| index).chain([text.len()]).collect();
+            let mut ends: Vec<usize> = picks.iter().map(|pick| *pick.get(&boundaries)).collect();
+            ends.sort_unstable();
+            ends.push(text.len());
+            if let Some((which, value)) = tweak {
+                let which = which.index(ends.len());
+                ends[which] = value;
+            }
+            // The oracle: `str::is_char_boundary` (false past the end), checked end by end.
+            let mut start = 0;
+            let mut valid = true;
+            for &end in &ends {
+                valid &= end >= start && text.is_char_boundary(end);
+                start = end;
+            }
+            valid &= start == text.len();
+            let parts = CandidateIds::from_parts(text.clone(), ends.clone());
+            prop_assert_eq!(parts.is_some(), valid);
+            if let Some(ids) = parts {
+                let mut start = 0;
+                let expected: Vec<String> = ends
+                    .iter()
+                    .map(|&end| {
+                        let id = text[start..end].to_owned();
+                        start = end;
+                        id
+                    })
+                    .collect();
+                prop_assert_eq!(ids.to_vec(), expected);
+            }
+        }
+
+        #[test]
+        fn ids_pushed_whole_always_cut_back_into_the_same_ids(
+            ids in prop::collection::vec("[a-z0-9é€]{0,5}", 0..20),
+        ) {
+            let list: CandidateIds = ids.iter().collect();
+            let parts = CandidateIds::from_parts(list.text().to_owned(), list.ends().to_vec());
+            prop_assert_eq!(parts.map(|parts| parts.to_vec()), Some(ids));
+        }
     }
 
     #[test]

@@ -344,9 +344,11 @@ thread_local! {
     static CANDIDATE_SCRATCH: RefCell<CandidateScratch> = RefCell::new(CandidateScratch::new());
 }
 
-/// Reusable buffers of candidate resolution: the id lookups and the set of rows seen.
+/// Reusable buffers of candidate resolution: the id lookups and the rows seen (a bitmap
+/// over the table's rows, or a hash set for tables too large for one).
 struct CandidateScratch {
     lookups: Vec<Option<u32>>,
+    seen_bits: RowBitmap,
     seen: RowSet,
 }
 
@@ -354,6 +356,7 @@ impl CandidateScratch {
     fn new() -> CandidateScratch {
         CandidateScratch {
             lookups: Vec::new(),
+            seen_bits: RowBitmap::new(),
             seen: RowSet::new(),
         }
     }
@@ -361,6 +364,10 @@ impl CandidateScratch {
 
 /// Largest scratch (lookups, or row-set slots) a thread keeps between requests.
 const MAX_KEPT_SCRATCH: usize = 1 << 20;
+
+/// Largest item table whose duplicate rows are found with a per-thread [`RowBitmap`]
+/// (4 MiB per thread at most); larger tables use the hash [`RowSet`].
+const MAX_BITMAP_ROWS: usize = 1 << 25;
 
 fn resolve_candidates(
     ids: &CandidateIds,
@@ -381,24 +388,30 @@ fn resolve_candidates(
         ),
         None => items.index_of_many_prefetch_rows(ids.iter_bytes(), lookups),
     }
-    // Each row has one id, so a repeated known id is a repeated row: one pass over a small
-    // hash set of rows, in request order, finds every occurrence after an id's first.
-    let seen = &mut scratch.seen;
-    seen.clear_for(ids.len());
-    let mut rows = Vec::with_capacity(ids.len());
-    let mut duplicates = Vec::new();
-    let mut unknown = Vec::new();
-    for (position, lookup) in lookups.iter().enumerate() {
-        match *lookup {
-            Some(row) if seen.insert(row) => rows.push(row),
-            Some(_) => duplicates.push(position),
-            None => unknown.push(position),
-        }
-    }
+    // Each row has one id, so a repeated known id is a repeated row: one pass over the rows
+    // seen, in request order, finds every occurrence after an id's first.
+    let split = if items.len() <= MAX_BITMAP_ROWS {
+        let seen = &mut scratch.seen_bits;
+        seen.reserve_rows(items.len());
+        let split = split_lookups(lookups, |row| seen.insert(row));
+        // Every row set is a first occurrence: clearing those leaves the bitmap empty.
+        seen.clear_rows(&split.rows);
+        split
+    } else {
+        let seen = &mut scratch.seen;
+        seen.clear_for(ids.len());
+        let split = split_lookups(lookups, |row| seen.insert(row));
+        seen.shrink_if_above(MAX_KEPT_SCRATCH);
+        split
+    };
     if lookups.capacity() > MAX_KEPT_SCRATCH {
         *lookups = Vec::new();
     }
-    seen.shrink_if_above(MAX_KEPT_SCRATCH);
+    let SplitLookups {
+        rows,
+        mut duplicates,
+        unknown,
+    } = split;
 
     if unknown.len() > 1 {
         let mut by_id = unknown.clone();
@@ -438,6 +451,111 @@ fn resolve_candidates(
         .filter_map(|&position| ids.get(position).map(str::to_owned))
         .collect();
     Ok(Candidates { rows, skipped })
+}
+
+/// The lookups of one request split by position: the rows of known ids met first, in
+/// request order, and the positions of repeated known ids and of unknown ids, ascending.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct SplitLookups {
+    rows: Vec<u32>,
+    duplicates: Vec<usize>,
+    unknown: Vec<usize>,
+}
+
+/// Splits `lookups` with `insert_row` (true if the row was not seen before in this request;
+/// called once per known id, in request order).
+fn split_lookups(lookups: &[Option<u32>], mut insert_row: impl FnMut(u32) -> bool) -> SplitLookups {
+    // Each known row is written at the next free place and kept by advancing past it only
+    // when new: no capacity check and no branch on the (rarely false) answer per id.
+    let mut rows = vec![0; lookups.len()];
+    let mut kept = 0;
+    let mut duplicates = Vec::new();
+    let mut unknown = Vec::new();
+    for (position, lookup) in lookups.iter().enumerate() {
+        match *lookup {
+            Some(row) => {
+                let fresh = insert_row(row);
+                // `kept <= position < rows.len()`: the slot always exists.
+                if let Some(slot) = rows.get_mut(kept) {
+                    *slot = row;
+                }
+                kept += usize::from(fresh);
+                if !fresh {
+                    duplicates.push(position);
+                }
+            }
+            None => unknown.push(position),
+        }
+    }
+    rows.truncate(kept);
+    SplitLookups {
+        rows,
+        duplicates,
+        unknown,
+    }
+}
+
+/// A set of row indices for duplicate detection over a table of known size: one bit per
+/// row, empty between requests. Inserting is one load and one store; the request clears
+/// the bits it set by walking the rows it inserted ([`RowBitmap::clear_rows`]), so neither
+/// a request's cost nor its cache footprint grows with the table beyond the words it
+/// touches.
+#[derive(Debug, Default)]
+struct RowBitmap {
+    words: Vec<u64>,
+}
+
+impl RowBitmap {
+    fn new() -> RowBitmap {
+        RowBitmap::default()
+    }
+
+    /// Makes room for rows below `rows` (zeroed words: the set stays empty).
+    fn reserve_rows(&mut self, rows: usize) {
+        let words = rows.div_ceil(64);
+        if self.words.len() < words {
+            self.words.resize(words, 0);
+        }
+    }
+
+    /// Inserts `row`; false if it was already in the set. Grows for a row past the reserved
+    /// ones (never for the rows of the table the set was reserved for).
+    #[inline]
+    fn insert(&mut self, row: u32) -> bool {
+        let bit = 1u64 << (row % 64);
+        match self.words.get_mut((row / 64) as usize) {
+            Some(word) => {
+                let fresh = *word & bit == 0;
+                *word |= bit;
+                fresh
+            }
+            None => self.insert_past_reserved(row),
+        }
+    }
+
+    /// [`RowBitmap::insert`] of a row past the words reserved: grows to hold it.
+    #[cold]
+    #[inline(never)]
+    fn insert_past_reserved(&mut self, row: u32) -> bool {
+        self.words.resize((row / 64) as usize + 1, 0);
+        self.insert(row)
+    }
+
+    /// Empties the set, given every row inserted since it was last empty (in any order;
+    /// other rows of the same words may be listed too).
+    fn clear_rows(&mut self, rows: &[u32]) {
+        for &row in rows {
+            if let Some(word) = self.words.get_mut((row / 64) as usize) {
+                *word = 0;
+            }
+        }
+    }
+
+    /// Whether no row is in the set (tests).
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.words.iter().all(|&word| word == 0)
+    }
 }
 
 /// A set of row indices for duplicate detection: open addressing with linear probing over
@@ -524,6 +642,7 @@ fn list_ids(ids: &CandidateIds, positions: &[usize]) -> String {
 mod tests {
     use super::*;
     use crate::request::ExplainLevel;
+    use proptest::prelude::*;
 
     #[test]
     fn request_ids_follow_the_proto_rules() {
@@ -627,6 +746,198 @@ mod tests {
         // Reused with a smaller size, it starts empty.
         set.clear_for(2);
         assert!(set.insert(5) && set.insert(6) && !set.insert(5));
+    }
+
+    /// Splits `lookups` the simple way: a row met before (in a `HashSet`) is a duplicate.
+    fn split_oracle(lookups: &[Option<u32>]) -> SplitLookups {
+        let mut seen = std::collections::HashSet::new();
+        let mut split = SplitLookups::default();
+        for (position, lookup) in lookups.iter().enumerate() {
+            match lookup {
+                Some(row) if seen.insert(*row) => split.rows.push(*row),
+                Some(_) => split.duplicates.push(position),
+                None => split.unknown.push(position),
+            }
+        }
+        split
+    }
+
+    /// Lookups over `rows` rows: repeats at any positions, unknowns (`None`) among them.
+    fn lookups_strategy(rows: u32) -> impl Strategy<Value = Vec<Option<u32>>> {
+        prop::collection::vec(
+            prop_oneof![
+                4 => (0..rows).prop_map(Some),
+                1 => Just(None),
+            ],
+            0..300,
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn the_row_bitmap_is_a_set_that_clears_to_empty(
+            // Several requests in a row on one bitmap; rows up to 3 words past the reserved
+            // ones (the bitmap grows for them).
+            requests in prop::collection::vec(
+                (0..400_usize, prop::collection::vec(0..(400_u32 + 192), 0..200)),
+                1..5,
+            ),
+        ) {
+            let mut bitmap = RowBitmap::new();
+            for (reserved, rows) in requests {
+                bitmap.reserve_rows(reserved);
+                let mut reference = std::collections::HashSet::new();
+                let mut inserted = Vec::new();
+                for row in rows {
+                    let fresh = bitmap.insert(row);
+                    prop_assert_eq!(fresh, reference.insert(row), "row {}", row);
+                    if fresh {
+                        inserted.push(row);
+                    }
+                }
+                bitmap.clear_rows(&inserted);
+                prop_assert!(bitmap.is_empty());
+            }
+        }
+
+        #[test]
+        fn lookups_split_like_the_oracle_with_either_row_set(
+            requests in prop::collection::vec(lookups_strategy(700), 1..4),
+        ) {
+            // One bitmap and one hash set reused across requests, as the per-thread scratch.
+            let mut bitmap = RowBitmap::new();
+            let mut hashed = RowSet::new();
+            for lookups in requests {
+                let expected = split_oracle(&lookups);
+                bitmap.reserve_rows(700);
+                let by_bitmap = split_lookups(&lookups, |row| bitmap.insert(row));
+                bitmap.clear_rows(&by_bitmap.rows);
+                prop_assert!(bitmap.is_empty());
+                hashed.clear_for(lookups.len());
+                let by_hash = split_lookups(&lookups, |row| hashed.insert(row));
+                prop_assert_eq!(&by_bitmap, &expected);
+                prop_assert_eq!(&by_hash, &expected);
+            }
+        }
+    }
+
+    /// Resolution of candidate ids, the simple way: positions by id string (first
+    /// occurrence known or not), the messages spelled out.
+    fn resolve_oracle(
+        ids: &[String],
+        skip_unknown: bool,
+        rows_of: &std::collections::HashMap<String, u32>,
+    ) -> Result<Candidates, EngineError> {
+        let listed = |positions: &[usize]| {
+            let mut parts: Vec<String> = positions
+                .iter()
+                .take(5)
+                .map(|&position| format!("{:?} at position {position}", ids[position]))
+                .collect();
+            if positions.len() > 5 {
+                parts.push(format!("and {} more", positions.len() - 5));
+            }
+            parts.join(", ")
+        };
+        let mut first_seen = std::collections::HashSet::new();
+        let (mut rows, mut duplicates, mut unknown) = (Vec::new(), Vec::new(), Vec::new());
+        for (position, id) in ids.iter().enumerate() {
+            let first = first_seen.insert(id.as_str());
+            match rows_of.get(id) {
+                None => unknown.push(position),
+                Some(&row) if first => rows.push(row),
+                Some(_) => {}
+            }
+            if !first {
+                duplicates.push(position);
+            }
+        }
+        if !duplicates.is_empty() {
+            let count = duplicates.len();
+            return Err(EngineError::invalid(
+                "candidate_ids",
+                format!(
+                    "{count} duplicate {} ({}); each id may appear once",
+                    if count == 1 { "entry" } else { "entries" },
+                    listed(&duplicates)
+                ),
+            ));
+        }
+        if !unknown.is_empty() && !skip_unknown {
+            let count = unknown.len();
+            return Err(EngineError::NotFound {
+                field: "candidate_ids".to_owned(),
+                reason: NotFoundReason::Item,
+                message: format!(
+                    "{count} {} not in the item table: {}",
+                    if count == 1 { "id is" } else { "ids are" },
+                    listed(&unknown)
+                ),
+            });
+        }
+        Ok(Candidates {
+            rows,
+            skipped: unknown
+                .iter()
+                .map(|&position| ids[position].clone())
+                .collect(),
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn candidates_resolve_like_the_oracle(
+            // Known ids (`item-000`..`item-239`) and unknown ones (`ghost-0`..`ghost-9`),
+            // repeated at any positions; the tables's rows in a scrambled order.
+            picks in prop::collection::vec(
+                prop_oneof![
+                    6 => (0..240_usize).prop_map(|row| format!("item-{row:03}")),
+                    1 => (0..10_usize).prop_map(|n| format!("ghost-{n}")),
+                ],
+                0..120,
+            ),
+            skip_unknown in any::<bool>(),
+        ) {
+            let (items, rows_of) = candidate_table();
+            let ids: CandidateIds = picks.iter().collect();
+            let expected = resolve_oracle(&picks, skip_unknown, rows_of);
+            prop_assert_eq!(candidates(&ids, skip_unknown, items, None, 10_000), expected.clone());
+            // Again on the same thread: the scratch left by the first call is clean.
+            prop_assert_eq!(candidates(&ids, skip_unknown, items, None, 10_000), expected);
+        }
+    }
+
+    /// A 240-row item table (ids `item-000`.., stored in a scrambled row order) and its rows by
+    /// id, built once per test binary.
+    fn candidate_table() -> (
+        &'static Table,
+        &'static std::collections::HashMap<String, u32>,
+    ) {
+        use std::sync::OnceLock;
+        static TABLE: OnceLock<(
+            Table,
+            std::collections::HashMap<String, u32>,
+            tempfile::TempDir,
+        )> = OnceLock::new();
+        let (table, rows_of, _dir) = TABLE.get_or_init(|| {
+            let mut data = crate::tests::util::items_data(3, 240, false);
+            data.ids = (0..240)
+                .map(|row| format!("item-{:03}", row * 7 % 240))
+                .collect();
+            let dir = tempfile::tempdir().expect("temporary directory");
+            let path = crate::tests::util::write(dir.path(), "items.frt", &data);
+            let table = Table::open(&path).expect("table opens");
+            let rows_of = data
+                .ids
+                .iter()
+                .enumerate()
+                .map(|(row, id)| (id.clone(), row as u32))
+                .collect();
+            (table, rows_of, dir)
+        });
+        (table, rows_of)
     }
 
     #[test]
