@@ -336,7 +336,8 @@ pub(crate) trait LookupHints {
 #[derive(Clone, Copy)]
 struct Group<'k> {
     len: usize,
-    /// Whether a key is longer than 8 bytes (else stages 3 and 4 only copy `likely` out).
+    /// Whether any key is longer than 8 bytes (if not, stage 3 has nothing to do and stage 4
+    /// only copies `likely` out).
     has_long_keys: bool,
     keys: [&'k [u8]; LOOKUP_GROUP],
     slot_keys: [SlotKey; LOOKUP_GROUP],
