@@ -24,7 +24,8 @@
 //! table (512 MB: rows come from DRAM). Each iteration takes the next of 64 lists of 1000
 //! distinct random ids, so consecutive iterations do not find the previous list's rows and
 //! id slots in L1/L2. `FAIRRANK_BENCH_CANDIDATES_LARGE=0` skips the 1M table (written once to
-//! the system temporary directory, removed afterwards).
+//! the system temporary directory, removed afterwards). `FAIRRANK_BENCH_CANDIDATES_REPORT=0` skips
+//! the rescoring report (for runs under valgrind, where it takes minutes).
 //!
 //! Times are the benchmark thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`), not wall time: on
 //! this shared 2-core machine a wall clock also counts the time other processes hold the
@@ -243,7 +244,10 @@ fn bench_table(
         Some(users) => (0..users.len()).map(|u| users.row(u).to_vec()).collect(),
         None => vec![query.clone()],
     };
-    report_rescored(label, table, &quantized, &queries, &resolved);
+    // `FAIRRANK_BENCH_CANDIDATES_REPORT=0` skips the report (minutes under valgrind).
+    if std::env::var("FAIRRANK_BENCH_CANDIDATES_REPORT").as_deref() != Ok("0") {
+        report_rescored(label, table, &quantized, &queries, &resolved);
+    }
 
     let mut group = c.benchmark_group(format!("candidates/{label}"));
     group.throughput(Throughput::Elements(CANDIDATES as u64));
