@@ -31,6 +31,12 @@
 //!    [`crate::candidates_topk`] gives it, and the best `k` of them under the same ranking
 //!    order (score descending, ties by row index) are returned: the same list, item for item.
 //!
+//! The dot products `P` are exact integers, so how they are computed does not change any
+//! bound: on CPUs with AVX-512BW, strides of 64 and 128 codes (dimensions 33 to 128) use a
+//! path that widens 32 codes per instruction and sums eight rows' lanes with one shuffle
+//! tree (`x86`, detected at run time); every other case uses the portable `wide` path. The
+//! tests check both paths against each other and against a plain integer sum.
+//!
 //! There is no cap: on data where the bound prunes nothing every candidate is rescored (only
 //! slower). When an input lies outside the proven range (a non-finite value in the table, a
 //! zero or tiny query, sums that could approach overflow, `k` covering every candidate) the
@@ -320,7 +326,7 @@ impl QuantizedRows {
 /// A query quantized for [`QuantizedRows`], with the error bound's constants.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct QuantizedQuery {
-    /// The `i16` codes in 16-lane chunks, the last zero-padded.
+    /// The `i16` codes in 16-lane chunks, zero-padded to the row stride.
     lanes: Vec<i16x16>,
     /// The step `t`: `q_i ≈ t q̃_i`.
     step: f32,
@@ -332,9 +338,10 @@ pub(crate) struct QuantizedQuery {
 
 impl QuantizedQuery {
     /// Quantizes `query` (finite, checked by the caller) for a table whose largest magnitude
-    /// is `table_max_abs`. False when the inputs fall outside the proven range: then the
-    /// exact kernel must run alone.
-    fn prepare(&mut self, query: &[f32], table_max_abs: f32) -> bool {
+    /// is `table_max_abs` and whose rows are `stride` codes apart (the lanes are zero-padded
+    /// to cover a whole stride). False when the inputs fall outside the proven range: then
+    /// the exact kernel must run alone.
+    fn prepare(&mut self, query: &[f32], table_max_abs: f32, stride: usize) -> bool {
         let dim = query.len();
         if dim == 0 || dim > MAX_DIM {
             return false;
@@ -369,6 +376,9 @@ impl QuantizedQuery {
             }
             self.lanes.push(i16x16::new(codes));
         }
+        // Zero codes times zero padding: the dot products do not change.
+        self.lanes
+            .resize(stride.div_ceil(CHUNK).max(self.lanes.len()), i16x16::ZERO);
         let unit = 2f64.powi(-24);
         let operations = dim as f64 + 38.0;
         let gamma = operations * unit / (1.0 - operations * unit);
@@ -433,26 +443,45 @@ fn sum_lanes_x8(sums: [i32x8; ROW_BLOCK]) -> i32x8 {
     ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]))
 }
 
-/// Lower and upper bounds on the exact scores of eight rows.
+/// The exact code dot products `P` of eight rows with the query (the portable path: any
+/// stride, `wide` vectors).
+#[inline(always)]
+fn portable_dots8(rows: &QuantizedRows, query: &QuantizedQuery, block: &[u32; ROW_BLOCK]) -> i32x8 {
+    let lanes = query.lanes.as_slice();
+    let dot = |lane: usize| code_dot(rows.codes(block[lane] as usize), lanes);
+    sum_lanes_x8([
+        dot(0),
+        dot(1),
+        dot(2),
+        dot(3),
+        dot(4),
+        dot(5),
+        dot(6),
+        dot(7),
+    ])
+}
+
+/// Lower and upper bounds on the exact scores of eight rows whose code dot products with
+/// the query are `dots` (the same operations as [`bounds1`], lane by lane).
 #[inline(always)]
 fn bounds8(
     rows: &QuantizedRows,
     query: &QuantizedQuery,
     block: &[u32; ROW_BLOCK],
+    dots: i32x8,
 ) -> (f32x8, f32x8) {
-    let lanes = query.lanes.as_slice();
-    let [r0, r1, r2, r3, r4, r5, r6, r7] = block.map(|row| rows.codes(row as usize));
-    let dots = sum_lanes_x8([
-        code_dot(r0, lanes),
-        code_dot(r1, lanes),
-        code_dot(r2, lanes),
-        code_dot(r3, lanes),
-        code_dot(r4, lanes),
-        code_dot(r5, lanes),
-        code_dot(r6, lanes),
-        code_dot(r7, lanes),
+    // Spelled out: `block.map` is not always inlined, and a call spills every vector.
+    let scale = |lane: usize| rows.scales[block[lane] as usize];
+    let scales = f32x8::new([
+        scale(0),
+        scale(1),
+        scale(2),
+        scale(3),
+        scale(4),
+        scale(5),
+        scale(6),
+        scale(7),
     ]);
-    let scales = f32x8::new(block.map(|row| rows.scales[row as usize]));
     let approx = f32x8::from_i32x8(dots) * f32x8::splat(query.step);
     let width = f32x8::splat(query.width);
     let floor = f32x8::splat(query.floor);
@@ -474,6 +503,335 @@ fn bounds1(rows: &QuantizedRows, query: &QuantizedQuery, row: u32) -> (f32, f32)
     let lower = scale * (approx - query.width) - query.floor;
     let upper = scale * (approx + query.width) + query.floor;
     (lower, upper)
+}
+
+/// The running state of the int8 pass: the kept lower bounds, the open candidates and the
+/// threshold (step 3 of the module docs).
+struct Pruner<'s> {
+    lowers: &'s mut Vec<f32>,
+    open: &'s mut Vec<OpenCandidate>,
+    /// The k-th largest lower bound so far, once `k` are known (`-inf` before).
+    threshold: f32,
+    k: usize,
+    /// Kept lower bounds at which they are cut back to `k`.
+    capacity: usize,
+}
+
+impl<'s> Pruner<'s> {
+    fn new(
+        lowers: &'s mut Vec<f32>,
+        open: &'s mut Vec<OpenCandidate>,
+        k: usize,
+        candidates: usize,
+    ) -> Self {
+        lowers.clear();
+        open.clear();
+        Pruner {
+            lowers,
+            open,
+            threshold: f32::NEG_INFINITY,
+            k,
+            capacity: 2 * k.max((candidates / 32).clamp(32, 2048)),
+        }
+    }
+
+    /// Records a candidate whose upper bound reached the threshold.
+    #[inline(always)]
+    fn offer(&mut self, row: u32, lower: f32, upper: f32) {
+        self.open.push(OpenCandidate { row, upper });
+        if may_enter(lower, self.threshold) {
+            self.lowers.push(lower);
+            if self.lowers.len() >= self.capacity {
+                self.threshold = cut_lowers(self.lowers, self.k);
+            }
+        }
+    }
+
+    /// Offers the lanes of a block whose upper bound reached the threshold.
+    #[inline(always)]
+    fn offer_block(&mut self, block: &[u32; ROW_BLOCK], lower: f32x8, upper: f32x8) {
+        // Lower bounds never exceed upper ones: a lane below the threshold is done.
+        let mut reached = !upper.simd_lt(f32x8::splat(self.threshold)).to_bitmask() & 0xFF;
+        if reached != 0 {
+            let (lower, upper) = (lower.to_array(), upper.to_array());
+            while reached != 0 {
+                let lane = reached.trailing_zeros() as usize;
+                self.offer(block[lane], lower[lane], upper[lane]);
+                reached &= reached - 1;
+            }
+        }
+    }
+}
+
+/// Bounds every candidate (eight at a time, the code dot products from `dots8`) and offers
+/// those not ruled out to `pruner`; `codes(row)` is row `row`'s codes (what is prefetched).
+#[inline(always)]
+fn scan<'q, T: 'q>(
+    quantized: &QuantizedRows,
+    query: &QuantizedQuery,
+    candidates: &[u32],
+    pruner: &mut Pruner<'_>,
+    codes: impl Fn(usize) -> &'q [T] + Copy,
+    dots8: impl Fn(&[u32; ROW_BLOCK]) -> i32x8,
+) {
+    let (blocks, rest) = candidates.as_chunks::<ROW_BLOCK>();
+    for group in 0..PREFETCH_BLOCKS {
+        prefetch_group(blocks, rest, group, codes);
+    }
+    for (b, block) in blocks.iter().enumerate() {
+        prefetch_group(blocks, rest, b + PREFETCH_BLOCKS, codes);
+        let (lower, upper) = bounds8(quantized, query, block, dots8(block));
+        pruner.offer_block(block, lower, upper);
+    }
+    for &row in rest {
+        let (lower, upper) = bounds1(quantized, query, row);
+        if may_enter(upper, pruner.threshold) {
+            pruner.offer(row, lower, upper);
+        }
+    }
+}
+
+/// How the int8 pass computes code dot products (all paths give the same exact integers).
+#[derive(Debug, Clone, Copy)]
+enum DotsPath {
+    /// `wide` vectors, any stride.
+    Portable,
+    /// AVX-512BW, for strides of 64 and 128 codes (dimensions 33 to 128).
+    #[cfg(target_arch = "x86_64")]
+    Avx512(x86::Avx512Support),
+}
+
+impl DotsPath {
+    /// The fastest path this CPU runs.
+    fn detect() -> DotsPath {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(support) = x86::Avx512Support::detect() {
+            return DotsPath::Avx512(support);
+        }
+        DotsPath::Portable
+    }
+}
+
+/// [`scan`] with the dot products of `path` (the portable one for strides AVX-512 does not
+/// cover).
+fn prune(
+    quantized: &QuantizedRows,
+    query: &QuantizedQuery,
+    candidates: &[u32],
+    pruner: &mut Pruner<'_>,
+    path: DotsPath,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if let DotsPath::Avx512(support) = path {
+        match quantized.stride {
+            64 => return x86::scan::<2>(support, quantized, query, candidates, pruner),
+            128 => return x86::scan::<4>(support, quantized, query, candidates, pruner),
+            _ => {}
+        }
+    }
+    let _ = path;
+    scan(
+        quantized,
+        query,
+        candidates,
+        pruner,
+        |row| quantized.codes(row),
+        |block| portable_dots8(quantized, query, block),
+    );
+}
+
+/// The AVX-512 code dot products: per row, 32 codes at a time sign-extended to `i16`
+/// (`vpmovsxbw`) and multiplied into `i32` pairs (`vpmaddwd`), exact like the portable path.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::{
+        __m256i, __m512i, _MM_PERM_BADC, _mm256_loadu_si256, _mm512_add_epi32,
+        _mm512_castsi512_si256, _mm512_cvtepi8_epi16, _mm512_loadu_si512, _mm512_madd_epi16,
+        _mm512_permutexvar_epi32, _mm512_setr_epi32, _mm512_setzero_si512, _mm512_shuffle_epi32,
+        _mm512_shuffle_i64x2, _mm512_unpackhi_epi32, _mm512_unpacklo_epi32,
+    };
+
+    use wide::i32x8;
+
+    use super::{Pruner, QuantizedQuery, QuantizedRows, ROW_BLOCK};
+
+    /// Codes per `vpmovsxbw` (a 256-bit load widened to 512 bits).
+    const CODES_PER_STEP: usize = 32;
+
+    /// Proof that the CPU runs AVX-512F and AVX-512BW; only [`Avx512Support::detect`] makes
+    /// one.
+    #[derive(Debug, Clone, Copy)]
+    pub(super) struct Avx512Support(());
+
+    impl Avx512Support {
+        /// `Some` when this CPU has AVX-512F and AVX-512BW.
+        pub(super) fn detect() -> Option<Self> {
+            (std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw"))
+            .then_some(Self(()))
+        }
+    }
+
+    /// A row's codes as `STEPS` runs of 32.
+    type CodeSteps<const STEPS: usize> = [[i8; CODES_PER_STEP]; STEPS];
+
+    impl QuantizedRows {
+        /// Every row's codes, row `r` at index `r` (the stride must be `32 STEPS`): indexing
+        /// it checks one bound per row.
+        fn code_steps<const STEPS: usize>(&self) -> &[CodeSteps<STEPS>] {
+            assert_eq!(self.stride, CODES_PER_STEP * STEPS);
+            let body = &self.storage[self.start..self.start + self.rows * self.stride];
+            let (steps, _) = body.as_chunks::<CODES_PER_STEP>();
+            let (rows, _) = steps.as_chunks::<STEPS>();
+            rows
+        }
+    }
+
+    /// [`super::scan`] for rows of `32 STEPS` codes (the stride), with AVX-512 dot products.
+    pub(super) fn scan<const STEPS: usize>(
+        _support: Avx512Support,
+        quantized: &QuantizedRows,
+        query: &QuantizedQuery,
+        candidates: &[u32],
+        pruner: &mut Pruner<'_>,
+    ) {
+        assert_eq!(quantized.stride, CODES_PER_STEP * STEPS);
+        // SAFETY: `_support` proves that the CPU runs AVX-512F and AVX-512BW.
+        unsafe { scan_avx512::<STEPS>(quantized, query, candidates, pruner) }
+    }
+
+    /// See [`scan`].
+    ///
+    /// # Safety
+    ///
+    /// The CPU must support AVX-512F and AVX-512BW.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn scan_avx512<const STEPS: usize>(
+        quantized: &QuantizedRows,
+        query: &QuantizedQuery,
+        candidates: &[u32],
+        pruner: &mut Pruner<'_>,
+    ) {
+        let query_steps = query_steps::<STEPS>(query);
+        let rows = quantized.code_steps::<STEPS>();
+        super::scan(
+            quantized,
+            query,
+            candidates,
+            pruner,
+            |row| rows[row].as_slice(),
+            |block| dots8(rows, &query_steps, block),
+        );
+    }
+
+    /// The query codes as `STEPS` vectors of 32 `i16`.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn query_steps<const STEPS: usize>(query: &QuantizedQuery) -> [__m512i; STEPS] {
+        let (pairs, _) = query.lanes.as_chunks::<2>();
+        let Some(pairs) = pairs.first_chunk::<STEPS>() else {
+            panic!("the query lanes do not cover the stride");
+        };
+        // SAFETY: each pair is two `i16x16`, 64 contiguous bytes: the size of the unaligned
+        // load.
+        pairs.map(|pair| unsafe { _mm512_loadu_si512(pair.as_ptr().cast()) })
+    }
+
+    /// Sixteen `i32` lanes whose sum is the exact dot product of one row's codes with the
+    /// query's.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn row_dot<const STEPS: usize>(codes: &CodeSteps<STEPS>, query: &[__m512i; STEPS]) -> __m512i {
+        let mut sum = _mm512_setzero_si512();
+        for (step, query) in codes.iter().zip(query) {
+            // SAFETY: `step` is 32 bytes: the size of the unaligned load.
+            let step = unsafe { _mm256_loadu_si256(step.as_ptr().cast()) };
+            // |c q| <= 127 * 32767: each pair sum is exact in i32, and so is the total (the
+            // query step is chosen so that no sum of a row can overflow).
+            sum = _mm512_add_epi32(sum, _mm512_madd_epi16(_mm512_cvtepi8_epi16(step), *query));
+        }
+        sum
+    }
+
+    /// The exact code dot products of the eight rows of `block`, lane `r` for row `block[r]`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) fn dots8<const STEPS: usize>(
+        rows: &[CodeSteps<STEPS>],
+        query: &[__m512i; STEPS],
+        block: &[u32; ROW_BLOCK],
+    ) -> i32x8 {
+        let dot = |r: usize| row_dot(&rows[block[r] as usize], query);
+        let sums = [
+            dot(0),
+            dot(1),
+            dot(2),
+            dot(3),
+            dot(4),
+            dot(5),
+            dot(6),
+            dot(7),
+        ];
+        bytemuck::cast::<__m256i, i32x8>(sum_lanes_x8(sums))
+    }
+
+    /// The AVX-512 dot products of `block`, or `None` for a stride this path does not cover.
+    #[cfg(test)]
+    pub(super) fn block_dots(
+        _support: Avx512Support,
+        quantized: &QuantizedRows,
+        query: &QuantizedQuery,
+        block: &[u32; ROW_BLOCK],
+    ) -> Option<i32x8> {
+        // SAFETY: `_support` proves that the CPU runs AVX-512F and AVX-512BW.
+        unsafe {
+            match quantized.stride {
+                64 => Some(dots8(
+                    quantized.code_steps(),
+                    &query_steps::<2>(query),
+                    block,
+                )),
+                128 => Some(dots8(
+                    quantized.code_steps(),
+                    &query_steps::<4>(query),
+                    block,
+                )),
+                _ => None,
+            }
+        }
+    }
+
+    /// Lane `r` (of eight): the sum of the sixteen lanes of `sums[r]` (integer additions,
+    /// exact in any order).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn sum_lanes_x8(sums: [__m512i; ROW_BLOCK]) -> __m256i {
+        // Two rows per vector, eight partial sums each: a's in the low half, b's in the high.
+        let halves = |a, b| {
+            _mm512_add_epi32(
+                _mm512_shuffle_i64x2::<0x44>(a, b),
+                _mm512_shuffle_i64x2::<0xEE>(a, b),
+            )
+        };
+        // Four rows per vector (two pairs), four partial sums each, one row per 128 bits.
+        let quarters = |ab, cd| {
+            _mm512_add_epi32(
+                _mm512_shuffle_i64x2::<0x88>(ab, cd),
+                _mm512_shuffle_i64x2::<0xDD>(ab, cd),
+            )
+        };
+        let [s0, s1, s2, s3, s4, s5, s6, s7] = sums;
+        let low = quarters(halves(s0, s1), halves(s2, s3)); // rows 0..4, one per 128 bits
+        let high = quarters(halves(s4, s5), halves(s6, s7)); // rows 4..8
+        // In 128-bit block j: [j0 + j2, (j+4)0 + (j+4)2, j1 + j3, (j+4)1 + (j+4)3].
+        let pairs = _mm512_add_epi32(
+            _mm512_unpacklo_epi32(low, high),
+            _mm512_unpackhi_epi32(low, high),
+        );
+        // Lanes 0 and 1 of block j: the sums of rows j and j + 4.
+        let totals = _mm512_add_epi32(pairs, _mm512_shuffle_epi32::<_MM_PERM_BADC>(pairs));
+        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+        _mm512_castsi512_si256(_mm512_permutexvar_epi32(order, totals))
+    }
 }
 
 /// Cuts `lowers` back to its `k` largest values and returns the smallest of them (the k-th
@@ -502,13 +860,33 @@ pub fn quantized_candidates_topk(
     scratch: &mut TopKScratch,
     out: &mut Vec<ScoredItem>,
 ) -> Result<QuantizedPass, KernelError> {
+    let dots_path = DotsPath::detect();
+    quantized_candidates_topk_on(m, quantized, query, candidates, k, scratch, out, dots_path)
+}
+
+/// [`quantized_candidates_topk`] with the code dot products computed by `dots_path` (every
+/// path gives the same answer; the tests run each).
+#[allow(clippy::too_many_arguments)]
+fn quantized_candidates_topk_on(
+    m: RowMatrix<'_>,
+    quantized: &QuantizedRows,
+    query: &[f32],
+    candidates: &[u32],
+    k: usize,
+    scratch: &mut TopKScratch,
+    out: &mut Vec<ScoredItem>,
+    dots_path: DotsPath,
+) -> Result<QuantizedPass, KernelError> {
     check_k(k)?;
     check_query(m.dim(), query, 0)?;
     check_candidates(m.rows(), candidates)?;
     quantized.check_source(m)?;
     if k >= candidates.len()
         || !quantized.finite
-        || !scratch.quantized.query.prepare(query, quantized.max_abs)
+        || !scratch
+            .quantized
+            .query
+            .prepare(query, quantized.max_abs, quantized.stride)
     {
         candidates_topk(m, query, candidates, k, scratch, out)?;
         return Ok(QuantizedPass {
@@ -521,46 +899,9 @@ pub fn quantized_candidates_topk(
         lowers,
         open,
     } = &mut scratch.quantized;
-    lowers.clear();
-    open.clear();
-    // The running threshold: the k-th largest lower bound so far, once `k` are known.
-    let mut threshold = f32::NEG_INFINITY;
-    let capacity = 2 * k.max((candidates.len() / 32).clamp(32, 2048));
-    let mut offer = |row: u32, lower: f32, upper: f32, threshold: &mut f32| {
-        open.push(OpenCandidate { row, upper });
-        if may_enter(lower, *threshold) {
-            lowers.push(lower);
-            if lowers.len() >= capacity {
-                *threshold = cut_lowers(lowers, k);
-            }
-        }
-    };
-    let (blocks, rest) = candidates.as_chunks::<ROW_BLOCK>();
-    for group in 0..PREFETCH_BLOCKS {
-        prefetch_group(blocks, rest, group, |row| quantized.codes(row));
-    }
-    for (b, block) in blocks.iter().enumerate() {
-        prefetch_group(blocks, rest, b + PREFETCH_BLOCKS, |row| {
-            quantized.codes(row)
-        });
-        let (lower, upper) = bounds8(quantized, codes, block);
-        // Lower bounds never exceed upper ones: a lane below the threshold is done.
-        let mut reached = !upper.simd_lt(f32x8::splat(threshold)).to_bitmask() & 0xFF;
-        if reached != 0 {
-            let (lower, upper) = (lower.to_array(), upper.to_array());
-            while reached != 0 {
-                let lane = reached.trailing_zeros() as usize;
-                offer(block[lane], lower[lane], upper[lane], &mut threshold);
-                reached &= reached - 1;
-            }
-        }
-    }
-    for &row in rest {
-        let (lower, upper) = bounds1(quantized, codes, row);
-        if may_enter(upper, threshold) {
-            offer(row, lower, upper, &mut threshold);
-        }
-    }
+    let mut pruner = Pruner::new(lowers, open, k, candidates.len());
+    prune(quantized, codes, candidates, &mut pruner, dots_path);
+    let Pruner { lowers, open, .. } = pruner;
     // At least k lower bounds were kept (every one until the first cut, k after each).
     let threshold = match lowers.len() >= k {
         true => cut_lowers(lowers, k),
@@ -629,6 +970,9 @@ mod tests {
         Tiny,
         /// All zeros.
         Zero,
+        /// One magnitude, signs of the `±1` query shape (or its opposite), a few flipped:
+        /// codes of ±127 against query codes of ±32767, the largest dot products.
+        Extreme,
     }
 
     fn row_of(kind: RowKind, rng: &mut ChaCha8Rng, dim: usize) -> Vec<f32> {
@@ -659,16 +1003,32 @@ mod tests {
                 })
                 .collect(),
             RowKind::Zero => vec![0.0; dim],
+            RowKind::Extreme => {
+                let scale = rng.random_range(0.01f32..100.0)
+                    * if rng.random_bool(0.5) { 1.0 } else { -1.0 };
+                (0..dim)
+                    .map(|i| {
+                        let sign = if i % 3 == 0 { -1.0 } else { 1.0 };
+                        let flip = if rng.random_range(0..8) == 0 {
+                            -1.0
+                        } else {
+                            1.0
+                        };
+                        scale * sign * flip
+                    })
+                    .collect()
+            }
         }
     }
 
-    const KINDS: [RowKind; 6] = [
+    const KINDS: [RowKind; 7] = [
         RowKind::Uniform,
         RowKind::Integer,
         RowKind::Spike,
         RowKind::HalfSteps,
         RowKind::Tiny,
         RowKind::Zero,
+        RowKind::Extreme,
     ];
 
     /// `rows` rows of dimension `dim` at stride `stride`, each of a kind drawn from `mix`
@@ -738,23 +1098,63 @@ mod tests {
             &mut expected,
         )
         .unwrap();
-        let mut got = Vec::new();
-        let pass = quantized_candidates_topk(
-            m,
-            quantized,
-            query,
-            candidates,
-            k,
-            &mut TopKScratch::new(),
-            &mut got,
-        )
-        .unwrap();
-        prop_assert_eq!(got.len(), expected.len());
-        for (g, e) in got.iter().zip(&expected) {
-            prop_assert_eq!(g.index, e.index);
-            prop_assert_eq!(g.score.to_bits(), e.score.to_bits());
+        let mut passes = Vec::new();
+        for path in [DotsPath::Portable, DotsPath::detect()] {
+            let mut got = Vec::new();
+            let pass = quantized_candidates_topk_on(
+                m,
+                quantized,
+                query,
+                candidates,
+                k,
+                &mut TopKScratch::new(),
+                &mut got,
+                path,
+            )
+            .unwrap();
+            prop_assert_eq!(got.len(), expected.len());
+            for (g, e) in got.iter().zip(&expected) {
+                prop_assert_eq!(g.index, e.index);
+                prop_assert_eq!(g.score.to_bits(), e.score.to_bits());
+            }
+            passes.push(pass);
         }
-        Ok(pass)
+        // The paths compute the same integers, so they prune the same candidates.
+        prop_assert_eq!(passes[0], passes[1]);
+        Ok(passes[1])
+    }
+
+    /// Checks the AVX-512 dot products of every block of `rows` against the portable ones
+    /// (true when the AVX-512 path covered this stride on this CPU).
+    #[cfg(target_arch = "x86_64")]
+    fn check_avx512_dots(
+        quantized: &QuantizedRows,
+        query: &QuantizedQuery,
+        rows: &[u32],
+    ) -> Result<bool, TestCaseError> {
+        let Some(support) = x86::Avx512Support::detect() else {
+            return Ok(false);
+        };
+        let mut covered = false;
+        for block in rows.as_chunks::<ROW_BLOCK>().0 {
+            let portable = portable_dots8(quantized, query, block);
+            let Some(avx512) = x86::block_dots(support, quantized, query, block) else {
+                return Ok(false);
+            };
+            prop_assert_eq!(avx512.to_array(), portable.to_array(), "rows {:?}", block);
+            // And both equal the plain integer sum.
+            for (lane, &row) in block.iter().enumerate() {
+                let exact: i64 = quantized
+                    .codes(row as usize)
+                    .iter()
+                    .zip(query.lanes.iter().flat_map(|lane| lane.to_array()))
+                    .map(|(&c, q)| i64::from(c) * i64::from(q))
+                    .sum();
+                prop_assert_eq!(i64::from(portable.to_array()[lane]), exact);
+            }
+            covered = true;
+        }
+        Ok(covered)
     }
 
     /// Checks `lower <= exact <= upper` for every row.
@@ -764,7 +1164,7 @@ mod tests {
         query: &[f32],
     ) -> Result<bool, TestCaseError> {
         let mut codes = QuantizedQuery::default();
-        if !codes.prepare(query, quantized.max_abs) {
+        if !codes.prepare(query, quantized.max_abs, quantized.stride) {
             return Ok(false);
         }
         let mut exact_query = crate::simd::PreparedQuery::default();
@@ -826,6 +1226,33 @@ mod tests {
         }
 
         #[test]
+        #[cfg(target_arch = "x86_64")]
+        fn avx512_dots_equal_the_portable_ones(
+            rows in 1usize..40,
+            dim in 1usize..160,
+            pad in 0usize..9,
+            mix in any::<u8>(),
+            shape in any::<u8>(),
+            seed in any::<u64>(),
+        ) {
+            let stride = dim + pad;
+            let data = mixed_rows(seed, rows, dim, stride, mix);
+            let m = RowMatrix::new(&data, rows, dim, stride).unwrap();
+            let quantized = QuantizedRows::build(m);
+            let mut codes = QuantizedQuery::default();
+            if codes.prepare(&query_of(!seed, dim, shape), quantized.max_abs, quantized.stride) {
+                // Every row, in a scrambled order, repeated to fill whole blocks.
+                let order: Vec<u32> = (0..rows.next_multiple_of(ROW_BLOCK) * 2)
+                    .map(|i| ((i * 7 + seed as usize) % rows) as u32)
+                    .collect();
+                let covered = check_avx512_dots(&quantized, &codes, &order)?;
+                if x86::Avx512Support::detect().is_some() {
+                    prop_assert_eq!(covered, (33..=128).contains(&dim));
+                }
+            }
+        }
+
+        #[test]
         fn the_bound_holds(
             rows in 1usize..64,
             dim in 1usize..200,
@@ -837,6 +1264,41 @@ mod tests {
             let m = RowMatrix::dense(&data, dim).unwrap();
             let quantized = QuantizedRows::build(m);
             check_bounds(m, &quantized, &query_of(!seed, dim, shape))?;
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx512_dots_at_the_extremes() {
+        // Codes of ±127 against query codes of ±32767, all aligned (the largest dot
+        // product), all opposed (the smallest), alternating, and single elements at either
+        // end of the row, for dimensions around the 32- and 64-code steps.
+        for dim in [33, 40, 63, 64, 65, 96, 100, 127, 128] {
+            let query: Vec<f32> = (0..dim)
+                .map(|i| if i % 5 == 0 { -1.0 } else { 1.0 })
+                .collect();
+            let mut data = Vec::new();
+            for sign in [1.0, -1.0] {
+                data.extend(query.iter().map(|q| sign * q * 3.0));
+                data.extend((0..dim).map(|i| if i % 2 == 0 { sign } else { -sign }));
+                data.extend((0..dim).map(|i| if i == 0 { sign } else { 0.0 }));
+                data.extend((0..dim).map(|i| if i == dim - 1 { sign } else { 0.0 }));
+            }
+            let rows = data.len() / dim;
+            let m = RowMatrix::dense(&data, dim).unwrap();
+            let quantized = QuantizedRows::build(m);
+            let mut codes = QuantizedQuery::default();
+            assert!(codes.prepare(&query, quantized.max_abs, quantized.stride));
+            let order: Vec<u32> = (0..rows as u32).collect();
+            let covered = check_avx512_dots(&quantized, &codes, &order).unwrap();
+            assert_eq!(covered, x86::Avx512Support::detect().is_some(), "dim {dim}");
+            let largest = i64::from(
+                code_dot(quantized.codes(0), &codes.lanes)
+                    .to_array()
+                    .iter()
+                    .sum::<i32>(),
+            );
+            assert_eq!(largest, 127 * 32767 * dim as i64, "dim {dim}");
         }
     }
 
@@ -877,7 +1339,7 @@ mod tests {
         let quantized = QuantizedRows::build(m);
         let query = vec![1.0f32; dim];
         let mut codes = QuantizedQuery::default();
-        assert!(codes.prepare(&query, quantized.max_abs));
+        assert!(codes.prepare(&query, quantized.max_abs, quantized.stride));
         let (a_lower, a_upper) = bounds1(&quantized, &codes, 0);
         let (b_lower, b_upper) = bounds1(&quantized, &codes, 1);
         assert!(a_lower <= 130.43 && 130.43 <= a_upper);
@@ -912,7 +1374,7 @@ mod tests {
         let quantized = QuantizedRows::build(m);
         let query = vec![0.5f32; dim];
         let mut codes = QuantizedQuery::default();
-        assert!(codes.prepare(&query, quantized.max_abs));
+        assert!(codes.prepare(&query, quantized.max_abs, quantized.stride));
         let (lower, upper) = bounds1(&quantized, &codes, 0);
         let mut exact_query = crate::simd::PreparedQuery::default();
         exact_query.prepare(&query);
@@ -1010,6 +1472,50 @@ mod tests {
                 copy.heap_bytes()
             );
         }
+    }
+
+    /// The T1 shape for instruction counts (BENCHMARKS.md): 1000 distinct random rows of a
+    /// 100 000 x 64 table, k = 10, 64 lists scored 20 times each. Run under callgrind with
+    /// `--toggle-collect='*quantized_candidates_topk*'` on the release test binary, with
+    /// `-- --ignored --exact quantized::tests::t1_shape_probe`; divide by 1 280 000 rows.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn t1_shape_probe() {
+        let (rows, dim, lists, repeats) = (100_000, 64, 64, 20);
+        let data = random_rows(21, rows, dim, dim);
+        let m = RowMatrix::dense(&data, dim).unwrap();
+        let quantized = QuantizedRows::build(m);
+        let mut rng = ChaCha8Rng::seed_from_u64(22);
+        let mut all: Vec<u32> = (0..rows as u32).collect();
+        let lists: Vec<Vec<u32>> = (0..lists)
+            .map(|_| {
+                let (chosen, _) =
+                    rand::seq::SliceRandom::partial_shuffle(&mut all[..], &mut rng, 1000);
+                chosen.to_vec()
+            })
+            .collect();
+        let query = random_vec(23, dim);
+        let (mut scratch, mut top) = (TopKScratch::new(), Vec::new());
+        let mut rescored = 0;
+        for _ in 0..repeats {
+            for list in &lists {
+                let pass = quantized_candidates_topk(
+                    m,
+                    &quantized,
+                    &query,
+                    list,
+                    10,
+                    &mut scratch,
+                    &mut top,
+                )
+                .unwrap();
+                rescored += pass.rescored;
+            }
+        }
+        eprintln!(
+            "{:.1} rescored per list",
+            rescored as f64 / (lists.len() * repeats) as f64
+        );
     }
 
     #[test]
