@@ -678,3 +678,110 @@ async fn the_rank_command_prints_a_table_and_json() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("ERROR_REASON_USER_NOT_FOUND"), "{stderr}");
 }
+
+/// A codec that sends a request body as given and reads the answer's bytes back: for
+/// bodies that are not valid protobuf, which a generated client cannot send.
+#[derive(Debug, Clone, Copy, Default)]
+struct RawBodyCodec;
+
+impl tonic::codec::Codec for RawBodyCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawBodyCodec;
+    type Decoder = RawBodyCodec;
+
+    fn encoder(&mut self) -> RawBodyCodec {
+        RawBodyCodec
+    }
+
+    fn decoder(&mut self) -> RawBodyCodec {
+        RawBodyCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawBodyCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        prost::bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawBodyCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let len = prost::bytes::Buf::remaining(src);
+        Ok(Some(prost::bytes::Buf::copy_to_bytes(src, len).to_vec()))
+    }
+}
+
+/// `message` encoded, with the bytes of the placeholder id `PLACE` replaced by bytes that
+/// are not UTF-8.
+fn with_invalid_utf8_id(message: &impl prost::Message) -> Vec<u8> {
+    let mut bytes = message.encode_to_vec();
+    let at = bytes
+        .windows(5)
+        .position(|window| window == b"PLACE")
+        .expect("the placeholder is in the encoding");
+    bytes[at..at + 5].copy_from_slice(&[0xff, 0xfe, 0xfd, 0xfc, 0xfb]);
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_requests_are_invalid_arguments_naming_the_field() {
+    let tables = tables(17);
+    let server = Server::start(&tables, None, &[]);
+    let user = tables.data.users.ids[0].clone();
+    let mut request = rank_request("undecodable", &user, 3);
+    request.candidate_ids = vec![tables.data.items.ids[0].clone(), "PLACE".into()];
+    let batch = pb::RankBatchRequest {
+        requests: vec![request.clone()],
+    };
+    // A last candidate id (field 10, length-delimited) that says 5 bytes and has 1.
+    let mut truncated = prost::Message::encode_to_vec(&request);
+    truncated.extend_from_slice(&[(10 << 3) | 2, 5, b'i']);
+
+    let mut raw = tonic::client::Grpc::new(server.channel().await);
+    let cases = [
+        ("Rank", with_invalid_utf8_id(&request), "candidate_ids"),
+        ("RankBatch", with_invalid_utf8_id(&batch), "candidate_ids"),
+        ("Rank", truncated, "RankRequest.candidate_ids"),
+    ];
+    for (method, body, named) in cases {
+        raw.ready().await.expect("channel ready");
+        let path = format!("/fairrank.v1.Ranker/{method}");
+        let status = raw
+            .unary(
+                tonic::Request::new(body),
+                path.parse().expect("a path"),
+                RawBodyCodec,
+            )
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{method}: {status:?}");
+        assert_eq!(error_reason(&status), pb::ErrorReason::InvalidField);
+        assert!(
+            status.message().contains(named),
+            "{method}: the message names {named}: {}",
+            status.message()
+        );
+    }
+
+    // The same requests with valid ids are answered: the server is still up.
+    let mut ranker = server.ranker().await;
+    let mut valid = request;
+    valid.candidate_ids[1] = tables.data.items.ids[1].clone();
+    let response = ranker.rank(valid).await.expect("ranks").into_inner();
+    assert_eq!(response.items.len(), 2);
+}

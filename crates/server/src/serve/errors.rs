@@ -204,6 +204,20 @@ pub fn table_file_not_found(path: &std::path::Path) -> Status {
     )
 }
 
+/// A request body that is not a valid protobuf message of the method's request type (a
+/// malformed field, a string that is not UTF-8, a truncated message): INVALID_ARGUMENT, since
+/// those bytes are the client's input, with prost's message, which names the message and
+/// field at fault (`RankRequest.candidate_ids: invalid string value: data is not UTF-8
+/// encoded`). tonic's own codec would answer INTERNAL.
+pub fn undecodable_request(error: &prost::DecodeError) -> Status {
+    error_status(
+        Code::InvalidArgument,
+        format!("the request could not be decoded: {error}"),
+        ErrorReason::InvalidField,
+        None,
+    )
+}
+
 /// A bug in the server (a lost answer, a failed task).
 pub fn internal(message: impl Into<String>) -> Status {
     error_status(Code::Internal, message, ErrorReason::Unspecified, None)

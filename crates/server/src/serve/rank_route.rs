@@ -5,7 +5,8 @@
 //! measured with callgrind, that decode was over half of the server's instructions per
 //! request. [`RankerRoutes`] serves `Ranker.Rank` through [`RankCodec`], whose message type
 //! [`WireRankRequest`] takes field 10 (`candidate_ids`) itself and hands every other field
-//! to prost's generated code; `RankBatch` goes to the generated server unchanged. Anything
+//! to prost's generated code; `RankBatch` decodes with prost ([`BatchCodec`]). On both, a
+//! body that does not decode is INVALID_ARGUMENT (tonic's codec says INTERNAL). Anything
 //! unusual about an id (a multi-byte length, an id split across buffer chunks, non-ASCII
 //! bytes, a malformed field) is decoded by prost's own code and then moved over, so
 //! accepted input, decoded values and error messages are exactly prost's.
@@ -14,7 +15,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use api::fairrank::v1 as pb;
-use api::fairrank::v1::ranker_server::RankerServer;
+use api::fairrank::v1::ranker_server::{Ranker, RankerServer};
 use engine::CandidateIds;
 use prost::Message;
 use prost::bytes::{Buf, BufMut};
@@ -25,6 +26,7 @@ use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
 use tonic::server::{NamedService, UnaryService};
 
 use super::answer::WireRankResponse;
+use super::errors;
 use super::ranker::RankerService;
 
 /// Field number of `fairrank.v1.RankRequest.candidate_ids`.
@@ -45,6 +47,9 @@ const REQUEST_BUFFER_BYTES: usize = 32 * 1024;
 
 /// Path of the `Rank` method.
 const RANK_PATH: &str = "/fairrank.v1.Ranker/Rank";
+
+/// Path of the `RankBatch` method.
+const RANK_BATCH_PATH: &str = "/fairrank.v1.Ranker/RankBatch";
 
 /// A decoded `RankRequest`: the candidate ids in one buffer, every other field in `message`
 /// (whose `candidate_ids` stays empty).
@@ -368,10 +373,9 @@ impl Decoder for RequestDecoder {
         } else {
             WireRankRequest::decode(&mut *buf)
         };
-        // As tonic's prost codec: a parse error is INTERNAL with prost's message.
         decoded
             .map(Some)
-            .map_err(|error| Status::internal(error.to_string()))
+            .map_err(|error| errors::undecodable_request(&error))
     }
 
     fn buffer_settings(&self) -> BufferSettings {
@@ -380,7 +384,52 @@ impl Decoder for RequestDecoder {
     }
 }
 
-/// The Ranker service: `Rank` with [`RankCodec`], everything else by the generated server.
+/// The codec of the `RankBatch` route: prost's encoding both ways, like the generated
+/// server's, except that a request that does not decode is INVALID_ARGUMENT
+/// ([`errors::undecodable_request`]), as on the `Rank` route.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BatchCodec;
+
+impl Codec for BatchCodec {
+    type Encode = pb::RankBatchResponse;
+    type Decode = pb::RankBatchRequest;
+    type Encoder = BatchCodec;
+    type Decoder = BatchCodec;
+
+    fn encoder(&mut self) -> BatchCodec {
+        BatchCodec
+    }
+
+    fn decoder(&mut self) -> BatchCodec {
+        BatchCodec
+    }
+}
+
+impl Encoder for BatchCodec {
+    type Item = pb::RankBatchResponse;
+    type Error = Status;
+
+    fn encode(&mut self, item: Self::Item, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        // The buffer grows as needed (as in `ResponseEncoder`), so this cannot fail.
+        buf.reserve(item.encoded_len());
+        item.encode(buf)
+            .map_err(|error| errors::internal(format!("encoding the answer: {error}")))
+    }
+}
+
+impl Decoder for BatchCodec {
+    type Item = pb::RankBatchRequest;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
+        pb::RankBatchRequest::decode(buf)
+            .map(Some)
+            .map_err(|error| errors::undecodable_request(&error))
+    }
+}
+
+/// The Ranker service: `Rank` with [`RankCodec`], `RankBatch` with [`BatchCodec`], anything
+/// else (an unknown method) by the generated server.
 #[derive(Debug, Clone)]
 pub struct RankerRoutes {
     generated: RankerServer<RankerService>,
@@ -420,16 +469,39 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if request.uri().path() != RANK_PATH {
-            return self.generated.call(request);
-        }
-        let method = RankMethod(Arc::clone(&self.service));
         let limit = Some(self.max_message_bytes);
-        Box::pin(async move {
-            let mut grpc =
-                tonic::server::Grpc::new(RankCodec).apply_max_message_size_config(limit, limit);
-            Ok(grpc.unary(method, request).await)
-        })
+        match request.uri().path() {
+            RANK_PATH => {
+                let method = RankMethod(Arc::clone(&self.service));
+                Box::pin(async move {
+                    let mut grpc = tonic::server::Grpc::new(RankCodec)
+                        .apply_max_message_size_config(limit, limit);
+                    Ok(grpc.unary(method, request).await)
+                })
+            }
+            RANK_BATCH_PATH => {
+                let method = RankBatchMethod(Arc::clone(&self.service));
+                Box::pin(async move {
+                    let mut grpc = tonic::server::Grpc::new(BatchCodec)
+                        .apply_max_message_size_config(limit, limit);
+                    Ok(grpc.unary(method, request).await)
+                })
+            }
+            _ => self.generated.call(request),
+        }
+    }
+}
+
+/// The `RankBatch` method: the service's own `Ranker::rank_batch`.
+struct RankBatchMethod(Arc<RankerService>);
+
+impl UnaryService<pb::RankBatchRequest> for RankBatchMethod {
+    type Response = pb::RankBatchResponse;
+    type Future = BoxFuture<tonic::Response<pb::RankBatchResponse>, Status>;
+
+    fn call(&mut self, request: tonic::Request<pb::RankBatchRequest>) -> Self::Future {
+        let service = Arc::clone(&self.0);
+        Box::pin(async move { Ranker::rank_batch(&*service, request).await })
     }
 }
 
