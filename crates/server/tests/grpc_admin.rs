@@ -412,3 +412,51 @@ async fn reload_paths_rollback_and_the_personalization_switch() {
     assert_eq!(counters.non_personalized_answers, 1);
     assert!(server.logs().contains("incident 42"), "{}", server.logs());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_admin_requests_are_invalid_arguments_naming_the_field() {
+    let tables = tables(29);
+    let server = Server::start(&tables, None, &admin_env());
+    let reload = pb::ReloadTableRequest {
+        table: pb::TableKind::Items as i32,
+        path: Some("PLACE".into()),
+        ..Default::default()
+    };
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let status = server
+        .raw_call(
+            "/fairrank.v1.Admin/ReloadTable",
+            with_invalid_utf8_id(&reload),
+            &[("authorization", &bearer)],
+        )
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(error_reason(&status), pb::ErrorReason::InvalidField);
+    assert!(
+        status.message().contains("ReloadTableRequest.path"),
+        "the message names the field: {}",
+        status.message()
+    );
+
+    // A valid call still answers through the route.
+    let mut admin = server.admin().await;
+    let status = admin
+        .get_status(with_token(pb::GetStatusRequest {}, ADMIN_TOKEN))
+        .await
+        .expect("status");
+    assert!(status.into_inner().items_table.is_some());
+    // Every other method has its route too: a body whose field 1 says 5 bytes and has 1
+    // decodes as no message, whatever the method's request type.
+    for method in ["RollbackTable", "SetPersonalization", "GetStatus"] {
+        let status = server
+            .raw_call(
+                &format!("/fairrank.v1.Admin/{method}"),
+                vec![0x0a, 0x05, b'x'],
+                &[("authorization", &bearer)],
+            )
+            .await
+            .expect_err("a truncated field");
+        assert_eq!(status.code(), Code::InvalidArgument, "{method}: {status:?}");
+    }
+}

@@ -679,65 +679,6 @@ async fn the_rank_command_prints_a_table_and_json() {
     assert!(stderr.contains("ERROR_REASON_USER_NOT_FOUND"), "{stderr}");
 }
 
-/// A codec that sends a request body as given and reads the answer's bytes back: for
-/// bodies that are not valid protobuf, which a generated client cannot send.
-#[derive(Debug, Clone, Copy, Default)]
-struct RawBodyCodec;
-
-impl tonic::codec::Codec for RawBodyCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawBodyCodec;
-    type Decoder = RawBodyCodec;
-
-    fn encoder(&mut self) -> RawBodyCodec {
-        RawBodyCodec
-    }
-
-    fn decoder(&mut self) -> RawBodyCodec {
-        RawBodyCodec
-    }
-}
-
-impl tonic::codec::Encoder for RawBodyCodec {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-
-    fn encode(
-        &mut self,
-        item: Vec<u8>,
-        dst: &mut tonic::codec::EncodeBuf<'_>,
-    ) -> Result<(), tonic::Status> {
-        prost::bytes::BufMut::put_slice(dst, &item);
-        Ok(())
-    }
-}
-
-impl tonic::codec::Decoder for RawBodyCodec {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-
-    fn decode(
-        &mut self,
-        src: &mut tonic::codec::DecodeBuf<'_>,
-    ) -> Result<Option<Vec<u8>>, tonic::Status> {
-        let len = prost::bytes::Buf::remaining(src);
-        Ok(Some(prost::bytes::Buf::copy_to_bytes(src, len).to_vec()))
-    }
-}
-
-/// `message` encoded, with the bytes of the placeholder id `PLACE` replaced by bytes that
-/// are not UTF-8.
-fn with_invalid_utf8_id(message: &impl prost::Message) -> Vec<u8> {
-    let mut bytes = message.encode_to_vec();
-    let at = bytes
-        .windows(5)
-        .position(|window| window == b"PLACE")
-        .expect("the placeholder is in the encoding");
-    bytes[at..at + 5].copy_from_slice(&[0xff, 0xfe, 0xfd, 0xfc, 0xfb]);
-    bytes
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undecodable_requests_are_invalid_arguments_naming_the_field() {
     let tables = tables(17);
@@ -752,21 +693,15 @@ async fn undecodable_requests_are_invalid_arguments_naming_the_field() {
     let mut truncated = prost::Message::encode_to_vec(&request);
     truncated.extend_from_slice(&[(10 << 3) | 2, 5, b'i']);
 
-    let mut raw = tonic::client::Grpc::new(server.channel().await);
     let cases = [
         ("Rank", with_invalid_utf8_id(&request), "candidate_ids"),
         ("RankBatch", with_invalid_utf8_id(&batch), "candidate_ids"),
         ("Rank", truncated, "RankRequest.candidate_ids"),
     ];
     for (method, body, named) in cases {
-        raw.ready().await.expect("channel ready");
         let path = format!("/fairrank.v1.Ranker/{method}");
-        let status = raw
-            .unary(
-                tonic::Request::new(body),
-                path.parse().expect("a path"),
-                RawBodyCodec,
-            )
+        let status = server
+            .raw_call(&path, body, &[])
             .await
             .expect_err("refused");
         assert_eq!(status.code(), Code::InvalidArgument, "{method}: {status:?}");

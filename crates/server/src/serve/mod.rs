@@ -15,6 +15,7 @@ pub mod privacy;
 mod rank_route;
 mod ranker;
 mod replay;
+mod routes;
 mod siphash;
 pub mod state_setup;
 
@@ -28,7 +29,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use api::fairrank::bench::v1::echo_server::EchoServer;
-use api::fairrank::v1::admin_server::AdminServer;
 use engine::{Engine, TableKind};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -432,9 +432,7 @@ async fn serve(config: Config, engine: Engine, reload_dirs: ReloadDirs) -> anyho
     let max_message = server_config.max_message_bytes;
     let ranker =
         rank_route::RankerRoutes::new(ranker::RankerService::new(Arc::clone(&shared)), max_message);
-    let admin = AdminServer::new(admin::AdminService::new(Arc::clone(&shared)))
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
+    let admin = admin::AdminRoutes::new(admin::AdminService::new(Arc::clone(&shared)), max_message);
     let echo = EchoServer::new(echo::EchoService::new(Arc::clone(&shared)))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);

@@ -5,8 +5,8 @@
 //! measured with callgrind, that decode was over half of the server's instructions per
 //! request. [`RankerRoutes`] serves `Ranker.Rank` through [`RankCodec`], whose message type
 //! [`WireRankRequest`] takes field 10 (`candidate_ids`) itself and hands every other field
-//! to prost's generated code; `RankBatch` decodes with prost ([`BatchCodec`]). On both, a
-//! body that does not decode is INVALID_ARGUMENT (tonic's codec says INTERNAL). Anything
+//! to prost's generated code; `RankBatch` is a [`routes::unary`] route. On both, a body
+//! that does not decode is INVALID_ARGUMENT (tonic's codec says INTERNAL). Anything
 //! unusual about an id (a multi-byte length, an id split across buffer chunks, non-ASCII
 //! bytes, a malformed field) is decoded by prost's own code and then moved over, so
 //! accepted input, decoded values and error messages are exactly prost's.
@@ -28,6 +28,7 @@ use tonic::server::{NamedService, UnaryService};
 use super::answer::WireRankResponse;
 use super::errors;
 use super::ranker::RankerService;
+use super::routes;
 
 /// Field number of `fairrank.v1.RankRequest.candidate_ids`.
 const CANDIDATE_IDS_FIELD: u32 = 10;
@@ -384,52 +385,8 @@ impl Decoder for RequestDecoder {
     }
 }
 
-/// The codec of the `RankBatch` route: prost's encoding both ways, like the generated
-/// server's, except that a request that does not decode is INVALID_ARGUMENT
-/// ([`errors::undecodable_request`]), as on the `Rank` route.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct BatchCodec;
-
-impl Codec for BatchCodec {
-    type Encode = pb::RankBatchResponse;
-    type Decode = pb::RankBatchRequest;
-    type Encoder = BatchCodec;
-    type Decoder = BatchCodec;
-
-    fn encoder(&mut self) -> BatchCodec {
-        BatchCodec
-    }
-
-    fn decoder(&mut self) -> BatchCodec {
-        BatchCodec
-    }
-}
-
-impl Encoder for BatchCodec {
-    type Item = pb::RankBatchResponse;
-    type Error = Status;
-
-    fn encode(&mut self, item: Self::Item, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        // The buffer grows as needed (as in `ResponseEncoder`), so this cannot fail.
-        buf.reserve(item.encoded_len());
-        item.encode(buf)
-            .map_err(|error| errors::internal(format!("encoding the answer: {error}")))
-    }
-}
-
-impl Decoder for BatchCodec {
-    type Item = pb::RankBatchRequest;
-    type Error = Status;
-
-    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
-        pb::RankBatchRequest::decode(buf)
-            .map(Some)
-            .map_err(|error| errors::undecodable_request(&error))
-    }
-}
-
-/// The Ranker service: `Rank` with [`RankCodec`], `RankBatch` with [`BatchCodec`], anything
-/// else (an unknown method) by the generated server.
+/// The Ranker service: `Rank` with [`RankCodec`], `RankBatch` as a [`routes::unary`] route,
+/// anything else (an unknown method) by the generated server.
 #[derive(Debug, Clone)]
 pub struct RankerRoutes {
     generated: RankerServer<RankerService>,
@@ -469,10 +426,10 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let limit = Some(self.max_message_bytes);
         match request.uri().path() {
             RANK_PATH => {
                 let method = RankMethod(Arc::clone(&self.service));
+                let limit = Some(self.max_message_bytes);
                 Box::pin(async move {
                     let mut grpc = tonic::server::Grpc::new(RankCodec)
                         .apply_max_message_size_config(limit, limit);
@@ -480,28 +437,14 @@ where
                 })
             }
             RANK_BATCH_PATH => {
-                let method = RankBatchMethod(Arc::clone(&self.service));
-                Box::pin(async move {
-                    let mut grpc = tonic::server::Grpc::new(BatchCodec)
-                        .apply_max_message_size_config(limit, limit);
-                    Ok(grpc.unary(method, request).await)
+                let service = Arc::clone(&self.service);
+                routes::unary(request, self.max_message_bytes, move |request| {
+                    let service = Arc::clone(&service);
+                    Box::pin(async move { Ranker::rank_batch(&*service, request).await })
                 })
             }
             _ => self.generated.call(request),
         }
-    }
-}
-
-/// The `RankBatch` method: the service's own `Ranker::rank_batch`.
-struct RankBatchMethod(Arc<RankerService>);
-
-impl UnaryService<pb::RankBatchRequest> for RankBatchMethod {
-    type Response = pb::RankBatchResponse;
-    type Future = BoxFuture<tonic::Response<pb::RankBatchResponse>, Status>;
-
-    fn call(&mut self, request: tonic::Request<pb::RankBatchRequest>) -> Self::Future {
-        let service = Arc::clone(&self.0);
-        Box::pin(async move { Ranker::rank_batch(&*service, request).await })
     }
 }
 

@@ -316,6 +316,27 @@ impl Server {
     }
 
     /// An Admin client on a fresh connection.
+    /// Calls `path` with `body` as the request bytes as given (see [`RawBodyCodec`]) and
+    /// `metadata` (ASCII key, value) pairs; the answer's bytes.
+    pub async fn raw_call(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        metadata: &[(&'static str, &str)],
+    ) -> Result<Vec<u8>, tonic::Status> {
+        let mut raw = tonic::client::Grpc::new(self.channel().await);
+        raw.ready().await.expect("channel ready");
+        let mut request = tonic::Request::new(body);
+        for (key, value) in metadata {
+            request
+                .metadata_mut()
+                .insert(*key, value.parse().expect("an ASCII value"));
+        }
+        raw.unary(request, path.parse().expect("a path"), RawBodyCodec)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
     pub async fn admin(&self) -> AdminClient<Channel> {
         AdminClient::new(self.channel().await)
     }
@@ -396,4 +417,63 @@ pub fn metric_value(text: &str, sample: &str) -> Option<f64> {
     text.lines()
         .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
         .and_then(|value| value.trim().parse().ok())
+}
+
+/// A codec that sends a request body as given and reads the answer's bytes back: for
+/// bodies that are not valid protobuf, which a generated client cannot send.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawBodyCodec;
+
+impl tonic::codec::Codec for RawBodyCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawBodyCodec;
+    type Decoder = RawBodyCodec;
+
+    fn encoder(&mut self) -> RawBodyCodec {
+        RawBodyCodec
+    }
+
+    fn decoder(&mut self) -> RawBodyCodec {
+        RawBodyCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawBodyCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        prost::bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawBodyCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let len = prost::bytes::Buf::remaining(src);
+        Ok(Some(prost::bytes::Buf::copy_to_bytes(src, len).to_vec()))
+    }
+}
+
+/// `message` encoded, with the bytes of the placeholder string `PLACE` replaced by bytes
+/// that are not UTF-8.
+pub fn with_invalid_utf8_id(message: &impl prost::Message) -> Vec<u8> {
+    let mut bytes = message.encode_to_vec();
+    let at = bytes
+        .windows(5)
+        .position(|window| window == b"PLACE")
+        .expect("the placeholder is in the encoding");
+    bytes[at..at + 5].copy_from_slice(&[0xff, 0xfe, 0xfd, 0xfc, 0xfb]);
+    bytes
 }

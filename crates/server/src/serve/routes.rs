@@ -1,0 +1,116 @@
+//! Unary gRPC routes whose undecodable request bodies are INVALID_ARGUMENT: a prost codec
+//! and the route helper shared by the `Ranker` (`RankBatch`) and `Admin` services.
+//!
+//! tonic's generated servers decode with its prost codec, which answers a body that is not
+//! a valid message (a string that is not UTF-8, a truncated field) with INTERNAL. Those
+//! bytes are the client's input, so these routes answer INVALID_ARGUMENT with prost's
+//! message, which names the field ([`errors::undecodable_request`]), and otherwise serve
+//! exactly as the generated server: same method, same message size limits.
+
+use std::convert::Infallible;
+use std::marker::PhantomData;
+
+use prost::Message;
+use tonic::Status;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::{Body, BoxFuture, StdError, http};
+use tonic::server::UnaryService;
+
+use super::errors;
+
+/// prost's encoding both ways, `Request` in and `Response` out; a request that does not
+/// decode is [`errors::undecodable_request`].
+pub struct ProstRouteCodec<Request, Response>(PhantomData<fn(Request) -> Response>);
+
+impl<Request, Response> Default for ProstRouteCodec<Request, Response> {
+    fn default() -> Self {
+        ProstRouteCodec(PhantomData)
+    }
+}
+
+/// Writes the answers of a [`ProstRouteCodec`].
+pub struct ResponseEncoder<Response>(PhantomData<fn(Response)>);
+
+/// Reads the requests of a [`ProstRouteCodec`].
+pub struct RequestDecoder<Request>(PhantomData<fn() -> Request>);
+
+impl<Request, Response> Codec for ProstRouteCodec<Request, Response>
+where
+    Request: Message + Default + Send + 'static,
+    Response: Message + Send + 'static,
+{
+    type Encode = Response;
+    type Decode = Request;
+    type Encoder = ResponseEncoder<Response>;
+    type Decoder = RequestDecoder<Request>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ResponseEncoder(PhantomData)
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RequestDecoder(PhantomData)
+    }
+}
+
+impl<Response: Message> Encoder for ResponseEncoder<Response> {
+    type Item = Response;
+    type Error = Status;
+
+    fn encode(&mut self, item: Response, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        // The buffer grows as needed, so this cannot run out of space.
+        buf.reserve(item.encoded_len());
+        item.encode(buf)
+            .map_err(|error| errors::internal(format!("encoding the answer: {error}")))
+    }
+}
+
+impl<Request: Message + Default> Decoder for RequestDecoder<Request> {
+    type Item = Request;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Request>, Status> {
+        Request::decode(buf)
+            .map(Some)
+            .map_err(|error| errors::undecodable_request(&error))
+    }
+}
+
+/// A unary method as a closure from the decoded request to its answer.
+struct MethodFn<F>(F);
+
+impl<Request, Response, F> UnaryService<Request> for MethodFn<F>
+where
+    F: FnMut(tonic::Request<Request>) -> BoxFuture<tonic::Response<Response>, Status>,
+{
+    type Response = Response;
+    type Future = BoxFuture<tonic::Response<Response>, Status>;
+
+    fn call(&mut self, request: tonic::Request<Request>) -> Self::Future {
+        (self.0)(request)
+    }
+}
+
+/// Serves `request` as a unary call of `method` with [`ProstRouteCodec`], `max_message_bytes`
+/// limiting both the request and the answer.
+pub fn unary<Request, Response, B, F>(
+    request: http::Request<B>,
+    max_message_bytes: usize,
+    method: F,
+) -> BoxFuture<http::Response<tonic::body::Body>, Infallible>
+where
+    Request: Message + Default + Send + 'static,
+    Response: Message + Send + 'static,
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+    F: FnMut(tonic::Request<Request>) -> BoxFuture<tonic::Response<Response>, Status>
+        + Send
+        + 'static,
+{
+    let limit = Some(max_message_bytes);
+    Box::pin(async move {
+        let mut grpc = tonic::server::Grpc::new(ProstRouteCodec::<Request, Response>::default())
+            .apply_max_message_size_config(limit, limit);
+        Ok(grpc.unary(MethodFn(method), request).await)
+    })
+}
