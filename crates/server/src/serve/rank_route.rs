@@ -23,7 +23,7 @@ use prost::encoding::{DecodeContext, WireType};
 use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
-use tonic::server::{NamedService, UnaryService};
+use tonic::server::NamedService;
 
 use super::answer::WireRankResponse;
 use super::errors;
@@ -428,12 +428,11 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         match request.uri().path() {
             RANK_PATH => {
-                let method = RankMethod(Arc::clone(&self.service));
-                let limit = Some(self.max_message_bytes);
-                Box::pin(async move {
-                    let mut grpc = tonic::server::Grpc::new(RankCodec)
-                        .apply_max_message_size_config(limit, limit);
-                    Ok(grpc.unary(method, request).await)
+                let service = Arc::clone(&self.service);
+                let limit = self.max_message_bytes;
+                routes::unary_with_codec(RankCodec, request, limit, move |request| {
+                    let service = Arc::clone(&service);
+                    Box::pin(async move { service.rank_wire(request).await })
                 })
             }
             RANK_BATCH_PATH => {
@@ -445,19 +444,6 @@ where
             }
             _ => self.generated.call(request),
         }
-    }
-}
-
-/// The `Rank` method over [`WireRankRequest`].
-struct RankMethod(Arc<RankerService>);
-
-impl UnaryService<WireRankRequest> for RankMethod {
-    type Response = WireRankResponse;
-    type Future = BoxFuture<tonic::Response<WireRankResponse>, Status>;
-
-    fn call(&mut self, request: tonic::Request<WireRankRequest>) -> Self::Future {
-        let service = Arc::clone(&self.0);
-        Box::pin(async move { service.rank_wire(request).await })
     }
 }
 

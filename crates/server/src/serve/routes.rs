@@ -1,5 +1,6 @@
 //! Unary gRPC routes whose undecodable request bodies are INVALID_ARGUMENT: a prost codec
-//! and the route helper shared by the `Ranker` (`RankBatch`) and `Admin` services.
+//! and the route helper shared by the `Ranker` and `Admin` services (`Rank` brings its own
+//! codec).
 //!
 //! tonic's generated servers decode with its prost codec, which answers a body that is not
 //! a valid message (a string that is not UTF-8, a truncated field) with INTERNAL. Those
@@ -107,10 +108,30 @@ where
         + Send
         + 'static,
 {
+    let codec = ProstRouteCodec::<Request, Response>::default();
+    unary_with_codec(codec, request, max_message_bytes, method)
+}
+
+/// [`unary`] with `codec` instead of [`ProstRouteCodec`] (the `Rank` route's own codec).
+pub fn unary_with_codec<C, B, F>(
+    codec: C,
+    request: http::Request<B>,
+    max_message_bytes: usize,
+    method: F,
+) -> BoxFuture<http::Response<tonic::body::Body>, Infallible>
+where
+    C: Codec + Send + 'static,
+    C::Encode: Send + 'static,
+    C::Decode: Send + 'static,
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+    F: FnMut(tonic::Request<C::Decode>) -> BoxFuture<tonic::Response<C::Encode>, Status>
+        + Send
+        + 'static,
+{
     let limit = Some(max_message_bytes);
     Box::pin(async move {
-        let mut grpc = tonic::server::Grpc::new(ProstRouteCodec::<Request, Response>::default())
-            .apply_max_message_size_config(limit, limit);
+        let mut grpc = tonic::server::Grpc::new(codec).apply_max_message_size_config(limit, limit);
         Ok(grpc.unary(MethodFn(method), request).await)
     })
 }
