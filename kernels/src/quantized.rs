@@ -443,22 +443,30 @@ fn sum_lanes_x8(sums: [i32x8; ROW_BLOCK]) -> i32x8 {
     ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]))
 }
 
+/// `[lane(0), lane(1), …, lane(7)]` for a closure `lane`, spelled out: `array::map` (or
+/// `from_fn`) over a block is not always inlined here, and a call spills every vector.
+macro_rules! eight_lanes {
+    ($lane:expr) => {
+        [
+            $lane(0),
+            $lane(1),
+            $lane(2),
+            $lane(3),
+            $lane(4),
+            $lane(5),
+            $lane(6),
+            $lane(7),
+        ]
+    };
+}
+
 /// The exact code dot products `P` of eight rows with the query (the portable path: any
 /// stride, `wide` vectors).
 #[inline(always)]
 fn portable_dots8(rows: &QuantizedRows, query: &QuantizedQuery, block: &[u32; ROW_BLOCK]) -> i32x8 {
     let lanes = query.lanes.as_slice();
     let dot = |lane: usize| code_dot(rows.codes(block[lane] as usize), lanes);
-    sum_lanes_x8([
-        dot(0),
-        dot(1),
-        dot(2),
-        dot(3),
-        dot(4),
-        dot(5),
-        dot(6),
-        dot(7),
-    ])
+    sum_lanes_x8(eight_lanes!(dot))
 }
 
 /// Lower and upper bounds on the exact scores of eight rows whose code dot products with
@@ -470,18 +478,8 @@ fn bounds8(
     block: &[u32; ROW_BLOCK],
     dots: i32x8,
 ) -> (f32x8, f32x8) {
-    // Spelled out: `block.map` is not always inlined, and a call spills every vector.
     let scale = |lane: usize| rows.scales[block[lane] as usize];
-    let scales = f32x8::new([
-        scale(0),
-        scale(1),
-        scale(2),
-        scale(3),
-        scale(4),
-        scale(5),
-        scale(6),
-        scale(7),
-    ]);
+    let scales = f32x8::new(eight_lanes!(scale));
     let approx = f32x8::from_i32x8(dots) * f32x8::splat(query.step);
     let width = f32x8::splat(query.width);
     let floor = f32x8::splat(query.floor);
@@ -761,16 +759,7 @@ mod x86 {
         block: &[u32; ROW_BLOCK],
     ) -> i32x8 {
         let dot = |r: usize| row_dot(&rows[block[r] as usize], query);
-        let sums = [
-            dot(0),
-            dot(1),
-            dot(2),
-            dot(3),
-            dot(4),
-            dot(5),
-            dot(6),
-            dot(7),
-        ];
+        let sums = eight_lanes!(dot);
         bytemuck::cast::<__m256i, i32x8>(sum_lanes_x8(sums))
     }
 
