@@ -16,7 +16,6 @@ mod rank_route;
 mod ranker;
 mod replay;
 mod routes;
-mod siphash;
 pub mod state_setup;
 
 use std::collections::hash_map::RandomState;

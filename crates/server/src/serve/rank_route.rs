@@ -40,6 +40,13 @@ const ID_COPY_BLOCK: usize = 16;
 /// length byte, a copy block and the next entry's key.
 const FAST_WINDOW: usize = ID_COPY_BLOCK + 2;
 
+/// Ids whose ends the fast loop ([`take_fast_run`]) gathers before appending them (a power
+/// of two).
+const ENDS_BATCH: usize = 64;
+
+/// The one-byte key of field 10 (`candidate_ids`) with wire type 2.
+const KEY: u8 = ((CANDIDATE_IDS_FIELD as u8) << 3) | WireType::LengthDelimited as u8;
+
 /// Initial size of the buffer tonic gathers a request's body in (its default is 8 KiB): a
 /// 1000-candidate request is about 10 KB, so the default buffer was grown, by a `realloc`
 /// that copies, on every call. Requests of up to the inline limit (2048 candidates of
@@ -128,8 +135,6 @@ impl WireRankRequest {
     /// `check_ascii`, and returns the length of the bytes taken (0: none).
     #[inline(always)]
     fn take_run(&mut self, chunk: &[u8], check_ascii: bool) -> usize {
-        /// The one-byte key of field 10 with wire type 2.
-        const KEY: u8 = ((CANDIDATE_IDS_FIELD as u8) << 3) | WireType::LengthDelimited as u8;
         // Room for every id of the chunk (they hold fewer bytes than it) and a block past
         // them, so the loop below only writes into a slice.
         let room = self.id_text_len + chunk.len() + ID_COPY_BLOCK;
@@ -147,36 +152,11 @@ impl WireRankRequest {
         // bytes, the next key) lies in the chunk, one bounds check covers the entry. An id
         // longer than a block, or the chunk's last bytes, go on in the general loop below.
         if !check_ascii {
-            while let Some(window) = chunk
-                .get(next..)
-                .and_then(<[u8]>::first_chunk::<FAST_WINDOW>)
-            {
-                let len = usize::from(window[0]);
-                if len > ID_COPY_BLOCK {
-                    break;
-                }
-                let Some(block) = window
-                    .get(1..)
-                    .and_then(<[u8]>::first_chunk::<ID_COPY_BLOCK>)
-                else {
-                    break;
-                };
-                let Some(target) = text
-                    .get_mut(text_len..)
-                    .and_then(<[u8]>::first_chunk_mut::<ID_COPY_BLOCK>)
-                else {
-                    break;
-                };
-                *target = *block;
-                text_len += len;
-                ends.push(text_len);
-                taken = next + 1 + len;
-                // The key after the id is inside the window (`1 + len <= 1 + ID_COPY_BLOCK`).
-                if window.get(1 + len) != Some(&KEY) {
-                    self.id_text_len = text_len;
-                    return taken;
-                }
-                next = taken + 1;
+            let run = take_fast_run(chunk, text, ends, text_len);
+            (next, taken, text_len) = (run.next, run.taken, run.text_len);
+            if !run.key_follows {
+                self.id_text_len = text_len;
+                return taken;
             }
         }
         while let Some(&len) = chunk.get(next) {
@@ -254,6 +234,81 @@ impl WireRankRequest {
         }
         buf.advance(taken);
         true
+    }
+}
+
+/// Where the fast loop ([`take_fast_run`]) stopped.
+struct FastRun {
+    /// Where the next entry's length byte is.
+    next: usize,
+    /// The end of the last id taken (0: none).
+    taken: usize,
+    /// The ids' text length after the ids taken.
+    text_len: usize,
+    /// Whether the key of another `candidate_ids` entry follows the last id taken.
+    key_follows: bool,
+}
+
+/// The common case of [`WireRankRequest::take_run`] (its first loop, without the ASCII
+/// check): while a whole entry window (length byte, a block of id bytes, the next key) lies
+/// in `chunk`, one bounds check covers the entry; it stops at an id longer than a block, at
+/// the chunk's last bytes, or where no key follows an id. Appends the ids to `text` (from
+/// `text_len`) and their ends to `ends`.
+///
+/// A function of its own, not inlined, so that its few variables stay in registers (inlined
+/// into the decoder, they were kept on the stack); and the ends gather in a local array,
+/// appended every `ENDS_BATCH` ids and when the loop stops, rather than one `Vec::push`
+/// (capacity check, length store) per id.
+#[inline(never)]
+fn take_fast_run(
+    chunk: &[u8],
+    text: &mut [u8],
+    ends: &mut Vec<usize>,
+    mut text_len: usize,
+) -> FastRun {
+    let mut batch = [0_usize; ENDS_BATCH];
+    let mut batched = 0;
+    let mut next = 0;
+    let mut taken = 0;
+    let mut key_follows = true;
+    while let Some(window) = chunk
+        .get(next..)
+        .and_then(<[u8]>::first_chunk::<FAST_WINDOW>)
+    {
+        let [length, block @ .., _] = window;
+        let len = usize::from(*length);
+        if len > ID_COPY_BLOCK {
+            break;
+        }
+        let Some(target) = text
+            .get_mut(text_len..)
+            .and_then(<[u8]>::first_chunk_mut::<ID_COPY_BLOCK>)
+        else {
+            break;
+        };
+        *target = *block;
+        text_len += len;
+        // `batched` is below `ENDS_BATCH` here (the remainder only spares a check).
+        batch[batched % ENDS_BATCH] = text_len;
+        batched += 1;
+        if batched == ENDS_BATCH {
+            ends.extend_from_slice(&batch);
+            batched = 0;
+        }
+        taken = next + 1 + len;
+        // The key after the id is inside the window (`1 + len <= 1 + ID_COPY_BLOCK`).
+        if window.get(1 + len) != Some(&KEY) {
+            key_follows = false;
+            break;
+        }
+        next = taken + 1;
+    }
+    ends.extend_from_slice(batch.get(..batched).unwrap_or_default());
+    FastRun {
+        next,
+        taken,
+        text_len,
+        key_follows,
     }
 }
 

@@ -153,15 +153,16 @@ impl RankerService {
         let shared = &self.shared;
         shared.metrics.rank_requests.inc();
         let digest = shared.replay.digest_rank(&message, &candidate_ids);
-        let request_id = message.request_id.clone();
         let native = convert::rank_request(message, candidate_ids, Some(deadline))?;
-        let ticket = match shared.replay.begin(&request_id, digest, started) {
+        // The engine's request carries the request id unchanged.
+        let request_id = native.request_id.as_str();
+        let ticket = match shared.replay.begin(request_id, digest, started) {
             Begin::Run(ticket) => ticket,
             Begin::Replay(stored) => {
                 return replayed_stored(stored, started).map(WireRankResponse::encode);
             }
-            Begin::Reused => return Err(errors::request_id_reused(&request_id)),
-            Begin::InProgress => return Err(errors::request_in_progress(&request_id)),
+            Begin::Reused => return Err(errors::request_id_reused(request_id)),
+            Begin::InProgress => return Err(errors::request_in_progress(request_id)),
         };
         let admission = shared.admit(1)?;
 

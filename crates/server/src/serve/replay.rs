@@ -12,36 +12,64 @@
 //! response that was sent, without its timings, which a replay replaces anyway), so storing
 //! one copies nothing and dropping one frees one buffer.
 //!
-//! Content is compared by a 128-bit digest of the request's content: SipHash-1-3 with a
-//! 128-bit output ([`super::siphash`]) under a key drawn at random per process, so nobody
-//! outside the process can construct a different request with the same digest. The digest
-//! is taken over an unambiguous serialization of the request (its protobuf encoding without
-//! the candidate ids, then the ids' lengths, then their bytes), not over a re-encoding of
-//! the whole request, and only when the store will use it (a non-empty request id, store on).
-//! Keyed BLAKE3 was measured as the alternative and is slower here (BENCHMARKS.md, branch
-//! `srvcpu`; `cargo bench -p benches --bench replay_digest`).
+//! # The content digest
+//!
+//! Content is compared by a 128-bit digest of the request's content: XXH3-128 under a
+//! 192-byte secret drawn per process from the operating system's randomness (through
+//! `rand`'s thread generator). The digest is taken over an unambiguous serialization of the
+//! request (its protobuf encoding without the candidate ids, then the ids' lengths, then
+//! their bytes), not over a re-encoding of the whole request, and only when the store will
+//! use it (a non-empty request id, store on).
+//!
+//! Why a fast keyed hash is enough here, rather than a PRF (SipHash-1-3-128 until branch
+//! `body`, keyed BLAKE3 before that): the digest only tells a retry (same id, same content:
+//! replay) from a reused id (same id, other content: `FAILED_PRECONDITION`). It never leaves
+//! the process, so nobody outside sees an output or the secret, and it is compared only
+//! against the digest stored under the same request id. A collision would replay the stored
+//! answer of that id's first request to a request with other content: whoever sends that
+//! request must know the first request's content to aim at it, and could then send that
+//! content and get the same replay anyway, so a collision reveals nothing and the digest
+//! guards a client against its own mistakes, not against an attacker. What it needs is that
+//! different contents practically never collide by accident: XXH3-128 under a random secret
+//! has 128-bit output and passes SMHasher's collision and distribution tests. It is about
+//! five times faster than SipHash-1-3 over a T1 request (about 9 KB: BENCHMARKS.md, branch
+//! `body`; `cargo bench -p benches --bench replay_digest`).
+//!
+//! # The id table
+//!
+//! Entries live in one table under a mutex, found by the hash of their request id under
+//! the standard library's `RandomState` (SipHash-1-3 under a random key, so clients cannot
+//! aim ids at one bucket). That hash is computed once per call, before the lock, and kept in
+//! the [`Ticket`] and in the queue of stored answers: every later lookup (storing the
+//! answer, freeing the id, evicting the oldest answer) finds its entry by that hash and the
+//! entry's unique sequence number, without hashing or comparing the id again.
 
-use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::collections::hash_map::RandomState;
-use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use api::fairrank::v1::{RankRequest, RankResponse};
 use engine::CandidateIds;
+use hashbrown::HashTable;
 use prost::Message;
 use prost::bytes::Bytes;
+use rand::Rng;
+use xxhash_rust::xxh3::Xxh3;
 
 use super::answer::{WireRankResponse, timings_len};
-use super::siphash::SipHasher13;
 
 /// Largest encoding buffer a thread keeps between digests.
 const MAX_KEPT_BUFFER_BYTES: usize = 1 << 20;
 
+/// Size of the XXH3 secret (the size of its default secret).
+const SECRET_BYTES: usize = 192;
+
 thread_local! {
     /// Reused encoding buffer of [`ReplayStore::digest_rank`] (no allocation per request).
-    static ENCODE_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static ENCODE_BUFFER: std::cell::RefCell<Vec<u8>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Appends each id's length (from the ids' end offsets) as a varint.
@@ -70,7 +98,7 @@ fn push_id_lengths(buffer: &mut Vec<u8>, ends: &[usize]) {
 
 /// A 128-bit keyed digest of a request's content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Digest(u64, u64);
+pub struct Digest(u128);
 
 /// What a request with a given id and content should do.
 #[derive(Debug)]
@@ -91,50 +119,71 @@ pub struct ReplayStore {
     window: Duration,
     max_entries: usize,
     max_bytes: usize,
-    /// The SipHash key.
-    key: (u64, u64),
+    /// The XXH3 secret of the content digests.
+    secret: [u8; SECRET_BYTES],
+    /// Hashes request ids for the table.
+    id_hasher: RandomState,
     state: Mutex<State>,
 }
 
 #[derive(Debug, Default)]
 struct State {
-    /// By request id (shared with `order` and the running request's [`Ticket`]).
-    entries: HashMap<Arc<str>, Entry>,
-    /// Stored answers, oldest first: (id, sequence number). A sequence number that no
-    /// longer matches the entry marks a stale position.
-    order: VecDeque<(Arc<str>, u64)>,
+    /// Running requests and stored answers, one per request id, by [`Entry::id_hash`].
+    entries: HashTable<Entry>,
+    /// Stored answers, oldest first: (id hash, sequence number). A position whose entry is
+    /// gone or no longer stored with that sequence number is stale.
+    order: VecDeque<(u64, u64)>,
     stored: usize,
     bytes: usize,
     next_sequence: u64,
 }
 
+/// A request id's entry.
 #[derive(Debug)]
-enum Entry {
-    Running {
-        digest: Digest,
-    },
-    Done {
-        digest: Digest,
-        /// The answer's encoding without its timings.
-        response: Bytes,
-        stored_at: Instant,
-        sequence: u64,
-        bytes: usize,
-    },
+struct Entry {
+    /// The hash of `request_id` under [`ReplayStore::id_hasher`].
+    id_hash: u64,
+    request_id: Box<str>,
+    /// Unique in the store's life: given when the id is reserved, kept when the answer is
+    /// stored. It identifies this entry for the ticket and the order queue.
+    sequence: u64,
+    digest: Digest,
+    /// `None` while the request runs.
+    answer: Option<StoredAnswer>,
+}
+
+#[derive(Debug)]
+struct StoredAnswer {
+    /// The answer's encoding without its timings.
+    response: Bytes,
+    stored_at: Instant,
+    /// The whole answer's encoded size (the bytes it counts against `max_bytes`).
+    bytes: usize,
+}
+
+impl Entry {
+    /// Whether this is the stored answer with this sequence number.
+    fn is_stored(&self, sequence: u64) -> bool {
+        self.sequence == sequence && self.answer.is_some()
+    }
+
+    /// Whether this is the running request with this sequence number.
+    fn is_running(&self, sequence: u64) -> bool {
+        self.sequence == sequence && self.answer.is_none()
+    }
 }
 
 impl ReplayStore {
     /// A store with the given bounds; `max_entries == 0` turns it off (every request runs).
     pub fn new(window: Duration, max_entries: usize, max_bytes: usize) -> Arc<ReplayStore> {
+        let mut secret = [0_u8; SECRET_BYTES];
+        rand::rng().fill(&mut secret[..]);
         Arc::new(ReplayStore {
             window,
             max_entries,
             max_bytes,
-            // Each `RandomState` is keyed from the operating system's randomness.
-            key: (
-                RandomState::new().hash_one(0x7265_706c_6179_5f30_u64),
-                RandomState::new().hash_one(0x7265_706c_6179_5f31_u64),
-            ),
+            secret,
+            id_hasher: RandomState::new(),
             state: Mutex::new(State::default()),
         })
     }
@@ -165,7 +214,7 @@ impl ReplayStore {
     /// and equal requests equal bytes.
     pub fn digest_rank(&self, request: &RankRequest, candidate_ids: &CandidateIds) -> Digest {
         if !self.enabled() || request.request_id.is_empty() {
-            return Digest(0, 0);
+            return Digest(0);
         }
         ENCODE_BUFFER.with(|buffer| {
             let mut buffer = buffer.borrow_mut();
@@ -177,14 +226,13 @@ impl ReplayStore {
             let _ = request.encode(&mut *buffer);
             prost::encoding::encode_varint(candidate_ids.len() as u64, &mut *buffer);
             push_id_lengths(&mut buffer, candidate_ids.ends());
-            let mut hasher = SipHasher13::new_128(self.key.0, self.key.1);
-            hasher.write(&buffer);
-            hasher.write(candidate_ids.text().as_bytes());
+            let mut hasher = Xxh3::with_secret(self.secret);
+            hasher.update(&buffer);
+            hasher.update(candidate_ids.text().as_bytes());
             if buffer.capacity() > MAX_KEPT_BUFFER_BYTES {
                 *buffer = Vec::new();
             }
-            let (first, second) = hasher.finish_128();
-            Digest(first, second)
+            Digest(hasher.digest128())
         })
     }
 
@@ -195,27 +243,44 @@ impl ReplayStore {
         if !self.enabled() || request_id.is_empty() {
             return Begin::Run(Ticket::detached());
         }
-        let mut state = self.lock();
-        self.expire(&mut state, now);
-        if let Some(entry) = state.entries.get(request_id) {
-            return match entry {
-                Entry::Running { digest: running } if *running == digest => Begin::InProgress,
-                Entry::Done {
-                    digest: stored,
-                    response,
-                    ..
-                } if *stored == digest => Begin::Replay(response.clone()),
-                _ => Begin::Reused,
-            };
+        let id_hash = self.id_hasher.hash_one(request_id);
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        self.expire(state, now);
+        let sequence = state.next_sequence;
+        match state.entries.entry(
+            id_hash,
+            |entry| *entry.request_id == *request_id,
+            |entry| entry.id_hash,
+        ) {
+            hashbrown::hash_table::Entry::Occupied(occupied) => {
+                let entry = occupied.get();
+                if entry.digest != digest {
+                    return Begin::Reused;
+                }
+                match &entry.answer {
+                    None => Begin::InProgress,
+                    Some(answer) => Begin::Replay(answer.response.clone()),
+                }
+            }
+            hashbrown::hash_table::Entry::Vacant(vacant) => {
+                vacant.insert(Entry {
+                    id_hash,
+                    request_id: request_id.into(),
+                    sequence,
+                    digest,
+                    answer: None,
+                });
+                state.next_sequence += 1;
+                Begin::Run(Ticket {
+                    held: Some(Held {
+                        store: Arc::clone(self),
+                        id_hash,
+                        sequence,
+                    }),
+                })
+            }
         }
-        let request_id: Arc<str> = Arc::from(request_id);
-        state
-            .entries
-            .insert(Arc::clone(&request_id), Entry::Running { digest });
-        Begin::Run(Ticket {
-            held: Some((Arc::clone(self), request_id)),
-            digest,
-        })
     }
 
     /// Number of stored answers (not counting running requests).
@@ -230,113 +295,110 @@ impl ReplayStore {
 
     /// Drops answers older than the window.
     fn expire(&self, state: &mut State, now: Instant) {
-        while let Some((id, sequence)) = state.order.front() {
-            let expired = match state.entries.get(id) {
-                Some(Entry::Done {
-                    stored_at,
-                    sequence: current,
-                    ..
-                }) if current == sequence => now.duration_since(*stored_at) >= self.window,
+        while let Some(&(id_hash, sequence)) = state.order.front() {
+            let expired = match state
+                .entries
+                .find(id_hash, |entry| entry.is_stored(sequence))
+                .and_then(|entry| entry.answer.as_ref())
+            {
+                Some(answer) => now.duration_since(answer.stored_at) >= self.window,
                 // A stale position: its entry was replaced or removed.
-                _ => true,
+                None => true,
             };
             if !expired {
                 break;
             }
-            self.pop_oldest(state);
+            Self::pop_oldest(state);
         }
     }
 
     /// Removes the oldest position and, if it is current, its answer.
-    fn pop_oldest(&self, state: &mut State) {
-        let Some((id, sequence)) = state.order.pop_front() else {
+    fn pop_oldest(state: &mut State) {
+        let Some((id_hash, sequence)) = state.order.pop_front() else {
             return;
         };
-        if let Some(Entry::Done {
-            sequence: current,
-            bytes,
-            ..
-        }) = state.entries.get(&id)
-            && *current == sequence
+        if let Ok(occupied) = state
+            .entries
+            .find_entry(id_hash, |entry| entry.is_stored(sequence))
         {
-            state.bytes -= bytes;
-            state.stored -= 1;
-            state.entries.remove(&id);
+            let (entry, _) = occupied.remove();
+            if let Some(answer) = entry.answer {
+                state.bytes -= answer.bytes;
+                state.stored -= 1;
+            }
         }
     }
 
     /// Stores `response` (the encoding without timings) of `bytes` encoded bytes in all,
-    /// as stored at `now`.
-    fn complete(
-        &self,
-        request_id: &Arc<str>,
-        digest: Digest,
-        response: Bytes,
-        bytes: usize,
-        now: Instant,
-    ) {
+    /// as stored at `now`, for the running request `(id_hash, sequence)`.
+    fn complete(&self, id_hash: u64, sequence: u64, response: Bytes, bytes: usize, now: Instant) {
         let mut guard = self.lock();
         let state = &mut *guard;
-        let Some(entry) = state.entries.get_mut(&**request_id).filter(
-            |entry| matches!(entry, Entry::Running { digest: running } if *running == digest),
-        ) else {
+        let Ok(occupied) = state
+            .entries
+            .find_entry(id_hash, |entry| entry.is_running(sequence))
+        else {
             return;
         };
         if bytes > self.max_bytes {
-            state.entries.remove(&**request_id);
+            occupied.remove();
             return;
         }
-        let sequence = state.next_sequence;
-        state.next_sequence += 1;
-        *entry = Entry::Done {
-            digest,
+        occupied.into_mut().answer = Some(StoredAnswer {
             response,
             stored_at: now,
-            sequence,
             bytes,
-        };
-        state.order.push_back((Arc::clone(request_id), sequence));
+        });
+        state.order.push_back((id_hash, sequence));
         state.stored += 1;
         state.bytes += bytes;
         while state.stored > self.max_entries || state.bytes > self.max_bytes {
-            self.pop_oldest(state);
+            Self::pop_oldest(state);
         }
         // Stale positions pile up only between expiries; keep the queue proportionate.
         if state.order.len() > 2 * self.max_entries.max(16) {
-            state.order.retain(|(id, sequence)| {
-                matches!(state.entries.get(id), Some(Entry::Done { sequence: s, .. }) if s == sequence)
+            let State { entries, order, .. } = state;
+            order.retain(|&(id_hash, sequence)| {
+                entries
+                    .find(id_hash, |entry| entry.is_stored(sequence))
+                    .is_some()
             });
         }
     }
 
-    fn release(&self, request_id: &str, digest: Digest) {
+    /// Frees the id of the running request `(id_hash, sequence)`.
+    fn release(&self, id_hash: u64, sequence: u64) {
         let mut state = self.lock();
-        if matches!(
-            state.entries.get(request_id),
-            Some(Entry::Running { digest: running }) if *running == digest
-        ) {
-            state.entries.remove(request_id);
+        if let Ok(occupied) = state
+            .entries
+            .find_entry(id_hash, |entry| entry.is_running(sequence))
+        {
+            occupied.remove();
         }
     }
+}
+
+/// What a [`Ticket`] holds: the store and its running entry.
+#[derive(Debug)]
+struct Held {
+    store: Arc<ReplayStore>,
+    id_hash: u64,
+    sequence: u64,
 }
 
 /// The reservation of a running request id. [`Ticket::complete`] stores the answer; dropping
 /// the ticket without completing it frees the id (a failed request can be retried).
 #[derive(Debug)]
 pub struct Ticket {
-    /// The store and the request id it holds for this request (`None`: detached, or
-    /// already completed).
-    held: Option<(Arc<ReplayStore>, Arc<str>)>,
-    digest: Digest,
+    /// The store and the entry this request holds (`None`: detached, or already
+    /// completed).
+    held: Option<Held>,
 }
 
 impl Ticket {
     /// A ticket that stores nothing (store off, or no id).
     fn detached() -> Ticket {
-        Ticket {
-            held: None,
-            digest: Digest(0, 0),
-        }
+        Ticket { held: None }
     }
 
     /// Stores the answer for replay (encoding it), as stored at `now` (the current time).
@@ -359,16 +421,17 @@ impl Ticket {
     }
 
     fn store_encoded(mut self, body: Bytes, size: usize, now: Instant) {
-        if let Some((store, request_id)) = self.held.take() {
-            store.complete(&request_id, self.digest, body, size, now);
+        if let Some(held) = self.held.take() {
+            held.store
+                .complete(held.id_hash, held.sequence, body, size, now);
         }
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        if let Some((store, request_id)) = self.held.take() {
-            store.release(&request_id, self.digest);
+        if let Some(held) = self.held.take() {
+            held.store.release(held.id_hash, held.sequence);
         }
     }
 }
@@ -376,7 +439,11 @@ impl Drop for Ticket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use api::fairrank::v1 as pb;
     use api::fairrank::v1::RankedItem;
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+    use xxhash_rust::xxh3::xxh3_128_with_secret;
 
     fn request(id: &str, k: u32) -> RankRequest {
         RankRequest {
@@ -426,8 +493,8 @@ mod tests {
         );
     }
 
-    /// The digest is keyed SipHash-1-3-128 of the documented serialization (built here the
-    /// plain way: one buffer, every varint through prost, one write).
+    /// The digest is XXH3-128 under the store's secret of the documented serialization
+    /// (built here the plain way: one buffer, every varint through prost, one-shot hash).
     fn oracle_digest(store: &ReplayStore, request: &RankRequest, ids: &[String]) -> Digest {
         let mut bytes = Vec::new();
         prost::encoding::encode_varint(request.encoded_len() as u64, &mut bytes);
@@ -439,10 +506,7 @@ mod tests {
         for id in ids {
             bytes.extend_from_slice(id.as_bytes());
         }
-        let mut hasher = SipHasher13::new_128(store.key.0, store.key.1);
-        hasher.write(&bytes);
-        let (first, second) = hasher.finish_128();
-        Digest(first, second)
+        Digest(xxh3_128_with_secret(&bytes, &store.secret))
     }
 
     #[test]
@@ -471,7 +535,7 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn digests_are_keyed_siphash_of_the_documented_bytes(
+        fn digests_are_keyed_xxh3_of_the_documented_bytes(
             request_id in "[a-z0-9-]{1,40}",
             k in 0_u32..1000,
             ids in proptest::collection::vec("[a-z0-9]{0,20}|\\PC{0,200}", 0..300),
@@ -490,7 +554,7 @@ mod tests {
     fn digests_depend_on_the_per_process_key() {
         let first = ReplayStore::new(Duration::from_secs(60), 10, 1 << 20);
         let second = ReplayStore::new(Duration::from_secs(60), 10, 1 << 20);
-        assert_ne!(first.key, second.key);
+        assert_ne!(first.secret, second.secret);
         let message = request("r-1", 5);
         assert_ne!(first.digest(&message), second.digest(&message));
     }
@@ -615,5 +679,285 @@ mod tests {
         run(&store, "r", digest).complete(&answer("r", 1), Instant::now());
         let _first = run(&store, "r", digest);
         let _second = run(&store, "r", digest);
+    }
+
+    /// A request with every field set.
+    fn full_request() -> pb::RankRequest {
+        pb::RankRequest {
+            request_id: "r-full".into(),
+            user: Some(pb::rank_request::User::UserId("u-1".into())),
+            fallback_for_unknown_user: true,
+            candidate_ids: vec!["i0000001".into(), "i0000002".into(), "i0000003".into()],
+            skip_unknown_candidates: true,
+            k: 2,
+            pool_size: Some(3),
+            fairness: Some(pb::FairnessPolicy {
+                constraint: "fa*ir".into(),
+                group_attribute: "group".into(),
+                exposure_scope: "pool".into(),
+                on_infeasible: 1,
+                seed: Some(7),
+                ..Default::default()
+            }),
+            privacy: Some(pb::PrivacyPolicy {
+                mechanism: 1,
+                delta: Some(1e-6),
+                release_noisy_scores: true,
+                on_budget_exhausted: 1,
+                budget: Some(pb::privacy_policy::Budget::Rho(0.5)),
+            }),
+            consent: Some(pb::Consent {
+                personalization: 1,
+                consent_reference: "c-1".into(),
+            }),
+            explain: Some(pb::ExplainOptions {
+                level: 1,
+                max_dimensions: 4,
+            }),
+        }
+    }
+
+    #[test]
+    fn every_field_of_the_request_enters_the_digest() {
+        let store = ReplayStore::new(Duration::from_secs(60), 10, 1 << 20);
+        let base = full_request();
+        assert_eq!(store.digest(&base), store.digest(&base.clone()));
+        type Edit = fn(&mut pb::RankRequest);
+        let edits: [(&str, Edit); 23] = [
+            ("request_id", |r| r.request_id.push('x')),
+            ("user id", |r| {
+                r.user = Some(pb::rank_request::User::UserId("u-2".into()))
+            }),
+            ("inline user", |r| {
+                r.user = Some(pb::rank_request::User::InlineUser(pb::InlineUser {
+                    embedding: vec![0.5],
+                    subject_id: "u-1".into(),
+                }))
+            }),
+            ("no user", |r| r.user = None),
+            ("fallback", |r| r.fallback_for_unknown_user = false),
+            ("one id changed", |r| r.candidate_ids[1] = "i0000009".into()),
+            ("ids reordered", |r| r.candidate_ids.swap(0, 2)),
+            ("an id more", |r| r.candidate_ids.push(String::new())),
+            ("an id less", |r| {
+                r.candidate_ids.pop();
+            }),
+            ("skip unknown", |r| r.skip_unknown_candidates = false),
+            ("k", |r| r.k = 3),
+            ("pool size", |r| r.pool_size = Some(4)),
+            ("pool size unset", |r| r.pool_size = None),
+            ("fairness constraint", |r| {
+                r.fairness.as_mut().unwrap().constraint = "none".into()
+            }),
+            ("fairness seed", |r| {
+                r.fairness.as_mut().unwrap().seed = None
+            }),
+            ("no fairness", |r| r.fairness = None),
+            ("privacy budget", |r| {
+                r.privacy.as_mut().unwrap().budget = Some(pb::privacy_policy::Budget::Epsilon(0.5))
+            }),
+            ("privacy delta", |r| {
+                r.privacy.as_mut().unwrap().delta = Some(2e-6)
+            }),
+            ("consent", |r| {
+                r.consent.as_mut().unwrap().personalization = 2
+            }),
+            ("consent reference", |r| {
+                r.consent.as_mut().unwrap().consent_reference.clear()
+            }),
+            ("explain level", |r| r.explain.as_mut().unwrap().level = 2),
+            ("explain dimensions", |r| {
+                r.explain.as_mut().unwrap().max_dimensions = 5
+            }),
+            ("no explain", |r| r.explain = None),
+        ];
+        let mut seen = vec![("base", store.digest(&base))];
+        for (name, edit) in edits {
+            let mut edited = base.clone();
+            edit(&mut edited);
+            assert_ne!(edited, base, "{name} changes nothing");
+            let digest = store.digest(&edited);
+            assert_eq!(digest, store.digest(&edited.clone()), "{name}");
+            if let Some((other, _)) = seen.iter().find(|(_, seen)| *seen == digest) {
+                panic!("{name} digests as {other}");
+            }
+            seen.push((name, digest));
+        }
+    }
+
+    #[test]
+    fn many_ids_replay_the_newest_and_drop_the_oldest() {
+        let store = ReplayStore::new(Duration::from_secs(60), 1000, 1 << 30);
+        let ids: Vec<String> = (0..3000).map(|i| format!("r-{i:05}")).collect();
+        for id in &ids {
+            let digest = store.digest(&request(id, 1));
+            run(&store, id, digest).complete(&answer(id, 1), Instant::now());
+        }
+        assert_eq!(store.stored(), 1000);
+        for (position, id) in ids.iter().enumerate() {
+            let digest = store.digest(&request(id, 1));
+            match store.begin(id, digest, Instant::now()) {
+                Begin::Replay(response) => {
+                    assert!(position >= 2000, "{id}");
+                    assert_eq!(RankResponse::decode(response).unwrap(), answer(id, 1));
+                }
+                Begin::Run(ticket) => {
+                    assert!(position < 2000, "{id}");
+                    drop(ticket);
+                }
+                other => panic!("{id}: {other:?}"),
+            }
+            let other = store.digest(&request(id, 2));
+            let reused = matches!(store.begin(id, other, Instant::now()), Begin::Reused);
+            assert_eq!(reused, position >= 2000, "{id}");
+        }
+    }
+
+    /// What a [`ReplayStore::begin`] answered, comparable.
+    #[derive(Debug, PartialEq)]
+    enum Seen {
+        Run,
+        Replay(Bytes),
+        Reused,
+        InProgress,
+    }
+
+    /// The store's documented behaviour, the plain way: lists searched by id.
+    struct Model {
+        window: Duration,
+        max_entries: usize,
+        max_bytes: usize,
+        /// (request id, digest, ticket number).
+        running: Vec<(String, Digest, usize)>,
+        /// (request id, digest, answer, stored at, bytes), oldest first.
+        stored: VecDeque<(String, Digest, Bytes, Instant, usize)>,
+    }
+
+    impl Model {
+        fn begin(&mut self, id: &str, digest: Digest, now: Instant, ticket: usize) -> Seen {
+            if id.is_empty() {
+                return Seen::Run;
+            }
+            while let Some((.., stored_at, _)) = self.stored.front() {
+                if now.duration_since(*stored_at) < self.window {
+                    break;
+                }
+                self.stored.pop_front();
+            }
+            if let Some((_, running, _)) = self.running.iter().find(|(r, ..)| r == id) {
+                return if *running == digest {
+                    Seen::InProgress
+                } else {
+                    Seen::Reused
+                };
+            }
+            if let Some((_, stored, answer, ..)) = self.stored.iter().find(|(s, ..)| s == id) {
+                return if *stored == digest {
+                    Seen::Replay(answer.clone())
+                } else {
+                    Seen::Reused
+                };
+            }
+            self.running.push((id.to_owned(), digest, ticket));
+            Seen::Run
+        }
+
+        fn complete(&mut self, ticket: usize, answer: Bytes, bytes: usize, now: Instant) {
+            let Some(at) = self.running.iter().position(|(.., t)| *t == ticket) else {
+                return;
+            };
+            let (id, digest, _) = self.running.remove(at);
+            if bytes > self.max_bytes {
+                return;
+            }
+            self.stored.push_back((id, digest, answer, now, bytes));
+            while self.stored.len() > self.max_entries
+                || self.stored.iter().map(|(.., bytes)| bytes).sum::<usize>() > self.max_bytes
+            {
+                self.stored.pop_front();
+            }
+        }
+
+        fn release(&mut self, ticket: usize) {
+            self.running.retain(|(.., t)| *t != ticket);
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Begin { id: usize, content: u32 },
+        Complete { ticket: Index, bytes: usize },
+        Drop { ticket: Index },
+        Wait { millis: u64 },
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            3 => (0_usize..5, 0_u32..2).prop_map(|(id, content)| Step::Begin { id, content }),
+            2 => (any::<Index>(), 1_usize..60)
+                .prop_map(|(ticket, bytes)| Step::Complete { ticket, bytes }),
+            1 => any::<Index>().prop_map(|ticket| Step::Drop { ticket }),
+            1 => (0_u64..4).prop_map(|millis| Step::Wait { millis }),
+        ]
+    }
+
+    proptest! {
+        /// Any interleaving of requests (five ids, one of them empty; two contents each),
+        /// completions, failures and waits: the store answers as the model does and keeps
+        /// as many answers.
+        #[test]
+        fn the_store_behaves_as_the_plain_model(
+            steps in proptest::collection::vec(step(), 1..120),
+            max_entries in 1_usize..5,
+            max_bytes in 30_usize..150,
+        ) {
+            let window = Duration::from_millis(5);
+            let store = ReplayStore::new(window, max_entries, max_bytes);
+            let mut model = Model {
+                window,
+                max_entries,
+                max_bytes,
+                running: Vec::new(),
+                stored: VecDeque::new(),
+            };
+            let ids = ["r-0", "r-1", "r-2", "r-3", ""];
+            let start = Instant::now();
+            let mut clock = Duration::ZERO;
+            let mut tickets: Vec<(Ticket, usize)> = Vec::new();
+            for (number, step) in steps.into_iter().enumerate() {
+                let now = start + clock;
+                match step {
+                    Step::Begin { id, content } => {
+                        let id = ids[id];
+                        let digest = store.digest(&request(id, content));
+                        let expected = model.begin(id, digest, now, number);
+                        let seen = match store.begin(id, digest, now) {
+                            Begin::Run(ticket) => {
+                                tickets.push((ticket, number));
+                                Seen::Run
+                            }
+                            Begin::Replay(answer) => Seen::Replay(answer),
+                            Begin::Reused => Seen::Reused,
+                            Begin::InProgress => Seen::InProgress,
+                        };
+                        prop_assert_eq!(seen, expected, "step {}", number);
+                    }
+                    Step::Complete { ticket, bytes } if !tickets.is_empty() => {
+                        let (ticket, number) = tickets.remove(ticket.index(tickets.len()));
+                        let answer = Bytes::from(vec![number as u8; bytes / 2]);
+                        model.complete(number, answer.clone(), bytes, now);
+                        ticket.store_encoded(answer, bytes, now);
+                    }
+                    Step::Drop { ticket } if !tickets.is_empty() => {
+                        let (ticket, number) = tickets.remove(ticket.index(tickets.len()));
+                        model.release(number);
+                        drop(ticket);
+                    }
+                    Step::Wait { millis } => clock += Duration::from_millis(millis),
+                    Step::Complete { .. } | Step::Drop { .. } => {}
+                }
+                prop_assert_eq!(store.stored(), model.stored.len());
+            }
+        }
     }
 }
