@@ -1464,12 +1464,12 @@ mod tests {
     }
 
     /// The T1 shape for instruction counts (BENCHMARKS.md): 1000 distinct random rows of a
-    /// 100 000 x 64 table, k = 10, 64 lists scored 20 times each. Run under callgrind with
+    /// 100 000 x 64 table, top `k`, 64 lists scored 20 times each. Run under callgrind with
     /// `--toggle-collect='*quantized_candidates_topk*'` on the release test binary, with
-    /// `-- --ignored --exact quantized::tests::t1_shape_probe`; divide by 1 280 000 rows.
-    #[test]
-    #[ignore = "a measurement, not a check"]
-    fn t1_shape_probe() {
+    /// `-- --ignored --exact quantized::tests::t1_shape_probe` (k = 10) or
+    /// `quantized::tests::t1_shape_probe_k100` (k = 100, the engine's default pool, what T1
+    /// runs); divide by 1280 lists.
+    fn probe_t1_shape(k: usize) {
         let (rows, dim, lists, repeats) = (100_000, 64, 64, 20);
         let data = random_rows(21, rows, dim, dim);
         let m = RowMatrix::dense(&data, dim).unwrap();
@@ -1493,7 +1493,7 @@ mod tests {
                     &quantized,
                     &query,
                     list,
-                    10,
+                    k,
                     &mut scratch,
                     &mut top,
                 )
@@ -1502,9 +1502,21 @@ mod tests {
             }
         }
         eprintln!(
-            "{:.1} rescored per list",
+            "k = {k}: {:.1} rescored per list",
             rescored as f64 / (lists.len() * repeats) as f64
         );
+    }
+
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn t1_shape_probe() {
+        probe_t1_shape(10);
+    }
+
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn t1_shape_probe_k100() {
+        probe_t1_shape(100);
     }
 
     #[test]
