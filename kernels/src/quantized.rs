@@ -934,13 +934,17 @@ fn quantized_candidates_topk_on(
     let kept = &mut scratch.kept;
     kept.clear();
     rescore(m, exact, open, kept);
-    // At least k candidates (every sure one) score `floor` or more, so the k-th best exact
-    // score is at least `floor`: a doubtful candidate whose upper bound is below it cannot
-    // be in the top k.
-    let floor = kept
-        .iter()
-        .fold(f32::INFINITY, |floor, item| floor.min(item.score));
-    doubtful.retain(|candidate| may_enter(candidate.upper, floor));
+    // At least k candidates (every sure one) score `sure_minimum` or more, so the k-th best
+    // exact score is at least that: a doubtful candidate whose upper bound is below it
+    // cannot be in the top k. (There are always k sure ones; the guard keeps the answer
+    // exact even if there were not.)
+    let sure_minimum = match kept.len() >= k {
+        true => kept
+            .iter()
+            .fold(f32::INFINITY, |low, item| low.min(item.score)),
+        false => f32::NEG_INFINITY,
+    };
+    doubtful.retain(|candidate| may_enter(candidate.upper, sure_minimum));
     rescore(m, exact, doubtful, kept);
     write_best_sorted(kept, k, keys, out);
     Ok(QuantizedPass {
