@@ -1,6 +1,6 @@
 //! Criterion benchmark of the Rank candidate path outside the server
 //! (`cargo bench -p benches --bench candidates`): resolve 1000 candidate ids to rows, then
-//! score the rows and keep the top 10, as `engine` does for a 1000-candidate request.
+//! score the rows and keep the top 10 (or 100), as `engine` does for a 1000-candidate request.
 //!
 //! What each function compares against:
 //! - `lookup`: `Table::index_of_many` alone (ids to rows, no row touched).
@@ -14,10 +14,14 @@
 //!   int8 copy prunes, the f32 kernel rescores the rest; same answer as `score`), and
 //!   `warm_quantized_then_score_quantized`: the engine's path with the copy ready (the
 //!   lookups prefetch the int8 rows through `Table::index_of_many_hinting_rows`).
+//! - `score_k100`, `score_quantized_k100`, `warm_quantized_then_score_quantized_k100`: the
+//!   same at k = 100, the shape T1 really runs (its requests leave `pool_size` unset, so the
+//!   engine asks the candidate kernel for its default re-ranking pool of 100).
 //!
 //! Before timing, it prints how long the int8 copy takes to build (best of 3, wall clock) and
-//! how many candidates the quantized kernel rescores per list (mean over the 64 lists, with
-//! every user of the default dataset's user table as the query for the default table).
+//! how many candidates the quantized kernel rescores per list at k = 10 and k = 100 (mean
+//! over the 64 lists, with every user of the default dataset's user table as the query for
+//! the default table).
 //!
 //! Tables: the built-in default dataset (100 000 x 64, the T1 load test's table; 25.6 MB of
 //! rows, so after a few requests most of it sits in the 32 MiB L3) and a synthetic 1M x 128
@@ -47,7 +51,10 @@ use store::{Table, write_table};
 
 const CANDIDATES: usize = 1000;
 const LISTS: usize = 64;
+/// The top-k of a request's own `k`.
 const K: usize = 10;
+/// The top-k T1 runs: the engine's default re-ranking pool.
+const POOL_K: usize = 100;
 
 /// Criterion measurement: CPU time of the calling thread, in nanoseconds.
 struct ThreadCpuTime;
@@ -184,19 +191,20 @@ fn report_rescored(
     quantized: &QuantizedRows,
     queries: &[Vec<f32>],
     resolved: &[Vec<u32>],
+    k: usize,
 ) {
     let (mut scratch, mut exact, mut pruned) = (TopKScratch::new(), Vec::new(), Vec::new());
     let (mut rescored, mut runs) = (0usize, 0usize);
     for query in queries {
         for rows in resolved {
-            candidates_topk(matrix(table), query, rows, K, &mut scratch, &mut exact)
+            candidates_topk(matrix(table), query, rows, k, &mut scratch, &mut exact)
                 .unwrap_or_else(|e| panic!("{e}"));
             let pass = quantized_candidates_topk(
                 matrix(table),
                 quantized,
                 query,
                 rows,
-                K,
+                k,
                 &mut scratch,
                 &mut pruned,
             )
@@ -207,7 +215,7 @@ fn report_rescored(
         }
     }
     eprintln!(
-        "candidates/{label}: {:.1} of {CANDIDATES} candidates rescored per list at k = {K} (mean over {runs} query x list pairs)",
+        "candidates/{label}: {:.1} of {CANDIDATES} candidates rescored per list at k = {k} (mean over {runs} query x list pairs)",
         rescored as f64 / runs.max(1) as f64
     );
 }
@@ -246,7 +254,9 @@ fn bench_table(
     };
     // `FAIRRANK_BENCH_CANDIDATES_REPORT=0` skips the report (minutes under valgrind).
     if std::env::var("FAIRRANK_BENCH_CANDIDATES_REPORT").as_deref() != Ok("0") {
-        report_rescored(label, table, &quantized, &queries, &resolved);
+        for k in [K, POOL_K] {
+            report_rescored(label, table, &quantized, &queries, &resolved, k);
+        }
     }
 
     let mut group = c.benchmark_group(format!("candidates/{label}"));
@@ -273,28 +283,36 @@ fn bench_table(
             black_box(buffers.found.len())
         })
     });
-    group.bench_function("score", |b| {
-        b.iter(|| {
-            let rows = &resolved[take()];
-            let Buffers { scratch, out, .. } = &mut buffers;
-            if let Err(e) = candidates_topk(matrix(table), &query, rows, K, scratch, out) {
-                panic!("{e}");
-            }
-            black_box(out.len())
-        })
-    });
-    group.bench_function("score_quantized", |b| {
-        b.iter(|| {
-            let rows = &resolved[take()];
-            let Buffers { scratch, out, .. } = &mut buffers;
-            if let Err(e) =
-                quantized_candidates_topk(matrix(table), &quantized, &query, rows, K, scratch, out)
-            {
-                panic!("{e}");
-            }
-            black_box(out.len())
-        })
-    });
+    for (suffix, k) in [("", K), ("_k100", POOL_K)] {
+        group.bench_function(format!("score{suffix}"), |b| {
+            b.iter(|| {
+                let rows = &resolved[take()];
+                let Buffers { scratch, out, .. } = &mut buffers;
+                if let Err(e) = candidates_topk(matrix(table), &query, rows, k, scratch, out) {
+                    panic!("{e}");
+                }
+                black_box(out.len())
+            })
+        });
+        group.bench_function(format!("score_quantized{suffix}"), |b| {
+            b.iter(|| {
+                let rows = &resolved[take()];
+                let Buffers { scratch, out, .. } = &mut buffers;
+                if let Err(e) = quantized_candidates_topk(
+                    matrix(table),
+                    &quantized,
+                    &query,
+                    rows,
+                    k,
+                    scratch,
+                    out,
+                ) {
+                    panic!("{e}");
+                }
+                black_box(out.len())
+            })
+        });
+    }
     group.bench_function("lookup_then_score", |b| {
         b.iter(|| {
             let ids = &lists[take()];
@@ -319,27 +337,38 @@ fn bench_table(
             ))
         })
     });
-    group.bench_function("warm_quantized_then_score_quantized", |b| {
-        b.iter(|| {
-            let ids = &lists[take()];
-            let Buffers {
-                found,
-                rows,
-                scratch,
-                out,
-            } = &mut buffers;
-            found.clear();
-            table.index_of_many_hinting_rows(ids, |row| quantized.prefetch_row(row), found);
-            rows.clear();
-            rows.extend(found.iter().flatten());
-            if let Err(e) =
-                quantized_candidates_topk(matrix(table), &quantized, &query, rows, K, scratch, out)
-            {
-                panic!("{e}");
-            }
-            black_box(out.len())
-        })
-    });
+    for (suffix, k) in [("", K), ("_k100", POOL_K)] {
+        group.bench_function(
+            format!("warm_quantized_then_score_quantized{suffix}"),
+            |b| {
+                b.iter(|| {
+                    let ids = &lists[take()];
+                    let Buffers {
+                        found,
+                        rows,
+                        scratch,
+                        out,
+                    } = &mut buffers;
+                    found.clear();
+                    table.index_of_many_hinting_rows(ids, |row| quantized.prefetch_row(row), found);
+                    rows.clear();
+                    rows.extend(found.iter().flatten());
+                    if let Err(e) = quantized_candidates_topk(
+                        matrix(table),
+                        &quantized,
+                        &query,
+                        rows,
+                        k,
+                        scratch,
+                        out,
+                    ) {
+                        panic!("{e}");
+                    }
+                    black_box(out.len())
+                })
+            },
+        );
+    }
     group.finish();
 }
 

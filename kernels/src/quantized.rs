@@ -26,10 +26,16 @@
 //!    the scan goes (a list of lower bounds cut back to the best `k` in bulk, like
 //!    [`crate::candidates_topk`]'s survivors), and candidates whose `upper` is below the
 //!    running `L` are dropped at once (the final `L` can only be higher).
-//! 4. Every remaining candidate with `upper >= L` is rescored with the f32 kernel's own
-//!    recipe ([`score_rows8`] / [`score_row`]), so its score is bit for bit the score
-//!    [`crate::candidates_topk`] gives it, and the best `k` of them under the same ranking
-//!    order (score descending, ties by row index) are returned: the same list, item for item.
+//! 4. Candidates are rescored with the f32 kernel's own recipe ([`score_rows8`] /
+//!    [`score_row`]), so each score is bit for bit the score [`crate::candidates_topk`] gives
+//!    it. First the sure ones, whose `lower >= L` (at least `k` of them). The smallest of
+//!    their exact scores, `F >= L`, is reached by at least `k` candidates, so the k-th best
+//!    exact score is `>= F`: of the others, only those with `upper >= F` (a subset of those
+//!    with `upper >= L`) can be in the top k, and only they are rescored. With 1000
+//!    candidates of dimension 64 and k = 100 that is about 108 rows where `upper >= L` gave
+//!    117. The best `k` rescored candidates under the same ranking order (score descending,
+//!    ties by row index) are returned, sorted as integer keys
+//!    ([`crate::topk::rank_key`]): the same list, item for item.
 //!
 //! The dot products `P` are exact integers, so how they are computed does not change any
 //! bound: on CPUs with AVX-512BW, strides of 64 and 128 codes (dimensions 33 to 128) use a
@@ -78,8 +84,10 @@ use crate::bf16::f32_rounded_up;
 use crate::candidates::{candidates_topk, prefetch_group};
 use crate::error::KernelError;
 use crate::matrix::RowMatrix;
-use crate::simd::{ROW_BLOCK, prefetch_l2, score_row, score_rows8};
-use crate::topk::{ScoredItem, TopKScratch, keep_best, may_enter, sort_ranked};
+use crate::simd::{PreparedQuery, ROW_BLOCK, prefetch_l2, score_row, score_rows8};
+use crate::topk::{
+    ScoredItem, TopKScratch, descending_key, may_enter, score_of_descending_key, write_best_sorted,
+};
 use crate::validate::{check_candidates, check_k, check_query};
 
 /// Bytes of a cache line: quantized rows of up to 64 elements never straddle one.
@@ -396,10 +404,11 @@ impl QuantizedQuery {
     }
 }
 
-/// One candidate that the running threshold has not ruled out: its row and upper bound.
+/// One candidate that the running threshold has not ruled out: its row and bounds.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct OpenCandidate {
     row: u32,
+    lower: f32,
     upper: f32,
 }
 
@@ -407,10 +416,17 @@ pub(crate) struct OpenCandidate {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct QuantizedScratch {
     query: QuantizedQuery,
-    /// Lower bounds at or above the running threshold, cut back to the best `k` in bulk.
-    lowers: Vec<f32>,
-    /// Candidates whose upper bound reached the running threshold.
+    /// Lower bounds at or above the running threshold (as [`descending_key`]s, which select
+    /// as plain integers), cut back to the best `k` in bulk.
+    lowers: Vec<u32>,
+    /// Candidates whose upper bound reached the running threshold (after the scan: the
+    /// sure ones, whose lower bound reached the final threshold).
     open: Vec<OpenCandidate>,
+    /// The open candidates whose lower bound is below the final threshold but whose upper
+    /// bound reaches it.
+    doubtful: Vec<OpenCandidate>,
+    /// The rank keys of the rescored candidates (see [`write_best_sorted`]).
+    keys: Vec<u64>,
 }
 
 /// What [`quantized_candidates_topk`] did.
@@ -506,7 +522,7 @@ fn bounds1(rows: &QuantizedRows, query: &QuantizedQuery, row: u32) -> (f32, f32)
 /// The running state of the int8 pass: the kept lower bounds, the open candidates and the
 /// threshold (step 3 of the module docs).
 struct Pruner<'s> {
-    lowers: &'s mut Vec<f32>,
+    lowers: &'s mut Vec<u32>,
     open: &'s mut Vec<OpenCandidate>,
     /// The k-th largest lower bound so far, once `k` are known (`-inf` before).
     threshold: f32,
@@ -517,7 +533,7 @@ struct Pruner<'s> {
 
 impl<'s> Pruner<'s> {
     fn new(
-        lowers: &'s mut Vec<f32>,
+        lowers: &'s mut Vec<u32>,
         open: &'s mut Vec<OpenCandidate>,
         k: usize,
         candidates: usize,
@@ -536,9 +552,9 @@ impl<'s> Pruner<'s> {
     /// Records a candidate whose upper bound reached the threshold.
     #[inline(always)]
     fn offer(&mut self, row: u32, lower: f32, upper: f32) {
-        self.open.push(OpenCandidate { row, upper });
+        self.open.push(OpenCandidate { row, lower, upper });
         if may_enter(lower, self.threshold) {
-            self.lowers.push(lower);
+            self.lowers.push(descending_key(lower));
             if self.lowers.len() >= self.capacity {
                 self.threshold = cut_lowers(self.lowers, self.k);
             }
@@ -823,14 +839,24 @@ mod x86 {
     }
 }
 
-/// Cuts `lowers` back to its `k` largest values and returns the smallest of them (the k-th
-/// largest lower bound so far).
-fn cut_lowers(lowers: &mut Vec<f32>, k: usize) -> f32 {
-    if lowers.len() > k {
-        lowers.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+/// Cuts `lowers` (the [`descending_key`]s of lower bounds) back to its `k` largest bounds
+/// (the `k` smallest keys) and returns the smallest of those bounds: the k-th largest lower
+/// bound so far (`+inf` when `lowers` is empty).
+fn cut_lowers(lowers: &mut Vec<u32>, k: usize) -> f32 {
+    let worst = if lowers.len() > k {
+        // The k-th smallest key lands at `k - 1`, the smaller ones before it.
+        let (_, worst, _) = lowers.select_nth_unstable(k - 1);
+        let worst = *worst;
         lowers.truncate(k);
-    }
-    lowers.iter().copied().fold(f32::INFINITY, f32::min)
+        worst
+    } else {
+        lowers
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(descending_key(f32::INFINITY))
+    };
+    score_of_descending_key(worst)
 }
 
 /// The best `k` candidate rows for `query`, best first, into `out`: exactly what
@@ -887,6 +913,8 @@ fn quantized_candidates_topk_on(
         query: codes,
         lowers,
         open,
+        doubtful,
+        keys,
     } = &mut scratch.quantized;
     let mut pruner = Pruner::new(lowers, open, k, candidates.len());
     prune(quantized, codes, candidates, &mut pruner, dots_path);
@@ -896,17 +924,65 @@ fn quantized_candidates_topk_on(
         true => cut_lowers(lowers, k),
         false => f32::NEG_INFINITY,
     };
-    open.retain(|candidate| may_enter(candidate.upper, threshold));
-    for candidate in open.iter() {
+    split_open(open, doubtful, threshold);
+    for candidate in open.iter().chain(doubtful.iter()) {
         prefetch_l2(m.row(candidate.row as usize));
     }
-    // Exact rescoring with the f32 kernel's recipe.
+    // Exact rescoring with the f32 kernel's recipe: the sure candidates first.
     scratch.query.prepare(query);
     let exact = &scratch.query;
     let kept = &mut scratch.kept;
     kept.clear();
-    let (open_blocks, open_rest) = open.as_chunks::<ROW_BLOCK>();
-    for block in open_blocks {
+    rescore(m, exact, open, kept);
+    // At least k candidates (every sure one) score `sure_minimum` or more, so the k-th best
+    // exact score is at least that: a doubtful candidate whose upper bound is below it
+    // cannot be in the top k. (There are always k sure ones; the guard keeps the answer
+    // exact even if there were not.)
+    let sure_minimum = match kept.len() >= k {
+        true => kept
+            .iter()
+            .fold(f32::INFINITY, |low, item| low.min(item.score)),
+        false => f32::NEG_INFINITY,
+    };
+    doubtful.retain(|candidate| may_enter(candidate.upper, sure_minimum));
+    rescore(m, exact, doubtful, kept);
+    write_best_sorted(kept, k, keys, out);
+    Ok(QuantizedPass {
+        rescored: kept.len(),
+        pruned: true,
+    })
+}
+
+/// Splits the open candidates at the final threshold `L`: those whose lower bound reaches it
+/// stay in `open` (at least `k` of them: every lower bound among the `k` best), those below
+/// it whose upper bound reaches it go to `doubtful`, the rest are dropped.
+fn split_open(open: &mut Vec<OpenCandidate>, doubtful: &mut Vec<OpenCandidate>, threshold: f32) {
+    // The sure ones are compacted to the front of `open` without a branch (whether a
+    // candidate is sure is a coin toss near the threshold); the doubtful ones are few.
+    doubtful.clear();
+    let mut sure = 0;
+    for position in 0..open.len() {
+        let candidate = open[position];
+        open[sure] = candidate;
+        let is_sure = may_enter(candidate.lower, threshold);
+        sure += usize::from(is_sure);
+        if !is_sure && may_enter(candidate.upper, threshold) {
+            doubtful.push(candidate);
+        }
+    }
+    open.truncate(sure);
+}
+
+/// Appends the exact scores of `candidates` (the f32 kernel's recipe, eight rows at a time)
+/// to `kept`.
+fn rescore(
+    m: RowMatrix<'_>,
+    exact: &PreparedQuery,
+    candidates: &[OpenCandidate],
+    kept: &mut Vec<ScoredItem>,
+) {
+    let (blocks, rest) = candidates.as_chunks::<ROW_BLOCK>();
+    for block in blocks {
         let scores = score_rows8(
             block.map(|candidate| m.row_extended(candidate.row as usize)),
             exact,
@@ -919,21 +995,12 @@ fn quantized_candidates_topk_on(
                 .map(|(candidate, score)| ScoredItem::new(candidate.row, score)),
         );
     }
-    kept.extend(open_rest.iter().map(|candidate| {
+    kept.extend(rest.iter().map(|candidate| {
         ScoredItem::new(
             candidate.row,
             score_row(m.row_extended(candidate.row as usize), exact),
         )
     }));
-    let rescored = kept.len();
-    keep_best(kept, k);
-    out.clear();
-    out.extend_from_slice(kept);
-    sort_ranked(out);
-    Ok(QuantizedPass {
-        rescored,
-        pruned: true,
-    })
 }
 
 #[cfg(test)]
@@ -1256,6 +1323,98 @@ mod tests {
         }
     }
 
+    /// How many of `candidates` the rule before the exact floor rescored: those whose upper
+    /// bound reaches the k-th largest lower bound `L` (computed here from [`bounds1`]).
+    fn rescored_by_the_lower_bounds_alone(
+        quantized: &QuantizedRows,
+        query: &[f32],
+        candidates: &[u32],
+        k: usize,
+    ) -> usize {
+        let mut codes = QuantizedQuery::default();
+        assert!(codes.prepare(query, quantized.max_abs, quantized.stride));
+        let bounds: Vec<(f32, f32)> = candidates
+            .iter()
+            .map(|&row| bounds1(quantized, &codes, row))
+            .collect();
+        let mut lowers: Vec<f32> = bounds.iter().map(|&(lower, _)| lower).collect();
+        lowers.sort_by(|a, b| b.total_cmp(a));
+        let threshold = lowers[k - 1];
+        bounds
+            .iter()
+            .filter(|&&(_, upper)| upper >= threshold)
+            .count()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(96))]
+
+        /// Long lists (the sure / doubtful split, the exact floor, several cuts of the lower
+        /// bounds) with `k` anywhere up to the list length, on uniform rows or small integer
+        /// rows (many exact ties, so that the floor and the threshold are often tied too).
+        #[test]
+        fn long_lists_any_k_and_ties(
+            rows in 50usize..400,
+            dim in prop::sample::select(vec![3usize, 16, 64]),
+            integer in any::<bool>(),
+            count in 1usize..700,
+            k_from_end in 0usize..12,
+            k_fraction in 0.0f64..1.0,
+            near_the_end in any::<bool>(),
+            seed in any::<u64>(),
+        ) {
+            let data = if integer {
+                integer_rows(seed, rows, dim, dim)
+            } else {
+                random_rows(seed, rows, dim, dim)
+            };
+            let m = RowMatrix::dense(&data, dim).unwrap();
+            let quantized = QuantizedRows::build(m);
+            let query = if integer { integer_rows(!seed, 1, dim, dim) } else { random_vec(!seed, dim) };
+            // Distinct rows first, then repeats (a row listed twice is scored twice).
+            let candidates: Vec<u32> = (0..count)
+                .map(|i| ((seed as usize).wrapping_add(i * 7) % rows) as u32)
+                .collect();
+            let k = if near_the_end {
+                count.saturating_sub(k_from_end).max(1)
+            } else {
+                ((count as f64 * k_fraction) as usize).max(1)
+            };
+            let pass = check_same_answer(m, &quantized, &query, &candidates, k)?;
+            if pass.pruned {
+                prop_assert!(pass.rescored >= k);
+                prop_assert!(
+                    pass.rescored
+                        <= rescored_by_the_lower_bounds_alone(&quantized, &query, &candidates, k)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_exact_floor_rescores_fewer_than_the_lower_bounds_alone() {
+        let (rows, dim) = (4000, 64);
+        let data = random_rows(31, rows, dim, dim);
+        let m = RowMatrix::dense(&data, dim).unwrap();
+        let quantized = QuantizedRows::build(m);
+        let candidates: Vec<u32> = (0..1000).map(|i| (i * 37 % rows) as u32).collect();
+        let (mut fewer, mut lists) = (0, 0);
+        for seed in 0..20 {
+            let query = random_vec(100 + seed, dim);
+            for k in [10, 100] {
+                let pass = check_same_answer(m, &quantized, &query, &candidates, k).unwrap();
+                assert!(pass.pruned);
+                let before = rescored_by_the_lower_bounds_alone(&quantized, &query, &candidates, k);
+                assert!(pass.rescored <= before, "{} > {before}", pass.rescored);
+                fewer += usize::from(pass.rescored < before);
+                lists += 1;
+            }
+        }
+        // The floor (the smallest exact score of the sure candidates) is above `L` on
+        // almost every list: it must rule out some doubtful candidate on most of them.
+        assert!(fewer * 2 > lists, "fewer on {fewer} of {lists} lists");
+    }
+
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn avx512_dots_at_the_extremes() {
@@ -1464,12 +1623,12 @@ mod tests {
     }
 
     /// The T1 shape for instruction counts (BENCHMARKS.md): 1000 distinct random rows of a
-    /// 100 000 x 64 table, k = 10, 64 lists scored 20 times each. Run under callgrind with
+    /// 100 000 x 64 table, top `k`, 64 lists scored 20 times each. Run under callgrind with
     /// `--toggle-collect='*quantized_candidates_topk*'` on the release test binary, with
-    /// `-- --ignored --exact quantized::tests::t1_shape_probe`; divide by 1 280 000 rows.
-    #[test]
-    #[ignore = "a measurement, not a check"]
-    fn t1_shape_probe() {
+    /// `-- --ignored --exact quantized::tests::t1_shape_probe` (k = 10) or
+    /// `quantized::tests::t1_shape_probe_k100` (k = 100, the engine's default pool, what T1
+    /// runs); divide by 1280 lists.
+    fn probe_t1_shape(k: usize) {
         let (rows, dim, lists, repeats) = (100_000, 64, 64, 20);
         let data = random_rows(21, rows, dim, dim);
         let m = RowMatrix::dense(&data, dim).unwrap();
@@ -1493,7 +1652,7 @@ mod tests {
                     &quantized,
                     &query,
                     list,
-                    10,
+                    k,
                     &mut scratch,
                     &mut top,
                 )
@@ -1501,10 +1660,22 @@ mod tests {
                 rescored += pass.rescored;
             }
         }
-        eprintln!(
-            "{:.1} rescored per list",
+        println!(
+            "k = {k}: {:.1} rescored per list",
             rescored as f64 / (lists.len() * repeats) as f64
         );
+    }
+
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn t1_shape_probe() {
+        probe_t1_shape(10);
+    }
+
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn t1_shape_probe_k100() {
+        probe_t1_shape(100);
     }
 
     #[test]
