@@ -22,8 +22,8 @@
 //! --toggle-collect='*measured_requests*' target/release/deps/request_path-HASH`.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::path::Path;
 use std::hint::black_box;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use engine::{Engine, EngineConfig, RankRequest, RankResponse, UserRef};
