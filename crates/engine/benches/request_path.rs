@@ -17,7 +17,8 @@
 //! is used once.
 //!
 //! For exact instruction counts run it under callgrind with collection on in the measured
-//! function only (one round):
+//! function only (one round; the warm-up requests and the digest, about 15 000 instructions
+//! per request, mostly formatting the fairness report, count too):
 //! `REQUEST_PATH_ROUNDS=1 valgrind --tool=callgrind --collect-atstart=no
 //! --toggle-collect='*measured_requests*' target/release/deps/request_path-HASH`.
 
