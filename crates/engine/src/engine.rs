@@ -301,7 +301,7 @@ impl Engine {
             let prepared = prepare(
                 &self.inner.config,
                 &self.inner.privacy,
-                &snapshot,
+                snapshot,
                 request,
                 StageTimings::default(),
                 received,
@@ -525,7 +525,7 @@ impl Engine {
 
 impl Inner {
     /// The tables and the pause switch, as one request sees them.
-    fn snapshot(&self) -> Result<Snapshot, EngineError> {
+    fn snapshot(&self) -> Result<Snapshot<'_>, EngineError> {
         let items = self
             .items
             .snapshot()
@@ -534,7 +534,7 @@ impl Inner {
             items,
             users: self.users.snapshot(),
             paused: self.paused.load(Ordering::Acquire),
-            fairness: Arc::clone(&self.fairness),
+            fairness: &self.fairness,
         })
     }
 
@@ -555,7 +555,7 @@ impl Inner {
                 prepare(
                     &self.config,
                     &self.privacy,
-                    &snapshot,
+                    snapshot,
                     request,
                     timings,
                     received,
@@ -621,7 +621,7 @@ impl Inner {
                 let prepared = prepare(
                     &self.config,
                     &self.privacy,
-                    &snapshot,
+                    snapshot.clone(),
                     request,
                     timings,
                     received,
@@ -757,7 +757,7 @@ pub(crate) fn prepare_for_test(
     prepare(
         &engine.inner.config,
         &engine.inner.privacy,
-        &snapshot,
+        snapshot,
         request,
         StageTimings::default(),
         Instant::now(),

@@ -88,6 +88,7 @@ mod rerank;
 mod response;
 mod tables;
 mod validate;
+mod warm;
 
 #[cfg(test)]
 mod tests;

@@ -22,13 +22,16 @@ use crate::tables::{Served, top_ranked};
 use crate::validate::{self, ResolvedFairness};
 
 /// The tables and switches one request (or one batch) uses from start to end.
+///
+/// [`prepare`] takes it by value and moves the table references it keeps into the
+/// [`Prepared`] request, so a request touches each shared reference count once.
 #[derive(Debug, Clone)]
-pub(crate) struct Snapshot {
+pub(crate) struct Snapshot<'a> {
     pub items: Arc<Served>,
     pub users: Option<Arc<Served>>,
     pub paused: bool,
     /// Fairness registry, re-ranker cache and amortized state.
-    pub fairness: Arc<FairnessRuntime>,
+    pub fairness: &'a FairnessRuntime,
 }
 
 /// A user embedding: inline, or a row of a user table snapshot. Cheap to clone.
@@ -128,7 +131,7 @@ pub(crate) fn check_deadline(
 pub(crate) fn prepare(
     config: &EngineConfig,
     privacy: &PrivacySetup,
-    snapshot: &Snapshot,
+    snapshot: Snapshot<'_>,
     request: RankRequest,
     mut timings: StageTimings,
     received: Instant,
@@ -138,7 +141,7 @@ pub(crate) fn prepare(
     validate::request_id(&request.request_id)?;
     validate::user(&request.user, items.dim())?;
     let pool = validate::k_and_pool(request.k, request.pool_size, config)?;
-    let fairness = validate::fairness(&request.fairness, config, items, &snapshot.fairness)?;
+    let fairness = validate::fairness(&request.fairness, config, items, snapshot.fairness)?;
     validate::privacy(&request.privacy)?;
     validate::consent(&request.consent)?;
     let explain = validate::explain(request.explain)?;
@@ -183,7 +186,7 @@ pub(crate) fn prepare(
                 Personalization::Personalized(Query::Inline(embedding.into()))
             }
             UserRef::Id(id) => {
-                let Some(users) = &snapshot.users else {
+                let Some(users) = snapshot.users else {
                     return Err(EngineError::FailedPrecondition {
                         field: Some("user_id".to_owned()),
                         reason: PreconditionReason::TableNotLoaded,
@@ -194,7 +197,7 @@ pub(crate) fn prepare(
                     Some(row) => {
                         users_version = Some(users.version());
                         Personalization::Personalized(Query::UserRow {
-                            users: Arc::clone(users),
+                            users,
                             row: row as usize,
                         })
                     }
@@ -233,7 +236,7 @@ pub(crate) fn prepare(
         pool,
         explain,
         fairness,
-        items: Arc::clone(&snapshot.items),
+        items: snapshot.items,
         users_version,
         personalization,
         scope,
@@ -368,6 +371,14 @@ pub(crate) fn finish(
     let stage = Instant::now();
     scored.truncate(prepared.pool);
     let pool = scored;
+    // What re-ranking and the answer read from the table next: start loading it now.
+    let group_attribute = prepared.fairness.group_attribute.as_ref();
+    crate::warm::warm_pool(
+        &prepared.items.data.table,
+        group_attribute.map(|(_, index)| *index),
+        &pool,
+        prepared.k,
+    );
     let now = Instant::now();
     timings.select_pool_us = micros(now - stage);
 

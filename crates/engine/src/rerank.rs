@@ -308,9 +308,17 @@ pub(crate) struct PolicyRun {
     pub on_infeasible: InfeasibleAction,
     /// Seed of a stochastic re-ranker, if the request carries one.
     pub seed: Option<u64>,
-    /// Store key of the amortized scope (amortized constraints only).
-    pub scope_key: Option<String>,
-    /// Where amortized state lives.
+    /// The amortized scope's state (amortized constraints with a group attribute only;
+    /// other requests hold no reference to the store).
+    pub amortized_scope: Option<AmortizedScope>,
+}
+
+/// Where the amortized state of a request's exposure scope lives.
+#[derive(Debug, Clone)]
+pub(crate) struct AmortizedScope {
+    /// Store key of the scope.
+    pub key: String,
+    /// The store.
     pub store: Arc<dyn ExposureStateStore>,
 }
 
@@ -736,10 +744,10 @@ fn run(
     let mut amortized = Vec::new();
     let mut disparity_after = None;
     let mut pending_state = None;
-    let decision = match (&policy.scope_key, reranker.is_amortized()) {
-        (Some(scope_key), true) if input.defer_state_update => {
+    let decision = match (&policy.amortized_scope, reranker.is_amortized()) {
+        (Some(scope), true) if input.defer_state_update => {
             // Rank against a snapshot; the update waits for the release.
-            let before = policy.store.load(scope_key)?.unwrap_or_default();
+            let before = scope.store.load(&scope.key)?.unwrap_or_default();
             reranker
                 .rerank_summarized(candidates, summary, k, Some(&before), &mut rng, output)
                 .map_err(rerank_error)?;
@@ -747,8 +755,8 @@ fn run(
             let after = match output.state.as_ref() {
                 Some(next) if decision != Decision::Unconstrained => {
                     pending_state = Some(PendingStateUpdate {
-                        store: Arc::clone(&policy.store),
-                        scope_key: scope_key.clone(),
+                        store: Arc::clone(&scope.store),
+                        scope_key: scope.key.clone(),
                         delta: state::delta_between(&before, next),
                     });
                     next
@@ -759,12 +767,12 @@ fn run(
             disparity_after = fairness::amortized_disparity(after);
             decision
         }
-        (Some(scope_key), true) => {
+        (Some(scope), true) => {
             let mut decision = Decision::Constrained;
             let candidates = &*candidates;
-            policy
+            scope
                 .store
-                .update(scope_key, &mut |state: &mut AmortizedState| {
+                .update(&scope.key, &mut |state: &mut AmortizedState| {
                     reranker
                         .rerank_summarized(candidates, summary, k, Some(state), &mut rng, output)
                         .map_err(rerank_error)?;

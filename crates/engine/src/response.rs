@@ -326,7 +326,8 @@ pub struct StageTimings {
     pub resolve_user_us: u64,
     /// Scoring (for batched scans: the wall time of the shared scan).
     pub score_us: u64,
-    /// Selecting the re-ranking pool.
+    /// Selecting the re-ranking pool, and starting to load the pool's group labels and
+    /// likely answer ids that re-ranking and the answer read next.
     pub select_pool_us: u64,
     /// Fairness re-ranking of the pool to k items.
     pub rerank_us: u64,

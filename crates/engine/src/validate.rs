@@ -17,7 +17,7 @@ use crate::request::{
     Consent, ExplainOptions, FairnessPolicy, InfeasibleAction, PrivacyBudget, PrivacyPolicy,
     UserRef,
 };
-use crate::rerank::{FairnessRuntime, PolicyRun};
+use crate::rerank::{AmortizedScope, FairnessRuntime, PolicyRun};
 
 /// Longest request id, in bytes.
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
@@ -219,10 +219,11 @@ pub(crate) fn fairness(
         InfeasibleAction::Unspecified => config.default_on_infeasible,
         action => action,
     };
-    let scope_key = match &group_attribute {
-        Some((name, _)) if built.reranker.is_amortized() => {
-            Some(scope_key(name, &policy.exposure_scope))
-        }
+    let amortized_scope = match &group_attribute {
+        Some((name, _)) if built.reranker.is_amortized() => Some(AmortizedScope {
+            key: scope_key(name, &policy.exposure_scope),
+            store: Arc::clone(runtime.store()),
+        }),
         _ => None,
     };
     Ok(ResolvedFairness {
@@ -232,8 +233,7 @@ pub(crate) fn fairness(
             built,
             on_infeasible,
             seed: policy.seed,
-            scope_key,
-            store: Arc::clone(runtime.store()),
+            amortized_scope,
         },
     })
 }
