@@ -82,5 +82,5 @@ pub use matrix::{AlignedRows, MAX_ROWS, PagePolicy, ROW_ALIGN_FLOATS, RowMatrix}
 pub use pool::{ScoringPool, current_threads};
 pub use quantized::{QuantizedPass, QuantizedRows, quantized_candidates_topk};
 pub use scan::{par_scan_topk, scan_topk};
-pub use simd::dot;
+pub use simd::{dot, prefetch_l2};
 pub use topk::{ScoredItem, TopKScratch, sort_ranked};

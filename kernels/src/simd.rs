@@ -83,7 +83,7 @@ fn load_tail(row: &[f32], full: usize, dim: usize, mask: f32x8) -> f32x8 {
 /// whole next block (batched scoring) this way gets more memory requests in flight without
 /// stalling on L1 miss buffers (measured: T1 hints beat T0 hints for both uses).
 #[inline(always)]
-pub(crate) fn prefetch_l2<T>(data: &[T]) {
+pub fn prefetch_l2<T>(data: &[T]) {
     #[cfg(target_arch = "x86_64")]
     {
         use core::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};

@@ -6,20 +6,14 @@
 use kernels::ScoredItem;
 use store::Table;
 
-/// Asks the CPU to start loading the cache line of `slice[index]` (nothing when `index` is
-/// out of range).
+/// Asks the CPU to start loading the cache line of `slice[index]` into L2 (nothing when
+/// `index` is out of range). The hint itself is the kernels' safe [`kernels::prefetch_l2`],
+/// so the engine has no `unsafe` of its own.
 #[inline(always)]
 fn prefetch_element<T>(slice: &[T], index: usize) {
-    #[cfg(target_arch = "x86_64")]
     if let Some(element) = slice.get(index) {
-        use core::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        // SAFETY: `_mm_prefetch` only hints the cache: it never faults, whatever the address
-        // (a valid element here anyway), and has no observable effect. SSE, which it
-        // requires, is part of the x86-64 baseline.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(element).cast::<i8>()) };
+        kernels::prefetch_l2(std::slice::from_ref(element));
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (slice, index);
 }
 
 /// Starts loading what the fairness stage and the answer read from `table` for `pool`
