@@ -150,6 +150,24 @@ fn resolve_and_score(
     out.len()
 }
 
+/// The int8-pruned top `k` of `rows` into `out`; returns how many items it kept.
+fn score_quantized(
+    table: &Table,
+    quantized: &QuantizedRows,
+    query: &[f32],
+    rows: &[u32],
+    k: usize,
+    scratch: &mut TopKScratch,
+    out: &mut Vec<ScoredItem>,
+) -> usize {
+    if let Err(e) =
+        quantized_candidates_topk(matrix(table), quantized, query, rows, k, scratch, out)
+    {
+        panic!("{e}");
+    }
+    out.len()
+}
+
 fn plain_lookup(table: &Table, ids: &[String], found: &mut Vec<Option<u32>>) {
     table.index_of_many(ids, found);
 }
@@ -298,18 +316,9 @@ fn bench_table(
             b.iter(|| {
                 let rows = &resolved[take()];
                 let Buffers { scratch, out, .. } = &mut buffers;
-                if let Err(e) = quantized_candidates_topk(
-                    matrix(table),
-                    &quantized,
-                    &query,
-                    rows,
-                    k,
-                    scratch,
-                    out,
-                ) {
-                    panic!("{e}");
-                }
-                black_box(out.len())
+                black_box(score_quantized(
+                    table, &quantized, &query, rows, k, scratch, out,
+                ))
             })
         });
     }
@@ -353,18 +362,9 @@ fn bench_table(
                     table.index_of_many_hinting_rows(ids, |row| quantized.prefetch_row(row), found);
                     rows.clear();
                     rows.extend(found.iter().flatten());
-                    if let Err(e) = quantized_candidates_topk(
-                        matrix(table),
-                        &quantized,
-                        &query,
-                        rows,
-                        k,
-                        scratch,
-                        out,
-                    ) {
-                        panic!("{e}");
-                    }
-                    black_box(out.len())
+                    black_box(score_quantized(
+                        table, &quantized, &query, rows, k, scratch, out,
+                    ))
                 })
             },
         );
