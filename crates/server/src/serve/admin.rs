@@ -12,10 +12,10 @@ use api::fairrank::v1 as pb;
 use api::fairrank::v1::admin_server::{Admin, AdminServer};
 use engine::{ReloadOutcome, TableKind};
 use subtle::ConstantTimeEq;
-use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
-use tonic::server::NamedService;
+use tonic::codegen::{Body, BoxFuture, StdError, http};
 use tonic::{Request, Response, Status};
 
+use super::routes::{OwnRoutes, Routes};
 use super::{Shared, convert, errors, routes};
 
 /// Longest operator note, in bytes.
@@ -306,54 +306,37 @@ const ADMIN_PATH: &str = "/fairrank.v1.Admin/";
 /// The Admin service's routes: every method as a [`routes::unary`] route (a body that does
 /// not decode is INVALID_ARGUMENT), anything else (an unknown method) by the generated
 /// server.
-#[derive(Debug, Clone)]
-pub struct AdminRoutes {
-    generated: AdminServer<AdminService>,
-    service: Arc<AdminService>,
-    max_message_bytes: usize,
-}
+pub type AdminRoutes = Routes<AdminService, AdminServer<AdminService>>;
 
 impl AdminRoutes {
     /// Routes over `service`, with `max_message_bytes` as the decoding and encoding limit.
     pub fn new(service: AdminService, max_message_bytes: usize) -> AdminRoutes {
         let service = Arc::new(service);
-        AdminRoutes {
-            generated: AdminServer::from_arc(Arc::clone(&service))
-                .max_decoding_message_size(max_message_bytes)
-                .max_encoding_message_size(max_message_bytes),
-            service,
-            max_message_bytes,
-        }
+        let generated = AdminServer::from_arc(Arc::clone(&service))
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes);
+        Routes::from_parts(service, generated, max_message_bytes)
     }
 }
 
-impl NamedService for AdminRoutes {
-    const NAME: &'static str = "fairrank.v1.Admin";
-}
-
-impl<B> Service<http::Request<B>> for AdminRoutes
-where
-    B: Body + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let service = Arc::clone(&self.service);
-        let limit = self.max_message_bytes;
+impl OwnRoutes for AdminService {
+    fn route<B>(
+        service: &Arc<Self>,
+        request: http::Request<B>,
+        limit: usize,
+    ) -> Result<BoxFuture<http::Response<tonic::body::Body>, Infallible>, http::Request<B>>
+    where
+        B: Body + Send + 'static,
+        B::Error: Into<StdError> + Send + 'static,
+    {
+        let service = Arc::clone(service);
         /// A route calling the service's own trait method `$method`.
         macro_rules! route {
             ($method:ident) => {
-                routes::unary(request, limit, move |request| {
+                Ok(routes::unary(request, limit, move |request| {
                     let service = Arc::clone(&service);
                     Box::pin(async move { Admin::$method(&*service, request).await })
-                })
+                }))
             };
         }
         match request.uri().path().strip_prefix(ADMIN_PATH) {
@@ -361,7 +344,7 @@ where
             Some("RollbackTable") => route!(rollback_table),
             Some("SetPersonalization") => route!(set_personalization),
             Some("GetStatus") => route!(get_status),
-            _ => self.generated.call(request),
+            _ => Err(request),
         }
     }
 }

@@ -22,13 +22,12 @@ use prost::bytes::{Buf, BufMut};
 use prost::encoding::{DecodeContext, WireType};
 use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
-use tonic::server::NamedService;
+use tonic::codegen::{Body, BoxFuture, StdError, http};
 
 use super::answer::WireRankResponse;
 use super::errors;
 use super::ranker::RankerService;
-use super::routes;
+use super::routes::{self, OwnRoutes, Routes};
 
 /// Field number of `fairrank.v1.RankRequest.candidate_ids`.
 const CANDIDATE_IDS_FIELD: u32 = 10;
@@ -442,62 +441,45 @@ impl Decoder for RequestDecoder {
 
 /// The Ranker service: `Rank` with [`RankCodec`], `RankBatch` as a [`routes::unary`] route,
 /// anything else (an unknown method) by the generated server.
-#[derive(Debug, Clone)]
-pub struct RankerRoutes {
-    generated: RankerServer<RankerService>,
-    service: Arc<RankerService>,
-    max_message_bytes: usize,
-}
+pub type RankerRoutes = Routes<RankerService, RankerServer<RankerService>>;
 
 impl RankerRoutes {
     /// Routes over `service`, with `max_message_bytes` as the decoding and encoding limit.
     pub fn new(service: RankerService, max_message_bytes: usize) -> RankerRoutes {
         let service = Arc::new(service);
-        RankerRoutes {
-            generated: RankerServer::from_arc(Arc::clone(&service))
-                .max_decoding_message_size(max_message_bytes)
-                .max_encoding_message_size(max_message_bytes),
-            service,
-            max_message_bytes,
-        }
+        let generated = RankerServer::from_arc(Arc::clone(&service))
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes);
+        Routes::from_parts(service, generated, max_message_bytes)
     }
 }
 
-impl NamedService for RankerRoutes {
-    const NAME: &'static str = "fairrank.v1.Ranker";
-}
-
-impl<B> Service<http::Request<B>> for RankerRoutes
-where
-    B: Body + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+impl OwnRoutes for RankerService {
+    fn route<B>(
+        service: &Arc<Self>,
+        request: http::Request<B>,
+        limit: usize,
+    ) -> Result<BoxFuture<http::Response<tonic::body::Body>, Infallible>, http::Request<B>>
+    where
+        B: Body + Send + 'static,
+        B::Error: Into<StdError> + Send + 'static,
+    {
+        let service = Arc::clone(service);
         match request.uri().path() {
-            RANK_PATH => {
-                let service = Arc::clone(&self.service);
-                let limit = self.max_message_bytes;
-                routes::unary_with_codec(RankCodec, request, limit, move |request| {
+            RANK_PATH => Ok(routes::unary_with_codec(
+                RankCodec,
+                request,
+                limit,
+                move |request| {
                     let service = Arc::clone(&service);
                     Box::pin(async move { service.rank_wire(request).await })
-                })
-            }
-            RANK_BATCH_PATH => {
-                let service = Arc::clone(&self.service);
-                routes::unary(request, self.max_message_bytes, move |request| {
-                    let service = Arc::clone(&service);
-                    Box::pin(async move { Ranker::rank_batch(&*service, request).await })
-                })
-            }
-            _ => self.generated.call(request),
+                },
+            )),
+            RANK_BATCH_PATH => Ok(routes::unary(request, limit, move |request| {
+                let service = Arc::clone(&service);
+                Box::pin(async move { Ranker::rank_batch(&*service, request).await })
+            })),
+            _ => Err(request),
         }
     }
 }

@@ -1,6 +1,6 @@
-//! Unary gRPC routes whose undecodable request bodies are INVALID_ARGUMENT: a prost codec
-//! and the route helper shared by the `Ranker` and `Admin` services (`Rank` brings its own
-//! codec).
+//! Unary gRPC routes whose undecodable request bodies are INVALID_ARGUMENT: a prost codec,
+//! the route helper and the service wrapper ([`Routes`]) shared by the `Ranker` and `Admin`
+//! services (`Rank` brings its own codec).
 //!
 //! tonic's generated servers decode with its prost codec, which answers a body that is not
 //! a valid message (a string that is not UTF-8, a truncated field) with INTERNAL. Those
@@ -10,12 +10,13 @@
 
 use std::convert::Infallible;
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 use prost::Message;
 use tonic::Status;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::codegen::{Body, BoxFuture, StdError, http};
-use tonic::server::UnaryService;
+use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
+use tonic::server::{NamedService, UnaryService};
 
 use super::errors;
 
@@ -134,4 +135,75 @@ where
         let mut grpc = tonic::server::Grpc::new(codec).apply_max_message_size_config(limit, limit);
         Ok(grpc.unary(MethodFn(method), request).await)
     })
+}
+
+/// A service that serves its methods through its own routes ([`unary`],
+/// [`unary_with_codec`]) inside a [`Routes`].
+pub trait OwnRoutes: Send + Sync + 'static {
+    /// The route serving `request`'s method, or the request back when the generated server
+    /// answers it (an unknown method). The `Err` side is that hand-back, not a failure; it
+    /// moves the request as tonic passed it (boxing it would allocate on every such call).
+    #[allow(clippy::result_large_err)]
+    fn route<B>(
+        service: &Arc<Self>,
+        request: http::Request<B>,
+        max_message_bytes: usize,
+    ) -> Result<BoxFuture<http::Response<tonic::body::Body>, Infallible>, http::Request<B>>
+    where
+        B: Body + Send + 'static,
+        B::Error: Into<StdError> + Send + 'static;
+}
+
+/// A gRPC service as tonic serves it: `service`'s own routes ([`OwnRoutes`]) first, then
+/// its generated server `generated` (tonic's `*Server`, which names the service and answers
+/// unknown methods).
+#[derive(Debug, Clone)]
+pub struct Routes<S, G> {
+    generated: G,
+    service: Arc<S>,
+    max_message_bytes: usize,
+}
+
+impl<S, G> Routes<S, G> {
+    /// Routes over `service`; `generated` serves the same service with `max_message_bytes`
+    /// as its decoding and encoding limit, which the own routes use too.
+    pub fn from_parts(service: Arc<S>, generated: G, max_message_bytes: usize) -> Self {
+        Routes {
+            generated,
+            service,
+            max_message_bytes,
+        }
+    }
+}
+
+impl<S, G: NamedService> NamedService for Routes<S, G> {
+    const NAME: &'static str = G::NAME;
+}
+
+impl<S, G, B> Service<http::Request<B>> for Routes<S, G>
+where
+    S: OwnRoutes,
+    G: Service<
+            http::Request<B>,
+            Response = http::Response<tonic::body::Body>,
+            Error = Infallible,
+            Future = BoxFuture<http::Response<tonic::body::Body>, Infallible>,
+        >,
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        match S::route(&self.service, request, self.max_message_bytes) {
+            Ok(route) => route,
+            Err(request) => self.generated.call(request),
+        }
+    }
 }
