@@ -79,6 +79,11 @@ async fn admin_calls_need_the_configured_bearer_token() {
         );
     }
     assert!(status.config.contains("[ranking]"), "{}", status.config);
+    assert!(
+        status.config.contains("vectored_writes = false"),
+        "the default is documented in the effective configuration: {}",
+        status.config
+    );
     assert!(!status.config.contains(ADMIN_TOKEN));
     // The int8 copy of the item rows is built in the background after the load: it appears
     // with its size (one code per padded dimension plus a scale per row, at least); the

@@ -460,3 +460,64 @@ async fn without_a_table_the_default_dataset_is_served() {
         &reference_topk(std::path::Path::new(&items.path), users_table.row(0), 5),
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_are_routed_by_their_path_and_every_service_gets_its_deadline() {
+    let tables = tables(49);
+    let server = Server::start(&tables, None, &[]);
+    // A path naming no service, a method a service lacks, no method: UNIMPLEMENTED.
+    for path in [
+        "/no.such.Service/Call",
+        "/fairrank.v1.Ranker/NoSuchMethod",
+        "/grpc.health.v1.Health/NoSuchMethod",
+        "/fairrank.v1.Ranker/",
+    ] {
+        let status = server
+            .raw_call(path, Vec::new(), &[])
+            .await
+            .expect_err(path);
+        assert_eq!(status.code(), Code::Unimplemented, "{path}: {status:?}");
+    }
+    // Not only the Ranker: a health check whose deadline passed on arrival is refused.
+    let mut late = tonic::Request::new(HealthCheckRequest::default());
+    late.set_timeout(Duration::ZERO);
+    let status = server
+        .health_without_client_deadline()
+        .check(late)
+        .await
+        .expect_err("too late");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("on arrival"), "{status:?}");
+    let mut in_time = tonic::Request::new(HealthCheckRequest::default());
+    in_time.set_timeout(Duration::from_secs(30));
+    let answer = server
+        .health_without_client_deadline()
+        .check(in_time)
+        .await
+        .expect("in time");
+    assert_eq!(answer.into_inner().status, ServingStatus::Serving as i32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_are_the_same_with_vectored_writes_on_or_off() {
+    let tables = tables(50);
+    let user = tables.data.users.ids[0].clone();
+    let mut answers = Vec::new();
+    for vectored in [false, true] {
+        let server = Server::start(
+            &tables,
+            Some(&format!("[server]\nvectored_writes = {vectored}\n")),
+            &[],
+        );
+        let mut ranker = server.ranker().await;
+        let mut request = rank_request("writes", &user, 5);
+        // A large answer too: its message is over 1 KiB (the copy threshold).
+        request.k = 60;
+        request.candidate_ids = tables.data.items.ids.iter().take(80).cloned().collect();
+        let mut answer = ranker.rank(request).await.expect("ranks").into_inner();
+        answer.timings = None;
+        assert!(prost::Message::encoded_len(&answer) > 1024);
+        answers.push(answer);
+    }
+    assert_eq!(answers[0], answers[1]);
+}

@@ -1,8 +1,8 @@
 //! Call deadlines: the `grpc-timeout` header (or the configured default) as an absolute
 //! deadline in the request's extensions, taken when the call arrives.
 //!
-//! The interceptor runs before the request body is read, right after tonic starts its own
-//! timer for the same header; the deadline taken here is therefore never later than
+//! The server's front service ([`super::front`]) stamps it before the request body is read,
+//! right after tonic starts its own timer for the same header; the deadline taken here is therefore never later than
 //! tonic's, so the handlers' own timeout fires first and the client sees
 //! `DEADLINE_EXCEEDED` with a message rather than tonic's bare `CANCELLED`. A call whose
 //! deadline has already passed on arrival is refused at once.
@@ -10,6 +10,7 @@
 use std::time::{Duration, Instant};
 
 use tonic::Status;
+use tonic::codegen::http;
 
 use super::errors;
 
@@ -46,33 +47,30 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-/// The interceptor that stamps every call with its deadline: `grpc-timeout` when present
-/// and valid (an invalid one is ignored, as tonic does), otherwise `default`.
-pub fn interceptor(
-    default: Duration,
-) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, Status> + Clone + Send + Sync {
-    move |mut request: tonic::Request<()>| {
-        let arrived = Instant::now();
-        let timeout = request
-            .metadata()
-            .get(GRPC_TIMEOUT)
-            .and_then(|value| value.to_str().ok())
-            .and_then(parse_grpc_timeout)
-            .unwrap_or(default);
-        // Far-future timeouts (8 digits of hours) still fit an Instant on every platform
-        // we run on; saturate rather than overflow anyway.
-        let deadline = arrived
-            .checked_add(timeout)
-            .unwrap_or_else(|| arrived + Duration::from_secs(86_400 * 365));
-        if deadline <= Instant::now() {
-            return Err(errors::deadline_exceeded("on arrival"));
-        }
-        request.extensions_mut().insert(CallDeadline(deadline));
-        Ok(request)
+/// Stamps `request` with its deadline: `grpc-timeout` when present and valid (an invalid
+/// one is ignored, as tonic does), otherwise `default`. A deadline that has already passed
+/// is refused (DEADLINE_EXCEEDED).
+pub fn stamp<B>(request: &mut http::Request<B>, default: Duration) -> Result<(), Status> {
+    let arrived = Instant::now();
+    let timeout = request
+        .headers()
+        .get(GRPC_TIMEOUT)
+        .and_then(|value| value.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .unwrap_or(default);
+    // Far-future timeouts (8 digits of hours) still fit an Instant on every platform
+    // we run on; saturate rather than overflow anyway.
+    let deadline = arrived
+        .checked_add(timeout)
+        .unwrap_or_else(|| arrived + Duration::from_secs(86_400 * 365));
+    if deadline <= Instant::now() {
+        return Err(errors::deadline_exceeded("on arrival"));
     }
+    request.extensions_mut().insert(CallDeadline(deadline));
+    Ok(())
 }
 
-/// The deadline of a call: the one the interceptor stamped, or `now + default`.
+/// The deadline of a call: the one [`stamp`] put in its extensions, or `now + default`.
 pub fn of<T>(request: &tonic::Request<T>, default: Duration) -> Instant {
     request
         .extensions()
@@ -117,32 +115,58 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_interceptor_stamps_the_header_or_the_default() {
-        let mut stamp = interceptor(Duration::from_secs(5));
-        let before = Instant::now();
-        let request = stamp(tonic::Request::new(())).unwrap();
-        let CallDeadline(deadline) = *request.extensions().get::<CallDeadline>().unwrap();
-        assert!(deadline >= before + Duration::from_secs(5));
+    /// A request as tonic hands it to the front, with `grpc-timeout` if given.
+    fn request(timeout: Option<&str>) -> http::Request<()> {
+        let mut request = http::Request::new(());
+        if let Some(timeout) = timeout {
+            request
+                .headers_mut()
+                .insert(GRPC_TIMEOUT, timeout.parse().unwrap());
+        }
+        request
+    }
 
-        let mut with_header = tonic::Request::new(());
-        with_header
-            .metadata_mut()
-            .insert(GRPC_TIMEOUT, "100m".parse().unwrap());
-        let request = stamp(with_header).unwrap();
-        let CallDeadline(deadline) = *request.extensions().get::<CallDeadline>().unwrap();
+    /// The stamped request as a handler sees it.
+    fn handed_over(request: http::Request<()>) -> tonic::Request<()> {
+        tonic::Request::from_http(request)
+    }
+
+    #[test]
+    fn the_header_or_the_default_is_stamped() {
+        let default = Duration::from_secs(5);
+        let before = Instant::now();
+        let mut plain = request(None);
+        stamp(&mut plain, default).unwrap();
+        let CallDeadline(deadline) = *plain.extensions().get::<CallDeadline>().unwrap();
+        assert!(deadline >= before + default);
+        assert!(deadline <= Instant::now() + default);
+
+        let mut with_header = request(Some("100m"));
+        stamp(&mut with_header, default).unwrap();
+        let CallDeadline(deadline) = *with_header.extensions().get::<CallDeadline>().unwrap();
+        assert!(deadline >= before + Duration::from_millis(100));
         assert!(deadline < before + Duration::from_secs(1));
-        assert_eq!(of(&request, Duration::from_secs(5)), deadline);
+        assert_eq!(of(&handed_over(with_header), default), deadline);
+
+        // An invalid header is ignored, as tonic ignores it.
+        let mut invalid = request(Some("1.5S"));
+        stamp(&mut invalid, default).unwrap();
+        let CallDeadline(deadline) = *invalid.extensions().get::<CallDeadline>().unwrap();
+        assert!(deadline >= before + default);
     }
 
     #[test]
     fn a_passed_deadline_is_refused_on_arrival() {
-        let mut stamp = interceptor(Duration::from_secs(5));
-        let mut request = tonic::Request::new(());
-        request
-            .metadata_mut()
-            .insert(GRPC_TIMEOUT, "0n".parse().unwrap());
-        let status = stamp(request).unwrap_err();
+        let mut expired = request(Some("0n"));
+        let status = stamp(&mut expired, Duration::from_secs(5)).unwrap_err();
         assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        assert!(expired.extensions().get::<CallDeadline>().is_none());
+    }
+
+    #[test]
+    fn an_unstamped_call_gets_the_default_from_now() {
+        let before = Instant::now();
+        let deadline = of(&tonic::Request::new(()), Duration::from_secs(2));
+        assert!(deadline >= before + Duration::from_secs(2));
     }
 }

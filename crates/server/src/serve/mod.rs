@@ -7,10 +7,12 @@
 
 mod admin;
 mod answer;
+mod connection;
 mod convert;
 mod deadline;
 mod echo;
 mod errors;
+mod front;
 pub mod privacy;
 mod rank_route;
 mod ranker;
@@ -32,7 +34,6 @@ use engine::{Engine, TableKind};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tonic::Status;
-use tonic::service::InterceptorLayer;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
@@ -435,18 +436,26 @@ async fn serve(config: Config, engine: Engine, reload_dirs: ReloadDirs) -> anyho
     let echo = EchoServer::new(echo::EchoService::new(Arc::clone(&shared)))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = Server::builder()
-        .layer(InterceptorLayer::new(deadline::interceptor(
-            shared.default_deadline,
-        )))
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(ranker)
-        .add_service(admin)
-        .add_service(echo)
-        .serve_with_incoming_shutdown(incoming, raised(stop.clone()));
+    let front = front::Front::new(
+        front::Services {
+            ranker,
+            echo,
+            admin,
+            health: health_service,
+            reflection_v1,
+            reflection_v1alpha,
+        },
+        shared.default_deadline,
+    );
+    // Answers under 1 KiB leave in one write with their headers and trailers unless
+    // vectored writes are on (see `connection`).
+    let vectored = server_config.vectored_writes;
+    let incoming = tokio_stream::StreamExt::map(
+        TcpIncoming::from(listener).with_nodelay(Some(true)),
+        move |accepted| accepted.map(|stream| connection::Connection::new(stream, vectored)),
+    );
+    let server =
+        Server::builder().serve_with_incoming_shutdown(front, incoming, raised(stop.clone()));
     tokio::pin!(server);
 
     let grace = Duration::from_millis(server_config.shutdown_grace_ms);

@@ -315,6 +315,26 @@ impl Server {
         RankerClient::with_origin(client, self.uri().parse().expect("a valid URI"))
     }
 
+    /// A Health client over a plain HTTP/2 client, which leaves `grpc-timeout` to the
+    /// server (see [`Server::ranker_without_client_deadline`]).
+    pub fn health_without_client_deadline(
+        &self,
+    ) -> tonic_health::pb::health_client::HealthClient<
+        hyper_util::client::legacy::Client<
+            hyper_util::client::legacy::connect::HttpConnector,
+            tonic::body::Body,
+        >,
+    > {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .http2_only(true)
+                .build_http();
+        tonic_health::pb::health_client::HealthClient::with_origin(
+            client,
+            self.uri().parse().expect("a valid URI"),
+        )
+    }
+
     /// An Admin client on a fresh connection.
     /// Calls `path` with `body` as the request bytes as given (see [`RawBodyCodec`]) and
     /// `metadata` (ASCII key, value) pairs; the answer's bytes.

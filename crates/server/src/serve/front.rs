@@ -1,0 +1,187 @@
+//! The server's front service: stamps every call with its deadline ([`deadline`]) and hands
+//! it to the gRPC service its path names, or answers UNIMPLEMENTED.
+//!
+//! tonic's `Router` does the same through an axum router and, with the deadline
+//! interceptor, a tonic `InterceptorLayer`. Per call that cost a route lookup, a boxed
+//! service clone, the request body boxed twice (tonic's body into axum's and back), the
+//! path's parameters collected into allocated strings, and the request taken apart into
+//! tonic's metadata and put back together. The front does the same job with a string
+//! comparison per service and no allocation of its own, and answers exactly as that stack
+//! did: the same deadline refusal and, for a path that names no service, tonic's
+//! UNIMPLEMENTED answer (an empty body, `grpc-status: 12`).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::Status;
+use tonic::body::Body;
+use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
+use tonic::server::NamedService;
+
+use super::deadline;
+
+/// A response as every service of the server answers.
+type Answer = http::Response<Body>;
+
+/// A service the front can hand calls to: tonic's generated servers and our `Routes`.
+pub trait Served:
+    Service<
+        http::Request<Body>,
+        Response = Answer,
+        Error = Infallible,
+        Future = BoxFuture<Answer, Infallible>,
+    > + NamedService
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> Served for S where
+    S: Service<
+            http::Request<Body>,
+            Response = Answer,
+            Error = Infallible,
+            Future = BoxFuture<Answer, Infallible>,
+        > + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// The services behind the front, one field per service (no dynamic dispatch).
+#[derive(Debug)]
+pub struct Services<Ranker, Echo, Admin, Health, ReflectionV1, ReflectionV1alpha> {
+    /// `fairrank.v1.Ranker`, the hot path: looked up first.
+    pub ranker: Ranker,
+    /// `fairrank.bench.v1.Echo`.
+    pub echo: Echo,
+    /// `fairrank.v1.Admin`.
+    pub admin: Admin,
+    /// `grpc.health.v1.Health`.
+    pub health: Health,
+    /// `grpc.reflection.v1.ServerReflection`.
+    pub reflection_v1: ReflectionV1,
+    /// `grpc.reflection.v1alpha.ServerReflection`.
+    pub reflection_v1alpha: ReflectionV1alpha,
+}
+
+/// The front service (cheap to clone: hyper clones it for every call).
+#[derive(Debug)]
+pub struct Front<Ranker, Echo, Admin, Health, ReflectionV1, ReflectionV1alpha> {
+    services: Arc<Services<Ranker, Echo, Admin, Health, ReflectionV1, ReflectionV1alpha>>,
+    default_deadline: Duration,
+}
+
+impl<R, E, A, H, V1, V1a> Clone for Front<R, E, A, H, V1, V1a> {
+    fn clone(&self) -> Self {
+        Front {
+            services: Arc::clone(&self.services),
+            default_deadline: self.default_deadline,
+        }
+    }
+}
+
+impl<R, E, A, H, V1, V1a> Front<R, E, A, H, V1, V1a> {
+    /// The front over `services`; calls without a valid `grpc-timeout` get
+    /// `default_deadline`.
+    pub fn new(services: Services<R, E, A, H, V1, V1a>, default_deadline: Duration) -> Self {
+        Front {
+            services: Arc::new(services),
+            default_deadline,
+        }
+    }
+}
+
+/// The service part of a gRPC path `/{service}/{method}` (the method must not be empty),
+/// as tonic's router matched it.
+fn service_name(path: &str) -> Option<&str> {
+    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+    (!method.is_empty()).then_some(service)
+}
+
+/// An answer with no body that carries only `status` (as tonic answers a refused call).
+fn status_answer(status: Status) -> Answer {
+    let (parts, ()) = status.into_http::<()>().into_parts();
+    http::Response::from_parts(parts, Body::empty())
+}
+
+/// Calls a clone of `service` (the generated servers' `call` needs `&mut`; a clone is a
+/// reference count or two).
+fn call<S: Served>(service: &S, request: http::Request<Body>) -> BoxFuture<Answer, Infallible> {
+    service.clone().call(request)
+}
+
+/// tonic's answer to a path that names no service it serves.
+fn unimplemented() -> BoxFuture<Answer, Infallible> {
+    Box::pin(std::future::ready(Ok(status_answer(
+        Status::unimplemented(""),
+    ))))
+}
+
+impl<R, E, A, H, V1, V1a> Service<http::Request<Body>> for Front<R, E, A, H, V1, V1a>
+where
+    R: Served,
+    E: Served,
+    A: Served,
+    H: Served,
+    V1: Served,
+    V1a: Served,
+{
+    type Response = Answer;
+    type Error = Infallible;
+    type Future = BoxFuture<Answer, Infallible>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        if let Err(status) = deadline::stamp(&mut request, self.default_deadline) {
+            return Box::pin(std::future::ready(Ok(status_answer(status))));
+        }
+        let services = &*self.services;
+        let Some(name) = service_name(request.uri().path()) else {
+            return unimplemented();
+        };
+        // Associated constants cannot be patterns of a generic type: compare in turn.
+        if name == R::NAME {
+            call(&services.ranker, request)
+        } else if name == E::NAME {
+            call(&services.echo, request)
+        } else if name == A::NAME {
+            call(&services.admin, request)
+        } else if name == H::NAME {
+            call(&services.health, request)
+        } else if name == V1::NAME {
+            call(&services.reflection_v1, request)
+        } else if name == V1a::NAME {
+            call(&services.reflection_v1alpha, request)
+        } else {
+            unimplemented()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_names_are_taken_as_the_router_matched_them() {
+        assert_eq!(
+            service_name("/fairrank.v1.Ranker/Rank"),
+            Some("fairrank.v1.Ranker")
+        );
+        assert_eq!(service_name("/a/b/c"), Some("a"));
+        assert_eq!(service_name("/fairrank.v1.Ranker/"), None);
+        assert_eq!(service_name("/fairrank.v1.Ranker"), None);
+        assert_eq!(service_name("fairrank.v1.Ranker/Rank"), None);
+        assert_eq!(service_name("/"), None);
+        assert_eq!(service_name(""), None);
+    }
+}
