@@ -418,11 +418,12 @@ pub(crate) struct OpenCandidate {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct QuantizedScratch {
     query: QuantizedQuery,
-    /// Every candidate's lower and upper bound, in list order (written by the scan).
+    /// Every candidate's lower and upper bound, in list order (written by the scan; the
+    /// arrays only grow, so only the first `candidates.len()` entries are this list's).
     bounds: CandidateBounds,
     /// Where the candidates whose upper bound reaches the sampled threshold sit in the list
-    /// (only the first `count` entries are meaningful; it never shrinks, so that the
-    /// branch-free writes need no reallocation).
+    /// (a prefix; the array only grows, so that the branch-free writes need no check of
+    /// capacity).
     positions: Vec<u32>,
     /// Lower bounds as [`descending_key`]s (which select as plain integers): first a sample,
     /// then those of the candidates at `positions`.
