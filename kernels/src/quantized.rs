@@ -22,10 +22,11 @@
 //!    very computation included in `W` and `η`.
 //! 3. `L` is the k-th largest `lower`. At least `k` candidates have `E >= lower >= L`, so the
 //!    k-th best exact score is `>= L`; a candidate with `upper < L` has `E < L` and cannot be
-//!    in the top k (not even by a tie, since its score is strictly lower). `L` is tracked as
-//!    the scan goes (a list of lower bounds cut back to the best `k` in bulk, like
-//!    [`crate::candidates_topk`]'s survivors), and candidates whose `upper` is below the
-//!    running `L` are dropped at once (the final `L` can only be higher).
+//!    in the top k (not even by a tie, since its score is strictly lower). The scan writes
+//!    every candidate's bounds without a branch; then a threshold `T` is read off a sample of
+//!    the lower bounds and proven `<= L` by counting at least `k` lower bounds that reach it,
+//!    the candidates whose `upper` reaches `T` (about twice `k`) are collected, and `L` is
+//!    selected among their lower bounds alone ([`split_at_kth_lower`]).
 //! 4. Candidates are rescored with the f32 kernel's own recipe ([`score_rows8`] /
 //!    [`score_row`]), so each score is bit for bit the score [`crate::candidates_topk`] gives
 //!    it. First the sure ones, whose `lower >= L` (at least `k` of them). The smallest of
@@ -40,8 +41,9 @@
 //! The dot products `P` are exact integers, so how they are computed does not change any
 //! bound: on CPUs with AVX-512BW, strides of 64 and 128 codes (dimensions 33 to 128) use a
 //! path that widens 32 codes per instruction and sums eight rows' lanes with one shuffle
-//! tree (`x86`, detected at run time); every other case uses the portable `wide` path. The
-//! tests check both paths against each other and against a plain integer sum.
+//! tree (`x86`, detected at run time; with AVX-512 VNNI the multiply and the add are one
+//! `vpdpwssd`); every other case uses the portable `wide` path. The tests check every path
+//! this CPU runs against each other and against a plain integer sum.
 //!
 //! There is no cap: on data where the bound prunes nothing every candidate is rescored (only
 //! slower). When an input lies outside the proven range (a non-finite value in the table, a
@@ -404,8 +406,8 @@ impl QuantizedQuery {
     }
 }
 
-/// One candidate that the running threshold has not ruled out: its row and bounds.
-#[derive(Debug, Clone, Copy)]
+/// One candidate that the sampled threshold has not ruled out: its row and bounds.
+#[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct OpenCandidate {
     row: u32,
     lower: f32,
@@ -416,17 +418,29 @@ pub(crate) struct OpenCandidate {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct QuantizedScratch {
     query: QuantizedQuery,
-    /// Lower bounds at or above the running threshold (as [`descending_key`]s, which select
-    /// as plain integers), cut back to the best `k` in bulk.
+    /// Every candidate's lower and upper bound, in list order (written by the scan; the
+    /// arrays only grow, so only the first `candidates.len()` entries are this list's).
+    bounds: CandidateBounds,
+    /// Where the candidates whose upper bound reaches the sampled threshold sit in the list
+    /// (a prefix; the array only grows, so that the branch-free writes need no check of
+    /// capacity).
+    positions: Vec<u32>,
+    /// Lower bounds as [`descending_key`]s (which select as plain integers): first a sample,
+    /// then those of the candidates at `positions`.
     lowers: Vec<u32>,
-    /// Candidates whose upper bound reached the running threshold (after the scan: the
-    /// sure ones, whose lower bound reached the final threshold).
+    /// The sure candidates: their lower bound reaches `L`, the k-th largest lower bound.
     open: Vec<OpenCandidate>,
-    /// The open candidates whose lower bound is below the final threshold but whose upper
-    /// bound reaches it.
+    /// The candidates whose lower bound is below `L` but whose upper bound reaches it.
     doubtful: Vec<OpenCandidate>,
     /// The rank keys of the rescored candidates (see [`write_best_sorted`]).
     keys: Vec<u64>,
+}
+
+/// The bounds of every candidate of a list, `lower[i]` and `upper[i]` for candidate `i`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CandidateBounds {
+    lower: Vec<f32>,
+    upper: Vec<f32>,
 }
 
 /// What [`quantized_candidates_topk`] did.
@@ -519,162 +533,147 @@ fn bounds1(rows: &QuantizedRows, query: &QuantizedQuery, row: u32) -> (f32, f32)
     (lower, upper)
 }
 
-/// The running state of the int8 pass: the kept lower bounds, the open candidates and the
-/// threshold (step 3 of the module docs).
-struct Pruner<'s> {
-    lowers: &'s mut Vec<u32>,
-    open: &'s mut Vec<OpenCandidate>,
-    /// The k-th largest lower bound so far, once `k` are known (`-inf` before).
-    threshold: f32,
-    k: usize,
-    /// Kept lower bounds at which they are cut back to `k`.
-    capacity: usize,
-}
-
-impl<'s> Pruner<'s> {
-    fn new(
-        lowers: &'s mut Vec<u32>,
-        open: &'s mut Vec<OpenCandidate>,
-        k: usize,
-        candidates: usize,
-    ) -> Self {
-        lowers.clear();
-        open.clear();
-        Pruner {
-            lowers,
-            open,
-            threshold: f32::NEG_INFINITY,
-            k,
-            capacity: 2 * k.max((candidates / 32).clamp(32, 2048)),
-        }
-    }
-
-    /// Records a candidate whose upper bound reached the threshold.
-    #[inline(always)]
-    fn offer(&mut self, row: u32, lower: f32, upper: f32) {
-        self.open.push(OpenCandidate { row, lower, upper });
-        if may_enter(lower, self.threshold) {
-            self.lowers.push(descending_key(lower));
-            if self.lowers.len() >= self.capacity {
-                self.threshold = cut_lowers(self.lowers, self.k);
-            }
-        }
-    }
-
-    /// Offers the lanes of a block whose upper bound reached the threshold.
-    #[inline(always)]
-    fn offer_block(&mut self, block: &[u32; ROW_BLOCK], lower: f32x8, upper: f32x8) {
-        // Lower bounds never exceed upper ones: a lane below the threshold is done.
-        let mut reached = !upper.simd_lt(f32x8::splat(self.threshold)).to_bitmask() & 0xFF;
-        if reached != 0 {
-            let (lower, upper) = (lower.to_array(), upper.to_array());
-            while reached != 0 {
-                let lane = reached.trailing_zeros() as usize;
-                self.offer(block[lane], lower[lane], upper[lane]);
-                reached &= reached - 1;
-            }
-        }
-    }
-}
-
-/// Bounds every candidate (eight at a time, the code dot products from `dots8`) and offers
-/// those not ruled out to `pruner`; `codes(row)` is row `row`'s codes (what is prefetched).
+/// Bounds every candidate (eight at a time, the code dot products from `dots8`) into
+/// `bounds`, in list order, without a branch on the values; `codes(row)` is row `row`'s
+/// codes (what is prefetched).
 #[inline(always)]
 fn scan<'q, T: 'q>(
     quantized: &QuantizedRows,
     query: &QuantizedQuery,
     candidates: &[u32],
-    pruner: &mut Pruner<'_>,
+    bounds: &mut CandidateBounds,
     codes: impl Fn(usize) -> &'q [T] + Copy,
     dots8: impl Fn(&[u32; ROW_BLOCK]) -> i32x8,
 ) {
+    let CandidateBounds { lower, upper } = bounds;
+    let count = candidates.len();
+    // Grown, never shrunk: only the first `count` bounds are written and read.
+    if lower.len() < count {
+        lower.resize(count, 0.0);
+        upper.resize(count, 0.0);
+    }
+    let (lower_blocks, lower_rest) = lower[..count].as_chunks_mut::<ROW_BLOCK>();
+    let (upper_blocks, upper_rest) = upper[..count].as_chunks_mut::<ROW_BLOCK>();
     let (blocks, rest) = candidates.as_chunks::<ROW_BLOCK>();
     for group in 0..PREFETCH_BLOCKS {
         prefetch_group(blocks, rest, group, codes);
     }
-    for (b, block) in blocks.iter().enumerate() {
+    for (b, ((block, lower), upper)) in blocks
+        .iter()
+        .zip(lower_blocks.iter_mut())
+        .zip(upper_blocks.iter_mut())
+        .enumerate()
+    {
         prefetch_group(blocks, rest, b + PREFETCH_BLOCKS, codes);
-        let (lower, upper) = bounds8(quantized, query, block, dots8(block));
-        pruner.offer_block(block, lower, upper);
+        let (block_lower, block_upper) = bounds8(quantized, query, block, dots8(block));
+        *lower = block_lower.to_array();
+        *upper = block_upper.to_array();
     }
-    for &row in rest {
-        let (lower, upper) = bounds1(quantized, query, row);
-        if may_enter(upper, pruner.threshold) {
-            pruner.offer(row, lower, upper);
-        }
+    for ((&row, lower), upper) in rest.iter().zip(lower_rest).zip(upper_rest) {
+        (*lower, *upper) = bounds1(quantized, query, row);
     }
 }
 
 /// How the int8 pass computes code dot products (all paths give the same exact integers).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum DotsPath {
     /// `wide` vectors, any stride.
     Portable,
-    /// AVX-512BW, for strides of 64 and 128 codes (dimensions 33 to 128).
+    /// AVX-512BW (`vpmaddwd` then `vpaddd`), for strides of 64 and 128 codes (dimensions 33
+    /// to 128).
     #[cfg(target_arch = "x86_64")]
     Avx512(x86::Avx512Support),
+    /// AVX-512 VNNI (`vpdpwssd`: the multiply and the add in one instruction), same strides.
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni(x86::VnniSupport),
 }
 
 impl DotsPath {
     /// The fastest path this CPU runs.
     fn detect() -> DotsPath {
         #[cfg(target_arch = "x86_64")]
+        if let Some(support) = x86::VnniSupport::detect() {
+            return DotsPath::Avx512Vnni(support);
+        }
+        #[cfg(target_arch = "x86_64")]
         if let Some(support) = x86::Avx512Support::detect() {
             return DotsPath::Avx512(support);
         }
         DotsPath::Portable
     }
+
+    /// Every path this CPU runs, the portable one first (the tests compare them).
+    #[cfg(test)]
+    fn all_supported() -> Vec<DotsPath> {
+        #[allow(unused_mut)]
+        let mut paths = vec![DotsPath::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            paths.extend(x86::Avx512Support::detect().map(DotsPath::Avx512));
+            paths.extend(x86::VnniSupport::detect().map(DotsPath::Avx512Vnni));
+        }
+        paths
+    }
 }
 
 /// [`scan`] with the dot products of `path` (the portable one for strides AVX-512 does not
 /// cover).
-fn prune(
+fn bound_candidates(
     quantized: &QuantizedRows,
     query: &QuantizedQuery,
     candidates: &[u32],
-    pruner: &mut Pruner<'_>,
+    bounds: &mut CandidateBounds,
     path: DotsPath,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if let DotsPath::Avx512(support) = path {
-        match quantized.stride {
-            64 => return x86::scan::<2>(support, quantized, query, candidates, pruner),
-            128 => return x86::scan::<4>(support, quantized, query, candidates, pruner),
-            _ => {}
+    match (path, quantized.stride) {
+        (DotsPath::Avx512(support), 64) => {
+            return x86::scan::<2>(support, quantized, query, candidates, bounds);
         }
+        (DotsPath::Avx512(support), 128) => {
+            return x86::scan::<4>(support, quantized, query, candidates, bounds);
+        }
+        (DotsPath::Avx512Vnni(support), 64) => {
+            return x86::scan_vnni::<2>(support, quantized, query, candidates, bounds);
+        }
+        (DotsPath::Avx512Vnni(support), 128) => {
+            return x86::scan_vnni::<4>(support, quantized, query, candidates, bounds);
+        }
+        _ => {}
     }
     let _ = path;
     scan(
         quantized,
         query,
         candidates,
-        pruner,
+        bounds,
         |row| quantized.codes(row),
         |block| portable_dots8(quantized, query, block),
     );
 }
 
 /// The AVX-512 code dot products: per row, 32 codes at a time sign-extended to `i16`
-/// (`vpmovsxbw`) and multiplied into `i32` pairs (`vpmaddwd`), exact like the portable path.
+/// (`vpmovsxbw`) and multiplied into `i32` pairs and summed (`vpmaddwd` + `vpaddd`, or one
+/// `vpdpwssd` with VNNI), exact like the portable path.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::{
         __m256i, __m512i, _MM_PERM_BADC, _mm256_loadu_si256, _mm512_add_epi32,
-        _mm512_castsi512_si256, _mm512_cvtepi8_epi16, _mm512_loadu_si512, _mm512_madd_epi16,
-        _mm512_permutexvar_epi32, _mm512_setr_epi32, _mm512_setzero_si512, _mm512_shuffle_epi32,
-        _mm512_shuffle_i64x2, _mm512_unpackhi_epi32, _mm512_unpacklo_epi32,
+        _mm512_castsi512_si256, _mm512_cvtepi8_epi16, _mm512_dpwssd_epi32, _mm512_loadu_si512,
+        _mm512_madd_epi16, _mm512_permutexvar_epi32, _mm512_setr_epi32, _mm512_setzero_si512,
+        _mm512_shuffle_epi32, _mm512_shuffle_i64x2, _mm512_unpackhi_epi32, _mm512_unpacklo_epi32,
     };
 
     use wide::i32x8;
 
-    use super::{Pruner, QuantizedQuery, QuantizedRows, ROW_BLOCK};
+    use super::{CandidateBounds, QuantizedQuery, QuantizedRows, ROW_BLOCK};
 
     /// Codes per `vpmovsxbw` (a 256-bit load widened to 512 bits).
     const CODES_PER_STEP: usize = 32;
 
     /// Proof that the CPU runs AVX-512F and AVX-512BW; only [`Avx512Support::detect`] makes
     /// one.
-    #[derive(Debug, Clone, Copy)]
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub(super) struct Avx512Support(());
 
     impl Avx512Support {
@@ -682,6 +681,21 @@ mod x86 {
         pub(super) fn detect() -> Option<Self> {
             (std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512bw"))
+            .then_some(Self(()))
+        }
+    }
+
+    /// Proof that the CPU runs AVX-512F, AVX-512BW and AVX-512 VNNI; only
+    /// [`VnniSupport::detect`] makes one.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(super) struct VnniSupport(());
+
+    impl VnniSupport {
+        /// `Some` when this CPU has AVX-512F, AVX-512BW and AVX-512 VNNI.
+        pub(super) fn detect() -> Option<Self> {
+            (std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vnni"))
             .then_some(Self(()))
         }
     }
@@ -701,17 +715,32 @@ mod x86 {
         }
     }
 
-    /// [`super::scan`] for rows of `32 STEPS` codes (the stride), with AVX-512 dot products.
+    /// [`super::scan`] for rows of `32 STEPS` codes (the stride), with AVX-512BW dot
+    /// products.
     pub(super) fn scan<const STEPS: usize>(
         _support: Avx512Support,
         quantized: &QuantizedRows,
         query: &QuantizedQuery,
         candidates: &[u32],
-        pruner: &mut Pruner<'_>,
+        bounds: &mut CandidateBounds,
     ) {
         assert_eq!(quantized.stride, CODES_PER_STEP * STEPS);
         // SAFETY: `_support` proves that the CPU runs AVX-512F and AVX-512BW.
-        unsafe { scan_avx512::<STEPS>(quantized, query, candidates, pruner) }
+        unsafe { scan_avx512::<STEPS>(quantized, query, candidates, bounds) }
+    }
+
+    /// [`super::scan`] for rows of `32 STEPS` codes (the stride), with AVX-512 VNNI dot
+    /// products.
+    pub(super) fn scan_vnni<const STEPS: usize>(
+        _support: VnniSupport,
+        quantized: &QuantizedRows,
+        query: &QuantizedQuery,
+        candidates: &[u32],
+        bounds: &mut CandidateBounds,
+    ) {
+        assert_eq!(quantized.stride, CODES_PER_STEP * STEPS);
+        // SAFETY: `_support` proves that the CPU runs AVX-512F, AVX-512BW and AVX-512 VNNI.
+        unsafe { scan_avx512_vnni::<STEPS>(quantized, query, candidates, bounds) }
     }
 
     /// See [`scan`].
@@ -724,7 +753,7 @@ mod x86 {
         quantized: &QuantizedRows,
         query: &QuantizedQuery,
         candidates: &[u32],
-        pruner: &mut Pruner<'_>,
+        bounds: &mut CandidateBounds,
     ) {
         let query_steps = query_steps::<STEPS>(query);
         let rows = quantized.code_steps::<STEPS>();
@@ -732,9 +761,33 @@ mod x86 {
             quantized,
             query,
             candidates,
-            pruner,
+            bounds,
             |row| rows[row].as_slice(),
             |block| dots8(rows, &query_steps, block),
+        );
+    }
+
+    /// See [`scan_vnni`].
+    ///
+    /// # Safety
+    ///
+    /// The CPU must support AVX-512F, AVX-512BW and AVX-512 VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn scan_avx512_vnni<const STEPS: usize>(
+        quantized: &QuantizedRows,
+        query: &QuantizedQuery,
+        candidates: &[u32],
+        bounds: &mut CandidateBounds,
+    ) {
+        let query_steps = query_steps::<STEPS>(query);
+        let rows = quantized.code_steps::<STEPS>();
+        super::scan(
+            quantized,
+            query,
+            candidates,
+            bounds,
+            |row| rows[row].as_slice(),
+            |block| dots8_vnni(rows, &query_steps, block),
         );
     }
 
@@ -750,6 +803,14 @@ mod x86 {
         pairs.map(|pair| unsafe { _mm512_loadu_si512(pair.as_ptr().cast()) })
     }
 
+    /// One step of a row's codes (32 bytes) sign-extended to 32 `i16`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn widen(step: &[i8; CODES_PER_STEP]) -> __m512i {
+        // SAFETY: `step` is 32 bytes: the size of the unaligned load.
+        _mm512_cvtepi8_epi16(unsafe { _mm256_loadu_si256(step.as_ptr().cast()) })
+    }
+
     /// Sixteen `i32` lanes whose sum is the exact dot product of one row's codes with the
     /// query's.
     #[inline]
@@ -757,11 +818,25 @@ mod x86 {
     fn row_dot<const STEPS: usize>(codes: &CodeSteps<STEPS>, query: &[__m512i; STEPS]) -> __m512i {
         let mut sum = _mm512_setzero_si512();
         for (step, query) in codes.iter().zip(query) {
-            // SAFETY: `step` is 32 bytes: the size of the unaligned load.
-            let step = unsafe { _mm256_loadu_si256(step.as_ptr().cast()) };
             // |c q| <= 127 * 32767: each pair sum is exact in i32, and so is the total (the
             // query step is chosen so that no sum of a row can overflow).
-            sum = _mm512_add_epi32(sum, _mm512_madd_epi16(_mm512_cvtepi8_epi16(step), *query));
+            sum = _mm512_add_epi32(sum, _mm512_madd_epi16(widen(step), *query));
+        }
+        sum
+    }
+
+    /// [`row_dot`] with `vpdpwssd`, which adds both products of each `i16` pair to the
+    /// accumulator lane in one instruction (wrapping, not saturating: the same exact sums,
+    /// since no sum of a row can overflow).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    fn row_dot_vnni<const STEPS: usize>(
+        codes: &CodeSteps<STEPS>,
+        query: &[__m512i; STEPS],
+    ) -> __m512i {
+        let mut sum = _mm512_setzero_si512();
+        for (step, query) in codes.iter().zip(query) {
+            sum = _mm512_dpwssd_epi32(sum, widen(step), *query);
         }
         sum
     }
@@ -779,23 +854,49 @@ mod x86 {
         bytemuck::cast::<__m256i, i32x8>(sum_lanes_x8(sums))
     }
 
-    /// The AVX-512 dot products of `block`, or `None` for a stride this path does not cover.
+    /// [`dots8`] with [`row_dot_vnni`].
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) fn dots8_vnni<const STEPS: usize>(
+        rows: &[CodeSteps<STEPS>],
+        query: &[__m512i; STEPS],
+        block: &[u32; ROW_BLOCK],
+    ) -> i32x8 {
+        let dot = |r: usize| row_dot_vnni(&rows[block[r] as usize], query);
+        let sums = eight_lanes!(dot);
+        bytemuck::cast::<__m256i, i32x8>(sum_lanes_x8(sums))
+    }
+
+    /// The dot products of `block` on the AVX-512 path `path`, or `None` for the portable
+    /// path or a stride the AVX-512 paths do not cover.
     #[cfg(test)]
     pub(super) fn block_dots(
-        _support: Avx512Support,
+        path: super::DotsPath,
         quantized: &QuantizedRows,
         query: &QuantizedQuery,
         block: &[u32; ROW_BLOCK],
     ) -> Option<i32x8> {
-        // SAFETY: `_support` proves that the CPU runs AVX-512F and AVX-512BW.
+        use super::DotsPath;
+        // SAFETY: the `Avx512` path's token proves that the CPU runs AVX-512F and AVX-512BW,
+        // the `Avx512Vnni` one that it also runs AVX-512 VNNI.
         unsafe {
-            match quantized.stride {
-                64 => Some(dots8(
+            match (path, quantized.stride) {
+                (DotsPath::Avx512(_), 64) => Some(dots8(
                     quantized.code_steps(),
                     &query_steps::<2>(query),
                     block,
                 )),
-                128 => Some(dots8(
+                (DotsPath::Avx512(_), 128) => Some(dots8(
+                    quantized.code_steps(),
+                    &query_steps::<4>(query),
+                    block,
+                )),
+                (DotsPath::Avx512Vnni(_), 64) => Some(dots8_vnni(
+                    quantized.code_steps(),
+                    &query_steps::<2>(query),
+                    block,
+                )),
+                (DotsPath::Avx512Vnni(_), 128) => Some(dots8_vnni(
                     quantized.code_steps(),
                     &query_steps::<4>(query),
                     block,
@@ -839,24 +940,106 @@ mod x86 {
     }
 }
 
-/// Cuts `lowers` (the [`descending_key`]s of lower bounds) back to its `k` largest bounds
-/// (the `k` smallest keys) and returns the smallest of those bounds: the k-th largest lower
-/// bound so far (`+inf` when `lowers` is empty).
-fn cut_lowers(lowers: &mut Vec<u32>, k: usize) -> f32 {
-    let worst = if lowers.len() > k {
-        // The k-th smallest key lands at `k - 1`, the smaller ones before it.
-        let (_, worst, _) = lowers.select_nth_unstable(k - 1);
-        let worst = *worst;
-        lowers.truncate(k);
-        worst
-    } else {
-        lowers
+/// Candidates whose lower bound is sampled to find a threshold below the k-th largest lower
+/// bound (lists of fewer than twice as many candidates are not sampled).
+const THRESHOLD_SAMPLE: usize = 128;
+
+/// Splits the list at `L`, the k-th largest lower bound (`bounds`, from [`scan`]; `k` must be
+/// below the list length): into `sure` go the candidates whose lower bound reaches `L` (at
+/// least `k`), into `doubtful` those below it whose upper bound reaches it, both in list
+/// order; the others cannot be in the top k.
+///
+/// `L` is found without selecting among all the bounds: a threshold `T` is read off a sample
+/// of the lower bounds (a rank with some margin over where `L` is expected) and accepted once
+/// at least `k` lower bounds of the whole list reach it, which proves `T <= L` (else the rank
+/// doubles, down to `T = -inf`). The positions of the candidates whose upper bound reaches
+/// `T` (a superset of those reaching `L`, holding every lower bound `>= T`, so at least `k`)
+/// are collected without a branch, `L` is selected among their lower bounds alone, and they
+/// are split at `L`.
+#[allow(clippy::too_many_arguments)]
+fn split_at_kth_lower(
+    candidates: &[u32],
+    bounds: &CandidateBounds,
+    k: usize,
+    positions: &mut Vec<u32>,
+    lowers: &mut Vec<u32>,
+    sure: &mut Vec<OpenCandidate>,
+    doubtful: &mut Vec<OpenCandidate>,
+) {
+    let count = candidates.len();
+    let (lower, upper) = (&bounds.lower[..count], &bounds.upper[..count]);
+    // A threshold `T <= L`: the sample's (rank + 1)-th largest lower bound once at least `k`
+    // lower bounds of the list reach it, or `-inf`.
+    let mut threshold = f32::NEG_INFINITY;
+    let sample_stride = count / THRESHOLD_SAMPLE;
+    if sample_stride >= 2 {
+        lowers.clear();
+        lowers.extend(
+            lower
+                .iter()
+                .step_by(sample_stride)
+                .map(|&l| descending_key(l)),
+        );
+        let expected = (k * lowers.len()) as f64 / count as f64;
+        let mut rank = (expected + 2.0 * expected.sqrt() + 2.0).ceil() as usize;
+        while rank < lowers.len() {
+            let (_, key, _) = lowers.select_nth_unstable(rank);
+            let sampled = score_of_descending_key(*key);
+            // `may_enter` for bounds, which are never NaN; spelled so that the count
+            // vectorizes (a pass of its own is cheaper than counting while collecting).
+            let reaching: usize = lower.iter().map(|&l| usize::from(l >= sampled)).sum();
+            if reaching >= k {
+                threshold = sampled;
+                break;
+            }
+            rank = 2 * rank + 1;
+        }
+    }
+    // Grown, never shrunk: only the first `reached` positions are meaningful.
+    if positions.len() < count {
+        positions.resize(count, 0);
+    }
+    let mut reached = 0;
+    for (position, &bound) in upper.iter().enumerate() {
+        positions[reached] = position as u32;
+        reached += usize::from(may_enter(bound, threshold));
+    }
+    let positions = &positions[..reached];
+    lowers.clear();
+    lowers.extend(
+        positions
             .iter()
-            .copied()
-            .max()
-            .unwrap_or(descending_key(f32::INFINITY))
+            .map(|&position| descending_key(lower[position as usize])),
+    );
+    // At least k were collected (see above); the guard keeps the answer exact regardless.
+    let kth_lower = if lowers.len() >= k {
+        // The k-th smallest key: the k-th largest lower bound.
+        let (_, worst, _) = lowers.select_nth_unstable(k - 1);
+        score_of_descending_key(*worst)
+    } else {
+        f32::NEG_INFINITY
     };
-    score_of_descending_key(worst)
+    // The sure ones are compacted without a branch (whether a candidate is sure is a coin
+    // toss near `L`); the doubtful ones are few.
+    sure.clear();
+    sure.resize(reached, OpenCandidate::default());
+    doubtful.clear();
+    let mut sure_count = 0;
+    for &position in positions {
+        let position = position as usize;
+        let candidate = OpenCandidate {
+            row: candidates[position],
+            lower: lower[position],
+            upper: upper[position],
+        };
+        sure[sure_count] = candidate;
+        let is_sure = may_enter(candidate.lower, kth_lower);
+        sure_count += usize::from(is_sure);
+        if !is_sure && may_enter(candidate.upper, kth_lower) {
+            doubtful.push(candidate);
+        }
+    }
+    sure.truncate(sure_count);
 }
 
 /// The best `k` candidate rows for `query`, best first, into `out`: exactly what
@@ -911,20 +1094,15 @@ fn quantized_candidates_topk_on(
     }
     let QuantizedScratch {
         query: codes,
+        bounds,
+        positions,
         lowers,
         open,
         doubtful,
         keys,
     } = &mut scratch.quantized;
-    let mut pruner = Pruner::new(lowers, open, k, candidates.len());
-    prune(quantized, codes, candidates, &mut pruner, dots_path);
-    let Pruner { lowers, open, .. } = pruner;
-    // At least k lower bounds were kept (every one until the first cut, k after each).
-    let threshold = match lowers.len() >= k {
-        true => cut_lowers(lowers, k),
-        false => f32::NEG_INFINITY,
-    };
-    split_open(open, doubtful, threshold);
+    bound_candidates(quantized, codes, candidates, bounds, dots_path);
+    split_at_kth_lower(candidates, bounds, k, positions, lowers, open, doubtful);
     for candidate in open.iter().chain(doubtful.iter()) {
         prefetch_l2(m.row(candidate.row as usize));
     }
@@ -951,26 +1129,6 @@ fn quantized_candidates_topk_on(
         rescored: kept.len(),
         pruned: true,
     })
-}
-
-/// Splits the open candidates at the final threshold `L`: those whose lower bound reaches it
-/// stay in `open` (at least `k` of them: every lower bound among the `k` best), those below
-/// it whose upper bound reaches it go to `doubtful`, the rest are dropped.
-fn split_open(open: &mut Vec<OpenCandidate>, doubtful: &mut Vec<OpenCandidate>, threshold: f32) {
-    // The sure ones are compacted to the front of `open` without a branch (whether a
-    // candidate is sure is a coin toss near the threshold); the doubtful ones are few.
-    doubtful.clear();
-    let mut sure = 0;
-    for position in 0..open.len() {
-        let candidate = open[position];
-        open[sure] = candidate;
-        let is_sure = may_enter(candidate.lower, threshold);
-        sure += usize::from(is_sure);
-        if !is_sure && may_enter(candidate.upper, threshold) {
-            doubtful.push(candidate);
-        }
-    }
-    open.truncate(sure);
 }
 
 /// Appends the exact scores of `candidates` (the f32 kernel's recipe, eight rows at a time)
@@ -1155,7 +1313,7 @@ mod tests {
         )
         .unwrap();
         let mut passes = Vec::new();
-        for path in [DotsPath::Portable, DotsPath::detect()] {
+        for path in DotsPath::all_supported() {
             let mut got = Vec::new();
             let pass = quantized_candidates_topk_on(
                 m,
@@ -1176,39 +1334,47 @@ mod tests {
             passes.push(pass);
         }
         // The paths compute the same integers, so they prune the same candidates.
-        prop_assert_eq!(passes[0], passes[1]);
-        Ok(passes[1])
+        for pass in &passes {
+            prop_assert_eq!(*pass, passes[0]);
+        }
+        Ok(passes[0])
     }
 
-    /// Checks the AVX-512 dot products of every block of `rows` against the portable ones
-    /// (true when the AVX-512 path covered this stride on this CPU).
+    /// Checks the dot products of every AVX-512 path this CPU runs (BW, VNNI), for every
+    /// block of `rows`, against the portable ones and a plain `i64` sum (true when an
+    /// AVX-512 path covered this stride on this CPU).
     #[cfg(target_arch = "x86_64")]
     fn check_avx512_dots(
         quantized: &QuantizedRows,
         query: &QuantizedQuery,
         rows: &[u32],
     ) -> Result<bool, TestCaseError> {
-        let Some(support) = x86::Avx512Support::detect() else {
-            return Ok(false);
-        };
         let mut covered = false;
-        for block in rows.as_chunks::<ROW_BLOCK>().0 {
-            let portable = portable_dots8(quantized, query, block);
-            let Some(avx512) = x86::block_dots(support, quantized, query, block) else {
-                return Ok(false);
-            };
-            prop_assert_eq!(avx512.to_array(), portable.to_array(), "rows {:?}", block);
-            // And both equal the plain integer sum.
-            for (lane, &row) in block.iter().enumerate() {
-                let exact: i64 = quantized
-                    .codes(row as usize)
-                    .iter()
-                    .zip(query.lanes.iter().flat_map(|lane| lane.to_array()))
-                    .map(|(&c, q)| i64::from(c) * i64::from(q))
-                    .sum();
-                prop_assert_eq!(i64::from(portable.to_array()[lane]), exact);
+        for path in DotsPath::all_supported() {
+            for block in rows.as_chunks::<ROW_BLOCK>().0 {
+                let portable = portable_dots8(quantized, query, block);
+                let Some(avx512) = x86::block_dots(path, quantized, query, block) else {
+                    break;
+                };
+                prop_assert_eq!(
+                    avx512.to_array(),
+                    portable.to_array(),
+                    "{:?}, rows {:?}",
+                    path,
+                    block
+                );
+                // And both equal the plain integer sum.
+                for (lane, &row) in block.iter().enumerate() {
+                    let exact: i64 = quantized
+                        .codes(row as usize)
+                        .iter()
+                        .zip(query.lanes.iter().flat_map(|lane| lane.to_array()))
+                        .map(|(&c, q)| i64::from(c) * i64::from(q))
+                        .sum();
+                    prop_assert_eq!(i64::from(portable.to_array()[lane]), exact);
+                }
+                covered = true;
             }
-            covered = true;
         }
         Ok(covered)
     }
@@ -1388,6 +1554,124 @@ mod tests {
                         <= rescored_by_the_lower_bounds_alone(&quantized, &query, &candidates, k)
                 );
             }
+        }
+    }
+
+    /// Orders of a list that bias a strided sample of it: ascending or descending by some
+    /// score, or the best ones exactly at the multiples of the sample stride (so that the
+    /// sampled threshold is too high and must be lowered).
+    fn biased_order(scores: &[f32], order: u8) -> Vec<usize> {
+        let mut by_score: Vec<usize> = (0..scores.len()).collect();
+        by_score.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+        match order % 4 {
+            0 => by_score,
+            1 => by_score.into_iter().rev().collect(),
+            2 => {
+                // Best first at positions 0, stride, 2 stride, ..., the rest after.
+                let stride = (scores.len() / THRESHOLD_SAMPLE).max(1);
+                let mut placed = vec![usize::MAX; scores.len()];
+                let mut best = by_score.iter();
+                for slot in placed.iter_mut().step_by(stride) {
+                    *slot = *best.next().unwrap();
+                }
+                for (slot, &row) in placed
+                    .iter_mut()
+                    .filter(|slot| **slot == usize::MAX)
+                    .zip(best)
+                {
+                    *slot = row;
+                }
+                placed
+            }
+            _ => (0..scores.len()).collect(),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// The split at the k-th largest lower bound equals the one a full sort gives: same
+        /// sure and doubtful candidates, in list order, whatever the order of the list (sorted,
+        /// reversed, the best at the sample's positions), with ties (bounds on a coarse grid),
+        /// short lists (not sampled) and long ones, `k` anywhere below the list length.
+        #[test]
+        fn the_kth_lower_split_equals_a_full_sort(
+            count in 2usize..2000,
+            k_fraction in 0.0f64..1.0,
+            k_from_end in 1usize..12,
+            near_the_end in any::<bool>(),
+            coarse in any::<bool>(),
+            order in any::<u8>(),
+            seed in any::<u64>(),
+        ) {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let grid = |x: f32| if coarse { (x * 4.0).round() / 4.0 } else { x };
+            let centers: Vec<f32> = (0..count).map(|_| grid(rng.random_range(-3.0f32..3.0))).collect();
+            let widths: Vec<f32> = (0..count).map(|_| grid(rng.random_range(0.0f32..0.5))).collect();
+            let placed = biased_order(&centers, order);
+            let bounds = CandidateBounds {
+                lower: placed.iter().map(|&i| centers[i] - widths[i]).collect(),
+                upper: placed.iter().map(|&i| centers[i] + widths[i]).collect(),
+            };
+            let candidates: Vec<u32> = placed.iter().map(|&i| i as u32 * 3 + 1).collect();
+            let k = if near_the_end {
+                count.saturating_sub(k_from_end).max(1)
+            } else {
+                ((count as f64 * k_fraction) as usize).clamp(1, count - 1)
+            };
+            let mut sorted = bounds.lower.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            let kth = sorted[k - 1];
+            let expected_sure: Vec<u32> = (0..count)
+                .filter(|&i| bounds.lower[i] >= kth)
+                .map(|i| candidates[i])
+                .collect();
+            let expected_doubtful: Vec<u32> = (0..count)
+                .filter(|&i| bounds.lower[i] < kth && bounds.upper[i] >= kth)
+                .map(|i| candidates[i])
+                .collect();
+            let (mut positions, mut lowers, mut sure, mut doubtful) =
+                (vec![7; 3], Vec::new(), Vec::new(), vec![OpenCandidate::default(); 5]);
+            split_at_kth_lower(&candidates, &bounds, k, &mut positions, &mut lowers, &mut sure, &mut doubtful);
+            let rows = |open: &[OpenCandidate]| open.iter().map(|c| c.row).collect::<Vec<u32>>();
+            prop_assert!(expected_sure.len() >= k);
+            prop_assert_eq!(rows(&sure), expected_sure);
+            prop_assert_eq!(rows(&doubtful), expected_doubtful);
+        }
+
+        /// Whole lists of a table in orders that bias the sampled threshold (by exact score,
+        /// either way, or the best at the sample's positions), long enough to be sampled, on
+        /// every dot-product path: the answer is the f32 kernel's.
+        #[test]
+        fn biased_list_orders_give_the_same_answer(
+            rows in 256usize..1200,
+            integer in any::<bool>(),
+            order in any::<u8>(),
+            k_fraction in 0.0f64..1.0,
+            k_from_end in 1usize..12,
+            near_the_end in any::<bool>(),
+            seed in any::<u64>(),
+        ) {
+            let dim = 64;
+            let data = if integer {
+                integer_rows(seed, rows, dim, dim)
+            } else {
+                random_rows(seed, rows, dim, dim)
+            };
+            let m = RowMatrix::dense(&data, dim).unwrap();
+            let quantized = QuantizedRows::build(m);
+            let query = if integer { integer_rows(!seed, 1, dim, dim) } else { random_vec(!seed, dim) };
+            let mut exact_query = crate::simd::PreparedQuery::default();
+            exact_query.prepare(&query);
+            let scores: Vec<f32> = (0..rows).map(|row| score_row(m.row_extended(row), &exact_query)).collect();
+            let candidates: Vec<u32> = biased_order(&scores, order).into_iter().map(|row| row as u32).collect();
+            let k = if near_the_end {
+                rows.saturating_sub(k_from_end).max(1)
+            } else {
+                ((rows as f64 * k_fraction) as usize).max(1)
+            };
+            let pass = check_same_answer(m, &quantized, &query, &candidates, k)?;
+            prop_assert!(pass.pruned);
         }
     }
 
@@ -1676,6 +1960,102 @@ mod tests {
     #[ignore = "a measurement, not a check"]
     fn t1_shape_probe_k100() {
         probe_t1_shape(100);
+    }
+
+    /// Where the T1-shape call waits (BENCHMARKS.md, `vnni`): median wall time at k = 100 of
+    /// the whole call, of the scan and the selection of the open candidates, and of the scan
+    /// alone, on each dot-product path, with the rows hot (one list repeated), in L3 (64
+    /// lists cycled), L2-resident int8 rows with everything else evicted (the server: the id
+    /// lookups load the int8 rows just before), and everything evicted. Run with
+    /// `cargo test --release -p kernels --lib -- --ignored --nocapture where_the_t1_call_waits`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn where_the_t1_call_waits() {
+        let (rows, dim, lists, k) = (100_000, 64, 64, 100);
+        let data = random_rows(21, rows, dim, dim);
+        let m = RowMatrix::dense(&data, dim).unwrap();
+        let quantized = QuantizedRows::build(m);
+        let mut rng = ChaCha8Rng::seed_from_u64(22);
+        let mut all: Vec<u32> = (0..rows as u32).collect();
+        let lists: Vec<Vec<u32>> = (0..lists)
+            .map(|_| {
+                let (chosen, _) =
+                    rand::seq::SliceRandom::partial_shuffle(&mut all[..], &mut rng, 1000);
+                chosen.to_vec()
+            })
+            .collect();
+        let query = random_vec(23, dim);
+        let mut evictor = vec![0u64; 64 << 17]; // 64 MiB, twice the L3
+        let mut evict = |round: u64| {
+            for line in evictor.chunks_mut(8) {
+                line[0] = line[0].wrapping_add(round);
+            }
+            std::hint::black_box(&evictor);
+        };
+        let (mut scratch, mut top) = (TopKScratch::new(), Vec::new());
+        let paths = DotsPath::all_supported();
+        for mode in ["hot", "l3-cycled", "int8-in-l2", "cold"] {
+            for &path in &paths {
+                let mut line = format!("{mode:>10} {path:?}:");
+                for phase in ["call", "scan+select", "scan"] {
+                    let mut times = Vec::new();
+                    for round in 0..300u64 {
+                        let list = match mode {
+                            "hot" => &lists[0],
+                            _ => &lists[round as usize % lists.len()],
+                        };
+                        if mode == "int8-in-l2" || mode == "cold" {
+                            evict(round);
+                        }
+                        if mode == "int8-in-l2" {
+                            let mut touched = 0i32;
+                            for &row in list {
+                                touched += i32::from(quantized.codes(row as usize)[0]);
+                                touched += quantized.scales[row as usize] as i32;
+                            }
+                            std::hint::black_box(touched);
+                        }
+                        let started = std::time::Instant::now();
+                        if phase == "call" {
+                            quantized_candidates_topk_on(
+                                m,
+                                &quantized,
+                                &query,
+                                list,
+                                k,
+                                &mut scratch,
+                                &mut top,
+                                path,
+                            )
+                            .unwrap();
+                        } else {
+                            let QuantizedScratch {
+                                query: codes,
+                                bounds,
+                                positions,
+                                lowers,
+                                open,
+                                doubtful,
+                                ..
+                            } = &mut scratch.quantized;
+                            assert!(codes.prepare(&query, quantized.max_abs, quantized.stride));
+                            bound_candidates(&quantized, codes, list, bounds, path);
+                            if phase == "scan+select" {
+                                split_at_kth_lower(
+                                    list, bounds, k, positions, lowers, open, doubtful,
+                                );
+                                std::hint::black_box(&open);
+                            }
+                            std::hint::black_box(&bounds.lower);
+                        }
+                        times.push(started.elapsed().as_nanos() as u64);
+                    }
+                    times.sort_unstable();
+                    line += &format!(" {phase} {:.2}", times[times.len() / 2] as f64 / 1e3,);
+                }
+                println!("{line} (median us)");
+            }
+        }
     }
 
     #[test]
