@@ -5,12 +5,13 @@
 //! finds them (between two requests it runs the HTTP/2 stack, scores 1000 rows, and shares
 //! the L3 with the load generator).
 //!
-//! The `candidates` bench takes the next of 64 lists per iteration, but its loop does
-//! nothing else, so after a few iterations half the index (2 MB) and of the int8 rows
-//! (6.8 MB) sit in L2/L3: it measured 6.3 us per 1000 ids where the server's profile shows
-//! about 13 us. Here each call is preceded (untimed) by a walk over an eviction buffer:
+//! The `candidates` bench measured 6.3 us per 1000 ids for its `lookup` case where the
+//! server's profile shows about 13 us: that case has no row hint, and its loop does nothing
+//! else, so the index (2 MB) and the int8 rows (6.8 MB) stay in L2/L3. Here each call is
+//! preceded (untimed) by a walk over an eviction buffer (BENCHMARKS.md, section `lookup2`):
 //!
-//! - `warm`: no walk (the `candidates` bench's situation);
+//! - `warm`: no walk (the previous lists' lookups leave the index and rows partly in L2,
+//!   mostly in L3: this reproduces the server's 13 us);
 //! - `l2`: 4 MiB written (the 1 MiB L2 and L1 hold none of the index or rows; L3 does);
 //! - `l3`: 64 MiB written (twice the 32 MiB L3: buckets and rows come from DRAM, and the
 //!   TLB is cold too).
@@ -24,7 +25,8 @@
 //! `index_of_many_hinting_rows` does since branch `lookup2`, so a binary of the code before
 //! compares both placements in one process), and each of them `+score` (then
 //! `quantized_candidates_topk` at k = 100, T1's pool: the row hints' benefit shows in the
-//! scoring). The cases take turns call by call, so they share the machine's state. Prints the median, mean and 10th/90th percentiles in us per call.
+//! scoring). The cases take turns call by call, so they share the machine's state. Prints
+//! the median, mean and 10th/90th percentiles in us per call.
 //!
 //! `FAIRRANK_LOOKUP_COLD_CALLS` (default 400) sets the calls per case and mode,
 //! `FAIRRANK_LOOKUP_COLD_MODES` (default `warm,l2,l3`) the modes, in order, and
@@ -190,8 +192,8 @@ fn main() {
             cases.retain(|(label, _, _)| only.split(',').any(|case| case == *label));
         }
         let mut nanos = vec![Vec::with_capacity(calls); cases.len()];
-        // Cases interleaved call by call: each sees the same machine state.
-        // Lists in turn over all cases: every list is back after `LISTS` calls, whichever case.
+        // Cases interleaved call by call, so each sees the same machine state; lists in turn
+        // over all cases, so every list is back after `LISTS` calls, whichever the case.
         let mut next_list = 0;
         for call in 0..calls {
             for ((_, hint, score), nanos) in cases.iter().zip(&mut nanos) {
