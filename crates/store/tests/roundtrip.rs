@@ -503,20 +503,15 @@ fn batched_lookups_answer_like_single_ones_at_every_length() {
         let mut warm = Vec::new();
         table.index_of_many_prefetch_rows(ids.iter().map(String::as_bytes), &mut warm);
         assert_eq!(warm, expected, "length {len}");
-        // The caller's hint sees only row indices of the table (most found rows: a key
-        // that probed past its home slot is found without a hint).
+        // The caller's hint sees every found row once, in id order, and nothing else (not
+        // the rows already in `out`, not absent ids).
         let hinted = std::cell::RefCell::new(Vec::new());
-        let mut with_hint = Vec::new();
+        let mut with_hint = vec![Some(7)];
         table.index_of_many_hinting_rows(ids, |row| hinted.borrow_mut().push(row), &mut with_hint);
-        assert_eq!(with_hint, expected, "length {len}");
-        let hinted = hinted.into_inner();
-        assert!(hinted.iter().all(|&row| row < rows), "length {len}");
-        let found = expected.iter().flatten().count();
-        assert!(
-            2 * hinted.len() >= found,
-            "length {len}: {} hints for {found} rows",
-            hinted.len()
-        );
+        assert_eq!(with_hint[0], Some(7), "appends to `out`");
+        assert_eq!(&with_hint[1..], expected.as_slice(), "length {len}");
+        let found: Vec<usize> = expected.iter().flatten().map(|&row| row as usize).collect();
+        assert_eq!(hinted.into_inner(), found, "length {len}");
     }
     assert!(pool.iter().any(|id| table.index_of(id).is_none()));
 }
