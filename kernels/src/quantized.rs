@@ -41,8 +41,7 @@
 //! The dot products `P` are exact integers, so how they are computed does not change any
 //! bound: on CPUs with AVX-512BW, strides of 64 and 128 codes (dimensions 33 to 128) use a
 //! path that widens 32 codes per instruction and sums eight rows' lanes with one shuffle
-//! tree (`x86`, detected at run time; with AVX-512 VNNI the multiply and the add are one
-//! `vpdpwssd`); every other case uses the portable `wide` path. The tests check every path
+//! tree (`x86`, detected at run time); every other case uses the portable `wide` path. The tests check every path
 //! this CPU runs against each other and against a plain integer sum.
 //!
 //! There is no cap: on data where the bound prunes nothing every candidate is rescored (only
@@ -583,18 +582,11 @@ enum DotsPath {
     /// to 128).
     #[cfg(target_arch = "x86_64")]
     Avx512(x86::Avx512Support),
-    /// AVX-512 VNNI (`vpdpwssd`: the multiply and the add in one instruction), same strides.
-    #[cfg(target_arch = "x86_64")]
-    Avx512Vnni(x86::VnniSupport),
 }
 
 impl DotsPath {
     /// The fastest path this CPU runs.
     fn detect() -> DotsPath {
-        #[cfg(target_arch = "x86_64")]
-        if let Some(support) = x86::VnniSupport::detect() {
-            return DotsPath::Avx512Vnni(support);
-        }
         #[cfg(target_arch = "x86_64")]
         if let Some(support) = x86::Avx512Support::detect() {
             return DotsPath::Avx512(support);
@@ -608,10 +600,7 @@ impl DotsPath {
         #[allow(unused_mut)]
         let mut paths = vec![DotsPath::Portable];
         #[cfg(target_arch = "x86_64")]
-        {
-            paths.extend(x86::Avx512Support::detect().map(DotsPath::Avx512));
-            paths.extend(x86::VnniSupport::detect().map(DotsPath::Avx512Vnni));
-        }
+        paths.extend(x86::Avx512Support::detect().map(DotsPath::Avx512));
         paths
     }
 }
@@ -633,12 +622,6 @@ fn bound_candidates(
         (DotsPath::Avx512(support), 128) => {
             return x86::scan::<4>(support, quantized, query, candidates, bounds);
         }
-        (DotsPath::Avx512Vnni(support), 64) => {
-            return x86::scan_vnni::<2>(support, quantized, query, candidates, bounds);
-        }
-        (DotsPath::Avx512Vnni(support), 128) => {
-            return x86::scan_vnni::<4>(support, quantized, query, candidates, bounds);
-        }
         _ => {}
     }
     let _ = path;
@@ -653,15 +636,14 @@ fn bound_candidates(
 }
 
 /// The AVX-512 code dot products: per row, 32 codes at a time sign-extended to `i16`
-/// (`vpmovsxbw`) and multiplied into `i32` pairs and summed (`vpmaddwd` + `vpaddd`, or one
-/// `vpdpwssd` with VNNI), exact like the portable path.
+/// (`vpmovsxbw`) and multiplied into `i32` pairs and summed (`vpmaddwd` + `vpaddd`), exact like the portable path.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::{
         __m256i, __m512i, _MM_PERM_BADC, _mm256_loadu_si256, _mm512_add_epi32,
-        _mm512_castsi512_si256, _mm512_cvtepi8_epi16, _mm512_dpwssd_epi32, _mm512_loadu_si512,
-        _mm512_madd_epi16, _mm512_permutexvar_epi32, _mm512_setr_epi32, _mm512_setzero_si512,
-        _mm512_shuffle_epi32, _mm512_shuffle_i64x2, _mm512_unpackhi_epi32, _mm512_unpacklo_epi32,
+        _mm512_castsi512_si256, _mm512_cvtepi8_epi16, _mm512_loadu_si512, _mm512_madd_epi16,
+        _mm512_permutexvar_epi32, _mm512_setr_epi32, _mm512_setzero_si512, _mm512_shuffle_epi32,
+        _mm512_shuffle_i64x2, _mm512_unpackhi_epi32, _mm512_unpacklo_epi32,
     };
 
     use wide::i32x8;
@@ -681,21 +663,6 @@ mod x86 {
         pub(super) fn detect() -> Option<Self> {
             (std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512bw"))
-            .then_some(Self(()))
-        }
-    }
-
-    /// Proof that the CPU runs AVX-512F, AVX-512BW and AVX-512 VNNI; only
-    /// [`VnniSupport::detect`] makes one.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub(super) struct VnniSupport(());
-
-    impl VnniSupport {
-        /// `Some` when this CPU has AVX-512F, AVX-512BW and AVX-512 VNNI.
-        pub(super) fn detect() -> Option<Self> {
-            (std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512vnni"))
             .then_some(Self(()))
         }
     }
@@ -729,20 +696,6 @@ mod x86 {
         unsafe { scan_avx512::<STEPS>(quantized, query, candidates, bounds) }
     }
 
-    /// [`super::scan`] for rows of `32 STEPS` codes (the stride), with AVX-512 VNNI dot
-    /// products.
-    pub(super) fn scan_vnni<const STEPS: usize>(
-        _support: VnniSupport,
-        quantized: &QuantizedRows,
-        query: &QuantizedQuery,
-        candidates: &[u32],
-        bounds: &mut CandidateBounds,
-    ) {
-        assert_eq!(quantized.stride, CODES_PER_STEP * STEPS);
-        // SAFETY: `_support` proves that the CPU runs AVX-512F, AVX-512BW and AVX-512 VNNI.
-        unsafe { scan_avx512_vnni::<STEPS>(quantized, query, candidates, bounds) }
-    }
-
     /// See [`scan`].
     ///
     /// # Safety
@@ -764,30 +717,6 @@ mod x86 {
             bounds,
             |row| rows[row].as_slice(),
             |block| dots8(rows, &query_steps, block),
-        );
-    }
-
-    /// See [`scan_vnni`].
-    ///
-    /// # Safety
-    ///
-    /// The CPU must support AVX-512F, AVX-512BW and AVX-512 VNNI.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn scan_avx512_vnni<const STEPS: usize>(
-        quantized: &QuantizedRows,
-        query: &QuantizedQuery,
-        candidates: &[u32],
-        bounds: &mut CandidateBounds,
-    ) {
-        let query_steps = query_steps::<STEPS>(query);
-        let rows = quantized.code_steps::<STEPS>();
-        super::scan(
-            quantized,
-            query,
-            candidates,
-            bounds,
-            |row| rows[row].as_slice(),
-            |block| dots8_vnni(rows, &query_steps, block),
         );
     }
 
@@ -825,22 +754,6 @@ mod x86 {
         sum
     }
 
-    /// [`row_dot`] with `vpdpwssd`, which adds both products of each `i16` pair to the
-    /// accumulator lane in one instruction (wrapping, not saturating: the same exact sums,
-    /// since no sum of a row can overflow).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    fn row_dot_vnni<const STEPS: usize>(
-        codes: &CodeSteps<STEPS>,
-        query: &[__m512i; STEPS],
-    ) -> __m512i {
-        let mut sum = _mm512_setzero_si512();
-        for (step, query) in codes.iter().zip(query) {
-            sum = _mm512_dpwssd_epi32(sum, widen(step), *query);
-        }
-        sum
-    }
-
     /// The exact code dot products of the eight rows of `block`, lane `r` for row `block[r]`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
@@ -850,19 +763,6 @@ mod x86 {
         block: &[u32; ROW_BLOCK],
     ) -> i32x8 {
         let dot = |r: usize| row_dot(&rows[block[r] as usize], query);
-        let sums = eight_lanes!(dot);
-        bytemuck::cast::<__m256i, i32x8>(sum_lanes_x8(sums))
-    }
-
-    /// [`dots8`] with [`row_dot_vnni`].
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) fn dots8_vnni<const STEPS: usize>(
-        rows: &[CodeSteps<STEPS>],
-        query: &[__m512i; STEPS],
-        block: &[u32; ROW_BLOCK],
-    ) -> i32x8 {
-        let dot = |r: usize| row_dot_vnni(&rows[block[r] as usize], query);
         let sums = eight_lanes!(dot);
         bytemuck::cast::<__m256i, i32x8>(sum_lanes_x8(sums))
     }
@@ -877,8 +777,7 @@ mod x86 {
         block: &[u32; ROW_BLOCK],
     ) -> Option<i32x8> {
         use super::DotsPath;
-        // SAFETY: the `Avx512` path's token proves that the CPU runs AVX-512F and AVX-512BW,
-        // the `Avx512Vnni` one that it also runs AVX-512 VNNI.
+        // SAFETY: the `Avx512` path's token proves that the CPU runs AVX-512F and AVX-512BW.
         unsafe {
             match (path, quantized.stride) {
                 (DotsPath::Avx512(_), 64) => Some(dots8(
@@ -887,16 +786,6 @@ mod x86 {
                     block,
                 )),
                 (DotsPath::Avx512(_), 128) => Some(dots8(
-                    quantized.code_steps(),
-                    &query_steps::<4>(query),
-                    block,
-                )),
-                (DotsPath::Avx512Vnni(_), 64) => Some(dots8_vnni(
-                    quantized.code_steps(),
-                    &query_steps::<2>(query),
-                    block,
-                )),
-                (DotsPath::Avx512Vnni(_), 128) => Some(dots8_vnni(
                     quantized.code_steps(),
                     &query_steps::<4>(query),
                     block,
@@ -1340,7 +1229,7 @@ mod tests {
         Ok(passes[0])
     }
 
-    /// Checks the dot products of every AVX-512 path this CPU runs (BW, VNNI), for every
+    /// Checks the dot products of every AVX-512 path this CPU runs (BW), for every
     /// block of `rows`, against the portable ones and a plain `i64` sum (true when an
     /// AVX-512 path covered this stride on this CPU).
     #[cfg(target_arch = "x86_64")]
