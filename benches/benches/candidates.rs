@@ -39,6 +39,7 @@
 use std::hint::black_box;
 
 use benches::synthetic::{ScratchDir, synthetic_table};
+use benches::thread_cpu::thread_cpu_nanos;
 use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use kernels::{
@@ -60,18 +61,6 @@ const POOL_K: usize = 100;
 struct ThreadCpuTime;
 
 static WALL_TIME: WallTime = WallTime;
-
-fn thread_cpu_nanos() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `clock_gettime` writes one `timespec` through the valid, exclusive pointer it is
-    // given and reads nothing else; `CLOCK_THREAD_CPUTIME_ID` exists on every Linux.
-    let status = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut now) };
-    assert_eq!(status, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed");
-    (now.tv_sec as u64) * 1_000_000_000 + now.tv_nsec as u64
-}
 
 impl Measurement for ThreadCpuTime {
     type Intermediate = u64;

@@ -34,6 +34,7 @@
 
 use std::hint::black_box;
 
+use benches::thread_cpu::thread_cpu_nanos;
 use kernels::{QuantizedRows, RowMatrix, ScoredItem, TopKScratch, quantized_candidates_topk};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -44,18 +45,6 @@ const CANDIDATES: usize = 1000;
 const LISTS: usize = 64;
 /// T1's top-k: the engine's default re-ranking pool.
 const POOL_K: usize = 100;
-
-fn thread_cpu_nanos() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `clock_gettime` writes one `timespec` through the valid, exclusive pointer it is
-    // given and reads nothing else; `CLOCK_THREAD_CPUTIME_ID` exists on every Linux.
-    let status = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut now) };
-    assert_eq!(status, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed");
-    (now.tv_sec as u64) * 1_000_000_000 + now.tv_nsec as u64
-}
 
 /// A request's candidate ids as the engine holds them: one text, and where each id ends.
 struct IdList {

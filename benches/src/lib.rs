@@ -7,5 +7,6 @@
 pub mod error;
 pub mod loadgen;
 pub mod synthetic;
+pub mod thread_cpu;
 
 pub use error::LoadgenError;

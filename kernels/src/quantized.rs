@@ -1418,14 +1418,9 @@ mod tests {
             near_the_end in any::<bool>(),
             seed in any::<u64>(),
         ) {
-            let data = if integer {
-                integer_rows(seed, rows, dim, dim)
-            } else {
-                random_rows(seed, rows, dim, dim)
-            };
+            let (data, query) = rows_and_query(integer, seed, rows, dim);
             let m = RowMatrix::dense(&data, dim).unwrap();
             let quantized = QuantizedRows::build(m);
-            let query = if integer { integer_rows(!seed, 1, dim, dim) } else { random_vec(!seed, dim) };
             // Distinct rows first, then repeats (a row listed twice is scored twice).
             let candidates: Vec<u32> = (0..count)
                 .map(|i| ((seed as usize).wrapping_add(i * 7) % rows) as u32)
@@ -1542,14 +1537,9 @@ mod tests {
             seed in any::<u64>(),
         ) {
             let dim = 64;
-            let data = if integer {
-                integer_rows(seed, rows, dim, dim)
-            } else {
-                random_rows(seed, rows, dim, dim)
-            };
+            let (data, query) = rows_and_query(integer, seed, rows, dim);
             let m = RowMatrix::dense(&data, dim).unwrap();
             let quantized = QuantizedRows::build(m);
-            let query = if integer { integer_rows(!seed, 1, dim, dim) } else { random_vec(!seed, dim) };
             let mut exact_query = crate::simd::PreparedQuery::default();
             exact_query.prepare(&query);
             let scores: Vec<f32> = (0..rows).map(|row| score_row(m.row_extended(row), &exact_query)).collect();
@@ -1795,6 +1785,39 @@ mod tests {
         }
     }
 
+    /// `rows` rows of `dim` values and a query, from `seed`: small integers (many exact ties)
+    /// when `integer`, else random floats.
+    fn rows_and_query(integer: bool, seed: u64, rows: usize, dim: usize) -> (Vec<f32>, Vec<f32>) {
+        if integer {
+            (
+                integer_rows(seed, rows, dim, dim),
+                integer_rows(!seed, 1, dim, dim),
+            )
+        } else {
+            (random_rows(seed, rows, dim, dim), random_vec(!seed, dim))
+        }
+    }
+
+    /// Columns of the T1-shape table.
+    const T1_DIM: usize = 64;
+
+    /// The T1 shape: the rows of a 100 000 x [`T1_DIM`] table (seed 21), 64 lists of 1000
+    /// distinct random rows (seed 22) and a query (seed 23).
+    fn t1_shape() -> (Vec<f32>, Vec<Vec<u32>>, Vec<f32>) {
+        let rows = 100_000;
+        let data = random_rows(21, rows, T1_DIM, T1_DIM);
+        let mut rng = ChaCha8Rng::seed_from_u64(22);
+        let mut all: Vec<u32> = (0..rows as u32).collect();
+        let lists = (0..64)
+            .map(|_| {
+                let (chosen, _) =
+                    rand::seq::SliceRandom::partial_shuffle(&mut all[..], &mut rng, 1000);
+                chosen.to_vec()
+            })
+            .collect();
+        (data, lists, random_vec(23, T1_DIM))
+    }
+
     /// The T1 shape for instruction counts (BENCHMARKS.md): 1000 distinct random rows of a
     /// 100 000 x 64 table, top `k`, 64 lists scored 20 times each. Run under callgrind with
     /// `--toggle-collect='*quantized_candidates_topk*'` on the release test binary, with
@@ -1802,20 +1825,10 @@ mod tests {
     /// `quantized::tests::t1_shape_probe_k100` (k = 100, the engine's default pool, what T1
     /// runs); divide by 1280 lists.
     fn probe_t1_shape(k: usize) {
-        let (rows, dim, lists, repeats) = (100_000, 64, 64, 20);
-        let data = random_rows(21, rows, dim, dim);
-        let m = RowMatrix::dense(&data, dim).unwrap();
+        let repeats = 20;
+        let (data, lists, query) = t1_shape();
+        let m = RowMatrix::dense(&data, T1_DIM).unwrap();
         let quantized = QuantizedRows::build(m);
-        let mut rng = ChaCha8Rng::seed_from_u64(22);
-        let mut all: Vec<u32> = (0..rows as u32).collect();
-        let lists: Vec<Vec<u32>> = (0..lists)
-            .map(|_| {
-                let (chosen, _) =
-                    rand::seq::SliceRandom::partial_shuffle(&mut all[..], &mut rng, 1000);
-                chosen.to_vec()
-            })
-            .collect();
-        let query = random_vec(23, dim);
         let (mut scratch, mut top) = (TopKScratch::new(), Vec::new());
         let mut rescored = 0;
         for _ in 0..repeats {
@@ -1860,20 +1873,10 @@ mod tests {
     #[test]
     #[ignore = "a measurement, not a check"]
     fn where_the_t1_call_waits() {
-        let (rows, dim, lists, k) = (100_000, 64, 64, 100);
-        let data = random_rows(21, rows, dim, dim);
-        let m = RowMatrix::dense(&data, dim).unwrap();
+        let k = 100;
+        let (data, lists, query) = t1_shape();
+        let m = RowMatrix::dense(&data, T1_DIM).unwrap();
         let quantized = QuantizedRows::build(m);
-        let mut rng = ChaCha8Rng::seed_from_u64(22);
-        let mut all: Vec<u32> = (0..rows as u32).collect();
-        let lists: Vec<Vec<u32>> = (0..lists)
-            .map(|_| {
-                let (chosen, _) =
-                    rand::seq::SliceRandom::partial_shuffle(&mut all[..], &mut rng, 1000);
-                chosen.to_vec()
-            })
-            .collect();
-        let query = random_vec(23, dim);
         let mut evictor = vec![0u64; 64 << 17]; // 64 MiB, twice the L3
         let mut evict = |round: u64| {
             for line in evictor.chunks_mut(8) {

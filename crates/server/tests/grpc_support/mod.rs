@@ -308,10 +308,7 @@ impl Server {
             tonic::body::Body,
         >,
     > {
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .http2_only(true)
-                .build_http();
+        let client = plain_http2_client();
         RankerClient::with_origin(client, self.uri().parse().expect("a valid URI"))
     }
 
@@ -325,10 +322,7 @@ impl Server {
             tonic::body::Body,
         >,
     > {
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .http2_only(true)
-                .build_http();
+        let client = plain_http2_client();
         tonic_health::pb::health_client::HealthClient::with_origin(
             client,
             self.uri().parse().expect("a valid URI"),
@@ -496,4 +490,15 @@ pub fn with_invalid_utf8_id(message: &impl prost::Message) -> Vec<u8> {
         .expect("the placeholder is in the encoding");
     bytes[at..at + 5].copy_from_slice(&[0xff, 0xfe, 0xfd, 0xfc, 0xfb]);
     bytes
+}
+
+/// A plain HTTP/2 client (no tonic `Channel`), which sends `grpc-timeout` as given and
+/// enforces no deadline itself.
+fn plain_http2_client() -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    tonic::body::Body,
+> {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
 }
