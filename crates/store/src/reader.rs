@@ -447,9 +447,10 @@ impl Table {
     /// row (codes and scale), which issued during the lookups took the miss buffers that the
     /// buckets of the next ids needed; after them, they still arrive before the int8 pass
     /// (whose own look-ahead prefetch then finds them in flight). Measured with the
-    /// `lookup_cold` bench at T1's shape: lookups plus int8 scoring at k = 100, 0.7 to 3.4 us
-    /// less per 1000 ids with warm, L2-evicted or L3-evicted caches (BENCHMARKS.md,
-    /// section `lookup2`).
+    /// `lookup_cold` bench at T1's shape, per 1000 ids: the lookup call itself 2.3 us less
+    /// with warm caches (the server's usual state), and lookups plus int8 scoring at k = 100
+    /// within the noise warm, 1.0 us less with L2 evicted, 7.3 us less from DRAM
+    /// (BENCHMARKS.md, section `lookup2`).
     pub fn index_of_many_hinting_rows<'k, K: AsRef<[u8]> + ?Sized + 'k>(
         &self,
         ids: impl IntoIterator<Item = &'k K>,
