@@ -41,8 +41,8 @@
 //! The dot products `P` are exact integers, so how they are computed does not change any
 //! bound: on CPUs with AVX-512BW, strides of 64 and 128 codes (dimensions 33 to 128) use a
 //! path that widens 32 codes per instruction and sums eight rows' lanes with one shuffle
-//! tree (`x86`, detected at run time); every other case uses the portable `wide` path. The tests check every path
-//! this CPU runs against each other and against a plain integer sum.
+//! tree (`x86`, detected at run time); every other case uses the portable `wide` path. The
+//! tests check every path this CPU runs against each other and against a plain integer sum.
 //!
 //! There is no cap: on data where the bound prunes nothing every candidate is rescored (only
 //! slower). When an input lies outside the proven range (a non-finite value in the table, a
@@ -636,7 +636,8 @@ fn bound_candidates(
 }
 
 /// The AVX-512 code dot products: per row, 32 codes at a time sign-extended to `i16`
-/// (`vpmovsxbw`) and multiplied into `i32` pairs and summed (`vpmaddwd` + `vpaddd`), exact like the portable path.
+/// (`vpmovsxbw`) and multiplied into `i32` pairs and summed (`vpmaddwd` + `vpaddd`), exact
+/// like the portable path.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::{

@@ -1,11 +1,11 @@
 //! Call deadlines: the `grpc-timeout` header (or the configured default) as an absolute
 //! deadline in the request's extensions, taken when the call arrives.
 //!
-//! The server's front service ([`super::front`]) stamps it before the request body is read,
-//! right after tonic starts its own timer for the same header; the deadline taken here is therefore never later than
-//! tonic's, so the handlers' own timeout fires first and the client sees
-//! `DEADLINE_EXCEEDED` with a message rather than tonic's bare `CANCELLED`. A call whose
-//! deadline has already passed on arrival is refused at once.
+//! The server's front service ([`super::front`]) stamps it before the request body is
+//! read, right after tonic starts its own timer for the same header; the deadline taken
+//! here is therefore never later than tonic's, so the handlers' own timeout fires first and
+//! the client sees `DEADLINE_EXCEEDED` with a message rather than tonic's bare `CANCELLED`.
+//! A call whose deadline has already passed on arrival is refused at once.
 
 use std::time::{Duration, Instant};
 
