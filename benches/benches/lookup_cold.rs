@@ -25,7 +25,9 @@
 //! `index_of_many_hinting_rows` does since branch `lookup2`, so a binary of the code before
 //! compares both placements in one process), and each of them `+score` (then
 //! `quantized_candidates_topk` at k = 100, T1's pool: the row hints' benefit shows in the
-//! scoring). The cases take turns call by call, so they share the machine's state. Prints
+//! scoring), `joined` and `joined_hinting` (`index_of_many_joined` and
+//! `index_of_many_joined_hinting_rows`: the ids as text plus ends rather than an iterator,
+//! branch `lookup3`), the latter also `+score`. The cases take turns call by call, so they share the machine's state. Prints
 //! the median, mean and 10th/90th percentiles in us per call.
 //!
 //! `FAIRRANK_LOOKUP_COLD_CALLS` (default 400) sets the calls per case and mode,
@@ -151,6 +153,16 @@ fn main() {
             .iter_bytes()
             .map(|id| table.index_of(std::str::from_utf8(id).unwrap_or_default()))
             .collect();
+        let (mut joined, mut joined_hinting) = (Vec::new(), Vec::new());
+        table.index_of_many_joined(&list.text, &list.ends, &mut joined);
+        table.index_of_many_joined_hinting_rows(
+            &list.text,
+            &list.ends,
+            |row| quantized.prefetch_row(row),
+            &mut joined_hinting,
+        );
+        assert_eq!(joined, single);
+        assert_eq!(joined_hinting, single);
         assert_eq!(plain, single);
         assert_eq!(hinting, single);
         assert!(single.iter().all(Option::is_some));
@@ -168,14 +180,18 @@ fn main() {
             other => panic!("unknown mode {other:?} (warm, l2, l3)"),
         };
         // (label, row hint: 0 none, 1 `index_of_many_hinting_rows`, 2 the same hints
-        // issued by this loop after `index_of_many`; whether the rows are scored after).
+        // issued by this loop after `index_of_many`, 3 `index_of_many_joined_hinting_rows`,
+        // 4 `index_of_many_joined` (no hint); whether the rows are scored after).
         let mut cases = vec![
             ("hinting", 1, false),
             ("plain", 0, false),
             ("hint_after", 2, false),
+            ("joined_hinting", 3, false),
+            ("joined", 4, false),
             ("hinting+score", 1, true),
             ("plain+score", 0, true),
             ("hint_after+score", 2, true),
+            ("joined_hinting+score", 3, true),
         ];
         if let Ok(only) = std::env::var("FAIRRANK_LOOKUP_COLD_CASES") {
             cases.retain(|(label, _, _)| only.split(',').any(|case| case == *label));
@@ -192,7 +208,16 @@ fn main() {
                 black_box(list.touch());
                 found.clear();
                 let started = thread_cpu_nanos();
-                if *hint == 1 {
+                if *hint == 3 {
+                    table.index_of_many_joined_hinting_rows(
+                        &list.text,
+                        &list.ends,
+                        |row| quantized.prefetch_row(row),
+                        &mut found,
+                    );
+                } else if *hint == 4 {
+                    table.index_of_many_joined(&list.text, &list.ends, &mut found);
+                } else if *hint == 1 {
                     table.index_of_many_hinting_rows(
                         list.iter_bytes(),
                         |row| quantized.prefetch_row(row),

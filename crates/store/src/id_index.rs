@@ -669,6 +669,183 @@ impl IdIndex {
         }
     }
 
+    /// [`IdIndex::get_many`] over keys held as one text and the end of each key in it (key
+    /// `i` is `text[ends[i - 1]..ends[i]]`, from 0 for the first, and empty if that range is
+    /// not in `text`, as `text.get(..).unwrap_or_default()` gives): the same answers, appended
+    /// to `out` in key order.
+    ///
+    /// Keys of at most 8 bytes (every id of the default catalog) take a shorter pipeline of
+    /// two stages, without the iterator and per-stage bookkeeping of [`IdIndex::get_many`]:
+    /// a group of [`LOOKUP_GROUP`] keys is read from the text, hashed and has its home
+    /// buckets requested while the previous group's buckets are read, which answers them (no
+    /// id bytes to confirm). At the first group holding a longer key, the keys from that
+    /// group on go through [`IdIndex::get_many`], whose deeper pipeline hides the id offset
+    /// and id bytes misses that confirming a long key costs.
+    pub fn get_many_joined<'a>(
+        &self,
+        text: &[u8],
+        ends: &[usize],
+        id: impl Fn(usize) -> &'a [u8],
+        hints: &impl LookupHints,
+        out: &mut Vec<Option<u32>>,
+    ) {
+        let buckets = self.buckets();
+        out.reserve(ends.len());
+        let keys = self.keys;
+        #[cfg(test)]
+        let weak_hash = self.weak_hash;
+        #[cfg(not(test))]
+        let weak_hash = false;
+        // Group `g % 2` is hashed while group `(g + 1) % 2` (the one before) is answered. A
+        // group of ids of exactly 8 bytes each, one after the other in `text` (T1's lists),
+        // keeps only where its words start (`eight_words`): its slot words are the text.
+        let mut slot_keys = [[SlotKey { word: 0, flag: 0 }; LOOKUP_GROUP]; 2];
+        let mut eight_words: [Option<&[[u8; 8]]>; 2] = [None; 2];
+        let mut homes = [[0_usize; LOOKUP_GROUP]; 2];
+        let mut pending = 0;
+        let mut start = 0;
+        for (group, group_ends) in ends.chunks(LOOKUP_GROUP).enumerate() {
+            let group_start = start;
+            let (group_keys, group_homes) = (&mut slot_keys[group % 2], &mut homes[group % 2]);
+            let words = Self::eight_byte_words(text, group_start, group_ends);
+            eight_words[group % 2] = words;
+            let mut has_long_keys = false;
+            if let Some(words) = words {
+                // Straight line: one load, the hash and the home bucket's request per id.
+                for (word, stored_home) in words.iter().zip(group_homes.iter_mut()) {
+                    let slot_key = SlotKey {
+                        word: u64::from_le_bytes(*word),
+                        flag: EXACT_EIGHT,
+                    };
+                    let home = home(weaken(weak_hash, short_hash(&keys, slot_key)), buckets.len());
+                    crate::prefetch::element(buckets, home);
+                    *stored_home = home;
+                }
+                start = group_start + 8 * words.len();
+            } else {
+                for ((&end, stored_key), stored_home) in
+                    group_ends.iter().zip(group_keys.iter_mut()).zip(group_homes.iter_mut())
+                {
+                    let key = text.get(start..end).unwrap_or_default();
+                    if !SlotKey::is_exact(key.len()) {
+                        has_long_keys = true;
+                        break;
+                    }
+                    start = end;
+                    let (slot_key, hash) = self.key(key);
+                    let home = home(hash, buckets.len());
+                    crate::prefetch::element(buckets, home);
+                    *stored_key = slot_key;
+                    *stored_home = home;
+                }
+            }
+            let previous = (group + 1) % 2;
+            Self::answer_short(
+                buckets,
+                eight_words[previous],
+                &slot_keys[previous][..pending],
+                &homes[previous],
+                hints,
+                out,
+            );
+            if has_long_keys {
+                // This group and the rest through the general pipeline.
+                let rest = ends.get(group * LOOKUP_GROUP..).unwrap_or_default();
+                let mut start = group_start;
+                let keys = rest.iter().map(|&end| {
+                    let key = text.get(start..end).unwrap_or_default();
+                    start = end;
+                    key
+                });
+                return self.get_many(keys, id, hints, out);
+            }
+            pending = group_ends.len();
+        }
+        let last = (ends.len().div_ceil(LOOKUP_GROUP) + 1) % 2;
+        Self::answer_short(
+            buckets,
+            eight_words[last],
+            &slot_keys[last][..pending],
+            &homes[last],
+            hints,
+            out,
+        );
+    }
+
+    /// The ids of a group whose keys end at `ends`, the first one starting at `start`, as
+    /// 8-byte words, if each is exactly 8 bytes long (they then follow each other in
+    /// `text`).
+    #[inline(always)]
+    fn eight_byte_words<'t>(text: &'t [u8], start: usize, ends: &[usize]) -> Option<&'t [[u8; 8]]> {
+        // Whether `ends[i] == start + 8 (i + 1)` for every `i`, without a branch per id.
+        let mut expected_end = start;
+        let differences = ends.iter().fold(0, |differences, &end| {
+            expected_end = expected_end.wrapping_add(8);
+            differences | (end ^ expected_end)
+        });
+        if differences != 0 {
+            return None;
+        }
+        let bytes = text.get(start..start.checked_add(8 * ends.len())?)?;
+        Some(bytes.as_chunks::<8>().0)
+    }
+
+    /// Appends the rows of keys of at most 8 bytes, whose home buckets were requested.
+    #[inline(always)]
+    fn answer_short(
+        buckets: &[Bucket],
+        eight_words: Option<&[[u8; 8]]>,
+        slot_keys: &[SlotKey],
+        homes: &[usize; LOOKUP_GROUP],
+        hints: &impl LookupHints,
+        out: &mut Vec<Option<u32>>,
+    ) {
+        // Zipped slices: `extend` writes the answers without a capacity check per key.
+        if let Some(words) = eight_words {
+            out.extend(words.iter().zip(homes).map(|(word, &home)| {
+                let slot_key = SlotKey {
+                    word: u64::from_le_bytes(*word),
+                    flag: EXACT_EIGHT,
+                };
+                let row = Self::short_probe(buckets, home, slot_key);
+                if let Some(row) = row {
+                    hints.row(row as usize);
+                }
+                row
+            }));
+            return;
+        }
+        out.extend(slot_keys.iter().zip(homes).map(|(&slot_key, &home)| {
+            let row = Self::short_probe(buckets, home, slot_key);
+            if let Some(row) = row {
+                hints.row(row as usize);
+            }
+            row
+        }));
+    }
+
+    /// [`IdIndex::probe`] for a key of at most 8 bytes (its first slot with the key's word
+    /// and flag is the answer), as the row's `u32`.
+    #[inline(always)]
+    fn short_probe(buckets: &[Bucket], mut position: usize, key: SlotKey) -> Option<u32> {
+        loop {
+            let bucket = buckets.get(position)?;
+            let mut same_words = bucket.slots_with_word(key.word);
+            while same_words != 0 {
+                let slot = same_words.trailing_zeros() as usize;
+                same_words &= same_words - 1;
+                let row_field = bucket.rows.get(slot).copied().unwrap_or(0);
+                if key.matches(key.word, row_field) {
+                    return Some((row_field & ROW_BITS) - 1);
+                }
+            }
+            if !bucket.is_full() {
+                return None;
+            }
+            position = next(position, buckets.len());
+        }
+    }
+
     /// Heap bytes used by the index.
     pub fn heap_bytes(&self) -> usize {
         self.storage.len() * std::mem::size_of::<u64>()
@@ -867,6 +1044,140 @@ mod tests {
             });
             let found = IdIndex::build_with(ids.len(), |row| ids[row].as_slice(), weak_hash).err();
             prop_assert_eq!(found, expected);
+        }
+    }
+
+    /// `keys` as one text and the end of each key in it.
+    fn joined(keys: &[Vec<u8>]) -> (Vec<u8>, Vec<usize>) {
+        let mut text = Vec::new();
+        let ends = keys
+            .iter()
+            .map(|key| {
+                text.extend_from_slice(key);
+                text.len()
+            })
+            .collect();
+        (text, ends)
+    }
+
+    /// `get_many_joined` over `text` and `ends` answers, appended after what `out` held, what
+    /// a `HashMap` of `ids` answers for each key (an empty key where `ends` leaves `text`).
+    fn check_joined_against_oracle(
+        index: &IdIndex,
+        ids: &[Vec<u8>],
+        text: &[u8],
+        ends: &[usize],
+    ) -> Result<(), TestCaseError> {
+        let oracle: std::collections::HashMap<&[u8], u32> = ids
+            .iter()
+            .enumerate()
+            .map(|(row, id)| (id.as_slice(), row as u32))
+            .collect();
+        let mut start = 0;
+        let expected: Vec<Option<u32>> = ends
+            .iter()
+            .map(|&end| {
+                let key = text.get(start..end).unwrap_or_default();
+                start = end;
+                oracle.get(key).copied()
+            })
+            .collect();
+        let mut found = vec![Some(u32::MAX)];
+        index.get_many_joined(text, ends, |row| ids[row].as_slice(), &NoHints, &mut found);
+        prop_assert_eq!(found[0], Some(u32::MAX), "appends to `out`");
+        prop_assert_eq!(&found[1..], expected.as_slice());
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn joined_lookups_answer_like_the_oracle(
+            ids in prop::collection::vec(tricky_id(), 0..150),
+            extra in prop::collection::vec(tricky_id(), 0..60),
+            // Keys of any length (from the first group holding a long one, the general
+            // pipeline), of at most 8 bytes (the short pipeline throughout), or of exactly 8
+            // (its straight-line groups, but where a moved end breaks one).
+            lengths in 0..3_u8,
+            count in 0..120_usize,
+            stride in 1..40_usize,
+            weak_hash in any::<bool>(),
+            // One end moved anywhere: backwards, past the text, or inside another key.
+            moved_end in prop::option::of((any::<prop::sample::Index>(), 0..400_usize)),
+        ) {
+            let (ids, mut probes) = ids_and_probes(ids, extra);
+            match lengths {
+                1 => probes.retain(|probe| probe.len() <= 8),
+                2 => probes.retain(|probe| probe.len() == 8),
+                _ => {}
+            }
+            let keys: Vec<Vec<u8>> = if probes.is_empty() {
+                Vec::new()
+            } else {
+                (0..count).map(|at| probes[(at * stride) % probes.len()].clone()).collect()
+            };
+            let (text, mut ends) = joined(&keys);
+            if let Some((which, end)) = moved_end
+                && !ends.is_empty()
+            {
+                *which.get_mut(&mut ends) = end;
+            }
+            let index = IdIndex::build_with(ids.len(), |row| ids[row].as_slice(), weak_hash)
+                .map_err(|error| TestCaseError::fail(format!("{error:?}")))?;
+            check_joined_against_oracle(&index, &ids, &text, &ends)?;
+        }
+    }
+
+    #[test]
+    fn joined_lookups_of_t1_ids_with_another_key_anywhere() {
+        // T1-shaped ids (8 bytes, present or absent, some with high bytes): lists of every
+        // length around the groups' boundaries, all of 8 bytes (the straight-line groups),
+        // then with one key of another length (long, short, empty; present or absent) at
+        // every position, which sends its group to the short or the general pipeline.
+        let mut ids: Vec<Vec<u8>> = (0..2000)
+            .map(|row| format!("i{row:07}").into_bytes())
+            .collect();
+        ids.extend([
+            b"i0000001-long".to_vec(),
+            b"i000001".to_vec(),
+            b"\xff\xfe\x80".to_vec(),
+            b"\xff\xfe\x80\x00\xc3\xa9\xff\x01".to_vec(),
+        ]);
+        let pool: Vec<Vec<u8>> = (0..70)
+            .map(|at| match at % 7 {
+                // Absent: one byte off, a high byte.
+                3 => format!("i{:07}", 5000 + at).into_bytes(),
+                5 => b"\xff\xfe\x80\x00\xc3\xa9\xff\x02".to_vec(),
+                6 => b"\xff\xfe\x80\x00\xc3\xa9\xff\x01".to_vec(),
+                _ => format!("i{:07}", (at * 131) % 2000).into_bytes(),
+            })
+            .collect();
+        let others: [&[u8]; 7] = [
+            b"i0000001-long",
+            b"i0000001-lonG",
+            b"i000001",
+            b"i000002",
+            b"\xff\xfe\x80",
+            b"",
+            b"i00000010",
+        ];
+        for weak_hash in [false, true] {
+            let index = IdIndex::build_with(ids.len(), |row| ids[row].as_slice(), weak_hash)
+                .unwrap_or_else(|error| panic!("{error:?}"));
+            for len in 0..=pool.len() {
+                let keys = &pool[..len];
+                let (text, ends) = joined(keys);
+                check_joined_against_oracle(&index, &ids, &text, &ends)
+                    .unwrap_or_else(|error| panic!("{error}: length {len}"));
+                for at in 0..len {
+                    for other in others {
+                        let mut keys = keys.to_vec();
+                        keys[at] = other.to_vec();
+                        let (text, ends) = joined(&keys);
+                        check_joined_against_oracle(&index, &ids, &text, &ends)
+                            .unwrap_or_else(|error| panic!("{error}: length {len}, at {at}"));
+                    }
+                }
+            }
         }
     }
 
