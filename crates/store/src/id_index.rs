@@ -27,6 +27,17 @@
 //! for 4 of them), so a lookup takes no branch per slot: the slot of a found id, random
 //! among the 5, used to cost a mispredicted loop exit per lookup.
 //!
+//! [`IdIndex::get_many_joined`] takes the keys as one text plus ends (as the engine holds a
+//! request's candidate ids): a group of 16 keys that are all exactly 8 bytes long (T1's ids)
+//! is checked with one pass over its ends (no branch per key), and its slot words are then
+//! the text itself, read, hashed and sent to their buckets in a straight line; other groups
+//! of keys of at most 8 bytes take a two-stage pipeline without the iterator. The short-key
+//! hash is unchanged (same keys, same answers). Hashing a group in SIMD lanes was weighed
+//! and not done: AVX2 and AVX-512 have no 64x64-to-128-bit multiply, and building the folded
+//! multiply from 32-bit products takes more instructions per key than the scalar `mulx`
+//! (and a weaker hash was not an option: the keyed multiplies are what keeps crafted ids
+//! from colliding).
+//!
 //! The build inserts in row order, hashing each id (sequential reads of the ids) 16 rows
 //! before its insert and requesting its home bucket then, so the buckets' cache misses
 //! overlap. (The former 8-byte slots were inserted after radix-partitioning `(hash, row)`
@@ -678,7 +689,11 @@ impl IdIndex {
     /// two stages, without the iterator and per-stage bookkeeping of [`IdIndex::get_many`]:
     /// a group of [`LOOKUP_GROUP`] keys is read from the text, hashed and has its home
     /// buckets requested while the previous group's buckets are read, which answers them (no
-    /// id bytes to confirm). At the first group holding a longer key, the keys from that
+    /// id bytes to confirm). A group whose keys are all exactly 8 bytes long (T1's) is
+    /// recognized from its ends in one branch-free pass; its slot words are then the text's
+    /// next 8-byte words, so it stores no slot keys and tests no length per key (about 70
+    /// instructions per id in all, against 107 through [`IdIndex::get_many`]'s iterator: see
+    /// BENCHMARKS.md, section `lookup3`). At the first group holding a longer key, the keys from that
     /// group on go through [`IdIndex::get_many`], whose deeper pipeline hides the id offset
     /// and id bytes misses that confirming a long key costs.
     pub fn get_many_joined<'a>(
@@ -698,7 +713,7 @@ impl IdIndex {
         let weak_hash = false;
         // Group `g % 2` is hashed while group `(g + 1) % 2` (the one before) is answered. A
         // group of ids of exactly 8 bytes each, one after the other in `text` (T1's lists),
-        // keeps only where its words start (`eight_words`): its slot words are the text.
+        // keeps only its words of the text (`eight_words`), not slot keys.
         let mut slot_keys = [[SlotKey { word: 0, flag: 0 }; LOOKUP_GROUP]; 2];
         let mut eight_words: [Option<&[[u8; 8]]>; 2] = [None; 2];
         let mut homes = [[0_usize; LOOKUP_GROUP]; 2];
@@ -717,14 +732,19 @@ impl IdIndex {
                         word: u64::from_le_bytes(*word),
                         flag: EXACT_EIGHT,
                     };
-                    let home = home(weaken(weak_hash, short_hash(&keys, slot_key)), buckets.len());
+                    let home = home(
+                        weaken(weak_hash, short_hash(&keys, slot_key)),
+                        buckets.len(),
+                    );
                     crate::prefetch::element(buckets, home);
                     *stored_home = home;
                 }
                 start = group_start + 8 * words.len();
             } else {
-                for ((&end, stored_key), stored_home) in
-                    group_ends.iter().zip(group_keys.iter_mut()).zip(group_homes.iter_mut())
+                for ((&end, stored_key), stored_home) in group_ends
+                    .iter()
+                    .zip(group_keys.iter_mut())
+                    .zip(group_homes.iter_mut())
                 {
                     let key = text.get(start..end).unwrap_or_default();
                     if !SlotKey::is_exact(key.len()) {
