@@ -446,6 +446,43 @@ async fn a_request_id_replays_its_answer_and_refuses_other_content() {
     assert_eq!(error_reason(&status), pb::ErrorReason::RequestIdReused);
     assert_eq!(error_field(&status), Some("request_id"));
 
+    // With candidate ids (hashed from the request's body for the digest): a retry replays,
+    // one id changed is a reuse, and a batch entry with the same content replays too.
+    let mut with_ids = rank_request("idempotent-4", &tables.data.users.ids[4], 3);
+    with_ids.candidate_ids = tables.data.items.ids[..20].to_vec();
+    let first_with_ids = ranker
+        .rank(with_ids.clone())
+        .await
+        .expect("ranks")
+        .into_inner();
+    assert!(!first_with_ids.replayed);
+    let again = ranker
+        .rank(with_ids.clone())
+        .await
+        .expect("replays")
+        .into_inner();
+    assert!(again.replayed);
+    assert_eq!(again.items, first_with_ids.items);
+    let mut one_id_changed = with_ids.clone();
+    one_id_changed.candidate_ids[7] = tables.data.items.ids[30].clone();
+    let status = ranker
+        .rank(one_id_changed)
+        .await
+        .expect_err("reuse is refused");
+    assert_eq!(error_reason(&status), pb::ErrorReason::RequestIdReused);
+    let batch = ranker
+        .rank_batch(pb::RankBatchRequest {
+            requests: vec![with_ids],
+        })
+        .await
+        .expect("the batch call succeeds")
+        .into_inner();
+    let Some(Outcome::Response(batch_replay)) = &batch.results[0].outcome else {
+        panic!("{:?}", batch.results[0]);
+    };
+    assert!(batch_replay.replayed);
+    assert_eq!(batch_replay.items, first_with_ids.items);
+
     // A failed request is not stored: a retry runs again (and fails again).
     let failing = rank_request("idempotent-2", "nobody", 8);
     for _ in 0..2 {
@@ -472,7 +509,7 @@ async fn a_request_id_replays_its_answer_and_refuses_other_content() {
     let text = server.metrics_text();
     assert_eq!(
         metric_value(&text, "fairrank_replayed_answers_total"),
-        Some(2.0),
+        Some(4.0),
         "{text}"
     );
 }

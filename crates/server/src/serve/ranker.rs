@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 
 use super::answer::WireRankResponse;
 use super::rank_route::WireRankRequest;
-use super::replay::{Begin, Ticket};
+use super::replay::{Begin, IdEntries, Ticket};
 use super::{Shared, convert, deadline, errors};
 use crate::metrics::{Metrics, Stage};
 
@@ -46,7 +46,13 @@ impl pb::ranker_server::Ranker for RankerService {
         let mut message = request.into_inner();
         let candidate_ids = std::mem::take(&mut message.candidate_ids).into();
         let answer = self
-            .rank_call(message, candidate_ids, deadline, started)
+            .rank_call(
+                message,
+                candidate_ids,
+                IdEntries::default(),
+                deadline,
+                started,
+            )
             .await?;
         answer
             .to_message()
@@ -99,24 +105,26 @@ impl RankerService {
     ) -> Result<Response<WireRankResponse>, Status> {
         let started = Instant::now();
         let deadline = deadline::of(&request, self.shared.default_deadline);
-        let (message, candidate_ids) = request.into_inner().into_parts()?;
-        self.rank_call(message, candidate_ids, deadline, started)
+        let (message, candidate_ids, id_entries) = request.into_inner().into_parts();
+        self.rank_call(message, candidate_ids, id_entries, deadline, started)
             .await
             .map(Response::new)
     }
 
-    /// One `Rank` call: `message` without its candidate ids, which come separately.
+    /// One `Rank` call: `message` without its candidate ids, which come separately (with
+    /// where the body holds their entries, for the replay digest).
     async fn rank_call(
         &self,
         message: pb::RankRequest,
         candidate_ids: CandidateIds,
+        id_entries: IdEntries,
         deadline: Instant,
         started: Instant,
     ) -> Result<WireRankResponse, Status> {
         let user = user_tag(&self.shared, &message);
         let request_id = message.request_id.clone();
         let mut result = self
-            .rank_one(message, candidate_ids, deadline, started)
+            .rank_one(message, candidate_ids, id_entries, deadline, started)
             .await;
         // One clock read for the answer's total and the call's metrics and log.
         let elapsed = started.elapsed();
@@ -147,12 +155,15 @@ impl RankerService {
         &self,
         message: pb::RankRequest,
         candidate_ids: CandidateIds,
+        id_entries: IdEntries,
         deadline: Instant,
         started: Instant,
     ) -> Result<WireRankResponse, Status> {
         let shared = &self.shared;
         shared.metrics.rank_requests.inc();
-        let digest = shared.replay.digest_rank(&message, &candidate_ids);
+        let digest = shared
+            .replay
+            .digest_rank(&message, &candidate_ids, &id_entries);
         let native = convert::rank_request(message, candidate_ids, Some(deadline))?;
         // The engine's request carries the request id unchanged.
         let request_id = native.request_id.as_str();
@@ -215,7 +226,9 @@ impl RankerService {
         let mut tickets = Vec::new();
         for (position, mut entry) in batch.requests.into_iter().enumerate() {
             let candidate_ids = std::mem::take(&mut entry.candidate_ids).into();
-            let digest = shared.replay.digest_rank(&entry, &candidate_ids);
+            let digest = shared
+                .replay
+                .digest_rank(&entry, &candidate_ids, &IdEntries::default());
             let request_id = entry.request_id.clone();
             let native = match convert::rank_request(entry, candidate_ids, Some(deadline)) {
                 Ok(native) => native,

@@ -17,9 +17,11 @@
 //! Content is compared by a 128-bit digest of the request's content: XXH3-128 under a
 //! 192-byte secret drawn per process from the operating system's randomness (through
 //! `rand`'s thread generator). The digest is taken over an unambiguous serialization of the
-//! request (its protobuf encoding without the candidate ids, then the ids' lengths, then
-//! their bytes), not over a re-encoding of the whole request, and only when the store will
-//! use it (a non-empty request id, store on).
+//! request (the length of its protobuf encoding without the candidate ids, that encoding,
+//! then each id's protobuf entry), only when the store will use it (a non-empty request id,
+//! store on). The ids' entries are mostly hashed where the request's body holds them
+//! ([`IdEntries`]: a T1 request's 1000 entries are one run of its body), so the ids are
+//! neither copied nor re-encoded for the digest.
 //!
 //! Why a fast keyed hash is enough here, rather than a PRF (SipHash-1-3-128 until branch
 //! `body`, keyed BLAKE3 before that): the digest only tells a retry (same id, same content:
@@ -72,27 +74,55 @@ thread_local! {
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Appends each id's length (from the ids' end offsets) as a varint.
-///
-/// Every length is first written as one byte, saturated at `0xff` (a tight loop without
-/// branches); if all of them are below `0x80`, those bytes are the one-byte varints. Only
-/// otherwise (some id of 128 bytes or more) are the lengths written again, one varint each.
-fn push_id_lengths(buffer: &mut Vec<u8>, ends: &[usize]) {
-    let lengths_start = buffer.len();
-    let mut start = 0;
-    buffer.extend(ends.iter().map(|&end| {
-        let len = end.wrapping_sub(start);
-        start = end;
-        u8::try_from(len).unwrap_or(u8::MAX)
-    }));
-    if buffer.get(lengths_start..).is_some_and(<[u8]>::is_ascii) {
-        return;
+/// Field number of `fairrank.v1.RankRequest.candidate_ids`.
+pub(super) const CANDIDATE_IDS_FIELD: u32 = 10;
+
+/// The one-byte key of field 10 (`candidate_ids`) with wire type 2 (length-delimited).
+pub(super) const CANDIDATE_IDS_KEY: u8 = ((CANDIDATE_IDS_FIELD as u8) << 3) | 2;
+
+/// A run of consecutive candidate ids whose entries a request's body holds as the digest
+/// hashes them: `body[bytes]` is the entries of ids `ids` (key of field 10 as one byte, the
+/// length as a one-byte varint, the id) without the first entry's key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdRun {
+    /// The ids of the run (indices into the request's candidate ids).
+    pub ids: std::ops::Range<usize>,
+    /// Where the body holds their entries, from the first id's length byte to the last id's
+    /// end.
+    pub bytes: std::ops::Range<usize>,
+}
+
+/// Where a Rank request's body already holds its candidate ids' entries as the digest hashes
+/// them (none: every entry is written out), so that [`ReplayStore::digest_rank`] hashes
+/// those bytes where they are instead of writing them again.
+#[derive(Debug, Clone, Default)]
+pub struct IdEntries {
+    body: Bytes,
+    /// In order of their ids, which do not overlap.
+    runs: Vec<IdRun>,
+}
+
+impl IdEntries {
+    /// The runs `runs` of `body` (see [`IdRun`]; in order of their ids, not overlapping).
+    pub fn new(body: Bytes, runs: Vec<IdRun>) -> IdEntries {
+        IdEntries { body, runs }
     }
-    buffer.truncate(lengths_start);
-    let mut start = 0;
-    for &end in ends {
-        prost::encoding::encode_varint((end - start) as u64, &mut *buffer);
-        start = end;
+
+    /// The runs.
+    #[cfg(test)]
+    pub fn runs(&self) -> &[IdRun] {
+        &self.runs
+    }
+}
+
+/// Appends the entries (one-byte key of field 10, varint length, bytes) of the ids at
+/// `indices`.
+fn push_id_entries(buffer: &mut Vec<u8>, ids: &CandidateIds, indices: std::ops::Range<usize>) {
+    for index in indices {
+        let id = ids.get_bytes(index).unwrap_or_default();
+        buffer.push(CANDIDATE_IDS_KEY);
+        prost::encoding::encode_varint(id.len() as u64, &mut *buffer);
+        buffer.extend_from_slice(id);
     }
 }
 
@@ -199,20 +229,28 @@ impl ReplayStore {
     pub fn digest(&self, request: &RankRequest) -> Digest {
         let mut message = request.clone();
         let ids = CandidateIds::from(std::mem::take(&mut message.candidate_ids));
-        self.digest_rank(&message, &ids)
+        self.digest_rank(&message, &ids, &IdEntries::default())
     }
 
     /// The digest of a Rank request whose candidate ids travel separately (the request's
-    /// own `candidate_ids` are empty). It is only needed by [`ReplayStore::begin`] for a
-    /// non-empty request id while the store is on; otherwise this returns a constant
-    /// without hashing anything.
+    /// own `candidate_ids` are empty); `entries` says where the request's body holds some
+    /// of the ids' entries (the default: nowhere). It is only needed by
+    /// [`ReplayStore::begin`] for a non-empty request id while the store is on; otherwise
+    /// this returns a constant without hashing anything.
     ///
     /// The hashed bytes are: the length of the message's encoding (varint), the encoding
     /// (prost writes it deterministically: fields in number order, map entries sorted),
-    /// the number of ids and each id's length (varints), then the ids' bytes back to back.
-    /// Each part's length is known before it, so different requests give different bytes,
-    /// and equal requests equal bytes.
-    pub fn digest_rank(&self, request: &RankRequest, candidate_ids: &CandidateIds) -> Digest {
+    /// then each id's protobuf entry (the one-byte key of field 10, the id's length as a
+    /// varint, the id's bytes). The message's length is known before it and each entry is
+    /// self-delimiting, so different requests give different bytes, and equal requests
+    /// equal bytes (whatever their encoding on the wire). The runs of entries that the
+    /// body holds exactly so are hashed from the body, the others written out.
+    pub fn digest_rank(
+        &self,
+        request: &RankRequest,
+        candidate_ids: &CandidateIds,
+        entries: &IdEntries,
+    ) -> Digest {
         if !self.enabled() || request.request_id.is_empty() {
             return Digest(0);
         }
@@ -220,15 +258,22 @@ impl ReplayStore {
             let mut buffer = buffer.borrow_mut();
             buffer.clear();
             let message_len = request.encoded_len();
-            buffer.reserve(message_len + 2 * candidate_ids.len() + 20);
+            buffer.reserve(message_len + 20);
             prost::encoding::encode_varint(message_len as u64, &mut *buffer);
             // Encoding into a Vec cannot run out of space.
             let _ = request.encode(&mut *buffer);
-            prost::encoding::encode_varint(candidate_ids.len() as u64, &mut *buffer);
-            push_id_lengths(&mut buffer, candidate_ids.ends());
             let mut hasher = Xxh3::with_secret(self.secret);
+            let mut next = 0;
+            for run in &entries.runs {
+                push_id_entries(&mut buffer, candidate_ids, next..run.ids.start);
+                buffer.push(CANDIDATE_IDS_KEY);
+                hasher.update(&buffer);
+                buffer.clear();
+                hasher.update(entries.body.get(run.bytes.clone()).unwrap_or_default());
+                next = run.ids.end;
+            }
+            push_id_entries(&mut buffer, candidate_ids, next..candidate_ids.len());
             hasher.update(&buffer);
-            hasher.update(candidate_ids.text().as_bytes());
             if buffer.capacity() > MAX_KEPT_BUFFER_BYTES {
                 *buffer = Vec::new();
             }
@@ -457,16 +502,36 @@ mod tests {
     fn rank_digests_cover_the_separate_candidate_ids() {
         let store = ReplayStore::new(Duration::from_secs(60), 10, 1 << 20);
         let ids = |list: &[&str]| CandidateIds::from(list);
-        let digest = store.digest_rank(&request("r-1", 5), &ids(&["a", "bc"]));
+        let digest = store.digest_rank(
+            &request("r-1", 5),
+            &ids(&["a", "bc"]),
+            &IdEntries::default(),
+        );
         assert_eq!(
             digest,
-            store.digest_rank(&request("r-1", 5), &ids(&["a", "bc"]))
+            store.digest_rank(
+                &request("r-1", 5),
+                &ids(&["a", "bc"]),
+                &IdEntries::default()
+            )
         );
         for other in [
-            store.digest_rank(&request("r-1", 5), &ids(&["ab", "c"])),
-            store.digest_rank(&request("r-1", 5), &ids(&["bc", "a"])),
-            store.digest_rank(&request("r-1", 5), &ids(&["a"])),
-            store.digest_rank(&request("r-1", 6), &ids(&["a", "bc"])),
+            store.digest_rank(
+                &request("r-1", 5),
+                &ids(&["ab", "c"]),
+                &IdEntries::default(),
+            ),
+            store.digest_rank(
+                &request("r-1", 5),
+                &ids(&["bc", "a"]),
+                &IdEntries::default(),
+            ),
+            store.digest_rank(&request("r-1", 5), &ids(&["a"]), &IdEntries::default()),
+            store.digest_rank(
+                &request("r-1", 6),
+                &ids(&["a", "bc"]),
+                &IdEntries::default(),
+            ),
         ] {
             assert_ne!(digest, other);
         }
@@ -478,18 +543,22 @@ mod tests {
         let mut moved = request("r-1", 5);
         moved.request_id = "r-1a".into();
         assert_ne!(
-            store.digest_rank(&moved, &ids(&["bc"])),
-            store.digest_rank(&request("r-1", 5), &ids(&["a", "bc"]))
+            store.digest_rank(&moved, &ids(&["bc"]), &IdEntries::default()),
+            store.digest_rank(
+                &request("r-1", 5),
+                &ids(&["a", "bc"]),
+                &IdEntries::default()
+            )
         );
         // Without a request id, or with the store off, nothing is hashed.
         assert_eq!(
-            store.digest_rank(&request("", 5), &ids(&["a"])),
-            store.digest_rank(&request("", 6), &ids(&["b"]))
+            store.digest_rank(&request("", 5), &ids(&["a"]), &IdEntries::default()),
+            store.digest_rank(&request("", 6), &ids(&["b"]), &IdEntries::default())
         );
         let off = ReplayStore::new(Duration::from_secs(60), 0, 1 << 20);
         assert_eq!(
-            off.digest_rank(&request("r-1", 5), &ids(&["a"])),
-            off.digest_rank(&request("r-1", 6), &ids(&["b"]))
+            off.digest_rank(&request("r-1", 5), &ids(&["a"]), &IdEntries::default()),
+            off.digest_rank(&request("r-1", 6), &ids(&["b"]), &IdEntries::default())
         );
     }
 
@@ -499,12 +568,9 @@ mod tests {
         let mut bytes = Vec::new();
         prost::encoding::encode_varint(request.encoded_len() as u64, &mut bytes);
         request.encode(&mut bytes).unwrap();
-        prost::encoding::encode_varint(ids.len() as u64, &mut bytes);
         for id in ids {
-            prost::encoding::encode_varint(id.len() as u64, &mut bytes);
-        }
-        for id in ids {
-            bytes.extend_from_slice(id.as_bytes());
+            // The entry of a repeated string, as prost writes it.
+            prost::encoding::string::encode(CANDIDATE_IDS_FIELD, id, &mut bytes);
         }
         Digest(xxh3_128_with_secret(&bytes, &store.secret))
     }
@@ -513,8 +579,7 @@ mod tests {
     fn id_lengths_around_the_one_byte_varint_limit_digest_as_documented() {
         let store = ReplayStore::new(Duration::from_secs(60), 10, 1 << 20);
         let message = request("r-1", 5);
-        // One-byte lengths saturate at 0xff before the check, so lengths of 255, 256 and
-        // more (and 128: the first two-byte varint) must take the varint path.
+        // Lengths around the one-byte varint limit (127, 128) and longer ones.
         for lengths in [
             vec![0, 1, 127],
             vec![128],
@@ -526,7 +591,7 @@ mod tests {
             let ids: Vec<String> = lengths.iter().map(|&len| "x".repeat(len)).collect();
             let candidates: CandidateIds = ids.iter().collect();
             assert_eq!(
-                store.digest_rank(&message, &candidates),
+                store.digest_rank(&message, &candidates, &IdEntries::default()),
                 oracle_digest(&store, &message, &ids),
                 "{lengths:?}"
             );
@@ -544,7 +609,7 @@ mod tests {
             let message = request(&request_id, k);
             let candidates: CandidateIds = ids.iter().collect();
             proptest::prop_assert_eq!(
-                store.digest_rank(&message, &candidates),
+                store.digest_rank(&message, &candidates, &IdEntries::default()),
                 oracle_digest(&store, &message, &ids)
             );
         }
