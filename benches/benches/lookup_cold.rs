@@ -25,9 +25,9 @@
 //! `index_of_many_hinting_rows` does since branch `lookup2`, so a binary of the code before
 //! compares both placements in one process), and each of them `+score` (then
 //! `quantized_candidates_topk` at k = 100, T1's pool: the row hints' benefit shows in the
-//! scoring), `joined` and `joined_hinting` (`index_of_many_joined` and
-//! `index_of_many_joined_hinting_rows`: the ids as text plus ends rather than an iterator,
-//! branch `lookup3`), the latter also `+score`. The cases take turns call by call, so they share the machine's state. Prints
+//! scoring), `joined` and `joined_hinting` (`index_of_many_spans` and
+//! `index_of_many_spans_hinting_rows` over the ids' spans in their text rather than an
+//! iterator, branch `lookup3`), the latter also `+score`. The cases take turns call by call, so they share the machine's state. Prints
 //! the median, mean and 10th/90th percentiles in us per call.
 //!
 //! `FAIRRANK_LOOKUP_COLD_CALLS` (default 400) sets the calls per case and mode,
@@ -48,25 +48,28 @@ const LISTS: usize = 64;
 /// T1's top-k: the engine's default re-ranking pool.
 const POOL_K: usize = 100;
 
-/// A request's candidate ids as the engine holds them: one text, and where each id ends.
+/// A request's candidate ids as the engine holds them: spans of the request body, each id
+/// after its field's key and length bytes.
 struct IdList {
     text: Vec<u8>,
-    ends: Vec<usize>,
+    spans: Vec<(usize, usize)>,
 }
 
 impl IdList {
     fn iter_bytes(&self) -> impl Iterator<Item = &[u8]> + '_ {
-        let mut start = 0;
-        self.ends.iter().map(move |&end| {
-            let id = self.text.get(start..end).unwrap_or_default();
-            start = end;
-            id
-        })
+        self.spans
+            .iter()
+            .map(|&(start, end)| self.text.get(start..end).unwrap_or_default())
     }
 
     /// Reads every byte (brings the list back into cache after an eviction walk).
     fn touch(&self) -> usize {
-        self.text.iter().map(|&b| usize::from(b)).sum::<usize>() + self.ends.iter().sum::<usize>()
+        self.text.iter().map(|&b| usize::from(b)).sum::<usize>()
+            + self
+                .spans
+                .iter()
+                .map(|&(start, end)| start ^ end)
+                .sum::<usize>()
     }
 }
 
@@ -79,11 +82,15 @@ fn candidate_lists(table: &Table, seed: u64) -> Vec<IdList> {
             let (chosen, _) = rows.partial_shuffle(&mut rng, CANDIDATES.min(table.len()));
             let mut list = IdList {
                 text: Vec::new(),
-                ends: Vec::new(),
+                spans: Vec::new(),
             };
             for &row in chosen.iter() {
-                list.text.extend_from_slice(table.id(row).as_bytes());
-                list.ends.push(list.text.len());
+                let id = table.id(row).as_bytes();
+                // The field's key and a one-byte length, as in a Rank request body.
+                list.text.extend_from_slice(&[0x52, id.len() as u8]);
+                let start = list.text.len();
+                list.text.extend_from_slice(id);
+                list.spans.push((start, list.text.len()));
             }
             list
         })
@@ -154,10 +161,10 @@ fn main() {
             .map(|id| table.index_of(std::str::from_utf8(id).unwrap_or_default()))
             .collect();
         let (mut joined, mut joined_hinting) = (Vec::new(), Vec::new());
-        table.index_of_many_joined(&list.text, &list.ends, &mut joined);
-        table.index_of_many_joined_hinting_rows(
+        table.index_of_many_spans(&list.text, &list.spans, &mut joined);
+        table.index_of_many_spans_hinting_rows(
             &list.text,
-            &list.ends,
+            &list.spans,
             |row| quantized.prefetch_row(row),
             &mut joined_hinting,
         );
@@ -180,8 +187,8 @@ fn main() {
             other => panic!("unknown mode {other:?} (warm, l2, l3)"),
         };
         // (label, row hint: 0 none, 1 `index_of_many_hinting_rows`, 2 the same hints
-        // issued by this loop after `index_of_many`, 3 `index_of_many_joined_hinting_rows`,
-        // 4 `index_of_many_joined` (no hint); whether the rows are scored after).
+        // issued by this loop after `index_of_many`, 3 `index_of_many_spans_hinting_rows`,
+        // 4 `index_of_many_spans` (no hint); whether the rows are scored after).
         let mut cases = vec![
             ("hinting", 1, false),
             ("plain", 0, false),
@@ -209,14 +216,14 @@ fn main() {
                 found.clear();
                 let started = thread_cpu_nanos();
                 if *hint == 3 {
-                    table.index_of_many_joined_hinting_rows(
+                    table.index_of_many_spans_hinting_rows(
                         &list.text,
-                        &list.ends,
+                        &list.spans,
                         |row| quantized.prefetch_row(row),
                         &mut found,
                     );
                 } else if *hint == 4 {
-                    table.index_of_many_joined(&list.text, &list.ends, &mut found);
+                    table.index_of_many_spans(&list.text, &list.spans, &mut found);
                 } else if *hint == 1 {
                     table.index_of_many_hinting_rows(
                         list.iter_bytes(),

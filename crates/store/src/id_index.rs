@@ -27,12 +27,12 @@
 //! for 4 of them), so a lookup takes no branch per slot: the slot of a found id, random
 //! among the 5, used to cost a mispredicted loop exit per lookup.
 //!
-//! [`IdIndex::get_many_joined`] takes the keys as one text plus ends (as the engine holds a
-//! request's candidate ids): a group of 16 keys that are all exactly 8 bytes long (T1's ids)
-//! is checked with one pass over its ends (no branch per key), and its slot words are then
-//! the text itself, read, hashed and sent to their buckets in a straight line; other groups
-//! of keys of at most 8 bytes take a two-stage pipeline without the iterator. The short-key
-//! hash is unchanged (same keys, same answers). Hashing a group in SIMD lanes was weighed
+//! [`IdIndex::get_many_spans`] takes the keys as spans of one buffer (as the engine holds a
+//! request's candidate ids: ranges of the request body): a group of 16 keys that are all
+//! exactly 8 bytes long (T1's ids) is checked with one pass over its spans (no branch per
+//! key), and each slot word is then one 8-byte load, hashed and sent to its bucket in a
+//! straight line; other groups of keys of at most 8 bytes take a two-stage pipeline without
+//! the iterator. The short-key hash is unchanged (same keys, same answers). Hashing a group in SIMD lanes was weighed
 //! and not done: AVX2 and AVX-512 have no 64x64-to-128-bit multiply, and building the folded
 //! multiply from 32-bit products takes more instructions per key than the scalar `mulx`
 //! (and a weaker hash was not an option: the keyed multiplies are what keeps crafted ids
@@ -680,56 +680,59 @@ impl IdIndex {
         }
     }
 
-    /// [`IdIndex::get_many`] over keys held as one text and the end of each key in it (key
-    /// `i` is `text[ends[i - 1]..ends[i]]`, from 0 for the first, and empty if that range is
-    /// not in `text`, as `text.get(..).unwrap_or_default()` gives): the same answers, appended
-    /// to `out` in key order.
+    /// [`IdIndex::get_many`] over keys held as spans of one buffer (key `i` is
+    /// `buffer[spans[i].0..spans[i].1]`, and empty if that range is not in `buffer`, as
+    /// `buffer.get(..).unwrap_or_default()` gives): the same answers, appended to `out` in
+    /// key order. The spans may be in any order, overlap or leave gaps (the engine's
+    /// candidate ids are spans of the request body, between protobuf field keys).
     ///
     /// Keys of at most 8 bytes (every id of the default catalog) take a shorter pipeline of
     /// two stages, without the iterator and per-stage bookkeeping of [`IdIndex::get_many`]:
-    /// a group of [`LOOKUP_GROUP`] keys is read from the text, hashed and has its home
-    /// buckets requested while the previous group's buckets are read, which answers them (no
-    /// id bytes to confirm). A group whose keys are all exactly 8 bytes long (T1's) is
-    /// recognized from its ends in one branch-free pass; its slot words are then the text's
-    /// next 8-byte words, so it stores no slot keys and tests no length per key (about 70
-    /// instructions per id in all, against 107 through [`IdIndex::get_many`]'s iterator: see
-    /// BENCHMARKS.md, section `lookup3`). At the first group holding a longer key, the keys from that
-    /// group on go through [`IdIndex::get_many`], whose deeper pipeline hides the id offset
-    /// and id bytes misses that confirming a long key costs.
-    pub fn get_many_joined<'a>(
+    /// a group of [`LOOKUP_GROUP`] keys is read, hashed and has its home buckets requested
+    /// while the previous group's buckets are read, which answers them (no id bytes to
+    /// confirm). A group whose keys are all exactly 8 bytes long and in the buffer (T1's) is
+    /// recognized from its spans in one branch-free pass; each key is then one 8-byte load,
+    /// so no length is tested per key (about 70 instructions per id in all, against 107
+    /// through [`IdIndex::get_many`]'s iterator: see BENCHMARKS.md, section `lookup3`). At the
+    /// first group holding a longer key, the keys from that group on go through
+    /// [`IdIndex::get_many`], whose deeper pipeline hides the id offset and id bytes misses
+    /// that confirming a long key costs.
+    pub fn get_many_spans<'a>(
         &self,
-        text: &[u8],
-        ends: &[usize],
+        buffer: &[u8],
+        spans: &[(usize, usize)],
         id: impl Fn(usize) -> &'a [u8],
         hints: &impl LookupHints,
         out: &mut Vec<Option<u32>>,
     ) {
         let buckets = self.buckets();
-        out.reserve(ends.len());
+        out.reserve(spans.len());
         let keys = self.keys;
         #[cfg(test)]
         let weak_hash = self.weak_hash;
         #[cfg(not(test))]
         let weak_hash = false;
-        // Group `g % 2` is hashed while group `(g + 1) % 2` (the one before) is answered. A
-        // group of ids of exactly 8 bytes each, one after the other in `text` (T1's lists),
-        // keeps only its words of the text (`eight_words`), not slot keys.
+        // Group `g % 2` is hashed while group `(g + 1) % 2` (the one before) is answered.
         let mut slot_keys = [[SlotKey { word: 0, flag: 0 }; LOOKUP_GROUP]; 2];
-        let mut eight_words: [Option<&[[u8; 8]]>; 2] = [None; 2];
         let mut homes = [[0_usize; LOOKUP_GROUP]; 2];
         let mut pending = 0;
-        let mut start = 0;
-        for (group, group_ends) in ends.chunks(LOOKUP_GROUP).enumerate() {
-            let group_start = start;
+        for (group, group_spans) in spans.chunks(LOOKUP_GROUP).enumerate() {
             let (group_keys, group_homes) = (&mut slot_keys[group % 2], &mut homes[group % 2]);
-            let words = Self::eight_byte_words(text, group_start, group_ends);
-            eight_words[group % 2] = words;
             let mut has_long_keys = false;
-            if let Some(words) = words {
+            if Self::all_eight_bytes(buffer.len(), group_spans) {
                 // Straight line: one load, the hash and the home bucket's request per id.
-                for (word, stored_home) in words.iter().zip(group_homes.iter_mut()) {
+                for ((&(start, _), stored_key), stored_home) in group_spans
+                    .iter()
+                    .zip(group_keys.iter_mut())
+                    .zip(group_homes.iter_mut())
+                {
+                    let word = buffer
+                        .get(start..)
+                        .and_then(|rest| rest.first_chunk::<8>())
+                        .copied()
+                        .unwrap_or_default();
                     let slot_key = SlotKey {
-                        word: u64::from_le_bytes(*word),
+                        word: u64::from_le_bytes(word),
                         flag: EXACT_EIGHT,
                     };
                     let home = home(
@@ -737,21 +740,20 @@ impl IdIndex {
                         buckets.len(),
                     );
                     crate::prefetch::element(buckets, home);
+                    *stored_key = slot_key;
                     *stored_home = home;
                 }
-                start = group_start + 8 * words.len();
             } else {
-                for ((&end, stored_key), stored_home) in group_ends
+                for ((&(start, end), stored_key), stored_home) in group_spans
                     .iter()
                     .zip(group_keys.iter_mut())
                     .zip(group_homes.iter_mut())
                 {
-                    let key = text.get(start..end).unwrap_or_default();
+                    let key = buffer.get(start..end).unwrap_or_default();
                     if !SlotKey::is_exact(key.len()) {
                         has_long_keys = true;
                         break;
                     }
-                    start = end;
                     let (slot_key, hash) = self.key(key);
                     let home = home(hash, buckets.len());
                     crate::prefetch::element(buckets, home);
@@ -762,7 +764,6 @@ impl IdIndex {
             let previous = (group + 1) % 2;
             Self::answer_short(
                 buckets,
-                eight_words[previous],
                 &slot_keys[previous][..pending],
                 &homes[previous],
                 hints,
@@ -770,21 +771,17 @@ impl IdIndex {
             );
             if has_long_keys {
                 // This group and the rest through the general pipeline.
-                let rest = ends.get(group * LOOKUP_GROUP..).unwrap_or_default();
-                let mut start = group_start;
-                let keys = rest.iter().map(|&end| {
-                    let key = text.get(start..end).unwrap_or_default();
-                    start = end;
-                    key
-                });
+                let rest = spans.get(group * LOOKUP_GROUP..).unwrap_or_default();
+                let keys = rest
+                    .iter()
+                    .map(|&(start, end)| buffer.get(start..end).unwrap_or_default());
                 return self.get_many(keys, id, hints, out);
             }
-            pending = group_ends.len();
+            pending = group_spans.len();
         }
-        let last = (ends.len().div_ceil(LOOKUP_GROUP) + 1) % 2;
+        let last = (spans.len().div_ceil(LOOKUP_GROUP) + 1) % 2;
         Self::answer_short(
             buckets,
-            eight_words[last],
             &slot_keys[last][..pending],
             &homes[last],
             hints,
@@ -792,49 +789,32 @@ impl IdIndex {
         );
     }
 
-    /// The ids of a group whose keys end at `ends`, the first one starting at `start`, as
-    /// 8-byte words, if each is exactly 8 bytes long (they then follow each other in
-    /// `text`).
+    /// Whether every span is exactly 8 bytes long and inside a buffer of `buffer_len`
+    /// bytes, tested without a branch per span.
     #[inline(always)]
-    fn eight_byte_words<'t>(text: &'t [u8], start: usize, ends: &[usize]) -> Option<&'t [[u8; 8]]> {
-        // Whether `ends[i] == start + 8 (i + 1)` for every `i`, without a branch per id.
-        let mut expected_end = start;
-        let differences = ends.iter().fold(0, |differences, &end| {
-            expected_end = expected_end.wrapping_add(8);
-            differences | (end ^ expected_end)
-        });
-        if differences != 0 {
-            return None;
-        }
-        let bytes = text.get(start..start.checked_add(8 * ends.len())?)?;
-        Some(bytes.as_chunks::<8>().0)
+    fn all_eight_bytes(buffer_len: usize, spans: &[(usize, usize)]) -> bool {
+        let (differences, outside) =
+            spans
+                .iter()
+                .fold((0, false), |(differences, outside), &(start, end)| {
+                    (
+                        differences | (end.wrapping_sub(start) ^ 8),
+                        outside | (end > buffer_len),
+                    )
+                });
+        differences == 0 && !outside
     }
 
     /// Appends the rows of keys of at most 8 bytes, whose home buckets were requested.
     #[inline(always)]
     fn answer_short(
         buckets: &[Bucket],
-        eight_words: Option<&[[u8; 8]]>,
         slot_keys: &[SlotKey],
         homes: &[usize; LOOKUP_GROUP],
         hints: &impl LookupHints,
         out: &mut Vec<Option<u32>>,
     ) {
         // Zipped slices: `extend` writes the answers without a capacity check per key.
-        if let Some(words) = eight_words {
-            out.extend(words.iter().zip(homes).map(|(word, &home)| {
-                let slot_key = SlotKey {
-                    word: u64::from_le_bytes(*word),
-                    flag: EXACT_EIGHT,
-                };
-                let row = Self::short_probe(buckets, home, slot_key);
-                if let Some(row) = row {
-                    hints.row(row as usize);
-                }
-                row
-            }));
-            return;
-        }
         out.extend(slot_keys.iter().zip(homes).map(|(&slot_key, &home)| {
             let row = Self::short_probe(buckets, home, slot_key);
             if let Some(row) = row {
@@ -1067,43 +1047,52 @@ mod tests {
         }
     }
 
-    /// `keys` as one text and the end of each key in it.
-    fn joined(keys: &[Vec<u8>]) -> (Vec<u8>, Vec<usize>) {
-        let mut text = Vec::new();
-        let ends = keys
+    /// `keys` as spans of one buffer, each after a gap of `gap` bytes (`#`), as candidate
+    /// ids sit between field keys in a request body.
+    fn spanned(keys: &[Vec<u8>], gap: usize) -> (Vec<u8>, Vec<(usize, usize)>) {
+        let mut buffer = Vec::new();
+        let spans = keys
             .iter()
             .map(|key| {
-                text.extend_from_slice(key);
-                text.len()
+                buffer.extend(std::iter::repeat_n(b'#', gap));
+                let start = buffer.len();
+                buffer.extend_from_slice(key);
+                (start, buffer.len())
             })
             .collect();
-        (text, ends)
+        (buffer, spans)
     }
 
-    /// `get_many_joined` over `text` and `ends` answers, appended after what `out` held, what
-    /// a `HashMap` of `ids` answers for each key (an empty key where `ends` leaves `text`).
-    fn check_joined_against_oracle(
+    /// `get_many_spans` over `buffer` and `spans` answers, appended after what `out` held,
+    /// what a `HashMap` of `ids` answers for each key (an empty key where a span is not a
+    /// range of `buffer`).
+    fn check_spans_against_oracle(
         index: &IdIndex,
         ids: &[Vec<u8>],
-        text: &[u8],
-        ends: &[usize],
+        buffer: &[u8],
+        spans: &[(usize, usize)],
     ) -> Result<(), TestCaseError> {
         let oracle: std::collections::HashMap<&[u8], u32> = ids
             .iter()
             .enumerate()
             .map(|(row, id)| (id.as_slice(), row as u32))
             .collect();
-        let mut start = 0;
-        let expected: Vec<Option<u32>> = ends
+        let expected: Vec<Option<u32>> = spans
             .iter()
-            .map(|&end| {
-                let key = text.get(start..end).unwrap_or_default();
-                start = end;
-                oracle.get(key).copied()
+            .map(|&(start, end)| {
+                oracle
+                    .get(buffer.get(start..end).unwrap_or_default())
+                    .copied()
             })
             .collect();
         let mut found = vec![Some(u32::MAX)];
-        index.get_many_joined(text, ends, |row| ids[row].as_slice(), &NoHints, &mut found);
+        index.get_many_spans(
+            buffer,
+            spans,
+            |row| ids[row].as_slice(),
+            &NoHints,
+            &mut found,
+        );
         prop_assert_eq!(found[0], Some(u32::MAX), "appends to `out`");
         prop_assert_eq!(&found[1..], expected.as_slice());
         Ok(())
@@ -1111,18 +1100,20 @@ mod tests {
 
     proptest! {
         #[test]
-        fn joined_lookups_answer_like_the_oracle(
+        fn span_lookups_answer_like_the_oracle(
             ids in prop::collection::vec(tricky_id(), 0..150),
             extra in prop::collection::vec(tricky_id(), 0..60),
             // Keys of any length (from the first group holding a long one, the general
             // pipeline), of at most 8 bytes (the short pipeline throughout), or of exactly 8
-            // (its straight-line groups, but where a moved end breaks one).
+            // (its straight-line groups, but where a moved span breaks one).
             lengths in 0..3_u8,
             count in 0..120_usize,
             stride in 1..40_usize,
+            gap in 0..3_usize,
             weak_hash in any::<bool>(),
-            // One end moved anywhere: backwards, past the text, or inside another key.
-            moved_end in prop::option::of((any::<prop::sample::Index>(), 0..400_usize)),
+            // One span moved anywhere: reversed, past the buffer, 8 bytes long but out of
+            // it, or inside other keys.
+            moved_span in prop::option::of((any::<prop::sample::Index>(), 0..400_usize, 0..12_usize)),
         ) {
             let (ids, mut probes) = ids_and_probes(ids, extra);
             match lengths {
@@ -1135,20 +1126,22 @@ mod tests {
             } else {
                 (0..count).map(|at| probes[(at * stride) % probes.len()].clone()).collect()
             };
-            let (text, mut ends) = joined(&keys);
-            if let Some((which, end)) = moved_end
-                && !ends.is_empty()
+            let (buffer, mut spans) = spanned(&keys, gap);
+            if let Some((which, start, len)) = moved_span
+                && !spans.is_empty()
             {
-                *which.get_mut(&mut ends) = end;
+                // `len` 9 to 11 reverses the span.
+                let end = if len > 8 { start.saturating_sub(len - 8) } else { start + len };
+                *which.get_mut(&mut spans) = (start, end);
             }
             let index = IdIndex::build_with(ids.len(), |row| ids[row].as_slice(), weak_hash)
                 .map_err(|error| TestCaseError::fail(format!("{error:?}")))?;
-            check_joined_against_oracle(&index, &ids, &text, &ends)?;
+            check_spans_against_oracle(&index, &ids, &buffer, &spans)?;
         }
     }
 
     #[test]
-    fn joined_lookups_of_t1_ids_with_another_key_anywhere() {
+    fn span_lookups_of_t1_ids_with_another_key_anywhere() {
         // T1-shaped ids (8 bytes, present or absent, some with high bytes): lists of every
         // length around the groups' boundaries, all of 8 bytes (the straight-line groups),
         // then with one key of another length (long, short, empty; present or absent) at
@@ -1185,15 +1178,15 @@ mod tests {
                 .unwrap_or_else(|error| panic!("{error:?}"));
             for len in 0..=pool.len() {
                 let keys = &pool[..len];
-                let (text, ends) = joined(keys);
-                check_joined_against_oracle(&index, &ids, &text, &ends)
+                let (buffer, spans) = spanned(keys, len % 3);
+                check_spans_against_oracle(&index, &ids, &buffer, &spans)
                     .unwrap_or_else(|error| panic!("{error}: length {len}"));
                 for at in 0..len {
                     for other in others {
                         let mut keys = keys.to_vec();
                         keys[at] = other.to_vec();
-                        let (text, ends) = joined(&keys);
-                        check_joined_against_oracle(&index, &ids, &text, &ends)
+                        let (buffer, spans) = spanned(&keys, at % 3);
+                        check_spans_against_oracle(&index, &ids, &buffer, &spans)
                             .unwrap_or_else(|error| panic!("{error}: length {len}, at {at}"));
                     }
                 }

@@ -464,34 +464,39 @@ impl Table {
         }
     }
 
-    /// [`Table::index_of_many`] over ids held as one text and the end of each id in it
-    /// (id `i` is `text[ends[i - 1]..ends[i]]`, from 0 for the first; an empty id if that
-    /// range is not in `text`): the same answers, appended to `out` in id order, for fewer
-    /// instructions per id than through an iterator when the ids have at most 8 bytes (see
-    /// `IdIndex::get_many_joined`; BENCHMARKS.md, section `lookup3`).
-    pub fn index_of_many_joined(&self, text: &[u8], ends: &[usize], out: &mut Vec<Option<u32>>) {
+    /// [`Table::index_of_many`] over ids held as spans of one buffer (id `i` is
+    /// `buffer[spans[i].0..spans[i].1]`; an empty id if that range is not in `buffer`): the
+    /// same answers, appended to `out` in id order, for fewer instructions per id than
+    /// through an iterator when the ids have at most 8 bytes (see `IdIndex::get_many_spans`;
+    /// BENCHMARKS.md, section `lookup3`).
+    pub fn index_of_many_spans(
+        &self,
+        buffer: &[u8],
+        spans: &[(usize, usize)],
+        out: &mut Vec<Option<u32>>,
+    ) {
         let hints = self.id_hints();
         let (offsets, bytes) = (self.id_offsets(), self.id_bytes());
-        self.id_index.get_many_joined(
-            text,
-            ends,
+        self.id_index.get_many_spans(
+            buffer,
+            spans,
             |row| strings::entry(offsets, bytes, row).unwrap_or(&[]),
             &hints,
             out,
         );
     }
 
-    /// [`Table::index_of_many_hinting_rows`] over ids held as [`Table::index_of_many_joined`]
+    /// [`Table::index_of_many_hinting_rows`] over ids held as [`Table::index_of_many_spans`]
     /// takes them: the same answers, then `row_hint(row)` for each row found, in id order.
-    pub fn index_of_many_joined_hinting_rows(
+    pub fn index_of_many_spans_hinting_rows(
         &self,
-        text: &[u8],
-        ends: &[usize],
+        buffer: &[u8],
+        spans: &[(usize, usize)],
         row_hint: impl Fn(usize),
         out: &mut Vec<Option<u32>>,
     ) {
         let first = out.len();
-        self.index_of_many_joined(text, ends, out);
+        self.index_of_many_spans(buffer, spans, out);
         for &row in out.get(first..).unwrap_or_default().iter().flatten() {
             row_hint(row as usize);
         }

@@ -465,7 +465,7 @@ fn large_tables_report_row_problems_before_id_problems() {
 }
 
 /// `index_of_many`, `index_of_many_prefetch_rows`, `index_of_many_hinting_rows` and their
-/// `joined` forms (ids as one text and ends) answer exactly like `index_of` per id,
+/// `spans` forms (ids as spans of one buffer) answer exactly like `index_of` per id,
 /// for lists of every length around the lookup pipeline's group boundaries (groups of 8,
 /// four in flight), with unknown ids, repeated ids and ids that differ by one byte.
 #[test]
@@ -512,28 +512,31 @@ fn batched_lookups_answer_like_single_ones_at_every_length() {
         assert_eq!(&with_hint[1..], expected.as_slice(), "length {len}");
         let found: Vec<usize> = expected.iter().flatten().map(|&row| row as usize).collect();
         assert_eq!(hinted.into_inner(), found, "length {len}");
-        // The same ids as one text and ends.
-        let text = ids.concat();
-        let ends: Vec<usize> = ids
+        // The same ids as spans of one buffer, with a gap byte before each (as ids sit
+        // between field keys in a request body).
+        let mut buffer = Vec::new();
+        let spans: Vec<(usize, usize)> = ids
             .iter()
-            .scan(0, |end, id| {
-                *end += id.len();
-                Some(*end)
+            .map(|id| {
+                buffer.push(b'#');
+                let start = buffer.len();
+                buffer.extend_from_slice(id.as_bytes());
+                (start, buffer.len())
             })
             .collect();
-        let mut joined = vec![Some(3)];
-        table.index_of_many_joined(text.as_bytes(), &ends, &mut joined);
-        assert_eq!(joined[0], Some(3), "appends to `out`");
-        assert_eq!(&joined[1..], expected.as_slice(), "length {len}");
+        let mut spanned = vec![Some(3)];
+        table.index_of_many_spans(&buffer, &spans, &mut spanned);
+        assert_eq!(spanned[0], Some(3), "appends to `out`");
+        assert_eq!(&spanned[1..], expected.as_slice(), "length {len}");
         let hinted = std::cell::RefCell::new(Vec::new());
-        let mut joined = vec![None];
-        table.index_of_many_joined_hinting_rows(
-            text.as_bytes(),
-            &ends,
+        let mut spanned = vec![None];
+        table.index_of_many_spans_hinting_rows(
+            &buffer,
+            &spans,
             |row| hinted.borrow_mut().push(row),
-            &mut joined,
+            &mut spanned,
         );
-        assert_eq!(&joined[1..], expected.as_slice(), "length {len}");
+        assert_eq!(&spanned[1..], expected.as_slice(), "length {len}");
         assert_eq!(hinted.into_inner(), found, "length {len}");
     }
     assert!(pool.iter().any(|id| table.index_of(id).is_none()));
