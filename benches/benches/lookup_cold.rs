@@ -23,7 +23,9 @@
 //! `plain` (`index_of_many`, no row hint: the buckets' cost alone), `hint_after`
 //! (`index_of_many`, then the same row hints for the rows found, from this loop: what
 //! `index_of_many_hinting_rows` does since branch `lookup2`, so a binary of the code before
-//! compares both placements in one process), and each of them `+score` (then
+//! compares both placements in one process), `hint_codes` and `hint_codes_scale` (the
+//! same placement with `QuantizedRowHints`: the code line only, as the engine does since
+//! branch `dedup`, or with the scale's line too), and each of them `+score` (then
 //! `quantized_candidates_topk` at k = 100, T1's pool: the row hints' benefit shows in the
 //! scoring). The cases take turns call by call, so they share the machine's state. Prints
 //! the median, mean and 10th/90th percentiles in us per call.
@@ -168,14 +170,20 @@ fn main() {
             other => panic!("unknown mode {other:?} (warm, l2, l3)"),
         };
         // (label, row hint: 0 none, 1 `index_of_many_hinting_rows`, 2 the same hints
-        // issued by this loop after `index_of_many`; whether the rows are scored after).
+        // issued by this loop after `index_of_many`, 3 `QuantizedRowHints::codes` (one line
+        // per row, the engine's hint since branch `dedup`) and 4 `codes_and_scale` likewise;
+        // whether the rows are scored after).
         let mut cases = vec![
             ("hinting", 1, false),
             ("plain", 0, false),
             ("hint_after", 2, false),
+            ("hint_codes", 3, false),
+            ("hint_codes_scale", 4, false),
             ("hinting+score", 1, true),
             ("plain+score", 0, true),
             ("hint_after+score", 2, true),
+            ("hint_codes+score", 3, true),
+            ("hint_codes_scale+score", 4, true),
         ];
         if let Ok(only) = std::env::var("FAIRRANK_LOOKUP_COLD_CASES") {
             cases.retain(|(label, _, _)| only.split(',').any(|case| case == *label));
@@ -201,10 +209,25 @@ fn main() {
                 } else {
                     table.index_of_many(list.iter_bytes(), &mut found);
                 }
-                if *hint == 2 {
-                    for &row in found.iter().flatten() {
-                        quantized.prefetch_row(row as usize);
+                match *hint {
+                    2 => {
+                        for &row in found.iter().flatten() {
+                            quantized.prefetch_row(row as usize);
+                        }
                     }
+                    3 => {
+                        let hints = quantized.row_hints();
+                        for &row in found.iter().flatten() {
+                            hints.codes(row);
+                        }
+                    }
+                    4 => {
+                        let hints = quantized.row_hints();
+                        for &row in found.iter().flatten() {
+                            hints.codes_and_scale(row);
+                        }
+                    }
+                    _ => {}
                 }
                 if *score {
                     rows.clear();
