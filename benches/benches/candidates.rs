@@ -17,6 +17,9 @@
 //! - `score_k100`, `score_quantized_k100`, `warm_quantized_then_score_quantized_k100`: the
 //!   same at k = 100, the shape T1 really runs (its requests leave `pool_size` unset, so the
 //!   engine asks the candidate kernel for its default re-ranking pool of 100).
+//! - `lookup_hint_rows_then_score_quantized` (and `_k100`): the row hint the engine uses
+//!   since branch `dedup` (`QuantizedRowHints::codes_and_scale`, set up once per list),
+//!   issued after `index_of_many` while the rows are collected, then the int8-pruned scoring.
 //!
 //! Before timing, it prints how long the int8 copy takes to build (best of 3, wall clock) and
 //! how many candidates the quantized kernel rescores per list at k = 10 and k = 100 (mean
@@ -351,6 +354,35 @@ fn bench_table(
                     table.index_of_many_hinting_rows(ids, |row| quantized.prefetch_row(row), found);
                     rows.clear();
                     rows.extend(found.iter().flatten());
+                    black_box(score_quantized(
+                        table, &quantized, &query, rows, k, scratch, out,
+                    ))
+                })
+            },
+        );
+        // The hint of the engine's path since branch `dedup` (`QuantizedRowHints`: the code
+        // and scale lines of each row found), in the pass that collects the rows.
+        group.bench_function(
+            format!("lookup_hint_rows_then_score_quantized{suffix}"),
+            |b| {
+                b.iter(|| {
+                    let ids = &lists[take()];
+                    let Buffers {
+                        found,
+                        rows,
+                        scratch,
+                        out,
+                    } = &mut buffers;
+                    found.clear();
+                    table.index_of_many(ids, found);
+                    let hints = quantized.row_hints();
+                    rows.clear();
+                    rows.extend(
+                        found
+                            .iter()
+                            .flatten()
+                            .inspect(|&&row| hints.codes_and_scale(row)),
+                    );
                     black_box(score_quantized(
                         table, &quantized, &query, rows, k, scratch, out,
                     ))

@@ -23,11 +23,14 @@
 //! `plain` (`index_of_many`, no row hint: the buckets' cost alone), `hint_after`
 //! (`index_of_many`, then the same row hints for the rows found, from this loop: what
 //! `index_of_many_hinting_rows` does since branch `lookup2`, so a binary of the code before
-//! compares both placements in one process), and each of them `+score` (then
+//! compares both placements in one process), `hint_codes` and `hint_codes_scale` (the
+//! same placement with `QuantizedRowHints`: the code line only, or with the scale's line
+//! too, as the engine does since branch `dedup`), and each of them `+score` (then
 //! `quantized_candidates_topk` at k = 100, T1's pool: the row hints' benefit shows in the
 //! scoring), `joined` and `joined_hinting` (`index_of_many_spans` and
-//! `index_of_many_spans_hinting_rows` over the ids' spans in their text rather than an
-//! iterator, branch `lookup3`), the latter also `+score`. The cases take turns call by call, so they share the machine's state. Prints
+//! `index_of_many_spans_hinting_rows` with `codes_and_scale`: the ids' spans of their text
+//! rather than an iterator, branch `lookup3`), the latter also `+score`. The cases take
+//! turns call by call, so they share the machine's state. Prints
 //! the median, mean and 10th/90th percentiles in us per call.
 //!
 //! `FAIRRANK_LOOKUP_COLD_CALLS` (default 400) sets the calls per case and mode,
@@ -187,18 +190,25 @@ fn main() {
             other => panic!("unknown mode {other:?} (warm, l2, l3)"),
         };
         // (label, row hint: 0 none, 1 `index_of_many_hinting_rows`, 2 the same hints
-        // issued by this loop after `index_of_many`, 3 `index_of_many_spans_hinting_rows`,
-        // 4 `index_of_many_spans` (no hint); whether the rows are scored after).
+        // issued by this loop after `index_of_many`, 3 `QuantizedRowHints::codes` (one line
+        // per row) and 4 `codes_and_scale` (the engine's hint since branch `dedup`) likewise,
+        // 5 `index_of_many_spans_hinting_rows` with `codes_and_scale` (the engine's call since
+        // branches `wire2` and `lookup3`), 6 `index_of_many_spans` without a hint; whether the
+        // rows are scored after).
         let mut cases = vec![
             ("hinting", 1, false),
             ("plain", 0, false),
             ("hint_after", 2, false),
-            ("joined_hinting", 3, false),
-            ("joined", 4, false),
+            ("hint_codes", 3, false),
+            ("hint_codes_scale", 4, false),
             ("hinting+score", 1, true),
             ("plain+score", 0, true),
             ("hint_after+score", 2, true),
-            ("joined_hinting+score", 3, true),
+            ("hint_codes+score", 3, true),
+            ("hint_codes_scale+score", 4, true),
+            ("joined_hinting", 5, false),
+            ("joined", 6, false),
+            ("joined_hinting+score", 5, true),
         ];
         if let Ok(only) = std::env::var("FAIRRANK_LOOKUP_COLD_CASES") {
             cases.retain(|(label, _, _)| only.split(',').any(|case| case == *label));
@@ -215,28 +225,43 @@ fn main() {
                 black_box(list.touch());
                 found.clear();
                 let started = thread_cpu_nanos();
-                if *hint == 3 {
-                    table.index_of_many_spans_hinting_rows(
-                        &list.text,
-                        &list.spans,
-                        |row| quantized.prefetch_row(row),
-                        &mut found,
-                    );
-                } else if *hint == 4 {
-                    table.index_of_many_spans(&list.text, &list.spans, &mut found);
-                } else if *hint == 1 {
-                    table.index_of_many_hinting_rows(
+                match *hint {
+                    1 => table.index_of_many_hinting_rows(
                         list.iter_bytes(),
                         |row| quantized.prefetch_row(row),
                         &mut found,
-                    );
-                } else {
-                    table.index_of_many(list.iter_bytes(), &mut found);
-                }
-                if *hint == 2 {
-                    for &row in found.iter().flatten() {
-                        quantized.prefetch_row(row as usize);
+                    ),
+                    5 => {
+                        let hints = quantized.row_hints();
+                        table.index_of_many_spans_hinting_rows(
+                            &list.text,
+                            &list.spans,
+                            |row| hints.codes_and_scale(row as u32),
+                            &mut found,
+                        );
                     }
+                    6 => table.index_of_many_spans(&list.text, &list.spans, &mut found),
+                    _ => table.index_of_many(list.iter_bytes(), &mut found),
+                }
+                match *hint {
+                    2 => {
+                        for &row in found.iter().flatten() {
+                            quantized.prefetch_row(row as usize);
+                        }
+                    }
+                    3 => {
+                        let hints = quantized.row_hints();
+                        for &row in found.iter().flatten() {
+                            hints.codes(row);
+                        }
+                    }
+                    4 => {
+                        let hints = quantized.row_hints();
+                        for &row in found.iter().flatten() {
+                            hints.codes_and_scale(row);
+                        }
+                    }
+                    _ => {}
                 }
                 if *score {
                     rows.clear();

@@ -80,7 +80,7 @@ pub use candidates::{candidates_topk, score_candidates};
 pub use error::KernelError;
 pub use matrix::{AlignedRows, MAX_ROWS, PagePolicy, ROW_ALIGN_FLOATS, RowMatrix};
 pub use pool::{ScoringPool, current_threads};
-pub use quantized::{QuantizedPass, QuantizedRows, quantized_candidates_topk};
+pub use quantized::{QuantizedPass, QuantizedRowHints, QuantizedRows, quantized_candidates_topk};
 pub use scan::{par_scan_topk, scan_topk};
 pub use simd::{dot, prefetch_l2};
 pub use topk::{ScoredItem, TopKScratch, sort_ranked};

@@ -311,6 +311,27 @@ impl QuantizedRows {
         }
     }
 
+    /// The row hints of this copy, for a caller about to score a batch of rows: what
+    /// [`QuantizedRowHints::codes`] needs, taken once for the whole batch.
+    #[inline]
+    pub fn row_hints(&self) -> QuantizedRowHints<'_> {
+        // A stride of 4 GiB or more (never built in practice) gets no hints at all.
+        let (codes, stride) = match u32::try_from(self.stride) {
+            Ok(stride) => (
+                self.storage
+                    .get(self.start..self.start + self.rows * self.stride)
+                    .unwrap_or_default(),
+                stride,
+            ),
+            Err(_) => (&[][..], 0),
+        };
+        QuantizedRowHints {
+            codes,
+            stride,
+            scales: &self.scales,
+        }
+    }
+
     /// The codes of row `row` (`stride` bytes, zero beyond `dim`).
     #[inline(always)]
     fn codes(&self, row: usize) -> &[i8] {
@@ -329,6 +350,56 @@ impl QuantizedRows {
             rows: m.rows(),
             dim: m.dim(),
         })
+    }
+}
+
+/// Cheap L2 hints for rows of one [`QuantizedRows`] (from [`QuantizedRows::row_hints`]):
+/// the codes' slice and stride are read once per batch, so hinting a row is one multiply,
+/// one bounds check and one prefetch instruction per cache line of codes (one line at
+/// dimensions up to 64), and one check and prefetch for the scale. Hints only: no result
+/// depends on them, and a row out of range gets none.
+#[derive(Debug, Clone, Copy)]
+pub struct QuantizedRowHints<'q> {
+    /// Every row's codes, `stride` bytes each, the first row 64-byte aligned.
+    codes: &'q [i8],
+    /// Below 2^32, so that a `u32` row times the stride never overflows a `u64`.
+    stride: u32,
+    scales: &'q [f32],
+}
+
+impl QuantizedRowHints<'_> {
+    /// Asks the CPU to start loading row `row`'s codes into L2, not its scale. Nothing for a
+    /// row out of range. Before the int8 pass, prefer [`QuantizedRowHints::codes_and_scale`]:
+    /// without the scale's line the pass was slower than with no hint at all
+    /// (BENCHMARKS.md, section `dedup`).
+    #[inline(always)]
+    pub fn codes(&self, row: u32) {
+        let Ok(first) = usize::try_from(u64::from(row) * u64::from(self.stride)) else {
+            return;
+        };
+        if let Some(code) = self.codes.get(first) {
+            // Rows are 64-byte aligned and a stride is a power of two below 64 or a multiple
+            // of 64, so the row's first line holds its first code and the row never
+            // straddles a line it does not start.
+            prefetch_l2(std::slice::from_ref(code));
+            let mut offset = LINE_BYTES;
+            while offset < self.stride as usize {
+                if let Some(code) = self.codes.get(first + offset) {
+                    prefetch_l2(std::slice::from_ref(code));
+                }
+                offset += LINE_BYTES;
+            }
+        }
+    }
+
+    /// [`QuantizedRowHints::codes`], and the line of the row's scale too: the hint before
+    /// [`quantized_candidates_topk`] (whose own look-ahead prefetches codes only).
+    #[inline(always)]
+    pub fn codes_and_scale(&self, row: u32) {
+        self.codes(row);
+        if let Some(scale) = self.scales.get(row as usize) {
+            prefetch_l2(std::slice::from_ref(scale));
+        }
     }
 }
 
@@ -1764,6 +1835,33 @@ mod tests {
         assert_eq!(run(m, &quantized, 0.5, false, 0), Err(KernelError::ZeroK));
         // The same inputs with a usable copy and a real query do prune.
         assert!(run(m, &quantized, 0.5, false, 1).unwrap().pruned);
+    }
+
+    #[test]
+    fn row_hints_cover_each_row_and_ignore_rows_out_of_range() {
+        for dim in [1, 16, 33, 64, 100, 128, 300] {
+            for rows in [0, 1, 5] {
+                let data: Vec<f32> = (0..rows * dim).map(|i| (i % 7) as f32 - 3.0).collect();
+                let quantized = QuantizedRows::build(RowMatrix::dense(&data, dim).unwrap());
+                let hints = quantized.row_hints();
+                // The hints see every row's codes, the first one on a line boundary (so a
+                // hint per 64 bytes of stride covers the row), and every scale.
+                assert_eq!(hints.codes.len(), rows * quantized.stride, "dim {dim}");
+                assert_eq!(hints.stride as usize, quantized.stride);
+                assert_eq!(hints.scales.len(), rows);
+                if rows > 0 {
+                    assert_eq!(hints.codes.as_ptr().addr() % LINE_BYTES, 0);
+                    assert_eq!(hints.codes[..dim], *quantized.codes(0).get(..dim).unwrap());
+                }
+                // In range or not, a hint never panics.
+                for row in (0..rows as u32 + 3).chain([u32::MAX / 2, u32::MAX]) {
+                    hints.codes(row);
+                    hints.codes_and_scale(row);
+                    quantized.prefetch_row(row as usize);
+                }
+                quantized.prefetch_row(usize::MAX);
+            }
+        }
     }
 
     /// Build time of the int8 copy of a 1M x 128 table (BENCHMARKS.md); run with

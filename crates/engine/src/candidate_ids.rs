@@ -135,12 +135,18 @@ impl CandidateIds {
         })
     }
 
-    /// The bytes the spans cut.
-    fn buffer(&self) -> &[u8] {
+    /// The bytes the ids are cut from: [`CandidateIds::spans`] are ranges of it.
+    pub fn buffer(&self) -> &[u8] {
         match &self.bytes {
             IdBytes::Own(text) => text.as_bytes(),
             IdBytes::Shared(shared) => (**shared).as_ref(),
         }
+    }
+
+    /// The byte range (start, end) of each id in [`CandidateIds::buffer`], in request order
+    /// (ranges may leave gaps: a request body's field keys lie between its ids).
+    pub fn spans(&self) -> &[(usize, usize)] {
+        &self.spans
     }
 
     /// Appends an id.

@@ -379,31 +379,25 @@ fn resolve_candidates(
     const FIELD: &str = "candidate_ids";
     let lookups = &mut scratch.lookups;
     lookups.clear();
-    // The rows found are scored next: start loading them while the other ids are looked up.
-    match quantized {
-        Some(quantized) => items.index_of_many_hinting_rows(
-            ids.iter_bytes(),
-            |row| quantized.prefetch_row(row),
+    // The rows found are scored next: the f32 rows start loading as each id's hash slot
+    // names them; the int8 rows' code and scale lines once all the ids are looked up
+    // (BENCHMARKS.md, sections `lookup2` and `dedup`). Row numbers from the table fit `u32`.
+    // The ids are looked up at their spans (no iterator per id: section `lookup3`).
+    match quantized.map(QuantizedRows::row_hints) {
+        Some(hints) => items.index_of_many_spans_hinting_rows(
+            ids.buffer(),
+            ids.spans(),
+            |row| hints.codes_and_scale(row as u32),
             lookups,
         ),
         None => items.index_of_many_prefetch_rows(ids.iter_bytes(), lookups),
     }
-    // Each row has one id, so a repeated known id is a repeated row: one pass over the rows
-    // seen, in request order, finds every occurrence after an id's first.
-    let split = if items.len() <= MAX_BITMAP_ROWS {
-        let seen = &mut scratch.seen_bits;
-        seen.reserve_rows(items.len());
-        let split = split_lookups(lookups, |row| seen.insert(row));
-        // Every row set is a first occurrence: clearing those leaves the bitmap empty.
-        seen.clear_rows(&split.rows);
-        split
-    } else {
-        let seen = &mut scratch.seen;
-        seen.clear_for(ids.len());
-        let split = split_lookups(lookups, |row| seen.insert(row));
-        seen.shrink_if_above(MAX_KEPT_SCRATCH);
-        split
-    };
+    let split = split_found(
+        lookups,
+        items.len(),
+        &mut scratch.seen_bits,
+        &mut scratch.seen,
+    );
     if lookups.capacity() > MAX_KEPT_SCRATCH {
         *lookups = Vec::new();
     }
@@ -462,32 +456,55 @@ struct SplitLookups {
     unknown: Vec<usize>,
 }
 
+/// Splits the lookups of a table of `table_rows` rows with the scratch's row sets: the
+/// bitmap, or the hash set for a table too large for one.
+fn split_found(
+    lookups: &[Option<u32>],
+    table_rows: usize,
+    seen_bits: &mut RowBitmap,
+    seen: &mut RowSet,
+) -> SplitLookups {
+    // Each row has one id, so a repeated known id is a repeated row: one pass over the rows
+    // seen, in request order, finds every occurrence after an id's first.
+    if table_rows <= MAX_BITMAP_ROWS {
+        seen_bits.reserve_rows(table_rows);
+        let mut rows = Vec::with_capacity(lookups.len());
+        let all_known_once = seen_bits.insert_all(lookups, &mut rows);
+        // `rows` lists every row `insert_all` set (and perhaps others of the same words).
+        seen_bits.clear_rows(&rows);
+        if all_known_once {
+            return SplitLookups {
+                rows,
+                duplicates: Vec::new(),
+                unknown: Vec::new(),
+            };
+        }
+        // An unknown or repeated id: again, one id at a time, on the emptied bitmap.
+        let split = split_lookups(lookups, |row| seen_bits.insert(row));
+        // Every row set is a first occurrence: clearing those leaves the bitmap empty.
+        seen_bits.clear_rows(&split.rows);
+        split
+    } else {
+        seen.clear_for(lookups.len());
+        let split = split_lookups(lookups, |row| seen.insert(row));
+        seen.shrink_if_above(MAX_KEPT_SCRATCH);
+        split
+    }
+}
+
 /// Splits `lookups` with `insert_row` (true if the row was not seen before in this request;
 /// called once per known id, in request order).
 fn split_lookups(lookups: &[Option<u32>], mut insert_row: impl FnMut(u32) -> bool) -> SplitLookups {
-    // Each known row is written at the next free place and kept by advancing past it only
-    // when new: no capacity check and no branch on the (rarely false) answer per id.
-    let mut rows = vec![0; lookups.len()];
-    let mut kept = 0;
+    let mut rows = Vec::with_capacity(lookups.len());
     let mut duplicates = Vec::new();
     let mut unknown = Vec::new();
     for (position, lookup) in lookups.iter().enumerate() {
         match *lookup {
-            Some(row) => {
-                let fresh = insert_row(row);
-                // `kept <= position < rows.len()`: the slot always exists.
-                if let Some(slot) = rows.get_mut(kept) {
-                    *slot = row;
-                }
-                kept += usize::from(fresh);
-                if !fresh {
-                    duplicates.push(position);
-                }
-            }
+            Some(row) if insert_row(row) => rows.push(row),
+            Some(_) => duplicates.push(position),
             None => unknown.push(position),
         }
     }
-    rows.truncate(kept);
     SplitLookups {
         rows,
         duplicates,
@@ -531,6 +548,36 @@ impl RowBitmap {
             }
             None => self.insert_past_reserved(row),
         }
+    }
+
+    /// The usual request's fast path: inserts the row of every known id of `lookups`,
+    /// appending one row per lookup to `rows` (0 for an unknown id, whose bit is set too),
+    /// with no branch on the answers and no capacity check per id; true if every id was
+    /// known and its row new. Otherwise `rows` is not the answer: the caller clears the bits
+    /// (each was set by a row in `rows`) and splits again one id at a time. A row past the
+    /// reserved words sets nothing and counts as not new.
+    fn insert_all(&mut self, lookups: &[Option<u32>], rows: &mut Vec<u32>) -> bool {
+        let words = self.words.as_mut_slice();
+        let mut all_known_once = true;
+        // `map` over a slice iterator: `extend` writes each row without a capacity check.
+        rows.extend(lookups.iter().map(|lookup| {
+            let (known, row) = match *lookup {
+                Some(row) => (true, row),
+                None => (false, 0),
+            };
+            let bit = 1u64 << (row % 64);
+            let fresh = match words.get_mut((row / 64) as usize) {
+                Some(word) => {
+                    let before = *word;
+                    *word = before | bit;
+                    before & bit == 0
+                }
+                None => false,
+            };
+            all_known_once &= known & fresh;
+            row
+        }));
+        all_known_once
     }
 
     /// [`RowBitmap::insert`] of a row past the words reserved: grows to hold it.
@@ -762,15 +809,20 @@ mod tests {
         split
     }
 
-    /// Lookups over `rows` rows: repeats at any positions, unknowns (`None`) among them.
+    /// Lookups over `rows` rows: repeats at any positions, unknowns (`None`) among them; or,
+    /// as most requests, distinct known rows only.
     fn lookups_strategy(rows: u32) -> impl Strategy<Value = Vec<Option<u32>>> {
-        prop::collection::vec(
+        let mixed = prop::collection::vec(
             prop_oneof![
                 4 => (0..rows).prop_map(Some),
                 1 => Just(None),
             ],
             0..300,
-        )
+        );
+        let distinct = prop::collection::btree_set(0..rows, 0..300)
+            .prop_map(|rows| rows.into_iter().map(Some).collect::<Vec<_>>())
+            .prop_shuffle();
+        prop_oneof![mixed, distinct]
     }
 
     proptest! {
@@ -804,19 +856,23 @@ mod tests {
         fn lookups_split_like_the_oracle_with_either_row_set(
             requests in prop::collection::vec(lookups_strategy(700), 1..4),
         ) {
-            // One bitmap and one hash set reused across requests, as the per-thread scratch.
+            // One bitmap and one hash set reused across requests, as the per-thread scratch,
+            // through `split_found` as `resolve_candidates` calls it: a table of 700 rows
+            // takes the bitmap, one past `MAX_BITMAP_ROWS` the hash set.
             let mut bitmap = RowBitmap::new();
             let mut hashed = RowSet::new();
             for lookups in requests {
                 let expected = split_oracle(&lookups);
-                bitmap.reserve_rows(700);
-                let by_bitmap = split_lookups(&lookups, |row| bitmap.insert(row));
-                bitmap.clear_rows(&by_bitmap.rows);
-                prop_assert!(bitmap.is_empty());
-                hashed.clear_for(lookups.len());
-                let by_hash = split_lookups(&lookups, |row| hashed.insert(row));
-                prop_assert_eq!(&by_bitmap, &expected);
-                prop_assert_eq!(&by_hash, &expected);
+                for table_rows in [700, MAX_BITMAP_ROWS + 1] {
+                    let split = split_found(&lookups, table_rows, &mut bitmap, &mut hashed);
+                    prop_assert_eq!(&split, &expected, "table of {} rows", table_rows);
+                    prop_assert!(bitmap.is_empty());
+                }
+                // Rows past the reserved ones (a bitmap reserved for 100 rows; it grows).
+                let mut small = RowBitmap::new();
+                let split = split_found(&lookups, 100, &mut small, &mut hashed);
+                prop_assert_eq!(&split, &expected, "rows past the reserved words");
+                prop_assert!(small.is_empty());
             }
         }
     }
@@ -891,37 +947,50 @@ mod tests {
         fn candidates_resolve_like_the_oracle(
             // Known ids (`item-000`..`item-239`) and unknown ones (`ghost-0`..`ghost-9`),
             // repeated at any positions; the tables's rows in a scrambled order.
-            picks in prop::collection::vec(
-                prop_oneof![
-                    6 => (0..240_usize).prop_map(|row| format!("item-{row:03}")),
-                    1 => (0..10_usize).prop_map(|n| format!("ghost-{n}")),
-                ],
-                0..120,
-            ),
+            // Or, as most requests, distinct known ids only.
+            picks in prop_oneof![
+                prop::collection::vec(
+                    prop_oneof![
+                        6 => (0..240_usize).prop_map(|row| format!("item-{row:03}")),
+                        1 => (0..10_usize).prop_map(|n| format!("ghost-{n}")),
+                    ],
+                    0..120,
+                ),
+                prop::collection::btree_set(0..240_usize, 0..120)
+                    .prop_map(|rows| rows.iter().map(|row| format!("item-{row:03}")).collect())
+                    .prop_shuffle(),
+            ],
             skip_unknown in any::<bool>(),
         ) {
-            let (items, rows_of) = candidate_table();
+            let (items, quantized, rows_of) = candidate_table();
             let ids: CandidateIds = picks.iter().collect();
             let expected = resolve_oracle(&picks, skip_unknown, rows_of);
             prop_assert_eq!(candidates(&ids, skip_unknown, items, None, 10_000), expected.clone());
-            // Again on the same thread: the scratch left by the first call is clean.
-            prop_assert_eq!(candidates(&ids, skip_unknown, items, None, 10_000), expected);
+            // Again on the same thread: the scratch left by the first call is clean; and
+            // with the int8 copy (its rows hinted instead of the f32 ones), the same answer.
+            prop_assert_eq!(candidates(&ids, skip_unknown, items, None, 10_000), expected.clone());
+            prop_assert_eq!(
+                candidates(&ids, skip_unknown, items, Some(quantized), 10_000),
+                expected
+            );
         }
     }
 
-    /// A 240-row item table (ids `item-000`.., stored in a scrambled row order) and its rows by
-    /// id, built once per test binary.
+    /// A 240-row item table (ids `item-000`.., stored in a scrambled row order), its int8
+    /// copy and its rows by id, built once per test binary.
     fn candidate_table() -> (
         &'static Table,
+        &'static QuantizedRows,
         &'static std::collections::HashMap<String, u32>,
     ) {
         use std::sync::OnceLock;
         static TABLE: OnceLock<(
             Table,
+            QuantizedRows,
             std::collections::HashMap<String, u32>,
             tempfile::TempDir,
         )> = OnceLock::new();
-        let (table, rows_of, _dir) = TABLE.get_or_init(|| {
+        let (table, quantized, rows_of, _dir) = TABLE.get_or_init(|| {
             let mut data = crate::tests::util::items_data(3, 240, false);
             data.ids = (0..240)
                 .map(|row| format!("item-{:03}", row * 7 % 240))
@@ -935,9 +1004,13 @@ mod tests {
                 .enumerate()
                 .map(|(row, id)| (id.clone(), row as u32))
                 .collect();
-            (table, rows_of, dir)
+            let matrix =
+                kernels::RowMatrix::new(table.rows(), table.len(), table.dim(), table.row_stride())
+                    .expect("table rows are a matrix");
+            let quantized = QuantizedRows::build(matrix);
+            (table, quantized, rows_of, dir)
         });
-        (table, rows_of)
+        (table, quantized, rows_of)
     }
 
     #[test]
