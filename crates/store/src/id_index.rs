@@ -827,23 +827,8 @@ impl IdIndex {
     /// [`IdIndex::probe`] for a key of at most 8 bytes (its first slot with the key's word
     /// and flag is the answer), as the row's `u32`.
     #[inline(always)]
-    fn short_probe(buckets: &[Bucket], mut position: usize, key: SlotKey) -> Option<u32> {
-        loop {
-            let bucket = buckets.get(position)?;
-            let mut same_words = bucket.slots_with_word(key.word);
-            while same_words != 0 {
-                let slot = same_words.trailing_zeros() as usize;
-                same_words &= same_words - 1;
-                let row_field = bucket.rows.get(slot).copied().unwrap_or(0);
-                if key.matches(key.word, row_field) {
-                    return Some((row_field & ROW_BITS) - 1);
-                }
-            }
-            if !bucket.is_full() {
-                return None;
-            }
-            position = next(position, buckets.len());
-        }
+    fn short_probe(buckets: &[Bucket], position: usize, key: SlotKey) -> Option<u32> {
+        Self::probe(buckets, position, key, |_| true).map(|row| row as u32)
     }
 
     /// Heap bytes used by the index.
