@@ -2,9 +2,10 @@
 //! thousands of ids costs two allocations instead of one per id (and none of the ids' bytes
 //! are copied when the buffer is the request's own body).
 
+use std::borrow::Cow;
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 /// The bytes the ids are cut from.
 #[derive(Clone)]
@@ -36,12 +37,6 @@ pub struct CandidateIds {
     bytes: IdBytes,
     /// `spans[i]` is the byte range (start, end) of id `i` in `bytes` (ids may be empty).
     spans: Vec<(usize, usize)>,
-    /// The ids' text back to back, built on the first [`CandidateIds::text`] of a list cut
-    /// from a shared buffer.
-    joined_text: OnceLock<String>,
-    /// The end offset of each id in the ids' text back to back, built on the first
-    /// [`CandidateIds::ends`].
-    joined_ends: OnceLock<Vec<usize>>,
 }
 
 impl CandidateIds {
@@ -55,7 +50,6 @@ impl CandidateIds {
         CandidateIds {
             bytes: IdBytes::Own(String::with_capacity(bytes)),
             spans: Vec::with_capacity(ids),
-            ..CandidateIds::default()
         }
     }
 
@@ -94,7 +88,6 @@ impl CandidateIds {
         Some(CandidateIds {
             bytes: IdBytes::Own(text),
             spans,
-            ..CandidateIds::default()
         })
     }
 
@@ -131,7 +124,6 @@ impl CandidateIds {
         valid.then(|| CandidateIds {
             bytes: IdBytes::Shared(Arc::new(bytes)),
             spans,
-            ..CandidateIds::default()
         })
     }
 
@@ -153,19 +145,17 @@ impl CandidateIds {
     pub fn push(&mut self, id: &str) {
         // A list cut from a shared buffer takes its ids' text as its own first.
         if matches!(self.bytes, IdBytes::Shared(_)) {
-            let text = self.text().to_owned();
-            let ends = self.ends().to_vec();
-            if let Some(own) = CandidateIds::from_parts(text, ends) {
-                *self = own;
+            let mut own = CandidateIds::with_capacity(self.len() + 1, self.text_len() + id.len());
+            for id in self.iter() {
+                own.push(id);
             }
+            *self = own;
         }
         if let IdBytes::Own(text) = &mut self.bytes {
             let start = text.len();
             text.push_str(id);
             self.spans.push((start, text.len()));
         }
-        self.joined_text = OnceLock::new();
-        self.joined_ends = OnceLock::new();
     }
 
     /// Number of ids.
@@ -186,34 +176,31 @@ impl CandidateIds {
         }
     }
 
-    /// All ids back to back, in order (cut them with [`CandidateIds::ends`]). For a list cut
-    /// from a shared buffer, built (copied) on the first call.
-    pub fn text(&self) -> &str {
+    /// All ids back to back, in order (cut them with [`CandidateIds::ends`]): borrowed for a
+    /// list with its own text, copied for a list cut from a shared buffer.
+    pub fn text(&self) -> Cow<'_, str> {
         match &self.bytes {
-            IdBytes::Own(text) => text,
-            IdBytes::Shared(_) => self.joined_text.get_or_init(|| {
+            IdBytes::Own(text) => Cow::Borrowed(text),
+            IdBytes::Shared(_) => {
                 let mut text = String::with_capacity(self.text_len());
                 for id in self {
                     text.push_str(id);
                 }
-                text
-            }),
+                Cow::Owned(text)
+            }
         }
     }
 
-    /// The byte offset in [`CandidateIds::text`] where each id ends, in order (built on the
-    /// first call).
-    pub fn ends(&self) -> &[usize] {
-        self.joined_ends.get_or_init(|| {
-            let mut end = 0;
-            self.spans
-                .iter()
-                .map(|&(start, stop)| {
-                    end += stop - start;
-                    end
-                })
-                .collect()
-        })
+    /// The byte offset in [`CandidateIds::text`] where each id ends, in order.
+    pub fn ends(&self) -> Vec<usize> {
+        let mut end = 0;
+        self.spans
+            .iter()
+            .map(|&(start, stop)| {
+                end += stop - start;
+                end
+            })
+            .collect()
     }
 
     /// The ids' bytes in order: as [`CandidateIds::iter`], without cutting `str`s (no
@@ -429,7 +416,7 @@ mod tests {
             ids in prop::collection::vec("[a-z0-9é€]{0,5}", 0..20),
         ) {
             let list: CandidateIds = ids.iter().collect();
-            let parts = CandidateIds::from_parts(list.text().to_owned(), list.ends().to_vec());
+            let parts = CandidateIds::from_parts(list.text().into_owned(), list.ends());
             prop_assert_eq!(parts.map(|parts| parts.to_vec()), Some(ids));
         }
     }
