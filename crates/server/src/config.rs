@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 /// Text that replaces secrets in rendered configurations.
 const REDACTED: &str = "<redacted>";
 
+/// Most threads `server.io_threads` may ask for.
+const MAX_IO_THREADS: usize = 1024;
+
 /// The whole configuration file.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -231,6 +234,14 @@ pub struct ServerConfig {
     /// trailers (on, in two); a message of 1 KiB or more then takes one write more than
     /// with vectored writes. Turn it on when most answers are over 1 KiB.
     pub vectored_writes: bool,
+    /// Threads that serve gRPC connections (default 0: one per available core).
+    pub io_threads: usize,
+    /// Whether each connection is served by one I/O thread from start to end, the one with
+    /// the fewest open connections (default true): a call's bytes, its inline ranking and
+    /// its answer stay on one core, with no hand-off between threads. False: every I/O
+    /// thread takes every connection's calls (tokio's shared scheduler), which spreads one
+    /// or two very busy connections over the cores at the cost of those hand-offs.
+    pub pin_connections: bool,
 }
 
 impl Default for ServerConfig {
@@ -247,6 +258,8 @@ impl Default for ServerConfig {
             admin_token_env: "FAIRRANK_ADMIN_TOKEN".to_owned(),
             log_format: LogFormat::Text,
             vectored_writes: false,
+            io_threads: 0,
+            pin_connections: true,
         }
     }
 }
@@ -347,6 +360,16 @@ const KEY_DOCS: &[(&str, &str, &str)] = &[
         "server",
         "vectored_writes",
         "Vectored HTTP/2 writes; off, answers under 1 KiB leave in one system call with their headers and trailers, larger ones take one more.",
+    ),
+    (
+        "server",
+        "io_threads",
+        "Threads serving gRPC connections; 0: one per available core.",
+    ),
+    (
+        "server",
+        "pin_connections",
+        "Serve each connection on one I/O thread (the one with the fewest open connections), so its calls never change threads; false: all I/O threads share all connections (better for one or two very busy connections).",
     ),
     (
         "tables",
@@ -632,6 +655,9 @@ impl Config {
         if server.default_deadline_ms == 0 {
             bail!("server.default_deadline_ms must be at least 1");
         }
+        if server.io_threads > MAX_IO_THREADS {
+            bail!("server.io_threads must be at most {MAX_IO_THREADS} (0: one per core)");
+        }
         self.metrics_addr()?;
         if self.replay.max_entries > 0 && self.replay.window_ms == 0 {
             bail!("replay.window_ms must be at least 1 while replay.max_entries is above 0");
@@ -651,6 +677,15 @@ impl Config {
             bail!("ledger.max_stored_answers must be at least 1");
         }
         Ok(())
+    }
+
+    /// The threads that serve gRPC connections: `server.io_threads`, or one per available
+    /// core when it is 0.
+    pub fn io_threads(&self) -> usize {
+        match self.server.io_threads {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            threads => threads,
+        }
     }
 
     /// The metrics address, `None` when the endpoint is off.

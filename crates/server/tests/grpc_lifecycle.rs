@@ -233,10 +233,25 @@ async fn sighup_reloads_the_tables_from_their_paths() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_calls_and_exits_zero() {
+    drains_in_flight_calls_and_exits_zero(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_calls_and_exits_zero_with_shared_connections() {
+    drains_in_flight_calls_and_exits_zero(false).await;
+}
+
+/// Four connections under load (pinned to connection threads or shared by the runtime's
+/// workers), then SIGTERM: health turns NOT_SERVING while calls still succeed, every call
+/// the server took finishes, later ones are refused, and the server exits 0.
+async fn drains_in_flight_calls_and_exits_zero(pin_connections: bool) {
     let tables = tables(34);
     let mut server = Server::start(
         &tables,
-        Some("[server]\nshutdown_delay_ms = 1500\nshutdown_grace_ms = 20000\n"),
+        Some(&format!(
+            "[server]\nshutdown_delay_ms = 1500\nshutdown_grace_ms = 20000\n\
+             io_threads = 3\npin_connections = {pin_connections}\n"
+        )),
         &[],
     );
     let successes = Arc::new(AtomicUsize::new(0));
@@ -496,6 +511,39 @@ async fn calls_are_routed_by_their_path_and_every_service_gets_its_deadline() {
         .await
         .expect("in time");
     assert_eq!(answer.into_inner().status, ServingStatus::Serving as i32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_connections_get_the_exact_answers_pinned_or_shared() {
+    let tables = tables(51);
+    let query: Vec<f32> = (0..DIM).map(|d| (d as f32 * 0.21).cos()).collect();
+    let candidates: Vec<String> = tables.data.items.ids.iter().step_by(3).cloned().collect();
+    let expected = reference_candidates(&tables.data.items, &candidates, &query, 9);
+    for pin_connections in [true, false] {
+        let server = Server::start(
+            &tables,
+            Some(&format!(
+                "[server]\nio_threads = 2\npin_connections = {pin_connections}\n"
+            )),
+            &[],
+        );
+        // Seven connections over two threads, each with several calls in flight.
+        let mut calls = Vec::new();
+        for connection in 0..7 {
+            let ranker = server.ranker().await;
+            for call in 0..4 {
+                let mut ranker = ranker.clone();
+                let mut request =
+                    inline_request(&format!("conn-{connection}-{call}"), query.clone(), 9);
+                request.candidate_ids = candidates.clone();
+                calls.push(tokio::spawn(async move { ranker.rank(request).await }));
+            }
+        }
+        for call in calls {
+            let answer = call.await.expect("the call task ends").expect("ranks");
+            assert_ranking(&answer.into_inner(), &expected);
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,6 +20,8 @@
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
@@ -34,6 +36,8 @@ pub const READ_BUFFER_BYTES: usize = 32 * 1024;
 pub struct Connection {
     stream: BufReader<TcpStream>,
     vectored: bool,
+    /// Counts the connection among its thread's open ones (pinned connections only).
+    _open: Option<OpenCount>,
 }
 
 impl Connection {
@@ -42,7 +46,34 @@ impl Connection {
         Connection {
             stream: BufReader::with_capacity(READ_BUFFER_BYTES, stream),
             vectored,
+            _open: None,
         }
+    }
+
+    /// Wraps an accepted `stream` that `open` counts until the connection is dropped.
+    pub fn counted(stream: TcpStream, vectored: bool, open: OpenCount) -> Connection {
+        Connection {
+            _open: Some(open),
+            ..Connection::new(stream, vectored)
+        }
+    }
+}
+
+/// One open connection in a shared count: adds one when made, takes it back when dropped.
+#[derive(Debug)]
+pub struct OpenCount(Arc<AtomicUsize>);
+
+impl OpenCount {
+    /// Counts one more connection in `count`.
+    pub fn new(count: Arc<AtomicUsize>) -> OpenCount {
+        count.fetch_add(1, Ordering::Relaxed);
+        OpenCount(count)
+    }
+}
+
+impl Drop for OpenCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -13,6 +13,7 @@ mod deadline;
 mod echo;
 mod errors;
 mod front;
+mod pinned;
 pub mod privacy;
 mod rank_route;
 mod ranker;
@@ -113,7 +114,15 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     } = state_setup::ServerState::open(&config)?;
     let engine = Engine::with_setup(config.ranking.clone(), items, users, fairness, privacy)?;
 
+    // With pinned connections the main runtime only accepts connections, handles signals
+    // and serves metrics; the connection threads (`pinned`) carry the calls.
+    let workers = if config.server.pin_connections {
+        1
+    } else {
+        config.io_threads()
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .thread_name("fairrank-io")
         .build()
@@ -426,6 +435,8 @@ async fn serve(config: Config, engine: Engine, reload_dirs: ReloadDirs) -> anyho
         dim = status.items.dim,
         admin = admin_enabled,
         max_concurrent_requests = server_config.max_concurrent_requests,
+        io_threads = config.io_threads(),
+        pinned_connections = server_config.pin_connections,
         "fairrank serving"
     );
 
@@ -450,13 +461,30 @@ async fn serve(config: Config, engine: Engine, reload_dirs: ReloadDirs) -> anyho
     // Answers under 1 KiB leave in one write with their headers and trailers unless
     // vectored writes are on (see `connection`).
     let vectored = server_config.vectored_writes;
-    let incoming = tokio_stream::StreamExt::map(
-        TcpIncoming::from(listener).with_nodelay(Some(true)),
-        move |accepted| accepted.map(|stream| connection::Connection::new(stream, vectored)),
-    );
-    let server =
-        Server::builder().serve_with_incoming_shutdown(front, incoming, raised(stop.clone()));
-    tokio::pin!(server);
+    let server: std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>> =
+        if server_config.pin_connections {
+            Box::pin(pinned::serve(
+                listener,
+                config.io_threads(),
+                vectored,
+                front,
+                &stop,
+            )?)
+        } else {
+            let incoming = tokio_stream::StreamExt::map(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                move |accepted| {
+                    accepted.map(|stream| connection::Connection::new(stream, vectored))
+                },
+            );
+            let served = Server::builder().serve_with_incoming_shutdown(
+                front,
+                incoming,
+                raised(stop.clone()),
+            );
+            Box::pin(async move { served.await.context("the gRPC server failed") })
+        };
+    let mut server = server;
 
     let grace = Duration::from_millis(server_config.shutdown_grace_ms);
     let grace_elapsed = async {
@@ -465,7 +493,7 @@ async fn serve(config: Config, engine: Engine, reload_dirs: ReloadDirs) -> anyho
     };
     let drained = tokio::select! {
         served = &mut server => {
-            served.context("the gRPC server failed")?;
+            served?;
             true
         }
         () = grace_elapsed => false,
