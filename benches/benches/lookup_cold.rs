@@ -209,6 +209,7 @@ fn main() {
             ("joined_hinting", 5, false),
             ("joined", 6, false),
             ("joined_hinting+score", 5, true),
+            ("joined+score", 6, true),
         ];
         if let Ok(only) = std::env::var("FAIRRANK_LOOKUP_COLD_CASES") {
             cases.retain(|(label, _, _)| only.split(',').any(|case| case == *label));
