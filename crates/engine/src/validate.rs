@@ -518,9 +518,9 @@ const CLEAR_ALL_WORDS_PER_ROW: usize = 4;
 
 /// A set of row indices for duplicate detection over a table of known size: one bit per
 /// row, empty between requests. Inserting is one load and one store; the request clears
-/// the bits it set by walking the rows it inserted ([`RowBitmap::clear_rows`]), so neither
-/// a request's cost nor its cache footprint grows with the table beyond the words it
-/// touches.
+/// the bits it set by walking the rows it inserted, or the whole bitmap when that is at
+/// most 4 words per row ([`RowBitmap::clear_rows`]), so neither a request's cost nor its
+/// cache footprint grows with the table beyond a few words per row.
 #[derive(Debug, Default)]
 struct RowBitmap {
     words: Vec<u64>,

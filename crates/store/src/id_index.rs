@@ -38,6 +38,10 @@
 //! (and a weaker hash was not an option: the keyed multiplies are what keeps crafted ids
 //! from colliding).
 //!
+//! An index of 1 MiB of buckets or more is kept on a 2 MiB huge page where the kernel grants
+//! one (see [`BucketStorage`]): with 4 KiB pages, nearly every lookup in the server also paid
+//! a page walk.
+//!
 //! The build inserts in row order, hashing each id (sequential reads of the ids) 16 rows
 //! before its insert and requesting its home bucket then, so the buckets' cache misses
 //! overlap. (The former 8-byte slots were inserted after radix-partitioning `(hash, row)`
