@@ -29,7 +29,8 @@
 //! `quantized_candidates_topk` at k = 100, T1's pool: the row hints' benefit shows in the
 //! scoring), `joined` and `joined_hinting` (`index_of_many_spans` and
 //! `index_of_many_spans_hinting_rows` with `codes_and_scale`: the ids' spans of their text
-//! rather than an iterator, branch `lookup3`), the latter also `+score`. The cases take
+//! rather than an iterator, branch `lookup3`), both also `+score` (`joined+score`: no row
+//! hint at all, which on the Intel KVM guest beat every hint: section `lookup4`). The cases take
 //! turns call by call, so they share the machine's state. Prints
 //! the median, mean and 10th/90th percentiles in us per call.
 //!
@@ -209,6 +210,7 @@ fn main() {
             ("joined_hinting", 5, false),
             ("joined", 6, false),
             ("joined_hinting+score", 5, true),
+            ("joined+score", 6, true),
         ];
         if let Ok(only) = std::env::var("FAIRRANK_LOOKUP_COLD_CASES") {
             cases.retain(|(label, _, _)| only.split(',').any(|case| case == *label));

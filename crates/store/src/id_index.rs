@@ -38,6 +38,10 @@
 //! (and a weaker hash was not an option: the keyed multiplies are what keeps crafted ids
 //! from colliding).
 //!
+//! An index of 1 MiB of buckets or more is kept on a 2 MiB huge page where the kernel grants
+//! one (see [`BucketStorage`]): with 4 KiB pages, nearly every lookup in the server also paid
+//! a page walk.
+//!
 //! The build inserts in row order, hashing each id (sequential reads of the ids) 16 rows
 //! before its insert and requesting its home bucket then, so the buckets' cache misses
 //! overlap. (The former 8-byte slots were inserted after radix-partitioning `(hash, row)`
@@ -278,14 +282,134 @@ fn word<const N: usize>(bytes: &[u8], at: usize) -> [u8; N] {
     word
 }
 
+/// Size of a transparent huge page (x86-64, and the usual size elsewhere).
+const HUGE_PAGE: usize = 2 << 20;
+
+/// The memory of an index's buckets, zeroed (every slot empty) when allocated.
+///
+/// A large index lives on huge pages when the kernel grants them: an anonymous mapping whose
+/// buckets start at a 2 MiB boundary, advised `MADV_HUGEPAGE` (Linux; the system's
+/// transparent huge pages are often `madvise`-only). Lookups touch random buckets, one
+/// 4 KiB page each, and the server's other data (the int8 rows, the HTTP/2 buffers, the
+/// load generator on the same cores) evicts their TLB entries between requests, so with
+/// 4 KiB pages most lookups also paid a page walk, which on a KVM guest (nested paging)
+/// costs several dependent memory loads, and only a few walks run at once: the prefetches
+/// issued ahead did not help then. One 2 MiB page covers the default table's 1.97 MB of
+/// buckets (BENCHMARKS.md, section `lookup4`). Smaller indexes, or when the mapping fails,
+/// use plain zeroed heap words: the allocator hands out a large zeroed block of 8-byte
+/// alignment as fresh pages, zeroed only when first touched, while a 64-byte aligned one is
+/// zeroed up front by `memset`, a pass of its own.
+enum BucketStorage {
+    /// Words from the allocator; the buckets start at their first 64-byte boundary.
+    Heap(Vec<u64>),
+    /// An anonymous mapping; the buckets start `offset` bytes in (a 2 MiB boundary).
+    Mapped {
+        map: memmap2::MmapMut,
+        offset: usize,
+    },
+}
+
+impl BucketStorage {
+    /// Zeroed storage for `count` buckets.
+    fn zeroed(count: usize) -> BucketStorage {
+        let bytes = count * std::mem::size_of::<Bucket>();
+        if bytes >= HUGE_PAGE / 2
+            && let Some(mapped) = BucketStorage::mapped(bytes)
+        {
+            return mapped;
+        }
+        // One bucket more than needed, to start at a 64-byte boundary.
+        BucketStorage::Heap(vec![0; (count + 1) * BUCKET_WORDS])
+    }
+
+    /// A zeroed anonymous mapping with room for `bytes` from a 2 MiB boundary on, advised
+    /// to use huge pages (`None` if the mapping fails; the advice is only a hint).
+    fn mapped(bytes: usize) -> Option<BucketStorage> {
+        let len = bytes
+            .div_ceil(HUGE_PAGE)
+            .checked_add(1)?
+            .checked_mul(HUGE_PAGE)?;
+        let map = memmap2::MmapMut::map_anon(len).ok()?;
+        let offset = map.as_ptr().align_offset(HUGE_PAGE);
+        #[cfg(target_os = "linux")]
+        {
+            // Only a hint: without huge pages the index works the same, on 4 KiB pages.
+            let _ = map.advise(memmap2::Advice::HugePage);
+        }
+        (offset < HUGE_PAGE).then_some(BucketStorage::Mapped { map, offset })
+    }
+
+    /// The storage's bytes from the buckets' start (64-byte aligned), at least as many as
+    /// the buckets need.
+    fn bytes(&self) -> &[u8] {
+        match self {
+            BucketStorage::Heap(words) => {
+                let (_, buckets, _) = bytemuck::pod_align_to::<u64, Bucket>(words);
+                bytemuck::cast_slice(buckets)
+            }
+            BucketStorage::Mapped { map, offset } => map.get(*offset..).unwrap_or_default(),
+        }
+    }
+
+    /// [`BucketStorage::bytes`], writable.
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            BucketStorage::Heap(words) => {
+                let (_, buckets, _) = bytemuck::pod_align_to_mut::<u64, Bucket>(words);
+                bytemuck::cast_slice_mut(buckets)
+            }
+            BucketStorage::Mapped { map, offset } => map.get_mut(*offset..).unwrap_or_default(),
+        }
+    }
+
+    /// Bytes of memory used for `count` buckets: the heap words, or the mapping's pages
+    /// that the buckets touch (in 4 KiB pages; the rest of the mapping is address space
+    /// only, but for the end of a huge page, at most 2 MiB).
+    fn used_bytes(&self, count: usize) -> usize {
+        match self {
+            BucketStorage::Heap(words) => std::mem::size_of_val(words.as_slice()),
+            BucketStorage::Mapped { .. } => {
+                (count * std::mem::size_of::<Bucket>()).next_multiple_of(4096)
+            }
+        }
+    }
+}
+
+impl Clone for BucketStorage {
+    /// Storage of the same kind and size holding the same buckets. (Not the derived clone of
+    /// the heap words: the copy's 64-byte boundary may fall at another word, so the buckets
+    /// are copied from boundary to boundary.)
+    fn clone(&self) -> BucketStorage {
+        let mut copy = match self {
+            BucketStorage::Heap(words) => BucketStorage::Heap(vec![0; words.len()]),
+            BucketStorage::Mapped { map, offset } => BucketStorage::mapped(map.len() - offset)
+                .unwrap_or_else(|| {
+                    BucketStorage::Heap(vec![0; (map.len() - offset) / 8 + BUCKET_WORDS])
+                }),
+        };
+        let source = self.bytes();
+        let target = copy.bytes_mut();
+        let len = source.len().min(target.len());
+        target[..len].copy_from_slice(&source[..len]);
+        copy
+    }
+}
+
+impl std::fmt::Debug for BucketStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self {
+            BucketStorage::Heap(_) => "heap",
+            BucketStorage::Mapped { .. } => "mapped",
+        };
+        write!(f, "BucketStorage({kind}, {} bytes)", self.bytes().len())
+    }
+}
+
 /// Hash-table of row indices keyed by item id bytes that live elsewhere.
 #[derive(Debug, Clone)]
 pub(crate) struct IdIndex {
-    /// The buckets, from the first 64-byte boundary on (see [`IdIndex::buckets`]). Plain
-    /// zeroed words rather than a `Vec<Bucket>`: the allocator hands out a large zeroed
-    /// block of 8-byte alignment as fresh pages, zeroed only when first touched, while a
-    /// 64-byte aligned one is zeroed up front by `memset`, a pass of its own.
-    storage: Vec<u64>,
+    /// The buckets' memory (see [`BucketStorage`]).
+    storage: BucketStorage,
     bucket_count: usize,
     keys: HashKeys,
     /// Tests only: keep just a few hash bits, to force shared buckets and fingerprints.
@@ -429,8 +553,7 @@ impl IdIndex {
             .div_ceil(LOAD_NUMERATOR * BUCKET_SLOTS)
             .max(1);
         let mut index = IdIndex {
-            // One bucket more than needed, to start at a 64-byte boundary.
-            storage: vec![0; (buckets + 1) * BUCKET_WORDS],
+            storage: BucketStorage::zeroed(buckets),
             bucket_count: buckets,
             keys: HashKeys::random(),
             #[cfg(test)]
@@ -447,7 +570,8 @@ impl IdIndex {
             word: 0,
             hash_flag_row: 0,
         }; BUILD_PREFETCH_DISTANCE];
-        let (_, table, _) = bytemuck::pod_align_to_mut::<u64, Bucket>(&mut index.storage);
+        let table: &mut [Bucket] =
+            bytemuck::try_cast_slice_mut(index.storage.bytes_mut()).unwrap_or_default();
         let table = &mut table[..bucket_count];
         for row in 0..count + BUILD_PREFETCH_DISTANCE {
             let slot = row % BUILD_PREFETCH_DISTANCE;
@@ -504,7 +628,7 @@ impl IdIndex {
     /// The buckets: the 64-byte aligned part of `storage`.
     #[inline(always)]
     fn buckets(&self) -> &[Bucket] {
-        let (_, buckets, _) = bytemuck::pod_align_to::<u64, Bucket>(&self.storage);
+        let buckets: &[Bucket] = bytemuck::try_cast_slice(self.storage.bytes()).unwrap_or(&[]);
         buckets.get(..self.bucket_count).unwrap_or(&[])
     }
 
@@ -833,7 +957,7 @@ impl IdIndex {
 
     /// Heap bytes used by the index.
     pub fn heap_bytes(&self) -> usize {
-        self.storage.len() * std::mem::size_of::<u64>()
+        self.storage.used_bytes(self.bucket_count)
     }
 }
 
@@ -1362,6 +1486,80 @@ mod tests {
         for a in &words {
             for b in &words {
                 assert_eq!(same_bytes(a, b), a == b, "{a:?} {b:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn bucket_storage_is_zeroed_aligned_and_cloned_whole() {
+        // Below half a huge page: heap words; from it on: a mapping (where it works) whose
+        // buckets start at a 2 MiB boundary. Both zeroed, both 64-byte aligned, both with
+        // room for every bucket, and a clone holds the same bytes at its own address.
+        for count in [0, 1, 100, HUGE_PAGE / 128 - 1, HUGE_PAGE / 128, 40_000] {
+            let mut storage = BucketStorage::zeroed(count);
+            let need = count * std::mem::size_of::<Bucket>();
+            let bytes = storage.bytes();
+            assert!(
+                bytes.len() >= need,
+                "{count} buckets: {} bytes",
+                bytes.len()
+            );
+            assert!(bytes.iter().all(|&byte| byte == 0));
+            assert_eq!(bytes.as_ptr().align_offset(64), 0);
+            let mapped = matches!(storage, BucketStorage::Mapped { .. });
+            if cfg!(unix) {
+                assert_eq!(mapped, need >= HUGE_PAGE / 2, "{count} buckets");
+            }
+            if mapped {
+                assert_eq!(bytes.as_ptr().align_offset(HUGE_PAGE), 0);
+            }
+            assert!(storage.used_bytes(count) >= need);
+            let writable = storage.bytes_mut();
+            for (at, byte) in writable.iter_mut().take(need).enumerate().step_by(61) {
+                *byte = at as u8 | 1;
+            }
+            let clone = storage.clone();
+            assert_ne!(clone.bytes().as_ptr(), storage.bytes().as_ptr());
+            assert_eq!(&clone.bytes()[..need], &storage.bytes()[..need]);
+            assert_eq!(
+                matches!(clone, BucketStorage::Mapped { .. }),
+                mapped,
+                "{count} buckets"
+            );
+        }
+    }
+
+    #[test]
+    fn span_lookups_on_a_mapped_index_at_group_boundaries() {
+        // The default table's shape (100 000 ids of 8 bytes: the index's buckets in a mapping
+        // of their own), lists of 0, 1, 15, 16, 17, 31, 32, 33 and 1000 ids with an unknown
+        // id, a repeated id or an id of another length at the first, last and group-boundary
+        // positions, against a HashMap oracle.
+        let ids: Vec<Vec<u8>> = (0..100_000)
+            .map(|row| format!("i{row:07}").into_bytes())
+            .collect();
+        let index = IdIndex::build(ids.len(), |row| ids[row].as_slice())
+            .unwrap_or_else(|error| panic!("{error:?}"));
+        if cfg!(unix) {
+            assert!(matches!(index.storage, BucketStorage::Mapped { .. }));
+        }
+        let others: [&[u8]; 4] = [b"i9999999", b"i0000003", b"i000000", b"i00000031"];
+        for len in [0, 1, 15, 16, 17, 31, 32, 33, 1000] {
+            let keys: Vec<Vec<u8>> = (0..len)
+                .map(|at| ids[(at * 7919) % ids.len()].clone())
+                .collect();
+            let (buffer, spans) = spanned(&keys, 2);
+            check_spans_against_oracle(&index, &ids, &buffer, &spans)
+                .unwrap_or_else(|error| panic!("{error}: length {len}"));
+            let positions = [0, 14, 15, 16, 17, 31, 32, len.saturating_sub(1)];
+            for at in positions.into_iter().filter(|&at| at < len) {
+                for other in others {
+                    let mut keys = keys.clone();
+                    keys[at] = other.to_vec();
+                    let (buffer, spans) = spanned(&keys, at % 3);
+                    check_spans_against_oracle(&index, &ids, &buffer, &spans)
+                        .unwrap_or_else(|error| panic!("{error}: length {len}, at {at}"));
+                }
             }
         }
     }
