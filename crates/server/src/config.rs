@@ -880,6 +880,19 @@ mod tests {
         let message = format!("{:#}", Config::load(&path).unwrap_err());
         assert!(message.contains("max_concurrent_requests"), "{message}");
 
+        std::fs::write(&path, "[server]\nio_threads = 1025\n").unwrap();
+        let message = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(message.contains("io_threads"), "{message}");
+        std::fs::write(&path, "[server]\nio_threads = 3\npin_connections = false\n").unwrap();
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.io_threads(), 3);
+        assert!(!config.server.pin_connections);
+        // 0: one thread per core.
+        assert_eq!(
+            Config::default().io_threads(),
+            std::thread::available_parallelism().map_or(1, usize::from)
+        );
+
         std::fs::write(&path, "[server]\nmetrics_addr = \"localhost\"\n").unwrap();
         let message = format!("{:#}", Config::load(&path).unwrap_err());
         assert!(message.contains("metrics_addr"), "{message}");

@@ -93,7 +93,7 @@ where
                         .serve_with_incoming_shutdown(service, incoming, raised(stop))
                         .await
                 });
-                // The acceptor may be gone already (shutdown grace elapsed).
+                // Nobody may wait any more (the shutdown grace elapsed first).
                 let _ = done.send(served);
             })
             .context("cannot start a connection thread")?;
