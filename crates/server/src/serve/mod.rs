@@ -461,7 +461,7 @@ async fn serve(config: Config, engine: Engine, reload_dirs: ReloadDirs) -> anyho
     // Answers under 1 KiB leave in one write with their headers and trailers unless
     // vectored writes are on (see `connection`).
     let vectored = server_config.vectored_writes;
-    let server: std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>> =
+    let mut server: std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>> =
         if server_config.pin_connections {
             Box::pin(pinned::serve(
                 listener,
@@ -484,7 +484,6 @@ async fn serve(config: Config, engine: Engine, reload_dirs: ReloadDirs) -> anyho
             );
             Box::pin(async move { served.await.context("the gRPC server failed") })
         };
-    let mut server = server;
 
     let grace = Duration::from_millis(server_config.shutdown_grace_ms);
     let grace_elapsed = async {
