@@ -148,6 +148,8 @@ pub struct Metrics {
     pub batcher_expired: Counter,
     /// Requests waiting for the micro-batcher.
     pub batcher_queued: Gauge,
+    /// Rank calls ranked by a connection thread other than the one that read them.
+    pub rankings_shared: Counter,
     /// The series of `stages`, by `Stage as usize`, looked up on first use and kept (each
     /// lookup in a family takes its lock and hashes the labels; a series still appears in
     /// `/metrics` only once something was recorded in it).
@@ -267,6 +269,12 @@ impl Metrics {
             "Queries scored by the micro-batcher",
             batcher_queries.clone(),
         );
+        let rankings_shared = Counter::default();
+        registry.register(
+            "rankings_shared",
+            "Rank calls ranked by an idle connection thread other than the one that read them",
+            rankings_shared.clone(),
+        );
         let batcher_expired = Counter::default();
         registry.register(
             "batcher_expired",
@@ -299,6 +307,7 @@ impl Metrics {
             batcher_queries,
             batcher_expired,
             batcher_queued,
+            rankings_shared,
             stage_series: Default::default(),
             rank_ok_series: OnceLock::new(),
             answer_series: Default::default(),

@@ -547,6 +547,63 @@ async fn many_connections_get_the_exact_answers_pinned_or_shared() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_busy_connection_gets_exact_answers_and_errors_from_both_threads() {
+    // One connection over two pinned threads: its calls' rankings are shared with the idle
+    // thread (serve/handoff.rs), and each answer or error must still reach its own call.
+    let tables = tables(52);
+    let query: Vec<f32> = (0..DIM).map(|d| (d as f32 * 0.37).sin()).collect();
+    let candidates: Vec<String> = tables.data.items.ids.iter().step_by(2).cloned().collect();
+    let expected = reference_candidates(&tables.data.items, &candidates, &query, 7);
+    let server = Server::start(
+        &tables,
+        Some("[server]\nio_threads = 2\npin_connections = true\n"),
+        &[],
+    );
+    let ranker = server.ranker().await;
+    let shared = |text: &str| -> u64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix("fairrank_rankings_shared_total "))
+            .and_then(|count| count.trim().parse().ok())
+            .expect("the shared rankings counter is exported")
+    };
+    // Rounds until the idle thread has taken some (usually the first round does).
+    for round in 0..40 {
+        if round >= 3 && shared(&server.metrics_text()) > 0 {
+            break;
+        }
+        let mut calls = Vec::new();
+        for call in 0..24 {
+            let mut ranker = ranker.clone();
+            let mut request = inline_request(&format!("one-{round}-{call}"), query.clone(), 7);
+            request.candidate_ids = candidates.clone();
+            let unknown = call % 5 == 3;
+            if unknown {
+                request.candidate_ids.push(format!("no-such-item-{call}"));
+            }
+            calls.push((
+                unknown,
+                call,
+                tokio::spawn(async move { ranker.rank(request).await }),
+            ));
+        }
+        for (unknown, call, answer) in calls {
+            let answer = answer.await.expect("the call task ends");
+            if unknown {
+                let status = answer.expect_err("an unknown id");
+                assert_eq!(status.code(), Code::NotFound, "{status:?}");
+                assert!(
+                    status.message().contains(&format!("no-such-item-{call}")),
+                    "{status:?}"
+                );
+            } else {
+                assert_ranking(&answer.expect("ranks").into_inner(), &expected);
+            }
+        }
+    }
+    assert!(shared(&server.metrics_text()) > 0, "no ranking was shared");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_are_the_same_with_vectored_writes_on_or_off() {
     let tables = tables(50);
     let user = tables.data.users.ids[0].clone();

@@ -13,6 +13,7 @@ mod deadline;
 mod echo;
 mod errors;
 mod front;
+mod handoff;
 mod pinned;
 pub mod privacy;
 mod rank_route;
@@ -469,6 +470,7 @@ async fn serve(config: Config, engine: Engine, reload_dirs: ReloadDirs) -> anyho
                 vectored,
                 front,
                 &stop,
+                metrics.rankings_shared.clone(),
             )?)
         } else {
             let incoming = tokio_stream::StreamExt::map(

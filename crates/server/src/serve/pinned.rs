@@ -14,16 +14,21 @@
 //! that go to the compute pool still spread), so a few very busy connections are better
 //! served unpinned.
 //!
+//! A thread with Rank calls waiting hands the ranking of one to an idle sibling thread
+//! ([`super::handoff`]), so a client with fewer busy connections than threads, or one that
+//! shares a core with a thread, does not leave a core idle.
+//!
 //! The listener is read on the main runtime, which hands each accepted socket to a thread;
 //! each thread runs tonic's server over the sockets it is given, with the same shutdown
 //! signal, so a graceful shutdown stops accepting at once and drains every thread's calls.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use prometheus_client::metrics::counter::Counter;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::StreamExt as _;
@@ -33,6 +38,7 @@ use tonic::codegen::{Service, http};
 use tonic::transport::Server;
 
 use super::connection::{Connection, OpenCount};
+use super::handoff::{self, Siblings};
 use super::raised;
 
 /// A socket handed to a connection thread, counted as open on that thread until dropped.
@@ -49,13 +55,15 @@ struct Lane {
 
 /// Starts `threads` connection threads serving `service` and the acceptor of `listener`;
 /// the returned future ends when every thread's server has ended (after `stop` is raised
-/// and their calls have drained) and fails if one failed.
+/// and their calls have drained) and fails if one failed. `rankings_shared` counts the
+/// rankings one thread runs for another ([`super::handoff`]).
 pub fn serve<S>(
     listener: TcpListener,
     threads: usize,
     vectored: bool,
     service: S,
     stop: &watch::Receiver<bool>,
+    rankings_shared: Counter,
 ) -> anyhow::Result<impl Future<Output = anyhow::Result<()>>>
 where
     S: Service<
@@ -70,18 +78,42 @@ where
     let threads = threads.max(1);
     let mut lanes = Vec::with_capacity(threads);
     let mut finished = Vec::with_capacity(threads);
-    for index in 0..threads {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("cannot start a connection thread's runtime")?;
+    // The runtimes first: each thread's park hooks and hand-offs need every sibling.
+    let parked = Arc::new(OnceLock::<Arc<Siblings>>::new());
+    let runtimes = (0..threads)
+        .map(|index| {
+            let (parking, unparked) = (Arc::clone(&parked), Arc::clone(&parked));
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .on_thread_park(move || {
+                    if let Some(siblings) = parking.get() {
+                        siblings.parking(index);
+                    }
+                })
+                .on_thread_unpark(move || {
+                    if let Some(siblings) = unparked.get() {
+                        siblings.unparked(index);
+                    }
+                })
+                .build()
+                .context("cannot start a connection thread's runtime")
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let siblings = Siblings::new(
+        runtimes.iter().map(|runtime| runtime.handle().clone()),
+        rankings_shared,
+    );
+    let _ = parked.set(Arc::clone(&siblings));
+    for (index, runtime) in runtimes.into_iter().enumerate() {
         let (sockets, handed) = mpsc::unbounded_channel::<Handed>();
         let (done, finish) = oneshot::channel();
         let service = service.clone();
         let stop = stop.clone();
+        let siblings = Arc::clone(&siblings);
         std::thread::Builder::new()
             .name(format!("fairrank-conn-{index}"))
             .spawn(move || {
+                handoff::enter(siblings, index);
                 let served = runtime.block_on(async move {
                     // Registered with this thread's reactor: the socket's readiness wakes
                     // this thread and no other.

@@ -12,14 +12,14 @@ use std::time::{Duration, Instant};
 
 use api::fairrank::v1 as pb;
 use api::fairrank::v1::rank_batch_result::Outcome;
-use engine::CandidateIds;
+use engine::{CandidateIds, RankCallback};
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
 use super::answer::WireRankResponse;
 use super::rank_route::WireRankRequest;
 use super::replay::{Begin, IdEntries, Ticket};
-use super::{Shared, convert, deadline, errors};
+use super::{Shared, convert, deadline, errors, handoff};
 use crate::metrics::{Metrics, Stage};
 
 /// The Ranker service.
@@ -179,22 +179,22 @@ impl RankerService {
 
         let (sender, receiver) = oneshot::channel();
         let metrics = Arc::clone(&shared.metrics);
-        shared.engine.submit_small_inline(
-            native,
-            Box::new(move |result| {
-                let outcome = match result {
-                    Ok(answer) => Ok(respond_wire(&metrics, answer, ticket)),
-                    Err(error) => {
-                        // Free the id before answering, so an immediate retry runs.
-                        drop(ticket);
-                        Err(refusal(&metrics, &error))
-                    }
-                };
-                drop(admission);
-                // The handler may have stopped waiting (deadline, cancellation).
-                let _ = sender.send(outcome);
-            }),
-        );
+        let engine = shared.engine.clone();
+        let completion: RankCallback = Box::new(move |result| {
+            let outcome = match result {
+                Ok(answer) => Ok(respond_wire(&metrics, answer, ticket)),
+                Err(error) => {
+                    // Free the id before answering, so an immediate retry runs.
+                    drop(ticket);
+                    Err(refusal(&metrics, &error))
+                }
+            };
+            drop(admission);
+            // The handler may have stopped waiting (deadline, cancellation).
+            let _ = sender.send(outcome);
+        });
+        // On a connection thread, queued where an idle sibling thread may take it.
+        handoff::rank(move || engine.submit_small_inline(native, completion)).await;
         // The caller sets the answer's `timings.total_us`.
         match tokio::time::timeout_at(deadline.into(), receiver).await {
             Ok(Ok(outcome)) => outcome,
