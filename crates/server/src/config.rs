@@ -369,7 +369,7 @@ const KEY_DOCS: &[(&str, &str, &str)] = &[
     (
         "server",
         "pin_connections",
-        "Serve each connection on one I/O thread (the one with the fewest open connections), so its calls never change threads; false: all I/O threads share all connections (better for one or two very busy connections).",
+        "Serve each connection on one I/O thread (the one with the fewest open connections), whose calls stay on it except the Rank rankings an idle I/O thread takes over; false: all I/O threads share all connections.",
     ),
     (
         "tables",

@@ -401,25 +401,32 @@ mod tests {
     #[test]
     fn a_parking_thread_takes_its_own_ranking_first_then_a_siblings() {
         let runtimes = [runtime(), runtime()];
+        let shared = Counter::default();
         let siblings = Siblings::new(
             runtimes.iter().map(|runtime| runtime.handle().clone()),
-            Counter::default(),
+            shared.clone(),
         );
         let (sender, receiver) = mpsc::channel();
-        // A ranking left on thread 1 (its call was cancelled): thread 0, parking with
-        // nothing of its own, takes it instead of going idle.
-        siblings.lanes[1].push(Box::new(reporting(&sender)));
-        runtimes[0].block_on(async {
-            siblings.parking(0);
-            assert!(!siblings.lanes[0].idle.load(Ordering::Relaxed));
-            tokio::task::yield_now().await;
-        });
-        assert_eq!(
-            receiver.recv_timeout(Duration::from_secs(10)).unwrap(),
-            std::thread::current().id()
-        );
+        let labelled = |label: &'static str| {
+            let sender = sender.clone();
+            Box::new(move || sender.send(label).unwrap()) as Ranking
+        };
+        // Rankings left on both threads (their calls were cancelled): thread 0, about to
+        // park, takes one per park instead of going idle, its own first.
+        siblings.lanes[1].push(labelled("thread 1's"));
+        siblings.lanes[0].push(labelled("thread 0's"));
+        for expected in ["thread 0's", "thread 1's"] {
+            runtimes[0].block_on(async {
+                siblings.parking(0);
+                assert!(!siblings.lanes[0].idle.load(Ordering::Relaxed));
+                tokio::task::yield_now().await;
+            });
+            assert_eq!(receiver.try_recv().unwrap(), expected);
+            assert!(receiver.try_recv().is_err(), "one per park");
+        }
+        assert_eq!(shared.get(), 1, "only thread 1's was shared");
         // Nothing queued anywhere: parking marks the thread idle.
-        siblings.parking(0);
+        runtimes[0].block_on(async { siblings.parking(0) });
         assert!(siblings.lanes[0].idle.load(Ordering::Relaxed));
         siblings.unparked(0);
         assert!(!siblings.lanes[0].idle.load(Ordering::Relaxed));

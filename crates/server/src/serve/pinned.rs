@@ -1,7 +1,7 @@
 //! Pinned connections: every accepted connection is served, from its first frame to its
 //! close, by one of several single-threaded runtimes (the one with the fewest open
-//! connections), so a call never crosses threads between its bytes arriving and its answer
-//! leaving.
+//! connections), so while every thread is busy a call never crosses threads between its
+//! bytes arriving and its answer leaving.
 //!
 //! With one multi-threaded runtime for every connection (`server.pin_connections = false`)
 //! tokio moves a connection's tasks between its workers: a stream task woken by the
@@ -10,13 +10,10 @@
 //! engine's scratch move between the cores' caches. On a 2-core machine shared with the
 //! load generator those hand-offs cost more server CPU per 1000-candidate Rank call than
 //! the HTTP/2 framing does (see BENCHMARKS.md, "pin"). A pinned connection's calls run
-//! where its bytes were read; the cost is that one connection's calls use one core (those
-//! that go to the compute pool still spread), so a few very busy connections are better
-//! served unpinned.
-//!
-//! A thread with Rank calls waiting hands the ranking of one to an idle sibling thread
-//! ([`super::handoff`]), so a client with fewer busy connections than threads, or one that
-//! shares a core with a thread, does not leave a core idle.
+//! where its bytes were read, except that while a sibling thread is idle, Rank rankings
+//! are queued and the idle thread takes some ([`super::handoff`]), so a client with fewer
+//! busy connections than threads, or one that shares a core with a thread, does not leave a
+//! core idle.
 //!
 //! The listener is read on the main runtime, which hands each accepted socket to a thread;
 //! each thread runs tonic's server over the sockets it is given, with the same shutdown
