@@ -15,9 +15,9 @@
 //! own first, then a sibling's, before it parks. A ranking run elsewhere answers its call
 //! through the engine's completion, as from the rayon pool.
 //!
-//! Every queued ranking runs exactly once: each queuing call takes one after it yields (so
-//! there are as many takers as rankings), and a thread about to park takes one too, so a
-//! ranking left by a cancelled call still runs.
+//! Every queued ranking runs exactly once and soon: each queuing call takes one after it
+//! yields, or when it is dropped before (cancelled), so there are as many takers as
+//! rankings, and a thread about to park takes one too.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -206,9 +206,27 @@ pub async fn rank(ranking: impl FnOnce() + Send + 'static) {
         // Every thread is busy: nobody would take it sooner than this thread.
         return ranking();
     }
+    let owed = OwedTake {
+        siblings: Arc::clone(&siblings),
+        index,
+    };
     siblings.queue(index, Box::new(ranking));
     requeue_once().await;
-    siblings.run_one(index);
+    drop(owed);
+}
+
+/// The take a queuing call owes: one queued ranking, run when the call goes on after its
+/// requeue, or when the call is dropped before (cancelled), so there are always as many
+/// takers as queued rankings.
+struct OwedTake {
+    siblings: Arc<Siblings>,
+    index: usize,
+}
+
+impl Drop for OwedTake {
+    fn drop(&mut self) {
+        self.siblings.run_one(self.index);
+    }
 }
 
 /// Pending once, woken at once: the task goes to the back of its thread's run queue, behind
@@ -274,6 +292,28 @@ mod tests {
         });
         let ran: Vec<_> = receiver.try_iter().collect();
         assert_eq!(ran, vec![std::thread::current().id(); 3]);
+        CURRENT.with(|current| current.borrow_mut().take());
+    }
+
+    #[test]
+    fn a_call_dropped_after_queuing_still_takes_a_ranking() {
+        let runtimes = [runtime(), runtime()];
+        let siblings = Siblings::new(
+            runtimes.iter().map(|runtime| runtime.handle().clone()),
+            Counter::default(),
+        );
+        let (sender, receiver) = mpsc::channel();
+        enter(Arc::clone(&siblings), 0);
+        // Thread 1 idle (its runtime never runs): the call queues, goes to the back of the
+        // run queue, and is dropped there, as a cancelled call is.
+        siblings.parking(1);
+        let mut call = Box::pin(rank(reporting(&sender)));
+        assert!(poll_once(call.as_mut()).is_pending());
+        assert_eq!(siblings.lanes[0].queued.load(Ordering::Relaxed), 1);
+        assert!(receiver.try_recv().is_err(), "queued, not run");
+        drop(call);
+        assert_eq!(receiver.try_recv().unwrap(), std::thread::current().id());
+        assert_eq!(siblings.lanes[0].queued.load(Ordering::Relaxed), 0);
         CURRENT.with(|current| current.borrow_mut().take());
     }
 
