@@ -259,6 +259,16 @@ mod tests {
             .unwrap()
     }
 
+    /// Two connection threads' runtimes (neither running) and their siblings.
+    fn two_threads(shared: Counter) -> ([tokio::runtime::Runtime; 2], Arc<Siblings>) {
+        let runtimes = [runtime(), runtime()];
+        let siblings = Siblings::new(
+            runtimes.iter().map(|runtime| runtime.handle().clone()),
+            shared,
+        );
+        (runtimes, siblings)
+    }
+
     /// A ranking that reports the thread it ran on.
     fn reporting(sender: &mpsc::Sender<std::thread::ThreadId>) -> impl FnOnce() + Send + 'static {
         let sender = sender.clone();
@@ -274,22 +284,15 @@ mod tests {
 
     #[test]
     fn with_no_sibling_idle_a_ranking_runs_at_once_without_queuing() {
-        let runtimes = [runtime(), runtime()];
-        let siblings = Siblings::new(
-            runtimes.iter().map(|runtime| runtime.handle().clone()),
-            Counter::default(),
-        );
+        let (_runtimes, siblings) = two_threads(Counter::default());
         let (sender, receiver) = mpsc::channel();
         enter(Arc::clone(&siblings), 0);
-        runtimes[0].block_on(async {
-            for _ in 0..3 {
-                // Ran before `rank` returned its first poll's answer: nothing was queued.
-                let mut call = Box::pin(rank(reporting(&sender)));
-                let polled = poll_once(call.as_mut());
-                assert!(polled.is_ready());
-                assert_eq!(siblings.lanes[0].queued.load(Ordering::Relaxed), 0);
-            }
-        });
+        for _ in 0..3 {
+            // Ran before `rank` returned its first poll's answer: nothing was queued.
+            let mut call = Box::pin(rank(reporting(&sender)));
+            assert!(poll_once(call.as_mut()).is_ready());
+            assert_eq!(siblings.lanes[0].queued.load(Ordering::Relaxed), 0);
+        }
         let ran: Vec<_> = receiver.try_iter().collect();
         assert_eq!(ran, vec![std::thread::current().id(); 3]);
         CURRENT.with(|current| current.borrow_mut().take());
@@ -297,11 +300,7 @@ mod tests {
 
     #[test]
     fn a_call_dropped_after_queuing_still_takes_a_ranking() {
-        let runtimes = [runtime(), runtime()];
-        let siblings = Siblings::new(
-            runtimes.iter().map(|runtime| runtime.handle().clone()),
-            Counter::default(),
-        );
+        let (_runtimes, siblings) = two_threads(Counter::default());
         let (sender, receiver) = mpsc::channel();
         enter(Arc::clone(&siblings), 0);
         // Thread 1 idle (its runtime never runs): the call queues, goes to the back of the
@@ -440,12 +439,8 @@ mod tests {
 
     #[test]
     fn a_parking_thread_takes_its_own_ranking_first_then_a_siblings() {
-        let runtimes = [runtime(), runtime()];
         let shared = Counter::default();
-        let siblings = Siblings::new(
-            runtimes.iter().map(|runtime| runtime.handle().clone()),
-            shared.clone(),
-        );
+        let (runtimes, siblings) = two_threads(shared.clone());
         let (sender, receiver) = mpsc::channel();
         let labelled = |label: &'static str| {
             let sender = sender.clone();
