@@ -199,18 +199,20 @@ pub fn enter(siblings: Arc<Siblings>, index: usize) {
 /// thread, queued as the module docs say (it may run on a sibling thread). The caller waits
 /// for the answer through the ranking's completion.
 pub async fn rank(ranking: impl FnOnce() + Send + 'static) {
-    let Some((siblings, index)) = CURRENT.with(|current| current.borrow().clone()) else {
+    // The siblings are cloned (a shared count both threads would bounce) only to queue.
+    let queuing = CURRENT.with(|current| {
+        let current = current.borrow();
+        let (siblings, index) = current.as_ref()?;
+        siblings
+            .any_idle(*index)
+            .then(|| (Arc::clone(siblings), *index))
+    });
+    let Some((siblings, index)) = queuing else {
+        // Not a connection thread, or every thread is busy: nobody would take it sooner.
         return ranking();
-    };
-    if !siblings.any_idle(index) {
-        // Every thread is busy: nobody would take it sooner than this thread.
-        return ranking();
-    }
-    let owed = OwedTake {
-        siblings: Arc::clone(&siblings),
-        index,
     };
     siblings.queue(index, Box::new(ranking));
+    let owed = OwedTake { siblings, index };
     requeue_once().await;
     drop(owed);
 }
