@@ -120,6 +120,12 @@ impl Siblings {
         }
     }
 
+    /// Thread `index` has stopped serving (its runtime will not run again): not idle, so
+    /// no call queues a ranking for it.
+    pub fn retired(&self, index: usize) {
+        self.unparked(index);
+    }
+
     /// Whether a thread other than `index` is idle.
     fn any_idle(&self, index: usize) -> bool {
         self.others(index)
@@ -297,6 +303,20 @@ mod tests {
         }
         let ran: Vec<_> = receiver.try_iter().collect();
         assert_eq!(ran, vec![std::thread::current().id(); 3]);
+        CURRENT.with(|current| current.borrow_mut().take());
+    }
+
+    #[test]
+    fn a_retired_sibling_is_not_counted_idle() {
+        let (_runtimes, siblings) = two_threads(Counter::default());
+        let (sender, receiver) = mpsc::channel();
+        enter(Arc::clone(&siblings), 0);
+        siblings.parking(1);
+        siblings.retired(1);
+        let mut call = Box::pin(rank(reporting(&sender)));
+        assert!(poll_once(call.as_mut()).is_ready(), "ranked at once");
+        assert_eq!(receiver.try_recv().unwrap(), std::thread::current().id());
+        assert!(!siblings.any_idle(0));
         CURRENT.with(|current| current.borrow_mut().take());
     }
 

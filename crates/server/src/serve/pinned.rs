@@ -110,7 +110,7 @@ where
         std::thread::Builder::new()
             .name(format!("fairrank-conn-{index}"))
             .spawn(move || {
-                handoff::enter(siblings, index);
+                handoff::enter(Arc::clone(&siblings), index);
                 let served = runtime.block_on(async move {
                     // Registered with this thread's reactor: the socket's readiness wakes
                     // this thread and no other.
@@ -122,6 +122,9 @@ where
                         .serve_with_incoming_shutdown(service, incoming, raised(stop))
                         .await
                 });
+                // Its runtime will not run again: the threads still draining must not queue
+                // rankings for it (they would take them back themselves, later).
+                siblings.retired(index);
                 // Nobody may wait any more (the shutdown grace elapsed first).
                 let _ = done.send(served);
             })
