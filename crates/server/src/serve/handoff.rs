@@ -43,6 +43,7 @@ struct Lane {
 }
 
 impl Lane {
+    /// Queues `ranking` last; the queue's new length.
     fn push(&self, ranking: Ranking) -> usize {
         let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         queue.push_back(ranking);
@@ -51,6 +52,7 @@ impl Lane {
         queued
     }
 
+    /// The oldest queued ranking (none without taking the lock when the queue looks empty).
     fn pop(&self) -> Option<Ranking> {
         if self.queued.load(Ordering::Relaxed) == 0 {
             return None;
@@ -105,7 +107,7 @@ impl Siblings {
         let Some(lane) = self.lanes.get(index) else {
             return;
         };
-        if self.has_queued(index) {
+        if self.has_queued() {
             let siblings = Arc::clone(self);
             drop(lane.handle.spawn(async move { siblings.run_one(index) }));
         } else {
@@ -132,10 +134,10 @@ impl Siblings {
             .any(|sibling| sibling.idle.load(Ordering::Relaxed))
     }
 
-    /// Whether any lane has a ranking queued.
-    fn has_queued(&self, index: usize) -> bool {
-        self.others(index)
-            .chain(self.lanes.get(index))
+    /// Whether any thread has a ranking queued.
+    fn has_queued(&self) -> bool {
+        self.lanes
+            .iter()
             .any(|lane| lane.queued.load(Ordering::Relaxed) > 0)
     }
 
