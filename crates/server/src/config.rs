@@ -237,10 +237,11 @@ pub struct ServerConfig {
     /// Threads that serve gRPC connections (default 0: one per available core).
     pub io_threads: usize,
     /// Whether each connection is served by one I/O thread from start to end, the one with
-    /// the fewest open connections (default true): a call's bytes, its inline ranking and
-    /// its answer stay on one core, with no hand-off between threads. False: every I/O
-    /// thread takes every connection's calls (tokio's shared scheduler), which spreads one
-    /// or two very busy connections over the cores at the cost of those hand-offs.
+    /// the fewest open connections (default true): while every I/O thread is busy, a call's
+    /// bytes, its inline ranking and its answer stay on one core; an idle I/O thread takes
+    /// Rank rankings queued on a busy one (`serve/handoff.rs`). False: every I/O thread
+    /// takes every connection's calls (tokio's shared scheduler), with a hand-off between
+    /// threads for most calls.
     pub pin_connections: bool,
 }
 
