@@ -21,10 +21,10 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::runtime::Handle;
+use tokio::runtime::{Handle, Runtime};
 
 /// A ranking: the engine's work for one call, answering through its completion.
 type Ranking = Box<dyn FnOnce() + Send>;
@@ -192,6 +192,30 @@ impl Siblings {
     }
 }
 
+/// The runtime of connection thread `index`: single-threaded, its park hooks telling the
+/// siblings (once `known` holds them) when the thread goes idle ([`Siblings::parking`]) and
+/// wakes ([`Siblings::unparked`]). The runtimes are built before the siblings, which need
+/// their handles.
+pub fn connection_runtime(
+    known: &Arc<OnceLock<Arc<Siblings>>>,
+    index: usize,
+) -> std::io::Result<Runtime> {
+    let (parking, unparked) = (Arc::clone(known), Arc::clone(known));
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .on_thread_park(move || {
+            if let Some(siblings) = parking.get() {
+                siblings.parking(index);
+            }
+        })
+        .on_thread_unpark(move || {
+            if let Some(siblings) = unparked.get() {
+                siblings.unparked(index);
+            }
+        })
+        .build()
+}
+
 thread_local! {
     /// The connection thread this thread is, if it is one.
     static CURRENT: std::cell::RefCell<Option<(Arc<Siblings>, usize)>> =
@@ -342,27 +366,13 @@ mod tests {
 
     #[test]
     fn with_a_sibling_idle_every_ranking_runs_exactly_once() {
-        // Thread 1: a runtime with the park hooks, as the server builds it.
+        // Thread 1: a runtime with the park hooks, built as the server builds it.
         let (handle_sender, handle_receiver) = mpsc::channel();
         let (siblings_sender, siblings_receiver) = mpsc::channel::<Arc<Siblings>>();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let sibling_thread = std::thread::spawn(move || {
-            let known = Arc::new(std::sync::OnceLock::<Arc<Siblings>>::new());
-            let (parking, unparked) = (Arc::clone(&known), Arc::clone(&known));
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .on_thread_park(move || {
-                    if let Some(siblings) = parking.get() {
-                        siblings.parking(1);
-                    }
-                })
-                .on_thread_unpark(move || {
-                    if let Some(siblings) = unparked.get() {
-                        siblings.unparked(1);
-                    }
-                })
-                .build()
-                .unwrap();
+            let known = Arc::new(OnceLock::<Arc<Siblings>>::new());
+            let runtime = connection_runtime(&known, 1).unwrap();
             handle_sender.send(runtime.handle().clone()).unwrap();
             let siblings = siblings_receiver.recv().unwrap();
             let _ = known.set(Arc::clone(&siblings));

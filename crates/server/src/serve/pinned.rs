@@ -79,20 +79,7 @@ where
     let parked = Arc::new(OnceLock::<Arc<Siblings>>::new());
     let runtimes = (0..threads)
         .map(|index| {
-            let (parking, unparked) = (Arc::clone(&parked), Arc::clone(&parked));
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .on_thread_park(move || {
-                    if let Some(siblings) = parking.get() {
-                        siblings.parking(index);
-                    }
-                })
-                .on_thread_unpark(move || {
-                    if let Some(siblings) = unparked.get() {
-                        siblings.unparked(index);
-                    }
-                })
-                .build()
+            handoff::connection_runtime(&parked, index)
                 .context("cannot start a connection thread's runtime")
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
