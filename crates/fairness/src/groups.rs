@@ -21,9 +21,20 @@ pub struct GroupShares {
 /// Largest accepted excess of the share sum over 1 (rounding of decimal inputs).
 const SUM_TOLERANCE: f64 = 1e-9;
 
+/// Most groups a constraint's targets may list. The share-based constraints spend
+/// `O(k × groups)` per ranking, so the count a request may name is bounded (a table with
+/// more attribute values than this still works: unlisted values form the rest group).
+pub const MAX_LISTED_GROUPS: usize = 1024;
+
 impl GroupShares {
     /// Validates `(label, share)` pairs: shares in [0, 1], labels distinct, sum at most 1.
     pub fn new(pairs: &[(u32, f64)]) -> Result<Self, String> {
+        if pairs.len() > MAX_LISTED_GROUPS {
+            return Err(format!(
+                "{} groups listed; at most {MAX_LISTED_GROUPS} are allowed",
+                pairs.len()
+            ));
+        }
         let mut sorted: Vec<(u32, f64)> = pairs.to_vec();
         sorted.sort_by_key(|&(label, _)| label);
         for window in sorted.windows(2) {
@@ -359,6 +370,11 @@ mod tests {
         assert!(GroupShares::new(&[(0, 0.7), (1, 0.4)]).is_err());
         assert!(GroupShares::new(&[(0, -0.1)]).is_err());
         assert!(GroupShares::new(&[(0, 0.1), (0, 0.2)]).is_err());
+        let most: Vec<(u32, f64)> = (0..MAX_LISTED_GROUPS as u32).map(|g| (g, 0.0)).collect();
+        assert!(GroupShares::new(&most).is_ok());
+        let too_many: Vec<(u32, f64)> = (0..=MAX_LISTED_GROUPS as u32).map(|g| (g, 0.0)).collect();
+        let error = GroupShares::new(&too_many).expect_err("one group too many");
+        assert!(error.contains("at most 1024"), "{error}");
         let full = GroupShares::new(&[(0, 0.1), (1, 0.2), (2, 0.7)]).expect("sums to one");
         assert_eq!(full.rest_share(), 0.0);
     }

@@ -64,7 +64,7 @@ pub use constraints::mtable::{
 pub use constraints::none::ScoreOrder;
 pub use constraints::plackett_luce::PlackettLuce;
 pub use error::FairnessError;
-pub use groups::GroupShares;
+pub use groups::{GroupShares, MAX_LISTED_GROUPS};
 pub use params::{Params, value_from_string};
 pub use registry::{ConstraintInfo, Factory, ParamInfo, Registry};
 pub use report::{AnswerReport, GroupShare, answer_report};

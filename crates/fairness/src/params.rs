@@ -4,6 +4,7 @@
 use serde_json::{Map, Value};
 
 use crate::error::FairnessError;
+use crate::groups::MAX_LISTED_GROUPS;
 
 /// The parameters of one constraint specification, handed to a registry factory.
 ///
@@ -131,6 +132,7 @@ impl<'a> Params<'a> {
         if object.is_empty() {
             return Err(self.invalid(name, "at least one group share is required"));
         }
+        self.check_group_count(name, object.len())?;
         let mut shares = Vec::with_capacity(object.len());
         for (label, share) in object {
             let label = label.trim().parse::<u32>().map_err(|_| {
@@ -169,11 +171,20 @@ impl<'a> Params<'a> {
                     self.invalid(name, format!("share {share:?} is not a finite number"))
                 })?;
             shares.push((label, share));
+            self.check_group_count(name, shares.len())?;
         }
         if shares.is_empty() {
             return Err(self.invalid(name, "at least one group share is required"));
         }
         Ok(shares)
+    }
+
+    /// Refuses a list of more than [`MAX_LISTED_GROUPS`] groups before parsing the rest of it.
+    fn check_group_count(&self, name: &str, count: usize) -> Result<(), FairnessError> {
+        if count > MAX_LISTED_GROUPS {
+            return Err(self.invalid(name, format!("more than {MAX_LISTED_GROUPS} groups listed")));
+        }
+        Ok(())
     }
 
     fn number(&self, name: &str, value: &Value) -> Result<f64, FairnessError> {
@@ -275,6 +286,49 @@ mod tests {
         assert!(params.shares("d").is_err());
         assert!(params.shares("e").is_err());
         assert!(params.shares("f").is_err());
+    }
+
+    #[test]
+    fn shares_refuse_more_groups_than_the_limit_in_every_form() {
+        let pairs = |count: u32| {
+            (0..count)
+                .map(|label| format!("{label}:0"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let as_object = |count: u32| {
+            Value::Object(
+                (0..count)
+                    .map(|label| (label.to_string(), json!(0.0)))
+                    .collect(),
+            )
+        };
+        let limit = MAX_LISTED_GROUPS as u32;
+        let map = object(json!({
+            "pairs_at_limit": pairs(limit),
+            "pairs_over": pairs(limit + 1),
+            "object_at_limit": as_object(limit),
+            "object_over": as_object(limit + 1),
+        }));
+        let params = Params::new("det-greedy", &map);
+        assert_eq!(
+            params.shares("pairs_at_limit").expect("at the limit").len(),
+            MAX_LISTED_GROUPS
+        );
+        assert_eq!(
+            params
+                .shares("object_at_limit")
+                .expect("at the limit")
+                .len(),
+            MAX_LISTED_GROUPS
+        );
+        for over in ["pairs_over", "object_over"] {
+            let error = params.shares(over).expect_err("over the limit").to_string();
+            assert!(
+                error.contains(over) && error.contains("more than 1024 groups"),
+                "{error}"
+            );
+        }
     }
 
     #[test]

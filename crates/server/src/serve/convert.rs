@@ -1,6 +1,7 @@
 //! Conversions between `fairrank.v1` messages and the engine's native types, field for field.
 //!
-//! Open enums follow the proto rule: an unknown number reads as the `UNSPECIFIED` value.
+//! An enum number this server does not know is refused, never read as `UNSPECIFIED`
+//! (`proto/README.md`): UNIMPLEMENTED for `privacy.mechanism`, INVALID_ARGUMENT otherwise.
 //! Conversion errors name the proto field (`user`, `fairness.params.alpha`, ...).
 
 use std::collections::BTreeMap;
@@ -46,17 +47,27 @@ pub fn rank_request(
         k: request.k as usize,
         pool_size: request.pool_size.map(|pool| pool as usize),
         fairness,
-        privacy: request.privacy.map(privacy_policy).unwrap_or_default(),
-        consent: request.consent.map(consent).unwrap_or_default(),
-        explain: request.explain.map(explain_options).unwrap_or_default(),
+        privacy: request
+            .privacy
+            .map(privacy_policy)
+            .transpose()?
+            .unwrap_or_default(),
+        consent: request
+            .consent
+            .map(consent)
+            .transpose()?
+            .unwrap_or_default(),
+        explain: request
+            .explain
+            .map(explain_options)
+            .transpose()?
+            .unwrap_or_default(),
         deadline,
     })
 }
 
 fn fairness_policy(policy: pb::FairnessPolicy) -> Result<engine::FairnessPolicy, Status> {
-    let on_infeasible = match pb::InfeasibleAction::try_from(policy.on_infeasible)
-        .unwrap_or(pb::InfeasibleAction::Unspecified)
-    {
+    let on_infeasible = match known(policy.on_infeasible, "fairness.on_infeasible")? {
         pb::InfeasibleAction::Unspecified => engine::InfeasibleAction::Unspecified,
         pb::InfeasibleAction::BestEffort => engine::InfeasibleAction::BestEffort,
         pb::InfeasibleAction::Unconstrained => engine::InfeasibleAction::Unconstrained,
@@ -122,24 +133,43 @@ fn param_value(value: serde_json::Value) -> ParamValue {
     }
 }
 
-fn privacy_policy(policy: pb::PrivacyPolicy) -> engine::PrivacyPolicy {
-    let mechanism = match pb::PrivacyMechanism::try_from(policy.mechanism)
-        .unwrap_or(pb::PrivacyMechanism::Unspecified)
-    {
+/// An enum field's value, or INVALID_ARGUMENT naming `field` for a number this server's
+/// proto does not define (never silently the default: a newer client's value may ask for
+/// something stricter).
+fn known<E: TryFrom<i32>>(value: i32, field: &str) -> Result<E, Status> {
+    E::try_from(value).map_err(|_| {
+        errors::invalid_field(field, format!("{value} is not a value this server knows"))
+    })
+}
+
+fn privacy_policy(policy: pb::PrivacyPolicy) -> Result<engine::PrivacyPolicy, Status> {
+    // A mechanism added after this server version is a protection it cannot give:
+    // UNIMPLEMENTED, never an answer without it.
+    let mechanism = pb::PrivacyMechanism::try_from(policy.mechanism).map_err(|_| {
+        api::status::error_status(
+            tonic::Code::Unimplemented,
+            format!(
+                "`privacy.mechanism` {} is not supported by this server version",
+                policy.mechanism
+            ),
+            pb::ErrorReason::Unspecified,
+            Some("privacy.mechanism"),
+        )
+    })?;
+    let mechanism = match mechanism {
         pb::PrivacyMechanism::Unspecified => engine::PrivacyMechanism::Unspecified,
         pb::PrivacyMechanism::None => engine::PrivacyMechanism::None,
         pb::PrivacyMechanism::GumbelTopK => engine::PrivacyMechanism::GumbelTopK,
     };
-    let on_budget_exhausted = match pb::BudgetExhaustedAction::try_from(policy.on_budget_exhausted)
-        .unwrap_or(pb::BudgetExhaustedAction::Unspecified)
-    {
-        pb::BudgetExhaustedAction::Unspecified => engine::BudgetExhaustedAction::Unspecified,
-        pb::BudgetExhaustedAction::Reject => engine::BudgetExhaustedAction::Reject,
-        pb::BudgetExhaustedAction::NonPersonalized => {
-            engine::BudgetExhaustedAction::NonPersonalized
-        }
-    };
-    engine::PrivacyPolicy {
+    let on_budget_exhausted =
+        match known(policy.on_budget_exhausted, "privacy.on_budget_exhausted")? {
+            pb::BudgetExhaustedAction::Unspecified => engine::BudgetExhaustedAction::Unspecified,
+            pb::BudgetExhaustedAction::Reject => engine::BudgetExhaustedAction::Reject,
+            pb::BudgetExhaustedAction::NonPersonalized => {
+                engine::BudgetExhaustedAction::NonPersonalized
+            }
+        };
+    Ok(engine::PrivacyPolicy {
         mechanism,
         budget: policy.budget.map(|budget| match budget {
             pb::privacy_policy::Budget::Rho(rho) => engine::PrivacyBudget::Rho(rho),
@@ -151,34 +181,32 @@ fn privacy_policy(policy: pb::PrivacyPolicy) -> engine::PrivacyPolicy {
         delta: policy.delta,
         release_noisy_scores: policy.release_noisy_scores,
         on_budget_exhausted,
-    }
+    })
 }
 
-fn consent(consent: pb::Consent) -> engine::Consent {
-    let personalization = match pb::ConsentDecision::try_from(consent.personalization)
-        .unwrap_or(pb::ConsentDecision::Unspecified)
-    {
+fn consent(consent: pb::Consent) -> Result<engine::Consent, Status> {
+    let personalization = match known(consent.personalization, "consent.personalization")? {
         pb::ConsentDecision::Unspecified => engine::ConsentDecision::Unspecified,
         pb::ConsentDecision::Granted => engine::ConsentDecision::Granted,
         pb::ConsentDecision::Denied => engine::ConsentDecision::Denied,
     };
-    engine::Consent {
+    Ok(engine::Consent {
         personalization,
         reference: consent.consent_reference,
-    }
+    })
 }
 
-fn explain_options(options: pb::ExplainOptions) -> engine::ExplainOptions {
-    let level = match pb::ExplainLevel::try_from(options.level).unwrap_or(pb::ExplainLevel::None) {
+fn explain_options(options: pb::ExplainOptions) -> Result<engine::ExplainOptions, Status> {
+    let level = match known(options.level, "explain.level")? {
         pb::ExplainLevel::Unspecified | pb::ExplainLevel::None => engine::ExplainLevel::None,
         pb::ExplainLevel::Reasons => engine::ExplainLevel::Reasons,
         pb::ExplainLevel::Text => engine::ExplainLevel::Text,
         pb::ExplainLevel::Dimensions => engine::ExplainLevel::Dimensions,
     };
-    engine::ExplainOptions {
+    Ok(engine::ExplainOptions {
         level,
         max_dimensions: options.max_dimensions as usize,
-    }
+    })
 }
 
 /// The wire form of an engine answer. `replayed` is set for answers the privacy ledger
@@ -489,14 +517,14 @@ mod tests {
     }
 
     #[test]
-    fn fields_and_open_enums_convert() {
+    fn fields_and_enums_convert() {
         let mut wire = request(Some(pb::rank_request::User::InlineUser(pb::InlineUser {
             embedding: vec![1.0, 2.0],
             subject_id: "s".into(),
         })));
         wire.pool_size = Some(9);
         wire.explain = Some(pb::ExplainOptions {
-            level: 99, // unknown: reads as unspecified
+            level: pb::ExplainLevel::Unspecified as i32,
             max_dimensions: 4,
         });
         wire.consent = Some(pb::Consent {
@@ -527,6 +555,60 @@ mod tests {
             engine::ConsentDecision::Denied
         );
         assert_eq!(native.privacy.budget, Some(engine::PrivacyBudget::Rho(0.5)));
+    }
+
+    #[test]
+    fn enum_values_this_server_does_not_know_are_refused_never_read_as_the_default() {
+        let inline = || {
+            request(Some(pb::rank_request::User::InlineUser(pb::InlineUser {
+                embedding: vec![1.0],
+                subject_id: "s".into(),
+            })))
+        };
+        // A privacy mechanism from a newer proto: a protection this server cannot give.
+        let mut wire = inline();
+        wire.privacy = Some(pb::PrivacyPolicy {
+            mechanism: 7,
+            ..Default::default()
+        });
+        let status = rank_request(wire, engine::CandidateIds::new(), None).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unimplemented);
+        assert_eq!(error_field(&status), Some("privacy.mechanism"));
+        assert!(status.message().contains('7'), "{}", status.message());
+
+        let cases: [(&str, fn(&mut pb::RankRequest)); 4] = [
+            ("consent.personalization", |r| {
+                r.consent = Some(pb::Consent {
+                    personalization: 9,
+                    ..Default::default()
+                })
+            }),
+            ("privacy.on_budget_exhausted", |r| {
+                r.privacy = Some(pb::PrivacyPolicy {
+                    on_budget_exhausted: 5,
+                    ..Default::default()
+                })
+            }),
+            ("explain.level", |r| {
+                r.explain = Some(pb::ExplainOptions {
+                    level: 99,
+                    max_dimensions: 0,
+                })
+            }),
+            ("fairness.on_infeasible", |r| {
+                r.fairness = Some(pb::FairnessPolicy {
+                    on_infeasible: -1,
+                    ..Default::default()
+                })
+            }),
+        ];
+        for (field, set) in cases {
+            let mut wire = inline();
+            set(&mut wire);
+            let status = rank_request(wire, engine::CandidateIds::new(), None).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{field}");
+            assert_eq!(error_field(&status), Some(field));
+        }
     }
 
     #[test]
