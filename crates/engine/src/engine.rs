@@ -19,7 +19,9 @@ use crate::private::{PrivacySetup, PrivateWorkers};
 use crate::request::RankRequest;
 use crate::rerank::{FairnessRuntime, FairnessSetup};
 use crate::response::{BatchResponse, RankResponse, StageTimings, micros};
-use crate::tables::{ReloadOutcome, ReloadRequest, TableKind, TableSlot, TableStatus, same_dim};
+use crate::tables::{
+    ReloadOutcome, ReloadRequest, TableKind, TableSlot, TableStatus, compatible_with, pair_problem,
+};
 
 /// A callback that receives an answer or an error, exactly once.
 pub type Callback<T> = Box<dyn FnOnce(Result<T, EngineError>) + Send + 'static>;
@@ -206,19 +208,16 @@ impl Engine {
         privacy.config.validate()?;
         let fairness = Arc::new(FairnessRuntime::new(&config, fairness)?);
         if let Some(users) = &users
-            && users.dim() != items.dim()
+            && let Err(message) = pair_problem(users, &items, TableKind::Items)
         {
             return Err(EngineError::Reload {
                 table: TableKind::Users,
                 path: users.path().to_path_buf(),
-                problem: crate::error::ReloadProblem::DimensionMismatch,
-                message: format!(
-                    "its dimension {} differs from the item table's {}",
-                    users.dim(),
-                    items.dim()
-                ),
+                problem: crate::error::ReloadProblem::IncompatibleTables,
+                message,
             });
         }
+        let table_change = Arc::new(Mutex::new(()));
         let batcher = Batcher::start(&config)?;
         let inner = Inner {
             items: TableSlot::new(
@@ -226,8 +225,15 @@ impl Engine {
                 Some(items),
                 config.max_pool,
                 config.quantized_candidates,
+                Arc::clone(&table_change),
             ),
-            users: TableSlot::new(TableKind::Users, users, config.max_pool, false),
+            users: TableSlot::new(
+                TableKind::Users,
+                users,
+                config.max_pool,
+                false,
+                table_change,
+            ),
             paused: AtomicBool::new(false),
             paused_since: Mutex::new(SystemTime::now()),
             in_flight: Arc::new(AtomicUsize::new(0)),
@@ -403,22 +409,12 @@ impl Engine {
         let inner = &self.inner;
         let verify = inner.config.verify_checksum_on_reload;
         match kind {
-            TableKind::Items => {
-                let users = inner.users.snapshot();
-                inner.items.reload(
-                    request,
-                    verify,
-                    same_dim(users.as_deref(), TableKind::Users),
-                )
-            }
-            TableKind::Users => {
-                let items = inner.items.snapshot();
-                inner.users.reload(
-                    request,
-                    verify,
-                    same_dim(items.as_deref(), TableKind::Items),
-                )
-            }
+            TableKind::Items => inner
+                .items
+                .reload(request, verify, compatible_with(&inner.users)),
+            TableKind::Users => inner
+                .users
+                .reload(request, verify, compatible_with(&inner.items)),
         }
     }
 
@@ -437,18 +433,12 @@ impl Engine {
     ) -> Result<ReloadOutcome, EngineError> {
         let inner = &self.inner;
         match kind {
-            TableKind::Items => {
-                let users = inner.users.snapshot();
-                inner
-                    .items
-                    .rollback(if_generation, same_dim(users.as_deref(), TableKind::Users))
-            }
-            TableKind::Users => {
-                let items = inner.items.snapshot();
-                inner
-                    .users
-                    .rollback(if_generation, same_dim(items.as_deref(), TableKind::Items))
-            }
+            TableKind::Items => inner
+                .items
+                .rollback(if_generation, compatible_with(&inner.users)),
+            TableKind::Users => inner
+                .users
+                .rollback(if_generation, compatible_with(&inner.items)),
         }
     }
 
@@ -744,6 +734,12 @@ fn check_batch(requests: &[RankRequest], max: usize) -> Result<(), EngineError> 
         ));
     }
     Ok(())
+}
+
+/// Holds the item slot's change lock, as a running item reload does.
+#[cfg(test)]
+pub(crate) fn hold_items_change_for_test(engine: &Engine) -> std::sync::MutexGuard<'_, ()> {
+    engine.inner.items.hold_change_for_test()
 }
 
 /// Validates and resolves `request` against the serving tables, as a request does before

@@ -68,8 +68,9 @@ pub enum ReloadProblem {
     FileNotFound,
     /// The file exists but was refused (I/O error, bad format, bad checksum).
     InvalidFile,
-    /// The file is valid but its dimension differs from the other table's.
-    DimensionMismatch,
+    /// The file is valid but cannot serve beside the other table: a different dimension, or
+    /// row norms whose scores could overflow (`tables::pair_problem`).
+    IncompatibleTables,
 }
 
 /// Where a request's deadline was found to have passed.

@@ -139,7 +139,7 @@ pub(crate) fn prepare(
     let started = Instant::now();
     let items = &snapshot.items.data.table;
     validate::request_id(&request.request_id)?;
-    validate::user(&request.user, items.dim())?;
+    validate::user(&request.user, items.dim(), items.max_row_norm())?;
     let pool = validate::k_and_pool(request.k, request.pool_size, config)?;
     let fairness = validate::fairness(&request.fairness, config, items, snapshot.fairness)?;
     validate::privacy(&request.privacy)?;

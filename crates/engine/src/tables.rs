@@ -204,7 +204,8 @@ pub struct TableStatus {
     /// Heap bytes of the int8 copy of the rows that candidate scoring prunes with (`None`
     /// for user tables, with `quantized_candidates = false`, or while it is being built).
     pub quantized_copy_bytes: Option<u64>,
-    /// Version that a rollback would swap in, if one is retained.
+    /// The retained previous table (the one a rollback would swap back in) as it served:
+    /// its generation then and its checksum.
     pub rollback_target: Option<TableVersion>,
 }
 
@@ -236,8 +237,11 @@ pub struct ReloadOutcome {
 pub(crate) struct TableSlot {
     kind: TableKind,
     current: ArcSwapOption<Served>,
-    previous: Mutex<Option<Arc<LoadedTable>>>,
-    change: Mutex<()>,
+    /// The table the last change replaced, as it served (its generation then).
+    previous: Mutex<Option<Arc<Served>>>,
+    /// Held through a change; shared by the item and user slots, so a change checks the
+    /// other table as it is, not as it was before a concurrent change of it.
+    change: Arc<Mutex<()>>,
     last_generation: AtomicU64,
     max_pool: usize,
     /// Whether every table swapped in gets an int8 copy built in the background.
@@ -247,12 +251,13 @@ pub(crate) struct TableSlot {
 impl TableSlot {
     /// A slot serving `table` as generation 1 (or empty). With `quantize`, every table it
     /// serves gets an int8 copy of its rows, built in the background after it starts
-    /// serving.
+    /// serving. `change` is the lock every change of this slot holds (one for both slots).
     pub fn new(
         kind: TableKind,
         table: Option<Table>,
         max_pool: usize,
         quantize: bool,
+        change: Arc<Mutex<()>>,
     ) -> TableSlot {
         let current = table.map(|table| {
             Arc::new(Served {
@@ -269,7 +274,7 @@ impl TableSlot {
             kind,
             current: ArcSwapOption::new(current),
             previous: Mutex::new(None),
-            change: Mutex::new(()),
+            change,
             last_generation: AtomicU64::new(last_generation),
             max_pool,
             quantize,
@@ -289,12 +294,10 @@ impl TableSlot {
     }
 
     fn rollback_target_version(&self) -> Option<TableVersion> {
+        // The generation it served under: what the change that replaced it answered as
+        // `previous` (a rollback swaps it in under a new generation).
         let previous = self.previous.lock().unwrap_or_else(PoisonError::into_inner);
-        previous.as_ref().map(|data| TableVersion {
-            // The generation it would get if swapped in now.
-            generation: self.last_generation.load(Ordering::Acquire) + 1,
-            checksum: data.table.header().data_checksum,
-        })
+        previous.as_ref().map(|served| served.version())
     }
 
     /// Opens, validates (and optionally verifies) and warms a table file, checks it with
@@ -336,7 +339,7 @@ impl TableSlot {
                 .verify()
                 .map_err(|e| refuse(ReloadProblem::InvalidFile, e.to_string()))?;
         }
-        check(&table).map_err(|message| refuse(ReloadProblem::DimensionMismatch, message))?;
+        check(&table).map_err(|message| refuse(ReloadProblem::IncompatibleTables, message))?;
         warm(&table);
         let loaded = Arc::new(LoadedTable::new(table, self.kind, self.max_pool));
         let load_us = micros(started.elapsed());
@@ -370,10 +373,11 @@ impl TableSlot {
                 message: format!("no previous {} table is retained", self.kind),
             });
         };
+        let target = Arc::clone(&target.data);
         check(&target.table).map_err(|message| EngineError::Reload {
             table: self.kind,
             path: target.table.path().to_path_buf(),
-            problem: ReloadProblem::DimensionMismatch,
+            problem: ReloadProblem::IncompatibleTables,
             message,
         })?;
         let previous = self.swap_in(target, current);
@@ -398,7 +402,7 @@ impl TableSlot {
             data: Arc::clone(&data),
         });
         let mut previous = self.previous.lock().unwrap_or_else(PoisonError::into_inner);
-        *previous = current.as_ref().map(|current| Arc::clone(&current.data));
+        *previous = current.clone();
         self.last_generation.store(generation, Ordering::Release);
         self.current.store(Some(served));
         if self.quantize {
@@ -414,13 +418,22 @@ impl TableSlot {
             .ok_or_else(|| EngineError::internal("table slot empty right after a swap"))
     }
 
+    /// Holds the change lock (tests: a change in progress).
+    #[cfg(test)]
+    pub(crate) fn hold_change_for_test(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.change.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn lock_change(&self) -> Result<std::sync::MutexGuard<'_, ()>, EngineError> {
         match self.change.try_lock() {
             Ok(guard) => Ok(guard),
             Err(std::sync::TryLockError::Poisoned(poisoned)) => Ok(poisoned.into_inner()),
             Err(std::sync::TryLockError::WouldBlock) => Err(EngineError::Aborted {
                 reason: AbortReason::TableChangeInProgress,
-                message: format!("another change of the {} table is in progress", self.kind),
+                message: format!(
+                    "another table change is in progress (the {} table cannot change now)",
+                    self.kind
+                ),
             }),
         }
     }
@@ -470,19 +483,41 @@ fn warm(table: &Table) {
     std::hint::black_box(touched);
 }
 
-/// The dimension check between the item and user tables.
-pub(crate) fn same_dim(
-    other: Option<&Served>,
-    other_kind: TableKind,
-) -> impl FnOnce(&Table) -> Result<(), String> {
-    let other_dim = other.map(|other| other.data.table.dim());
-    move |table: &Table| match other_dim {
-        Some(dim) if dim != table.dim() => Err(format!(
-            "its dimension {} differs from the {other_kind} table's {dim}",
-            table.dim()
-        )),
-        _ => Ok(()),
+/// The check between a new item or user table and the other slot's table, read when the
+/// check runs (under the shared change lock): see [`pair_problem`].
+pub(crate) fn compatible_with(other: &TableSlot) -> impl FnOnce(&Table) -> Result<(), String> {
+    move |table: &Table| match other.snapshot() {
+        Some(served) => pair_problem(table, &served.data.table, other.kind),
+        None => Ok(()),
     }
+}
+
+/// Why `table` cannot serve beside `other` (of kind `other_kind`): different dimensions, or
+/// row norms whose product exceeds the engine's score bound (a user's scores against the
+/// largest item row could overflow `f32`).
+pub(crate) fn pair_problem(
+    table: &Table,
+    other: &Table,
+    other_kind: TableKind,
+) -> Result<(), String> {
+    if table.dim() != other.dim() {
+        return Err(format!(
+            "its dimension {} differs from the {other_kind} table's {}",
+            table.dim(),
+            other.dim()
+        ));
+    }
+    let product = f64::from(table.max_row_norm()) * f64::from(other.max_row_norm());
+    if product > crate::validate::MAX_SCORE_BOUND {
+        return Err(format!(
+            "its largest row norm {:e} times the {other_kind} table's {:e} exceeds {:e}: \
+             scores could overflow",
+            table.max_row_norm(),
+            other.max_row_norm(),
+            crate::validate::MAX_SCORE_BOUND
+        ));
+    }
+    Ok(())
 }
 
 /// Opens a table for [`Engine::new`](crate::Engine::new) callers that start from paths.

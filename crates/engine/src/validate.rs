@@ -66,8 +66,15 @@ pub(crate) fn request_id(id: &str) -> Result<(), EngineError> {
     Ok(())
 }
 
-/// The user reference's shape: id length, or the inline embedding's length and values.
-pub(crate) fn user(user: &UserRef, dim: usize) -> Result<(), EngineError> {
+/// Largest `|query| x |row|` (L2 norms) the engine accepts: every dot product and every
+/// partial sum of one is then at most `2^100` in magnitude, so scores, their sums over an
+/// answer and the fairness metrics built on them stay finite in `f32` with room to spare.
+pub(crate) const MAX_SCORE_BOUND: f64 = 1_267_650_600_228_229_401_496_703_205_376.0; // 2^100
+
+/// The user reference's shape: id length, or the inline embedding's length and values, and
+/// that its scores against rows of L2 norm up to `max_row_norm` (the item table's largest)
+/// cannot overflow.
+pub(crate) fn user(user: &UserRef, dim: usize, max_row_norm: f32) -> Result<(), EngineError> {
     match user {
         UserRef::Id(id) => {
             if id.is_empty() {
@@ -107,6 +114,20 @@ pub(crate) fn user(user: &UserRef, dim: usize) -> Result<(), EngineError> {
                 return Err(EngineError::invalid(
                     FIELD,
                     format!("value at index {index} is {kind}; all values must be finite"),
+                ));
+            }
+            let norm = embedding
+                .iter()
+                .map(|&value| f64::from(value) * f64::from(value))
+                .sum::<f64>()
+                .sqrt();
+            if norm * f64::from(max_row_norm) > MAX_SCORE_BOUND {
+                return Err(EngineError::invalid(
+                    FIELD,
+                    format!(
+                        "its L2 norm {norm:e} times the item table's largest row norm \
+                         {max_row_norm:e} exceeds {MAX_SCORE_BOUND:e}: scores could overflow"
+                    ),
                 ));
             }
             if subject_id.len() > MAX_USER_ID_BYTES {
@@ -713,12 +734,17 @@ mod tests {
 
     #[test]
     fn inline_embedding_errors_say_which_index() {
-        let error = user(&UserRef::embedding(vec![1.0, f32::NAN, 0.0]), 3).unwrap_err();
+        let error = user(&UserRef::embedding(vec![1.0, f32::NAN, 0.0]), 3, 1.0).unwrap_err();
         assert_eq!(error.field(), Some("inline_user.embedding"));
         assert!(error.to_string().contains("index 1 is NaN"), "{error}");
-        let error = user(&UserRef::embedding(vec![1.0, 0.0, f32::NEG_INFINITY]), 3).unwrap_err();
+        let error = user(
+            &UserRef::embedding(vec![1.0, 0.0, f32::NEG_INFINITY]),
+            3,
+            1.0,
+        )
+        .unwrap_err();
         assert!(error.to_string().contains("index 2 is infinite"), "{error}");
-        let error = user(&UserRef::embedding(vec![1.0; 2]), 3).unwrap_err();
+        let error = user(&UserRef::embedding(vec![1.0; 2]), 3, 1.0).unwrap_err();
         assert!(matches!(
             error,
             EngineError::InvalidArgument {
@@ -726,6 +752,20 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn inline_embeddings_whose_scores_could_overflow_are_refused() {
+        // |q| = 2^50 against rows of norm up to 2^50: exactly at the bound, accepted.
+        let at_bound = 2f32.powi(50);
+        assert!(user(&UserRef::embedding(vec![at_bound, 0.0]), 2, at_bound).is_ok());
+        // Finite values whose dot products would overflow f32 (3e38 x 3e38).
+        let error = user(&UserRef::embedding(vec![3e38; 4]), 4, 1.0).unwrap_err();
+        assert_eq!(error.field(), Some("inline_user.embedding"));
+        assert!(error.to_string().contains("could overflow"), "{error}");
+        // The same query against a table of small rows is fine; a larger table row is not.
+        assert!(user(&UserRef::embedding(vec![1e20; 4]), 4, 1.0).is_ok());
+        assert!(user(&UserRef::embedding(vec![1e20; 4]), 4, 1e12).is_err());
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::fs;
 use super::util::{
     DIM, ITEMS, brute_force, fixture, ids_scores, items_data, row, users_data, write,
 };
-use crate::engine::{prepare_for_test, score_and_finish_for_test};
+use crate::engine::{hold_items_change_for_test, prepare_for_test, score_and_finish_for_test};
 use crate::{
     AbortReason, EngineError, PreconditionReason, RankRequest, ReloadProblem, ReloadRequest,
     TableKind, UserRef,
@@ -47,10 +47,9 @@ fn reloading_a_good_file_swaps_and_bumps_the_generation() {
     );
     let status = fixture.engine.status().expect("status");
     assert_eq!(status.items.version.generation, 2);
-    assert_eq!(
-        status.items.rollback_target.map(|v| v.checksum),
-        Some(before.items_table.checksum)
-    );
+    // The rollback target is the replaced table as it served: what the reload answered.
+    assert_eq!(status.items.rollback_target, Some(before.items_table));
+    assert_eq!(status.items.rollback_target, outcome.previous);
 }
 
 #[test]
@@ -139,7 +138,7 @@ fn tables_of_another_dimension_are_refused() {
     );
     match fixture.engine.reload_users(Some(&wide_users)) {
         Err(EngineError::Reload { problem, .. }) => {
-            assert_eq!(problem, ReloadProblem::DimensionMismatch)
+            assert_eq!(problem, ReloadProblem::IncompatibleTables)
         }
         other => panic!("expected a dimension refusal, got {other:?}"),
     }
@@ -150,6 +149,63 @@ fn tables_of_another_dimension_are_refused() {
         .users
         .expect("users loaded");
     assert_eq!(users.version.generation, 1);
+}
+
+#[test]
+fn a_user_table_whose_scores_could_overflow_is_refused_and_the_old_one_serves() {
+    // Row norms near 1e16 each: finite in every file, but their products pass 2^100.
+    let fixture = fixture();
+    let mut large_items = items_data(6, ITEMS, true);
+    for value in &mut large_items.rows {
+        *value *= 1e15;
+    }
+    let items_path = write(fixture.dir.path(), "large-items.frt", &large_items);
+    fixture
+        .engine
+        .reload_items(Some(&items_path))
+        .expect("large items against small users reload");
+    let mut huge = users_data(4, 10, DIM);
+    for value in &mut huge.rows {
+        *value *= 1e15;
+    }
+    let huge_path = write(fixture.dir.path(), "huge-users.frt", &huge);
+    match fixture.engine.reload_users(Some(&huge_path)) {
+        Err(EngineError::Reload {
+            problem, message, ..
+        }) => {
+            assert_eq!(problem, ReloadProblem::IncompatibleTables);
+            assert!(message.contains("could overflow"), "{message}");
+        }
+        other => panic!("expected a norm refusal, got {other:?}"),
+    }
+    let status = fixture.engine.status().expect("status");
+    assert_eq!(status.users.expect("users loaded").version.generation, 1);
+    fixture
+        .engine
+        .rank_blocking(request("still-serving"))
+        .expect("ranks on the old user table");
+}
+
+#[test]
+fn a_user_table_change_waits_for_no_item_change_it_cannot_see() {
+    // While an item change runs, a user change would check the user table against an item
+    // table about to be replaced: it is refused (one change lock for both slots).
+    let fixture = fixture();
+    let users_path = write(fixture.dir.path(), "users-v2.frt", &users_data(5, 10, DIM));
+    {
+        let _item_change = hold_items_change_for_test(&fixture.engine);
+        match fixture.engine.reload_users(Some(&users_path)) {
+            Err(EngineError::Aborted {
+                reason: AbortReason::TableChangeInProgress,
+                ..
+            }) => {}
+            other => panic!("expected a refusal while the item table changes, got {other:?}"),
+        }
+    }
+    fixture
+        .engine
+        .reload_users(Some(&users_path))
+        .expect("reloads once the item change is over");
 }
 
 #[test]

@@ -68,7 +68,7 @@ pub fn engine_status(error: &EngineError) -> Status {
         EngineError::Unavailable { .. } => (Code::Unavailable, ErrorReason::NotServing),
         EngineError::Reload { problem, .. } => match problem {
             ReloadProblem::FileNotFound => (Code::NotFound, ErrorReason::TableFileNotFound),
-            ReloadProblem::InvalidFile | ReloadProblem::DimensionMismatch => {
+            ReloadProblem::InvalidFile | ReloadProblem::IncompatibleTables => {
                 (Code::FailedPrecondition, ErrorReason::TableInvalid)
             }
         },
