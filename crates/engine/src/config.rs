@@ -61,7 +61,8 @@ pub struct EngineConfig {
     /// Whether personalization needs an explicit `Granted` consent (default false:
     /// an unspecified decision counts as granted).
     pub require_explicit_consent: bool,
-    /// Whether reloads check the whole-file checksum before swapping (default true).
+    /// Whether table loads check the whole-file checksum: at start, and reloads before
+    /// swapping (default true).
     pub verify_checksum_on_reload: bool,
     /// Whether candidate lists are pruned on an int8 copy of the item rows before exact
     /// scoring (default true; see [`kernels::quantized_candidates_topk`]). Answers are the

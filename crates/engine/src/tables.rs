@@ -520,12 +520,19 @@ pub(crate) fn pair_problem(
     Ok(())
 }
 
-/// Opens a table for [`Engine::new`](crate::Engine::new) callers that start from paths.
-pub fn open_table(kind: TableKind, path: &Path) -> Result<Table, EngineError> {
-    Table::open(path).map_err(|e| EngineError::Reload {
+/// Opens a table for [`Engine::new`](crate::Engine::new) callers that start from paths,
+/// with the checks of a reload: the format and every row at open, and with `verify` the
+/// whole-file checksum too (what `verify_checksum_on_reload` asks of a reload).
+pub fn open_table(kind: TableKind, path: &Path, verify: bool) -> Result<Table, EngineError> {
+    let refuse = |e: StoreError| EngineError::Reload {
         table: kind,
         path: path.to_path_buf(),
         problem: store_problem(&e),
         message: e.to_string(),
-    })
+    };
+    let table = Table::open(path).map_err(refuse)?;
+    if verify {
+        table.verify().map_err(refuse)?;
+    }
+    Ok(table)
 }

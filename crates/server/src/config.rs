@@ -481,7 +481,7 @@ const KEY_DOCS: &[(&str, &str, &str)] = &[
     (
         "ranking",
         "verify_checksum_on_reload",
-        "Whether reloads verify the whole-file checksum before swapping.",
+        "Whether table loads (at start, and reloads before swapping) verify the whole-file checksum.",
     ),
     (
         "ranking",

@@ -102,10 +102,12 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     init_logging(config.server.log_format);
 
     let (items_path, users_path) = table_paths(&config)?;
-    let items = engine::open_table(TableKind::Items, &items_path)?;
+    // The start is the first load: the same checks as a reload, checksum included.
+    let verify = config.ranking.verify_checksum_on_reload;
+    let items = engine::open_table(TableKind::Items, &items_path, verify)?;
     let users = users_path
         .as_deref()
-        .map(|path| engine::open_table(TableKind::Users, path))
+        .map(|path| engine::open_table(TableKind::Users, path, verify))
         .transpose()?;
     let reload_dirs = ReloadDirs::new(&config, &items_path, users_path.as_deref())?;
     let state_setup::ServerState {
