@@ -33,6 +33,28 @@ pub const MAX_EXPLAIN_DIMENSIONS: usize = 32;
 pub const DEFAULT_EXPLAIN_DIMENSIONS: usize = 3;
 /// Ids listed by name in an unknown- or duplicate-candidate error.
 const LISTED_IDS: usize = 5;
+/// Longest fairness constraint name, in bytes (registered names are short; a longer one is
+/// refused before it is compared with them).
+pub const MAX_CONSTRAINT_NAME_BYTES: usize = 64;
+/// Longest group attribute name, in bytes.
+pub const MAX_GROUP_ATTRIBUTE_BYTES: usize = 128;
+/// Bytes of a client's string quoted in an error message (see [`quote_clipped`]).
+pub const QUOTED_BYTES: usize = 64;
+
+/// `text` quoted for an error message, clipped to its first [`QUOTED_BYTES`] bytes (at a
+/// character boundary) with its length in bytes after a longer one: a message quoting
+/// client strings stays small (gRPC carries it in a trailer, which peers cap at 8 to
+/// 16 KiB).
+pub fn quote_clipped(text: &str) -> String {
+    if text.len() <= QUOTED_BYTES {
+        return format!("{text:?}");
+    }
+    let end = (0..=QUOTED_BYTES)
+        .rev()
+        .find(|&end| text.is_char_boundary(end))
+        .unwrap_or(0);
+    format!("{:?}... ({} bytes)", &text[..end], text.len())
+}
 
 /// `request_id`: 1 to 128 bytes of ASCII letters, digits and `-_.:`.
 pub(crate) fn request_id(id: &str) -> Result<(), EngineError> {
@@ -193,6 +215,25 @@ pub(crate) fn fairness(
     items: &Table,
     runtime: &FairnessRuntime,
 ) -> Result<ResolvedFairness, EngineError> {
+    for (field, text, most) in [
+        (
+            "fairness.constraint",
+            &policy.constraint,
+            MAX_CONSTRAINT_NAME_BYTES,
+        ),
+        (
+            "fairness.group_attribute",
+            &policy.group_attribute,
+            MAX_GROUP_ATTRIBUTE_BYTES,
+        ),
+    ] {
+        if text.len() > most {
+            return Err(EngineError::limit(
+                field,
+                format!("is {} bytes long; at most {most} are allowed", text.len()),
+            ));
+        }
+    }
     let built = runtime.resolve(&policy.constraint, &policy.params)?;
     let constraint = built.name().to_owned();
     if policy.exposure_scope.len() > MAX_EXPOSURE_SCOPE_BYTES {
@@ -706,8 +747,8 @@ fn list_ids(ids: &CandidateIds, positions: &[usize]) -> String {
         .take(LISTED_IDS)
         .map(|&position| {
             format!(
-                "{:?} at position {position}",
-                ids.get(position).unwrap_or_default()
+                "{} at position {position}",
+                quote_clipped(ids.get(position).unwrap_or_default())
             )
         })
         .collect();
@@ -722,6 +763,21 @@ mod tests {
     use super::*;
     use crate::request::ExplainLevel;
     use proptest::prelude::*;
+
+    #[test]
+    fn quoted_client_strings_are_clipped_at_a_character_boundary() {
+        assert_eq!(quote_clipped("item-1"), "\"item-1\"");
+        let exact = "x".repeat(QUOTED_BYTES);
+        assert_eq!(quote_clipped(&exact), format!("{exact:?}"));
+        let long = format!("{}{}", "a".repeat(QUOTED_BYTES - 1), "é".repeat(10_000));
+        let quoted = quote_clipped(&long);
+        assert!(quoted.len() < 2 * QUOTED_BYTES, "{quoted}");
+        assert!(
+            quoted.ends_with(&format!("... ({} bytes)", long.len())),
+            "{quoted}"
+        );
+        assert!(quoted.starts_with(&format!("\"{}\"", "a".repeat(QUOTED_BYTES - 1))));
+    }
 
     #[test]
     fn request_ids_follow_the_proto_rules() {

@@ -148,6 +148,16 @@ fn each_invalid_field_is_named() {
             "limit",
         ),
         (
+            with(|r| r.fairness.constraint = "c".repeat(65)),
+            "fairness.constraint",
+            "limit",
+        ),
+        (
+            with(|r| r.fairness.group_attribute = "g".repeat(129)),
+            "fairness.group_attribute",
+            "limit",
+        ),
+        (
             with(|r| {
                 r.user = UserRef::embedding(vec![0.5; DIM]);
                 r.privacy = PrivacyPolicy {
@@ -203,6 +213,19 @@ fn each_invalid_field_is_named() {
             "message names the field: {error}"
         );
     }
+}
+
+#[test]
+fn a_long_unknown_candidate_id_is_quoted_clipped() {
+    // 20 KB in a message would exceed the trailer limits of gRPC peers (8 to 16 KiB).
+    let fixture = fixture();
+    let mut request = base();
+    request.candidate_ids = vec!["z".repeat(20_000)].into();
+    let error = fixture.engine.rank_blocking(request).unwrap_err();
+    assert_eq!(error.field(), Some("candidate_ids"), "{error}");
+    let message = error.to_string();
+    assert!(message.len() < 400, "{message}");
+    assert!(message.contains("(20000 bytes)"), "{message}");
 }
 
 #[test]

@@ -87,9 +87,22 @@ fn fairness_policy(policy: pb::FairnessPolicy) -> Result<engine::FairnessPolicy,
     })
 }
 
-/// Constraint parameters as engine values. Values without a kind, non-finite numbers and
-/// nesting beyond `api::params::MAX_PARAMS_DEPTH` are refused, naming the parameter.
+/// Largest encoded `fairness.params`, in bytes: room for the most groups a constraint may
+/// list (`fairness::MAX_LISTED_GROUPS`) many times over, while the engine's cache of built
+/// re-rankers (keyed by the parameters) stays small.
+const MAX_PARAMS_BYTES: usize = 64 * 1024;
+
+/// Constraint parameters as engine values. Parameters above [`MAX_PARAMS_BYTES`], values
+/// without a kind, non-finite numbers and nesting beyond `api::params::MAX_PARAMS_DEPTH`
+/// are refused, naming the parameter.
 fn constraint_params(params: &prost_types::Struct) -> Result<BTreeMap<String, ParamValue>, Status> {
+    let bytes = prost::Message::encoded_len(params);
+    if bytes > MAX_PARAMS_BYTES {
+        return Err(errors::invalid_field(
+            "fairness.params",
+            format!("is {bytes} bytes encoded; at most {MAX_PARAMS_BYTES} are allowed"),
+        ));
+    }
     let json = api::params::struct_to_json(params).map_err(|error| {
         let path = match &error {
             api::ApiError::MissingValueKind { path }
@@ -609,6 +622,25 @@ mod tests {
             assert_eq!(status.code(), tonic::Code::InvalidArgument, "{field}");
             assert_eq!(error_field(&status), Some(field));
         }
+    }
+
+    #[test]
+    fn oversized_constraint_params_are_refused_before_conversion() {
+        let mut params = prost_types::Struct::default();
+        params.fields.insert(
+            "targets".into(),
+            prost_types::Value {
+                kind: Some(Kind::StringValue("0:0,".repeat(MAX_PARAMS_BYTES / 4))),
+            },
+        );
+        let status = constraint_params(&params).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(error_field(&status), Some("fairness.params"));
+        assert!(
+            status.message().contains("at most 65536"),
+            "{}",
+            status.message()
+        );
     }
 
     #[test]

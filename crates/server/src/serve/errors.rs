@@ -142,8 +142,9 @@ pub fn request_id_reused(request_id: &str) -> Status {
     error_status(
         Code::FailedPrecondition,
         format!(
-            "request id {request_id:?} was already used for a request with different content \
-             within the replay window; use a fresh request id for a new request"
+            "request id {} was already used for a request with different content \
+             within the replay window; use a fresh request id for a new request",
+            engine::quote_clipped(request_id)
         ),
         ErrorReason::RequestIdReused,
         Some("request_id"),
@@ -155,8 +156,9 @@ pub fn request_in_progress(request_id: &str) -> Status {
     error_status(
         Code::Aborted,
         format!(
-            "a request with id {request_id:?} is still running; retry later with the same \
-             request id to receive its answer"
+            "a request with id {} is still running; retry later with the same \
+             request id to receive its answer",
+            engine::quote_clipped(request_id)
         ),
         ErrorReason::RequestInProgress,
         Some("request_id"),

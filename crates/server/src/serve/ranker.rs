@@ -438,8 +438,9 @@ fn check_batch(requests: &[pb::RankRequest], max: usize) -> Result<(), Status> {
         return Err(errors::invalid_field(
             &format!("requests[{}].request_id", pair[1].1),
             format!(
-                "{:?} repeats the request id of requests[{}]",
-                pair[1].0, pair[0].1
+                "{} repeats the request id of requests[{}]",
+                engine::quote_clipped(pair[1].0),
+                pair[0].1
             ),
         ));
     }
