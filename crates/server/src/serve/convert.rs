@@ -589,7 +589,8 @@ mod tests {
         assert_eq!(error_field(&status), Some("privacy.mechanism"));
         assert!(status.message().contains('7'), "{}", status.message());
 
-        let cases: [(&str, fn(&mut pb::RankRequest)); 4] = [
+        type SetField = fn(&mut pb::RankRequest);
+        let cases: [(&str, SetField); 4] = [
             ("consent.personalization", |r| {
                 r.consent = Some(pb::Consent {
                     personalization: 9,
