@@ -757,3 +757,61 @@ async fn undecodable_requests_are_invalid_arguments_naming_the_field() {
     let response = ranker.rank(valid).await.expect("ranks").into_inner();
     assert_eq!(response.items.len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_answer_above_the_message_limit_is_refused_and_counted_as_refused() {
+    let tables = tables(13);
+    let server = Server::start(&tables, Some("[server]\nmax_message_bytes = 16384\n"), &[]);
+    let mut ranker = server.ranker().await;
+    // 40 answers of 50 explained items: far above 16 KiB, from a request far below it.
+    let explained = |entry: usize| {
+        let mut request = rank_request(
+            &format!("big-{entry}"),
+            &tables.data.users.ids[entry % 6],
+            50,
+        );
+        request.explain = Some(pb::ExplainOptions {
+            level: pb::ExplainLevel::Text as i32,
+            max_dimensions: 0,
+        });
+        request
+    };
+    let refused = ranker
+        .rank_batch(pb::RankBatchRequest {
+            requests: (0..40).map(explained).collect(),
+        })
+        .await
+        .expect_err("the answer cannot be sent");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(error_field(&refused), Some("requests"));
+    assert!(
+        refused.message().contains("max_message_bytes"),
+        "{}",
+        refused.message()
+    );
+    // Each answer was kept for its request id: a retry one by one returns it.
+    let single = ranker
+        .rank(explained(0))
+        .await
+        .expect("the kept answer fits alone")
+        .into_inner();
+    assert!(single.replayed);
+    assert_eq!(single.items.len(), 50);
+    let text = server.metrics_text();
+    assert_eq!(
+        metric_value(
+            &text,
+            r#"fairrank_requests_total{method="RankBatch",code="ResourceExhausted"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(
+            &text,
+            r#"fairrank_requests_total{method="RankBatch",code="Ok"}"#
+        ),
+        None,
+        "{text}"
+    );
+}

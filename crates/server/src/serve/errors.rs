@@ -106,6 +106,21 @@ pub fn limit_exceeded(field: &str, message: impl std::fmt::Display) -> Status {
     )
 }
 
+/// A batch whose answer exceeds the transport's message limit.
+pub fn answer_too_large(bytes: usize, limit: usize) -> Status {
+    error_status(
+        Code::ResourceExhausted,
+        format!(
+            "the batch's answer is {bytes} bytes, above the server's limit of {limit} \
+             (`server.max_message_bytes`); send fewer requests per batch, or smaller k or \
+             explanations (answers that completed are kept: retries with the same request \
+             ids return them)"
+        ),
+        ErrorReason::LimitExceeded,
+        Some("requests"),
+    )
+}
+
 /// Load shedding: the concurrency limit is reached.
 pub fn overloaded(limit: usize, wanted: usize) -> Status {
     let message = if wanted > 1 {

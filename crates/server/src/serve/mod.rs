@@ -177,6 +177,8 @@ pub struct Shared {
     admission: Arc<Semaphore>,
     max_concurrent: usize,
     max_batch_requests: usize,
+    /// `server.max_message_bytes`: the largest answer the transport will send.
+    max_message_bytes: usize,
     default_deadline: Duration,
     admin_token: Option<String>,
     admin_token_env: String,
@@ -374,6 +376,7 @@ async fn serve(config: Config, engine: Engine, reload_dirs: ReloadDirs) -> anyho
         admission: Arc::new(Semaphore::new(server_config.max_concurrent_requests)),
         max_concurrent: server_config.max_concurrent_requests,
         max_batch_requests: config.ranking.max_batch_requests,
+        max_message_bytes: server_config.max_message_bytes,
         default_deadline: Duration::from_millis(server_config.default_deadline_ms),
         admin_token,
         admin_token_env: server_config.admin_token_env.clone(),

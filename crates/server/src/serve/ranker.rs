@@ -323,10 +323,17 @@ impl RankerService {
                 })),
             })
             .collect();
-        Ok(pb::RankBatchResponse {
+        let response = pb::RankBatchResponse {
             results,
             timings: Some(timings),
-        })
+        };
+        // Refused here rather than by the transport's encoder, which would fail the call
+        // after it was counted as answered, with a message that gives no way out.
+        let bytes = prost::Message::encoded_len(&response);
+        if bytes > shared.max_message_bytes {
+            return Err(errors::answer_too_large(bytes, shared.max_message_bytes));
+        }
+        Ok(response)
     }
 }
 
