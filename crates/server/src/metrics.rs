@@ -4,12 +4,15 @@
 //! `request_duration_seconds{method}`, `stage_duration_seconds{stage}`,
 //! `in_flight_requests`, `shed_requests_total`, `rank_requests_total`,
 //! `rank_errors_total`, `rank_batch_calls_total`, `answers_total{personalized}`,
-//! `replayed_answers_total`, `table_generation{table}`, `table_rows{table}`,
+//! `replayed_answers_total`, `dp_answers_total`, `privacy_budget_exhausted_total`,
+//! `table_generation{table}`, `table_rows{table}`,
 //! `table_changes_total{table,operation,outcome}`, `personalization_paused`,
 //! `batcher_batches_total`, `batcher_queries_total`, `batcher_expired_total`,
 //! `batcher_queued`.
 
 use std::net::SocketAddr;
+
+use api::fairrank::v1 as pb;
 use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -132,6 +135,11 @@ pub struct Metrics {
     pub answers: Family<AnswerLabels, Counter>,
     /// Answers replayed from the idempotency store.
     pub replayed: Counter,
+    /// Answers produced under differential privacy.
+    pub dp_answers: Counter,
+    /// Requests whose privacy budget could not cover their charge (refused, or answered
+    /// without personalization).
+    pub budget_exhausted: Counter,
     /// Generation of each served table.
     pub table_generation: Family<TableLabels, Gauge>,
     /// Rows of each served table.
@@ -233,6 +241,18 @@ impl Metrics {
             "Answers replayed from the idempotency store",
             replayed.clone(),
         );
+        let dp_answers = Counter::default();
+        registry.register(
+            "dp_answers",
+            "Answers produced under differential privacy",
+            dp_answers.clone(),
+        );
+        let budget_exhausted = Counter::default();
+        registry.register(
+            "privacy_budget_exhausted",
+            "Requests whose privacy budget could not cover their charge (refused, or answered without personalization)",
+            budget_exhausted.clone(),
+        );
         let table_generation = Family::<TableLabels, Gauge>::default();
         registry.register(
             "table_generation",
@@ -299,6 +319,8 @@ impl Metrics {
             rank_batch_calls,
             answers,
             replayed,
+            dp_answers,
+            budget_exhausted,
             table_generation,
             table_rows,
             table_changes,
@@ -348,8 +370,19 @@ impl Metrics {
             .observe(micros as f64 * 1e-6);
     }
 
-    /// Records one answer.
-    pub fn record_answer(&self, personalized: bool, replayed: bool) {
+    /// Records one answer: by personalization, replayed, under DP, or without
+    /// personalization because the privacy budget ran out.
+    pub fn record_answer(&self, answer: AnswerFacts) {
+        if answer.dp_applied {
+            self.dp_answers.inc();
+        }
+        if answer.budget_exhausted {
+            self.budget_exhausted.inc();
+        }
+        self.record_personalization(answer.personalized, answer.replayed);
+    }
+
+    fn record_personalization(&self, personalized: bool, replayed: bool) {
         self.answer_series[usize::from(personalized)]
             .get_or_init(|| {
                 let personalized = if personalized { "true" } else { "false" };
@@ -491,6 +524,33 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     tokio::net::TcpListener::bind(addr).await
 }
 
+/// What the metrics count of one answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnswerFacts {
+    pub personalized: bool,
+    pub replayed: bool,
+    /// Produced under differential privacy.
+    pub dp_applied: bool,
+    /// Answered without personalization because the privacy budget ran out.
+    pub budget_exhausted: bool,
+}
+
+impl AnswerFacts {
+    /// The facts of `answer`.
+    pub fn of(answer: &pb::RankResponse) -> AnswerFacts {
+        AnswerFacts {
+            personalized: answer.personalized,
+            replayed: answer.replayed,
+            dp_applied: answer
+                .privacy
+                .as_ref()
+                .is_some_and(|report| report.dp_applied),
+            budget_exhausted: answer.non_personalized_reason()
+                == pb::NonPersonalizedReason::PrivacyBudgetExhausted,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -504,7 +564,7 @@ mod tests {
             Duration::from_millis(3),
         );
         metrics.record_stage(Stage::select_pool, 120);
-        metrics.record_answer(true, true);
+        metrics.record_personalization(true, true);
         metrics.record_table_change("items", "reload", false);
         metrics.set_table("items", 2, 2000);
         metrics.shed.inc();

@@ -29,7 +29,9 @@ fn config_with_commit(state_dir: &std::path::Path, cap: f64, commit: &str) -> St
 }
 
 fn env() -> Vec<(&'static str, &'static str)> {
-    vec![("FAIRRANK_PSEUDONYM_SECRET", SECRET)]
+    let mut env = admin_env();
+    env.push(("FAIRRANK_PSEUDONYM_SECRET", SECRET));
+    env
 }
 
 /// A DP request: pool 20, k 5, epsilon 0.2 per pick (charge 20 * 0.04 / 8 = 0.1).
@@ -150,6 +152,28 @@ async fn dp_answers_charge_the_budget_replay_and_stop_at_the_cap() {
     assert!(noisy.items.iter().all(|item| item.score.is_some()));
     assert!(report(&noisy).scores_noised);
     assert!((report(&noisy).rho_charged - 2.0 * CHARGE).abs() < 1e-3);
+
+    // GetStatus counts what happened: five DP answers (the replay included), two requests
+    // the budget could not cover (one refused, one degraded), a durable ledger, and both
+    // mechanisms.
+    let status = server
+        .admin()
+        .await
+        .get_status(with_token(pb::GetStatusRequest::default(), ADMIN_TOKEN))
+        .await
+        .expect("status")
+        .into_inner();
+    let counters = status.counters.expect("counters");
+    assert_eq!(counters.dp_answers, 5, "{counters:?}");
+    assert_eq!(counters.budget_exhausted, 2, "{counters:?}");
+    assert!(status.privacy_ledger.expect("ledger status").enabled);
+    assert_eq!(
+        status.privacy_mechanisms,
+        vec![
+            pb::PrivacyMechanism::None as i32,
+            pb::PrivacyMechanism::GumbelTopK as i32
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

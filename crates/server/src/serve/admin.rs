@@ -262,9 +262,9 @@ impl pb::admin_server::Admin for AdminService {
                 rank_errors: metrics.rank_errors.get(),
                 personalized_answers: metrics.answers_total(true),
                 non_personalized_answers: metrics.answers_total(false),
-                dp_answers: 0,
+                dp_answers: metrics.dp_answers.get(),
                 replayed_answers: metrics.replayed.get(),
-                budget_exhausted: 0,
+                budget_exhausted: metrics.budget_exhausted.get(),
                 shed_requests: metrics.shed.get(),
                 in_flight: u64::try_from(metrics.in_flight.get()).unwrap_or(0),
                 reloads: metrics.table_changes_total("reload", true),
@@ -283,16 +283,20 @@ impl pb::admin_server::Admin for AdminService {
                 personalization_paused_since: Some(convert::timestamp(status.paused_since)),
                 counters: Some(counters),
                 privacy_ledger: Some(pb::PrivacyLedgerStatus {
-                    enabled: false,
-                    subjects: 0,
-                    rho_charged_total: 0.0,
+                    enabled: shared.durable_ledger,
+                    // Not counted by this server version: absent, never a made-up 0.
+                    subjects: None,
+                    rho_charged_total: None,
                 }),
                 fairness_constraints: constraints.iter().map(|info| info.name.clone()).collect(),
                 fairness_constraint_details: constraints
                     .iter()
                     .map(convert::constraint_info)
                     .collect(),
-                privacy_mechanisms: vec![pb::PrivacyMechanism::None as i32],
+                privacy_mechanisms: vec![
+                    pb::PrivacyMechanism::None as i32,
+                    pb::PrivacyMechanism::GumbelTopK as i32,
+                ],
                 config: shared.config_text.clone(),
             })
         })

@@ -14,6 +14,8 @@ use api::fairrank::v1 as pb;
 use prost::Message;
 use prost::bytes::{BufMut, Bytes};
 
+use crate::metrics::AnswerFacts;
+
 /// Field number of `fairrank.v1.RankResponse.timings`, the message's highest.
 const TIMINGS_FIELD: u32 = 40;
 
@@ -24,10 +26,8 @@ pub struct WireRankResponse {
     body: Bytes,
     /// The answer's `timings`, written after `body`.
     pub timings: Option<pb::StageTimings>,
-    /// The answer's `personalized` (for the metrics).
-    pub personalized: bool,
-    /// The answer's `replayed` (for the metrics).
-    pub replayed: bool,
+    /// What the metrics count of the answer.
+    pub facts: AnswerFacts,
 }
 
 impl WireRankResponse {
@@ -35,8 +35,7 @@ impl WireRankResponse {
     pub fn encode(mut response: pb::RankResponse) -> WireRankResponse {
         let timings = response.timings.take();
         WireRankResponse {
-            personalized: response.personalized,
-            replayed: response.replayed,
+            facts: AnswerFacts::of(&response),
             body: Bytes::from(response.encode_to_vec()),
             timings,
         }
@@ -158,8 +157,7 @@ mod tests {
             assert_eq!(bytes, response.encode_to_vec(), "seed {seed}");
             assert_eq!(wire.encoded_len(), bytes.len());
             assert_eq!(wire.to_message().unwrap(), response);
-            assert_eq!(wire.personalized, response.personalized);
-            assert_eq!(wire.replayed, response.replayed);
+            assert_eq!(wire.facts, AnswerFacts::of(&response));
         }
         // Without timings, and with the default (empty) timings.
         for timings in [None, Some(pb::StageTimings::default())] {

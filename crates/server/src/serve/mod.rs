@@ -179,6 +179,8 @@ pub struct Shared {
     max_batch_requests: usize,
     /// `server.max_message_bytes`: the largest answer the transport will send.
     max_message_bytes: usize,
+    /// Whether the privacy budget ledger is durable (`state.mode = "durable"`).
+    durable_ledger: bool,
     default_deadline: Duration,
     admin_token: Option<String>,
     admin_token_env: String,
@@ -377,6 +379,7 @@ async fn serve(config: Config, engine: Engine, reload_dirs: ReloadDirs) -> anyho
         max_concurrent: server_config.max_concurrent_requests,
         max_batch_requests: config.ranking.max_batch_requests,
         max_message_bytes: server_config.max_message_bytes,
+        durable_ledger: config.state.mode == crate::config::StateMode::Durable,
         default_deadline: Duration::from_millis(server_config.default_deadline_ms),
         admin_token,
         admin_token_env: server_config.admin_token_env.clone(),

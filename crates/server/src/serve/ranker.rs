@@ -20,7 +20,7 @@ use super::answer::WireRankResponse;
 use super::rank_route::WireRankRequest;
 use super::replay::{Begin, IdEntries, Ticket};
 use super::{Shared, convert, deadline, errors, handoff};
-use crate::metrics::{Metrics, Stage};
+use crate::metrics::{AnswerFacts, Metrics, Stage};
 
 /// The Ranker service.
 #[derive(Debug, Clone)]
@@ -73,7 +73,7 @@ impl pb::ranker_server::Ranker for RankerService {
                 for result in &response.results {
                     match &result.outcome {
                         Some(Outcome::Response(answer)) => {
-                            metrics.record_answer(answer.personalized, answer.replayed);
+                            metrics.record_answer(AnswerFacts::of(answer));
                         }
                         _ => {
                             metrics.rank_errors.inc();
@@ -134,7 +134,7 @@ impl RankerService {
                 if let Some(timings) = &mut response.timings {
                     timings.total_us = micros(elapsed);
                 }
-                metrics.record_answer(response.personalized, response.replayed);
+                metrics.record_answer(response.facts);
             }
             Err(_) => {
                 metrics.rank_errors.inc();
@@ -383,9 +383,11 @@ fn record_stages(metrics: &Metrics, timings: &engine::StageTimings, respond_star
 /// The status of an engine error; a full whole-catalog queue is load shedding too and is
 /// counted as such.
 fn refusal(metrics: &Metrics, error: &engine::EngineError) -> Status {
-    if matches!(error, engine::EngineError::ResourceExhausted { .. }) {
-        metrics.shed.inc();
-    }
+    match error {
+        engine::EngineError::ResourceExhausted { .. } => metrics.shed.inc(),
+        engine::EngineError::PrivacyBudgetExhausted { .. } => metrics.budget_exhausted.inc(),
+        _ => 0,
+    };
     errors::engine_status(error)
 }
 
