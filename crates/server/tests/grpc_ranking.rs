@@ -815,3 +815,24 @@ async fn a_batch_answer_above_the_message_limit_is_refused_and_counted_as_refuse
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_candidates_than_the_limit_are_refused_naming_the_field() {
+    let tables = tables(14);
+    let server = Server::start(&tables, Some("[ranking]\nmax_candidates = 10\n"), &[]);
+    let mut ranker = server.ranker().await;
+    let mut request = rank_request("too-many", &tables.data.users.ids[0], 3);
+    request.candidate_ids = tables.data.items.ids[..11].to_vec();
+    let status = ranker.rank(request.clone()).await.expect_err("11 > 10");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(error_field(&status), Some("candidate_ids"));
+    assert_eq!(error_reason(&status), pb::ErrorReason::LimitExceeded);
+    assert!(
+        status.message().contains("at most 10"),
+        "{}",
+        status.message()
+    );
+    request.request_id = "at-the-limit".into();
+    request.candidate_ids.truncate(10);
+    ranker.rank(request).await.expect("10 candidates rank");
+}

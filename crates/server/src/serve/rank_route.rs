@@ -68,6 +68,17 @@ pub enum DecodeFailure {
     Malformed(prost::DecodeError),
     /// The fast decoder refused a body that prost accepts: a bug.
     Inconsistent,
+    /// More candidate ids than the server's `max_candidates`.
+    TooManyIds { limit: usize },
+}
+
+/// Why [`decode_fast`] stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FastFailure {
+    /// A check failed: prost decides what is wrong.
+    Refused,
+    /// More than the limit of candidate ids.
+    TooManyIds,
 }
 
 impl WireRankRequest {
@@ -78,16 +89,21 @@ impl WireRankRequest {
     }
 
     /// Decodes the request in `buf` (a body in one chunk, as tonic's, is kept without
-    /// copying; a body in several chunks is gathered first).
-    pub fn decode(mut buf: impl Buf) -> Result<WireRankRequest, DecodeFailure> {
+    /// copying; a body in several chunks is gathered first), refusing more than `max_ids`
+    /// candidate ids as soon as the decoder has seen that many (memory for the ids' ranges
+    /// stays bounded by the limit, not by the body: an empty id is 2 bytes of body).
+    pub fn decode(mut buf: impl Buf, max_ids: usize) -> Result<WireRankRequest, DecodeFailure> {
         let body = buf.copy_to_bytes(buf.remaining());
-        WireRankRequest::decode_body(body)
+        WireRankRequest::decode_body(body, max_ids)
     }
 
-    /// Decodes the request in `body`, keeping `body` for the ids.
-    pub fn decode_body(body: Bytes) -> Result<WireRankRequest, DecodeFailure> {
-        match decode_fast(&body) {
-            Some((message, spans, runs)) => match CandidateIds::from_shared(body.clone(), spans) {
+    /// Decodes the request in `body`, keeping `body` for the ids; see
+    /// [`WireRankRequest::decode`].
+    pub fn decode_body(body: Bytes, max_ids: usize) -> Result<WireRankRequest, DecodeFailure> {
+        match decode_fast(&body, max_ids) {
+            Err(FastFailure::TooManyIds) => Err(DecodeFailure::TooManyIds { limit: max_ids }),
+            Err(FastFailure::Refused) => Err(prost_verdict(&body)),
+            Ok((message, spans, runs)) => match CandidateIds::from_shared(body.clone(), spans) {
                 Some(ids) => Ok(WireRankRequest {
                     message,
                     ids,
@@ -95,7 +111,6 @@ impl WireRankRequest {
                 }),
                 None => Err(prost_verdict(&body)),
             },
-            None => Err(prost_verdict(&body)),
         }
     }
 }
@@ -115,8 +130,20 @@ type Spans = Vec<(usize, usize)>;
 
 /// Decodes `body` as prost's `RankRequest::decode` does, but for the candidate ids, which
 /// are recorded as byte ranges of `body` (not yet checked for UTF-8), with the runs of
-/// entries the digest can hash from the body. `None` if any check fails.
-fn decode_fast(body: &[u8]) -> Option<(pb::RankRequest, Spans, Vec<IdRun>)> {
+/// entries the digest can hash from the body. Stops at the first failed check, or as soon
+/// as it holds more than `max_ids` ids.
+fn decode_fast(
+    body: &[u8],
+    max_ids: usize,
+) -> Result<(pb::RankRequest, Spans, Vec<IdRun>), FastFailure> {
+    decode_fast_checked(body, max_ids).ok_or(FastFailure::Refused)?
+}
+
+/// [`decode_fast`] with `None` for a failed check.
+fn decode_fast_checked(
+    body: &[u8],
+    max_ids: usize,
+) -> Option<Result<(pb::RankRequest, Spans, Vec<IdRun>), FastFailure>> {
     let mut message = pb::RankRequest::default();
     let mut spans: Spans = Vec::new();
     let mut runs = Vec::new();
@@ -139,10 +166,13 @@ fn decode_fast(body: &[u8]) -> Option<(pb::RankRequest, Spans, Vec<IdRun>)> {
             // Room for the rest of the message as ids of the first id's length (no regrowth
             // for lists of similar ids; bounded by the message size).
             let entry_len = rest.first().map_or(1, |&len| usize::from(len) + 2);
-            spans.reserve(rest.len() / entry_len + 1);
+            spans.reserve((rest.len() / entry_len + 1).min(max_ids.saturating_add(1)));
         }
         let first = spans.len();
-        let taken = take_id_run(body, at, &mut spans);
+        let taken = take_id_run(body, at, &mut spans, max_ids);
+        if spans.len() > max_ids {
+            return Some(Err(FastFailure::TooManyIds));
+        }
         if spans.len() > first {
             runs.push(IdRun {
                 ids: first..spans.len(),
@@ -159,16 +189,19 @@ fn decode_fast(body: &[u8]) -> Option<(pb::RankRequest, Spans, Vec<IdRun>)> {
             .filter(|&len| len <= rest.len())?;
         let start = body.len() - rest.len();
         spans.push((start, start + length));
+        if spans.len() > max_ids {
+            return Some(Err(FastFailure::TooManyIds));
+        }
         rest = rest.get(length..)?;
     }
-    Some((message, spans, runs))
+    Some(Ok((message, spans, runs)))
 }
 
 /// Takes the run of simple `candidate_ids` entries starting with the length byte at
 /// `body[at]` (the first entry's key has been read): entries with a one-byte length and the
 /// whole id in the body, each further one taken only when the one-byte key of field 10
 /// comes next. Appends each id's range to `spans` and returns the end of the last id taken
-/// (`at`: none).
+/// (`at`: none). Stops early once `spans` holds more than `max_ids` ranges.
 ///
 /// One call per run instead of a return to the field loop per id spares a varint key
 /// decode and a call per id; the bytes `body[at..end]` are then the run's entries but for
@@ -180,13 +213,19 @@ fn decode_fast(body: &[u8]) -> Option<(pb::RankRequest, Spans, Vec<IdRun>)> {
 /// bounds check per 129-byte window and the ranges gathered in a local array, as the
 /// copying decoder did, was no faster: BENCHMARKS.md, branch `wire2`.)
 #[inline(never)]
-fn take_id_run(body: &[u8], at: usize, spans: &mut Spans) -> usize {
+fn take_id_run(body: &[u8], at: usize, spans: &mut Spans, max_ids: usize) -> usize {
     let mut next = at;
     let mut taken = at;
     loop {
         while let Some(end) = take_uniform_block(body, next, spans) {
             taken = end;
             next = end + 1;
+            if spans.len() > max_ids {
+                return taken;
+            }
+        }
+        if spans.len() > max_ids {
+            return taken;
         }
         for _ in 0..UNIFORM_BLOCK {
             let Some(&length) = body.get(next) else {
@@ -246,15 +285,20 @@ fn take_uniform_block(body: &[u8], next: usize, spans: &mut Spans) -> Option<usi
 /// The codec of the `Rank` route: [`WireRankRequest`] in, `RankResponse` out (encoded
 /// once, as a [`WireRankResponse`]).
 #[derive(Debug, Clone, Copy, Default)]
-pub struct RankCodec;
+pub struct RankCodec {
+    /// The engine's `max_candidates`: the decoder refuses a request with more ids.
+    max_ids: usize,
+}
 
 /// Writes [`WireRankResponse`]s: prost's encoding of the `RankResponse`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ResponseEncoder;
 
-/// Decodes [`WireRankRequest`]s.
+/// Decodes [`WireRankRequest`]s of at most `max_ids` candidate ids.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct RequestDecoder;
+pub struct RequestDecoder {
+    max_ids: usize,
+}
 
 impl Codec for RankCodec {
     type Encode = WireRankResponse;
@@ -267,7 +311,9 @@ impl Codec for RankCodec {
     }
 
     fn decoder(&mut self) -> RequestDecoder {
-        RequestDecoder
+        RequestDecoder {
+            max_ids: self.max_ids,
+        }
     }
 }
 
@@ -289,9 +335,13 @@ impl Decoder for RequestDecoder {
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<WireRankRequest>, Status> {
         // tonic gathers each message in one `BytesMut`: taking it as `Bytes` does not copy.
-        match WireRankRequest::decode(&mut *buf) {
+        match WireRankRequest::decode(&mut *buf, self.max_ids) {
             Ok(request) => Ok(Some(request)),
             Err(DecodeFailure::Malformed(error)) => Err(errors::undecodable_request(&error)),
+            Err(DecodeFailure::TooManyIds { limit }) => Err(errors::limit_exceeded(
+                "candidate_ids",
+                format!("more than {limit} ids; at most {limit} are allowed"),
+            )),
             Err(DecodeFailure::Inconsistent) => {
                 Err(errors::internal("candidate ids decoded inconsistently"))
             }
@@ -332,7 +382,9 @@ impl OwnRoutes for RankerService {
         let service = Arc::clone(service);
         match request.uri().path() {
             RANK_PATH => Ok(routes::unary_with_codec(
-                RankCodec,
+                RankCodec {
+                    max_ids: service.max_candidates(),
+                },
                 request,
                 limit,
                 move |request| {
@@ -380,7 +432,7 @@ mod tests {
             .fold(Box::new(Bytes::new()) as Box<dyn Buf>, |buf, next| {
                 Box::new(buf.chain(next))
             });
-        WireRankRequest::decode(buf)
+        WireRankRequest::decode(buf, usize::MAX)
     }
 
     /// The request `decoded` stands for, as prost's message (ids inside).
@@ -463,7 +515,7 @@ mod tests {
         original.candidate_ids.insert(50, "é".repeat(70));
         let body = Bytes::from(original.encode_to_vec());
         let range = body.as_ptr_range();
-        let decoded = WireRankRequest::decode_body(body.clone()).unwrap();
+        let decoded = WireRankRequest::decode_body(body.clone(), usize::MAX).unwrap();
         for id in decoded.ids.iter_bytes() {
             assert!(range.contains(&id.as_ptr()), "an id was copied");
         }
@@ -515,7 +567,8 @@ mod tests {
             .unwrap();
         bytes[at] = 0xff;
         assert_decodes_like_prost(&bytes, bytes.len()).unwrap();
-        let Err(DecodeFailure::Malformed(error)) = WireRankRequest::decode(&bytes[..]) else {
+        let Err(DecodeFailure::Malformed(error)) = WireRankRequest::decode(&bytes[..], usize::MAX)
+        else {
             panic!("an id that is not UTF-8 was accepted");
         };
         assert!(
@@ -529,7 +582,8 @@ mod tests {
         let mut bad_then_cut = bytes.clone();
         bad_then_cut.push(0x60);
         assert_decodes_like_prost(&bad_then_cut, bad_then_cut.len()).unwrap();
-        let Err(DecodeFailure::Malformed(error)) = WireRankRequest::decode(&bad_then_cut[..])
+        let Err(DecodeFailure::Malformed(error)) =
+            WireRankRequest::decode(&bad_then_cut[..], usize::MAX)
         else {
             panic!("a malformed request was accepted");
         };
@@ -687,5 +741,31 @@ mod tests {
         ) {
             assert_decodes_like_prost(&bytes, chunk)?;
         }
+    }
+
+    #[test]
+    fn more_ids_than_the_limit_are_refused_before_their_ranges_are_held() {
+        // 40 000 empty ids (2 bytes each, in uniform blocks), then ids of 200 bytes (a
+        // two-byte length: the one-by-one path).
+        let empty: Vec<&str> = vec![""; 40_000];
+        let bytes = request(&empty).encode_to_vec();
+        for limit in [0, 1, 15, 16, 17, 39_999] {
+            let Err(DecodeFailure::TooManyIds { limit: said }) =
+                WireRankRequest::decode(&bytes[..], limit)
+            else {
+                panic!("{limit}: more ids than the limit must be refused");
+            };
+            assert_eq!(said, limit);
+        }
+        let decoded = WireRankRequest::decode(&bytes[..], 40_000).expect("at the limit");
+        assert_eq!(decoded.into_parts().1.len(), 40_000);
+
+        let long = "x".repeat(200);
+        let bytes = request(&[long.as_str(); 3]).encode_to_vec();
+        assert!(matches!(
+            WireRankRequest::decode(&bytes[..], 2),
+            Err(DecodeFailure::TooManyIds { limit: 2 })
+        ));
+        assert!(WireRankRequest::decode(&bytes[..], 3).is_ok());
     }
 }

@@ -29,6 +29,11 @@ pub struct RankerService {
 }
 
 impl RankerService {
+    /// The most candidate ids a request may carry (`ranking.max_candidates`).
+    pub fn max_candidates(&self) -> usize {
+        self.shared.engine.config().max_candidates
+    }
+
     /// The service over the shared server state.
     pub fn new(shared: Arc<Shared>) -> RankerService {
         RankerService { shared }
