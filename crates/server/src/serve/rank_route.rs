@@ -128,6 +128,9 @@ fn prost_verdict(body: &[u8]) -> DecodeFailure {
 /// Ids' byte ranges in the body, as [`CandidateIds::from_shared`] takes them.
 type Spans = Vec<(usize, usize)>;
 
+/// What [`decode_fast`] returns: every field but the ids, the ids' ranges, and their runs.
+type FastDecoded = (pb::RankRequest, Spans, Vec<IdRun>);
+
 /// Decodes `body` as prost's `RankRequest::decode` does, but for the candidate ids, which
 /// are recorded as byte ranges of `body` (not yet checked for UTF-8), with the runs of
 /// entries the digest can hash from the body. Stops at the first failed check, or as soon
@@ -135,7 +138,7 @@ type Spans = Vec<(usize, usize)>;
 fn decode_fast(
     body: &[u8],
     max_ids: usize,
-) -> Result<(pb::RankRequest, Spans, Vec<IdRun>), FastFailure> {
+) -> Result<FastDecoded, FastFailure> {
     decode_fast_checked(body, max_ids).ok_or(FastFailure::Refused)?
 }
 
@@ -143,7 +146,7 @@ fn decode_fast(
 fn decode_fast_checked(
     body: &[u8],
     max_ids: usize,
-) -> Option<Result<(pb::RankRequest, Spans, Vec<IdRun>), FastFailure>> {
+) -> Option<Result<FastDecoded, FastFailure>> {
     let mut message = pb::RankRequest::default();
     let mut spans: Spans = Vec::new();
     let mut runs = Vec::new();
