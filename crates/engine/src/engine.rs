@@ -344,27 +344,26 @@ impl Engine {
         let completion =
             Completion::new(done, InFlight::new(&self.inner.in_flight, requests.len()));
         let inner = Arc::clone(&self.inner);
-        spawn_contained(move || {
-            let result = inner.run_batch(requests, received);
-            completion.complete(result);
-        });
+        spawn_contained(move || inner.run_batch(requests, received, completion));
     }
 
     /// [`Engine::submit_batch`], waiting for the answer. Called from a rayon worker it runs
     /// inline.
     pub fn rank_batch(&self, requests: Vec<RankRequest>) -> Result<BatchResponse, EngineError> {
         let received = Instant::now();
-        if rayon::current_thread_index().is_some() {
-            let _in_flight = InFlight::new(&self.inner.in_flight, requests.len());
-            return self.inner.run_batch(requests, received);
-        }
         let (sender, receiver) = std::sync::mpsc::sync_channel(1);
-        self.submit_batch(
-            requests,
-            Box::new(move |result| {
-                let _ = sender.send(result);
-            }),
-        );
+        let done: BatchCallback = Box::new(move |result| {
+            let _ = sender.send(result);
+        });
+        if rayon::current_thread_index().is_some() {
+            // Inline, so that this worker never waits on the pool it occupies; DP entries
+            // still run on the DP workers, which never wait on the pool.
+            let completion =
+                Completion::new(done, InFlight::new(&self.inner.in_flight, requests.len()));
+            self.inner.run_batch(requests, received, completion);
+        } else {
+            self.submit_batch(requests, done);
+        }
         receiver.recv().unwrap_or_else(|_| {
             Err(EngineError::internal(
                 "the engine lost a batch without answering it",
@@ -596,16 +595,21 @@ impl Inner {
         &self,
         requests: Vec<RankRequest>,
         received: Instant,
-    ) -> Result<BatchResponse, EngineError> {
+        completion: Completion<BatchResponse>,
+    ) {
         let queue_us = micros(received.elapsed());
-        check_batch(&requests, self.config.max_batch_requests)?;
-        let snapshot = self.snapshot()?;
+        let snapshot = match check_batch(&requests, self.config.max_batch_requests)
+            .and_then(|()| self.snapshot())
+        {
+            Ok(snapshot) => snapshot,
+            Err(error) => return completion.complete(Err(error)),
+        };
         let validate_started = Instant::now();
         let timings = StageTimings {
             queue_us,
             ..StageTimings::default()
         };
-        let mut entries: Vec<Result<Prepared, EngineError>> = requests
+        let entries: Vec<Result<Prepared, EngineError>> = requests
             .into_par_iter()
             .map(|request| {
                 let prepared = prepare(
@@ -661,32 +665,131 @@ impl Inner {
                 }
             }
         }
-        let results: Vec<Result<RankResponse, EngineError>> = entries
-            .par_drain(..)
-            .zip(scored.into_par_iter())
-            .map(|(entry, scored)| {
-                let prepared = entry?;
-                match scored {
+        // DP entries block on the durable ledger: they go to the DP workers (as single DP
+        // requests do), never to the compute pool; the rest finish here in parallel.
+        let mut private = Vec::new();
+        let mut work = Vec::with_capacity(entries.len());
+        for (position, (entry, scored)) in entries.into_iter().zip(scored).enumerate() {
+            match entry {
+                Ok(prepared) if scored.is_none() && prepared.private.is_some() => {
+                    private.push((position, prepared));
+                }
+                entry => work.push((position, entry, scored)),
+            }
+        }
+        let mut results: Vec<Option<Result<RankResponse, EngineError>>> =
+            (0..work.len() + private.len()).map(|_| None).collect();
+        let finished: Vec<(usize, Result<RankResponse, EngineError>)> = work
+            .into_par_iter()
+            .map(|(position, entry, scored)| {
+                let result = entry.and_then(|prepared| match scored {
                     Some(result) => {
                         let mut prepared = prepared;
                         prepared.timings.score_us = catalog_us;
                         finish(prepared, result?)
                     }
                     None => score_and_finish(prepared),
-                }
+                });
+                (position, result)
             })
             .collect();
-        let total_us = micros(received.elapsed());
-        Ok(BatchResponse {
+        for (position, result) in finished {
+            results[position] = Some(result);
+        }
+        let batch = PendingBatch {
             results,
+            received,
             timings: StageTimings {
-                total_us,
                 queue_us,
                 validate_us,
                 score_us: micros(score_started.elapsed()),
                 ..StageTimings::default()
             },
-        })
+        };
+        if private.is_empty() {
+            return completion.complete(Ok(batch.into_response()));
+        }
+        let workers = match self
+            .private_workers
+            .get_or_init(|| PrivateWorkers::start(self.privacy.config.workers))
+        {
+            Ok(workers) => workers,
+            Err(error) => {
+                let mut batch = batch;
+                for (position, _) in private {
+                    batch.results[position] = Some(Err(error.clone()));
+                }
+                return completion.complete(Ok(batch.into_response()));
+            }
+        };
+        let shared = Arc::new(SharedBatch {
+            remaining: AtomicUsize::new(private.len()),
+            state: Mutex::new((batch, Some(completion))),
+        });
+        for (position, prepared) in private {
+            let shared = Arc::clone(&shared);
+            workers.submit(move || shared.finish_one(position, score_and_finish(prepared)));
+        }
+    }
+}
+
+/// A batch's results as its entries finish, and its timings.
+struct PendingBatch {
+    results: Vec<Option<Result<RankResponse, EngineError>>>,
+    received: Instant,
+    timings: StageTimings,
+}
+
+impl PendingBatch {
+    /// The answer: every entry's result (an entry never finished is an internal error), the
+    /// total time up to now.
+    fn into_response(self) -> BatchResponse {
+        BatchResponse {
+            results: self
+                .results
+                .into_iter()
+                .map(|result| {
+                    result.unwrap_or_else(|| {
+                        Err(EngineError::internal("a batch entry received no answer"))
+                    })
+                })
+                .collect(),
+            timings: StageTimings {
+                total_us: micros(self.received.elapsed()),
+                ..self.timings
+            },
+        }
+    }
+}
+
+/// A batch waiting for its DP entries on the DP workers: the last one to finish answers.
+/// (A job dropped unrun drops its `Arc`; the last drop drops the completion, which then
+/// answers with an internal error.)
+struct SharedBatch {
+    remaining: AtomicUsize,
+    state: Mutex<(PendingBatch, Option<Completion<BatchResponse>>)>,
+}
+
+impl SharedBatch {
+    fn finish_one(&self, position: usize, result: Result<RankResponse, EngineError>) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(slot) = state.0.results.get_mut(position) {
+            *slot = Some(result);
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1
+            && let Some(completion) = state.1.take()
+        {
+            let batch = std::mem::replace(
+                &mut state.0,
+                PendingBatch {
+                    results: Vec::new(),
+                    received: Instant::now(),
+                    timings: StageTimings::default(),
+                },
+            );
+            drop(state);
+            completion.complete(Ok(batch.into_response()));
+        }
     }
 }
 

@@ -337,6 +337,74 @@ fn the_default_mechanism_and_exhausted_policy_come_from_the_configuration() {
     assert!(!second.personalized);
 }
 
+/// A memory ledger that records the name of every thread that charges it.
+#[derive(Debug)]
+struct ThreadRecordingLedger {
+    inner: MemoryLedger,
+    threads: std::sync::Mutex<Vec<String>>,
+}
+
+impl PrivacyLedger for ThreadRecordingLedger {
+    fn charge(&self, charge: &LedgerCharge<'_>) -> Result<LedgerOutcome, LedgerFailure> {
+        let name = std::thread::current().name().unwrap_or_default().to_owned();
+        self.threads.lock().expect("not poisoned").push(name);
+        self.inner.charge(charge)
+    }
+}
+
+#[test]
+fn batch_dp_entries_are_charged_on_the_dp_workers_not_the_compute_pool() {
+    // Ledger commits block on storage: a batch must not hold the rayon pool on them.
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let items_path = write(dir.path(), "items.frt", &items_data(1, ITEMS, true));
+    let users_path = write(dir.path(), "users.frt", &users_data(2, 24, DIM));
+    let ledger = Arc::new(ThreadRecordingLedger {
+        inner: MemoryLedger::new(),
+        threads: std::sync::Mutex::new(Vec::new()),
+    });
+    let engine = Engine::with_privacy(
+        EngineConfig::default(),
+        PrivacySetup {
+            config: PrivacyConfig::default(),
+            ledger: Arc::clone(&ledger) as Arc<dyn PrivacyLedger>,
+        },
+        Table::open(&items_path).expect("items open"),
+        Some(Table::open(&users_path).expect("users open")),
+    )
+    .expect("engine starts");
+    let requests = vec![
+        dp_request("w-1", "user-10", 3, 10, 0.1),
+        RankRequest::new("w-2", UserRef::id("user-12"), 3),
+        dp_request("w-3", "user-11", 3, 10, 0.1),
+    ];
+    // From a rayon worker (the inline path) and from outside the pool.
+    let inline = rayon::scope(|_| engine.rank_batch(requests.clone()));
+    let outside = engine.rank_batch(
+        requests
+            .into_iter()
+            .map(|mut request| {
+                request.request_id.push_str("-again");
+                request
+            })
+            .collect(),
+    );
+    for batch in [inline, outside] {
+        let applied: Vec<bool> = batch
+            .expect("answers")
+            .results
+            .iter()
+            .map(|result| result.as_ref().expect("answers").privacy.dp_applied)
+            .collect();
+        assert_eq!(applied, [true, false, true]);
+    }
+    let threads = ledger.threads.lock().expect("not poisoned").clone();
+    assert_eq!(threads.len(), 4, "{threads:?}");
+    assert!(
+        threads.iter().all(|name| name.starts_with("fairrank-dp-")),
+        "{threads:?}"
+    );
+}
+
 #[derive(Debug)]
 struct BrokenLedger;
 

@@ -135,18 +135,12 @@ type FastDecoded = (pb::RankRequest, Spans, Vec<IdRun>);
 /// are recorded as byte ranges of `body` (not yet checked for UTF-8), with the runs of
 /// entries the digest can hash from the body. Stops at the first failed check, or as soon
 /// as it holds more than `max_ids` ids.
-fn decode_fast(
-    body: &[u8],
-    max_ids: usize,
-) -> Result<FastDecoded, FastFailure> {
+fn decode_fast(body: &[u8], max_ids: usize) -> Result<FastDecoded, FastFailure> {
     decode_fast_checked(body, max_ids).ok_or(FastFailure::Refused)?
 }
 
 /// [`decode_fast`] with `None` for a failed check.
-fn decode_fast_checked(
-    body: &[u8],
-    max_ids: usize,
-) -> Option<Result<FastDecoded, FastFailure>> {
+fn decode_fast_checked(body: &[u8], max_ids: usize) -> Option<Result<FastDecoded, FastFailure>> {
     let mut message = pb::RankRequest::default();
     let mut spans: Spans = Vec::new();
     let mut runs = Vec::new();
