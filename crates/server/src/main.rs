@@ -57,7 +57,24 @@ enum BenchCommand {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    match run(Cli::parse()) {
+        // The reader of our output went away (`fairrank topk ... | head`): what it wanted
+        // was written; stop quietly, as Unix tools do.
+        Err(error) if is_broken_pipe(&error) => std::process::exit(0),
+        result => result,
+    }
+}
+
+/// Whether `error` comes from writing to a closed pipe.
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Table(command) => cli::table::run(command),
         Command::Topk(args) => cli::topk::run(&args),

@@ -415,3 +415,37 @@ fn topk_without_a_table_uses_the_built_in_default_dataset() {
     assert_success(&again);
     assert_eq!(stdout(&output), stdout(&again));
 }
+
+#[test]
+fn a_reader_that_stops_early_ends_the_output_quietly() {
+    // `fairrank topk ... | head -1`: the rest of the output has nowhere to go; that is not
+    // an error of ours.
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let (items, users) = build_small_tables(dir.path());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fairrank"))
+        .args(["topk", "--table"])
+        .arg(&items)
+        .arg("--users")
+        .arg(&users)
+        .args(["--limit", "20", "--k", "3000", "--format", "json"])
+        .env("FAIRRANK_CACHE", dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(
+        first.contains("\"query\":0"),
+        "{}",
+        &first[..first.len().min(200)]
+    );
+    // The pipe's read end is closed here; 19 more lines of ~60 KB each follow.
+    let output = child.wait_with_output().unwrap();
+    let message = stderr(&output);
+    assert!(output.status.success(), "{:?}: {message}", output.status);
+    assert!(!message.contains("Broken pipe"), "{message}");
+}
