@@ -463,5 +463,18 @@ async fn undecodable_admin_requests_are_invalid_arguments_naming_the_field() {
             .await
             .expect_err("a truncated field");
         assert_eq!(status.code(), Code::InvalidArgument, "{method}: {status:?}");
+        // Without the token the body is never read: UNAUTHENTICATED, not its decode error.
+        for metadata in [&[][..], &[("authorization", "Bearer wrong")][..]] {
+            let status = server
+                .raw_call(
+                    &format!("/fairrank.v1.Admin/{method}"),
+                    vec![0x0a, 0x05, b'x'],
+                    metadata,
+                )
+                .await
+                .expect_err("no valid token");
+            assert_eq!(status.code(), Code::Unauthenticated, "{method}: {status:?}");
+            assert_eq!(error_reason(&status), pb::ErrorReason::AdminTokenInvalid);
+        }
     }
 }

@@ -35,17 +35,31 @@ impl AdminService {
 
     /// Checks the bearer token.
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        self.authorize_header(
+            request
+                .metadata()
+                .get("authorization")
+                .map(|v| v.as_bytes()),
+        )
+    }
+
+    /// [`AdminService::authorize`] on the raw `authorization` header: the routes check it
+    /// before reading the body, so an unauthenticated caller never has one decoded.
+    fn authorize_header(&self, header: Option<&[u8]>) -> Result<(), Status> {
         let Some(expected) = &self.shared.admin_token else {
             return Err(errors::admin_disabled(&self.shared.admin_token_env));
         };
-        let Some(header) = request.metadata().get("authorization") else {
+        let Some(header) = header else {
             return Err(errors::unauthenticated(
                 "admin calls need the metadata `authorization: Bearer <token>`",
             ));
         };
-        let presented = header.to_str().ok().and_then(bearer_token).ok_or_else(|| {
-            errors::unauthenticated("the authorization metadata is not `Bearer <token>`")
-        })?;
+        let presented = std::str::from_utf8(header)
+            .ok()
+            .and_then(bearer_token)
+            .ok_or_else(|| {
+                errors::unauthenticated("the authorization metadata is not `Bearer <token>`")
+            })?;
         if bool::from(presented.as_bytes().ct_eq(expected.as_bytes())) {
             Ok(())
         } else {
@@ -307,6 +321,14 @@ impl pb::admin_server::Admin for AdminService {
 /// Path prefix of the Admin service's methods.
 const ADMIN_PATH: &str = "/fairrank.v1.Admin/";
 
+/// The Admin methods the own routes serve (each needs the bearer token).
+const ADMIN_METHODS: [&str; 4] = [
+    "ReloadTable",
+    "RollbackTable",
+    "SetPersonalization",
+    "GetStatus",
+];
+
 /// The Admin service's routes: every method as a [`routes::unary`] route (a body that does
 /// not decode is INVALID_ARGUMENT), anything else (an unknown method) by the generated
 /// server.
@@ -334,6 +356,27 @@ impl OwnRoutes for AdminService {
         B::Error: Into<StdError> + Send + 'static,
     {
         let service = Arc::clone(service);
+        let Some(method) = request
+            .uri()
+            .path()
+            .strip_prefix(ADMIN_PATH)
+            .and_then(|method| ADMIN_METHODS.iter().find(|known| **known == method))
+            .copied()
+        else {
+            return Err(request);
+        };
+        // Refused before the body is read (the handlers check again, for direct calls).
+        let header = request.headers().get(http::header::AUTHORIZATION);
+        if let Err(status) = service.authorize_header(header.map(|value| value.as_bytes())) {
+            tracing::warn!(method, code = ?status.code(), "admin call refused");
+            service
+                .shared
+                .metrics
+                .record_call(method, status.code(), std::time::Duration::ZERO);
+            let (parts, ()) = status.into_http::<()>().into_parts();
+            let answer = http::Response::from_parts(parts, tonic::body::Body::empty());
+            return Ok(Box::pin(async move { Ok(answer) }));
+        }
         /// A route calling the service's own trait method `$method`.
         macro_rules! route {
             ($method:ident) => {
@@ -343,12 +386,11 @@ impl OwnRoutes for AdminService {
                 }))
             };
         }
-        match request.uri().path().strip_prefix(ADMIN_PATH) {
-            Some("ReloadTable") => route!(reload_table),
-            Some("RollbackTable") => route!(rollback_table),
-            Some("SetPersonalization") => route!(set_personalization),
-            Some("GetStatus") => route!(get_status),
-            _ => Err(request),
+        match method {
+            "ReloadTable" => route!(reload_table),
+            "RollbackTable" => route!(rollback_table),
+            "SetPersonalization" => route!(set_personalization),
+            _ => route!(get_status),
         }
     }
 }
