@@ -28,7 +28,8 @@ struct Args {
     addr: String,
 
     /// Use the Echo service at this address as the baseline (e.g. the server's own Echo,
-    /// the same as --addr) instead of the load generator's in-process Echo server.
+    /// the same as --addr, served with `[server] echo_service = true`) instead of the load
+    /// generator's in-process Echo server.
     #[arg(long, conflicts_with = "no_echo")]
     echo_addr: Option<String>,
 

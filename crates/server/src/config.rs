@@ -234,6 +234,11 @@ pub struct ServerConfig {
     /// trailers (on, in two); a message of 1 KiB or more then takes one write more than
     /// with vectored writes. Turn it on when most answers are over 1 KiB.
     pub vectored_writes: bool,
+    /// Whether the `fairrank.bench.v1.Echo` service is served (default false): the load
+    /// generator's transport baseline when it measures this server's own Echo
+    /// (`fairrank-loadgen --echo-addr`). It needs no token and answers up to 4 MiB to any
+    /// request, so it is off unless a benchmark asks for it.
+    pub echo_service: bool,
     /// Threads that serve gRPC connections (default 0: one per available core).
     pub io_threads: usize,
     /// Whether each connection is served by one I/O thread from start to end, the one with
@@ -259,6 +264,7 @@ impl Default for ServerConfig {
             admin_token_env: "FAIRRANK_ADMIN_TOKEN".to_owned(),
             log_format: LogFormat::Text,
             vectored_writes: false,
+            echo_service: false,
             io_threads: 0,
             pin_connections: true,
         }
@@ -361,6 +367,11 @@ const KEY_DOCS: &[(&str, &str, &str)] = &[
         "server",
         "vectored_writes",
         "Vectored HTTP/2 writes; off, answers under 1 KiB leave in one system call with their headers and trailers, larger ones take one more.",
+    ),
+    (
+        "server",
+        "echo_service",
+        "Serve the fairrank.bench.v1.Echo benchmark baseline (no token; answers up to 4 MiB to any request), for fairrank-loadgen --echo-addr.",
     ),
     (
         "server",

@@ -623,7 +623,11 @@ async fn random_input_never_takes_the_server_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_messages_are_refused_and_echo_works() {
     let tables = tables(16);
-    let server = Server::start(&tables, Some("[server]\nmax_message_bytes = 4096\n"), &[]);
+    let server = Server::start(
+        &tables,
+        Some("[server]\nmax_message_bytes = 4096\necho_service = true\n"),
+        &[],
+    );
     let mut ranker = server.ranker().await;
     let mut request = rank_request("huge", &tables.data.users.ids[0], 5);
     request.candidate_ids = tables.data.items.ids[..1000].to_vec();
@@ -835,4 +839,19 @@ async fn more_candidates_than_the_limit_are_refused_naming_the_field() {
     request.request_id = "at-the-limit".into();
     request.candidate_ids.truncate(10);
     ranker.rank(request).await.expect("10 candidates rank");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_echo_baseline_is_off_unless_configured() {
+    let tables = tables(15);
+    let server = Server::start(&tables, None, &[]);
+    let mut echo = api::fairrank::bench::v1::echo_client::EchoClient::new(server.channel().await);
+    let status = echo
+        .echo(api::fairrank::bench::v1::EchoRequest {
+            payload: prost::bytes::Bytes::from_static(b"x"),
+            response_bytes: Some(4 * 1024 * 1024),
+        })
+        .await
+        .expect_err("no Echo on a default server");
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
 }

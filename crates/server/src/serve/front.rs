@@ -59,7 +59,8 @@ pub struct Services<Ranker, Echo, Admin, Health, ReflectionV1, ReflectionV1alpha
     /// `fairrank.v1.Ranker`, the hot path: looked up first.
     pub ranker: Ranker,
     /// `fairrank.bench.v1.Echo`.
-    pub echo: Echo,
+    /// Served only with `server.echo_service`; otherwise its calls are UNIMPLEMENTED.
+    pub echo: Option<Echo>,
     /// `fairrank.v1.Admin`.
     pub admin: Admin,
     /// `grpc.health.v1.Health`.
@@ -152,7 +153,10 @@ where
         if name == R::NAME {
             call(&services.ranker, request)
         } else if name == E::NAME {
-            call(&services.echo, request)
+            match &services.echo {
+                Some(echo) => call(echo, request),
+                None => unimplemented(),
+            }
         } else if name == A::NAME {
             call(&services.admin, request)
         } else if name == H::NAME {

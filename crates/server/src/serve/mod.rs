@@ -453,9 +453,11 @@ async fn serve(config: Config, engine: Engine, reload_dirs: ReloadDirs) -> anyho
     let ranker =
         rank_route::RankerRoutes::new(ranker::RankerService::new(Arc::clone(&shared)), max_message);
     let admin = admin::AdminRoutes::new(admin::AdminService::new(Arc::clone(&shared)), max_message);
-    let echo = EchoServer::new(echo::EchoService::new(Arc::clone(&shared)))
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
+    let echo = server_config.echo_service.then(|| {
+        EchoServer::new(echo::EchoService::new(Arc::clone(&shared)))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message)
+    });
     let front = front::Front::new(
         front::Services {
             ranker,
