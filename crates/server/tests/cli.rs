@@ -449,3 +449,30 @@ fn a_reader_that_stops_early_ends_the_output_quietly() {
     assert!(output.status.success(), "{:?}: {message}", output.status);
     assert!(!message.contains("Broken pipe"), "{message}");
 }
+
+#[test]
+fn building_into_a_missing_folder_names_the_output_not_a_temporary_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("no-such-folder").join("items.frt");
+    let output = fairrank(
+        &[
+            "table",
+            "build",
+            "--synthetic",
+            "--items",
+            "10",
+            "--dim",
+            "4",
+            "-o",
+            target.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(
+        message.contains(target.to_str().unwrap()) && message.contains("folder"),
+        "{message}"
+    );
+    assert!(!message.contains(".fr.tmp"), "{message}");
+}

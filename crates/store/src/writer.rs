@@ -322,7 +322,14 @@ impl TemporaryFile {
                     attempt += 1;
                 }
                 Err(e) => {
-                    return Err(StoreError::io(&path, "create a temporary table file", e));
+                    // Named by the output's folder: the temporary name means nothing to the
+                    // user, and a missing or read-only folder is the usual cause.
+                    return Err(StoreError::io(
+                        &directory.join(file_name),
+                        "create a temporary file beside it (does its folder exist, and is it \
+                         writable?)",
+                        e,
+                    ));
                 }
             }
         }
