@@ -31,6 +31,9 @@ pub struct EngineConfig {
     /// Most entries of one [`Engine::rank_batch`](crate::Engine::rank_batch) call
     /// (default 1024).
     pub max_batch_requests: usize,
+    /// Most candidate ids of one batch call, all entries together (default 1 000 000): a
+    /// batch's decoded ids take memory in proportion, whatever each entry's own limit.
+    pub max_batch_candidates: usize,
     /// Longest a whole-catalog request waits for company in the micro-batcher (default
     /// 1 ms). The batcher waits only while it is busy; see [`crate::batcher`].
     #[serde(rename = "batch_max_wait_us", with = "micros")]
@@ -81,6 +84,7 @@ impl Default for EngineConfig {
             max_candidates: 100_000,
             inline_max_candidates: 2048,
             max_batch_requests: 1024,
+            max_batch_candidates: 1_000_000,
             batch_max_wait: Duration::from_millis(1),
             batch_max_queries: 64,
             batch_queue_capacity: 4096,
@@ -107,6 +111,7 @@ impl EngineConfig {
             ("default_pool", self.default_pool),
             ("max_candidates", self.max_candidates),
             ("max_batch_requests", self.max_batch_requests),
+            ("max_batch_candidates", self.max_batch_candidates),
             ("batch_max_queries", self.batch_max_queries),
             ("batch_queue_capacity", self.batch_queue_capacity),
         ];

@@ -598,9 +598,7 @@ impl Inner {
         completion: Completion<BatchResponse>,
     ) {
         let queue_us = micros(received.elapsed());
-        let snapshot = match check_batch(&requests, self.config.max_batch_requests)
-            .and_then(|()| self.snapshot())
-        {
+        let snapshot = match check_batch(&requests, &self.config).and_then(|()| self.snapshot()) {
             Ok(snapshot) => snapshot,
             Err(error) => return completion.complete(Err(error)),
         };
@@ -802,7 +800,8 @@ fn score_and_finish(mut prepared: Prepared) -> Result<RankResponse, EngineError>
 }
 
 /// Batch-level checks: entry count and unique request ids.
-fn check_batch(requests: &[RankRequest], max: usize) -> Result<(), EngineError> {
+fn check_batch(requests: &[RankRequest], config: &EngineConfig) -> Result<(), EngineError> {
+    let max = config.max_batch_requests;
     if requests.is_empty() {
         return Err(EngineError::invalid(
             "requests",
@@ -815,6 +814,19 @@ fn check_batch(requests: &[RankRequest], max: usize) -> Result<(), EngineError> 
             format!(
                 "{} requests exceed the batch limit of {max}",
                 requests.len()
+            ),
+        ));
+    }
+    let candidates: usize = requests
+        .iter()
+        .map(|request| request.candidate_ids.len())
+        .sum();
+    if candidates > config.max_batch_candidates {
+        return Err(EngineError::limit(
+            "requests",
+            format!(
+                "{candidates} candidate ids in all exceed the batch limit of {}",
+                config.max_batch_candidates
             ),
         ));
     }
@@ -831,8 +843,9 @@ fn check_batch(requests: &[RankRequest], max: usize) -> Result<(), EngineError> 
         return Err(EngineError::invalid(
             format!("requests[{}].request_id", pair[1].1),
             format!(
-                "{:?} repeats the request id of requests[{}]",
-                pair[1].0, pair[0].1
+                "{} repeats the request id of requests[{}]",
+                crate::validate::quote_clipped(pair[1].0),
+                pair[0].1
             ),
         ));
     }
@@ -898,9 +911,39 @@ mod tests {
     #[test]
     fn batch_ids_must_be_unique() {
         let request = |id: &str| RankRequest::new(id, crate::UserRef::id("u"), 1);
-        assert!(check_batch(&[request("a"), request("b")], 10).is_ok());
-        let error = check_batch(&[request("a"), request("b"), request("a")], 10).unwrap_err();
+        let config = EngineConfig::default();
+        assert!(check_batch(&[request("a"), request("b")], &config).is_ok());
+        let error = check_batch(&[request("a"), request("b"), request("a")], &config).unwrap_err();
         assert_eq!(error.field(), Some("requests[2].request_id"));
         assert!(error.to_string().contains("requests[0]"), "{error}");
+    }
+
+    #[test]
+    fn batches_are_limited_in_entries_and_in_candidate_ids_in_all() {
+        let config = EngineConfig {
+            max_batch_requests: 3,
+            max_batch_candidates: 5,
+            ..EngineConfig::default()
+        };
+        let request = |id: &str, candidates: usize| {
+            let mut request = RankRequest::new(id, crate::UserRef::id("u"), 1);
+            request.candidate_ids = (0..candidates)
+                .map(|candidate| format!("c{candidate}"))
+                .collect::<Vec<_>>()
+                .into();
+            request
+        };
+        assert!(check_batch(&[request("a", 3), request("b", 2)], &config).is_ok());
+        let error = check_batch(&[request("a", 3), request("b", 3)], &config).unwrap_err();
+        assert_eq!(error.field(), Some("requests"));
+        assert!(error.to_string().contains("6 candidate ids"), "{error}");
+        let four: Vec<RankRequest> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|id| request(id, 0))
+            .collect();
+        assert_eq!(
+            check_batch(&four, &config).unwrap_err().field(),
+            Some("requests")
+        );
     }
 }

@@ -441,6 +441,11 @@ const KEY_DOCS: &[(&str, &str, &str)] = &[
     ),
     (
         "ranking",
+        "max_batch_candidates",
+        "Most candidate ids per RankBatch call, all entries together (checked before the body is decoded).",
+    ),
+    (
+        "ranking",
         "batch_max_wait_us",
         "Longest a whole-catalog request waits for company in the micro-batcher while it is busy, in microseconds.",
     ),

@@ -855,3 +855,32 @@ async fn the_echo_baseline_is_off_unless_configured() {
         .expect_err("no Echo on a default server");
     assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_more_candidate_ids_in_all_than_the_limit_is_refused() {
+    let tables = tables(17);
+    let server = Server::start(&tables, Some("[ranking]\nmax_batch_candidates = 5\n"), &[]);
+    let mut ranker = server.ranker().await;
+    let entry = |id: &str, candidates: usize| {
+        let mut request = rank_request(id, &tables.data.users.ids[0], 1);
+        request.candidate_ids = tables.data.items.ids[..candidates].to_vec();
+        request
+    };
+    let status = ranker
+        .rank_batch(pb::RankBatchRequest {
+            requests: vec![entry("a", 3), entry("b", 3)],
+        })
+        .await
+        .expect_err("6 ids in all > 5");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(error_field(&status), Some("requests"));
+    assert_eq!(error_reason(&status), pb::ErrorReason::LimitExceeded);
+    let answer = ranker
+        .rank_batch(pb::RankBatchRequest {
+            requests: vec![entry("c", 3), entry("d", 2)],
+        })
+        .await
+        .expect("5 ids in all")
+        .into_inner();
+    assert_eq!(answer.results.len(), 2);
+}

@@ -6,7 +6,9 @@
 //! measured with callgrind, that decode was over half of the server's instructions per
 //! request. [`RankerRoutes`] serves `Ranker.Rank` through [`RankCodec`], whose message type
 //! [`WireRankRequest`] takes field 10 (`candidate_ids`) itself and hands every other field
-//! to prost's generated code; `RankBatch` is a [`routes::unary`] route. On both, a body
+//! to prost's generated code, and refuses more ids than `ranking.max_candidates` as it goes;
+//! `RankBatch` goes through [`BatchCodec`], prost after a count of the body's entries and
+//! ids against the batch limits (no allocation before the limits hold). On both, a body
 //! that does not decode is INVALID_ARGUMENT (tonic's codec says INTERNAL).
 //!
 //! The decoder keeps the body (tonic hands it over as one `Bytes` without copying) and
@@ -351,7 +353,113 @@ impl Decoder for RequestDecoder {
     }
 }
 
-/// The Ranker service: `Rank` with [`RankCodec`], `RankBatch` as a [`routes::unary`] route,
+/// Limits a `RankBatch` body is held to before prost decodes it (each candidate id becomes
+/// a `String`, about 12 times the 2 to 3 bytes an empty or 1-byte id takes on the wire).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BatchLimits {
+    /// `ranking.max_batch_requests`.
+    pub max_entries: usize,
+    /// `ranking.max_batch_candidates`: candidate ids of all entries together.
+    pub max_ids: usize,
+}
+
+/// The codec of the `RankBatch` route: prost both ways, the body first counted against
+/// [`BatchLimits`] without allocating.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BatchCodec {
+    limits: BatchLimits,
+}
+
+/// Decodes `RankBatchRequest`s within [`BatchLimits`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BatchDecoder {
+    limits: BatchLimits,
+}
+
+impl Codec for BatchCodec {
+    type Encode = pb::RankBatchResponse;
+    type Decode = pb::RankBatchRequest;
+    type Encoder = routes::ResponseEncoder<pb::RankBatchResponse>;
+    type Decoder = BatchDecoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        routes::ProstRouteCodec::<pb::RankBatchRequest, pb::RankBatchResponse>::default().encoder()
+    }
+
+    fn decoder(&mut self) -> BatchDecoder {
+        BatchDecoder {
+            limits: self.limits,
+        }
+    }
+}
+
+impl Decoder for BatchDecoder {
+    type Item = pb::RankBatchRequest;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<pb::RankBatchRequest>, Status> {
+        let body = buf.copy_to_bytes(buf.remaining());
+        if let Some(refusal) = batch_over_limits(&body, self.limits) {
+            return Err(refusal);
+        }
+        pb::RankBatchRequest::decode(body)
+            .map(Some)
+            .map_err(|error| errors::undecodable_request(&error))
+    }
+}
+
+/// Tag of `RankBatchRequest.requests`.
+const BATCH_REQUESTS_FIELD: u32 = 1;
+
+/// Why a `RankBatchRequest` body passes `limits`, counted field by field without decoding
+/// (stopping at the first limit passed); `None` when it is within them, or malformed
+/// (prost then says how).
+fn batch_over_limits(body: &[u8], limits: BatchLimits) -> Option<Status> {
+    let context = DecodeContext::default();
+    let (mut rest, mut entries, mut ids) = (body, 0usize, 0usize);
+    while !rest.is_empty() {
+        let (tag, wire_type) = prost::encoding::decode_key(&mut rest).ok()?;
+        if tag != BATCH_REQUESTS_FIELD || wire_type != WireType::LengthDelimited {
+            prost::encoding::skip_field(wire_type, tag, &mut rest, context.clone()).ok()?;
+            continue;
+        }
+        let length = prost::encoding::decode_varint(&mut rest).ok()?;
+        let length = usize::try_from(length)
+            .ok()
+            .filter(|&length| length <= rest.len())?;
+        let (mut entry, after) = rest.split_at(length);
+        rest = after;
+        entries += 1;
+        if entries > limits.max_entries {
+            return Some(errors::limit_exceeded(
+                "requests",
+                format!(
+                    "more than {0} requests; the batch limit is {0}",
+                    limits.max_entries
+                ),
+            ));
+        }
+        while !entry.is_empty() {
+            let (tag, wire_type) = prost::encoding::decode_key(&mut entry).ok()?;
+            if tag == CANDIDATE_IDS_FIELD {
+                ids += 1;
+                if ids > limits.max_ids {
+                    return Some(errors::limit_exceeded(
+                        "requests",
+                        format!(
+                            "more than {0} candidate ids in all; the batch limit is {0}",
+                            limits.max_ids
+                        ),
+                    ));
+                }
+            }
+            prost::encoding::skip_field(wire_type, tag, &mut entry, context.clone()).ok()?;
+        }
+    }
+    None
+}
+
+/// The Ranker service: `Rank` with [`RankCodec`], `RankBatch` with [`BatchCodec`],
 /// anything else (an unknown method) by the generated server.
 pub type RankerRoutes = Routes<RankerService, RankerServer<RankerService>>;
 
@@ -389,10 +497,17 @@ impl OwnRoutes for RankerService {
                     Box::pin(async move { service.rank_wire(request).await })
                 },
             )),
-            RANK_BATCH_PATH => Ok(routes::unary(request, limit, move |request| {
-                let service = Arc::clone(&service);
-                Box::pin(async move { Ranker::rank_batch(&*service, request).await })
-            })),
+            RANK_BATCH_PATH => Ok(routes::unary_with_codec(
+                BatchCodec {
+                    limits: service.batch_limits(),
+                },
+                request,
+                limit,
+                move |request| {
+                    let service = Arc::clone(&service);
+                    Box::pin(async move { Ranker::rank_batch(&*service, request).await })
+                },
+            )),
             _ => Err(request),
         }
     }
@@ -764,5 +879,40 @@ mod tests {
             Err(DecodeFailure::TooManyIds { limit: 2 })
         ));
         assert!(WireRankRequest::decode(&bytes[..], 3).is_ok());
+    }
+
+    #[test]
+    fn batch_bodies_are_counted_against_the_limits_before_decoding() {
+        let limits = BatchLimits {
+            max_entries: 3,
+            max_ids: 5,
+        };
+        let batch = |sizes: &[usize]| {
+            pb::RankBatchRequest {
+                requests: sizes
+                    .iter()
+                    .map(|&size| request(&vec!["i"; size]))
+                    .collect(),
+            }
+            .encode_to_vec()
+        };
+        assert!(batch_over_limits(&batch(&[3, 2]), limits).is_none());
+        assert!(batch_over_limits(&batch(&[0, 0, 0]), limits).is_none());
+        let too_many_ids = batch_over_limits(&batch(&[3, 3]), limits).expect("6 ids > 5");
+        assert_eq!(too_many_ids.code(), tonic::Code::InvalidArgument);
+        assert!(
+            too_many_ids.message().contains("candidate ids"),
+            "{too_many_ids:?}"
+        );
+        let too_many_entries = batch_over_limits(&batch(&[0; 4]), limits).expect("4 > 3");
+        assert!(
+            too_many_entries.message().contains("requests"),
+            "{too_many_entries:?}"
+        );
+        // A malformed body is left to prost, which names what is wrong.
+        let mut cut = batch(&[3, 2]);
+        cut.truncate(cut.len() - 1);
+        assert!(batch_over_limits(&cut, limits).is_none());
+        assert!(pb::RankBatchRequest::decode(cut.as_slice()).is_err());
     }
 }

@@ -34,6 +34,16 @@ impl RankerService {
         self.shared.engine.config().max_candidates
     }
 
+    /// What a `RankBatch` body may hold (`ranking.max_batch_requests`,
+    /// `ranking.max_batch_candidates`).
+    pub fn batch_limits(&self) -> super::rank_route::BatchLimits {
+        let config = self.shared.engine.config();
+        super::rank_route::BatchLimits {
+            max_entries: config.max_batch_requests,
+            max_ids: config.max_batch_candidates,
+        }
+    }
+
     /// The service over the shared server state.
     pub fn new(shared: Arc<Shared>) -> RankerService {
         RankerService { shared }

@@ -1,6 +1,6 @@
 //! Unary gRPC routes whose undecodable request bodies are INVALID_ARGUMENT: a prost codec,
 //! the route helper and the service wrapper ([`Routes`]) shared by the `Ranker` and `Admin`
-//! services (`Rank` brings its own codec).
+//! services (`Rank` and `RankBatch` bring their own codecs).
 //!
 //! tonic's generated servers decode with its prost codec, which answers a body that is not
 //! a valid message (a string that is not UTF-8, a truncated field) with INTERNAL. Those
