@@ -415,6 +415,12 @@ const BATCH_REQUESTS_FIELD: u32 = 1;
 /// (stopping at the first limit passed); `None` when it is within them, or malformed
 /// (prost then says how).
 fn batch_over_limits(body: &[u8], limits: BatchLimits) -> Option<Status> {
+    let over = |what: &str, limit: usize| {
+        errors::limit_exceeded(
+            "requests",
+            format!("more than {limit} {what}; the batch limit is {limit}"),
+        )
+    };
     let context = DecodeContext::default();
     let (mut rest, mut entries, mut ids) = (body, 0usize, 0usize);
     while !rest.is_empty() {
@@ -431,26 +437,14 @@ fn batch_over_limits(body: &[u8], limits: BatchLimits) -> Option<Status> {
         rest = after;
         entries += 1;
         if entries > limits.max_entries {
-            return Some(errors::limit_exceeded(
-                "requests",
-                format!(
-                    "more than {0} requests; the batch limit is {0}",
-                    limits.max_entries
-                ),
-            ));
+            return Some(over("requests", limits.max_entries));
         }
         while !entry.is_empty() {
             let (tag, wire_type) = prost::encoding::decode_key(&mut entry).ok()?;
             if tag == CANDIDATE_IDS_FIELD {
                 ids += 1;
                 if ids > limits.max_ids {
-                    return Some(errors::limit_exceeded(
-                        "requests",
-                        format!(
-                            "more than {0} candidate ids in all; the batch limit is {0}",
-                            limits.max_ids
-                        ),
-                    ));
+                    return Some(over("candidate ids in all", limits.max_ids));
                 }
             }
             prost::encoding::skip_field(wire_type, tag, &mut entry, context.clone()).ok()?;
