@@ -726,7 +726,12 @@ impl Inner {
         });
         for (position, prepared) in private {
             let shared = Arc::clone(&shared);
-            workers.submit(move || shared.finish_one(position, score_and_finish(prepared)));
+            workers.submit(move || {
+                // One entry's panic fails that entry, not the batch.
+                let result = catch_unwind(AssertUnwindSafe(|| score_and_finish(prepared)))
+                    .unwrap_or_else(|_| Err(EngineError::internal("a batch entry panicked")));
+                shared.finish_one(position, result);
+            });
         }
     }
 }
@@ -799,7 +804,7 @@ fn score_and_finish(mut prepared: Prepared) -> Result<RankResponse, EngineError>
     finish(prepared, scored)
 }
 
-/// Batch-level checks: entry count and unique request ids.
+/// Batch-level checks: entry count, candidate ids in all, and unique request ids.
 fn check_batch(requests: &[RankRequest], config: &EngineConfig) -> Result<(), EngineError> {
     let max = config.max_batch_requests;
     if requests.is_empty() {
