@@ -57,20 +57,41 @@ enum BenchCommand {
 }
 
 fn main() -> anyhow::Result<()> {
+    // The reader of our output went away (`fairrank topk ... | head`): what it wanted was
+    // written; stop quietly, as Unix tools do, whether the write returned the error or
+    // `println!` panicked on it.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default_hook(info);
+    }));
     match run(Cli::parse()) {
-        // The reader of our output went away (`fairrank topk ... | head`): what it wanted
-        // was written; stop quietly, as Unix tools do.
         Err(error) if is_broken_pipe(&error) => std::process::exit(0),
         result => result,
     }
 }
 
-/// Whether `error` comes from writing to a closed pipe.
+/// Whether `error` comes from writing to a closed pipe (directly, or through `serde_json`,
+/// whose error hides the I/O error from the source chain).
 fn is_broken_pipe(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
-        cause
+        let kind = cause
             .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            .map(std::io::Error::kind)
+            .or_else(|| {
+                cause
+                    .downcast_ref::<serde_json::Error>()
+                    .and_then(serde_json::Error::io_error_kind)
+            });
+        kind == Some(std::io::ErrorKind::BrokenPipe)
     })
 }
 

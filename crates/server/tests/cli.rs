@@ -476,3 +476,22 @@ fn building_into_a_missing_folder_names_the_output_not_a_temporary_file() {
     );
     assert!(!message.contains(".fr.tmp"), "{message}");
 }
+
+#[test]
+fn a_reader_gone_before_a_println_ends_the_command_quietly_too() {
+    // `println!` panics on a closed pipe; the reader here is gone before the command,
+    // which first computes a 10 000-prefix mtable, writes its one line.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fairrank"))
+        .args([
+            "fair", "mtable", "--k", "10000", "--p", "0.5", "--alpha", "0.1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    let message = stderr(&output);
+    assert!(output.status.success(), "{:?}: {message}", output.status);
+    assert!(!message.contains("panicked"), "{message}");
+}
