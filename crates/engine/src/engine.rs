@@ -344,7 +344,7 @@ impl Engine {
         let completion =
             Completion::new(done, InFlight::new(&self.inner.in_flight, requests.len()));
         let inner = Arc::clone(&self.inner);
-        spawn_contained(move || inner.run_batch(requests, received, completion));
+        spawn_contained(move || inner.run_batch(requests, received, completion, true));
     }
 
     /// [`Engine::submit_batch`], waiting for the answer. Called from a rayon worker it runs
@@ -356,11 +356,11 @@ impl Engine {
             let _ = sender.send(result);
         });
         if rayon::current_thread_index().is_some() {
-            // Inline, so that this worker never waits on the pool it occupies; DP entries
-            // still run on the DP workers, which never wait on the pool.
+            // Inline, DP entries too: this worker must not wait on work that may need the
+            // pool it occupies (a whole-catalog DP entry selects its pool on rayon).
             let completion =
                 Completion::new(done, InFlight::new(&self.inner.in_flight, requests.len()));
-            self.inner.run_batch(requests, received, completion);
+            self.inner.run_batch(requests, received, completion, false);
         } else {
             self.submit_batch(requests, done);
         }
@@ -596,6 +596,7 @@ impl Inner {
         requests: Vec<RankRequest>,
         received: Instant,
         completion: Completion<BatchResponse>,
+        dp_on_workers: bool,
     ) {
         let queue_us = micros(received.elapsed());
         let snapshot = match check_batch(&requests, &self.config).and_then(|()| self.snapshot()) {
@@ -663,13 +664,14 @@ impl Inner {
                 }
             }
         }
-        // DP entries block on the durable ledger: they go to the DP workers (as single DP
-        // requests do), never to the compute pool; the rest finish here in parallel.
+        // DP entries block on the durable ledger: with `dp_on_workers` they go to the DP
+        // workers (as single DP requests do), not to the compute pool; the rest finish here
+        // in parallel.
         let mut private = Vec::new();
         let mut work = Vec::with_capacity(entries.len());
         for (position, (entry, scored)) in entries.into_iter().zip(scored).enumerate() {
             match entry {
-                Ok(prepared) if scored.is_none() && prepared.private.is_some() => {
+                Ok(prepared) if dp_on_workers && scored.is_none() && prepared.private.is_some() => {
                     private.push((position, prepared));
                 }
                 entry => work.push((position, entry, scored)),

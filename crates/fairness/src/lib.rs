@@ -50,6 +50,7 @@ mod registry;
 mod report;
 mod reranker;
 mod summary;
+mod text;
 
 pub use candidate::{
     Candidate, ceil_share, dcg_weight, floor_share, share_deadline, validate_pool,
@@ -72,6 +73,7 @@ pub use reranker::{
     AmortizedState, Measure, Optimality, RerankOutput, RerankReport, Reranker, Violation,
 };
 pub use summary::PoolSummary;
+pub use text::{QUOTED_BYTES, quote_clipped};
 
 #[cfg(test)]
 pub(crate) mod test_support {

@@ -5,6 +5,7 @@ use serde_json::{Map, Value};
 
 use crate::error::FairnessError;
 use crate::groups::MAX_LISTED_GROUPS;
+use crate::text::quote_clipped;
 
 /// The parameters of one constraint specification, handed to a registry factory.
 ///
@@ -138,7 +139,10 @@ impl<'a> Params<'a> {
             let label = label.trim().parse::<u32>().map_err(|_| {
                 self.invalid(
                     name,
-                    format!("group label {label:?} is not an unsigned 32-bit integer"),
+                    format!(
+                        "group label {} is not an unsigned 32-bit integer",
+                        quote_clipped(label)
+                    ),
                 )
             })?;
             shares.push((label, self.number(name, share)?));
@@ -154,12 +158,18 @@ impl<'a> Params<'a> {
             .filter(|pair| !pair.is_empty())
         {
             let Some((label, share)) = pair.split_once(':').or_else(|| pair.split_once('=')) else {
-                return Err(self.invalid(name, format!("expected `label:share`, got {pair:?}")));
+                return Err(self.invalid(
+                    name,
+                    format!("expected `label:share`, got {}", quote_clipped(pair)),
+                ));
             };
             let label = label.trim().parse::<u32>().map_err(|_| {
                 self.invalid(
                     name,
-                    format!("group label {label:?} is not an unsigned 32-bit integer"),
+                    format!(
+                        "group label {} is not an unsigned 32-bit integer",
+                        quote_clipped(label)
+                    ),
                 )
             })?;
             let share = share
@@ -168,7 +178,10 @@ impl<'a> Params<'a> {
                 .ok()
                 .filter(|share| share.is_finite())
                 .ok_or_else(|| {
-                    self.invalid(name, format!("share {share:?} is not a finite number"))
+                    self.invalid(
+                        name,
+                        format!("share {} is not a finite number", quote_clipped(share)),
+                    )
                 })?;
             shares.push((label, share));
             self.check_group_count(name, shares.len())?;

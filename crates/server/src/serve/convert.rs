@@ -92,15 +92,50 @@ fn fairness_policy(policy: pb::FairnessPolicy) -> Result<engine::FairnessPolicy,
 /// re-rankers (keyed by the parameters) stays small.
 const MAX_PARAMS_BYTES: usize = 64 * 1024;
 
+/// Longest key at any depth of `fairness.params` (parameter names, group labels), in bytes:
+/// keys are quoted in error messages and field names.
+const MAX_PARAMS_KEY_BYTES: usize = 64;
+
+/// The longest key of `params` at any depth.
+fn longest_key(params: &prost_types::Struct) -> Option<&str> {
+    fn of_value(value: &prost_types::Value) -> Option<&str> {
+        match &value.kind {
+            Some(prost_types::value::Kind::StructValue(inner)) => longest_key(inner),
+            Some(prost_types::value::Kind::ListValue(list)) => list
+                .values
+                .iter()
+                .filter_map(of_value)
+                .max_by_key(|key| key.len()),
+            _ => None,
+        }
+    }
+    params
+        .fields
+        .iter()
+        .flat_map(|(key, value)| [Some(key.as_str()), of_value(value)])
+        .flatten()
+        .max_by_key(|key| key.len())
+}
+
 /// Constraint parameters as engine values. Parameters above [`MAX_PARAMS_BYTES`], values
 /// without a kind, non-finite numbers and nesting beyond `api::params::MAX_PARAMS_DEPTH`
 /// are refused, naming the parameter.
 fn constraint_params(params: &prost_types::Struct) -> Result<BTreeMap<String, ParamValue>, Status> {
     let bytes = prost::Message::encoded_len(params);
     if bytes > MAX_PARAMS_BYTES {
-        return Err(errors::invalid_field(
+        return Err(errors::limit_exceeded(
             "fairness.params",
             format!("is {bytes} bytes encoded; at most {MAX_PARAMS_BYTES} are allowed"),
+        ));
+    }
+    if let Some(key) = longest_key(params).filter(|key| key.len() > MAX_PARAMS_KEY_BYTES) {
+        return Err(errors::limit_exceeded(
+            "fairness.params",
+            format!(
+                "has a key of {} bytes ({}); at most {MAX_PARAMS_KEY_BYTES} are allowed",
+                key.len(),
+                engine::quote_clipped(key)
+            ),
         ));
     }
     let json = api::params::struct_to_json(params).map_err(|error| {
