@@ -160,8 +160,8 @@ impl Engine {
     /// built-in fairness constraints and amortized state in memory.
     ///
     /// Fails on an invalid configuration (including a default fairness policy the registry
-    /// refuses), a user table whose dimension differs from the item table's, or when the
-    /// batcher thread cannot start.
+    /// refuses), a user table that cannot serve beside the item table (another dimension,
+    /// or row norms whose scores could overflow), or when the batcher thread cannot start.
     pub fn new(
         config: EngineConfig,
         items: Table,
@@ -337,8 +337,9 @@ impl Engine {
     /// is scored by ONE batched kernel call; candidate-list and non-personalized entries are
     /// scored in parallel. Each entry is validated and answered independently (its error
     /// names the field inside the entry); the call itself fails only for batch-level
-    /// problems: no entries, more than `max_batch_requests`, or duplicate request ids
-    /// (field `requests[i].request_id`).
+    /// problems: no entries, more than `max_batch_requests` entries or
+    /// `max_batch_candidates` candidate ids in all, or duplicate request ids (field
+    /// `requests[i].request_id`).
     pub fn submit_batch(&self, requests: Vec<RankRequest>, done: BatchCallback) {
         let received = Instant::now();
         let completion =

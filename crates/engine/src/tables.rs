@@ -301,7 +301,7 @@ impl TableSlot {
     }
 
     /// Opens, validates (and optionally verifies) and warms a table file, checks it with
-    /// `check` (the dimension against the other table), then swaps it in. On any failure
+    /// `check` (against the other table: [`compatible_with`]), then swaps it in. On any failure
     /// the serving table is untouched.
     pub fn reload(
         &self,

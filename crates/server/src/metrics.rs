@@ -11,12 +11,11 @@
 //! `batcher_queued`.
 
 use std::net::SocketAddr;
-
-use api::fairrank::v1 as pb;
 use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use api::fairrank::v1 as pb;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -135,7 +134,7 @@ pub struct Metrics {
     pub answers: Family<AnswerLabels, Counter>,
     /// Answers replayed from the idempotency store.
     pub replayed: Counter,
-    /// Answers produced under differential privacy.
+    /// Answers produced under differential privacy (replays of them included).
     pub dp_answers: Counter,
     /// Requests whose privacy budget could not cover their charge (refused, or answered
     /// without personalization).
@@ -244,13 +243,13 @@ impl Metrics {
         let dp_answers = Counter::default();
         registry.register(
             "dp_answers",
-            "Answers produced under differential privacy",
+            "Answers produced under differential privacy (replays of them included)",
             dp_answers.clone(),
         );
         let budget_exhausted = Counter::default();
         registry.register(
             "privacy_budget_exhausted",
-            "Requests whose privacy budget could not cover their charge (refused, or answered without personalization)",
+            "Requests whose privacy budget could not cover their charge (refused, or answered without personalization; replays included)",
             budget_exhausted.clone(),
         );
         let table_generation = Family::<TableLabels, Gauge>::default();

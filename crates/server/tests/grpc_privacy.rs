@@ -166,7 +166,12 @@ async fn dp_answers_charge_the_budget_replay_and_stop_at_the_cap() {
     let counters = status.counters.expect("counters");
     assert_eq!(counters.dp_answers, 5, "{counters:?}");
     assert_eq!(counters.budget_exhausted, 2, "{counters:?}");
-    assert!(status.privacy_ledger.expect("ledger status").enabled);
+    let ledger = status.privacy_ledger.expect("ledger status");
+    assert!(ledger.enabled);
+    assert!(
+        !ledger.totals_counted,
+        "this version does not count the totals"
+    );
     assert_eq!(
         status.privacy_mechanisms,
         vec![

@@ -836,6 +836,16 @@ async fn more_candidates_than_the_limit_are_refused_naming_the_field() {
         "{}",
         status.message()
     );
+    // Refused by the route's decoder, before any handler: still counted.
+    let text = server.metrics_text();
+    assert_eq!(
+        metric_value(
+            &text,
+            r#"fairrank_requests_total{method="Rank",code="InvalidArgument"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
     request.request_id = "at-the-limit".into();
     request.candidate_ids.truncate(10);
     ranker.rank(request).await.expect("10 candidates rank");

@@ -187,7 +187,7 @@ fn a_user_table_whose_scores_could_overflow_is_refused_and_the_old_one_serves() 
 }
 
 #[test]
-fn a_user_table_change_waits_for_no_item_change_it_cannot_see() {
+fn a_user_table_change_is_refused_while_an_item_change_runs() {
     // While an item change runs, a user change would check the user table against an item
     // table about to be replaced: it is refused (one change lock for both slots).
     let fixture = fixture();

@@ -298,9 +298,10 @@ impl pb::admin_server::Admin for AdminService {
                 counters: Some(counters),
                 privacy_ledger: Some(pb::PrivacyLedgerStatus {
                     enabled: shared.durable_ledger,
-                    // Not counted by this server version: absent, never a made-up 0.
-                    subjects: None,
-                    rho_charged_total: None,
+                    // Not counted by this server version, and said so.
+                    subjects: 0,
+                    rho_charged_total: 0.0,
+                    totals_counted: false,
                 }),
                 fairness_constraints: constraints.iter().map(|info| info.name.clone()).collect(),
                 fairness_constraint_details: constraints
@@ -390,7 +391,8 @@ impl OwnRoutes for AdminService {
             "ReloadTable" => route!(reload_table),
             "RollbackTable" => route!(rollback_table),
             "SetPersonalization" => route!(set_personalization),
-            _ => route!(get_status),
+            "GetStatus" => route!(get_status),
+            _ => Err(request),
         }
     }
 }

@@ -34,9 +34,10 @@ use tonic::codegen::{Body, BoxFuture, StdError, http};
 
 use super::answer::WireRankResponse;
 use super::errors;
-use super::ranker::RankerService;
+use super::ranker::{RankerService, refused_in_decoding};
 use super::replay::{CANDIDATE_IDS_FIELD, CANDIDATE_IDS_KEY, IdEntries, IdRun};
 use super::routes::{self, OwnRoutes, Routes};
+use crate::metrics::Metrics;
 
 /// Initial size of the buffer tonic gathers a request's body in (its default is 8 KiB): a
 /// 1000-candidate request is about 10 KB, so the default buffer was grown, by a `realloc`
@@ -283,10 +284,12 @@ fn take_uniform_block(body: &[u8], next: usize, spans: &mut Spans) -> Option<usi
 
 /// The codec of the `Rank` route: [`WireRankRequest`] in, `RankResponse` out (encoded
 /// once, as a [`WireRankResponse`]).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone)]
 pub struct RankCodec {
     /// The engine's `max_candidates`: the decoder refuses a request with more ids.
     max_ids: usize,
+    /// Where the decoder's refusals are counted.
+    metrics: Arc<Metrics>,
 }
 
 /// Writes [`WireRankResponse`]s: prost's encoding of the `RankResponse`.
@@ -294,9 +297,10 @@ pub struct RankCodec {
 pub struct ResponseEncoder;
 
 /// Decodes [`WireRankRequest`]s of at most `max_ids` candidate ids.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone)]
 pub struct RequestDecoder {
     max_ids: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl Codec for RankCodec {
@@ -312,6 +316,7 @@ impl Codec for RankCodec {
     fn decoder(&mut self) -> RequestDecoder {
         RequestDecoder {
             max_ids: self.max_ids,
+            metrics: Arc::clone(&self.metrics),
         }
     }
 }
@@ -334,17 +339,19 @@ impl Decoder for RequestDecoder {
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<WireRankRequest>, Status> {
         // tonic gathers each message in one `BytesMut`: taking it as `Bytes` does not copy.
-        match WireRankRequest::decode(&mut *buf, self.max_ids) {
-            Ok(request) => Ok(Some(request)),
-            Err(DecodeFailure::Malformed(error)) => Err(errors::undecodable_request(&error)),
-            Err(DecodeFailure::TooManyIds { limit }) => Err(errors::limit_exceeded(
+        let refusal = match WireRankRequest::decode(&mut *buf, self.max_ids) {
+            Ok(request) => return Ok(Some(request)),
+            Err(DecodeFailure::Malformed(error)) => errors::undecodable_request(&error),
+            Err(DecodeFailure::TooManyIds { limit }) => errors::limit_exceeded(
                 "candidate_ids",
                 format!("more than {limit} ids; at most {limit} are allowed"),
-            )),
+            ),
             Err(DecodeFailure::Inconsistent) => {
-                Err(errors::internal("candidate ids decoded inconsistently"))
+                errors::internal("candidate ids decoded inconsistently")
             }
-        }
+        };
+        refused_in_decoding(&self.metrics, "Rank", &refusal);
+        Err(refusal)
     }
 
     fn buffer_settings(&self) -> BufferSettings {
@@ -355,7 +362,7 @@ impl Decoder for RequestDecoder {
 
 /// Limits a `RankBatch` body is held to before prost decodes it (each candidate id becomes
 /// a `String`, about 12 times the 2 to 3 bytes an empty or 1-byte id takes on the wire).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct BatchLimits {
     /// `ranking.max_batch_requests`.
     pub max_entries: usize,
@@ -365,15 +372,18 @@ pub struct BatchLimits {
 
 /// The codec of the `RankBatch` route: prost both ways, the body first counted against
 /// [`BatchLimits`] without allocating.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone)]
 pub struct BatchCodec {
     limits: BatchLimits,
+    /// Where the decoder's refusals are counted.
+    metrics: Arc<Metrics>,
 }
 
 /// Decodes `RankBatchRequest`s within [`BatchLimits`].
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone)]
 pub struct BatchDecoder {
     limits: BatchLimits,
+    metrics: Arc<Metrics>,
 }
 
 impl Codec for BatchCodec {
@@ -389,6 +399,7 @@ impl Codec for BatchCodec {
     fn decoder(&mut self) -> BatchDecoder {
         BatchDecoder {
             limits: self.limits,
+            metrics: Arc::clone(&self.metrics),
         }
     }
 }
@@ -399,12 +410,15 @@ impl Decoder for BatchDecoder {
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<pb::RankBatchRequest>, Status> {
         let body = buf.copy_to_bytes(buf.remaining());
-        if let Some(refusal) = batch_over_limits(&body, self.limits) {
-            return Err(refusal);
-        }
-        pb::RankBatchRequest::decode(body)
-            .map(Some)
-            .map_err(|error| errors::undecodable_request(&error))
+        let refusal = match batch_over_limits(&body, self.limits) {
+            Some(refusal) => refusal,
+            None => match pb::RankBatchRequest::decode(body) {
+                Ok(request) => return Ok(Some(request)),
+                Err(error) => errors::undecodable_request(&error),
+            },
+        };
+        refused_in_decoding(&self.metrics, "RankBatch", &refusal);
+        Err(refusal)
     }
 }
 
@@ -483,6 +497,7 @@ impl OwnRoutes for RankerService {
             RANK_PATH => Ok(routes::unary_with_codec(
                 RankCodec {
                     max_ids: service.max_candidates(),
+                    metrics: service.metrics(),
                 },
                 request,
                 limit,
@@ -494,6 +509,7 @@ impl OwnRoutes for RankerService {
             RANK_BATCH_PATH => Ok(routes::unary_with_codec(
                 BatchCodec {
                     limits: service.batch_limits(),
+                    metrics: service.metrics(),
                 },
                 request,
                 limit,
