@@ -106,18 +106,21 @@ async fn health_reflection_and_metrics_are_served() {
     env.push(("RUST_LOG", "info,fairrank=debug"));
     let server = Server::start(&tables, None, &env);
     let mut health_client = HealthClient::new(server.channel().await);
-    for service in [
-        "",
-        "fairrank.v1.Ranker",
-        "fairrank.v1.Admin",
-        "fairrank.bench.v1.Echo",
-    ] {
+    for service in ["", "fairrank.v1.Ranker", "fairrank.v1.Admin"] {
         assert_eq!(
             health(&mut health_client, service).await,
             ServingStatus::Serving as i32,
             "{service:?}"
         );
     }
+    // The Echo baseline is off by default: health does not report it either.
+    let echo = health_client
+        .check(HealthCheckRequest {
+            service: "fairrank.bench.v1.Echo".to_owned(),
+        })
+        .await
+        .expect_err("no Echo on a default server");
+    assert_eq!(echo.code(), Code::NotFound, "{echo:?}");
 
     let expected = [
         "fairrank.v1.Ranker",

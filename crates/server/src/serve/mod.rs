@@ -325,12 +325,13 @@ impl ReloadDirs {
     }
 }
 
-/// Names of the services whose health is reported (besides the server as a whole, "").
-fn health_names(admin_enabled: bool) -> Vec<&'static str> {
-    let mut names = vec![
-        api::fairrank::v1::ranker_server::SERVICE_NAME,
-        api::fairrank::bench::v1::echo_server::SERVICE_NAME,
-    ];
+/// Names of the services whose health is reported (besides the server as a whole, ""):
+/// those this server answers.
+fn health_names(admin_enabled: bool, echo_enabled: bool) -> Vec<&'static str> {
+    let mut names = vec![api::fairrank::v1::ranker_server::SERVICE_NAME];
+    if echo_enabled {
+        names.push(api::fairrank::bench::v1::echo_server::SERVICE_NAME);
+    }
     if admin_enabled {
         names.push(api::fairrank::v1::admin_server::SERVICE_NAME);
     }
@@ -392,7 +393,7 @@ async fn serve(config: Config, engine: Engine, reload_dirs: ReloadDirs) -> anyho
     shared.refresh_metrics();
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    let names = health_names(admin_enabled);
+    let names = health_names(admin_enabled, server_config.echo_service);
     set_health(&health_reporter, &names, ServingStatus::Serving).await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(api::FILE_DESCRIPTOR_SET)
