@@ -724,8 +724,11 @@ impl Inner {
             }
         };
         let shared = Arc::new(SharedBatch {
-            remaining: AtomicUsize::new(private.len()),
-            state: Mutex::new((batch, Some(completion))),
+            state: Mutex::new(Some(WaitingBatch {
+                batch,
+                completion,
+                remaining: private.len(),
+            })),
         });
         for (position, prepared) in private {
             let shared = Arc::clone(&shared);
@@ -772,27 +775,33 @@ impl PendingBatch {
 /// (A job dropped unrun drops its `Arc`; the last drop drops the completion, which then
 /// answers with an internal error.)
 struct SharedBatch {
-    remaining: AtomicUsize,
-    state: Mutex<(PendingBatch, Option<Completion<BatchResponse>>)>,
+    /// `None` once answered.
+    state: Mutex<Option<WaitingBatch>>,
+}
+
+/// What [`SharedBatch`] holds until its last DP entry finishes.
+struct WaitingBatch {
+    batch: PendingBatch,
+    completion: Completion<BatchResponse>,
+    /// DP entries still running.
+    remaining: usize,
 }
 
 impl SharedBatch {
     fn finish_one(&self, position: usize, result: Result<RankResponse, EngineError>) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(slot) = state.0.results.get_mut(position) {
+        let Some(waiting) = state.as_mut() else {
+            return;
+        };
+        if let Some(slot) = waiting.batch.results.get_mut(position) {
             *slot = Some(result);
         }
-        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1
-            && let Some(completion) = state.1.take()
+        waiting.remaining = waiting.remaining.saturating_sub(1);
+        if waiting.remaining == 0
+            && let Some(WaitingBatch {
+                batch, completion, ..
+            }) = state.take()
         {
-            let batch = std::mem::replace(
-                &mut state.0,
-                PendingBatch {
-                    results: Vec::new(),
-                    received: Instant::now(),
-                    timings: StageTimings::default(),
-                },
-            );
             drop(state);
             completion.complete(Ok(batch.into_response()));
         }
