@@ -408,10 +408,7 @@ async fn bad_input_gets_its_code_reason_and_field() {
         .expect("the server still answers");
     let text = server.metrics_text();
     assert_eq!(
-        metric_value(
-            &text,
-            "fairrank_requests_total{method=\"Rank\",code=\"InvalidArgument\"}"
-        ),
+        calls_counted(&text, "Rank", "InvalidArgument"),
         Some(13.0),
         "{text}"
     );
@@ -803,21 +800,11 @@ async fn a_batch_answer_above_the_message_limit_is_refused_and_counted_as_refuse
     assert_eq!(single.items.len(), 50);
     let text = server.metrics_text();
     assert_eq!(
-        metric_value(
-            &text,
-            r#"fairrank_requests_total{method="RankBatch",code="ResourceExhausted"}"#
-        ),
+        calls_counted(&text, "RankBatch", "ResourceExhausted"),
         Some(1.0),
         "{text}"
     );
-    assert_eq!(
-        metric_value(
-            &text,
-            r#"fairrank_requests_total{method="RankBatch",code="Ok"}"#
-        ),
-        None,
-        "{text}"
-    );
+    assert_eq!(calls_counted(&text, "RankBatch", "Ok"), None, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -839,10 +826,7 @@ async fn more_candidates_than_the_limit_are_refused_naming_the_field() {
     // Refused by the route's decoder, before any handler: still counted.
     let text = server.metrics_text();
     assert_eq!(
-        metric_value(
-            &text,
-            r#"fairrank_requests_total{method="Rank",code="InvalidArgument"}"#
-        ),
+        calls_counted(&text, "Rank", "InvalidArgument"),
         Some(1.0),
         "{text}"
     );

@@ -426,6 +426,15 @@ pub fn http_get(addr: SocketAddr, path: &str) -> String {
     body.to_owned()
 }
 
+/// `fairrank_requests_total` of `method` and `code` (a gRPC code name, e.g. `Ok`) in the
+/// metrics `text`; `None` when no such call was counted.
+pub fn calls_counted(text: &str, method: &str, code: &str) -> Option<f64> {
+    metric_value(
+        text,
+        &format!("fairrank_requests_total{{method=\"{method}\",code=\"{code}\"}}"),
+    )
+}
+
 /// The value of an unlabelled or labelled sample line in a metrics exposition.
 pub fn metric_value(text: &str, sample: &str) -> Option<f64> {
     text.lines()
