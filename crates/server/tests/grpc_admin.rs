@@ -444,6 +444,14 @@ async fn undecodable_admin_requests_are_invalid_arguments_naming_the_field() {
         status.message()
     );
 
+    // Refused before the handler ran, and still counted.
+    let text = server.metrics_text();
+    assert_eq!(
+        calls_counted(&text, "ReloadTable", "InvalidArgument"),
+        Some(1.0),
+        "{text}"
+    );
+
     // A valid call still answers through the route.
     let mut admin = server.admin().await;
     let status = admin

@@ -28,37 +28,6 @@ async fn health(client: &mut HealthClient<tonic::transport::Channel>, service: &
         .status
 }
 
-/// Service names listed by reflection v1.
-async fn reflection_v1_services(server: &Server) -> BTreeSet<String> {
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    let mut client = ServerReflectionClient::new(server.channel().await);
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut stream = client
-        .server_reflection_info(tokio_stream::iter([request]))
-        .await
-        .expect("reflection v1 answers")
-        .into_inner();
-    let response = stream
-        .message()
-        .await
-        .expect("a reflection message")
-        .expect("one response");
-    match response.message_response {
-        Some(MessageResponse::ListServicesResponse(list)) => list
-            .service
-            .into_iter()
-            .map(|service| service.name)
-            .collect(),
-        other => panic!("unexpected reflection answer {other:?}"),
-    }
-}
-
 /// Service names listed by reflection v1alpha, and whether it can describe the Ranker.
 async fn reflection_v1alpha(server: &Server) -> (BTreeSet<String>, bool) {
     use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
@@ -122,18 +91,21 @@ async fn health_reflection_and_metrics_are_served() {
         .expect_err("no Echo on a default server");
     assert_eq!(echo.code(), Code::NotFound, "{echo:?}");
 
-    let expected = [
+    // Reflection lists exactly the services this server answers: not Echo, which is off.
+    let expected: BTreeSet<String> = [
         "fairrank.v1.Ranker",
         "fairrank.v1.Admin",
-        "fairrank.bench.v1.Echo",
         "grpc.health.v1.Health",
-    ];
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
     let v1 = reflection_v1_services(&server).await;
     let (v1alpha, described) = reflection_v1alpha(&server).await;
-    for name in expected {
-        assert!(v1.contains(name), "v1 lacks {name}: {v1:?}");
-        assert!(v1alpha.contains(name), "v1alpha lacks {name}: {v1alpha:?}");
-    }
+    assert_eq!(v1, expected, "reflection v1");
+    assert_eq!(v1alpha, expected, "reflection v1alpha");
     assert!(described, "reflection describes fairrank.v1.Ranker");
 
     let mut ranker = server.ranker().await;

@@ -628,12 +628,43 @@ async fn oversized_messages_are_refused_and_echo_works() {
     let mut ranker = server.ranker().await;
     let mut request = rank_request("huge", &tables.data.users.ids[0], 5);
     request.candidate_ids = tables.data.items.ids[..1000].to_vec();
-    let status = ranker.rank(request).await.expect_err("too large");
-    assert_eq!(status.code(), Code::OutOfRange, "{}", status.message());
+    let bytes = prost::Message::encoded_len(&request);
+    let too_large = |status: &tonic::Status| {
+        // RESOURCE_EXHAUSTED, as gRPC's own implementations answer (tonic: OUT_OF_RANGE).
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert_eq!(error_reason(status), pb::ErrorReason::LimitExceeded);
+        assert!(
+            status.message().contains("`server.max_message_bytes`")
+                && status.message().contains("4096 bytes"),
+            "{}",
+            status.message()
+        );
+    };
+    let status = ranker.rank(request.clone()).await.expect_err("too large");
+    too_large(&status);
+    assert!(
+        status.message().contains(&format!("of {bytes} bytes")),
+        "the size: {}",
+        status.message()
+    );
+    let batch = pb::RankBatchRequest {
+        requests: vec![request],
+    };
+    let status = ranker.rank_batch(batch).await.expect_err("too large");
+    too_large(&status);
     ranker
         .rank(rank_request("small", &tables.data.users.ids[0], 5))
         .await
         .expect("small messages still pass");
+    // Refused before any handler ran, and still counted.
+    let text = server.metrics_text();
+    for method in ["Rank", "RankBatch"] {
+        assert_eq!(
+            calls_counted(&text, method, "ResourceExhausted"),
+            Some(1.0),
+            "{method}:\n{text}"
+        );
+    }
 
     let mut echo = api::fairrank::bench::v1::echo_client::EchoClient::new(server.channel().await);
     let payload = prost::bytes::Bytes::from_static(b"fairrank");
@@ -655,6 +686,11 @@ async fn oversized_messages_are_refused_and_echo_works() {
         .expect("echoes")
         .into_inner();
     assert_eq!(answer.payload.len(), 1000);
+    let listed = reflection_v1_services(&server).await;
+    assert!(
+        listed.contains("fairrank.bench.v1.Echo"),
+        "Echo is on and listed: {listed:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

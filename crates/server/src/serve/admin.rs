@@ -378,13 +378,25 @@ impl OwnRoutes for AdminService {
             let answer = http::Response::from_parts(parts, tonic::body::Body::empty());
             return Ok(Box::pin(async move { Ok(answer) }));
         }
+        // A body over the size limit or one that does not decode is counted like any
+        // other failed admin call.
+        let metrics = Arc::clone(&service.shared.metrics);
+        let refused = move |status: &Status| {
+            tracing::debug!(method, code = ?status.code(), "admin call refused");
+            metrics.record_call(method, status.code(), std::time::Duration::ZERO);
+        };
         /// A route calling the service's own trait method `$method`.
         macro_rules! route {
             ($method:ident) => {
-                Ok(routes::unary(request, limit, move |request| {
-                    let service = Arc::clone(&service);
-                    Box::pin(async move { Admin::$method(&*service, request).await })
-                }))
+                Ok(routes::unary(
+                    request,
+                    limit,
+                    move |request| {
+                        let service = Arc::clone(&service);
+                        Box::pin(async move { Admin::$method(&*service, request).await })
+                    },
+                    refused,
+                ))
             };
         }
         match method {

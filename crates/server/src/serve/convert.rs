@@ -200,7 +200,7 @@ fn privacy_policy(policy: pb::PrivacyPolicy) -> Result<engine::PrivacyPolicy, St
                 "`privacy.mechanism` {} is not supported by this server version",
                 policy.mechanism
             ),
-            pb::ErrorReason::Unspecified,
+            pb::ErrorReason::NotSupported,
             Some("privacy.mechanism"),
         )
     })?;
@@ -622,6 +622,10 @@ mod tests {
         let status = rank_request(wire, engine::CandidateIds::new(), None).unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unimplemented);
         assert_eq!(error_field(&status), Some("privacy.mechanism"));
+        assert_eq!(
+            api::status::error_reason(&status),
+            pb::ErrorReason::NotSupported
+        );
         assert!(status.message().contains('7'), "{}", status.message());
 
         type SetField = fn(&mut pb::RankRequest);

@@ -49,7 +49,7 @@ pub fn engine_status(error: &EngineError) -> Status {
         EngineError::Unsupported { field, .. } if field.ends_with("fairness.constraint") => {
             (Code::InvalidArgument, ErrorReason::UnknownConstraint)
         }
-        EngineError::Unsupported { .. } => (Code::Unimplemented, ErrorReason::Unspecified),
+        EngineError::Unsupported { .. } => (Code::Unimplemented, ErrorReason::NotSupported),
         EngineError::ResourceExhausted { .. } => (Code::ResourceExhausted, ErrorReason::Overloaded),
         EngineError::PrivacyBudgetExhausted { .. } => {
             (Code::ResourceExhausted, ErrorReason::PrivacyBudgetExhausted)
@@ -118,6 +118,22 @@ pub fn answer_too_large(bytes: usize, limit: usize) -> Status {
         ),
         ErrorReason::LimitExceeded,
         Some("requests"),
+    )
+}
+
+/// A request message of `bytes` (when known) above the transport's message limit `limit`,
+/// refused before it was read whole.
+pub fn request_too_large(bytes: Option<usize>, limit: usize) -> Status {
+    let size = bytes.map_or_else(String::new, |bytes| format!(" of {bytes} bytes"));
+    error_status(
+        Code::ResourceExhausted,
+        format!(
+            "the request message{size} is above the server's limit of {limit} bytes \
+             (`server.max_message_bytes`); send fewer candidate ids, or fewer requests per \
+             batch"
+        ),
+        ErrorReason::LimitExceeded,
+        None,
     )
 }
 
@@ -313,7 +329,7 @@ mod tests {
                     message: "not yet".into(),
                 },
                 Code::Unimplemented,
-                ErrorReason::Unspecified,
+                ErrorReason::NotSupported,
             ),
             (
                 EngineError::ResourceExhausted {

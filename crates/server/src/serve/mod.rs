@@ -338,6 +338,29 @@ fn health_names(admin_enabled: bool, echo_enabled: bool) -> Vec<&'static str> {
     names
 }
 
+/// A reflection service builder over the API's and health's descriptors that lists the
+/// services in `names` (those this server answers, as health reports them), health and
+/// reflection itself. Without the explicit list, reflection would list every service of the
+/// descriptor set, the Echo benchmark service even when it is off.
+fn reflection(names: &[&str]) -> tonic_reflection::server::Builder<'static> {
+    let listed = names.iter().copied().chain([
+        tonic_health::pb::health_server::SERVICE_NAME,
+        tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME,
+        tonic_reflection::pb::v1alpha::server_reflection_server::SERVICE_NAME,
+    ]);
+    listed.fold(
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(api::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // Both reflection versions are listed, so both are described.
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            ),
+        |builder, name| builder.with_service_name(name),
+    )
+}
+
 async fn set_health(reporter: &HealthReporter, names: &[&str], status: ServingStatus) {
     reporter.set_service_status("", status).await;
     for name in names {
@@ -395,14 +418,10 @@ async fn serve(config: Config, engine: Engine, reload_dirs: ReloadDirs) -> anyho
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let names = health_names(admin_enabled, server_config.echo_service);
     set_health(&health_reporter, &names, ServingStatus::Serving).await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(api::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection_v1 = reflection(&names)
         .build_v1()
         .context("building the reflection service (v1)")?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(api::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection_v1alpha = reflection(&names)
         .build_v1alpha()
         .context("building the reflection service (v1alpha)")?;
 

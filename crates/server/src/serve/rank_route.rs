@@ -37,7 +37,6 @@ use super::errors;
 use super::ranker::{RankerService, refused_in_decoding};
 use super::replay::{CANDIDATE_IDS_FIELD, CANDIDATE_IDS_KEY, IdEntries, IdRun};
 use super::routes::{self, OwnRoutes, Routes};
-use crate::metrics::Metrics;
 
 /// Initial size of the buffer tonic gathers a request's body in (its default is 8 KiB): a
 /// 1000-candidate request is about 10 KB, so the default buffer was grown, by a `realloc`
@@ -288,8 +287,6 @@ fn take_uniform_block(body: &[u8], next: usize, spans: &mut Spans) -> Option<usi
 pub struct RankCodec {
     /// The engine's `max_candidates`: the decoder refuses a request with more ids.
     max_ids: usize,
-    /// Where the decoder's refusals are counted.
-    metrics: Arc<Metrics>,
 }
 
 /// Writes [`WireRankResponse`]s: prost's encoding of the `RankResponse`.
@@ -297,10 +294,9 @@ pub struct RankCodec {
 pub struct ResponseEncoder;
 
 /// Decodes [`WireRankRequest`]s of at most `max_ids` candidate ids.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct RequestDecoder {
     max_ids: usize,
-    metrics: Arc<Metrics>,
 }
 
 impl Codec for RankCodec {
@@ -316,7 +312,6 @@ impl Codec for RankCodec {
     fn decoder(&mut self) -> RequestDecoder {
         RequestDecoder {
             max_ids: self.max_ids,
-            metrics: Arc::clone(&self.metrics),
         }
     }
 }
@@ -339,19 +334,18 @@ impl Decoder for RequestDecoder {
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<WireRankRequest>, Status> {
         // tonic gathers each message in one `BytesMut`: taking it as `Bytes` does not copy.
-        let refusal = match WireRankRequest::decode(&mut *buf, self.max_ids) {
-            Ok(request) => return Ok(Some(request)),
-            Err(DecodeFailure::Malformed(error)) => errors::undecodable_request(&error),
-            Err(DecodeFailure::TooManyIds { limit }) => errors::limit_exceeded(
+        // A refusal is counted by the route (`refused_in_decoding`).
+        match WireRankRequest::decode(&mut *buf, self.max_ids) {
+            Ok(request) => Ok(Some(request)),
+            Err(DecodeFailure::Malformed(error)) => Err(errors::undecodable_request(&error)),
+            Err(DecodeFailure::TooManyIds { limit }) => Err(errors::limit_exceeded(
                 "candidate_ids",
                 format!("more than {limit} ids; at most {limit} are allowed"),
-            ),
+            )),
             Err(DecodeFailure::Inconsistent) => {
-                errors::internal("candidate ids decoded inconsistently")
+                Err(errors::internal("candidate ids decoded inconsistently"))
             }
-        };
-        refused_in_decoding(&self.metrics, "Rank", &refusal);
-        Err(refusal)
+        }
     }
 
     fn buffer_settings(&self) -> BufferSettings {
@@ -375,15 +369,12 @@ pub struct BatchLimits {
 #[derive(Debug, Clone)]
 pub struct BatchCodec {
     limits: BatchLimits,
-    /// Where the decoder's refusals are counted.
-    metrics: Arc<Metrics>,
 }
 
 /// Decodes `RankBatchRequest`s within [`BatchLimits`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct BatchDecoder {
     limits: BatchLimits,
-    metrics: Arc<Metrics>,
 }
 
 impl Codec for BatchCodec {
@@ -399,7 +390,6 @@ impl Codec for BatchCodec {
     fn decoder(&mut self) -> BatchDecoder {
         BatchDecoder {
             limits: self.limits,
-            metrics: Arc::clone(&self.metrics),
         }
     }
 }
@@ -409,16 +399,14 @@ impl Decoder for BatchDecoder {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<pb::RankBatchRequest>, Status> {
+        // A refusal is counted by the route (`refused_in_decoding`).
         let body = buf.copy_to_bytes(buf.remaining());
-        let refusal = match batch_over_limits(&body, self.limits) {
-            Some(refusal) => refusal,
-            None => match pb::RankBatchRequest::decode(body) {
-                Ok(request) => return Ok(Some(request)),
-                Err(error) => errors::undecodable_request(&error),
-            },
-        };
-        refused_in_decoding(&self.metrics, "RankBatch", &refusal);
-        Err(refusal)
+        if let Some(refusal) = batch_over_limits(&body, self.limits) {
+            return Err(refusal);
+        }
+        pb::RankBatchRequest::decode(body)
+            .map(Some)
+            .map_err(|error| errors::undecodable_request(&error))
     }
 }
 
@@ -493,11 +481,12 @@ impl OwnRoutes for RankerService {
         B::Error: Into<StdError> + Send + 'static,
     {
         let service = Arc::clone(service);
+        // Calls refused before their handler ran (their body) are counted by the route.
+        let metrics = service.metrics();
         match request.uri().path() {
             RANK_PATH => Ok(routes::unary_with_codec(
                 RankCodec {
                     max_ids: service.max_candidates(),
-                    metrics: service.metrics(),
                 },
                 request,
                 limit,
@@ -505,11 +494,11 @@ impl OwnRoutes for RankerService {
                     let service = Arc::clone(&service);
                     Box::pin(async move { service.rank_wire(request).await })
                 },
+                move |status| refused_in_decoding(&metrics, "Rank", status),
             )),
             RANK_BATCH_PATH => Ok(routes::unary_with_codec(
                 BatchCodec {
                     limits: service.batch_limits(),
-                    metrics: service.metrics(),
                 },
                 request,
                 limit,
@@ -517,6 +506,7 @@ impl OwnRoutes for RankerService {
                     let service = Arc::clone(&service);
                     Box::pin(async move { Ranker::rank_batch(&*service, request).await })
                 },
+                move |status| refused_in_decoding(&metrics, "RankBatch", status),
             )),
             _ => Err(request),
         }

@@ -29,7 +29,7 @@ pub struct RankerService {
 }
 
 impl RankerService {
-    /// The server's metrics (for the routes' decoders).
+    /// The server's metrics (for the routes, which count calls refused before a handler).
     pub fn metrics(&self) -> Arc<Metrics> {
         Arc::clone(&self.shared.metrics)
     }
@@ -491,16 +491,15 @@ fn user_tag(shared: &Shared, request: &pb::RankRequest) -> Option<String> {
     })
 }
 
-/// Records a finished call and logs it: a keyed pseudonym at most, never the user id or
-/// the embedding.
-/// Counts and logs a call refused by its route's decoder, before any handler ran (a body
-/// over a limit, or one that does not decode): as a failed call of `method`, one rank
-/// error.
+/// Counts and logs a call refused by its route before any handler ran (a body over a
+/// limit, or one that does not decode): as a failed call of `method`, one rank error.
 pub(super) fn refused_in_decoding(metrics: &Metrics, method: &'static str, status: &Status) {
     metrics.rank_errors.inc();
     finish_call(metrics, method, Some(status), Duration::ZERO, "", None);
 }
 
+/// Records a finished call and logs it: a keyed pseudonym at most, never the user id or
+/// the embedding.
 fn finish_call(
     metrics: &Metrics,
     method: &'static str,

@@ -6,17 +6,20 @@
 //! a valid message (a string that is not UTF-8, a truncated field) with INTERNAL. Those
 //! bytes are the client's input, so these routes answer INVALID_ARGUMENT with prost's
 //! message, which names the field ([`errors::undecodable_request`]), and otherwise serve
-//! exactly as the generated server: same method, same message size limits.
+//! exactly as the generated server: same method, same message size limit. A body above
+//! that limit is RESOURCE_EXHAUSTED, as gRPC's own implementations answer it (tonic says
+//! OUT_OF_RANGE). Every call refused before its handler runs is handed to the route's
+//! `refused` callback, which counts it.
 
 use std::convert::Infallible;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
 use prost::Message;
-use tonic::Status;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
 use tonic::server::{NamedService, UnaryService};
+use tonic::{Code, Status};
 
 use super::errors;
 
@@ -78,10 +81,14 @@ impl<Request: Message + Default> Decoder for RequestDecoder<Request> {
     }
 }
 
-/// A unary method as a closure from the decoded request to its answer.
-struct MethodFn<F>(F);
+/// A unary method as a closure from the decoded request to its answer; `called` is set
+/// when tonic hands it a request (the body decoded within the size limit).
+struct MethodFn<'a, F> {
+    method: F,
+    called: &'a mut bool,
+}
 
-impl<Request, Response, F> UnaryService<Request> for MethodFn<F>
+impl<Request, Response, F> UnaryService<Request> for MethodFn<'_, F>
 where
     F: FnMut(tonic::Request<Request>) -> BoxFuture<tonic::Response<Response>, Status>,
 {
@@ -89,16 +96,19 @@ where
     type Future = BoxFuture<tonic::Response<Response>, Status>;
 
     fn call(&mut self, request: tonic::Request<Request>) -> Self::Future {
-        (self.0)(request)
+        *self.called = true;
+        (self.method)(request)
     }
 }
 
 /// Serves `request` as a unary call of `method` with [`ProstRouteCodec`], `max_message_bytes`
-/// limiting both the request and the answer.
-pub fn unary<Request, Response, B, F>(
+/// limiting both the request and the answer; `refused` sees the status of a call refused
+/// before `method` ran ([`unary_with_codec`]).
+pub fn unary<Request, Response, B, F, R>(
     request: http::Request<B>,
     max_message_bytes: usize,
     method: F,
+    refused: R,
 ) -> BoxFuture<http::Response<tonic::body::Body>, Infallible>
 where
     Request: Message + Default + Send + 'static,
@@ -108,17 +118,24 @@ where
     F: FnMut(tonic::Request<Request>) -> BoxFuture<tonic::Response<Response>, Status>
         + Send
         + 'static,
+    R: FnOnce(&Status) + Send + 'static,
 {
     let codec = ProstRouteCodec::<Request, Response>::default();
-    unary_with_codec(codec, request, max_message_bytes, method)
+    unary_with_codec(codec, request, max_message_bytes, method, refused)
 }
 
-/// [`unary`] with `codec` instead of [`ProstRouteCodec`] (the `Rank` route's own codec).
-pub fn unary_with_codec<C, B, F>(
+/// [`unary`] with `codec` instead of [`ProstRouteCodec`] (the `Ranker` routes' own codecs).
+///
+/// A call refused before `method` runs (a body above `max_message_bytes`, one that does not
+/// decode, or no message at all) is answered by tonic; `refused` is then called with the
+/// status the client receives, after a body above the limit has become
+/// [`errors::request_too_large`].
+pub fn unary_with_codec<C, B, F, R>(
     codec: C,
     request: http::Request<B>,
     max_message_bytes: usize,
     method: F,
+    refused: R,
 ) -> BoxFuture<http::Response<tonic::body::Body>, Infallible>
 where
     C: Codec + Send + 'static,
@@ -129,12 +146,54 @@ where
     F: FnMut(tonic::Request<C::Decode>) -> BoxFuture<tonic::Response<C::Encode>, Status>
         + Send
         + 'static,
+    R: FnOnce(&Status) + Send + 'static,
 {
     let limit = Some(max_message_bytes);
     Box::pin(async move {
         let mut grpc = tonic::server::Grpc::new(codec).apply_max_message_size_config(limit, limit);
-        Ok(grpc.unary(MethodFn(method), request).await)
+        let mut called = false;
+        let method = MethodFn {
+            method,
+            called: &mut called,
+        };
+        let answer = grpc.unary(method, request).await;
+        if called {
+            return Ok(answer);
+        }
+        Ok(refusal_answer(answer, max_message_bytes, refused))
     })
+}
+
+/// How tonic's refusal of a request body above the decoding limit begins (its code is
+/// OUT_OF_RANGE; the text goes on "N bytes, the limit is: M bytes").
+const TONIC_BODY_TOO_LARGE: &str = "Error, decoded message length too large: found ";
+
+/// The answer to a call refused before its handler ran, `answer` as tonic made it: a body
+/// above `limit` becomes [`errors::request_too_large`] (RESOURCE_EXHAUSTED, as grpc-go,
+/// grpc-java and gRPC core answer a message above the receiver's limit; tonic's
+/// OUT_OF_RANGE reads as a bad field value); any other refusal is kept. `refused` sees the
+/// status sent.
+fn refusal_answer(
+    answer: http::Response<tonic::body::Body>,
+    limit: usize,
+    refused: impl FnOnce(&Status),
+) -> http::Response<tonic::body::Body> {
+    // tonic keeps the status of an answer it makes from one in the answer's extensions.
+    let Some(status) = answer.extensions().get::<Status>() else {
+        return answer;
+    };
+    let too_large = (status.code() == Code::OutOfRange)
+        .then(|| status.message().strip_prefix(TONIC_BODY_TOO_LARGE))
+        .flatten();
+    let Some(rest) = too_large else {
+        refused(status);
+        return answer;
+    };
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    let status = errors::request_too_large(rest[..digits].parse().ok(), limit);
+    refused(&status);
+    let (parts, ()) = status.into_http::<()>().into_parts();
+    http::Response::from_parts(parts, tonic::body::Body::empty())
 }
 
 /// A service that serves its methods through its own routes ([`unary`],

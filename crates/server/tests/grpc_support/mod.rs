@@ -407,6 +407,37 @@ impl Drop for Server {
     }
 }
 
+/// Service names listed by reflection v1.
+pub async fn reflection_v1_services(server: &Server) -> std::collections::BTreeSet<String> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut client = ServerReflectionClient::new(server.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection v1 answers")
+        .into_inner();
+    let response = stream
+        .message()
+        .await
+        .expect("a reflection message")
+        .expect("one response");
+    match response.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => list
+            .service
+            .into_iter()
+            .map(|service| service.name)
+            .collect(),
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
+}
+
 /// The body of `GET path` over HTTP/1.1, asserting status 200.
 pub fn http_get(addr: SocketAddr, path: &str) -> String {
     let mut stream =
