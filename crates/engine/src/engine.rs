@@ -700,10 +700,10 @@ impl Inner {
         let batch = PendingBatch {
             results,
             received,
+            score_started,
             timings: StageTimings {
                 queue_us,
                 validate_us,
-                score_us: micros(score_started.elapsed()),
                 ..StageTimings::default()
             },
         };
@@ -746,12 +746,14 @@ impl Inner {
 struct PendingBatch {
     results: Vec<Option<Result<RankResponse, EngineError>>>,
     received: Instant,
+    /// When scoring began: `score_us` runs to the last entry's end, DP entries included.
+    score_started: Instant,
     timings: StageTimings,
 }
 
 impl PendingBatch {
     /// The answer: every entry's result (an entry never finished is an internal error), the
-    /// total time up to now.
+    /// scoring and total times up to now.
     fn into_response(self) -> BatchResponse {
         BatchResponse {
             results: self
@@ -764,6 +766,7 @@ impl PendingBatch {
                 })
                 .collect(),
             timings: StageTimings {
+                score_us: micros(self.score_started.elapsed()),
                 total_us: micros(self.received.elapsed()),
                 ..self.timings
             },

@@ -392,6 +392,55 @@ fn batch_dp_entries_are_charged_on_the_dp_workers_not_the_compute_pool() {
     );
 }
 
+/// A memory ledger whose every charge takes `delay` (a slow disk).
+#[derive(Debug)]
+struct SlowLedger {
+    inner: MemoryLedger,
+    delay: std::time::Duration,
+}
+
+impl PrivacyLedger for SlowLedger {
+    fn charge(&self, charge: &LedgerCharge<'_>) -> Result<LedgerOutcome, LedgerFailure> {
+        std::thread::sleep(self.delay);
+        self.inner.charge(charge)
+    }
+}
+
+#[test]
+fn a_batch_scoring_time_runs_to_its_last_dp_entry() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let items_path = write(dir.path(), "items.frt", &items_data(1, ITEMS, true));
+    let users_path = write(dir.path(), "users.frt", &users_data(2, 24, DIM));
+    let delay = std::time::Duration::from_millis(40);
+    let engine = Engine::with_privacy(
+        EngineConfig::default(),
+        PrivacySetup {
+            config: PrivacyConfig::default(),
+            ledger: Arc::new(SlowLedger {
+                inner: MemoryLedger::new(),
+                delay,
+            }),
+        },
+        Table::open(&items_path).expect("items open"),
+        Some(Table::open(&users_path).expect("users open")),
+    )
+    .expect("engine starts");
+    let requests = vec![
+        RankRequest::new("s-1", UserRef::id("user-12"), 3),
+        dp_request("s-2", "user-10", 3, 10, 0.1),
+    ];
+    let batch = engine.rank_batch(requests).expect("answers");
+    assert!(batch.results.iter().all(Result::is_ok), "{batch:?}");
+    // The DP entry's charge ran on the DP workers after the rest was scored; the batch's
+    // scoring time includes it.
+    assert!(
+        batch.timings.score_us >= delay.as_micros() as u64,
+        "{:?}",
+        batch.timings
+    );
+    assert!(batch.timings.total_us >= batch.timings.score_us);
+}
+
 #[derive(Debug)]
 struct BrokenLedger;
 
