@@ -11,14 +11,20 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::error::StateError;
+use crate::ledger::LedgerTotals;
+use crate::rho::Rho;
 
 /// Schema version stored in the file; bump on any incompatible change of a table layout.
+///
+/// Adding a key to the `meta` table is not such a change: the ledger's charged-rho counter
+/// ([`RHO_CHARGED_KEY`]) came without a bump, older builds ignore it, and a file without it
+/// counts from 0 (see [`read_totals`]).
 pub const SCHEMA_VERSION: u64 = 1;
 
-/// `"schema_version"` -> [`SCHEMA_VERSION`].
+/// `"schema_version"` -> [`SCHEMA_VERSION`]; [`RHO_CHARGED_KEY`] -> the ledgers' counter.
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Pseudonym (32 bytes) -> encoded `UserRecord`.
 pub(crate) const LEDGER_USERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("ledger_users");
@@ -33,6 +39,16 @@ pub(crate) const LEDGER_ANSWER_TIMES: TableDefinition<&[u8], ()> =
 pub(crate) const AMORTIZED: TableDefinition<&str, &[u8]> = TableDefinition::new("amortized");
 
 const SCHEMA_KEY: &str = "schema_version";
+
+/// The `meta` key of the total rho (nano-rho) of every accepted charge the ledgers of this
+/// file committed, added in the same write transaction as the charges (or, for the leased
+/// ledger, as the batch that writes their answers). Absent in a file last written before the
+/// counter existed: it then reads 0 and counts from the first charge committed by a build
+/// that has it. (The records cannot tell the earlier total: stored answers are pruned after
+/// the retention, a user's spend covers only its open window and, for the leased ledger,
+/// includes wasted lease blocks; a figure rebuilt from them would be neither the total nor
+/// a stated lower bound, so none is guessed.)
+pub(crate) const RHO_CHARGED_KEY: &str = "rho_charged_nano";
 
 /// A handle on the open state database file; cheap to clone (shared).
 ///
@@ -201,6 +217,48 @@ impl StateDatabase {
             .begin_read()
             .map_err(|error| self.storage(operation, error))
     }
+}
+
+/// The committed ledger totals: the number of user records (redb keeps a table's length, so
+/// no scan) and the charged-rho counter (0 when the file has none yet).
+pub(crate) fn read_totals(database: &StateDatabase) -> Result<LedgerTotals, StateError> {
+    let operation = "read the ledger totals";
+    let storage = |error: redb::StorageError| database.storage(operation, error);
+    let transaction = database.begin_read(operation)?;
+    let users = transaction
+        .open_table(LEDGER_USERS)
+        .map_err(|error| database.storage(operation, error))?;
+    let meta = transaction
+        .open_table(META)
+        .map_err(|error| database.storage(operation, error))?;
+    let rho_charged = meta
+        .get(RHO_CHARGED_KEY)
+        .map_err(storage)?
+        .map_or(0, |guard| guard.value());
+    Ok(LedgerTotals {
+        subjects: users.len().map_err(storage)?,
+        rho_charged: Rho::from_nano(rho_charged),
+    })
+}
+
+/// Adds `rho` (nano-rho) to the charged-rho counter inside `transaction`, saturating.
+pub(crate) fn add_rho_charged(
+    database: &StateDatabase,
+    transaction: &redb::WriteTransaction,
+    rho: u64,
+) -> Result<(), StateError> {
+    let operation = "count the charged rho";
+    let storage = |error: redb::StorageError| database.storage(operation, error);
+    let mut meta = transaction
+        .open_table(META)
+        .map_err(|error| database.storage(operation, error))?;
+    let counted = meta
+        .get(RHO_CHARGED_KEY)
+        .map_err(storage)?
+        .map_or(0, |guard| guard.value());
+    meta.insert(RHO_CHARGED_KEY, counted.saturating_add(rho))
+        .map_err(storage)?;
+    Ok(())
 }
 
 /// Maps an open failure to the most specific error, always naming the file.

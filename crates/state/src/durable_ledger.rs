@@ -34,11 +34,13 @@ use std::time::{Duration, SystemTime};
 use redb::{ReadableTable, Table};
 
 use crate::answer_log::{AnswerLog, log_dir};
-use crate::database::{LEDGER_ANSWER_TIMES, LEDGER_ANSWERS, LEDGER_USERS, StateDatabase};
+use crate::database::{
+    LEDGER_ANSWER_TIMES, LEDGER_ANSWERS, LEDGER_USERS, StateDatabase, read_totals,
+};
 use crate::error::StateError;
 use crate::ledger::{
-    BudgetLedger, ChargeOutcome, ChargeParams, ChargeRequest, Decision, RequestRecord,
-    StoredAnswer, UserRecord, UserSpend, decide, replay, unix_millis,
+    BudgetLedger, ChargeOutcome, ChargeParams, ChargeRequest, Decision, LedgerTotals,
+    RequestRecord, StoredAnswer, UserRecord, UserSpend, decide, replay, unix_millis,
 };
 use crate::ledger_writer::{AutoPrune, WriterCommand, apply_batch, reply_all};
 use crate::pseudonym::Pseudonym;
@@ -298,6 +300,16 @@ impl BudgetLedger for DurableLedger {
         self.call(Command::Flush { reply }, &receiver)
     }
 
+    /// The committed totals, read in one read transaction: the user records in the file and
+    /// its charged-rho counter, which each batch updates in the transaction that records its
+    /// charges. Every `Charged` returned so far is counted (it was committed first), and the
+    /// figure survives any crash exactly. A file last written by a build without the counter
+    /// counts from 0 at its first charge by this one (see `database.rs`).
+    fn totals(&self) -> Result<LedgerTotals, StateError> {
+        self.ensure_open()?;
+        read_totals(&self.database)
+    }
+
     fn close(&self) -> Result<(), StateError> {
         self.stop_writer()
     }
@@ -345,11 +357,15 @@ fn run_writer(
     }
 }
 
-/// The three ledger tables inside one write transaction.
+/// The three ledger tables inside one write transaction, and the rho charged in it.
 pub(crate) struct LedgerTables<'txn> {
     pub(crate) users: Table<'txn, &'static [u8], &'static [u8]>,
     pub(crate) answers: Table<'txn, &'static [u8], &'static [u8]>,
     pub(crate) times: Table<'txn, &'static [u8], ()>,
+    /// Nano-rho of the accepted charges this transaction counts (saturating); added to the
+    /// file's charged-rho counter once per transaction, before its commit
+    /// ([`apply_batch`](crate::ledger_writer::apply_batch)).
+    pub(crate) rho_charged: u64,
 }
 
 impl<'txn> LedgerTables<'txn> {
@@ -366,6 +382,7 @@ impl<'txn> LedgerTables<'txn> {
             times: transaction
                 .open_table(LEDGER_ANSWER_TIMES)
                 .map_err(storage)?,
+            rho_charged: 0,
         })
     }
 
@@ -506,6 +523,7 @@ fn apply_charge(
                 answer: charge.answer.clone(),
             };
             tables.insert_answer(database, &key, &stored)?;
+            tables.rho_charged = tables.rho_charged.saturating_add(charge.params.rho);
             Ok(Ok(outcome))
         }
         Decision::Refuse { outcome } => Ok(Ok(outcome)),

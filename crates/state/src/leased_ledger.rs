@@ -12,14 +12,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::answer_log::{AnswerLog, LogRecovery, Lookup, key_hash, log_dir};
-use crate::database::{LEDGER_ANSWERS, StateDatabase};
+use crate::database::{LEDGER_ANSWERS, StateDatabase, read_totals};
 use crate::durable_ledger::{
     LedgerOptions, LedgerTables, answer_key, decode_user, prune_answers, read_answer_at, read_user,
 };
 use crate::error::StateError;
 use crate::ledger::{
-    BudgetLedger, ChargeOutcome, ChargeParams, ChargeRequest, RequestRecord, StoredAnswer,
-    UserRecord, UserSpend, current_window, replay, unix_millis,
+    BudgetLedger, ChargeOutcome, ChargeParams, ChargeRequest, LedgerTotals, RequestRecord,
+    StoredAnswer, UserRecord, UserSpend, current_window, replay, unix_millis,
 };
 use crate::ledger_writer::{AutoPrune, WriterCommand, apply_batch, reply_all};
 use crate::pseudonym::Pseudonym;
@@ -397,6 +397,9 @@ struct AnswerQueue {
     answers: VecDeque<Arc<PendingAnswer>>,
     /// When the oldest waiting answer was queued (about).
     since: Option<Instant>,
+    /// Nano-rho of every charge accepted since the ledger opened (saturating), counted as
+    /// its answer is queued, under this lock (which the charge holds anyway).
+    accepted_rho: u64,
 }
 
 /// State shared by callers and the writer thread.
@@ -415,6 +418,8 @@ struct Shared {
     stats: StatCounters,
     /// The written answers: segment files and their index in memory.
     log: AnswerLog,
+    /// The file's charged-rho counter when the ledger opened (nano-rho).
+    rho_at_open: u64,
 }
 
 impl Shared {
@@ -585,6 +590,7 @@ impl StateDatabase {
         options.validate()?;
         let (log, mut recovery) = AnswerLog::open(&log_dir(self.path()))?;
         recovery.database_answers = index_database_answers(self, &log)?;
+        let rho_at_open = read_totals(self)?.rho_charged.as_nano();
         log.limit_segment_records(
             usize::try_from(options.max_stored_answers / 8).unwrap_or(usize::MAX),
         )?;
@@ -596,6 +602,7 @@ impl StateDatabase {
             writer_running: AtomicBool::new(true),
             stats: StatCounters::default(),
             log,
+            rho_at_open,
         });
         let (sender, receiver) = mpsc::channel();
         let writer_shared = Arc::clone(&shared);
@@ -818,6 +825,7 @@ impl LeasedLedger {
                 queue.since = Some(Instant::now());
             }
             queue.answers.push_back(pending);
+            queue.accepted_rho = queue.accepted_rho.saturating_add(params.rho);
             if queue.answers.len() == self.options.answer_batch {
                 // If the writer is gone, the wait below ends and the next lease reports it.
                 let _ = sender.send(Command::Wake);
@@ -1013,6 +1021,34 @@ impl BudgetLedger for LeasedLedger {
             .map_err(|_| StateError::WriterStopped)?;
         drop(guard);
         receiver.recv().map_err(|_| StateError::WriterStopped)?
+    }
+
+    /// `subjects` counts the user records in the database (a read transaction; a user's
+    /// record is written by the lease commit that comes before its first accepted charge, so
+    /// an accepted charge's user is always counted; a user whose only charges were of zero
+    /// rho took no lease and has none). `rho_charged` is the file's counter as it was when
+    /// the ledger opened plus every charge accepted since, from memory: charges whose answers
+    /// are not yet written are included, unused lease blocks are not.
+    ///
+    /// The counter in the file follows the writer: a batch that takes answers from the queue
+    /// adds their rho in its database transaction (a batch of answers alone, which has none,
+    /// passes it on to the next, due within `answer_interval`). A clean close or
+    /// [`flush`](BudgetLedger::flush) leaves it equal to the figure reported here. **After a
+    /// crash** it misses exactly the accepted charges whose answers no fsynced writer commit
+    /// had taken yet: the answers still waiting in memory (whose replay records the crash
+    /// loses too) and those appended to the log since the last fsynced database commit; in
+    /// either case charges of about the last `2 * answer_interval` (100 ms by default). It
+    /// never counts a charge twice or a lease block that no answer used; a crash thus
+    /// lowers it below the sum of the durable spends (which include the wasted leases).
+    fn totals(&self) -> Result<LedgerTotals, StateError> {
+        let guard = self.sender.read().map_err(|_| StateError::WriterStopped)?;
+        guard.as_ref().ok_or(StateError::Closed)?;
+        let accepted = lock(&self.shared.queue)?.accepted_rho;
+        let stored = read_totals(&self.shared.database)?;
+        Ok(LedgerTotals {
+            subjects: stored.subjects,
+            rho_charged: Rho::from_nano(self.shared.rho_at_open.saturating_add(accepted)),
+        })
     }
 
     /// Returns the unused rest of every lease, writes every stored answer, and stops.
@@ -1258,7 +1294,11 @@ fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOpti
                 } else {
                     queue.answers.len().min(batch.saturating_sub(answers.len()))
                 };
-                answers.extend(queue.answers.drain(..count));
+                for answer in queue.answers.drain(..count) {
+                    // Counted once, when taken (a failed write retries it from `retry`).
+                    counts.rho = counts.rho.saturating_add(answer.record.rho);
+                    answers.push(answer);
+                }
                 queue.since = if queue.answers.is_empty() {
                     None
                 } else {
@@ -1328,11 +1368,14 @@ fn run_writer(shared: &Shared, receiver: &Receiver<Command>, options: &LeaseOpti
 }
 
 /// Answers written per user and window whose count is not yet in the database, and when the
-/// oldest of them was counted.
+/// oldest of them was counted; and the rho of the answers taken from the queue that is not
+/// yet in the database's charged-rho counter.
 #[derive(Default)]
 struct Counts {
     pending: HashMap<(Pseudonym, u64), u64>,
     since: Option<Instant>,
+    /// Nano-rho (saturating), added to the counter by the next database transaction.
+    rho: u64,
 }
 
 /// How long a written answer's count may wait for its user's next lease or return before
@@ -1443,15 +1486,21 @@ fn commit_batch(
     if counts.pending.is_empty() {
         counts.since = None;
     }
+    let rho_due = counts.rho;
     let outcome = apply_batch(
         database,
         "commit leases and answer counts",
         immediate,
         commands,
         auto_prune,
-        |tables| count_answers(database, tables, &due),
+        |tables| {
+            tables.rho_charged = rho_due;
+            count_answers(database, tables, &due)
+        },
     );
-    if outcome.is_err() {
+    if outcome.is_ok() {
+        counts.rho = counts.rho.saturating_sub(rho_due);
+    } else {
         // Retried with a later commit.
         for (key, count) in due.drain(..) {
             *counts.pending.entry(key).or_default() += count;
@@ -1833,6 +1882,45 @@ mod tests {
             b"new answer"
         );
         assert_eq!(durable_spent(&database, "k"), 200);
+    }
+
+    #[test]
+    fn a_crash_loses_from_the_totals_only_charges_no_commit_had_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        {
+            let database = StateDatabase::open(&path).unwrap();
+            let ledger = database.leased_ledger(options(10)).unwrap();
+            ledger.charge(&request("t", "written", 7, 1000, 0)).unwrap();
+            ledger.charge(&request("u", "written", 3, 1000, 0)).unwrap();
+            ledger.flush().unwrap();
+            ledger
+                .charge(&request("t", "unwritten", 5, 1000, 1))
+                .unwrap();
+            // In memory: every accepted charge, none of the leases' unused rest.
+            let expected = LedgerTotals {
+                subjects: 2,
+                rho_charged: Rho::from_nano(15),
+            };
+            assert_eq!(ledger.totals().unwrap(), expected);
+            ledger.abandon();
+        }
+        let database = StateDatabase::open_existing(&path).unwrap();
+        // The leases (70 and 50) were durable; the counter holds the flushed charges only.
+        assert_eq!(durable_spent(&database, "t"), 70);
+        let ledger = database.leased_ledger(options(10)).unwrap();
+        let expected = LedgerTotals {
+            subjects: 2,
+            rho_charged: Rho::from_nano(10),
+        };
+        assert_eq!(ledger.totals().unwrap(), expected);
+        // The lost answer's retry is a new charge, counted again.
+        ledger
+            .charge(&request("t", "unwritten", 5, 1000, 2))
+            .unwrap();
+        ledger.close().unwrap();
+        let ledger = database.leased_ledger(options(10)).unwrap();
+        assert_eq!(ledger.totals().unwrap().rho_charged, Rho::from_nano(15));
     }
 
     #[test]

@@ -174,6 +174,23 @@ impl fmt::Debug for StoredAnswer {
     }
 }
 
+/// What a ledger has counted over all users ([`BudgetLedger::totals`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LedgerTotals {
+    /// Subjects (pseudonyms) that currently have a ledger entry: a user record, written by
+    /// the subject's first accepted charge (a subject whose charges were all refused has
+    /// none). Records are never deleted today ([`BudgetLedger::prune`] deletes stored answers,
+    /// not users), so the figure only grows; should a later version prune user records, it
+    /// falls with them: it counts entries, not everyone ever charged.
+    pub subjects: u64,
+    /// Total rho of the accepted charges (`Charged` outcomes) since the ledger (for a
+    /// durable ledger, the database file) was created: replays and refusals add nothing,
+    /// and budget reserved but not used by an answer (a lease) is not charged. It saturates
+    /// at [`Rho::MAX`] instead of wrapping. What a crash or an older database file leaves
+    /// uncounted depends on the implementation (see each ledger's `totals`).
+    pub rho_charged: Rho,
+}
+
 /// A per-user privacy budget ledger.
 ///
 /// Object-safe and shareable (`Arc<dyn BudgetLedger>`), so that a store shared by many
@@ -204,6 +221,10 @@ pub trait BudgetLedger: Send + Sync + fmt::Debug {
 
     /// Waits until everything accepted so far is durable.
     fn flush(&self) -> Result<(), StateError>;
+
+    /// The ledger's totals over all users (see [`LedgerTotals`]): cheap (no scan over users
+    /// or answers), for status reports.
+    fn totals(&self) -> Result<LedgerTotals, StateError>;
 
     /// Flushes and releases the store; later calls fail with [`StateError::Closed`]. Closing
     /// twice is not an error.

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::{
     BudgetLedger, ChargeOutcome, ChargeRequest, InMemoryLedger, LeaseOptions, LedgerOptions,
-    Pseudonym, PseudonymKey, Rho, StateDatabase, StateError,
+    LedgerTotals, Pseudonym, PseudonymKey, Rho, StateDatabase, StateError,
 };
 
 pub(crate) fn user(name: &str) -> Pseudonym {
@@ -206,14 +206,80 @@ fn invalid_requests_and_close(ledger: &dyn BudgetLedger) {
     assert_eq!(ledger.spend(&user("v"), at(0)), Err(StateError::Closed));
     assert_eq!(ledger.lookup(&user("v"), "ok"), Err(StateError::Closed));
     assert_eq!(ledger.flush(), Err(StateError::Closed));
+    assert_eq!(ledger.totals(), Err(StateError::Closed));
+}
+
+fn totals(subjects: u64, rho: u64) -> LedgerTotals {
+    LedgerTotals {
+        subjects,
+        rho_charged: Rho::from_nano(rho),
+    }
+}
+
+/// Totals count accepted charges and the subjects they created; replays and refusals add
+/// nothing, and pruning stored answers removes no subject.
+fn totals_count_accepted_charges_only(ledger: &dyn BudgetLedger) {
+    assert_eq!(ledger.totals().unwrap(), totals(0, 0));
+    ledger.charge(&request("a", "r1", 40, 100, 0)).unwrap();
+    assert_eq!(ledger.totals().unwrap(), totals(1, 40));
+    ledger.charge(&request("a", "r2", 50, 100, 1)).unwrap();
+    // A replay charges nothing, whatever it asks for.
+    let replayed = ledger.charge(&request("a", "r1", 7, 100, 2)).unwrap();
+    assert!(matches!(replayed, ChargeOutcome::Replayed { .. }));
+    // Refused: over the cap (a known subject), and above a whole cap (a new one).
+    assert_eq!(
+        ledger.charge(&request("a", "r3", 11, 100, 3)).unwrap(),
+        exceeded(90, 10)
+    );
+    assert_eq!(
+        ledger.charge(&request("c", "r1", 101, 100, 3)).unwrap(),
+        exceeded(0, 100)
+    );
+    assert_eq!(ledger.totals().unwrap(), totals(1, 90));
+    ledger.charge(&request("b", "r1", 5, 100, 4)).unwrap();
+    ledger.charge(&request("d", "r1", 1, 100, 4)).unwrap();
+    assert_eq!(ledger.totals().unwrap(), totals(3, 96));
+    // A new window charges again and is counted again; the subject stays one.
+    ledger.charge(&request("a", "r4", 30, 100, 3600)).unwrap();
+    assert_eq!(ledger.totals().unwrap(), totals(3, 126));
+    // Pruning deletes stored answers, not user records (nor what was charged).
+    assert_eq!(ledger.prune(at(3600)).unwrap(), 4);
+    assert_eq!(ledger.lookup(&user("a"), "r1").unwrap(), None);
+    assert_eq!(ledger.totals().unwrap(), totals(3, 126));
+    // The retry of a pruned answer is a new charge, and counts.
+    assert_eq!(
+        ledger.charge(&request("b", "r1", 5, 100, 3601)).unwrap(),
+        charged(10, 90)
+    );
+    assert_eq!(ledger.totals().unwrap(), totals(3, 131));
+}
+
+/// The charged total saturates instead of wrapping.
+fn totals_saturate(ledger: &dyn BudgetLedger) {
+    let huge = u64::MAX - 1;
+    for who in ["x", "y"] {
+        assert_eq!(
+            ledger
+                .charge(&request(who, "r", huge, u64::MAX, 0))
+                .unwrap(),
+            charged(huge, 1)
+        );
+    }
+    assert_eq!(ledger.totals().unwrap(), totals(2, u64::MAX));
+    ledger.charge(&request("z", "r", 1, 10, 0)).unwrap();
+    assert_eq!(ledger.totals().unwrap(), totals(3, u64::MAX));
 }
 
 /// Runs every contract check on fresh ledgers from `make`.
 fn run_contract(make: &dyn Fn() -> Arc<dyn BudgetLedger>) {
+    totals_count_accepted_charges_only(make().as_ref());
+    totals_saturate(make().as_ref());
     charge_replay_exceed(make().as_ref());
     zero_and_oversized_charges(make().as_ref());
     windows_and_pruning(make().as_ref());
-    concurrent_charges_respect_the_cap(make());
+    let ledger = make();
+    concurrent_charges_respect_the_cap(Arc::clone(&ledger));
+    assert_eq!(ledger.totals().unwrap(), totals(1, 71 * 7));
     invalid_requests_and_close(make().as_ref());
 }
 
@@ -334,10 +400,13 @@ fn reopening_after_close_keeps_spend_and_answers_of(kind: &str, open: OpenLedger
         ledger.charge(&request("a", "r1", 40, 100, 0)).unwrap();
         ledger.charge(&request("a", "r2", 50, 100, 1)).unwrap();
         ledger.charge(&request("b", "r1", 5, 100, 2)).unwrap();
+        assert_eq!(ledger.totals().unwrap(), totals(2, 95), "{kind}");
         ledger.close().unwrap();
     }
     let database = StateDatabase::open_existing(&path).unwrap();
     let ledger = open(&database);
+    // The totals survive the restart (unused lease blocks returned, never counted).
+    assert_eq!(ledger.totals().unwrap(), totals(2, 95), "{kind}");
     let spend = ledger.spend(&user("a"), at(3)).unwrap();
     assert_eq!(
         (spend.spent, spend.charges, spend.leased_unused),
@@ -361,6 +430,13 @@ fn reopening_after_close_keeps_spend_and_answers_of(kind: &str, open: OpenLedger
         ledger.spend(&user("b"), at(3)).unwrap().spent,
         Rho::from_nano(5)
     );
+    // Counting goes on from the stored total, across another restart.
+    ledger.charge(&request("e", "r1", 3, 100, 6)).unwrap();
+    assert_eq!(ledger.totals().unwrap(), totals(3, 98), "{kind}");
+    ledger.close().unwrap();
+    drop(ledger);
+    let ledger = open(&database);
+    assert_eq!(ledger.totals().unwrap(), totals(3, 98), "{kind}");
 }
 
 #[test]
@@ -383,6 +459,7 @@ fn dropping_without_close_keeps_every_returned_charge_of(kind: &str, open: OpenL
         }
     }
     let ledger = open(&StateDatabase::open(&path).unwrap());
+    assert_eq!(ledger.totals().unwrap(), totals(1, 20), "{kind}");
     let spend = ledger.spend(&user("d"), at(30)).unwrap();
     assert_eq!(
         (spend.charges, spend.spent),
@@ -398,6 +475,46 @@ fn dropping_without_close_keeps_every_returned_charge_of(kind: &str, open: OpenL
             "{kind}"
         );
     }
+}
+
+#[test]
+fn a_database_without_the_counter_opens_and_counts_from_zero() {
+    for (kind, open) in DURABLE_KINDS {
+        a_database_without_the_counter_opens_and_counts_from_zero_of(kind, open);
+    }
+}
+
+/// A file written before the charged-rho counter existed (simulated by deleting the key)
+/// opens, keeps its subjects, and counts charged rho from 0.
+fn a_database_without_the_counter_opens_and_counts_from_zero_of(kind: &str, open: OpenLedger) {
+    use crate::database::{META, RHO_CHARGED_KEY};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.redb");
+    {
+        let database = StateDatabase::open(&path).unwrap();
+        let ledger = open(&database);
+        ledger.charge(&request("a", "r1", 40, 100, 0)).unwrap();
+        ledger.charge(&request("b", "r1", 5, 100, 1)).unwrap();
+        ledger.close().unwrap();
+        let transaction = database.begin_write("test").unwrap();
+        {
+            let mut meta = transaction.open_table(META).unwrap();
+            assert_eq!(
+                meta.remove(RHO_CHARGED_KEY).unwrap().map(|v| v.value()),
+                Some(45),
+                "{kind}"
+            );
+        }
+        transaction.commit().unwrap();
+    }
+    let database = StateDatabase::open_existing(&path).unwrap();
+    let ledger = open(&database);
+    assert_eq!(ledger.totals().unwrap(), totals(2, 0), "{kind}");
+    ledger.charge(&request("a", "r2", 10, 100, 2)).unwrap();
+    assert_eq!(ledger.totals().unwrap(), totals(2, 10), "{kind}");
+    ledger.close().unwrap();
+    drop(ledger);
+    assert_eq!(open(&database).totals().unwrap(), totals(2, 10), "{kind}");
 }
 
 #[test]

@@ -9,7 +9,7 @@
 
 use std::time::{Instant, SystemTime};
 
-use crate::database::StateDatabase;
+use crate::database::{StateDatabase, add_rho_charged};
 use crate::durable_ledger::{LedgerOptions, LedgerTables, prune_answers};
 use crate::error::StateError;
 use crate::ledger::unix_millis;
@@ -62,7 +62,10 @@ impl AutoPrune {
 
 /// Runs one batch in one write transaction: `before` (for example writing queued answers),
 /// then every command in order (later commands see earlier ones), then the automatic
-/// pruning, then the commit (fsynced when `immediate`). Returns the commands' results.
+/// pruning, then the rho that `before` and the commands counted
+/// ([`LedgerTables::rho_charged`]) is added to the file's charged-rho counter, then the
+/// commit (fsynced when `immediate`). Returns the commands' results. The counter is thus
+/// committed with the charges it counts, or not at all.
 pub(crate) fn apply_batch<C: WriterCommand>(
     database: &StateDatabase,
     operation: &'static str,
@@ -73,7 +76,7 @@ pub(crate) fn apply_batch<C: WriterCommand>(
 ) -> Result<Vec<C::Applied>, StateError> {
     let transaction = database.begin_write_with(operation, immediate)?;
     let mut results = Vec::with_capacity(commands.len());
-    {
+    let rho_charged = {
         let mut tables = LedgerTables::open(database, &transaction, operation)?;
         before(&mut tables)?;
         for command in commands {
@@ -82,6 +85,10 @@ pub(crate) fn apply_batch<C: WriterCommand>(
         if let Some((cutoff_ms, limit)) = auto_prune {
             prune_answers(database, &mut tables, cutoff_ms, limit)?;
         }
+        tables.rho_charged
+    };
+    if rho_charged > 0 {
+        add_rho_charged(database, &transaction, rho_charged)?;
     }
     transaction
         .commit()

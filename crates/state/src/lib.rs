@@ -10,7 +10,9 @@
 //!   accepted charge is fsynced before `charge` returns), [`LeasedLedger`] (budget reserved
 //!   durably in blocks, charges inside a block answered from memory: the durable spent always
 //!   covers every released answer, a crash wastes the unused rest of a block) and
-//!   [`InMemoryLedger`].
+//!   [`InMemoryLedger`]. [`BudgetLedger::totals`] reports [`LedgerTotals`]: subjects with a
+//!   ledger entry and the total rho of accepted charges, kept in the database file by the
+//!   durable ledgers (a counter updated in the transactions that record the charges).
 //! - [`AmortizedStore`]: cumulative exposure and relevance per group and exposure scope for
 //!   FairCo. Implementations: [`DurableAmortizedStore`] (periodic batched writes) and
 //!   [`InMemoryAmortizedStore`].
@@ -76,8 +78,8 @@ pub use error::StateError;
 pub use fairness::AmortizedState;
 pub use leased_ledger::{LeaseOptions, LeaseStats, LeasedLedger};
 pub use ledger::{
-    BudgetLedger, ChargeOutcome, ChargeRequest, MAX_ANSWER_BYTES, MAX_REQUEST_ID_BYTES,
-    StoredAnswer, UserSpend,
+    BudgetLedger, ChargeOutcome, ChargeRequest, LedgerTotals, MAX_ANSWER_BYTES,
+    MAX_REQUEST_ID_BYTES, StoredAnswer, UserSpend,
 };
 pub use memory_ledger::InMemoryLedger;
 pub use pseudonym::{MIN_SECRET_BYTES, Pseudonym, PseudonymKey};

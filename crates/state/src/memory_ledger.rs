@@ -9,10 +9,11 @@ use std::time::SystemTime;
 
 use crate::error::StateError;
 use crate::ledger::{
-    BudgetLedger, ChargeOutcome, ChargeRequest, Decision, RequestRecord, StoredAnswer, UserRecord,
-    UserSpend, decide, replay, unix_millis,
+    BudgetLedger, ChargeOutcome, ChargeRequest, Decision, LedgerTotals, RequestRecord,
+    StoredAnswer, UserRecord, UserSpend, decide, replay, unix_millis,
 };
 use crate::pseudonym::Pseudonym;
+use crate::rho::Rho;
 
 /// One user's state in memory.
 #[derive(Debug, Default)]
@@ -25,6 +26,10 @@ struct MemoryUser {
 #[derive(Debug, Default)]
 struct MemoryContents {
     users: HashMap<Pseudonym, MemoryUser>,
+    /// Users whose `record` is set (entries also exist for users only refused or looked up).
+    subjects: u64,
+    /// Nano-rho of every accepted charge (saturating).
+    rho_charged: u64,
 }
 
 /// A [`BudgetLedger`] held in process memory behind one mutex.
@@ -60,13 +65,21 @@ impl BudgetLedger for InMemoryLedger {
     fn charge(&self, request: &ChargeRequest) -> Result<ChargeOutcome, StateError> {
         let params = request.params()?;
         self.with_contents(|contents| {
-            let user = contents.users.entry(request.pseudonym).or_default();
+            let MemoryContents {
+                users,
+                subjects,
+                rho_charged,
+            } = contents;
+            let user = users.entry(request.pseudonym).or_default();
             if let Some(stored) = user.answers.get(&request.request_id) {
                 return Ok(replay(user.record.as_ref(), &params, stored.clone()));
             }
             match decide(user.record.as_ref(), &params) {
                 Decision::Accept { record, outcome } => {
-                    user.record = Some(record);
+                    if user.record.replace(record).is_none() {
+                        *subjects += 1;
+                    }
+                    *rho_charged = rho_charged.saturating_add(params.rho);
                     user.answers.insert(
                         request.request_id.clone(),
                         RequestRecord {
@@ -123,6 +136,17 @@ impl BudgetLedger for InMemoryLedger {
 
     fn flush(&self) -> Result<(), StateError> {
         self.with_contents(|_| Ok(()))
+    }
+
+    /// Counted in memory under the ledger's lock as charges are accepted; lost with the
+    /// process, like everything else here (a new ledger starts from zero).
+    fn totals(&self) -> Result<LedgerTotals, StateError> {
+        self.with_contents(|contents| {
+            Ok(LedgerTotals {
+                subjects: contents.subjects,
+                rho_charged: Rho::from_nano(contents.rho_charged),
+            })
+        })
     }
 
     fn close(&self) -> Result<(), StateError> {

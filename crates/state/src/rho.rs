@@ -65,6 +65,11 @@ impl Rho {
         self.0.checked_add(other.0).map(Rho)
     }
 
+    /// `self + other`, or [`Rho::MAX`] on overflow.
+    pub fn saturating_add(self, other: Rho) -> Rho {
+        Rho(self.0.saturating_add(other.0))
+    }
+
     /// `self - other`, or zero when `other` is larger.
     pub fn saturating_sub(self, other: Rho) -> Rho {
         Rho(self.0.saturating_sub(other.0))
