@@ -85,6 +85,14 @@ async fn admin_calls_need_the_configured_bearer_token() {
         status.config
     );
     assert!(!status.config.contains(ADMIN_TOKEN));
+    // A fresh durable ledger: its totals are read, and nothing has been charged yet.
+    let ledger = status.privacy_ledger.expect("ledger status");
+    assert!(ledger.enabled && ledger.totals_counted, "{ledger:?}");
+    assert_eq!(
+        (ledger.subjects, ledger.rho_charged_total),
+        (0, 0.0),
+        "{ledger:?}"
+    );
     // The int8 copy of the item rows is built in the background after the load: it appears
     // with its size (one code per padded dimension plus a scale per row, at least); the
     // user table never has one.

@@ -65,6 +65,30 @@ fn report(response: &pb::RankResponse) -> pb::PrivacyReport {
     response.privacy.expect("a privacy report")
 }
 
+/// The ledger part of `Admin.GetStatus`.
+async fn ledger_status(server: &Server) -> pb::PrivacyLedgerStatus {
+    server
+        .admin()
+        .await
+        .get_status(with_token(pb::GetStatusRequest::default(), ADMIN_TOKEN))
+        .await
+        .expect("status")
+        .into_inner()
+        .privacy_ledger
+        .expect("ledger status")
+}
+
+/// Asserts that the ledger's totals were read and are `subjects` and `rho` (charges are
+/// stored rounded up to nano-rho, so each may add up to 1e-9).
+fn assert_totals(ledger: &pb::PrivacyLedgerStatus, subjects: u64, rho: f64) {
+    assert!(ledger.totals_counted, "{ledger:?}");
+    assert_eq!(ledger.subjects, subjects, "{ledger:?}");
+    assert!(
+        (ledger.rho_charged_total - rho).abs() < 1e-8,
+        "{ledger:?}: expected {rho}"
+    );
+}
+
 fn ids(response: &pb::RankResponse) -> Vec<String> {
     response
         .items
@@ -107,10 +131,11 @@ async fn dp_answers_charge_the_budget_replay_and_stop_at_the_cap() {
         (remaining_first - remaining_second - CHARGE).abs() < 1e-6,
         "{remaining_first} -> {remaining_second}: one charge only"
     );
-    ranker
+    let third = ranker
         .rank(dp_request("dp-third", &user))
         .await
-        .expect("the third charge fits");
+        .expect("the third charge fits")
+        .into_inner();
 
     // 0.3 spent of 0.35: the fourth is refused with the remaining budget in the message.
     let status = ranker
@@ -154,8 +179,9 @@ async fn dp_answers_charge_the_budget_replay_and_stop_at_the_cap() {
     assert!((report(&noisy).rho_charged - 2.0 * CHARGE).abs() < 1e-3);
 
     // GetStatus counts what happened: five DP answers (the replay included), two requests
-    // the budget could not cover (one refused, one degraded), a durable ledger, and both
-    // mechanisms.
+    // the budget could not cover (one refused, one degraded), a durable ledger with two
+    // subjects and the four charges (not the replay, the refusal or the degraded answer),
+    // and both mechanisms.
     let status = server
         .admin()
         .await
@@ -168,10 +194,12 @@ async fn dp_answers_charge_the_budget_replay_and_stop_at_the_cap() {
     assert_eq!(counters.budget_exhausted, 2, "{counters:?}");
     let ledger = status.privacy_ledger.expect("ledger status");
     assert!(ledger.enabled);
-    assert!(
-        !ledger.totals_counted,
-        "this version does not count the totals"
-    );
+    let charged: f64 = [&first, &second, &third, &noisy]
+        .into_iter()
+        .map(|answer| report(answer).rho_charged)
+        .sum();
+    assert!((charged - 5.0 * CHARGE).abs() < 1e-3, "{charged}");
+    assert_totals(&ledger, 2, charged);
     assert_eq!(
         status.privacy_mechanisms,
         vec![
@@ -192,10 +220,14 @@ async fn the_ledger_survives_a_kill_and_replays_after_restart() {
         let mut ranker = server.ranker().await;
         rank_dp(&mut ranker, "durable-1", &user).await
     };
+    let first_charge = report(&first).rho_charged;
+    assert_totals(&ledger_status(&server).await, 1, first_charge);
     server.signal("KILL");
     server.wait(CALL_TIMEOUT);
 
     let server = Server::start(&tables, Some(&config), &env());
+    // The totals survived the kill (the per-charge ledger commits them with the charge).
+    assert_totals(&ledger_status(&server).await, 1, first_charge);
     let mut ranker = server.ranker().await;
     let retry = rank_dp(&mut ranker, "durable-1", &user).await;
     assert!(retry.replayed, "the ledger's stored answer");
@@ -206,6 +238,12 @@ async fn the_ledger_survives_a_kill_and_replays_after_restart() {
     assert!(
         (remaining - (1.0 - 2.0 * CHARGE)).abs() < 1e-6,
         "the first charge survived the kill: {remaining}"
+    );
+    // The replay added nothing; the new charge counts on from the stored total.
+    assert_totals(
+        &ledger_status(&server).await,
+        1,
+        first_charge + report(&next).rho_charged,
     );
 }
 
@@ -231,10 +269,21 @@ async fn a_leased_ledger_never_refunds_a_released_charge_after_a_kill() {
         charged
     };
     assert!((released - 3.0 * CHARGE).abs() < 1e-6, "{released}");
+    // Counted from memory at once, the leased block (here the whole cap) not at all.
+    assert_totals(&ledger_status(&server).await, 1, released);
     server.signal("KILL");
     server.wait(CALL_TIMEOUT);
 
     let server = Server::start(&tables, Some(&config), &env());
+    // The kill may have dropped charges whose answers were not yet committed (the last
+    // ~100 ms), never added one, and never counts the wasted rest of the block.
+    let after_kill = ledger_status(&server).await;
+    assert!(after_kill.totals_counted, "{after_kill:?}");
+    assert_eq!(after_kill.subjects, 1, "{after_kill:?}");
+    assert!(
+        after_kill.rho_charged_total <= released + 1e-8,
+        "{after_kill:?}: more than the {released} released"
+    );
     let mut ranker = server.ranker().await;
     match ranker.rank(dp_request("leased-after", &user)).await {
         Ok(answer) => {
@@ -262,14 +311,16 @@ async fn the_default_state_directory_keeps_budgets_across_a_restart() {
     let env = [
         ("FAIRRANK_STATE_DIR", state_dir_text.as_str()),
         ("FAIRRANK_PSEUDONYM_SECRET", ""),
+        ("FAIRRANK_ADMIN_TOKEN", ADMIN_TOKEN),
     ];
     let user = tables.data.users.ids[7].clone();
     let mut server = Server::start(&tables, Some("[privacy]\nsubject_rho_cap = 1.0\n"), &env);
-    {
+    let first_charge = {
         let mut ranker = server.ranker().await;
         let first = rank_dp(&mut ranker, "default-1", &user).await;
         assert!(report(&first).dp_applied);
-    }
+        report(&first).rho_charged
+    };
     assert!(state_dir.join("state.redb").is_file());
     assert!(state_dir.join("pseudonym.secret").is_file());
     assert!(!server.logs().contains("IN MEMORY"), "{}", server.logs());
@@ -277,6 +328,8 @@ async fn the_default_state_directory_keeps_budgets_across_a_restart() {
     assert!(server.wait(CALL_TIMEOUT).success(), "{}", server.logs());
 
     let server = Server::start(&tables, Some("[privacy]\nsubject_rho_cap = 1.0\n"), &env);
+    // The leased ledger (the default) wrote its totals at the clean shutdown.
+    assert_totals(&ledger_status(&server).await, 1, first_charge);
     let mut ranker = server.ranker().await;
     let next = rank_dp(&mut ranker, "default-2", &user).await;
     let remaining = report(&next).rho_remaining.expect("remaining");
@@ -284,6 +337,11 @@ async fn the_default_state_directory_keeps_budgets_across_a_restart() {
     assert!(
         (remaining - (1.0 - 2.0 * CHARGE)).abs() < 1e-6,
         "the first charge survived the restart: {remaining}"
+    );
+    assert_totals(
+        &ledger_status(&server).await,
+        1,
+        first_charge + report(&next).rho_charged,
     );
 }
 
@@ -368,6 +426,10 @@ async fn the_in_memory_state_is_an_explicit_opt_in_that_warns() {
             (remaining - (1.0 - CHARGE)).abs() < 1e-6,
             "round {round}: {remaining}"
         );
+        // Counted in memory, from zero again after the restart.
+        let ledger = ledger_status(&server).await;
+        assert!(!ledger.enabled);
+        assert_totals(&ledger, 1, report(&answer).rho_charged);
         assert!(
             server.logs().contains("STATE IN MEMORY ONLY"),
             "{}",

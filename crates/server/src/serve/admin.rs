@@ -296,13 +296,7 @@ impl pb::admin_server::Admin for AdminService {
                 personalization_paused: status.personalization_paused,
                 personalization_paused_since: Some(convert::timestamp(status.paused_since)),
                 counters: Some(counters),
-                privacy_ledger: Some(pb::PrivacyLedgerStatus {
-                    enabled: shared.durable_ledger,
-                    // Not counted by this server version, and said so.
-                    subjects: 0,
-                    rho_charged_total: 0.0,
-                    totals_counted: false,
-                }),
+                privacy_ledger: Some(ledger_status(shared)),
                 fairness_constraints: constraints.iter().map(|info| info.name.clone()).collect(),
                 fairness_constraint_details: constraints
                     .iter()
@@ -316,6 +310,26 @@ impl pb::admin_server::Admin for AdminService {
             })
         })
         .await
+    }
+}
+
+/// `GetStatus`'s ledger status: the ledger's totals, or, when they cannot be read (a
+/// storage error, a closed ledger during shutdown), zeros with `totals_counted = false` and
+/// a warning in the log; the status call itself never fails for them. The read is cheap
+/// (memory, or one read transaction that does not wait for writers), so it runs inline.
+fn ledger_status(shared: &Shared) -> pb::PrivacyLedgerStatus {
+    let (subjects, rho_charged_total, totals_counted) = match shared.ledger.totals() {
+        Ok(totals) => (totals.subjects, totals.rho_charged.to_f64(), true),
+        Err(error) => {
+            tracing::warn!(%error, "GetStatus: the privacy ledger's totals could not be read");
+            (0, 0.0, false)
+        }
+    };
+    pb::PrivacyLedgerStatus {
+        enabled: shared.durable_ledger,
+        subjects,
+        rho_charged_total,
+        totals_counted,
     }
 }
 

@@ -113,6 +113,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let state_setup::ServerState {
         fairness,
         privacy,
+        ledger,
         closer,
     } = state_setup::ServerState::open(&config)?;
     let engine = Engine::with_setup(config.ranking.clone(), items, users, fairness, privacy)?;
@@ -130,7 +131,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .thread_name("fairrank-io")
         .build()
         .context("cannot start the async runtime")?;
-    let served = runtime.block_on(serve(config, engine, reload_dirs));
+    let served = runtime.block_on(serve(config, engine, ledger, reload_dirs));
     // A table reload still running on the blocking pool must not hold the exit up for long.
     runtime.shutdown_timeout(Duration::from_secs(5));
     // Writes the amortized fairness state of the last flush interval and the ledger's
@@ -181,6 +182,8 @@ pub struct Shared {
     max_message_bytes: usize,
     /// Whether the privacy budget ledger is durable (`state.mode = "durable"`).
     durable_ledger: bool,
+    /// The privacy budget ledger (the engine charges it), read for `GetStatus`'s totals.
+    ledger: Arc<dyn state::BudgetLedger>,
     default_deadline: Duration,
     admin_token: Option<String>,
     admin_token_env: String,
@@ -373,7 +376,12 @@ async fn raised(mut flag: watch::Receiver<bool>) {
     let _ = flag.wait_for(|raised| *raised).await;
 }
 
-async fn serve(config: Config, engine: Engine, reload_dirs: ReloadDirs) -> anyhow::Result<()> {
+async fn serve(
+    config: Config,
+    engine: Engine,
+    ledger: Arc<dyn state::BudgetLedger>,
+    reload_dirs: ReloadDirs,
+) -> anyhow::Result<()> {
     let server_config = &config.server;
     let listener = tokio::net::TcpListener::bind(server_config.addr)
         .await
@@ -404,6 +412,7 @@ async fn serve(config: Config, engine: Engine, reload_dirs: ReloadDirs) -> anyho
         max_batch_requests: config.ranking.max_batch_requests,
         max_message_bytes: server_config.max_message_bytes,
         durable_ledger: config.state.mode == crate::config::StateMode::Durable,
+        ledger,
         default_deadline: Duration::from_millis(server_config.default_deadline_ms),
         admin_token,
         admin_token_env: server_config.admin_token_env.clone(),

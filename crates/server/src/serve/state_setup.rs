@@ -28,6 +28,9 @@ pub struct ServerState {
     pub fairness: engine::FairnessSetup,
     /// The privacy configuration and the ledger.
     pub privacy: engine::PrivacySetup,
+    /// The same budget ledger as the engine's, for `GetStatus`'s totals
+    /// ([`BudgetLedger::totals`]): in memory or in the state database.
+    pub ledger: Arc<dyn BudgetLedger>,
     /// Closes the durable stores after serving.
     pub closer: StateCloser,
 }
@@ -59,9 +62,11 @@ impl ServerState {
              privacy budget; for tests and development only"
         );
         let key = privacy::pseudonym_key(config, None)?;
+        let ledger: Arc<dyn BudgetLedger> = Arc::new(InMemoryLedger::new());
         Ok(ServerState {
             fairness: engine::FairnessSetup::in_memory(&config.ranking),
-            privacy: privacy::setup(config, Arc::new(InMemoryLedger::new()), key),
+            privacy: privacy::setup(config, Arc::clone(&ledger), key),
+            ledger,
             closer: StateCloser { durable: None },
         })
     }
@@ -92,6 +97,7 @@ impl ServerState {
                 store: Arc::new(adapter),
             },
             privacy: privacy::setup(config, Arc::clone(&ledger), key),
+            ledger: Arc::clone(&ledger),
             closer: StateCloser {
                 durable: Some(DurableStores {
                     path: database.path().to_path_buf(),
