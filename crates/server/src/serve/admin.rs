@@ -296,7 +296,7 @@ impl pb::admin_server::Admin for AdminService {
                 personalization_paused: status.personalization_paused,
                 personalization_paused_since: Some(convert::timestamp(status.paused_since)),
                 counters: Some(counters),
-                privacy_ledger: Some(ledger_status(shared)),
+                privacy_ledger: Some(ledger_status(shared.durable_ledger, shared.ledger.as_ref())),
                 fairness_constraints: constraints.iter().map(|info| info.name.clone()).collect(),
                 fairness_constraint_details: constraints
                     .iter()
@@ -317,8 +317,8 @@ impl pb::admin_server::Admin for AdminService {
 /// storage error, a closed ledger during shutdown), zeros with `totals_counted = false` and
 /// a warning in the log; the status call itself never fails for them. The read is cheap
 /// (memory, or one read transaction that does not wait for writers), so it runs inline.
-fn ledger_status(shared: &Shared) -> pb::PrivacyLedgerStatus {
-    let (subjects, rho_charged_total, totals_counted) = match shared.ledger.totals() {
+fn ledger_status(durable: bool, ledger: &dyn state::BudgetLedger) -> pb::PrivacyLedgerStatus {
+    let (subjects, rho_charged_total, totals_counted) = match ledger.totals() {
         Ok(totals) => (totals.subjects, totals.rho_charged.to_f64(), true),
         Err(error) => {
             tracing::warn!(%error, "GetStatus: the privacy ledger's totals could not be read");
@@ -326,7 +326,7 @@ fn ledger_status(shared: &Shared) -> pb::PrivacyLedgerStatus {
         }
     };
     pb::PrivacyLedgerStatus {
-        enabled: shared.durable_ledger,
+        enabled: durable,
         subjects,
         rho_charged_total,
         totals_counted,
@@ -435,6 +435,46 @@ mod tests {
         assert_eq!(bearer_token("Bearer"), None);
         assert_eq!(bearer_token("Bearer    "), None);
         assert_eq!(bearer_token("abc"), None);
+    }
+
+    #[test]
+    fn ledger_totals_are_reported_or_marked_uncounted() {
+        use state::{BudgetLedger, ChargeRequest, InMemoryLedger, PseudonymKey, Rho};
+        let ledger = InMemoryLedger::new();
+        let key = PseudonymKey::new(&[9_u8; 32]).expect("key");
+        for (subject, rho) in [("alice", 250_000_000), ("bob", 500_000_000)] {
+            let request = ChargeRequest {
+                pseudonym: key.pseudonym(subject),
+                request_id: "r1".to_owned(),
+                rho: Rho::from_nano(rho),
+                cap: Rho::from_nano(1_000_000_000),
+                window: std::time::Duration::from_secs(60),
+                now: std::time::SystemTime::now(),
+                answer: Vec::new(),
+            };
+            ledger.charge(&request).expect("charges");
+        }
+        let counted = ledger_status(false, &ledger);
+        assert_eq!(
+            counted,
+            pb::PrivacyLedgerStatus {
+                enabled: false,
+                subjects: 2,
+                rho_charged_total: 0.75,
+                totals_counted: true,
+            }
+        );
+        // A ledger whose totals cannot be read (here: closed) is reported as not counted.
+        ledger.close().expect("closes");
+        assert_eq!(
+            ledger_status(true, &ledger),
+            pb::PrivacyLedgerStatus {
+                enabled: true,
+                subjects: 0,
+                rho_charged_total: 0.0,
+                totals_counted: false,
+            }
+        );
     }
 
     #[test]
