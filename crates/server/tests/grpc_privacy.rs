@@ -326,6 +326,23 @@ async fn the_default_state_directory_keeps_budgets_across_a_restart() {
     assert!(!server.logs().contains("IN MEMORY"), "{}", server.logs());
     server.signal("TERM");
     assert!(server.wait(CALL_TIMEOUT).success(), "{}", server.logs());
+    // The stopped server's ledger, read offline: the user's spend and the totals.
+    let shown = std::process::Command::new(env!("CARGO_BIN_EXE_fairrank"))
+        .args(["privacy", "ledger", "show", &user, "--state-dir"])
+        .arg(&state_dir)
+        .env_remove("FAIRRANK_PSEUDONYM_SECRET")
+        .output()
+        .expect("the CLI runs");
+    assert!(
+        shown.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&shown.stdout).expect("JSON output");
+    assert_eq!(json["charges"], 1, "{json}");
+    assert_eq!(json["ledger_subjects"], 1, "{json}");
+    let shown_total = json["ledger_rho_charged_total"].as_f64().expect("a number");
+    assert!((shown_total - first_charge).abs() < 1e-8, "{json}");
 
     let server = Server::start(&tables, Some("[privacy]\nsubject_rho_cap = 1.0\n"), &env);
     // The leased ledger (the default) wrote its totals at the clean shutdown.
@@ -472,4 +489,6 @@ fn ledger_show_needs_the_servers_pseudonym_secret() {
     let json: serde_json::Value = serde_json::from_slice(&shown.stdout).expect("JSON output");
     assert_eq!(json["charges"], 0);
     assert_eq!(json["rho_spent"], 0.0);
+    assert_eq!(json["ledger_subjects"], 0);
+    assert_eq!(json["ledger_rho_charged_total"], 0.0);
 }

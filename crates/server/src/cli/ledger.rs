@@ -1,6 +1,6 @@
-//! `fairrank privacy ledger show USER_ID`: a user's privacy budget spend, read from the
-//! state database of a state directory (stop the server first: the database is locked while
-//! it runs).
+//! `fairrank privacy ledger show USER_ID`: a user's privacy budget spend and the ledger's
+//! totals, read from the state database of a state directory (stop the server first: the
+//! database is locked while it runs).
 
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -15,7 +15,7 @@ use crate::serve::state_setup::open_database;
 /// `fairrank privacy ledger ...`.
 #[derive(Debug, Subcommand)]
 pub enum LedgerCommand {
-    /// Print a user's spend in the current window as JSON.
+    /// Print a user's spend in the current window, and the ledger's totals, as JSON.
     Show(ShowArgs),
 }
 
@@ -80,6 +80,10 @@ fn show(args: &ShowArgs) -> anyhow::Result<()> {
     let spend = ledger
         .spend(&args.user_id, now)
         .map_err(|failure| anyhow::anyhow!("{failure}"))?;
+    let totals = ledger
+        .store()
+        .totals()
+        .map_err(|error| anyhow::anyhow!("reading the ledger's totals: {error}"))?;
     let millis = |time: SystemTime| {
         time.duration_since(UNIX_EPOCH)
             .map(|since| since.as_millis() as u64)
@@ -94,6 +98,9 @@ fn show(args: &ShowArgs) -> anyhow::Result<()> {
         "charges": spend.charges,
         "window_start_unix_ms": spend.window_start.map(millis),
         "window_secs": spend.window.map(|window| window.as_secs_f64()),
+        // As GetStatus reports them (`privacy_ledger.subjects`, `rho_charged_total`).
+        "ledger_subjects": totals.subjects,
+        "ledger_rho_charged_total": totals.rho_charged.to_f64(),
     });
     println!("{json}");
     ledger
