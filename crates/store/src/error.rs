@@ -314,6 +314,15 @@ pub enum FormatProblem {
         /// The unknown bits.
         flags: u32,
     },
+    /// Both role flags are set: the header marks the rows as items and as users.
+    #[error(
+        "header flags {flags:#x} mark the rows as both items (bit 2) and users (bit 3); a \
+         table has one role"
+    )]
+    ConflictingRoles {
+        /// The role bits found (both).
+        flags: u32,
+    },
     /// The file is shorter than the header says.
     #[error("truncated: header says {expected} bytes, file has {actual}")]
     Truncated {

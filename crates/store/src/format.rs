@@ -26,7 +26,69 @@ pub const MAX_ROWS: u64 = i32::MAX as u64;
 pub const FLAG_HAS_PRIOR: u32 = 1;
 /// Header flag: the file has dimension names.
 pub const FLAG_HAS_DIM_NAMES: u32 = 1 << 1;
-const KNOWN_FLAGS: u32 = FLAG_HAS_PRIOR | FLAG_HAS_DIM_NAMES;
+/// Header flag: the rows are items (an item catalog). Exclusive with [`FLAG_ROWS_ARE_USERS`].
+pub const FLAG_ROWS_ARE_ITEMS: u32 = 1 << 2;
+/// Header flag: the rows are users. Exclusive with [`FLAG_ROWS_ARE_ITEMS`].
+pub const FLAG_ROWS_ARE_USERS: u32 = 1 << 3;
+const KNOWN_FLAGS: u32 =
+    FLAG_HAS_PRIOR | FLAG_HAS_DIM_NAMES | FLAG_ROWS_ARE_ITEMS | FLAG_ROWS_ARE_USERS;
+
+/// What a table's rows are, as marked in the header flags. A file with neither role flag
+/// (every file written before the flags existed, or by a writer that did not say) is
+/// *unmarked*: [`Header::role`] is `None` and it may serve in either role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TableRole {
+    /// The rows are items: an item catalog (flag bit 2).
+    Items,
+    /// The rows are users (flag bit 3).
+    Users,
+}
+
+impl TableRole {
+    /// The header flag that marks this role.
+    pub fn flag(self) -> u32 {
+        match self {
+            TableRole::Items => FLAG_ROWS_ARE_ITEMS,
+            TableRole::Users => FLAG_ROWS_ARE_USERS,
+        }
+    }
+
+    /// Lower-case plural name, as `fairrank table inspect` prints it: `items` or `users`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TableRole::Items => "items",
+            TableRole::Users => "users",
+        }
+    }
+
+    /// The role's name for a table of it, for messages: `item` or `user` (as in "a user
+    /// table").
+    pub fn noun(self) -> &'static str {
+        match self {
+            TableRole::Items => "item",
+            TableRole::Users => "user",
+        }
+    }
+
+    /// The role marked by header `flags` (`Ok(None)` when unmarked); both role bits set is
+    /// refused.
+    fn from_flags(flags: u32) -> Result<Option<TableRole>, FormatProblem> {
+        match (flags & FLAG_ROWS_ARE_ITEMS != 0, flags & FLAG_ROWS_ARE_USERS != 0) {
+            (true, true) => Err(FormatProblem::ConflictingRoles {
+                flags: flags & (FLAG_ROWS_ARE_ITEMS | FLAG_ROWS_ARE_USERS),
+            }),
+            (true, false) => Ok(Some(TableRole::Items)),
+            (false, true) => Ok(Some(TableRole::Users)),
+            (false, false) => Ok(None),
+        }
+    }
+}
+
+impl std::fmt::Display for TableRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// Byte offsets of the header fields (version 1).
 mod field {
@@ -194,6 +256,8 @@ pub struct Header {
     pub has_prior: bool,
     /// Whether the file has dimension names.
     pub has_dim_names: bool,
+    /// What the rows are (flag bit 2: items, bit 3: users); `None`: unmarked.
+    pub role: Option<TableRole>,
     /// Embedding dimension.
     pub dim: u32,
     /// Number of group attributes.
@@ -263,7 +327,8 @@ impl Header {
                 FLAG_HAS_DIM_NAMES
             } else {
                 0
-            };
+            }
+            | self.role.map_or(0, TableRole::flag);
         put(field::FLAGS, &flags.to_le_bytes());
         put(field::DIM, &self.dim.to_le_bytes());
         put(
@@ -291,7 +356,8 @@ impl Header {
     /// than the header; `file_len` is the length of the whole file).
     ///
     /// Checks, in order: magic, version, header size, that the file holds the whole
-    /// header, the header checksum, reserved bytes, dtype code and flags. Section bounds
+    /// header, the header checksum, reserved bytes, dtype code and flags (no unknown bits,
+    /// at most one role bit). Section bounds
     /// are checked by the reader against the real file size afterwards.
     pub fn from_bytes(prefix: &[u8], file_len: u64) -> Result<Header, FormatProblem> {
         if prefix.len() < MAGIC.len() {
@@ -356,6 +422,7 @@ impl Header {
                 flags: flags & !KNOWN_FLAGS,
             });
         }
+        let role = TableRole::from_flags(flags)?;
         let mut sections = [SectionRange::default(); SECTION_COUNT];
         for (slot, section) in sections.iter_mut().enumerate() {
             let at = field::SECTIONS + slot * 16;
@@ -370,6 +437,7 @@ impl Header {
             dtype,
             has_prior: flags & FLAG_HAS_PRIOR != 0,
             has_dim_names: flags & FLAG_HAS_DIM_NAMES != 0,
+            role,
             dim: read_u32(bytes, field::DIM),
             group_attribute_count: read_u32(bytes, field::GROUP_ATTRIBUTES),
             row_count: read_u64(bytes, field::ROW_COUNT),
@@ -635,6 +703,7 @@ impl LayoutPlan {
             dtype: Dtype::F32,
             has_prior: self.has_prior,
             has_dim_names: self.dim_name_bytes.is_some(),
+            role: None,
             dim: self.dim,
             group_attribute_count: self.group_attributes,
             row_count: self.rows,
@@ -679,6 +748,53 @@ mod tests {
         let parsed = Header::from_bytes(&bytes, header.file_size).map_err(|e| e.to_string());
         header.header_checksum = xxh3_64(&bytes[..field::HEADER_CHECKSUM]);
         assert_eq!(parsed, Ok(header));
+    }
+
+    #[test]
+    fn role_round_trips_through_the_flags() {
+        for (role, bits) in [
+            (None, 0b11),
+            (Some(TableRole::Items), 0b111),
+            (Some(TableRole::Users), 0b1011),
+        ] {
+            let mut header = sample_header();
+            header.role = role;
+            let bytes = header.to_bytes();
+            assert_eq!(read_u32(&bytes, field::FLAGS), bits, "{role:?}");
+            let parsed = Header::from_bytes(&bytes, header.file_size).map_err(|e| e.to_string());
+            assert_eq!(parsed.map(|parsed| parsed.role), Ok(role));
+        }
+    }
+
+    #[test]
+    fn both_role_flags_are_refused_even_with_a_valid_checksum() {
+        let mut bytes = sample_header().to_bytes();
+        let flags = FLAG_HAS_PRIOR | FLAG_ROWS_ARE_ITEMS | FLAG_ROWS_ARE_USERS;
+        bytes[field::FLAGS..field::FLAGS + 4].copy_from_slice(&flags.to_le_bytes());
+        let checksum = xxh3_64(&bytes[..field::HEADER_CHECKSUM]);
+        bytes[field::HEADER_CHECKSUM..].copy_from_slice(&checksum.to_le_bytes());
+        let problem = match Header::from_bytes(&bytes, bytes.len() as u64) {
+            Ok(header) => panic!("both roles accepted: {header:?}"),
+            Err(problem) => problem,
+        };
+        assert_eq!(problem, FormatProblem::ConflictingRoles { flags: 0b1100 });
+        assert_eq!(
+            problem.to_string(),
+            "header flags 0xc mark the rows as both items (bit 2) and users (bit 3); a table \
+             has one role"
+        );
+    }
+
+    #[test]
+    fn the_next_flag_bit_is_still_unknown() {
+        let mut bytes = sample_header().to_bytes();
+        bytes[field::FLAGS..field::FLAGS + 4].copy_from_slice(&(1u32 << 4).to_le_bytes());
+        let checksum = xxh3_64(&bytes[..field::HEADER_CHECKSUM]);
+        bytes[field::HEADER_CHECKSUM..].copy_from_slice(&checksum.to_le_bytes());
+        assert_eq!(
+            Header::from_bytes(&bytes, bytes.len() as u64),
+            Err(FormatProblem::UnknownFlags { flags: 1 << 4 })
+        );
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! aligned to 4096 bytes and padded to 64-byte strides, then raw little-endian sections.
 //!
 //! - [`write_table`] validates a [`TableData`] and publishes it atomically (temporary file,
-//!   fsync, rename, directory fsync).
+//!   fsync, rename, directory fsync); [`TableWriter`] does the same and can mark the file's
+//!   [`TableRole`] (its rows are items or users), which [`Table::role`] reads back.
 //! - [`Table::open`] memory-maps a file and validates it once (sizes, bounds, alignment, UTF-8,
 //!   unique ids, finite values, norms); [`Table::rows`] then borrows the row block straight
 //!   from the mapping. [`Table::verify`] checks the full data checksum.
@@ -52,7 +53,9 @@
 //!   `group_attribute_names() -> &[String]`, `group_labels(attribute: usize) -> &[u32]`,
 //!   `group_attribute_index(name) -> Option<usize>`, `prior() -> Option<&[f32]>`,
 //!   `dim_names() -> Option<&[String]>`, `max_row_norm() -> f32`, `header() -> &Header`,
-//!   `verify() -> Result<(), StoreError>` (full checksum).
+//!   `verify() -> Result<(), StoreError>` (full checksum), `role() -> Option<TableRole>`.
+//! - `TableWriter::new().role(TableRole::Items | TableRole::Users).write(path, &TableData)`:
+//!   the same publish, with the role marked in the header.
 //! - `StoreError`: one typed error; every message names the file.
 
 // Rows and sections are little-endian and read in place; a big-endian host would need a
@@ -71,12 +74,13 @@ mod writer;
 
 pub use error::{DataProblem, FormatProblem, RowProblem, StoreError};
 pub use format::{
-    Dtype, FLAG_HAS_DIM_NAMES, FLAG_HAS_PRIOR, FORMAT_VERSION, HEADER_SIZE, Header, MAGIC,
-    MAX_ROWS, ROW_BLOCK_ALIGNMENT, ROW_STRIDE_ALIGNMENT, SECTION_ALIGNMENT, SECTION_COUNT,
-    SectionKind, SectionRange, row_stride_bytes,
+    Dtype, FLAG_HAS_DIM_NAMES, FLAG_HAS_PRIOR, FLAG_ROWS_ARE_ITEMS, FLAG_ROWS_ARE_USERS,
+    FORMAT_VERSION, HEADER_SIZE, Header, MAGIC, MAX_ROWS, ROW_BLOCK_ALIGNMENT,
+    ROW_STRIDE_ALIGNMENT, SECTION_ALIGNMENT, SECTION_COUNT, SectionKind, SectionRange, TableRole,
+    row_stride_bytes,
 };
 pub use reader::{RegionStats, Table, TableStats};
-pub use writer::write_table;
+pub use writer::{TableWriter, write_table};
 
 /// One named categorical attribute of items (for example `provider_group`), one label per item.
 #[derive(Debug, Clone, PartialEq)]

@@ -17,7 +17,9 @@ use memmap2::{Mmap, MmapOptions};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::error::{FormatProblem, StoreError};
-use crate::format::{HEADER_SIZE, Header, Layout, MAX_ROWS, SectionKind, SectionRange};
+use crate::format::{
+    HEADER_SIZE, Header, Layout, MAX_ROWS, SectionKind, SectionRange, TableRole,
+};
 use crate::id_index::{BuildError, IdIndex, LookupHints};
 use crate::prefetch;
 use crate::scan::{norm_tolerance, scan_rows};
@@ -51,6 +53,7 @@ impl std::fmt::Debug for Table {
             .field("dim", &self.layout.dim)
             .field("group_attributes", &self.group_attribute_names)
             .field("has_prior", &self.header.has_prior)
+            .field("role", &self.header.role)
             .finish_non_exhaustive()
     }
 }
@@ -592,6 +595,12 @@ impl Table {
     /// relative). Computed in f32, so its own relative error is at most about that much.
     pub fn max_row_norm(&self) -> f32 {
         self.max_row_norm
+    }
+
+    /// What the rows are, as the header marks them: items, users, or `None` for an
+    /// unmarked file (written before the role flags, or by a writer that did not say).
+    pub fn role(&self) -> Option<TableRole> {
+        self.header.role
     }
 
     /// The file header.

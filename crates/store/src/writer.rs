@@ -1,5 +1,6 @@
 //! The writer: validates a [`TableData`] and publishes it atomically (temporary file in the
-//! target directory, fsync, rename over the target, fsync the directory).
+//! target directory, fsync, rename over the target, fsync the directory). [`TableWriter`]
+//! marks the file's role (items or users); [`write_table`] writes it unmarked.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Seek, SeekFrom, Write};
@@ -9,7 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use xxhash_rust::xxh3::Xxh3Default;
 
 use crate::error::{DataProblem, StoreError};
-use crate::format::{Dtype, HEADER_SIZE, Header, LayoutPlan, MAX_ROWS, row_stride_bytes};
+use crate::format::{
+    Dtype, HEADER_SIZE, Header, LayoutPlan, MAX_ROWS, TableRole, row_stride_bytes,
+};
 use crate::id_index::{BuildError, IdIndex};
 use crate::scan::scan_rows;
 use crate::strings::{encode_offsets, first_duplicate};
@@ -19,18 +22,83 @@ use crate::{TableData, TableSummary};
 const GROUP_NAMES: &str = "group attribute name";
 const DIM_NAMES: &str = "dimension name";
 
-/// Writes `data` to `path` atomically (temporary file, fsync, rename).
+/// Writes `data` to `path` atomically (temporary file, fsync, rename), unmarked: the file
+/// says neither that its rows are items nor users (see [`TableWriter::role`] to say so).
 ///
 /// The data is validated first (lengths consistent, `dim > 0`, ids non-empty and unique,
 /// values finite with finite norms, attribute and dimension names non-empty and unique,
 /// prior finite); on refusal nothing is written. The file appears at `path` complete or
 /// not at all: readers that opened the previous file keep reading it.
 pub fn write_table(path: &Path, data: &TableData) -> Result<TableSummary, StoreError> {
+    TableWriter::new().write(path, data)
+}
+
+/// [`write_table`] with options: a builder whose [`TableWriter::write`] validates and
+/// publishes a table the same way.
+///
+/// ```
+/// use store::{Table, TableData, TableRole, TableWriter};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("users.frt");
+/// let data = TableData {
+///     dim: 2,
+///     rows: vec![1.0, 0.0],
+///     ids: vec!["u1".into()],
+///     groups: Vec::new(),
+///     prior: None,
+///     dim_names: None,
+/// };
+/// TableWriter::new().role(TableRole::Users).write(&path, &data)?;
+/// assert_eq!(Table::open(&path)?.role(), Some(TableRole::Users));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableWriter {
+    role: Option<TableRole>,
+}
+
+impl TableWriter {
+    /// A writer with the defaults: the file is unmarked (no role).
+    pub fn new() -> TableWriter {
+        TableWriter::default()
+    }
+
+    /// Marks the file's rows as items or users (header flag bit 2 or 3). Readers older than
+    /// the role flags refuse a marked file ("unknown header flags"); an unmarked file is
+    /// read by every version-1 reader.
+    #[must_use]
+    pub fn role(mut self, role: TableRole) -> TableWriter {
+        self.role = Some(role);
+        self
+    }
+
+    /// Marks the file with `role`, or leaves it unmarked with `None`.
+    #[must_use]
+    pub fn maybe_role(mut self, role: Option<TableRole>) -> TableWriter {
+        self.role = role;
+        self
+    }
+
+    /// Validates `data` and publishes it at `path`, as [`write_table`] describes.
+    pub fn write(&self, path: &Path, data: &TableData) -> Result<TableSummary, StoreError> {
+        write_marked(path, data, self.role)
+    }
+}
+
+fn write_marked(
+    path: &Path,
+    data: &TableData,
+    role: Option<TableRole>,
+) -> Result<TableSummary, StoreError> {
     let file_name = match path.file_name() {
         Some(name) => name.to_string_lossy().into_owned(),
         None => return Err(StoreError::data(path, DataProblem::NoFileName)),
     };
     let mut header = validate(data).map_err(|problem| StoreError::data(path, problem))?;
+    header.role = role;
     let directory = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
         _ => PathBuf::from("."),

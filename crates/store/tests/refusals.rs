@@ -162,9 +162,29 @@ fn reserved_dtypes_are_refused_with_their_name() {
 
 #[test]
 fn unknown_flags() {
+    // Bits 0-3 are known (prior, dimension names, items, users); bit 4 is the first unknown.
     let (_dir, path) = sample();
-    patch_raw_header(&path, 20, &(0b111u32).to_le_bytes());
-    assert_eq!(problem(&path), FormatProblem::UnknownFlags { flags: 0b100 });
+    patch_raw_header(&path, 20, &(0b1_0011u32).to_le_bytes());
+    assert_eq!(problem(&path), FormatProblem::UnknownFlags { flags: 0b1_0000 });
+}
+
+#[test]
+fn both_role_flags_are_refused_with_a_message() {
+    // A checksum-valid header whose flags mark the rows as both items and users.
+    let (_dir, path) = sample();
+    patch_raw_header(&path, 20, &(0b1111u32).to_le_bytes());
+    assert_eq!(
+        problem(&path),
+        FormatProblem::ConflictingRoles { flags: 0b1100 }
+    );
+    assert_eq!(
+        open_err(&path).to_string(),
+        format!(
+            "{}: header flags 0xc mark the rows as both items (bit 2) and users (bit 3); a \
+             table has one role",
+            path.display()
+        )
+    );
 }
 
 #[test]

@@ -5,7 +5,8 @@ mod common;
 use common::{open_ok, sample_data, write_sample};
 use proptest::prelude::*;
 use store::{
-    DataProblem, GroupAttribute, RowProblem, SectionKind, StoreError, Table, TableData, write_table,
+    DataProblem, GroupAttribute, RowProblem, SectionKind, StoreError, Table, TableData, TableRole,
+    TableWriter, write_table,
 };
 
 /// Asserts that `table` serves exactly `data`.
@@ -389,6 +390,60 @@ fn republishing_leaves_open_tables_on_the_old_file() {
         vec!["items.frt".to_string()],
         "no temporary files remain"
     );
+}
+
+#[test]
+fn role_round_trips_for_both_roles_and_unmarked() {
+    let data = sample_data(4);
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let unmarked = dir.path().join("unmarked.frt");
+    write_table(&unmarked, &data).unwrap_or_else(|e| panic!("{e}"));
+    let unmarked_bytes = std::fs::read(&unmarked).unwrap_or_else(|e| panic!("{e}"));
+    let unmarked_table = open_ok(&unmarked);
+    assert_eq!(unmarked_table.role(), None);
+    assert_eq!(unmarked_table.header().role, None);
+    assert_eq!(unmarked_bytes[20], 0b11, "prior and dimension names only");
+    let cases = [
+        ("default.frt", TableWriter::new(), None, 0b11),
+        (
+            "items.frt",
+            TableWriter::new().role(TableRole::Items),
+            Some(TableRole::Items),
+            0b111,
+        ),
+        (
+            "users.frt",
+            TableWriter::new().role(TableRole::Users),
+            Some(TableRole::Users),
+            0b1011,
+        ),
+        (
+            "none.frt",
+            TableWriter::new()
+                .role(TableRole::Users)
+                .maybe_role(None),
+            None,
+            0b11,
+        ),
+    ];
+    for (name, writer, role, flags) in cases {
+        let path = dir.path().join(name);
+        let summary = writer.write(&path, &data).unwrap_or_else(|e| panic!("{e}"));
+        let table = open_ok(&path);
+        table.verify().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(table.role(), role, "{name}");
+        assert_serves(&table, &data);
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(u32::from_le_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]), flags);
+        // The role lives in the header alone: the body and its checksum are unchanged.
+        assert_eq!(bytes[256..], unmarked_bytes[256..], "{name}");
+        assert_eq!(summary.checksum, unmarked_table.header().data_checksum);
+        assert_eq!(
+            bytes[..256] == unmarked_bytes[..256],
+            role.is_none(),
+            "{name}"
+        );
+    }
 }
 
 #[test]
