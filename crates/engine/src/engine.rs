@@ -20,6 +20,7 @@ use crate::request::RankRequest;
 use crate::rerank::{FairnessRuntime, FairnessSetup};
 use crate::response::{BatchResponse, RankResponse, StageTimings, micros};
 use crate::tables::{
+    check_role,
     ReloadOutcome, ReloadRequest, TableKind, TableSlot, TableStatus, compatible_with, pair_problem,
 };
 
@@ -207,6 +208,10 @@ impl Engine {
         config.validate()?;
         privacy.config.validate()?;
         let fairness = Arc::new(FairnessRuntime::new(&config, fairness)?);
+        check_role(TableKind::Items, &items)?;
+        if let Some(users) = &users {
+            check_role(TableKind::Users, users)?;
+        }
         if let Some(users) = &users
             && let Err(message) = pair_problem(users, &items, TableKind::Items)
         {

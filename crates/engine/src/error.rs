@@ -71,6 +71,9 @@ pub enum ReloadProblem {
     /// The file is valid but cannot serve beside the other table: a different dimension, or
     /// row norms whose scores could overflow (`tables::pair_problem`).
     IncompatibleTables,
+    /// The file is valid but its header marks it with the other role: a user table offered
+    /// as the item table, or the reverse (`tables::role_problem`).
+    WrongRole,
 }
 
 /// Where a request's deadline was found to have passed.

@@ -15,7 +15,7 @@ use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use kernels::{QuantizedRows, RowMatrix, ScoredItem, sort_ranked};
-use store::{StoreError, Table};
+use store::{StoreError, Table, TableRole};
 
 use crate::error::{AbortReason, EngineError, PreconditionReason, ReloadProblem};
 use crate::response::{TableVersion, micros};
@@ -27,6 +27,16 @@ pub enum TableKind {
     Items,
     /// The user table.
     Users,
+}
+
+impl TableKind {
+    /// The table role a file must be marked with (or be unmarked) to serve in this slot.
+    pub fn role(self) -> TableRole {
+        match self {
+            TableKind::Items => TableRole::Items,
+            TableKind::Users => TableRole::Users,
+        }
+    }
 }
 
 impl fmt::Display for TableKind {
@@ -334,6 +344,8 @@ impl TableSlot {
             message,
         };
         let table = Table::open(&path).map_err(|e| refuse(store_problem(&e), e.to_string()))?;
+        role_problem(self.kind, &table)
+            .map_err(|message| refuse(ReloadProblem::WrongRole, message))?;
         if request.verify_checksum.unwrap_or(default_verify) {
             table
                 .verify()
@@ -460,6 +472,39 @@ impl TableSlot {
     }
 }
 
+/// Why `table` cannot serve as the `kind` table: its header marks it with the other role
+/// (for example "`/x/users.frt` is marked as a user table; the item table slot needs an
+/// item table"). Unmarked files serve in either slot.
+pub fn role_problem(kind: TableKind, table: &Table) -> Result<(), String> {
+    match table.role() {
+        Some(role) if role != kind.role() => Err(format!(
+            "`{}` is marked as {}; the {kind} table slot needs {}",
+            table.path().display(),
+            a_table_of(role),
+            a_table_of(kind.role()),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// "an item table" or "a user table".
+fn a_table_of(role: TableRole) -> &'static str {
+    match role {
+        TableRole::Items => "an item table",
+        TableRole::Users => "a user table",
+    }
+}
+
+/// [`role_problem`] as the engine's refusal of a table for the `kind` slot.
+pub(crate) fn check_role(kind: TableKind, table: &Table) -> Result<(), EngineError> {
+    role_problem(kind, table).map_err(|message| EngineError::Reload {
+        table: kind,
+        path: table.path().to_path_buf(),
+        problem: ReloadProblem::WrongRole,
+        message,
+    })
+}
+
 /// Classifies a store refusal.
 fn store_problem(error: &StoreError) -> ReloadProblem {
     match error {
@@ -521,8 +566,9 @@ pub(crate) fn pair_problem(
 }
 
 /// Opens a table for [`Engine::new`](crate::Engine::new) callers that start from paths,
-/// with the checks of a reload: the format and every row at open, and with `verify` the
-/// whole-file checksum too (what `verify_checksum_on_reload` asks of a reload).
+/// with the checks of a reload: the format and every row at open, the role (a file marked
+/// with the other role is refused, [`role_problem`]; an unmarked one is accepted), and with
+/// `verify` the whole-file checksum too (what `verify_checksum_on_reload` asks of a reload).
 pub fn open_table(kind: TableKind, path: &Path, verify: bool) -> Result<Table, EngineError> {
     let refuse = |e: StoreError| EngineError::Reload {
         table: kind,
@@ -531,6 +577,7 @@ pub fn open_table(kind: TableKind, path: &Path, verify: bool) -> Result<Table, E
         message: e.to_string(),
     };
     let table = Table::open(path).map_err(refuse)?;
+    check_role(kind, &table)?;
     if verify {
         table.verify().map_err(refuse)?;
     }

@@ -61,15 +61,6 @@ impl TableRole {
         }
     }
 
-    /// The role's name for a table of it, for messages: `item` or `user` (as in "a user
-    /// table").
-    pub fn noun(self) -> &'static str {
-        match self {
-            TableRole::Items => "item",
-            TableRole::Users => "user",
-        }
-    }
-
     /// The role marked by header `flags` (`Ok(None)` when unmarked); both role bits set is
     /// refused.
     fn from_flags(flags: u32) -> Result<Option<TableRole>, FormatProblem> {

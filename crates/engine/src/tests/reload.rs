@@ -2,13 +2,16 @@
 
 use std::fs;
 
+use store::{Table, TableRole};
+
 use super::util::{
     DIM, ITEMS, brute_force, fixture, ids_scores, items_data, row, users_data, write,
+    write_marked,
 };
 use crate::engine::{hold_items_change_for_test, prepare_for_test, score_and_finish_for_test};
 use crate::{
-    AbortReason, EngineError, PreconditionReason, RankRequest, ReloadProblem, ReloadRequest,
-    TableKind, UserRef,
+    AbortReason, Engine, EngineConfig, EngineError, PreconditionReason, RankRequest,
+    ReloadProblem, ReloadRequest, TableKind, UserRef, open_table,
 };
 
 fn request(id: &str) -> RankRequest {
@@ -126,6 +129,195 @@ fn bad_files_are_refused_and_the_old_table_keeps_serving() {
             ..
         })
     ));
+}
+
+/// The role refusal's message for `path` offered to the `slot` table.
+fn wrong_role_message(path: &std::path::Path, marked: &str, slot: &str) -> String {
+    let article = |noun: &str| if noun == "item" { "an" } else { "a" };
+    format!(
+        "`{}` is marked as {} {marked} table; the {slot} table slot needs {} {slot} table",
+        path.display(),
+        article(marked),
+        article(slot)
+    )
+}
+
+#[test]
+fn a_table_marked_with_the_other_role_is_refused_at_reload_and_the_old_one_serves() {
+    let fixture = fixture();
+    let before = fixture
+        .engine
+        .rank_blocking(request("before"))
+        .expect("ranks");
+    // Same dimension and valid: only the mark says these rows are users (or items).
+    let users_path = write_marked(
+        fixture.dir.path(),
+        "users-marked.frt",
+        &users_data(9, 30, DIM),
+        TableRole::Users,
+    );
+    let items_path = write_marked(
+        fixture.dir.path(),
+        "items-marked.frt",
+        &items_data(9, 30, true),
+        TableRole::Items,
+    );
+    for (kind, path, marked, slot) in [
+        (TableKind::Items, &users_path, "user", "item"),
+        (TableKind::Users, &items_path, "item", "user"),
+    ] {
+        let request = ReloadRequest {
+            path: Some(path.clone()),
+            ..ReloadRequest::default()
+        };
+        match fixture.engine.reload(kind, &request) {
+            Err(
+                error @ EngineError::Reload {
+                    problem: ReloadProblem::WrongRole,
+                    ..
+                },
+            ) => {
+                let EngineError::Reload {
+                    table,
+                    path: reported,
+                    message,
+                    ..
+                } = &error
+                else {
+                    unreachable!("matched above");
+                };
+                assert_eq!(*table, kind);
+                assert_eq!(reported, path);
+                assert_eq!(*message, wrong_role_message(path, marked, slot));
+                assert_eq!(
+                    error.to_string(),
+                    format!(
+                        "cannot load the {slot} table from {}: {message}",
+                        path.display()
+                    )
+                );
+            }
+            other => panic!("{}: expected a role refusal, got {other:?}", path.display()),
+        }
+    }
+    let status = fixture.engine.status().expect("status");
+    assert_eq!(status.items.version.generation, 1);
+    assert_eq!(status.users.expect("users loaded").version.generation, 1);
+    let still = fixture
+        .engine
+        .rank_blocking(request("still"))
+        .expect("ranks");
+    assert_eq!(still.items_table, before.items_table);
+    assert_eq!(ids_scores(&still), ids_scores(&before));
+}
+
+#[test]
+fn matching_and_unmarked_tables_reload_into_either_slot() {
+    let fixture = fixture();
+    let dir = fixture.dir.path();
+    // Unmarked files (every file from before the role flags) serve in either slot, even
+    // one whose rows are users in the item slot: nothing says otherwise.
+    let unmarked = write(dir, "unmarked.frt", &users_data(11, 30, DIM));
+    let reloaded = fixture
+        .engine
+        .reload_items(Some(&unmarked))
+        .expect("unmarked in the item slot");
+    assert_eq!(reloaded.table.version.generation, 2);
+    fixture
+        .engine
+        .reload_users(Some(&unmarked))
+        .expect("unmarked in the user slot");
+    let items = write_marked(dir, "items.frt", &items_data(12, 40, true), TableRole::Items);
+    let users = write_marked(dir, "users.frt", &users_data(12, 20, DIM), TableRole::Users);
+    fixture.engine.reload_items(Some(&items)).expect("items");
+    fixture.engine.reload_users(Some(&users)).expect("users");
+    let status = fixture.engine.status().expect("status");
+    assert_eq!(status.items.version.generation, 3);
+    assert_eq!(status.users.expect("users").version.generation, 3);
+}
+
+#[test]
+fn open_table_refuses_the_other_role_and_accepts_unmarked_in_both() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let users = write_marked(
+        dir.path(),
+        "users.frt",
+        &users_data(1, 5, DIM),
+        TableRole::Users,
+    );
+    let items = write_marked(
+        dir.path(),
+        "items.frt",
+        &items_data(1, 5, true),
+        TableRole::Items,
+    );
+    let unmarked = write(dir.path(), "unmarked.frt", &items_data(2, 5, false));
+    for (kind, path, marked, slot) in [
+        (TableKind::Items, &users, "user", "item"),
+        (TableKind::Users, &items, "item", "user"),
+    ] {
+        for verify in [false, true] {
+            match open_table(kind, path, verify) {
+                Err(EngineError::Reload {
+                    table,
+                    path: reported,
+                    problem: ReloadProblem::WrongRole,
+                    message,
+                }) => {
+                    assert_eq!((table, &reported), (kind, path));
+                    assert_eq!(message, wrong_role_message(path, marked, slot));
+                }
+                other => panic!("expected a role refusal, got {other:?}"),
+            }
+        }
+    }
+    for (kind, path, role) in [
+        (TableKind::Items, &items, Some(TableRole::Items)),
+        (TableKind::Users, &users, Some(TableRole::Users)),
+        (TableKind::Items, &unmarked, None),
+        (TableKind::Users, &unmarked, None),
+    ] {
+        let table = open_table(kind, path, true).expect("opens in its slot");
+        assert_eq!(table.role(), role);
+    }
+}
+
+#[test]
+fn an_engine_refuses_tables_given_in_swapped_roles() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let users = write_marked(
+        dir.path(),
+        "users.frt",
+        &users_data(1, 5, DIM),
+        TableRole::Users,
+    );
+    let items = write_marked(
+        dir.path(),
+        "items.frt",
+        &items_data(1, 5, true),
+        TableRole::Items,
+    );
+    let open = |path: &std::path::Path| Table::open(path).expect("opens");
+    match Engine::new(EngineConfig::default(), open(&users), Some(open(&items))) {
+        Err(EngineError::Reload {
+            table: TableKind::Items,
+            problem: ReloadProblem::WrongRole,
+            message,
+            ..
+        }) => assert_eq!(message, wrong_role_message(&users, "user", "item")),
+        other => panic!("expected a role refusal, got {:?}", other.map(|_| "an engine")),
+    }
+    match Engine::new(EngineConfig::default(), open(&items), Some(open(&items))) {
+        Err(EngineError::Reload {
+            table: TableKind::Users,
+            problem: ReloadProblem::WrongRole,
+            message,
+            ..
+        }) => assert_eq!(message, wrong_role_message(&items, "item", "user")),
+        other => panic!("expected a role refusal, got {:?}", other.map(|_| "an engine")),
+    }
+    Engine::new(EngineConfig::default(), open(&items), Some(open(&users)))
+        .expect("marked tables in their own roles serve");
 }
 
 #[test]

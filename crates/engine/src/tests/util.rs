@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use store::{GroupAttribute, Table, TableData, write_table};
+use store::{GroupAttribute, Table, TableData, TableRole, TableWriter, write_table};
 use tempfile::TempDir;
 
 use crate::{Engine, EngineConfig, RankResponse};
@@ -66,6 +66,16 @@ pub fn users_data(seed: u64, rows: usize, dim: usize) -> TableData {
 pub fn write(dir: &Path, name: &str, data: &TableData) -> PathBuf {
     let path = dir.join(name);
     write_table(&path, data).expect("fixture table writes");
+    path
+}
+
+/// Writes `data` to `dir/name` marked with `role` and returns the path.
+pub fn write_marked(dir: &Path, name: &str, data: &TableData, role: TableRole) -> PathBuf {
+    let path = dir.join(name);
+    TableWriter::new()
+        .role(role)
+        .write(&path, data)
+        .expect("fixture table writes");
     path
 }
 

@@ -68,7 +68,9 @@ pub fn engine_status(error: &EngineError) -> Status {
         EngineError::Unavailable { .. } => (Code::Unavailable, ErrorReason::NotServing),
         EngineError::Reload { problem, .. } => match problem {
             ReloadProblem::FileNotFound => (Code::NotFound, ErrorReason::TableFileNotFound),
-            ReloadProblem::InvalidFile | ReloadProblem::IncompatibleTables => {
+            ReloadProblem::InvalidFile
+            | ReloadProblem::IncompatibleTables
+            | ReloadProblem::WrongRole => {
                 (Code::FailedPrecondition, ErrorReason::TableInvalid)
             }
         },
