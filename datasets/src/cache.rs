@@ -8,7 +8,7 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use store::{Table, TableData};
+use store::{Table, TableData, TableRole, TableWriter};
 
 use crate::error::DatasetError;
 use crate::progress;
@@ -90,13 +90,13 @@ pub fn cached_dataset(
     params.validate()?;
     let paths = dataset_paths(folder, params);
     let tables = [
-        (&paths.items, params.items),
-        (&paths.users, params.users),
-        (&paths.true_items, params.items),
+        (&paths.items, params.items, TableRole::Items),
+        (&paths.users, params.users, TableRole::Users),
+        (&paths.true_items, params.items, TableRole::Items),
     ];
     if tables
         .iter()
-        .all(|(path, rows)| is_valid_table(path, *rows, params.dim))
+        .all(|&(path, rows, role)| is_valid_table(path, rows, params.dim, role))
     {
         return Ok(paths);
     }
@@ -104,22 +104,37 @@ pub fn cached_dataset(
         .map_err(|source| DatasetError::io(folder, "create the cache folder", source))?;
     let dataset = generate_with_progress(params)?;
     let show = params.items.saturating_mul(params.dim) >= 1_000_000;
-    write_cached(&paths.true_items, &dataset.true_item_table(), show)?;
-    write_cached(&paths.users, &dataset.users, show)?;
-    write_cached(&paths.items, &dataset.items, show)?;
+    write_cached(
+        &paths.true_items,
+        &dataset.true_item_table(),
+        TableRole::Items,
+        show,
+    )?;
+    write_cached(&paths.users, &dataset.users, TableRole::Users, show)?;
+    write_cached(&paths.items, &dataset.items, TableRole::Items, show)?;
     Ok(paths)
 }
 
-fn is_valid_table(path: &Path, rows: usize, dim: usize) -> bool {
+/// Whether `path` holds a table of this shape that may serve as `role` (marked so, or
+/// unmarked: cached by a version from before the role flags, still served as is).
+fn is_valid_table(path: &Path, rows: usize, dim: usize, role: TableRole) -> bool {
     match Table::open(path) {
-        Ok(table) => table.len() == rows && table.dim() == dim,
+        Ok(table) => {
+            table.len() == rows && table.dim() == dim && table.role().is_none_or(|r| r == role)
+        }
         Err(_) => false,
     }
 }
 
-fn write_cached(path: &Path, data: &TableData, show_progress: bool) -> Result<(), DatasetError> {
+/// Publishes one table of a generated dataset, marked with its role.
+fn write_cached(
+    path: &Path,
+    data: &TableData,
+    role: TableRole,
+    show_progress: bool,
+) -> Result<(), DatasetError> {
     let spinner = progress::spinner(format!("writing {}", path.display()), show_progress);
-    let result = store::write_table(path, data);
+    let result = TableWriter::new().role(role).write(path, data);
     spinner.finish_and_clear();
     result.map(|_| ()).map_err(|source| DatasetError::Store {
         action: "writing a cached dataset table",

@@ -8,7 +8,7 @@ use datasets::{
     GROUP_ATTRIBUTE, SyntheticParams, cached_dataset, dataset_paths, generate, import_npy,
     write_npy,
 };
-use store::{Table, TableData};
+use store::{Table, TableData, TableRole, TableWriter};
 
 fn small_params() -> SyntheticParams {
     SyntheticParams {
@@ -121,6 +121,32 @@ fn cache_generates_once_then_reuses_and_repairs() {
     assert!(first.items.exists() && other_paths.items.exists());
     let names: Vec<_> = std::fs::read_dir(&cache).unwrap().collect();
     assert_eq!(names.len(), 6, "no temporary files are left behind");
+}
+
+#[test]
+fn cached_tables_are_marked_with_their_roles() {
+    let dir = tempfile::tempdir().unwrap();
+    let params = small_params();
+    let paths = cached_dataset(dir.path(), &params).unwrap();
+    let role = |path: &Path| Table::open(path).unwrap().role();
+    assert_eq!(role(&paths.items), Some(TableRole::Items));
+    assert_eq!(role(&paths.true_items), Some(TableRole::Items));
+    assert_eq!(role(&paths.users), Some(TableRole::Users));
+
+    // An unmarked cached file (from before the role flags) is reused as it is.
+    let dataset = generate(&params).unwrap();
+    store::write_table(&paths.users, &dataset.users).unwrap();
+    cached_dataset(dir.path(), &params).unwrap();
+    assert_eq!(role(&paths.users), None);
+
+    // A file marked with the other role is not: the dataset is written again, marked.
+    TableWriter::new()
+        .role(TableRole::Items)
+        .write(&paths.users, &dataset.users)
+        .unwrap();
+    cached_dataset(dir.path(), &params).unwrap();
+    assert_eq!(role(&paths.users), Some(TableRole::Users));
+    assert_table_holds(&paths.users, &dataset.users);
 }
 
 #[test]

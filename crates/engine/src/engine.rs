@@ -20,8 +20,8 @@ use crate::request::RankRequest;
 use crate::rerank::{FairnessRuntime, FairnessSetup};
 use crate::response::{BatchResponse, RankResponse, StageTimings, micros};
 use crate::tables::{
-    check_role,
-    ReloadOutcome, ReloadRequest, TableKind, TableSlot, TableStatus, compatible_with, pair_problem,
+    ReloadOutcome, ReloadRequest, TableKind, TableSlot, TableStatus, check_role, compatible_with,
+    pair_problem,
 };
 
 /// A callback that receives an answer or an error, exactly once.

@@ -121,9 +121,7 @@ pub use response::{
     PrivacyReport, RankResponse, RankedItem, Reason, ReasonCode, ScoreKind, StageTimings,
     TableVersion, ViolationKind,
 };
-pub use tables::{
-    ReloadOutcome, ReloadRequest, TableKind, TableStatus, open_table, role_problem,
-};
+pub use tables::{ReloadOutcome, ReloadRequest, TableKind, TableStatus, open_table, role_problem};
 pub use validate::{
     DEFAULT_EXPLAIN_DIMENSIONS, MAX_CONSENT_REFERENCE_BYTES, MAX_CONSTRAINT_NAME_BYTES,
     MAX_EXPLAIN_DIMENSIONS, MAX_EXPOSURE_SCOPE_BYTES, MAX_GROUP_ATTRIBUTE_BYTES,

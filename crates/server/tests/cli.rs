@@ -495,3 +495,156 @@ fn a_reader_gone_before_a_println_ends_the_command_quietly_too() {
     assert!(output.status.success(), "{:?}: {message}", output.status);
     assert!(!message.contains("panicked"), "{message}");
 }
+
+/// Runs `fairrank serve` on `args` until it exits (it must: the tables are refused) and
+/// returns its stderr.
+fn serve_refusal(args: &[&Path], cache: &Path) -> String {
+    let state = tempfile::tempdir().unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fairrank"));
+    command.arg("serve").arg("--table").arg(args[0]);
+    if let Some(users) = args.get(1) {
+        command.arg("--users").arg(users);
+    }
+    let mut child = command
+        .args(["--addr", "127.0.0.1:0", "--metrics-addr", "", "--state-dir"])
+        .arg(state.path())
+        .env("FAIRRANK_CACHE", cache)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("serve kept running on {args:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().unwrap();
+    assert!(!output.status.success());
+    stderr(&output)
+}
+
+#[test]
+fn built_tables_are_marked_and_tables_in_swapped_roles_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (items, users) = build_small_tables(dir.path());
+    assert_eq!(
+        Table::open(&items).unwrap().role(),
+        Some(store::TableRole::Items)
+    );
+    assert_eq!(
+        Table::open(&users).unwrap().role(),
+        Some(store::TableRole::Users)
+    );
+
+    // `inspect` shows the role: a JSON key, a text line.
+    for (path, role) in [(&items, "items"), (&users, "users")] {
+        let output = fairrank(
+            &["table", "inspect", path.to_str().unwrap(), "--json"],
+            dir.path(),
+        );
+        assert_success(&output);
+        let inspection: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+        assert_eq!(inspection["role"], role);
+        let output = fairrank(&["table", "inspect", path.to_str().unwrap()], dir.path());
+        assert_success(&output);
+        assert!(
+            stdout(&output).contains(&format!("\nrole:           {role}\n")),
+            "{}",
+            stdout(&output)
+        );
+    }
+
+    // `import` marks items by default; `--role` says users or leaves the file unmarked.
+    let npy = dir.path().join("e.npy");
+    datasets::write_npy(&npy, 2, 24, &[0.25; 48]).unwrap();
+    for (flag, expected, shown) in [
+        (None, Some(store::TableRole::Items), "items"),
+        (Some("users"), Some(store::TableRole::Users), "users"),
+        (Some("unmarked"), None, "unmarked"),
+    ] {
+        let out = dir.path().join(format!("imported-{shown}.frt"));
+        let mut args = vec![
+            "table",
+            "import",
+            "--npy",
+            npy.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend(flag.iter().flat_map(|role| ["--role", *role]));
+        assert_success(&fairrank(&args, dir.path()));
+        assert_eq!(Table::open(&out).unwrap().role(), expected, "{flag:?}");
+        let output = fairrank(
+            &["table", "inspect", out.to_str().unwrap(), "--json"],
+            dir.path(),
+        );
+        let inspection: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+        assert_eq!(inspection["role"], shown);
+    }
+    let unmarked = dir.path().join("imported-unmarked.frt");
+
+    let user_as_item = format!(
+        "`{}` is marked as a user table; the item table slot needs an item table",
+        users.display()
+    );
+    let item_as_user = format!(
+        "`{}` is marked as an item table; the user table slot needs a user table",
+        items.display()
+    );
+    // `topk` refuses either table in the other's place, naming the file.
+    let (items_arg, users_arg) = (items.to_str().unwrap(), users.to_str().unwrap());
+    for (args, message) in [
+        (["--table", users_arg, "--users", users_arg], &user_as_item),
+        (["--table", items_arg, "--users", items_arg], &item_as_user),
+    ] {
+        let output = fairrank(&[&["topk"][..], &args[..]].concat(), dir.path());
+        assert!(!output.status.success());
+        assert!(
+            stderr(&output).contains(message.as_str()),
+            "{}",
+            stderr(&output)
+        );
+    }
+    // So does `eval`, before any scoring.
+    let output = fairrank(
+        &[
+            "eval",
+            "--table",
+            users_arg,
+            "--users",
+            items_arg,
+            "--constraints",
+            "none",
+        ],
+        dir.path(),
+    );
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains(&user_as_item),
+        "{}",
+        stderr(&output)
+    );
+    // An unmarked table is accepted in either role.
+    let output = fairrank(
+        &[
+            "topk",
+            "--table",
+            unmarked.to_str().unwrap(),
+            "--users",
+            unmarked.to_str().unwrap(),
+            "--k",
+            "1",
+        ],
+        dir.path(),
+    );
+    assert_success(&output);
+
+    // `serve` refuses a user table given as the catalog, and an item table as the users.
+    let message = serve_refusal(&[&users], dir.path());
+    assert!(message.contains(&user_as_item), "{message}");
+    let message = serve_refusal(&[&items, &items], dir.path());
+    assert!(message.contains(&item_as_user), "{message}");
+}

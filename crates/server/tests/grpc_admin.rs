@@ -494,3 +494,94 @@ async fn undecodable_admin_requests_are_invalid_arguments_naming_the_field() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_marked_with_the_other_role_is_refused_at_reload_and_the_old_one_serves() {
+    let tables = tables(26);
+    let server = Server::start(&tables, None, &admin_env());
+    let mut admin = server.admin().await;
+    let mut ranker = server.ranker().await;
+    let user = 4;
+    let query = row(&tables.data.users, user).to_vec();
+    let expected = reference_topk(&tables.items_path, &query, 10);
+    let before = ranker
+        .rank(rank_request("before", &tables.data.users.ids[user], 10))
+        .await
+        .expect("ranks")
+        .into_inner();
+    assert_ranking(&before, &expected);
+
+    // Valid tables of the serving dimension, marked with a role: the users' rows could be
+    // served as a catalog, and only the mark says they must not.
+    let folder = tables.dir.path();
+    let users_marked = folder.join("users-marked.frt");
+    store::TableWriter::new()
+        .role(store::TableRole::Users)
+        .write(&users_marked, &tables.data.users)
+        .expect("users write");
+    let items_marked = folder.join("items-marked.frt");
+    store::TableWriter::new()
+        .role(store::TableRole::Items)
+        .write(&items_marked, &tables.data.items)
+        .expect("items write");
+    for (kind, path, message) in [
+        (
+            pb::TableKind::Items,
+            &users_marked,
+            format!(
+                "`{}` is marked as a user table; the item table slot needs an item table",
+                users_marked.display()
+            ),
+        ),
+        (
+            pb::TableKind::Users,
+            &items_marked,
+            format!(
+                "`{}` is marked as an item table; the user table slot needs a user table",
+                items_marked.display()
+            ),
+        ),
+    ] {
+        let status = admin
+            .reload_table(with_token(
+                pb::ReloadTableRequest {
+                    table: kind as i32,
+                    path: Some(path.file_name().unwrap().to_str().unwrap().to_owned()),
+                    reason: "swapped roles".into(),
+                    ..Default::default()
+                },
+                ADMIN_TOKEN,
+            ))
+            .await
+            .expect_err("a table of the other role is refused");
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert_eq!(error_reason(&status), pb::ErrorReason::TableInvalid);
+        assert!(
+            status.message().contains(&message),
+            "{}\nexpected: {message}",
+            status.message()
+        );
+    }
+
+    let still = ranker
+        .rank(rank_request("still", &tables.data.users.ids[user], 10))
+        .await
+        .expect("still serving")
+        .into_inner();
+    assert_eq!(still.items_table, before.items_table);
+    assert_eq!(still.items_table.map(|v| v.generation), Some(1));
+    assert_ranking(&still, &expected);
+    let counters = admin
+        .get_status(with_token(pb::GetStatusRequest {}, ADMIN_TOKEN))
+        .await
+        .expect("status")
+        .into_inner()
+        .counters
+        .expect("counters");
+    assert_eq!((counters.reloads, counters.reload_failures), (0, 2));
+    let logs = server.logs();
+    assert!(
+        logs.contains("keeps serving") && logs.contains("is marked as a user table"),
+        "{logs}"
+    );
+}

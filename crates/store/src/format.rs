@@ -64,7 +64,10 @@ impl TableRole {
     /// The role marked by header `flags` (`Ok(None)` when unmarked); both role bits set is
     /// refused.
     fn from_flags(flags: u32) -> Result<Option<TableRole>, FormatProblem> {
-        match (flags & FLAG_ROWS_ARE_ITEMS != 0, flags & FLAG_ROWS_ARE_USERS != 0) {
+        match (
+            flags & FLAG_ROWS_ARE_ITEMS != 0,
+            flags & FLAG_ROWS_ARE_USERS != 0,
+        ) {
             (true, true) => Err(FormatProblem::ConflictingRoles {
                 flags: flags & (FLAG_ROWS_ARE_ITEMS | FLAG_ROWS_ARE_USERS),
             }),

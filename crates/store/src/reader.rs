@@ -17,9 +17,7 @@ use memmap2::{Mmap, MmapOptions};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::error::{FormatProblem, StoreError};
-use crate::format::{
-    HEADER_SIZE, Header, Layout, MAX_ROWS, SectionKind, SectionRange, TableRole,
-};
+use crate::format::{HEADER_SIZE, Header, Layout, MAX_ROWS, SectionKind, SectionRange, TableRole};
 use crate::id_index::{BuildError, IdIndex, LookupHints};
 use crate::prefetch;
 use crate::scan::{norm_tolerance, scan_rows};

@@ -165,7 +165,10 @@ fn unknown_flags() {
     // Bits 0-3 are known (prior, dimension names, items, users); bit 4 is the first unknown.
     let (_dir, path) = sample();
     patch_raw_header(&path, 20, &(0b1_0011u32).to_le_bytes());
-    assert_eq!(problem(&path), FormatProblem::UnknownFlags { flags: 0b1_0000 });
+    assert_eq!(
+        problem(&path),
+        FormatProblem::UnknownFlags { flags: 0b1_0000 }
+    );
 }
 
 #[test]

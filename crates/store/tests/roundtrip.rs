@@ -419,9 +419,7 @@ fn role_round_trips_for_both_roles_and_unmarked() {
         ),
         (
             "none.frt",
-            TableWriter::new()
-                .role(TableRole::Users)
-                .maybe_role(None),
+            TableWriter::new().role(TableRole::Users).maybe_role(None),
             None,
             0b11,
         ),
@@ -434,7 +432,10 @@ fn role_round_trips_for_both_roles_and_unmarked() {
         assert_eq!(table.role(), role, "{name}");
         assert_serves(&table, &data);
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(u32::from_le_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]), flags);
+        assert_eq!(
+            u32::from_le_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]),
+            flags
+        );
         // The role lives in the header alone: the body and its checksum are unchanged.
         assert_eq!(bytes[256..], unmarked_bytes[256..], "{name}");
         assert_eq!(summary.checksum, unmarked_table.header().data_checksum);

@@ -5,13 +5,12 @@ use std::fs;
 use store::{Table, TableRole};
 
 use super::util::{
-    DIM, ITEMS, brute_force, fixture, ids_scores, items_data, row, users_data, write,
-    write_marked,
+    DIM, ITEMS, brute_force, fixture, ids_scores, items_data, row, users_data, write, write_marked,
 };
 use crate::engine::{hold_items_change_for_test, prepare_for_test, score_and_finish_for_test};
 use crate::{
-    AbortReason, Engine, EngineConfig, EngineError, PreconditionReason, RankRequest,
-    ReloadProblem, ReloadRequest, TableKind, UserRef, open_table,
+    AbortReason, Engine, EngineConfig, EngineError, PreconditionReason, RankRequest, ReloadProblem,
+    ReloadRequest, TableKind, UserRef, open_table,
 };
 
 fn request(id: &str) -> RankRequest {
@@ -227,7 +226,12 @@ fn matching_and_unmarked_tables_reload_into_either_slot() {
         .engine
         .reload_users(Some(&unmarked))
         .expect("unmarked in the user slot");
-    let items = write_marked(dir, "items.frt", &items_data(12, 40, true), TableRole::Items);
+    let items = write_marked(
+        dir,
+        "items.frt",
+        &items_data(12, 40, true),
+        TableRole::Items,
+    );
     let users = write_marked(dir, "users.frt", &users_data(12, 20, DIM), TableRole::Users);
     fixture.engine.reload_items(Some(&items)).expect("items");
     fixture.engine.reload_users(Some(&users)).expect("users");
@@ -305,7 +309,10 @@ fn an_engine_refuses_tables_given_in_swapped_roles() {
             message,
             ..
         }) => assert_eq!(message, wrong_role_message(&users, "user", "item")),
-        other => panic!("expected a role refusal, got {:?}", other.map(|_| "an engine")),
+        other => panic!(
+            "expected a role refusal, got {:?}",
+            other.map(|_| "an engine")
+        ),
     }
     match Engine::new(EngineConfig::default(), open(&items), Some(open(&items))) {
         Err(EngineError::Reload {
@@ -314,7 +321,10 @@ fn an_engine_refuses_tables_given_in_swapped_roles() {
             message,
             ..
         }) => assert_eq!(message, wrong_role_message(&items, "item", "user")),
-        other => panic!("expected a role refusal, got {:?}", other.map(|_| "an engine")),
+        other => panic!(
+            "expected a role refusal, got {:?}",
+            other.map(|_| "an engine")
+        ),
     }
     Engine::new(EngineConfig::default(), open(&items), Some(open(&users)))
         .expect("marked tables in their own roles serve");

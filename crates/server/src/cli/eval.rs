@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
+use engine::TableKind;
 use fairness::metrics::{self, PositionWeighting};
 use fairness::{
     AmortizedState, AnswerReport, Candidate, Registry, RerankOutput, Reranker, dcg_weight,
@@ -175,8 +176,8 @@ fn load_workload(args: &EvalArgs) -> anyhow::Result<Workload> {
     };
     let table_path = pick(&args.table, |dataset| dataset.items.clone())?;
     let users_path = pick(&args.users, |dataset| dataset.users.clone())?;
-    let table = Table::open(&table_path)?;
-    let users = Table::open(&users_path)?;
+    let table = super::open_in_role(TableKind::Items, &table_path)?;
+    let users = super::open_in_role(TableKind::Users, &users_path)?;
     if users.dim() != table.dim() {
         bail!(
             "user table {} has dimension {}, but item table {} has dimension {}",
@@ -269,7 +270,7 @@ fn true_relevance(
     dim: usize,
     scored: &[Vec<ScoredItem>],
 ) -> anyhow::Result<Vec<Vec<f64>>> {
-    let true_items = Table::open(path)?;
+    let true_items = super::open_in_role(TableKind::Items, path)?;
     if true_items.len() != table.len() || true_items.dim() != table.dim() {
         bail!(
             "true item table {} has {} rows of dimension {}, but the item table has {} of {}",

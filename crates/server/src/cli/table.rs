@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use store::Table;
+use store::{Table, TableRole, TableWriter};
 
 /// `fairrank table` subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -49,12 +49,34 @@ pub struct BuildArgs {
     /// Seed of the generator.
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Where to write the item table.
+    /// Where to write the item table (marked as an item table).
     #[arg(short = 'o', long = "output")]
     pub output: PathBuf,
-    /// Where to write the user table (not written without this flag).
+    /// Where to write the user table (marked as a user table; not written without this flag).
     #[arg(long)]
     pub users_out: Option<PathBuf>,
+}
+
+/// The role `fairrank table import` marks its output with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ImportRole {
+    /// Item embeddings: the table serves only as the item table.
+    Items,
+    /// User embeddings: the table serves only as the user table.
+    Users,
+    /// No mark: the table serves in either role, and readers older than the role flags
+    /// can read it.
+    Unmarked,
+}
+
+impl ImportRole {
+    fn role(self) -> Option<TableRole> {
+        match self {
+            ImportRole::Items => Some(TableRole::Items),
+            ImportRole::Users => Some(TableRole::Users),
+            ImportRole::Unmarked => None,
+        }
+    }
 }
 
 /// Arguments of `fairrank table import`.
@@ -69,6 +91,10 @@ pub struct ImportArgs {
     /// Where to write the table.
     #[arg(short = 'o', long = "output")]
     pub output: PathBuf,
+    /// What the rows are, marked in the table's header: a marked table is refused in the
+    /// other role (by `serve`, reloads, `topk` and `eval`).
+    #[arg(long, value_enum, default_value_t = ImportRole::Items)]
+    pub role: ImportRole,
 }
 
 /// Arguments of `fairrank table inspect`.
@@ -125,7 +151,9 @@ fn build(args: &BuildArgs) -> anyhow::Result<()> {
         params.seed = seed;
     }
     let dataset = datasets::generate(&params)?;
-    let summary = store::write_table(&args.output, &dataset.items)?;
+    let summary = TableWriter::new()
+        .role(TableRole::Items)
+        .write(&args.output, &dataset.items)?;
     println!(
         "{}: {} items x {} dims, {} bytes",
         args.output.display(),
@@ -134,7 +162,9 @@ fn build(args: &BuildArgs) -> anyhow::Result<()> {
         summary.file_bytes
     );
     if let Some(users_out) = &args.users_out {
-        let summary = store::write_table(users_out, &dataset.users)?;
+        let summary = TableWriter::new()
+            .role(TableRole::Users)
+            .write(users_out, &dataset.users)?;
         println!(
             "{}: {} users x {} dims, {} bytes",
             users_out.display(),
@@ -148,11 +178,15 @@ fn build(args: &BuildArgs) -> anyhow::Result<()> {
 
 fn import(args: &ImportArgs) -> anyhow::Result<()> {
     let data = datasets::import_npy(&args.npy, args.meta.as_deref())?;
-    let summary = store::write_table(&args.output, &data)?;
+    let role = args.role.role();
+    let summary = TableWriter::new()
+        .maybe_role(role)
+        .write(&args.output, &data)?;
     println!(
-        "{}: {} items x {} dims, {} bytes",
+        "{}: {} {} x {} dims, {} bytes",
         args.output.display(),
         summary.rows,
+        role.map_or("rows", TableRole::name),
         summary.dim,
         summary.file_bytes
     );
@@ -176,6 +210,8 @@ fn verify(path: &Path) -> anyhow::Result<()> {
 struct Inspection {
     file: String,
     file_bytes: u64,
+    /// What the rows are: `items`, `users` or `unmarked`.
+    role: &'static str,
     rows: usize,
     dim: usize,
     row_stride: usize,
@@ -226,6 +262,7 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
     let inspection = Inspection {
         file: args.file.display().to_string(),
         file_bytes,
+        role: role_name(table.role()),
         rows: table.len(),
         dim: table.dim(),
         row_stride: table.row_stride(),
@@ -247,6 +284,7 @@ fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
 fn print_inspection(inspection: &Inspection) {
     println!("file:           {}", inspection.file);
     println!("file bytes:     {}", inspection.file_bytes);
+    println!("role:           {}", inspection.role);
     println!("rows:           {}", inspection.rows);
     println!("dim:            {}", inspection.dim);
     println!("row stride:     {} f32", inspection.row_stride);
@@ -294,6 +332,11 @@ fn print_inspection(inspection: &Inspection) {
         Some(names) => println!("dim names:      {}", names.join(", ")),
         None => println!("dim names:      none"),
     }
+}
+
+/// A table's role as `inspect` shows it: `items`, `users` or `unmarked`.
+fn role_name(role: Option<TableRole>) -> &'static str {
+    role.map_or("unmarked", TableRole::name)
 }
 
 /// The header fields and the byte ranges of every region, for `inspect`.

@@ -4,6 +4,7 @@ use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
+use engine::TableKind;
 use kernels::{RowMatrix, ScoredItem, TopKScratch};
 use store::Table;
 
@@ -68,7 +69,7 @@ pub fn run(args: &TopkArgs) -> anyhow::Result<()> {
                 .map(|dataset| dataset.items.clone())
         })
         .context("no --table given and no default dataset")?;
-    let table = Table::open(&table_path)?;
+    let table = super::open_in_role(TableKind::Items, &table_path)?;
     let queries = load_queries(args, default_dataset.as_ref())?;
     if queries.dim != table.dim() {
         bail!(
@@ -110,7 +111,7 @@ fn load_queries(
         (None, Some(dataset)) => dataset.users.clone(),
         (None, None) => bail!("give --queries Q.npy or --users FILE"),
     };
-    let users = Table::open(&users_path)?;
+    let users = super::open_in_role(TableKind::Users, &users_path)?;
     let rows = args.limit.min(users.len());
     if rows == 0 {
         bail!("{}: no user rows to use as queries", users_path.display());

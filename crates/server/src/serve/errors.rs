@@ -70,9 +70,7 @@ pub fn engine_status(error: &EngineError) -> Status {
             ReloadProblem::FileNotFound => (Code::NotFound, ErrorReason::TableFileNotFound),
             ReloadProblem::InvalidFile
             | ReloadProblem::IncompatibleTables
-            | ReloadProblem::WrongRole => {
-                (Code::FailedPrecondition, ErrorReason::TableInvalid)
-            }
+            | ReloadProblem::WrongRole => (Code::FailedPrecondition, ErrorReason::TableInvalid),
         },
         EngineError::Internal { .. } | EngineError::InvalidConfig { .. } => {
             (Code::Internal, ErrorReason::Unspecified)
