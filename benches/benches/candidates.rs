@@ -51,7 +51,7 @@ use kernels::{
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use store::{Table, write_table};
+use store::{Table, TableRole, TableWriter};
 
 const CANDIDATES: usize = 1000;
 const LISTS: usize = 64;
@@ -415,7 +415,10 @@ fn bench_candidates(c: &mut Criterion<ThreadCpuTime>) {
         Err(e) => panic!("cannot create a scratch directory: {e}"),
     };
     let path = dir.path().join("items-1m-128.frt");
-    if let Err(e) = write_table(&path, &synthetic_table(1_000_000, 128)) {
+    let written = TableWriter::new()
+        .role(TableRole::Items)
+        .write(&path, &synthetic_table(1_000_000, 128));
+    if let Err(e) = written {
         panic!("cannot write the benchmark table: {e}");
     }
     match Table::open(&path) {

@@ -13,7 +13,7 @@
 use benches::synthetic::{ScratchDir, item_id, synthetic_table};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
-use store::{Table, write_table};
+use store::{Table, TableRole, TableWriter};
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -30,7 +30,10 @@ fn bench_store(c: &mut Criterion) {
         Err(e) => panic!("cannot create a scratch directory: {e}"),
     };
     let path = scratch.path().join("bench.frt");
-    let summary = match write_table(&path, &synthetic_table(rows, dim)) {
+    let written = TableWriter::new()
+        .role(TableRole::Items)
+        .write(&path, &synthetic_table(rows, dim));
+    let summary = match written {
         Ok(summary) => summary,
         Err(e) => panic!("cannot write the benchmark table: {e}"),
     };

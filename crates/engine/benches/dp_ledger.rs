@@ -32,7 +32,7 @@ use state::{
     BudgetLedger, InMemoryLedger, LeaseOptions, LeaseStats, LeasedLedger, LedgerOptions,
     PseudonymKey, StateDatabase,
 };
-use store::{Table, TableData, write_table};
+use store::{Table, TableData, TableRole, TableWriter};
 
 const DIM: usize = 64;
 const SUBJECTS: usize = 1000;
@@ -83,18 +83,20 @@ fn engine(
     let items = shape.items();
     let path = dir.join(format!("items-{items}.frt"));
     if !path.exists() {
-        write_table(
-            &path,
-            &TableData {
-                dim: DIM,
-                rows: values(1, items * DIM),
-                ids: (0..items).map(|i| format!("item-{i}")).collect(),
-                groups: Vec::new(),
-                prior: None,
-                dim_names: None,
-            },
-        )
-        .expect("table writes");
+        TableWriter::new()
+            .role(TableRole::Items)
+            .write(
+                &path,
+                &TableData {
+                    dim: DIM,
+                    rows: values(1, items * DIM),
+                    ids: (0..items).map(|i| format!("item-{i}")).collect(),
+                    groups: Vec::new(),
+                    prior: None,
+                    dim_names: None,
+                },
+            )
+            .expect("table writes");
     }
     let privacy = match ledger {
         Some(store) => PrivacySetup {

@@ -31,7 +31,7 @@ use engine::{Engine, EngineConfig, RankRequest, RankResponse, UserRef};
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use store::{GroupAttribute, Table, TableData, write_table};
+use store::{GroupAttribute, Table, TableData, TableRole, TableWriter};
 
 /// Candidates per request.
 const CANDIDATES: usize = 1_000;
@@ -114,7 +114,12 @@ fn random_table(path: &Path, rows: usize, items: bool, rng: &mut ChaCha8Rng) -> 
         prior: items.then(|| (0..rows).map(|_| rng.random_range(0.0_f32..1.0)).collect()),
         dim_names: None,
     };
-    if let Err(error) = write_table(path, &data) {
+    let role = if items {
+        TableRole::Items
+    } else {
+        TableRole::Users
+    };
+    if let Err(error) = TableWriter::new().role(role).write(path, &data) {
         panic!("writing {}: {error}", path.display());
     }
     open(path)

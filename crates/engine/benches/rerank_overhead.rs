@@ -26,7 +26,7 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use engine::{Engine, EngineConfig, FairnessPolicy, ParamValue, RankRequest, UserRef};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use store::{GroupAttribute, Table, TableData, write_table};
+use store::{GroupAttribute, Table, TableData, TableRole, TableWriter};
 
 /// Items in the table (the request lists `CANDIDATES` of them).
 const ITEMS: usize = 20_000;
@@ -121,7 +121,10 @@ fn setup(dir: &std::path::Path) -> (Engine, Vec<String>, Vec<f32>) {
         prior: None,
         dim_names: None,
     };
-    if let Err(error) = write_table(&path, &data) {
+    if let Err(error) = TableWriter::new()
+        .role(TableRole::Items)
+        .write(&path, &data)
+    {
         panic!("the bench table cannot be written: {error}");
     }
     let table = match Table::open(&path) {

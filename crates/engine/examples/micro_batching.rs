@@ -12,7 +12,7 @@ use std::sync::mpsc::channel;
 use std::time::{Duration, Instant};
 
 use engine::{Engine, EngineConfig, RankRequest, UserRef};
-use store::{Table, TableData, write_table};
+use store::{Table, TableData, TableRole, TableWriter};
 
 /// Uniform values in [-1, 1) from a seeded LCG.
 fn values(seed: u64, count: usize) -> Vec<f32> {
@@ -95,7 +95,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let k = argument(5, 10);
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("items.frt");
-    write_table(
+    TableWriter::new().role(TableRole::Items).write(
         &path,
         &TableData {
             dim,
