@@ -204,6 +204,30 @@ async fn sighup_reloads_the_tables_from_their_paths() {
         .into_inner();
     assert_eq!(still.items_table.map(|v| v.generation), Some(2));
     assert_ranking(&still, &expected);
+
+    // A valid table marked as a user table, published at the item table's path: refused
+    // by its role, naming the file; the old table keeps serving.
+    store::TableWriter::new()
+        .role(store::TableRole::Users)
+        .write(&tables.items_path, &tables.data.users)
+        .expect("users write");
+    server.signal("HUP");
+    let marked = format!(
+        "`{}` is marked as a user table; the item table slot needs an item table",
+        tables.items_path.display()
+    );
+    let started = Instant::now();
+    while !server.logs().contains(&marked) {
+        assert!(started.elapsed() < CALL_TIMEOUT, "{}", server.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let still = ranker
+        .rank(rank_request("after-users-hup", &user_id, 10))
+        .await
+        .expect("still serving")
+        .into_inner();
+    assert_eq!(still.items_table.map(|v| v.generation), Some(2));
+    assert_ranking(&still, &expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
