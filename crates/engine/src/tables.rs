@@ -175,6 +175,10 @@ impl Served {
             group_attributes: table.group_attribute_names().to_vec(),
             has_prior: table.prior().is_some(),
             has_dim_names: table.dim_names().is_some(),
+            marked_role: table.role().map(|role| match role {
+                TableRole::Items => TableKind::Items,
+                TableRole::Users => TableKind::Users,
+            }),
             max_row_norm: table.max_row_norm(),
             quantized_copy_bytes: self
                 .data
@@ -209,6 +213,9 @@ pub struct TableStatus {
     pub has_prior: bool,
     /// Whether the table names its dimensions.
     pub has_dim_names: bool,
+    /// The role the file's header marks it with; `None` for an unmarked file (which
+    /// serves in either slot).
+    pub marked_role: Option<TableKind>,
     /// Largest row norm.
     pub max_row_norm: f32,
     /// Heap bytes of the int8 copy of the rows that candidate scoring prunes with (`None`

@@ -584,4 +584,32 @@ async fn a_table_marked_with_the_other_role_is_refused_at_reload_and_the_old_one
         logs.contains("keeps serving") && logs.contains("is marked as a user table"),
         "{logs}"
     );
+
+    // A table marked with its slot's role loads, and GetStatus shows each table's mark (the
+    // fixture's user table is unmarked).
+    admin
+        .reload_table(with_token(
+            pb::ReloadTableRequest {
+                table: pb::TableKind::Items as i32,
+                path: Some("items-marked.frt".into()),
+                reason: "marked items".into(),
+                ..Default::default()
+            },
+            ADMIN_TOKEN,
+        ))
+        .await
+        .expect("a table of the slot's role loads");
+    let status = admin
+        .get_status(with_token(pb::GetStatusRequest {}, ADMIN_TOKEN))
+        .await
+        .expect("status")
+        .into_inner();
+    let items = status.items_table.expect("items");
+    assert_eq!(items.marked_role, pb::TableKind::Items as i32, "{items:?}");
+    let users = status.users_table.expect("users");
+    assert_eq!(
+        users.marked_role,
+        pb::TableKind::Unspecified as i32,
+        "{users:?}"
+    );
 }

@@ -512,12 +512,13 @@ pub fn table_label(kind: engine::TableKind) -> &'static str {
 
 /// The wire form of a table's status.
 pub fn table_status(status: &engine::TableStatus) -> pb::TableStatus {
-    let kind = match status.kind {
+    let kind = |kind| match kind {
         engine::TableKind::Items => pb::TableKind::Items,
         engine::TableKind::Users => pb::TableKind::Users,
     };
     pb::TableStatus {
-        kind: kind as i32,
+        kind: kind(status.kind) as i32,
+        marked_role: status.marked_role.map_or(pb::TableKind::Unspecified, kind) as i32,
         version: Some(table_version(status.version)),
         path: status.path.display().to_string(),
         rows: status.rows as u64,
