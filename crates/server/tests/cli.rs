@@ -268,28 +268,7 @@ fn corrupt_and_truncated_tables_are_refused_naming_the_file() {
 
     // `serve` refuses both at start, as a reload would (checksum included), naming the file.
     for (table, problem) in [(&truncated, "truncated.frt"), (&corrupt, "checksum")] {
-        let state = tempfile::tempdir().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fairrank"))
-            .args(["serve", "--table"])
-            .arg(table)
-            .args(["--addr", "127.0.0.1:0", "--metrics-addr", "", "--state-dir"])
-            .arg(state.path())
-            .env("FAIRRANK_CACHE", dir.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let started = std::time::Instant::now();
-        while child.try_wait().unwrap().is_none() {
-            if started.elapsed() > std::time::Duration::from_secs(60) {
-                child.kill().unwrap();
-                panic!("serve kept running on {}", table.display());
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        let output = child.wait_with_output().unwrap();
-        assert!(!output.status.success());
-        let message = stderr(&output);
+        let message = serve_refusal(&[table.as_path()], dir.path());
         assert!(
             message.contains(table.file_name().unwrap().to_str().unwrap())
                 && message.contains(problem),
@@ -496,8 +475,8 @@ fn a_reader_gone_before_a_println_ends_the_command_quietly_too() {
     assert!(!message.contains("panicked"), "{message}");
 }
 
-/// Runs `fairrank serve` on `args` until it exits (it must: the tables are refused) and
-/// returns its stderr.
+/// Runs `fairrank serve` on the item table `args[0]` (and the user table `args[1]`, if
+/// given) until it exits (it must: a table is refused) and returns its stderr.
 fn serve_refusal(args: &[&Path], cache: &Path) -> String {
     let state = tempfile::tempdir().unwrap();
     let mut command = Command::new(env!("CARGO_BIN_EXE_fairrank"));

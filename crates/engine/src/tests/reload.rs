@@ -1,6 +1,7 @@
 //! Hot swap: reload, refusal of bad files, in-flight requests on the old table, rollback.
 
 use std::fs;
+use std::path::{Path, PathBuf};
 
 use store::{Table, TableRole};
 
@@ -17,6 +18,23 @@ fn request(id: &str) -> RankRequest {
     RankRequest::new(id, UserRef::id("user-5"), 10)
 }
 
+/// A user table and an item table (in that order) of `rows` rows generated from `seed`, of
+/// the fixtures' dimension, in `dir`, each marked with its role.
+fn marked_pair(dir: &Path, seed: u64, rows: usize) -> (PathBuf, PathBuf) {
+    let users = write_marked(
+        dir,
+        "users-marked.frt",
+        &users_data(seed, rows, DIM),
+        TableRole::Users,
+    );
+    let items = write_marked(
+        dir,
+        "items-marked.frt",
+        &items_data(seed, rows, true),
+        TableRole::Items,
+    );
+    (users, items)
+}
 #[test]
 fn reloading_a_good_file_swaps_and_bumps_the_generation() {
     let fixture = fixture();
@@ -149,18 +167,7 @@ fn a_table_marked_with_the_other_role_is_refused_at_reload_and_the_old_one_serve
         .rank_blocking(request("before"))
         .expect("ranks");
     // Same dimension and valid: only the mark says these rows are users (or items).
-    let users_path = write_marked(
-        fixture.dir.path(),
-        "users-marked.frt",
-        &users_data(9, 30, DIM),
-        TableRole::Users,
-    );
-    let items_path = write_marked(
-        fixture.dir.path(),
-        "items-marked.frt",
-        &items_data(9, 30, true),
-        TableRole::Items,
-    );
+    let (users_path, items_path) = marked_pair(fixture.dir.path(), 9, 30);
     for (kind, path, marked, slot) in [
         (TableKind::Items, &users_path, "user", "item"),
         (TableKind::Users, &items_path, "item", "user"),
@@ -243,18 +250,7 @@ fn matching_and_unmarked_tables_reload_into_either_slot() {
 #[test]
 fn open_table_refuses_the_other_role_and_accepts_unmarked_in_both() {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let users = write_marked(
-        dir.path(),
-        "users.frt",
-        &users_data(1, 5, DIM),
-        TableRole::Users,
-    );
-    let items = write_marked(
-        dir.path(),
-        "items.frt",
-        &items_data(1, 5, true),
-        TableRole::Items,
-    );
+    let (users, items) = marked_pair(dir.path(), 1, 5);
     let unmarked = write(dir.path(), "unmarked.frt", &items_data(2, 5, false));
     for (kind, path, marked, slot) in [
         (TableKind::Items, &users, "user", "item"),
@@ -289,18 +285,7 @@ fn open_table_refuses_the_other_role_and_accepts_unmarked_in_both() {
 #[test]
 fn an_engine_refuses_tables_given_in_swapped_roles() {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let users = write_marked(
-        dir.path(),
-        "users.frt",
-        &users_data(1, 5, DIM),
-        TableRole::Users,
-    );
-    let items = write_marked(
-        dir.path(),
-        "items.frt",
-        &items_data(1, 5, true),
-        TableRole::Items,
-    );
+    let (users, items) = marked_pair(dir.path(), 1, 5);
     let open = |path: &std::path::Path| Table::open(path).expect("opens");
     match Engine::new(EngineConfig::default(), open(&users), Some(open(&items))) {
         Err(EngineError::Reload {
