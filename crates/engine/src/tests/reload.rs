@@ -286,30 +286,37 @@ fn open_table_refuses_the_other_role_and_accepts_unmarked_in_both() {
 fn an_engine_refuses_tables_given_in_swapped_roles() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let (users, items) = marked_pair(dir.path(), 1, 5);
-    let open = |path: &std::path::Path| Table::open(path).expect("opens");
-    match Engine::new(EngineConfig::default(), open(&users), Some(open(&items))) {
-        Err(EngineError::Reload {
-            table: TableKind::Items,
-            problem: ReloadProblem::WrongRole,
-            message,
-            ..
-        }) => assert_eq!(message, wrong_role_message(&users, "user", "item")),
-        other => panic!(
-            "expected a role refusal, got {:?}",
-            other.map(|_| "an engine")
+    let open = |path: &Path| Table::open(path).expect("opens");
+    for (items_slot, users_slot, refused, message) in [
+        (
+            &users,
+            &items,
+            TableKind::Items,
+            wrong_role_message(&users, "user", "item"),
         ),
-    }
-    match Engine::new(EngineConfig::default(), open(&items), Some(open(&items))) {
-        Err(EngineError::Reload {
-            table: TableKind::Users,
-            problem: ReloadProblem::WrongRole,
-            message,
-            ..
-        }) => assert_eq!(message, wrong_role_message(&items, "item", "user")),
-        other => panic!(
-            "expected a role refusal, got {:?}",
-            other.map(|_| "an engine")
+        (
+            &items,
+            &items,
+            TableKind::Users,
+            wrong_role_message(&items, "item", "user"),
         ),
+    ] {
+        match Engine::new(
+            EngineConfig::default(),
+            open(items_slot),
+            Some(open(users_slot)),
+        ) {
+            Err(EngineError::Reload {
+                table,
+                problem: ReloadProblem::WrongRole,
+                message: reported,
+                ..
+            }) => assert_eq!((table, reported), (refused, message)),
+            other => panic!(
+                "expected a role refusal, got {:?}",
+                other.map(|_| "an engine")
+            ),
+        }
     }
     Engine::new(EngineConfig::default(), open(&items), Some(open(&users)))
         .expect("marked tables in their own roles serve");
