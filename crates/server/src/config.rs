@@ -209,8 +209,9 @@ pub struct ServerConfig {
     /// Rank requests (RankBatch entries count one each) admitted at once across the server;
     /// more are shed with `RESOURCE_EXHAUSTED` (default 256).
     pub max_concurrent_requests: usize,
-    /// Largest encoded request or response message in bytes (default 16 MiB); a larger
-    /// request is refused with `RESOURCE_EXHAUSTED`.
+    /// Largest encoded request message, and largest Rank or RankBatch answer, in bytes
+    /// (default 16 MiB); either larger is refused with `RESOURCE_EXHAUSTED`. Admin answers
+    /// are not limited.
     pub max_message_bytes: usize,
     /// Deadline of calls that send no `grpc-timeout`, in milliseconds (default 5000).
     pub default_deadline_ms: u64,
@@ -332,7 +333,7 @@ const KEY_DOCS: &[(&str, &str, &str)] = &[
     (
         "server",
         "max_message_bytes",
-        "Largest encoded request or response message, in bytes; a larger request is refused with RESOURCE_EXHAUSTED.",
+        "Largest encoded request message, and largest Rank or RankBatch answer, in bytes; either larger is refused with RESOURCE_EXHAUSTED (Admin answers are not limited).",
     ),
     (
         "server",

@@ -129,6 +129,7 @@ async fn admin_calls_need_the_configured_bearer_token() {
         .await
         .expect_err("admin is off");
     assert_eq!(status.code(), Code::Unimplemented);
+    assert_eq!(error_reason(&status), pb::ErrorReason::NotSupported);
     assert!(
         status.message().contains("admin token"),
         "{}",

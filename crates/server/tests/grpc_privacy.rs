@@ -124,6 +124,8 @@ async fn dp_answers_charge_the_budget_replay_and_stop_at_the_cap() {
     let retry = rank_dp(&mut ranker, "dp-first", &user).await;
     assert!(retry.replayed);
     assert_eq!(ids(&retry), ids(&first));
+    assert_eq!(report(&retry).rho_charged, 0.0, "a replay charges nothing");
+    assert_eq!(report(&retry).rho_remaining, Some(remaining_first));
 
     let second = rank_dp(&mut ranker, "dp-second", &user).await;
     let remaining_second = report(&second).rho_remaining.expect("remaining");

@@ -623,7 +623,7 @@ async fn oversized_messages_are_refused_and_echo_works() {
     let server = Server::start(
         &tables,
         Some("[server]\nmax_message_bytes = 4096\necho_service = true\n"),
-        &[],
+        &admin_env(),
     );
     let mut ranker = server.ranker().await;
     let mut request = rank_request("huge", &tables.data.users.ids[0], 5);
@@ -656,12 +656,46 @@ async fn oversized_messages_are_refused_and_echo_works() {
         .rank(rank_request("small", &tables.data.users.ids[0], 5))
         .await
         .expect("small messages still pass");
+    // An answer above the limit (k = 500: about 10 KB) is refused by the handler, naming
+    // `k`, and counted as such; its request id keeps refusing; a smaller k answers.
+    for _ in 0..2 {
+        let status = ranker
+            .rank(rank_request("large-answer", &tables.data.users.ids[0], 500))
+            .await
+            .expect_err("the answer is too large");
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert_eq!(error_reason(&status), pb::ErrorReason::LimitExceeded);
+        assert_eq!(error_field(&status), Some("k"));
+        assert!(
+            status.message().contains("`server.max_message_bytes`"),
+            "{}",
+            status.message()
+        );
+    }
+    ranker
+        .rank(rank_request(
+            "smaller-answer",
+            &tables.data.users.ids[0],
+            20,
+        ))
+        .await
+        .expect("a smaller answer passes");
+    // Admin answers are the server's own: GetStatus (the whole configuration, above 4 KiB)
+    // is not held to the clients' limit.
+    let status = server
+        .admin()
+        .await
+        .get_status(with_token(pb::GetStatusRequest {}, ADMIN_TOKEN))
+        .await
+        .expect("GetStatus answers under a small message limit")
+        .into_inner();
+    assert!(prost::Message::encoded_len(&status) > 4096);
     // Refused before any handler ran, and still counted.
     let text = server.metrics_text();
-    for method in ["Rank", "RankBatch"] {
+    for (method, refused) in [("Rank", 3.0), ("RankBatch", 1.0)] {
         assert_eq!(
             calls_counted(&text, method, "ResourceExhausted"),
-            Some(1.0),
+            Some(refused),
             "{method}:\n{text}"
         );
     }

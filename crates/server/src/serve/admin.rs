@@ -350,12 +350,13 @@ const ADMIN_METHODS: [&str; 4] = [
 pub type AdminRoutes = Routes<AdminService, AdminServer<AdminService>>;
 
 impl AdminRoutes {
-    /// Routes over `service`, with `max_message_bytes` as the decoding and encoding limit.
+    /// Routes over `service`, with `max_message_bytes` as the decoding limit.
     pub fn new(service: AdminService, max_message_bytes: usize) -> AdminRoutes {
         let service = Arc::new(service);
+        // Answers are the server's own (GetStatus carries the whole configuration): not held
+        // to the clients' message limit (see `routes::unary`).
         let generated = AdminServer::from_arc(Arc::clone(&service))
-            .max_decoding_message_size(max_message_bytes)
-            .max_encoding_message_size(max_message_bytes);
+            .max_decoding_message_size(max_message_bytes);
         Routes::from_parts(service, generated, max_message_bytes)
     }
 }

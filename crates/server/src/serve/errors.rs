@@ -121,6 +121,20 @@ pub fn answer_too_large(bytes: usize, limit: usize) -> Status {
     )
 }
 
+/// A Rank answer that exceeds the transport's message limit.
+pub fn rank_answer_too_large(bytes: usize, limit: usize) -> Status {
+    error_status(
+        Code::ResourceExhausted,
+        format!(
+            "the answer is {bytes} bytes, above the server's limit of {limit} \
+             (`server.max_message_bytes`); ask for a smaller k or lighter explanations, with \
+             a new request id (this one keeps the answer that was too large)"
+        ),
+        ErrorReason::LimitExceeded,
+        Some("k"),
+    )
+}
+
 /// A request message of `bytes` (when known) above the transport's message limit `limit`,
 /// refused before it was read whole.
 pub fn request_too_large(bytes: Option<usize>, limit: usize) -> Status {
@@ -208,10 +222,15 @@ pub fn unauthenticated(message: &str) -> Status {
 
 /// The Admin service is off because no token is configured.
 pub fn admin_disabled(token_env: &str) -> Status {
-    Status::unimplemented(format!(
-        "the Admin service is disabled: the server has no admin token (set server.admin_token \
-         or the environment variable {token_env:?})"
-    ))
+    error_status(
+        Code::Unimplemented,
+        format!(
+            "the Admin service is disabled: the server has no admin token (set \
+             server.admin_token or the environment variable {token_env:?})"
+        ),
+        ErrorReason::NotSupported,
+        None,
+    )
 }
 
 /// A reload path outside the allowed folder.

@@ -490,6 +490,7 @@ impl OwnRoutes for RankerService {
                 },
                 request,
                 limit,
+                Some(limit),
                 move |request| {
                     let service = Arc::clone(&service);
                     Box::pin(async move { service.rank_wire(request).await })
@@ -502,6 +503,7 @@ impl OwnRoutes for RankerService {
                 },
                 request,
                 limit,
+                Some(limit),
                 move |request| {
                     let service = Arc::clone(&service);
                     Box::pin(async move { Ranker::rank_batch(&*service, request).await })

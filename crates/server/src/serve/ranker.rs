@@ -149,13 +149,19 @@ impl RankerService {
         // One clock read for the answer's total and the call's metrics and log.
         let elapsed = started.elapsed();
         let metrics = &self.shared.metrics;
-        match &mut result {
-            Ok(response) => {
-                if let Some(timings) = &mut response.timings {
-                    timings.total_us = micros(elapsed);
-                }
-                metrics.record_answer(response.facts);
+        if let Ok(response) = &mut result {
+            if let Some(timings) = &mut response.timings {
+                timings.total_us = micros(elapsed);
             }
+            // Refused here rather than by the transport's encoder, which would fail the call
+            // after it was counted as answered, with a message that gives no way out.
+            let (bytes, limit) = (response.encoded_len(), self.shared.max_message_bytes);
+            if bytes > limit {
+                result = Err(errors::rank_answer_too_large(bytes, limit));
+            }
+        }
+        match &result {
+            Ok(response) => metrics.record_answer(response.facts),
             Err(_) => {
                 metrics.rank_errors.inc();
             }
@@ -428,9 +434,13 @@ fn replayed(stored: &pb::RankResponse, started: Instant) -> pb::RankResponse {
     replayed_owned(stored.clone(), started)
 }
 
-/// [`replayed`], taking the stored answer.
+/// [`replayed`], taking the stored answer. A replay charges nothing: its privacy report
+/// says `rho_charged = 0` (as the ledger's own replays do), the rest as first answered.
 fn replayed_owned(mut response: pb::RankResponse, started: Instant) -> pb::RankResponse {
     response.replayed = true;
+    if let Some(privacy) = &mut response.privacy {
+        privacy.rho_charged = 0.0;
+    }
     response.timings = Some(pb::StageTimings {
         total_us: micros_since(started),
         ..pb::StageTimings::default()
@@ -577,12 +587,18 @@ mod tests {
     }
 
     #[test]
-    fn a_replay_is_marked_and_carries_this_calls_timings() {
+    fn a_replay_is_marked_charges_nothing_and_carries_this_calls_timings() {
         let stored = pb::RankResponse {
             request_id: "r".into(),
             timings: Some(pb::StageTimings {
                 total_us: 12_345,
                 score_us: 10_000,
+                ..Default::default()
+            }),
+            privacy: Some(pb::PrivacyReport {
+                dp_applied: true,
+                rho_charged: 0.25,
+                rho_remaining: Some(0.5),
                 ..Default::default()
             }),
             ..Default::default()
@@ -591,5 +607,9 @@ mod tests {
         assert!(replay.replayed);
         assert_eq!(replay.timings.unwrap().score_us, 0);
         assert_eq!(replay.request_id, "r");
+        let privacy = replay.privacy.expect("the privacy report");
+        assert_eq!(privacy.rho_charged, 0.0);
+        assert!(privacy.dp_applied);
+        assert_eq!(privacy.rho_remaining, Some(0.5));
     }
 }

@@ -102,8 +102,10 @@ where
 }
 
 /// Serves `request` as a unary call of `method` with [`ProstRouteCodec`], `max_message_bytes`
-/// limiting both the request and the answer; `refused` sees the status of a call refused
-/// before `method` ran ([`unary_with_codec`]).
+/// limiting the request (the Admin service's routes: its answers are the server's own, and
+/// GetStatus carries the whole configuration, so they are not held to a limit meant for
+/// clients' messages); `refused` sees the status of a call refused before `method` ran
+/// ([`unary_with_codec`]).
 pub fn unary<Request, Response, B, F, R>(
     request: http::Request<B>,
     max_message_bytes: usize,
@@ -121,10 +123,12 @@ where
     R: FnOnce(&Status) + Send + 'static,
 {
     let codec = ProstRouteCodec::<Request, Response>::default();
-    unary_with_codec(codec, request, max_message_bytes, method, refused)
+    unary_with_codec(codec, request, max_message_bytes, None, method, refused)
 }
 
-/// [`unary`] with `codec` instead of [`ProstRouteCodec`] (the `Ranker` routes' own codecs).
+/// [`unary`] with `codec` instead of [`ProstRouteCodec`] (the `Ranker` routes' own codecs),
+/// and answers limited to `max_answer_bytes` (the handlers refuse larger answers themselves,
+/// so that the refusal is counted and says what to change; the limit only guards them).
 ///
 /// A call refused before `method` runs (a body above `max_message_bytes`, one that does not
 /// decode, or no message at all) is answered by tonic; `refused` is then called with the
@@ -134,6 +138,7 @@ pub fn unary_with_codec<C, B, F, R>(
     codec: C,
     request: http::Request<B>,
     max_message_bytes: usize,
+    max_answer_bytes: Option<usize>,
     method: F,
     refused: R,
 ) -> BoxFuture<http::Response<tonic::body::Body>, Infallible>
@@ -148,9 +153,9 @@ where
         + 'static,
     R: FnOnce(&Status) + Send + 'static,
 {
-    let limit = Some(max_message_bytes);
     Box::pin(async move {
-        let mut grpc = tonic::server::Grpc::new(codec).apply_max_message_size_config(limit, limit);
+        let mut grpc = tonic::server::Grpc::new(codec)
+            .apply_max_message_size_config(Some(max_message_bytes), max_answer_bytes);
         let mut called = false;
         let method = MethodFn {
             method,
@@ -225,7 +230,7 @@ pub struct Routes<S, G> {
 
 impl<S, G> Routes<S, G> {
     /// Routes over `service`; `generated` serves the same service with `max_message_bytes`
-    /// as its decoding and encoding limit, which the own routes use too.
+    /// as its decoding limit, which the own routes use too.
     pub fn from_parts(service: Arc<S>, generated: G, max_message_bytes: usize) -> Self {
         Routes {
             generated,
