@@ -143,8 +143,8 @@ pub fn request_too_large(bytes: Option<usize>, limit: usize) -> Status {
         Code::ResourceExhausted,
         format!(
             "the request message{size} is above the server's limit of {limit} bytes \
-             (`server.max_message_bytes`); send fewer candidate ids, or fewer requests per \
-             batch"
+             (`server.max_message_bytes`); send a smaller one (for Rank and RankBatch: fewer \
+             candidate ids, or fewer requests per batch)"
         ),
         ErrorReason::LimitExceeded,
         None,
