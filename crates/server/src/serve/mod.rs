@@ -341,11 +341,14 @@ fn health_names(admin_enabled: bool, echo_enabled: bool) -> Vec<&'static str> {
     names
 }
 
-/// A reflection service builder over the API's and health's descriptors that lists the
-/// services in `names` (those this server answers, as health reports them), health and
-/// reflection itself. Without the explicit list, reflection would list every service of the
-/// descriptor set, the Echo benchmark service even when it is off.
-fn reflection(names: &[&str]) -> tonic_reflection::server::Builder<'static> {
+/// A reflection service builder over the API's descriptors (`api_descriptors`) and
+/// health's that lists the services in `names` (those this server answers, as health reports
+/// them), health and reflection itself. Without the explicit list, reflection would list
+/// every service of the descriptor set, the Echo benchmark service even when it is off.
+fn reflection<'a>(
+    names: &[&str],
+    api_descriptors: &'a [u8],
+) -> tonic_reflection::server::Builder<'a> {
     let listed = names.iter().copied().chain([
         tonic_health::pb::health_server::SERVICE_NAME,
         tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME,
@@ -353,7 +356,7 @@ fn reflection(names: &[&str]) -> tonic_reflection::server::Builder<'static> {
     ]);
     listed.fold(
         tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(api::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(api_descriptors)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             // Both reflection versions are listed, so both are described.
             .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
@@ -362,6 +365,22 @@ fn reflection(names: &[&str]) -> tonic_reflection::server::Builder<'static> {
             ),
         |builder, name| builder.with_service_name(name),
     )
+}
+
+/// The protobuf package of the Echo benchmark service.
+const BENCH_PACKAGE: &str = "fairrank.bench.v1";
+
+/// The API's encoded descriptor set as reflection serves it: without the Echo benchmark's
+/// file (package `fairrank.bench.v1`) unless `echo_enabled`, so that a service that is off
+/// is neither listed nor described.
+fn api_descriptors(echo_enabled: bool) -> anyhow::Result<Vec<u8>> {
+    use prost::Message as _;
+    let mut set = prost_types::FileDescriptorSet::decode(api::FILE_DESCRIPTOR_SET)
+        .context("decoding the API's descriptor set")?;
+    if !echo_enabled {
+        set.file.retain(|file| file.package() != BENCH_PACKAGE);
+    }
+    Ok(set.encode_to_vec())
 }
 
 async fn set_health(reporter: &HealthReporter, names: &[&str], status: ServingStatus) {
@@ -427,10 +446,11 @@ async fn serve(
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let names = health_names(admin_enabled, server_config.echo_service);
     set_health(&health_reporter, &names, ServingStatus::Serving).await;
-    let reflection_v1 = reflection(&names)
+    let descriptors = api_descriptors(server_config.echo_service)?;
+    let reflection_v1 = reflection(&names, &descriptors)
         .build_v1()
         .context("building the reflection service (v1)")?;
-    let reflection_v1alpha = reflection(&names)
+    let reflection_v1alpha = reflection(&names, &descriptors)
         .build_v1alpha()
         .context("building the reflection service (v1alpha)")?;
 
@@ -687,6 +707,35 @@ async fn reload_on_hangup(shared: &Arc<Shared>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reflection_describes_the_echo_benchmark_only_when_it_is_served() {
+        use prost::Message as _;
+        let packages = |echo: bool| {
+            let bytes = api_descriptors(echo).unwrap();
+            let set = prost_types::FileDescriptorSet::decode(bytes.as_slice()).unwrap();
+            set.file
+                .iter()
+                .map(|file| file.package().to_owned())
+                .collect::<Vec<_>>()
+        };
+        let (on, off) = (packages(true), packages(false));
+        assert!(on.iter().any(|package| package == BENCH_PACKAGE), "{on:?}");
+        assert!(
+            !off.iter().any(|package| package == BENCH_PACKAGE),
+            "{off:?}"
+        );
+        // Everything else stays: the API and its google.protobuf imports.
+        assert_eq!(off.len(), on.len() - 1, "{on:?} / {off:?}");
+        assert!(
+            off.iter().any(|package| package == "fairrank.v1"),
+            "{off:?}"
+        );
+        assert_eq!(
+            api::fairrank::bench::v1::echo_server::SERVICE_NAME,
+            format!("{BENCH_PACKAGE}.Echo")
+        );
+    }
 
     fn dirs(root: &Path) -> ReloadDirs {
         let canonical = root.canonicalize().unwrap();
