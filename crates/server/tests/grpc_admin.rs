@@ -54,11 +54,7 @@ async fn admin_calls_need_the_configured_bearer_token() {
         .expect_err("no token");
     assert_eq!(status.code(), Code::Unauthenticated);
 
-    let status = admin
-        .get_status(with_token(pb::GetStatusRequest {}, ADMIN_TOKEN))
-        .await
-        .expect("the right token")
-        .into_inner();
+    let status = server.status().await;
     assert_eq!(status.server_version, env!("CARGO_PKG_VERSION"));
     let items = status.items_table.expect("items table");
     assert_eq!(items.rows as usize, ITEMS);
@@ -109,11 +105,9 @@ async fn admin_calls_need_the_configured_bearer_token() {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-        copy_bytes = admin
-            .get_status(with_token(pb::GetStatusRequest {}, ADMIN_TOKEN))
+        copy_bytes = server
+            .status()
             .await
-            .expect("status")
-            .into_inner()
             .items_table
             .and_then(|t| t.quantized_copy_bytes);
     }
@@ -247,11 +241,7 @@ async fn reloads_under_concurrent_load_lose_no_request() {
         assert!(generations.windows(2).all(|pair| pair[0] <= pair[1]));
     }
 
-    let status = admin
-        .get_status(with_token(pb::GetStatusRequest {}, ADMIN_TOKEN))
-        .await
-        .expect("status")
-        .into_inner();
+    let status = server.status().await;
     let items = status.items_table.expect("items");
     assert_eq!(items.version.map(|v| v.generation), Some(6));
     assert_eq!(items.version.map(|v| v.checksum), Some(checksum_b));
@@ -572,13 +562,7 @@ async fn a_table_marked_with_the_other_role_is_refused_at_reload_and_the_old_one
     assert_eq!(still.items_table, before.items_table);
     assert_eq!(still.items_table.map(|v| v.generation), Some(1));
     assert_ranking(&still, &expected);
-    let counters = admin
-        .get_status(with_token(pb::GetStatusRequest {}, ADMIN_TOKEN))
-        .await
-        .expect("status")
-        .into_inner()
-        .counters
-        .expect("counters");
+    let counters = server.status().await.counters.expect("counters");
     assert_eq!((counters.reloads, counters.reload_failures), (0, 2));
     let logs = server.logs();
     assert!(
@@ -600,11 +584,7 @@ async fn a_table_marked_with_the_other_role_is_refused_at_reload_and_the_old_one
         ))
         .await
         .expect("a table of the slot's role loads");
-    let status = admin
-        .get_status(with_token(pb::GetStatusRequest {}, ADMIN_TOKEN))
-        .await
-        .expect("status")
-        .into_inner();
+    let status = server.status().await;
     let items = status.items_table.expect("items");
     assert_eq!(items.marked_role, pb::TableKind::Items as i32, "{items:?}");
     let users = status.users_table.expect("users");

@@ -260,12 +260,7 @@ async fn plackett_luce_with_a_seed_is_reproducible() {
 async fn get_status_lists_every_constraint_with_its_parameters() {
     let tables = tables(14);
     let server = Server::start(&tables, None, &admin_env());
-    let mut admin = server.admin().await;
-    let status = admin
-        .get_status(with_token(pb::GetStatusRequest {}, ADMIN_TOKEN))
-        .await
-        .expect("status")
-        .into_inner();
+    let status = server.status().await;
     for name in [
         "none",
         "fa*ir",

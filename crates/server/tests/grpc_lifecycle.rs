@@ -402,13 +402,7 @@ async fn load_beyond_the_concurrency_limit_is_shed() {
         Some(shed as f64),
         "{text}"
     );
-    let status = server
-        .admin()
-        .await
-        .get_status(with_token(pb::GetStatusRequest {}, ADMIN_TOKEN))
-        .await
-        .expect("status")
-        .into_inner();
+    let status = server.status().await;
     assert_eq!(status.counters.map(|c| c.shed_requests), Some(shed as u64));
 }
 
@@ -455,13 +449,7 @@ fn print_config_shows_the_documented_effective_configuration() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_table_the_default_dataset_is_served() {
     let server = Server::start_with(Vec::new(), None, &admin_env());
-    let status = server
-        .admin()
-        .await
-        .get_status(with_token(pb::GetStatusRequest {}, ADMIN_TOKEN))
-        .await
-        .expect("status")
-        .into_inner();
+    let status = server.status().await;
     let items = status.items_table.expect("the default item table");
     let users = status.users_table.expect("the default user table");
     assert_eq!(

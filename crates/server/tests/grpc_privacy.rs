@@ -67,15 +67,7 @@ fn report(response: &pb::RankResponse) -> pb::PrivacyReport {
 
 /// The ledger part of `Admin.GetStatus`.
 async fn ledger_status(server: &Server) -> pb::PrivacyLedgerStatus {
-    server
-        .admin()
-        .await
-        .get_status(with_token(pb::GetStatusRequest::default(), ADMIN_TOKEN))
-        .await
-        .expect("status")
-        .into_inner()
-        .privacy_ledger
-        .expect("ledger status")
+    server.status().await.privacy_ledger.expect("ledger status")
 }
 
 /// Asserts that the ledger's totals were read and are `subjects` and `rho` (charges are
@@ -184,13 +176,7 @@ async fn dp_answers_charge_the_budget_replay_and_stop_at_the_cap() {
     // the budget could not cover (one refused, one degraded), a durable ledger with two
     // subjects and the four charges (not the replay, the refusal or the degraded answer),
     // and both mechanisms.
-    let status = server
-        .admin()
-        .await
-        .get_status(with_token(pb::GetStatusRequest::default(), ADMIN_TOKEN))
-        .await
-        .expect("status")
-        .into_inner();
+    let status = server.status().await;
     let counters = status.counters.expect("counters");
     assert_eq!(counters.dp_answers, 5, "{counters:?}");
     assert_eq!(counters.budget_exhausted, 2, "{counters:?}");

@@ -35,6 +35,7 @@ fn marked_pair(dir: &Path, seed: u64, rows: usize) -> (PathBuf, PathBuf) {
     );
     (users, items)
 }
+
 #[test]
 fn reloading_a_good_file_swaps_and_bumps_the_generation() {
     let fixture = fixture();

@@ -355,6 +355,16 @@ impl Server {
         AdminClient::new(self.channel().await)
     }
 
+    /// `Admin.GetStatus` with the token of [`admin_env`] (the call must succeed).
+    pub async fn status(&self) -> pb::GetStatusResponse {
+        self.admin()
+            .await
+            .get_status(with_token(pb::GetStatusRequest {}, ADMIN_TOKEN))
+            .await
+            .expect("GetStatus answers")
+            .into_inner()
+    }
+
     /// Sends a signal (`HUP`, `TERM`, `INT`) to the server process.
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
