@@ -177,7 +177,6 @@ pub struct Shared {
     replay: Arc<replay::ReplayStore>,
     admission: Arc<Semaphore>,
     max_concurrent: usize,
-    max_batch_requests: usize,
     /// `server.max_message_bytes`: the largest answer the transport will send.
     max_message_bytes: usize,
     /// Whether the privacy budget ledger is durable (`state.mode = "durable"`).
@@ -428,7 +427,6 @@ async fn serve(
         ),
         admission: Arc::new(Semaphore::new(server_config.max_concurrent_requests)),
         max_concurrent: server_config.max_concurrent_requests,
-        max_batch_requests: config.ranking.max_batch_requests,
         max_message_bytes: server_config.max_message_bytes,
         durable_ledger: config.state.mode == crate::config::StateMode::Durable,
         ledger,

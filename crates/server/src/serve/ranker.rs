@@ -146,8 +146,9 @@ impl RankerService {
         let mut result = self
             .rank_one(message, candidate_ids, id_entries, deadline, started)
             .await;
-        // One clock read for the answer's total and the call's metrics and log.
+        // One clock read for the answer's total, the deadline and the call's metrics and log.
         let elapsed = started.elapsed();
+        result = refused_if_late(result, started + elapsed, deadline, RANK_PAST_DEADLINE);
         let metrics = &self.shared.metrics;
         if let Ok(response) = &mut result {
             if let Some(timings) = &mut response.timings {
@@ -225,9 +226,7 @@ impl RankerService {
         match tokio::time::timeout_at(deadline.into(), receiver).await {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(_)) => Err(errors::internal("the engine lost the request")),
-            Err(_) => Err(errors::deadline_exceeded(
-                "while ranking; a retry with the same request id returns the answer if it completes",
-            )),
+            Err(_) => Err(errors::deadline_exceeded(RANK_PAST_DEADLINE)),
         }
     }
 
@@ -244,7 +243,7 @@ impl RankerService {
             .metrics
             .rank_requests
             .inc_by(batch.requests.len() as u64);
-        check_batch(&batch.requests, shared.max_batch_requests)?;
+        check_batch(&batch.requests, shared.engine.config().max_batch_requests)?;
 
         let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(batch.requests.len());
         let mut positions = Vec::new();
@@ -324,14 +323,11 @@ impl RankerService {
             );
             let (answers, batch_timings) =
                 match tokio::time::timeout_at(deadline.into(), receiver).await {
-                    Ok(Ok(outcome)) => outcome?,
-                    Ok(Err(_)) => return Err(errors::internal("the engine lost the batch")),
-                    Err(_) => {
-                        return Err(errors::deadline_exceeded(
-                            "while ranking the batch; retries with the same request ids return \
-                             the answers that complete",
-                        ));
+                    Ok(Ok(outcome)) => {
+                        refused_if_late(outcome, Instant::now(), deadline, BATCH_PAST_DEADLINE)?
                     }
+                    Ok(Err(_)) => return Err(errors::internal("the engine lost the batch")),
+                    Err(_) => return Err(errors::deadline_exceeded(BATCH_PAST_DEADLINE)),
                 };
             for (position, answer) in positions.into_iter().zip(answers) {
                 outcomes[position] = Some(answer);
@@ -360,6 +356,30 @@ impl RankerService {
             return Err(errors::answer_too_large(bytes, shared.max_message_bytes));
         }
         Ok(response)
+    }
+}
+
+/// What a `Rank` call refused at its deadline is told.
+const RANK_PAST_DEADLINE: &str =
+    "while ranking; a retry with the same request id returns the answer if it completes";
+
+/// What a `RankBatch` call refused at its deadline is told.
+const BATCH_PAST_DEADLINE: &str = "while ranking the batch; retries with the same request ids \
+                                   return the answers that complete";
+
+/// `result`, or DEADLINE_EXCEEDED (saying `what`) when it was `finished` after `deadline`:
+/// an answer that completed inline a little after the engine's last deadline check is
+/// refused as one that timed out while waiting would be, since the caller has given up by
+/// then. Its answer is stored all the same, so a retry with the same request id returns it.
+fn refused_if_late<T>(
+    result: Result<T, Status>,
+    finished: Instant,
+    deadline: Instant,
+    what: &str,
+) -> Result<T, Status> {
+    match result {
+        Ok(_) if finished > deadline => Err(errors::deadline_exceeded(what)),
+        result => result,
     }
 }
 
@@ -567,6 +587,20 @@ mod tests {
             k: 1,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn answers_finished_after_the_deadline_are_refused_as_late() {
+        let deadline = Instant::now();
+        let after = deadline + Duration::from_micros(1);
+        let late = refused_if_late(Ok(7), after, deadline, RANK_PAST_DEADLINE).unwrap_err();
+        assert_eq!(late.code(), tonic::Code::DeadlineExceeded);
+        assert!(late.message().contains("same request id"), "{late:?}");
+        assert_eq!(refused_if_late(Ok(7), deadline, deadline, "").ok(), Some(7));
+        let refused =
+            refused_if_late::<u8>(Err(errors::invalid_field("k", "is 0")), after, deadline, "")
+                .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
     }
 
     #[test]
