@@ -16,20 +16,26 @@ pub const ERROR_REASON_METADATA_KEY: &str = "fairrank-error-reason";
 /// `fairness.params.alpha`.
 pub const ERROR_FIELD_METADATA_KEY: &str = "fairrank-error-field";
 
-/// Builds an error status carrying `reason` and, when given, the offending `field` in its
-/// metadata. A reason of `Unspecified` adds no reason key. A field path that is not
-/// visible ASCII cannot travel as metadata and is left out (the message still says it).
+/// Longest status message sent, in bytes. A message travels in the `grpc-message`
+/// trailer, and peers refuse header lists above 8 to 16 KiB (grpc-core, h2): a status
+/// quoting a long client value would otherwise reach the client as a protocol error
+/// instead of its own code.
+pub const MAX_STATUS_MESSAGE_BYTES: usize = 2048;
+
+/// Builds an error status carrying `reason` (`ERROR_REASON_UNSPECIFIED` too, so that every
+/// error names one) and, when given, the offending `field` in its metadata. A message above
+/// [`MAX_STATUS_MESSAGE_BYTES`] is cut at a character boundary, saying so. A field path
+/// that is not visible ASCII cannot travel as metadata and is left out (the message still
+/// says it).
 pub fn error_status(
     code: Code,
     message: impl Into<String>,
     reason: ErrorReason,
     field: Option<&str>,
 ) -> Status {
-    let mut status = Status::new(code, message);
+    let mut status = Status::new(code, clipped_message(message.into()));
     let metadata = status.metadata_mut();
-    if reason != ErrorReason::Unspecified
-        && let Ok(value) = MetadataValue::try_from(reason.as_str_name())
-    {
+    if let Ok(value) = MetadataValue::try_from(reason.as_str_name()) {
         metadata.insert(ERROR_REASON_METADATA_KEY, value);
     }
     if let Some(field) = field.filter(|field| !field.is_empty())
@@ -38,6 +44,22 @@ pub fn error_status(
         metadata.insert(ERROR_FIELD_METADATA_KEY, value);
     }
     status
+}
+
+/// `message`, or its first [`MAX_STATUS_MESSAGE_BYTES`] bytes or so (at a character
+/// boundary) and how long it was.
+fn clipped_message(mut message: String) -> String {
+    if message.len() <= MAX_STATUS_MESSAGE_BYTES {
+        return message;
+    }
+    let full = message.len();
+    let end = (0..=MAX_STATUS_MESSAGE_BYTES - 64)
+        .rev()
+        .find(|&end| message.is_char_boundary(end))
+        .unwrap_or(0);
+    message.truncate(end);
+    message.push_str(&format!("... (message cut: {full} bytes)"));
+    message
 }
 
 /// The [`ErrorReason`] an error status carries; `Unspecified` when it carries none or one
@@ -117,12 +139,15 @@ mod tests {
         assert_eq!(error_field(&plain), None);
 
         let unspecified = error_status(Code::Internal, "bug", ErrorReason::Unspecified, None);
-        assert!(
+        assert_eq!(
             unspecified
                 .metadata()
                 .get(ERROR_REASON_METADATA_KEY)
-                .is_none()
+                .and_then(|value| value.to_str().ok()),
+            Some("ERROR_REASON_UNSPECIFIED"),
+            "every error names its reason"
         );
+        assert_eq!(error_reason(&unspecified), ErrorReason::Unspecified);
 
         let mut future = Status::internal("from a newer server");
         future.metadata_mut().insert(
@@ -130,6 +155,40 @@ mod tests {
             MetadataValue::from_static("ERROR_REASON_FROM_THE_FUTURE"),
         );
         assert_eq!(error_reason(&future), ErrorReason::Unspecified);
+    }
+
+    #[test]
+    fn long_messages_are_cut_at_a_character_boundary() {
+        let short = "x".repeat(MAX_STATUS_MESSAGE_BYTES);
+        let status = error_status(
+            Code::InvalidArgument,
+            short.clone(),
+            ErrorReason::InvalidField,
+            None,
+        );
+        assert_eq!(status.message(), short);
+        for filler in ["x", "é", "\u{1F600}"] {
+            let long = filler.repeat(100_000);
+            let status = error_status(
+                Code::InvalidArgument,
+                long.clone(),
+                ErrorReason::InvalidField,
+                None,
+            );
+            assert!(
+                status.message().len() <= MAX_STATUS_MESSAGE_BYTES,
+                "{}",
+                status.message().len()
+            );
+            assert!(status.message().starts_with(&filler.repeat(10)));
+            assert!(
+                status
+                    .message()
+                    .ends_with(&format!("(message cut: {} bytes)", long.len())),
+                "{}",
+                status.message()
+            );
+        }
     }
 
     #[test]

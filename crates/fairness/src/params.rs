@@ -5,7 +5,7 @@ use serde_json::{Map, Value};
 
 use crate::error::FairnessError;
 use crate::groups::MAX_LISTED_GROUPS;
-use crate::text::quote_clipped;
+use crate::text::{json_clipped, quote_clipped};
 
 /// The parameters of one constraint specification, handed to a registry factory.
 ///
@@ -86,9 +86,15 @@ impl<'a> Params<'a> {
             Value::String(text) => match text.trim().to_ascii_lowercase().as_str() {
                 "true" | "1" | "yes" => Ok(true),
                 "false" | "0" | "no" => Ok(false),
-                _ => Err(self.invalid(name, format!("expected a boolean, got {text:?}"))),
+                _ => Err(self.invalid(
+                    name,
+                    format!("expected a boolean, got {}", quote_clipped(text)),
+                )),
             },
-            other => Err(self.invalid(name, format!("expected a boolean, got {other}"))),
+            other => Err(self.invalid(
+                name,
+                format!("expected a boolean, got {}", json_clipped(other)),
+            )),
         }
     }
 
@@ -126,7 +132,10 @@ impl<'a> Params<'a> {
             other => {
                 return Err(self.invalid(
                     name,
-                    format!("expected an object of shares per group label, got {other}"),
+                    format!(
+                        "expected an object of shares per group label, got {}",
+                        json_clipped(other)
+                    ),
                 ));
             }
         };
@@ -208,7 +217,10 @@ impl<'a> Params<'a> {
         };
         match number {
             Some(number) if number.is_finite() => Ok(number),
-            _ => Err(self.invalid(name, format!("expected a finite number, got {value}"))),
+            _ => Err(self.invalid(
+                name,
+                format!("expected a finite number, got {}", json_clipped(value)),
+            )),
         }
     }
 
@@ -221,7 +233,10 @@ impl<'a> Params<'a> {
         label.ok_or_else(|| {
             self.invalid(
                 name,
-                format!("expected a group label (unsigned 32-bit integer), got {value}"),
+                format!(
+                    "expected a group label (unsigned 32-bit integer), got {}",
+                    json_clipped(value)
+                ),
             )
         })
     }

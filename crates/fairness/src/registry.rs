@@ -268,14 +268,20 @@ impl Registry {
     pub fn build(&self, spec: &Value) -> Result<Box<dyn Reranker>, FairnessError> {
         let Value::Object(map) = spec else {
             return Err(FairnessError::InvalidSpec {
-                reason: format!("expected a JSON object, got {spec}"),
+                reason: format!(
+                    "expected a JSON object, got {}",
+                    crate::text::json_clipped(spec)
+                ),
             });
         };
         let name = match map.get("name") {
             Some(Value::String(name)) => name.as_str(),
             Some(other) => {
                 return Err(FairnessError::InvalidSpec {
-                    reason: format!("`name` must be a string, got {other}"),
+                    reason: format!(
+                        "`name` must be a string, got {}",
+                        crate::text::json_clipped(other)
+                    ),
                 });
             }
             None => {

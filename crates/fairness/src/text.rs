@@ -11,11 +11,26 @@ pub fn quote_clipped(text: &str) -> String {
     if text.len() <= QUOTED_BYTES {
         return format!("{text:?}");
     }
-    let end = (0..=QUOTED_BYTES)
+    format!("{:?}... ({} bytes)", clip(text), text.len())
+}
+
+/// A client's JSON `value` for an error message, as JSON text, clipped as
+/// [`quote_clipped`] clips strings (but not quoted again: `"a"` stays `"a"`, `5` stays `5`).
+pub fn json_clipped(value: &serde_json::Value) -> String {
+    let text = value.to_string();
+    if text.len() <= QUOTED_BYTES {
+        return text;
+    }
+    format!("{}... ({} bytes)", clip(&text), text.len())
+}
+
+/// The first [`QUOTED_BYTES`] bytes of `text` or fewer, cut at a character boundary.
+fn clip(text: &str) -> &str {
+    let end = (0..=QUOTED_BYTES.min(text.len()))
         .rev()
         .find(|&end| text.is_char_boundary(end))
         .unwrap_or(0);
-    format!("{:?}... ({} bytes)", &text[..end], text.len())
+    &text[..end]
 }
 
 #[cfg(test)]
@@ -35,5 +50,19 @@ mod tests {
             "{quoted}"
         );
         assert!(quoted.starts_with(&format!("\"{}\"", "a".repeat(QUOTED_BYTES - 1))));
+    }
+
+    #[test]
+    fn json_values_are_shown_as_json_and_clipped() {
+        use serde_json::json;
+        assert_eq!(json_clipped(&json!("abc")), "\"abc\"");
+        assert_eq!(json_clipped(&json!(5)), "5");
+        assert_eq!(json_clipped(&json!({"a": [1, 2]})), "{\"a\":[1,2]}");
+        let long = json!("x".repeat(60_000));
+        let shown = json_clipped(&long);
+        assert!(shown.len() < 2 * QUOTED_BYTES, "{shown}");
+        assert!(shown.ends_with("... (60002 bytes)"), "{shown}");
+        let control = json!("\u{1}".repeat(10_000));
+        assert!(json_clipped(&control).len() < 2 * QUOTED_BYTES);
     }
 }

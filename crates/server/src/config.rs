@@ -682,6 +682,7 @@ impl Config {
             bail!("replay.window_ms must be at least 1 while replay.max_entries is above 0");
         }
         self.ranking.validate().context("ranking")?;
+        self.check_default_fairness()?;
         if self.state.amortized_flush_ms == 0 {
             bail!("state.amortized_flush_ms must be at least 1");
         }
@@ -696,6 +697,31 @@ impl Config {
             bail!("ledger.max_stored_answers must be at least 1");
         }
         Ok(())
+    }
+
+    /// Builds the default fairness policy (`ranking.default_fairness_constraint` with
+    /// `ranking.default_fairness_params`) with the built-in constraints, as the engine will
+    /// at start, so that a bad one is refused naming the file and the key, by
+    /// `--print-config` too.
+    fn check_default_fairness(&self) -> anyhow::Result<()> {
+        let ranking = &self.ranking;
+        let params: serde_json::Map<String, serde_json::Value> = ranking
+            .default_fairness_params
+            .iter()
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
+        match fairness::Registry::with_builtins()
+            .build_named(&ranking.default_fairness_constraint, &params)
+        {
+            Ok(_) => Ok(()),
+            Err(error @ fairness::FairnessError::UnknownConstraint { .. }) => {
+                bail!("ranking.default_fairness_constraint: {error}")
+            }
+            Err(error) => bail!(
+                "ranking.default_fairness_params (for {:?}): {error}",
+                ranking.default_fairness_constraint
+            ),
+        }
     }
 
     /// The threads that serve gRPC connections: `server.io_threads`, or one per available
@@ -928,6 +954,32 @@ mod tests {
         let config = Config::load(&path).unwrap();
         assert_eq!(config.ranking.max_k, 5);
         assert_eq!(config.metrics_addr().unwrap(), None);
+    }
+
+    #[test]
+    fn a_bad_default_fairness_policy_is_refused_naming_the_file_and_key() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for (text, key) in [
+            (
+                "[ranking]\ndefault_fairness_constraint = \"FA*IR\"\n",
+                "ranking.default_fairness_constraint",
+            ),
+            (
+                "[ranking]\ndefault_fairness_constraint = \"fa*ir\"\n",
+                "ranking.default_fairness_params",
+            ),
+            (
+                "[ranking]\ndefault_fairness_constraint = \"fa*ir\"\n\
+                 default_fairness_params = { p = 2.0, protected = 1 }\n",
+                "ranking.default_fairness_params",
+            ),
+        ] {
+            let path = dir.path().join("bad.toml");
+            std::fs::write(&path, text).expect("writes");
+            let error = format!("{:#}", Config::load(&path).expect_err(text));
+            assert!(error.contains("bad.toml"), "{error}");
+            assert!(error.contains(key), "{error}");
+        }
     }
 
     #[test]

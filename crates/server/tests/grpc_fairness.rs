@@ -194,6 +194,33 @@ async fn bad_constraints_and_parameters_are_invalid_arguments_naming_the_field()
             pb::ErrorReason::InvalidConstraintParams,
             "fairness.params.temperature",
         ),
+        // Long values are quoted clipped: the status stays within clients' trailer limits
+        // (a 60 KB quote reached tonic clients as an h2 protocol error, INTERNAL).
+        (
+            policy(
+                "fa*ir",
+                serde_json::json!({"p": "x".repeat(60_000), "protected": 1}),
+            ),
+            pb::ErrorReason::InvalidConstraintParams,
+            "fairness.params.p",
+        ),
+        (
+            policy(
+                "fa*ir",
+                serde_json::json!({"p": 0.5, "protected": "\u{1}".repeat(10_000)}),
+            ),
+            pb::ErrorReason::InvalidConstraintParams,
+            "fairness.params.protected",
+        ),
+        // A policy above its wire limit is refused before it is decoded.
+        (
+            policy(
+                "none",
+                serde_json::json!({"pad": vec![serde_json::Value::Null; 40_000]}),
+            ),
+            pb::ErrorReason::LimitExceeded,
+            "fairness",
+        ),
     ];
     for (index, (fairness, reason, field)) in cases.into_iter().enumerate() {
         let status = ranker
@@ -209,6 +236,11 @@ async fn bad_constraints_and_parameters_are_invalid_arguments_naming_the_field()
         assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
         assert_eq!(error_reason(&status), reason, "{field}");
         assert_eq!(error_field(&status), Some(field), "{status:?}");
+        assert!(
+            status.message().len() < 1024,
+            "{field}: {}",
+            status.message()
+        );
     }
     // The unknown-constraint message lists the registered names.
     let status = ranker

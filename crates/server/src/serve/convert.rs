@@ -90,7 +90,30 @@ fn fairness_policy(policy: pb::FairnessPolicy) -> Result<engine::FairnessPolicy,
 /// Largest encoded `fairness.params`, in bytes: room for the most groups a constraint may
 /// list (`fairness::MAX_LISTED_GROUPS`) many times over, while the engine's cache of built
 /// re-rankers (keyed by the parameters) stays small.
-const MAX_PARAMS_BYTES: usize = 64 * 1024;
+pub(super) const MAX_PARAMS_BYTES: usize = 64 * 1024;
+
+/// Largest `fairness` policy a Rank request (or a RankBatch entry) may carry on the wire,
+/// in bytes, counted before it is decoded: [`MAX_PARAMS_BYTES`] of parameters and room for
+/// the policy's other fields. prost builds a `Struct` at 16 to 32 times its wire size (an
+/// empty `Value` is 2 bytes on the wire), so this bound must hold before decoding, not
+/// after (the size check of [`constraint_params`] runs on the decoded message).
+pub(super) const MAX_FAIRNESS_WIRE_BYTES: usize = MAX_PARAMS_BYTES + 4 * 1024;
+
+/// Largest sum of the entries' `fairness` policies a RankBatch may carry on the wire, in
+/// bytes (1 024 entries of 1 KiB each), for the same reason.
+pub(super) const MAX_BATCH_FAIRNESS_WIRE_BYTES: usize = 1024 * 1024;
+
+/// The refusal of a `fairness` policy above `limit` bytes on the wire (`bytes` counted so
+/// far), for `field` (`fairness`, or a batch's `requests`).
+pub(super) fn fairness_too_large(field: &str, bytes: usize, limit: usize) -> Status {
+    errors::limit_exceeded(
+        field,
+        format!(
+            "fairness policies of {bytes} bytes or more on the wire; at most {limit} are \
+             allowed (`fairness.params` at most {MAX_PARAMS_BYTES})"
+        ),
+    )
+}
 
 /// Longest key at any depth of `fairness.params` (parameter names, group labels), in bytes:
 /// keys are quoted in error messages and field names.

@@ -33,6 +33,7 @@ use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder
 use tonic::codegen::{Body, BoxFuture, StdError, http};
 
 use super::answer::WireRankResponse;
+use super::convert;
 use super::errors;
 use super::ranker::{RankerService, refused_in_decoding};
 use super::replay::{CANDIDATE_IDS_FIELD, CANDIDATE_IDS_KEY, IdEntries, IdRun};
@@ -72,6 +73,9 @@ pub enum DecodeFailure {
     Inconsistent,
     /// More candidate ids than the server's `max_candidates`.
     TooManyIds { limit: usize },
+    /// A `fairness` policy above [`convert::MAX_FAIRNESS_WIRE_BYTES`] on the wire (all its
+    /// occurrences together, as prost merges them): `bytes` counted when refused.
+    FairnessTooLarge { bytes: usize },
 }
 
 /// Why [`decode_fast`] stopped.
@@ -81,6 +85,8 @@ enum FastFailure {
     Refused,
     /// More than the limit of candidate ids.
     TooManyIds,
+    /// A `fairness` policy of this many bytes or more (see [`DecodeFailure`]).
+    FairnessTooLarge(usize),
 }
 
 impl WireRankRequest {
@@ -104,6 +110,9 @@ impl WireRankRequest {
     pub fn decode_body(body: Bytes, max_ids: usize) -> Result<WireRankRequest, DecodeFailure> {
         match decode_fast(&body, max_ids) {
             Err(FastFailure::TooManyIds) => Err(DecodeFailure::TooManyIds { limit: max_ids }),
+            Err(FastFailure::FairnessTooLarge(bytes)) => {
+                Err(DecodeFailure::FairnessTooLarge { bytes })
+            }
             Err(FastFailure::Refused) => Err(prost_verdict(&body)),
             Ok((message, spans, runs)) => match CandidateIds::from_shared(body.clone(), spans) {
                 Some(ids) => Ok(WireRankRequest {
@@ -135,8 +144,9 @@ type FastDecoded = (pb::RankRequest, Spans, Vec<IdRun>);
 
 /// Decodes `body` as prost's `RankRequest::decode` does, but for the candidate ids, which
 /// are recorded as byte ranges of `body` (not yet checked for UTF-8), with the runs of
-/// entries the digest can hash from the body. Stops at the first failed check, or as soon
-/// as it holds more than `max_ids` ids.
+/// entries the digest can hash from the body. Stops at the first failed check, as soon as
+/// it holds more than `max_ids` ids, or before decoding a `fairness` policy that would take
+/// the request's policies above [`convert::MAX_FAIRNESS_WIRE_BYTES`].
 fn decode_fast(body: &[u8], max_ids: usize) -> Result<FastDecoded, FastFailure> {
     decode_fast_checked(body, max_ids).ok_or(FastFailure::Refused)?
 }
@@ -148,9 +158,19 @@ fn decode_fast_checked(body: &[u8], max_ids: usize) -> Option<Result<FastDecoded
     let mut runs = Vec::new();
     let mut rest = body;
     let ctx = DecodeContext::default();
+    let mut fairness_bytes = 0usize;
     // prost's `Message::merge` loop, with field 10 taken here.
     while !rest.is_empty() {
         let (tag, wire_type) = prost::encoding::decode_key(&mut rest).ok()?;
+        if tag == FAIRNESS_FIELD
+            && wire_type == WireType::LengthDelimited
+            && let Some(length) = length_ahead(rest)
+        {
+            fairness_bytes += length;
+            if fairness_bytes > convert::MAX_FAIRNESS_WIRE_BYTES {
+                return Some(Err(FastFailure::FairnessTooLarge(fairness_bytes)));
+            }
+        }
         if tag != CANDIDATE_IDS_FIELD {
             message
                 .merge_field(tag, wire_type, &mut rest, ctx.clone())
@@ -194,6 +214,19 @@ fn decode_fast_checked(body: &[u8], max_ids: usize) -> Option<Result<FastDecoded
         rest = rest.get(length..)?;
     }
     Some(Ok((message, spans, runs)))
+}
+
+/// Tag of `RankRequest.fairness`.
+const FAIRNESS_FIELD: u32 = 20;
+
+/// The length of the length-delimited field whose length varint starts `rest`, without
+/// taking it; `None` when the varint is invalid or the field runs past `rest` (prost then
+/// refuses the body and says why).
+fn length_ahead(mut rest: &[u8]) -> Option<usize> {
+    let length = prost::encoding::decode_varint(&mut rest).ok()?;
+    usize::try_from(length)
+        .ok()
+        .filter(|&length| length <= rest.len())
 }
 
 /// Takes the run of simple `candidate_ids` entries starting with the length byte at
@@ -342,6 +375,11 @@ impl Decoder for RequestDecoder {
                 "candidate_ids",
                 format!("more than {limit} ids; at most {limit} are allowed"),
             )),
+            Err(DecodeFailure::FairnessTooLarge { bytes }) => Err(convert::fairness_too_large(
+                "fairness",
+                bytes,
+                convert::MAX_FAIRNESS_WIRE_BYTES,
+            )),
             Err(DecodeFailure::Inconsistent) => {
                 Err(errors::internal("candidate ids decoded inconsistently"))
             }
@@ -355,7 +393,9 @@ impl Decoder for RequestDecoder {
 }
 
 /// Limits a `RankBatch` body is held to before prost decodes it (each candidate id becomes
-/// a `String`, about 12 times the 2 to 3 bytes an empty or 1-byte id takes on the wire).
+/// a `String`, about 12 times the 2 to 3 bytes an empty or 1-byte id takes on the wire;
+/// fairness policies are held to [`convert::MAX_FAIRNESS_WIRE_BYTES`] per entry and
+/// [`convert::MAX_BATCH_FAIRNESS_WIRE_BYTES`] in all, for their `Struct`s).
 #[derive(Debug, Clone, Copy)]
 pub struct BatchLimits {
     /// `ranking.max_batch_requests`.
@@ -425,6 +465,7 @@ fn batch_over_limits(body: &[u8], limits: BatchLimits) -> Option<Status> {
     };
     let context = DecodeContext::default();
     let (mut rest, mut entries, mut ids) = (body, 0usize, 0usize);
+    let mut batch_fairness_bytes = 0usize;
     while !rest.is_empty() {
         let (tag, wire_type) = prost::encoding::decode_key(&mut rest).ok()?;
         if tag != BATCH_REQUESTS_FIELD || wire_type != WireType::LengthDelimited {
@@ -441,12 +482,34 @@ fn batch_over_limits(body: &[u8], limits: BatchLimits) -> Option<Status> {
         if entries > limits.max_entries {
             return Some(over("requests", limits.max_entries));
         }
+        let mut fairness_bytes = 0usize;
         while !entry.is_empty() {
             let (tag, wire_type) = prost::encoding::decode_key(&mut entry).ok()?;
             if tag == CANDIDATE_IDS_FIELD {
                 ids += 1;
                 if ids > limits.max_ids {
                     return Some(over("candidate ids in all", limits.max_ids));
+                }
+            }
+            if tag == FAIRNESS_FIELD
+                && wire_type == WireType::LengthDelimited
+                && let Some(length) = length_ahead(entry)
+            {
+                fairness_bytes += length;
+                batch_fairness_bytes += length;
+                if fairness_bytes > convert::MAX_FAIRNESS_WIRE_BYTES {
+                    return Some(convert::fairness_too_large(
+                        &format!("requests[{}].fairness", entries - 1),
+                        fairness_bytes,
+                        convert::MAX_FAIRNESS_WIRE_BYTES,
+                    ));
+                }
+                if batch_fairness_bytes > convert::MAX_BATCH_FAIRNESS_WIRE_BYTES {
+                    return Some(convert::fairness_too_large(
+                        "requests",
+                        batch_fairness_bytes,
+                        convert::MAX_BATCH_FAIRNESS_WIRE_BYTES,
+                    ));
                 }
             }
             prost::encoding::skip_field(wire_type, tag, &mut entry, context.clone()).ok()?;
@@ -881,6 +944,92 @@ mod tests {
             Err(DecodeFailure::TooManyIds { limit: 2 })
         ));
         assert!(WireRankRequest::decode(&bytes[..], 3).is_ok());
+    }
+
+    /// A request whose fairness policy holds `values` empty parameter values (2 bytes each
+    /// on the wire, about 32 once prost has built them), in `parts` occurrences of the
+    /// field (prost merges them).
+    fn fairness_heavy(values: usize, parts: usize) -> Vec<u8> {
+        use prost_types::{ListValue, Struct, Value, value::Kind};
+        let mut body = request(&["a", "b"]).encode_to_vec();
+        for part in 0..parts {
+            let list = Value {
+                kind: Some(Kind::ListValue(ListValue {
+                    values: vec![Value::default(); values / parts],
+                })),
+            };
+            let policy = pb::FairnessPolicy {
+                constraint: "none".into(),
+                params: Some(Struct {
+                    fields: [(format!("p{part}"), list)].into(),
+                }),
+                ..Default::default()
+            };
+            pb::RankRequest {
+                fairness: Some(policy),
+                ..Default::default()
+            }
+            .encode(&mut body)
+            .expect("encodes");
+        }
+        body
+    }
+
+    #[test]
+    fn fairness_policies_beyond_the_wire_limit_are_refused_before_decoding() {
+        let limit = convert::MAX_FAIRNESS_WIRE_BYTES;
+        // Within the limit: decoded (the engine's conversion checks the params' size).
+        let within = fairness_heavy(limit / 2 - 100, 1);
+        let decoded = WireRankRequest::decode(&within[..], 10).expect("within the limit");
+        assert!(decoded.message.fairness.is_some());
+        // One policy over the limit, or several that are over it together.
+        for parts in [1, 2, 7] {
+            let body = fairness_heavy(limit / 2 + 100, parts);
+            let Err(DecodeFailure::FairnessTooLarge { bytes }) =
+                WireRankRequest::decode(&body[..], 10)
+            else {
+                panic!("{parts} parts over the limit must be refused");
+            };
+            assert!(bytes > limit, "{bytes}");
+            // prost itself would have decoded it.
+            assert!(pb::RankRequest::decode(&body[..]).is_ok());
+        }
+        // A length past the body's end is prost's to refuse, as before.
+        let mut cut = fairness_heavy(limit, 1);
+        cut.truncate(cut.len() - 1);
+        assert!(matches!(
+            WireRankRequest::decode(&cut[..], 10),
+            Err(DecodeFailure::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn batch_fairness_policies_are_held_to_their_limits_before_decoding() {
+        let limits = BatchLimits {
+            max_entries: 1024,
+            max_ids: 1_000_000,
+        };
+        let entry = |values: usize| {
+            pb::RankRequest::decode(&fairness_heavy(values, 1)[..]).expect("decodes")
+        };
+        let batch = |entries: Vec<pb::RankRequest>| {
+            pb::RankBatchRequest { requests: entries }.encode_to_vec()
+        };
+        let per_entry = convert::MAX_FAIRNESS_WIRE_BYTES;
+        assert!(batch_over_limits(&batch(vec![entry(per_entry / 2 - 100); 2]), limits).is_none());
+        let one_heavy =
+            batch_over_limits(&batch(vec![entry(10), entry(per_entry / 2 + 100)]), limits)
+                .expect("one entry over the limit");
+        assert_eq!(
+            api::status::error_field(&one_heavy),
+            Some("requests[1].fairness")
+        );
+        // Each entry within its limit, too many together.
+        let count = convert::MAX_BATCH_FAIRNESS_WIRE_BYTES / (per_entry - 1000) + 1;
+        let all = batch_over_limits(&batch(vec![entry(per_entry / 2 - 500); count]), limits)
+            .expect("over the batch's limit");
+        assert_eq!(api::status::error_field(&all), Some("requests"));
+        assert!(all.message().contains("fairness"), "{all:?}");
     }
 
     #[test]

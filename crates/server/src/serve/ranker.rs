@@ -86,7 +86,9 @@ impl pb::ranker_server::Ranker for RankerService {
     ) -> Result<Response<pb::RankBatchResponse>, Status> {
         let started = Instant::now();
         let entries = request.get_ref().requests.len();
+        let abandoned = Abandoned::watch(&self.shared.metrics, "RankBatch", started);
         let result = self.rank_many(request, started).await;
+        abandoned.disarm();
         let metrics = &self.shared.metrics;
         match &result {
             Ok(response) => {
@@ -143,9 +145,11 @@ impl RankerService {
     ) -> Result<WireRankResponse, Status> {
         let user = user_tag(&self.shared, &message);
         let request_id = message.request_id.clone();
+        let abandoned = Abandoned::watch(&self.shared.metrics, "Rank", started);
         let mut result = self
             .rank_one(message, candidate_ids, id_entries, deadline, started)
             .await;
+        abandoned.disarm();
         // One clock read for the answer's total, the deadline and the call's metrics and log.
         let elapsed = started.elapsed();
         result = refused_if_late(result, started + elapsed, deadline, RANK_PAST_DEADLINE);
@@ -528,6 +532,50 @@ pub(super) fn refused_in_decoding(metrics: &Metrics, method: &'static str, statu
     finish_call(metrics, method, Some(status), Duration::ZERO, "", None);
 }
 
+/// A call in progress that, if dropped before [`Abandoned::disarm`] (the client cancelled
+/// or reset the stream, or its connection closed, and tonic dropped the handler), is
+/// counted and logged as a `CANCELLED` call of its method and one rank error, so that
+/// `fairrank_requests_total` counts every call that reached a handler.
+struct Abandoned<'a> {
+    metrics: &'a Metrics,
+    method: &'static str,
+    started: Instant,
+    armed: bool,
+}
+
+impl<'a> Abandoned<'a> {
+    fn watch(metrics: &'a Metrics, method: &'static str, started: Instant) -> Abandoned<'a> {
+        Abandoned {
+            metrics,
+            method,
+            started,
+            armed: true,
+        }
+    }
+
+    /// The call finished: it is counted with its own outcome.
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.metrics.rank_errors.inc();
+            let status = Status::cancelled("the client abandoned the call before its answer");
+            finish_call(
+                self.metrics,
+                self.method,
+                Some(&status),
+                self.started.elapsed(),
+                "",
+                None,
+            );
+        }
+    }
+}
+
 /// Records a finished call and logs it: a keyed pseudonym at most, never the user id or
 /// the embedding.
 fn finish_call(
@@ -587,6 +635,23 @@ mod tests {
             k: 1,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn calls_dropped_before_their_answer_are_counted_as_cancelled() {
+        let metrics = Metrics::new();
+        let started = Instant::now();
+        Abandoned::watch(&metrics, "Rank", started).disarm();
+        drop(Abandoned::watch(&metrics, "RankBatch", started));
+        let text = metrics.render();
+        assert!(
+            text.contains("fairrank_requests_total{method=\"RankBatch\",code=\"Cancelled\"} 1"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("method=\"Rank\",code=\"Cancelled\""),
+            "{text}"
+        );
     }
 
     #[test]
