@@ -257,6 +257,34 @@ async fn bad_constraints_and_parameters_are_invalid_arguments_naming_the_field()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_default_group_attribute_the_table_lacks_is_warned_about_at_start() {
+    let tables = tables(14);
+    let warning = "the item table has no ranking.default_group_attribute";
+    let server = Server::start(&tables, None, &[]);
+    assert!(!server.logs().contains(warning), "{}", server.logs());
+    let server = Server::start(
+        &tables,
+        Some("[ranking]\ndefault_group_attribute = \"region\"\n"),
+        &[],
+    );
+    let logs = server.logs();
+    assert!(logs.contains(warning), "{logs}");
+    assert!(
+        logs.contains("provider_group"),
+        "the table's attributes are listed: {logs}"
+    );
+    // It still serves, and `none` answers without group figures.
+    let mut ranker = server.ranker().await;
+    let user = tables.data.users.ids[0].clone();
+    let answer = ranker
+        .rank(rank_request("no-group", &user, 5))
+        .await
+        .expect("serves")
+        .into_inner();
+    assert!(report(&answer).groups.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plackett_luce_with_a_seed_is_reproducible() {
     let tables = tables(13);
     let server = Server::start(&tables, None, &[]);

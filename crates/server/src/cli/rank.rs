@@ -277,6 +277,30 @@ fn write_table(out: &mut impl Write, response: &pb::RankResponse) -> std::io::Re
             )?;
         }
     }
+    if let Some(privacy) = response
+        .privacy
+        .as_ref()
+        .filter(|privacy| privacy.dp_applied)
+    {
+        let mechanism = enum_name(privacy.mechanism, |mechanism: pb::PrivacyMechanism| {
+            mechanism.as_str_name()
+        });
+        let optional =
+            |value: Option<f64>| value.map_or_else(|| "-".to_owned(), |v| format!("{v:.6}"));
+        writeln!(
+            out,
+            "privacy: {mechanism}, rho charged {:.6}, epsilon {} (delta {}), rho left {}{}",
+            privacy.rho_charged,
+            optional(privacy.epsilon),
+            optional(privacy.delta),
+            optional(privacy.rho_remaining),
+            if privacy.scores_noised {
+                ", scores noised"
+            } else {
+                ""
+            }
+        )?;
+    }
     if let Some(timings) = &response.timings {
         writeln!(
             out,
@@ -333,7 +357,66 @@ fn response_json(response: &pb::RankResponse) -> serde_json::Value {
                 "items_in_pool": group.items_in_pool,
                 "exposure_share": group.exposure_share,
                 "unconstrained_exposure_share": group.unconstrained_exposure_share,
+                "target_share": group.target_share,
             })).collect::<Vec<_>>(),
+            "violations": fairness.violations.iter().map(|violation| json!({
+                "kind": enum_name(violation.kind, |kind: pb::ViolationKind| kind.as_str_name()),
+                "position": violation.position,
+                "group": violation.group,
+                "required": violation.required,
+                "actual": violation.actual,
+                "description": violation.description,
+            })).collect::<Vec<_>>(),
+            "fallback": enum_name(fairness.fallback, |fallback: pb::FairnessFallback| {
+                fallback.as_str_name()
+            }),
+            "fallback_reason": fairness.fallback_reason,
+            "amortized": fairness.amortized.iter().map(|group| json!({
+                "group": group.group,
+                "exposure_share": group.exposure_share,
+                "merit_share": group.merit_share,
+            })).collect::<Vec<_>>(),
+            "exposure_scope": fairness.exposure_scope,
+            "amortized_disparity": fairness.amortized_disparity,
+            "optimality": fairness.optimality.map(|optimality| json!({
+                "utility": optimality.utility,
+                "upper_bound": optimality.upper_bound,
+                "gap": optimality.gap,
+                "exact": optimality.exact,
+            })),
+            "seed": fairness.seed,
+            "notes": fairness.notes,
+        })
+    });
+    let privacy = response.privacy.as_ref().map(|privacy| {
+        json!({
+            "dp_applied": privacy.dp_applied,
+            "mechanism": enum_name(privacy.mechanism, |mechanism: pb::PrivacyMechanism| {
+                mechanism.as_str_name()
+            }),
+            "rho_charged": privacy.rho_charged,
+            "epsilon": privacy.epsilon,
+            "delta": privacy.delta,
+            "rho_remaining": privacy.rho_remaining,
+            "rho_budget": privacy.rho_budget,
+            "budget_resets_at_unix_seconds": privacy.budget_resets_at.map(|at| at.seconds),
+            "scores_noised": privacy.scores_noised,
+            "score_noise_stddev": privacy.score_noise_stddev,
+            "user_norm_bound": privacy.user_norm_bound,
+        })
+    });
+    let timings = response.timings.map(|timings| {
+        json!({
+            "total_us": timings.total_us,
+            "queue_us": timings.queue_us,
+            "validate_us": timings.validate_us,
+            "resolve_user_us": timings.resolve_user_us,
+            "score_us": timings.score_us,
+            "select_pool_us": timings.select_pool_us,
+            "rerank_us": timings.rerank_us,
+            "explain_us": timings.explain_us,
+            "report_us": timings.report_us,
+            "ledger_us": timings.ledger_us,
         })
     });
     json!({
@@ -348,12 +431,18 @@ fn response_json(response: &pb::RankResponse) -> serde_json::Value {
         "group_attributes": response.group_attributes,
         "items": items,
         "fairness": fairness,
+        "privacy": privacy,
+        "explain_level": enum_name(response.explain_level, |level: pb::ExplainLevel| {
+            level.as_str_name()
+        }),
+        "audit_id": response.audit_id,
         "items_table": version(&response.items_table),
         "users_table": version(&response.users_table),
         "scored_items": response.scored_items,
         "pool_size": response.pool_size,
         "skipped_candidate_ids": response.skipped_candidate_ids,
         "total_us": response.timings.map(|timings| timings.total_us),
+        "timings": timings,
     })
 }
 
@@ -454,5 +543,61 @@ mod tests {
         assert!(text.contains("constraint none, satisfied"), "{text}");
         let json = response_json(&response);
         assert_eq!(json["items"][0]["item_id"], "i-7");
+    }
+
+    #[test]
+    fn json_and_table_carry_the_privacy_report_and_every_stage() {
+        let response = pb::RankResponse {
+            request_id: "r-2".into(),
+            explain_level: pb::ExplainLevel::Reasons as i32,
+            privacy: Some(pb::PrivacyReport {
+                dp_applied: true,
+                mechanism: pb::PrivacyMechanism::GumbelTopK as i32,
+                rho_charged: 0.125,
+                epsilon: Some(1.5),
+                delta: Some(1e-6),
+                rho_remaining: Some(0.875),
+                ..Default::default()
+            }),
+            fairness: Some(pb::FairnessReport {
+                constraint: "fa*ir".into(),
+                notes: vec!["adjusted alpha".into()],
+                optimality: Some(pb::FairnessOptimality {
+                    utility: 2.0,
+                    upper_bound: 2.5,
+                    gap: 0.5,
+                    exact: false,
+                }),
+                ..Default::default()
+            }),
+            timings: Some(pb::StageTimings {
+                total_us: 90,
+                validate_us: 11,
+                ledger_us: 7,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let json = response_json(&response);
+        assert_eq!(json["privacy"]["dp_applied"], true);
+        assert_eq!(
+            json["privacy"]["mechanism"],
+            "PRIVACY_MECHANISM_GUMBEL_TOP_K"
+        );
+        assert_eq!(json["privacy"]["rho_charged"], 0.125);
+        assert_eq!(json["privacy"]["epsilon"], 1.5);
+        assert_eq!(json["explain_level"], "EXPLAIN_LEVEL_REASONS");
+        assert_eq!(json["timings"]["validate_us"], 11);
+        assert_eq!(json["timings"]["ledger_us"], 7);
+        assert_eq!(json["total_us"], 90);
+        assert_eq!(json["fairness"]["notes"][0], "adjusted alpha");
+        assert_eq!(json["fairness"]["optimality"]["gap"], 0.5);
+        let mut text = Vec::new();
+        write_table(&mut text, &response).unwrap();
+        let text = String::from_utf8(text).unwrap();
+        assert!(
+            text.contains("privacy: PRIVACY_MECHANISM_GUMBEL_TOP_K, rho charged 0.125000"),
+            "{text}"
+        );
     }
 }

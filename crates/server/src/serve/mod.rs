@@ -480,8 +480,9 @@ async fn serve(
         }
         None => None,
     };
-    announce(addr, metrics_addr)?;
     let status = engine.status()?;
+    warn_without_default_group(&config.ranking, &status.items);
+    announce(addr, metrics_addr)?;
     tracing::info!(
         %addr,
         metrics = ?metrics_addr,
@@ -569,6 +570,24 @@ async fn serve(
         );
     }
     Ok(())
+}
+
+/// Warns when the item table lacks `ranking.default_group_attribute`: requests that name no
+/// group attribute then get fairness reports without groups under `none`, and are refused
+/// (FAILED_PRECONDITION) under any other constraint. Not an error: a table without
+/// groups serves unconstrained rankings.
+fn warn_without_default_group(ranking: &engine::EngineConfig, items: &engine::TableStatus) {
+    let name = &ranking.default_group_attribute;
+    if !items.group_attributes.contains(name) {
+        tracing::warn!(
+            default_group_attribute = %name,
+            table_group_attributes = ?items.group_attributes,
+            items = %items.path.display(),
+            "the item table has no ranking.default_group_attribute: requests must name a \
+             fairness.group_attribute for any constraint but `none`, and reports of `none` \
+             carry no group figures"
+        );
+    }
 }
 
 /// Prints the parseable start-up lines.
