@@ -20,8 +20,8 @@ use crate::request::RankRequest;
 use crate::rerank::{FairnessRuntime, FairnessSetup};
 use crate::response::{BatchResponse, RankResponse, StageTimings, micros};
 use crate::tables::{
-    ReloadOutcome, ReloadRequest, TableKind, TableSlot, TableStatus, check_role, compatible_with,
-    pair_problem,
+    ReloadOutcome, ReloadRequest, TableChanges, TableKind, TableSlot, TableStatus, check_role,
+    compatible_with, pair_problem,
 };
 
 /// A callback that receives an answer or an error, exactly once.
@@ -48,6 +48,8 @@ struct Inner {
     config: EngineConfig,
     items: TableSlot,
     users: TableSlot,
+    /// Shared by both slots: tells [`Inner::snapshot`] whether its pair was checked together.
+    table_changes: Arc<TableChanges>,
     paused: AtomicBool,
     paused_since: Mutex<SystemTime>,
     in_flight: Arc<AtomicUsize>,
@@ -222,7 +224,7 @@ impl Engine {
                 message,
             });
         }
-        let table_change = Arc::new(Mutex::new(()));
+        let table_changes = Arc::new(TableChanges::default());
         let batcher = Batcher::start(&config)?;
         let inner = Inner {
             items: TableSlot::new(
@@ -230,15 +232,16 @@ impl Engine {
                 Some(items),
                 config.max_pool,
                 config.quantized_candidates,
-                Arc::clone(&table_change),
+                Arc::clone(&table_changes),
             ),
             users: TableSlot::new(
                 TableKind::Users,
                 users,
                 config.max_pool,
                 false,
-                table_change,
+                Arc::clone(&table_changes),
             ),
+            table_changes,
             paused: AtomicBool::new(false),
             paused_since: Mutex::new(SystemTime::now()),
             in_flight: Arc::new(AtomicUsize::new(0)),
@@ -518,16 +521,32 @@ impl Engine {
     }
 }
 
+/// What `load` returns once the swap count (`swaps`) grew by at most one around it: a pair
+/// of tables some change checked together (see [`TableChanges::swaps`]).
+pub(crate) fn checked_pair<T>(swaps: impl Fn() -> u64, mut load: impl FnMut() -> T) -> T {
+    loop {
+        let before = swaps();
+        let pair = load();
+        if swaps() <= before + 1 {
+            return pair;
+        }
+    }
+}
+
 impl Inner {
     /// The tables and the pause switch, as one request sees them.
+    ///
+    /// The two slots are loaded one after the other: should two changes land in between (say
+    /// items to another dimension, then users matching them), the pair would be one no
+    /// change checked together; [`TableChanges::swaps`] tells, and both are taken again.
     fn snapshot(&self) -> Result<Snapshot<'_>, EngineError> {
-        let items = self
-            .items
-            .snapshot()
-            .ok_or_else(|| EngineError::internal("no item table is serving"))?;
+        let (items, users) = checked_pair(
+            || self.table_changes.swaps(),
+            || (self.items.snapshot(), self.users.snapshot()),
+        );
         Ok(Snapshot {
-            items,
-            users: self.users.snapshot(),
+            items: items.ok_or_else(|| EngineError::internal("no item table is serving"))?,
+            users,
             paused: self.paused.load(Ordering::Acquire),
             fairness: &self.fairness,
         })
@@ -881,6 +900,12 @@ fn check_batch(requests: &[RankRequest], config: &EngineConfig) -> Result<(), En
 #[cfg(test)]
 pub(crate) fn hold_items_change_for_test(engine: &Engine) -> std::sync::MutexGuard<'_, ()> {
     engine.inner.items.hold_change_for_test()
+}
+
+/// Table swaps made so far, both slots.
+#[cfg(test)]
+pub(crate) fn table_swaps_for_test(engine: &Engine) -> u64 {
+    engine.inner.table_changes.swaps()
 }
 
 /// Validates and resolves `request` against the serving tables, as a request does before

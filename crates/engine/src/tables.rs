@@ -249,6 +249,26 @@ pub struct ReloadOutcome {
     pub load_us: u64,
 }
 
+/// What the item and user slots share: the lock every table change holds, and the count of
+/// swaps made under it, by which a reader that loads both slots tells whether the pair it
+/// took was checked together ([`TableChanges::swaps`]).
+#[derive(Debug, Default)]
+pub(crate) struct TableChanges {
+    lock: Mutex<()>,
+    swaps: AtomicU64,
+}
+
+impl TableChanges {
+    /// Swaps made so far (either slot). Each change checks its table against the other slot's
+    /// as it is, then swaps and counts, under the lock: a reader that loads one slot then the
+    /// other and sees this count grow by at most one in between holds a pair that some change
+    /// checked (or that served together from the start); by two or more, it may hold a pair
+    /// no change checked, and takes both again.
+    pub fn swaps(&self) -> u64 {
+        self.swaps.load(Ordering::Acquire)
+    }
+}
+
 /// The serving table of one kind, the retained previous one, and the change lock.
 #[derive(Debug)]
 pub(crate) struct TableSlot {
@@ -258,7 +278,7 @@ pub(crate) struct TableSlot {
     previous: Mutex<Option<Arc<Served>>>,
     /// Held through a change; shared by the item and user slots, so a change checks the
     /// other table as it is, not as it was before a concurrent change of it.
-    change: Arc<Mutex<()>>,
+    change: Arc<TableChanges>,
     last_generation: AtomicU64,
     max_pool: usize,
     /// Whether every table swapped in gets an int8 copy built in the background.
@@ -274,7 +294,7 @@ impl TableSlot {
         table: Option<Table>,
         max_pool: usize,
         quantize: bool,
-        change: Arc<Mutex<()>>,
+        change: Arc<TableChanges>,
     ) -> TableSlot {
         let current = table.map(|table| {
             Arc::new(Served {
@@ -424,6 +444,7 @@ impl TableSlot {
         *previous = current.clone();
         self.last_generation.store(generation, Ordering::Release);
         self.current.store(Some(served));
+        self.change.swaps.fetch_add(1, Ordering::AcqRel);
         if self.quantize {
             // After the swap, so that it never delays one; a no-op for a rolled-back table
             // whose copy was built while it served.
@@ -440,11 +461,14 @@ impl TableSlot {
     /// Holds the change lock (tests: a change in progress).
     #[cfg(test)]
     pub(crate) fn hold_change_for_test(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.change.lock().unwrap_or_else(PoisonError::into_inner)
+        self.change
+            .lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn lock_change(&self) -> Result<std::sync::MutexGuard<'_, ()>, EngineError> {
-        match self.change.try_lock() {
+        match self.change.lock.try_lock() {
             Ok(guard) => Ok(guard),
             Err(std::sync::TryLockError::Poisoned(poisoned)) => Ok(poisoned.into_inner()),
             Err(std::sync::TryLockError::WouldBlock) => Err(EngineError::Aborted {

@@ -8,7 +8,10 @@ use store::{Table, TableRole};
 use super::util::{
     DIM, ITEMS, brute_force, fixture, ids_scores, items_data, row, users_data, write, write_marked,
 };
-use crate::engine::{hold_items_change_for_test, prepare_for_test, score_and_finish_for_test};
+use crate::engine::{
+    checked_pair, hold_items_change_for_test, prepare_for_test, score_and_finish_for_test,
+    table_swaps_for_test,
+};
 use crate::{
     AbortReason, Engine, EngineConfig, EngineError, PreconditionReason, RankRequest, ReloadProblem,
     ReloadRequest, TableKind, UserRef, open_table,
@@ -401,6 +404,53 @@ fn a_user_table_change_is_refused_while_an_item_change_runs() {
         .engine
         .reload_users(Some(&users_path))
         .expect("reloads once the item change is over");
+}
+
+#[test]
+fn every_swap_is_counted_and_failed_changes_are_not() {
+    let fixture = fixture();
+    let swaps = || table_swaps_for_test(&fixture.engine);
+    assert_eq!(swaps(), 0);
+    let new_path = write(
+        fixture.dir.path(),
+        "items-v2.frt",
+        &items_data(9, ITEMS, true),
+    );
+    fixture
+        .engine
+        .reload_items(Some(&new_path))
+        .expect("reloads");
+    assert_eq!(swaps(), 1);
+    let missing = fixture.dir.path().join("missing.frt");
+    fixture
+        .engine
+        .reload_items(Some(&missing))
+        .expect_err("no such file");
+    assert_eq!(swaps(), 1);
+    fixture.engine.rollback_items().expect("rolls back");
+    assert_eq!(swaps(), 2);
+    fixture.engine.reload_users(None).expect("reloads in place");
+    assert_eq!(swaps(), 3);
+}
+
+#[test]
+fn a_pair_loaded_across_two_swaps_is_loaded_again() {
+    use std::cell::Cell;
+    // The count grows by two during the first load (two changes landed between the two
+    // slots' loads), by one during the second (one change: a checked pair either way).
+    let count = Cell::new(10_u64);
+    let loads = Cell::new(0);
+    let pair = checked_pair(
+        || count.get(),
+        || {
+            loads.set(loads.get() + 1);
+            count.set(count.get() + if loads.get() == 1 { 2 } else { 1 });
+            loads.get()
+        },
+    );
+    assert_eq!((pair, loads.get()), (2, 2));
+    let steady = checked_pair(|| 7, || "first");
+    assert_eq!(steady, "first");
 }
 
 #[test]
