@@ -18,6 +18,7 @@ mod pinned;
 pub mod privacy;
 mod rank_route;
 mod ranker;
+mod reflection;
 mod replay;
 mod routes;
 pub mod state_setup;
@@ -340,32 +341,6 @@ fn health_names(admin_enabled: bool, echo_enabled: bool) -> Vec<&'static str> {
     names
 }
 
-/// A reflection service builder over the API's descriptors (`api_descriptors`) and
-/// health's that lists the services in `names` (those this server answers, as health reports
-/// them), health and reflection itself. Without the explicit list, reflection would list
-/// every service of the descriptor set, the Echo benchmark service even when it is off.
-fn reflection<'a>(
-    names: &[&str],
-    api_descriptors: &'a [u8],
-) -> tonic_reflection::server::Builder<'a> {
-    let listed = names.iter().copied().chain([
-        tonic_health::pb::health_server::SERVICE_NAME,
-        tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME,
-        tonic_reflection::pb::v1alpha::server_reflection_server::SERVICE_NAME,
-    ]);
-    listed.fold(
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(api_descriptors)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            // Both reflection versions are listed, so both are described.
-            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(
-                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
-            ),
-        |builder, name| builder.with_service_name(name),
-    )
-}
-
 /// The protobuf package of the Echo benchmark service.
 const BENCH_PACKAGE: &str = "fairrank.bench.v1";
 
@@ -444,17 +419,16 @@ async fn serve(
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let names = health_names(admin_enabled, server_config.echo_service);
     set_health(&health_reporter, &names, ServingStatus::Serving).await;
+    // Raised when the graceful shutdown starts: the server stops accepting and drains, and
+    // reflection streams end (an idle one would otherwise hold the drain up).
+    let (stop_sender, stop) = watch::channel(false);
     let descriptors = api_descriptors(server_config.echo_service)?;
-    let reflection_v1 = reflection(&names, &descriptors)
-        .build_v1()
-        .context("building the reflection service (v1)")?;
-    let reflection_v1alpha = reflection(&names, &descriptors)
-        .build_v1alpha()
-        .context("building the reflection service (v1alpha)")?;
+    let reflection_index = reflection::ReflectionIndex::of_server(&names, &descriptors)
+        .context("building the reflection index")?;
+    let (reflection_v1, reflection_v1alpha) = reflection::services(reflection_index, &stop);
 
     // Signals are hooked before the address is announced, so a SIGHUP or SIGTERM sent as
     // soon as the server says it listens is handled, never fatal.
-    let (stop_sender, stop) = watch::channel(false);
     let (force_sender, force) = watch::channel(false);
     let signals = Signals::install()?;
     let signal_task = tokio::spawn(signals.handle(
@@ -624,8 +598,8 @@ impl Signals {
     }
 
     /// SIGHUP: reload the tables from their current paths. SIGTERM/SIGINT: health
-    /// NOT_SERVING, wait the shutdown delay, end health watches, stop accepting and drain;
-    /// a second one abandons the drain.
+    /// NOT_SERVING, wait the shutdown delay, end health watches, stop accepting, end
+    /// reflection streams and drain; a second one abandons the drain.
     async fn handle(
         mut self,
         shared: Arc<Shared>,
@@ -653,6 +627,7 @@ impl Signals {
         for name in &names {
             health.clear_service_status(name).await;
         }
+        // Stops accepting and drains; reflection streams end on it (`reflection`).
         let _ = stop.send(true);
         loop {
             tokio::select! {
