@@ -68,6 +68,342 @@ async fn reflection_v1alpha(server: &Server) -> (BTreeSet<String>, bool) {
     (names, described)
 }
 
+/// A reflection request as the tests ask it, the same for v1 and v1alpha.
+#[derive(Debug, Clone, Copy)]
+enum Question {
+    Symbol(&'static str),
+    File(&'static str),
+    ListServices,
+}
+
+/// A reflection answer as the tests read it, the same for v1 and v1alpha.
+#[derive(Debug)]
+enum Reply {
+    Error { code: i32, message: String },
+    Services(Vec<String>),
+    Files(Vec<prost_types::FileDescriptorProto>),
+}
+
+/// Defines `async fn $name(server, questions) -> Vec<Reply>` for reflection `$version`:
+/// asks the questions on ONE stream, each once the answer to the one before has come (so
+/// the stream must stay open between them), checks that every answer carries its request
+/// and host, then ends the client's side and checks that the server ends the stream with OK.
+macro_rules! reflection_conversation {
+    ($name:ident, $version:ident) => {
+        async fn $name(server: &Server, questions: &[Question]) -> Vec<Reply> {
+            use tonic_reflection::pb::$version::ServerReflectionRequest;
+            use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+            use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+            use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+            let mut client = ServerReflectionClient::new(server.channel().await);
+            let (sender, requests) = tokio::sync::mpsc::channel(1);
+            let mut answers = client
+                .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(requests))
+                .await
+                .expect("the reflection stream opens")
+                .into_inner();
+            let mut replies = Vec::new();
+            for question in questions {
+                let message_request = match *question {
+                    Question::Symbol(symbol) => {
+                        MessageRequest::FileContainingSymbol(symbol.to_owned())
+                    }
+                    Question::File(file) => MessageRequest::FileByFilename(file.to_owned()),
+                    Question::ListServices => MessageRequest::ListServices(String::new()),
+                };
+                let request = ServerReflectionRequest {
+                    host: "reflection-test".to_owned(),
+                    message_request: Some(message_request),
+                };
+                sender
+                    .send(request.clone())
+                    .await
+                    .expect("the stream takes the request");
+                let response = tokio::time::timeout(CALL_TIMEOUT, answers.message())
+                    .await
+                    .unwrap_or_else(|_| panic!("no answer to {question:?} in time"))
+                    .unwrap_or_else(|status| {
+                        panic!("the stream failed at {question:?}: {status:?}")
+                    })
+                    .unwrap_or_else(|| panic!("the stream ended before answering {question:?}"));
+                assert_eq!(response.original_request.as_ref(), Some(&request));
+                assert_eq!(response.valid_host, "reflection-test");
+                replies.push(match response.message_response {
+                    Some(MessageResponse::ErrorResponse(error)) => Reply::Error {
+                        code: error.error_code,
+                        message: error.error_message,
+                    },
+                    Some(MessageResponse::ListServicesResponse(list)) => Reply::Services(
+                        list.service
+                            .into_iter()
+                            .map(|service| service.name)
+                            .collect(),
+                    ),
+                    Some(MessageResponse::FileDescriptorResponse(files)) => Reply::Files(
+                        files
+                            .file_descriptor_proto
+                            .iter()
+                            .map(|file| {
+                                prost::Message::decode(file.as_slice())
+                                    .expect("a FileDescriptorProto")
+                            })
+                            .collect(),
+                    ),
+                    other => panic!("unexpected answer to {question:?}: {other:?}"),
+                });
+            }
+            drop(sender);
+            let end = tokio::time::timeout(CALL_TIMEOUT, answers.message())
+                .await
+                .expect("the stream ends in time");
+            assert!(
+                matches!(end, Ok(None)),
+                "the server ends the stream with OK after the client's side: {end:?}"
+            );
+            replies
+        }
+    };
+}
+
+reflection_conversation!(reflection_v1_conversation, v1);
+reflection_conversation!(reflection_v1alpha_conversation, v1alpha);
+
+/// The reflection protocol answers a failed request with an `error_response` in the stream
+/// and goes on: an unknown symbol, then an unknown file, then the service list, then a
+/// method's symbol, on one stream, for v1 and for v1alpha.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_answers_unknown_names_in_the_stream_and_goes_on() {
+    let tables = tables(53);
+    let server = Server::start(&tables, None, &[]);
+    let questions = [
+        Question::Symbol("fairrank.v1.Nope"),
+        Question::File("nope.proto"),
+        Question::ListServices,
+        Question::Symbol("fairrank.v1.Ranker.Rank"),
+    ];
+    let conversations = [
+        ("v1", reflection_v1_conversation(&server, &questions).await),
+        (
+            "v1alpha",
+            reflection_v1alpha_conversation(&server, &questions).await,
+        ),
+    ];
+    for (version, replies) in conversations {
+        let [symbol, file, list, method] = replies.as_slice() else {
+            panic!("{version}: four answers expected: {replies:?}");
+        };
+        match symbol {
+            Reply::Error { code, message } => {
+                assert_eq!(*code, Code::NotFound as i32, "{version}: {message}");
+                assert!(message.contains("fairrank.v1.Nope"), "{version}: {message}");
+            }
+            other => panic!("{version}: an error_response expected, got {other:?}"),
+        }
+        match file {
+            Reply::Error { code, message } => {
+                assert_eq!(*code, Code::NotFound as i32, "{version}: {message}");
+                assert!(message.contains("nope.proto"), "{version}: {message}");
+            }
+            other => panic!("{version}: an error_response expected, got {other:?}"),
+        }
+        match list {
+            // Exactly the services this server answers (Admin and Echo are off), in order.
+            Reply::Services(names) => assert_eq!(
+                names,
+                &[
+                    "fairrank.v1.Ranker",
+                    "grpc.health.v1.Health",
+                    "grpc.reflection.v1.ServerReflection",
+                    "grpc.reflection.v1alpha.ServerReflection",
+                ],
+                "{version}"
+            ),
+            other => panic!("{version}: a service list expected, got {other:?}"),
+        }
+        match method {
+            // The file that defines the method, alone (its imports are asked for by name).
+            Reply::Files(files) => {
+                assert_eq!(files.len(), 1, "{version}: {files:?}");
+                let file = &files[0];
+                assert_eq!(file.name(), "fairrank/v1/ranker.proto", "{version}");
+                assert_eq!(file.package(), "fairrank.v1", "{version}");
+                let ranker = file
+                    .service
+                    .iter()
+                    .find(|service| service.name() == "Ranker")
+                    .expect("the file defines the Ranker");
+                assert!(
+                    ranker.method.iter().any(|method| method.name() == "Rank"),
+                    "{version}: {ranker:?}"
+                );
+            }
+            other => panic!("{version}: a file descriptor expected, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_reflection_streams_do_not_hold_up_the_shutdown() {
+    idle_reflection_streams_end_at_the_shutdown(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_reflection_streams_do_not_hold_up_the_shutdown_with_shared_connections() {
+    idle_reflection_streams_end_at_the_shutdown(false).await;
+}
+
+/// An open, idle reflection stream (v1 or v1alpha) does not hold up a graceful shutdown:
+/// the server ends it with UNAVAILABLE once the drain starts, and the drain finishes well
+/// within the grace (connections pinned to connection threads or shared).
+async fn idle_reflection_streams_end_at_the_shutdown(pin_connections: bool) {
+    let tables = tables(54);
+    let mut server = Server::start(
+        &tables,
+        Some(&format!(
+            "[server]\nshutdown_grace_ms = 30000\npin_connections = {pin_connections}\n"
+        )),
+        &[],
+    );
+    // Opens a stream of reflection `$version`, has one answer, and leaves it open and idle.
+    macro_rules! idle_stream {
+        ($version:ident) => {{
+            use tonic_reflection::pb::$version::ServerReflectionRequest;
+            use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+            use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+            let mut client = ServerReflectionClient::new(server.channel().await);
+            let (sender, requests) = tokio::sync::mpsc::channel(1);
+            let mut answers = client
+                .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(requests))
+                .await
+                .expect("the reflection stream opens")
+                .into_inner();
+            sender
+                .send(ServerReflectionRequest {
+                    host: String::new(),
+                    message_request: Some(MessageRequest::ListServices(String::new())),
+                })
+                .await
+                .expect("the stream takes the request");
+            let listed = tokio::time::timeout(CALL_TIMEOUT, answers.message())
+                .await
+                .expect("an answer in time")
+                .expect("an answer")
+                .expect("one answer");
+            assert!(listed.message_response.is_some());
+            (sender, answers)
+        }};
+    }
+    let (_v1_requests, mut v1_answers) = idle_stream!(v1);
+    let (_v1alpha_requests, mut v1alpha_answers) = idle_stream!(v1alpha);
+
+    let signalled = Instant::now();
+    server.signal("TERM");
+    for (version, end) in [
+        (
+            "v1",
+            tokio::time::timeout(CALL_TIMEOUT, v1_answers.message())
+                .await
+                .map(|end| end.map(|answer| answer.is_some())),
+        ),
+        (
+            "v1alpha",
+            tokio::time::timeout(CALL_TIMEOUT, v1alpha_answers.message())
+                .await
+                .map(|end| end.map(|answer| answer.is_some())),
+        ),
+    ] {
+        let status = end
+            .unwrap_or_else(|_| panic!("{version}: the stream did not end; {}", server.logs()))
+            .expect_err("the stream ends with a status");
+        assert_eq!(status.code(), Code::Unavailable, "{version}: {status:?}");
+        assert!(
+            status.message().contains("shutting down"),
+            "{version}: {status:?}"
+        );
+    }
+    let (exit, logs) = tokio::task::spawn_blocking(move || {
+        let exit = server.wait(Duration::from_secs(60));
+        (exit, server.logs())
+    })
+    .await
+    .expect("the wait task runs");
+    assert!(exit.success(), "exit status {exit:?}; log:\n{logs}");
+    assert!(
+        logs.contains("shutdown complete: every call finished"),
+        "{logs}"
+    );
+    assert!(
+        signalled.elapsed() < Duration::from_secs(20),
+        "the drain waited for the idle streams: {:?}",
+        signalled.elapsed()
+    );
+}
+
+/// A client that sends reflection requests without reading the answers is held back by
+/// flow control: the server reads requests only as it can send their answers, so it buffers
+/// no more than the HTTP/2 windows allow, and the stream still answers afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reflection_client_that_does_not_read_is_held_back() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let tables = tables(55);
+    let server = Server::start(&tables, None, &[]);
+    let sent = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&sent);
+    // Endless requests for a large answer (the Ranker's file), counted as the client's
+    // transport takes them.
+    let requests = tokio_stream::StreamExt::map(tokio_stream::iter(0..), move |_| {
+        counter.fetch_add(1, Ordering::AcqRel);
+        ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(
+                "fairrank.v1.Ranker".to_owned(),
+            )),
+        }
+    });
+    let mut client = ServerReflectionClient::new(server.channel().await);
+    let mut answers = client
+        .server_reflection_info(requests)
+        .await
+        .expect("the reflection stream opens")
+        .into_inner();
+    // Until the count stops growing: the windows are full.
+    let started = Instant::now();
+    let mut last = usize::MAX;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = sent.load(Ordering::Acquire);
+        if now == last {
+            break;
+        }
+        last = now;
+        assert!(
+            started.elapsed() < CALL_TIMEOUT && now < 200_000,
+            "the server keeps reading requests nobody reads the answers to: {now}"
+        );
+    }
+    // About 42 000 with the HTTP/2 windows of tonic's defaults (1 MiB on the server).
+    assert!(last < 200_000, "{last} requests taken");
+    // The answers still come, in order.
+    for _ in 0..10 {
+        let answer = tokio::time::timeout(CALL_TIMEOUT, answers.message())
+            .await
+            .expect("an answer in time")
+            .expect("an answer")
+            .expect("the stream goes on");
+        assert!(
+            matches!(
+                answer.message_response,
+                Some(MessageResponse::FileDescriptorResponse(_))
+            ),
+            "{answer:?}"
+        );
+    }
+    eprintln!("requests taken before the windows filled: {last}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_reflection_and_metrics_are_served() {
     let tables = tables(31);
