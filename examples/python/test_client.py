@@ -30,6 +30,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.descriptor_pool import DescriptorPool
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
 
 import client as fr
 from client import FairrankClient, FairrankError, build_rank_request
@@ -455,6 +459,18 @@ def test_reflection_describes_the_api(fairrank: FairrankClient, version: str) ->
     ranker = next(file for file in files if file.name == "fairrank/v1/ranker.proto")
     (service,) = [service for service in ranker.service if service.name == "Ranker"]
     assert {method.name for method in service.method} == {"Rank", "RankBatch"}
+
+
+def test_reflection_unknown_names_are_key_errors(fairrank: FairrankClient) -> None:
+    """grpcio-reflection's descriptor database: an unknown name raises the documented
+    ``KeyError`` (the server answers NOT_FOUND inside the reflection stream), and the same
+    database resolves known names afterwards."""
+    pool = DescriptorPool(ProtoReflectionDescriptorDatabase(fairrank.channel))
+    with pytest.raises(KeyError):
+        pool.FindMessageTypeByName("fairrank.v1.DoesNotExist")
+    method = pool.FindMethodByName("fairrank.v1.Ranker.Rank")
+    assert method.input_type.full_name == "fairrank.v1.RankRequest"
+    assert pool.FindMessageTypeByName("google.protobuf.Struct.FieldsEntry").fields
 
 
 def group_exposure(response: fr.ranker_pb2.RankResponse, attribute_index: int) -> dict[int, float]:
