@@ -101,7 +101,7 @@ pub enum RowProblem {
         /// The value.
         value: f32,
     },
-    /// All values are finite but the squared Euclidean norm overflows `f32`.
+    /// All values are finite but the squared Euclidean norm exceeds `f32::MAX`.
     #[error("its squared norm overflows f32 (values are too large)")]
     NormOverflow,
     /// A padding element between `dim` and the row stride is not zero.
@@ -462,8 +462,13 @@ pub enum FormatProblem {
         /// What is wrong with it.
         problem: RowProblem,
     },
-    /// The maximum row norm in the header disagrees with the rows.
-    #[error("header says the maximum row norm is {stored}, but the rows give {computed}")]
+    /// The maximum row norm in the header disagrees with the rows. (Writers that summed the
+    /// squares in f32 stored too small a norm for rows with components below about `1e-19`;
+    /// such files must be written again.)
+    #[error(
+        "header says the maximum row norm is {stored:e}, but the rows give {computed:e} \
+         (if a writer that summed squares in f32 wrote it, write it again)"
+    )]
     NormMismatch {
         /// Value in the header.
         stored: f32,

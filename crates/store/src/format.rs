@@ -264,7 +264,9 @@ pub struct Header {
     pub rows_offset: u64,
     /// Length of the row block: `row_count * row_stride_bytes`.
     pub rows_length: u64,
-    /// Largest Euclidean norm of a row, as recorded by the writer.
+    /// An upper bound on the largest Euclidean norm of a row, as recorded by the writer
+    /// (this crate's writer: squares summed in f64, the root rounded up to f32, never below
+    /// the exact norm).
     pub max_row_norm: f32,
     /// Section table, indexed by [`SectionKind::slot`].
     pub sections: [SectionRange; SECTION_COUNT],

@@ -20,7 +20,7 @@ use crate::error::{FormatProblem, StoreError};
 use crate::format::{HEADER_SIZE, Header, Layout, MAX_ROWS, SectionKind, SectionRange, TableRole};
 use crate::id_index::{BuildError, IdIndex, LookupHints};
 use crate::prefetch;
-use crate::scan::{norm_tolerance, scan_rows};
+use crate::scan::{certified_norm, norm_tolerance, scan_rows};
 use crate::strings;
 
 /// Message names of the string lists.
@@ -588,9 +588,12 @@ impl Table {
         self.dim_names.as_deref()
     }
 
-    /// An upper bound on the Euclidean norm of every row: the larger of the header's value
-    /// and the value recomputed at open (they agree to within `(dim + 2)` f32 epsilons,
-    /// relative). Computed in f32, so its own relative error is at most about that much.
+    /// An upper bound on the Euclidean norm of every row, never below the exact (real-valued)
+    /// largest row norm: the larger of the header's value and the value recomputed at open
+    /// (they agree to within `(dim + 2)` f32 epsilons, relative, or the file is refused). The
+    /// recomputed value sums the squares in f64 and is rounded up to f32, so it exceeds the
+    /// exact norm by at most about one f32 unit in the last place; 0 only when every row is
+    /// zero (or there are no rows).
     pub fn max_row_norm(&self) -> f32 {
         self.max_row_norm
     }
@@ -656,7 +659,8 @@ fn section_as<'a, T: bytemuck::AnyBitPattern>(
 }
 
 /// The row scan: finite values, zero padding, finite norms; checks the header's maximum
-/// row norm and returns the bound to serve (the larger of stored and recomputed).
+/// row norm and returns the bound to serve: the larger of stored and recomputed (the
+/// recomputed value is rounded up, so the bound is never below the exact largest row norm).
 fn check_rows(bytes: &[u8], layout: &Layout, header: &Header) -> Result<f32, FormatProblem> {
     let rows: &[f32] = cast_checked(
         &bytes[layout.row_block.clone()],
@@ -669,7 +673,7 @@ fn check_rows(bytes: &[u8], layout: &Layout, header: &Header) -> Result<f32, For
             problem,
         }
     })?;
-    let computed = max_squared.sqrt();
+    let computed = certified_norm(max_squared, layout.dim);
     let stored = header.max_row_norm;
     let tolerance = norm_tolerance(layout.dim) * computed.max(stored.abs());
     if !stored.is_finite() || stored < 0.0 || (stored - computed).abs() > tolerance {

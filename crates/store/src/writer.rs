@@ -14,7 +14,7 @@ use crate::format::{
     Dtype, HEADER_SIZE, Header, LayoutPlan, MAX_ROWS, TableRole, row_stride_bytes,
 };
 use crate::id_index::{BuildError, IdIndex};
-use crate::scan::scan_rows;
+use crate::scan::{certified_norm, scan_rows};
 use crate::strings::{encode_offsets, first_duplicate};
 use crate::{TableData, TableSummary};
 
@@ -232,7 +232,7 @@ fn validate(data: &TableData) -> Result<Header, DataProblem> {
         rows,
         max: MAX_ROWS,
     })?;
-    header.max_row_norm = max_squared.sqrt();
+    header.max_row_norm = certified_norm(max_squared, data.dim);
     Ok(header)
 }
 

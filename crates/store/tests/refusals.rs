@@ -6,7 +6,8 @@ mod common;
 use std::path::Path;
 
 use common::{
-    header_of, open_err, open_ok, patch_bytes, patch_header, read, sample_data, write, write_sample,
+    f64_max_norm, header_of, open_err, open_ok, patch_bytes, patch_header, read, sample_data,
+    scaled_data, write, write_sample,
 };
 use store::{Dtype, FormatProblem, RowProblem, SectionKind, StoreError, Table, TableData};
 use xxhash_rust::xxh3::xxh3_64;
@@ -512,6 +513,49 @@ fn wrong_max_row_norm() {
             matches!(problem(&path), FormatProblem::NormMismatch { .. }),
             "stored factor {stored}"
         );
+    }
+}
+
+/// The norm a writer that summed squares in f32 stored: the f32 sum's root, to nearest.
+fn f32_writer_norm(data: &TableData) -> f32 {
+    data.rows
+        .chunks_exact(data.dim)
+        .map(|row| {
+            row.iter()
+                .fold(0.0f32, |sum, &value| sum + value * value)
+                .sqrt()
+        })
+        .fold(0.0f32, f32::max)
+}
+
+/// Files from writers that summed squares in f32 load when their rows' squares are normal
+/// f32 values, and serve a bound never below the exact norm; when the rows are so small that
+/// the stored norm is too low (0 at 1e-24, about 4 % low at 1e-22) they are refused.
+#[test]
+fn norms_stored_by_f32_writers() {
+    for scale in [1.0, 1e-3, 1e-18] {
+        let data = scaled_data(scale);
+        let (_dir, path) = write_sample(&data);
+        let old = f32_writer_norm(&data);
+        patch_header(&path, |h| h.max_row_norm = old);
+        let served = f64::from(open_ok(&path).max_row_norm());
+        assert!(served >= f64_max_norm(&data), "scale {scale:e}");
+    }
+    for scale in [1e-22, 1e-24] {
+        let data = scaled_data(scale);
+        let (_dir, path) = write_sample(&data);
+        let old = f32_writer_norm(&data);
+        assert!(
+            f64::from(old) < 0.97 * f64_max_norm(&data),
+            "scale {scale:e}"
+        );
+        patch_header(&path, |h| h.max_row_norm = old);
+        let refused = problem(&path);
+        assert!(
+            matches!(refused, FormatProblem::NormMismatch { stored, .. } if stored == old),
+            "scale {scale:e}: {refused:?}"
+        );
+        assert!(refused.to_string().contains("write it again"), "{refused}");
     }
 }
 

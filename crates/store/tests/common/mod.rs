@@ -136,3 +136,43 @@ pub fn open_ok(path: &Path) -> Table {
         Err(e) => panic!("refused: {e}"),
     }
 }
+
+/// The auditor's table: 40 rows of 8 values, row `i` = `[1 - 0.02 i, 0.1, ..., 0.1]` times
+/// `scale` (rounded to f32 once).
+pub fn scaled_data(scale: f64) -> TableData {
+    let (rows, dim) = (40, 8);
+    let values = (0..rows)
+        .flat_map(|row| {
+            (0..dim).map(move |column| {
+                let value = if column == 0 {
+                    1.0 - 0.02 * row as f64
+                } else {
+                    0.1
+                };
+                (value * scale) as f32
+            })
+        })
+        .collect();
+    TableData {
+        dim,
+        rows: values,
+        ids: (0..rows).map(|i| format!("item-{i}")).collect(),
+        groups: vec![],
+        prior: None,
+        dim_names: None,
+    }
+}
+
+/// The largest row norm of `data` from f64 sums of the (exact) squares: within about an f64
+/// rounding of the exact value.
+pub fn f64_max_norm(data: &TableData) -> f64 {
+    data.rows
+        .chunks_exact(data.dim)
+        .map(|row| {
+            row.iter()
+                .map(|&value| f64::from(value) * f64::from(value))
+                .sum::<f64>()
+                .sqrt()
+        })
+        .fold(0.0f64, f64::max)
+}
