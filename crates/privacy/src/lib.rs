@@ -9,7 +9,8 @@
 //!
 //! - **Sensitivity** ([`clip_to_norm`], [`score_sensitivity`]): clip the user embedding to
 //!   norm `C_u`; scores `<u, v>` with `||v|| <= C_v` then have sensitivity
-//!   `2 C_u C_v (1 + gamma_n)`, where `gamma_n` bounds the f32 dot-product rounding.
+//!   `(2 C_u C_v + n 2^-149) (1 + gamma_n)`, where `gamma_n` bounds the f32 dot-product
+//!   rounding and `n 2^-149` the products that underflow to f32 subnormals.
 //! - **Selection** ([`GumbelTopK`], [`gumbel_top_k`], [`position_counts`]): the DP pool is
 //!   chosen by one-shot Gumbel top-k, equal in distribution to `k` rounds of the exponential
 //!   mechanism (Durfee & Rogers 2019). Only an order of indices is released. Noise is

@@ -8,15 +8,26 @@
 //! computed score differs from the exact one by at most `gamma_n * sum_i |u_i v_i|
 //! <= gamma_n C_u C_v`, where `gamma_n = n u / (1 - n u)`, `u = 2^-24` and `n` is the
 //! dimension (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., §3.1; the
-//! bound holds for every summation order, with or without FMA). Hence the utility
-//! sensitivity of the computed scores is
+//! bound holds for every summation order, with or without FMA).
+//!
+//! That relative bound assumes no underflow. A product (or fused multiply-add) whose result
+//! is an f32 subnormal is rounded to a multiple of `2^-149`, an absolute error of up to
+//! `2^-150` however small the exact value is (additions whose result is subnormal are exact;
+//! Higham §2.1, the model with gradual underflow). Each of the `n` products can add that, and
+//! the later additions can enlarge it by at most `1 + gamma_n`, so each computed score is
+//! also off by up to `n 2^-150 (1 + gamma_n)`. For small norms (`C_u C_v` near `1e-38` and
+//! below, for example `C_u = 1e-20` and items scaled by `1e-20`) this term dominates: two
+//! users' computed scores can differ by more than `2 C_u C_v (1 + gamma_n)`. Hence the
+//! utility sensitivity of the computed scores is
 //!
 //! ```text
-//! Delta = 2 C_u C_v (1 + gamma_n)
+//! Delta = (2 C_u C_v + n 2^-149) (1 + gamma_n)
 //! ```
 //!
-//! which [`score_sensitivity`] returns, rounded up. Anything the engine adds to a score
-//! (priors, boosts) must be data-independent or have its own sensitivity added.
+//! which [`score_sensitivity`] returns, rounded up (for norms of ordinary size the added
+//! `n 2^-149` is below the rounding of `2 C_u C_v` and changes nothing). Anything the engine
+//! adds to a score (priors, boosts) must be data-independent or have its own sensitivity
+//! added.
 
 use crate::error::{PrivacyError, Result, require_positive};
 
@@ -25,6 +36,10 @@ const F32_UNIT_ROUNDOFF: f64 = 1.0 / 16_777_216.0;
 
 /// Unit roundoff of f64 (`2^-53`).
 const F64_UNIT_ROUNDOFF: f64 = f64::EPSILON / 2.0;
+
+/// Spacing of the f32 subnormals, `2^-149` (the smallest positive f32): twice the largest
+/// absolute error of an f32 product or fused multiply-add whose result underflows.
+const F32_SUBNORMAL_SPACING: f64 = f32::from_bits(1) as f64;
 
 /// Largest dimension for which `gamma_n` stays below 1 with a wide margin (`n u <= 1/16`).
 pub const MAX_SCORE_DIMENSION: usize = 1 << 20;
@@ -73,7 +88,9 @@ pub fn clip_to_norm(embedding: &mut [f32], max_norm: f32) -> Result<f64> {
 }
 
 /// Utility sensitivity of f32 scores `<u, v>` for `||u|| <= user_norm_bound`,
-/// `||v|| <= item_norm_bound` in dimension `dim`: `2 C_u C_v (1 + gamma_dim)`, rounded up.
+/// `||v|| <= item_norm_bound` in dimension `dim`: `(2 C_u C_v + dim 2^-149) (1 + gamma_dim)`,
+/// rounded up (the second term covers products that underflow to f32 subnormals; see the
+/// module documentation).
 ///
 /// Use it as the `sensitivity` of [`crate::ExponentialMechanism`] (general, not monotone:
 /// changing the user can raise some scores and lower others).
@@ -91,8 +108,12 @@ pub fn score_sensitivity(user_norm_bound: f64, item_norm_bound: f64, dim: usize)
         });
     }
     let gamma = f32_dot_error_factor(dim);
-    let exact = 2.0 * user_norm_bound * item_norm_bound * (1.0 + gamma);
-    // Four f64 operations above, each off by at most one unit roundoff: round up past them.
+    // dim <= 2^20, so dim * 2^-149 is exact.
+    let underflow = dim as f64 * F32_SUBNORMAL_SPACING;
+    let exact = (2.0 * user_norm_bound * item_norm_bound + underflow) * (1.0 + gamma);
+    // Five f64 operations above, each off by at most one unit roundoff relative (were
+    // `2 C_u C_v` to underflow in f64, its absolute error would be negligible beside the
+    // underflow term): round up past them.
     let bound = exact * (1.0 + 8.0 * F64_UNIT_ROUNDOFF);
     require_positive("score sensitivity", bound)
 }
@@ -191,6 +212,32 @@ mod tests {
         Ok(())
     }
 
+    /// Two users whose f32 scores against a small item land on neighbouring multiples of
+    /// the subnormal spacing: the computed scores differ by `2^-148`, more than
+    /// `2 C_u C_v (1 + gamma)` (which is `1.5 * 2^-149` here), but within the sensitivity.
+    #[test]
+    fn sensitivity_covers_scores_that_underflow() -> Result<()> {
+        assert_eq!(F32_SUBNORMAL_SPACING, 2f64.powi(-149));
+        let item = [2f32.powi(-75), 0.0];
+        let user = [3.0 * 2f32.powi(-76), 0.0];
+        let other = [-3.0 * 2f32.powi(-76), 0.0];
+        let (user_norm, item_norm) = (3.0 * 2f64.powi(-76), 2f64.powi(-75));
+        let sensitivity = score_sensitivity(user_norm, item_norm, 2)?;
+        for first in dot_variants(&user, &item) {
+            assert_eq!(f64::from(first), 2f64.powi(-149), "0.75 * 2^-149 rounds up");
+            for second in dot_variants(&other, &item) {
+                let gap = f64::from(first) - f64::from(second);
+                assert_eq!(gap, 2f64.powi(-148));
+                assert!(gap > 2.0 * user_norm * item_norm * (1.0 + f32_dot_error_factor(2)));
+                assert!(gap <= sensitivity, "{gap:e} > {sensitivity:e}");
+            }
+        }
+        // For norms of ordinary size the underflow term is lost in the rounding.
+        let ordinary = 2.0 * 1.0 * 2.0 * (1.0 + f32_dot_error_factor(128));
+        assert!(score_sensitivity(1.0, 2.0, 128)? <= ordinary * (1.0 + 1e-14));
+        Ok(())
+    }
+
     /// f32 dot products in the summation orders a SIMD kernel may use.
     fn dot_variants(u: &[f32], v: &[f32]) -> [f32; 4] {
         let sequential = u.iter().zip(v).fold(0.0_f32, |acc, (a, b)| acc + a * b);
@@ -267,6 +314,34 @@ mod tests {
                 prop_assert!((f64::from(first) - exact).abs() <= gamma * absolute + 1e-12 * absolute);
                 for second in dot_variants(&u2, &v) {
                     prop_assert!((f64::from(first) - f64::from(second)).abs() <= sensitivity);
+                }
+            }
+        }
+
+        /// Norms so small that products underflow to f32 subnormals (`C_u C_v` from 1e-47
+        /// to 1e-41, around the subnormal spacing 1.4e-45), with the second user often the
+        /// first one negated (the largest change of score): the relative bound alone does not
+        /// cover the computed scores.
+        #[test]
+        fn computed_scores_move_at_most_the_sensitivity_when_they_underflow(
+            (u, u2, v) in (1_usize..64).prop_flat_map(|dim| (vector(dim), vector(dim), vector(dim))),
+            negated in any::<bool>(),
+            user_exponent in -23_i32..-20,
+            item_exponent in -24_i32..-20,
+        ) {
+            let u2 = if negated { u.iter().map(|x| -x).collect() } else { u2 };
+            let (mut u, mut u2, mut v) = (u, u2, v);
+            let user_norm = 10f32.powi(user_exponent);
+            let item_norm = 10f32.powi(item_exponent);
+            let fail = |e: PrivacyError| TestCaseError::fail(e.to_string());
+            clip_to_norm(&mut u, user_norm).map_err(fail)?;
+            clip_to_norm(&mut u2, user_norm).map_err(fail)?;
+            clip_to_norm(&mut v, item_norm).map_err(fail)?;
+            let sensitivity = score_sensitivity(f64::from(user_norm), f64::from(item_norm), u.len()).map_err(fail)?;
+            for first in dot_variants(&u, &v) {
+                for second in dot_variants(&u2, &v) {
+                    let gap = (f64::from(first) - f64::from(second)).abs();
+                    prop_assert!(gap <= sensitivity, "{gap:e} > {sensitivity:e}");
                 }
             }
         }
