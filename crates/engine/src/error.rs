@@ -46,7 +46,9 @@ pub enum PreconditionReason {
     /// The fairness constraint cannot be met on the pool and the policy says to refuse.
     FairnessInfeasible,
     /// The privacy policy is weaker than the server requires, or costs more than the
-    /// per-request maximum.
+    /// per-request maximum, or differential privacy cannot be honoured on the serving item
+    /// table (its certified row norm is 0, subnormal or not finite, or its dimension is
+    /// beyond the score sensitivity bound's).
     PrivacyPolicyNotAllowed,
     /// The request id was already used (and charged) for a request with other content.
     RequestIdReused,

@@ -6,11 +6,15 @@
 //! # What is protected and how
 //!
 //! With DP on, the user's embedding `u` is clipped to L2 norm `C_u`
-//! ([`PrivacyConfig::user_norm_bound`]); items have norm at most `C_v`, read from the item
-//! table header (`max_row_norm`, widened by `(dim + 2)` f32 epsilons relative, the
-//! agreement the store guarantees between the header and the rows). Two users then change
-//! any score `<u, v>` by at most `2 C_u C_v`, plus the f32 dot-product rounding slack
-//! `(1 + gamma_dim)` of [`privacy::score_sensitivity`]. Every candidate (the whole catalog
+//! ([`PrivacyConfig::user_norm_bound`]); items have norm at most `C_v`, the item table's
+//! certified `max_row_norm` (never below the exact largest row norm: the store sums squares
+//! in f64 and rounds up to f32), widened by `(dim + 2)` f32 epsilons relative as a margin.
+//! Two users then change any score `<u, v>` by at most `2 C_u C_v`, plus the f32
+//! dot-product rounding slack of [`privacy::score_sensitivity`] (the factor
+//! `1 + gamma_dim`, and `dim 2^-149` for products that underflow). A table whose certified
+//! norm is 0, subnormal or not finite, or whose dimension the rounding bound does not cover,
+//! is refused for DP requests (`FAILED_PRECONDITION`) rather than given a token
+//! sensitivity. Every candidate (the whole catalog
 //! when the request lists none) is scored exactly, pre-generated Gumbel noise is added and
 //! the `m = pool_size` largest noisy scores are kept in order ([`privacy::GumbelTopK`]),
 //! which is `m` rounds of the exponential mechanism at `epsilon` per pick and costs
@@ -245,7 +249,7 @@ pub(crate) struct Plan {
     pub on_exhausted: ExhaustedPolicy,
     /// `C_u`.
     pub user_norm_bound: f32,
-    /// Score sensitivity `2 C_u C_v (1 + gamma)`.
+    /// Score sensitivity `(2 C_u C_v + dim 2^-149) (1 + gamma)`.
     pub sensitivity: f64,
     /// Digest of the request content, to refuse a request id reused for other content.
     pub fingerprint: RequestDigest,
@@ -285,6 +289,60 @@ fn not_allowed(message: String) -> EngineError {
         reason: PreconditionReason::PrivacyPolicyNotAllowed,
         message,
     }
+}
+
+/// A DP request refused because the serving item table cannot give its scores a usable
+/// sensitivity (`FAILED_PRECONDITION`, reason `PrivacyPolicyNotAllowed`: the requested
+/// mechanism cannot be honoured on this table). Names the table by its file name.
+fn unfit_items(items: &Table, why: String) -> EngineError {
+    let name = items.path().file_name().map_or_else(
+        || items.path().display().to_string(),
+        |name| name.to_string_lossy().into_owned(),
+    );
+    EngineError::FailedPrecondition {
+        field: Some("privacy".to_owned()),
+        reason: PreconditionReason::PrivacyPolicyNotAllowed,
+        message: format!(
+            "the item table {name:?} cannot be ranked under differential privacy: {why}"
+        ),
+    }
+}
+
+/// The score sensitivity `Delta` for users clipped to `user_norm_bound` and the rows of
+/// `items`, whose norms are at most the table's certified `max_row_norm` (never below the
+/// exact largest norm: the store sums squares in f64 and rounds up), widened by `(dim + 2)`
+/// f32 epsilons as a margin.
+///
+/// Refuses (see [`unfit_items`]) a certified norm that is 0 (every row zero, or no rows),
+/// subnormal or not finite: the sensitivity would be 0 or meaningless and the "private"
+/// selection the exact top-k. Also refuses a dimension the f32 rounding bound does not
+/// cover (above [`privacy::MAX_SCORE_DIMENSION`]), which the store accepts.
+fn item_sensitivity(items: &Table, user_norm_bound: f32) -> Result<f64, EngineError> {
+    let certified = items.max_row_norm();
+    if !certified.is_normal() {
+        let why = if certified == 0.0 {
+            "its largest row norm is 0 (every row is zero, or it has no rows): there is no \
+             score sensitivity to calibrate the noise to"
+                .to_owned()
+        } else if certified.is_finite() {
+            format!(
+                "its largest row norm {certified:e} is subnormal in f32 (below {:e}): scores \
+                 this small lose their precision in f32, and no noise can be calibrated to them",
+                f32::MIN_POSITIVE
+            )
+        } else {
+            format!("its largest row norm is {certified}, not a finite number")
+        };
+        return Err(unfit_items(items, why));
+    }
+    let item_norm =
+        f64::from(certified) * (1.0 + (items.dim() as f64 + 2.0) * f64::from(f32::EPSILON));
+    score_sensitivity(f64::from(user_norm_bound), item_norm, items.dim()).map_err(|error| {
+        unfit_items(
+            items,
+            format!("the score sensitivity is undefined: {error}"),
+        )
+    })
 }
 
 /// Resolves the privacy plan of a personalized request scoring `scored_items` items into a
@@ -328,14 +386,7 @@ pub(crate) fn plan(
     } else {
         0.0
     };
-    let item_norm = f64::from(items.max_row_norm())
-        * (1.0 + (items.dim() as f64 + 2.0) * f64::from(f32::EPSILON));
-    let sensitivity = score_sensitivity(
-        f64::from(config.user_norm_bound),
-        item_norm.max(f64::MIN_POSITIVE),
-        items.dim(),
-    )
-    .map_err(|error| EngineError::internal(format!("score sensitivity: {error}")))?;
+    let sensitivity = item_sensitivity(items, config.user_norm_bound)?;
     let m = picks.max(1) as f64;
     let (epsilon_per_pick, rho_order, scores, pure_epsilon) = match policy.budget {
         Some(PrivacyBudget::Rho(rho)) => {

@@ -505,3 +505,154 @@ fn batch_entries_are_charged_individually() {
     assert!(fixture.ledger.spent("user-10") > 0.0);
     assert_eq!(fixture.ledger.spent("user-12"), 0.0);
 }
+
+/// The auditor's table: 40 rows x 8, row `i` = `[1 - 0.02 i, 0.1, ..., 0.1]` times `scale`
+/// (rounded to f32 once): the exact top 5 for the user `[1, 0, ..., 0]` is rows 0 to 4, with
+/// gaps of `0.02 * scale` between neighbours.
+fn scaled_items(scale: f64) -> store::TableData {
+    let (rows, dim) = (40, 8);
+    store::TableData {
+        dim,
+        rows: (0..rows)
+            .flat_map(|row| {
+                (0..dim).map(move |column| {
+                    let value = if column == 0 {
+                        1.0 - 0.02 * row as f64
+                    } else {
+                        0.1
+                    };
+                    (value * scale) as f32
+                })
+            })
+            .collect(),
+        ids: (0..rows).map(|row| format!("item-{row:02}")).collect(),
+        groups: Vec::new(),
+        prior: None,
+        dim_names: None,
+    }
+}
+
+/// An engine over `data` with the default privacy setup, and the directory holding its file.
+fn scaled_engine(data: &store::TableData) -> (tempfile::TempDir, Engine) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = write(dir.path(), "tiny-items.frt", data);
+    let engine = Engine::with_privacy(
+        EngineConfig::default(),
+        PrivacySetup::default(),
+        Table::open(&path).expect("items open"),
+        None,
+    )
+    .expect("engine starts");
+    (dir, engine)
+}
+
+/// A DP request over every candidate of `data`, pool = k = 5, epsilon 0.01 per pick.
+fn scaled_request(id: String, data: &store::TableData) -> RankRequest {
+    let mut embedding = vec![0.0; data.dim];
+    embedding[0] = 1.0;
+    let mut request = RankRequest::new(
+        id,
+        UserRef::Inline {
+            embedding,
+            subject_id: "auditor".into(),
+        },
+        5,
+    );
+    request.candidate_ids = data.ids.clone().into();
+    request.pool_size = Some(5);
+    request.privacy = PrivacyPolicy {
+        mechanism: PrivacyMechanism::GumbelTopK,
+        budget: Some(PrivacyBudget::EpsilonPerPick(0.01)),
+        ..PrivacyPolicy::default()
+    };
+    request
+}
+
+/// The auditor's reproduction: at epsilon 0.01 per pick the Gumbel noise (scale about
+/// `2 * 2 * |v| / 0.01`, 400 times the item norm) swamps score gaps of 2 % of it, so the
+/// exact top 5 in order should (almost) never come out, whatever the table's scale. With the
+/// item norm computed in f32, a table scaled by 1e-24 had norm 0, the sensitivity became
+/// `f64::MIN_POSITIVE` and every one of 200 answers was the exact order, reported as DP.
+#[test]
+fn tiny_item_rows_keep_their_dp_noise() {
+    let exact_order: Vec<String> = (0..5).map(|row| format!("item-{row:02}")).collect();
+    for scale in [1.0, 1e-18, 1e-22, 1e-24] {
+        let data = scaled_items(scale);
+        let (_dir, engine) = scaled_engine(&data);
+        let mut exact = 0;
+        for run in 0..200 {
+            let answer = engine
+                .rank_blocking(scaled_request(format!("scale-{scale:e}-{run}"), &data))
+                .expect("answers");
+            assert!(answer.privacy.dp_applied);
+            let order: Vec<String> = answer.items.iter().map(|item| item.id.clone()).collect();
+            exact += usize::from(order == exact_order);
+        }
+        // Uniform noise would give the exact order with probability 1 / (40*39*38*37*36).
+        assert!(exact <= 5, "scale {scale:e}: exact order in {exact} of 200");
+    }
+}
+
+/// Item tables whose certified norm cannot carry a sensitivity are refused for DP requests
+/// with FAILED_PRECONDITION naming the table and the reason (they used to get
+/// `f64::MIN_POSITIVE`, that is no noise); requests without DP are still answered.
+#[test]
+fn item_tables_without_a_usable_norm_refuse_dp_requests() {
+    for (scale, reason) in [(0.0, "is 0"), (1e-40, "subnormal")] {
+        let data = scaled_items(scale);
+        let (_dir, engine) = scaled_engine(&data);
+        let error = engine
+            .rank_blocking(scaled_request("refused".into(), &data))
+            .expect_err("refused");
+        match &error {
+            EngineError::FailedPrecondition {
+                field,
+                reason: PreconditionReason::PrivacyPolicyNotAllowed,
+                message,
+            } => {
+                assert_eq!(field.as_deref(), Some("privacy"));
+                assert!(
+                    message.contains("\"tiny-items.frt\"") && message.contains(reason),
+                    "{message}"
+                );
+            }
+            other => panic!("scale {scale:e}: {other}"),
+        }
+        let mut plain = scaled_request("plain".into(), &data);
+        plain.privacy = PrivacyPolicy::default();
+        let answer = engine.rank_blocking(plain).expect("answers without DP");
+        assert!(!answer.privacy.dp_applied);
+    }
+}
+
+/// A dimension the f32 rounding bound does not cover (the store accepts it) is refused for
+/// DP requests as a failed precondition naming the cause, not as an internal error.
+#[test]
+fn an_item_dimension_beyond_the_sensitivity_bound_refuses_dp_requests() {
+    let dim = privacy::MAX_SCORE_DIMENSION + 1;
+    let mut rows = vec![0.0; dim];
+    rows[0] = 1.0;
+    let data = store::TableData {
+        dim,
+        rows,
+        ids: vec!["wide".into()],
+        groups: Vec::new(),
+        prior: None,
+        dim_names: None,
+    };
+    let (_dir, engine) = scaled_engine(&data);
+    let error = engine
+        .rank_blocking(scaled_request("wide".into(), &data))
+        .expect_err("refused");
+    match &error {
+        EngineError::FailedPrecondition {
+            reason: PreconditionReason::PrivacyPolicyNotAllowed,
+            message,
+            ..
+        } => assert!(
+            message.contains("tiny-items.frt") && message.contains(&dim.to_string()),
+            "{message}"
+        ),
+        other => panic!("{other}"),
+    }
+}
