@@ -16,7 +16,7 @@
 //! | `det-greedy`, `det-cons`, `det-relaxed` | Geyik et al. 2019, Algorithm 1, with a feasibility guard |
 //! | `det-const-sort` | Geyik et al. 2019, DetConstSort, keeping every item within its max index |
 //! | `min-exposure` | minimum exposure share per group, Lagrangian bound or exact for small k |
-//! | `fairco` | FairCo amortized exposure controller (Morik et al. 2020) |
+//! | `fairco` | FairCo amortized exposure controller (Morik et al. 2020); gain `lambda` from 0 to 1e6 |
 //! | `plackett-luce` | Plackett-Luce sampling for expected exposure (Diaz et al. 2020) |
 //!
 //! ```

@@ -177,7 +177,7 @@ impl Registry {
             ),
             (
                 ConstraintInfo::new("fairco", "FairCo amortized exposure fairness controller (Morik et al., SIGIR 2020)")
-                    .required("lambda", "controller gain, >= 0"),
+                    .required("lambda", "controller gain, from 0 to 1e6 (typical: 1e-4 to 100)"),
                 Arc::new(|params: &Params<'_>| {
                     let lambda = params.f64("lambda")?;
                     boxed(FairCo::new(lambda).map_err(|reason| params.invalid("lambda", reason))?)

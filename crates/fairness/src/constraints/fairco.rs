@@ -12,6 +12,10 @@
 //! ranking itself sorts by the raw score plus `lambda * err(d)`, unclamped, as the reference
 //! controller does (Morik et al.'s `controller_rank`: `weighted_popularity + KP * e_p`).
 //! Groups without accumulated merit get no correction yet.
+//!
+//! The gain `lambda` is at most [`MAX_LAMBDA`] (`1e6`), and the correction saturates: it is
+//! never NaN or infinite, even where `lambda * (tau - 1) * gap` overflows (a group whose
+//! merit is so small that its exposure per merit is infinite counts as the most exposed).
 
 use crate::candidate::{Candidate, dcg_weight, validate_pool};
 use crate::error::FairnessError;
@@ -22,6 +26,18 @@ use crate::summary::PoolSummary;
 /// instead of a per-group merge.
 const MERGE_GROUP_LIMIT: usize = 16;
 
+/// Largest controller gain `lambda` [`FairCo::new`] accepts: `1e6`.
+///
+/// FairCo's gain weighs the exposure-per-merit gap against relevance estimates in `[0, 1]`
+/// (calibrated probabilities, as the method assumes). The reference code compares gains from
+/// `1e-4` to `100` (`MarcoMorik/Dynamic-Fairness`, `compare_controller_LP`; its default
+/// `KP` is `0.01`). At `1e6` a gap of `1e-6` after a single ranking already outweighs the
+/// whole score range, so larger gains change no ranking a sensible gain would not, and
+/// gains near `f64::MAX` only make `lambda * (tau - 1)` overflow (which once turned the
+/// boost into NaN and handed every slot to the most exposed group). Scores on a much larger
+/// scale than `[0, 1]` should be rescaled rather than met with a larger gain.
+pub const MAX_LAMBDA: f64 = 1e6;
+
 /// FairCo with controller gain `lambda`.
 #[derive(Debug, Clone)]
 pub struct FairCo {
@@ -29,12 +45,41 @@ pub struct FairCo {
 }
 
 impl FairCo {
-    /// A controller with gain `lambda >= 0` (0 gives the score order).
+    /// A controller with gain `0 <= lambda <= MAX_LAMBDA` (0 gives the score order).
     pub fn new(lambda: f64) -> Result<Self, String> {
         if !(lambda.is_finite() && lambda >= 0.0) {
-            return Err(format!("{lambda} must be a finite non-negative number"));
+            return Err(format!(
+                "lambda = {lambda} must be a finite number from 0 to {MAX_LAMBDA:e}"
+            ));
+        }
+        if lambda > MAX_LAMBDA {
+            return Err(format!(
+                "lambda = {lambda:e} is above the maximum {MAX_LAMBDA:e} (gains from 1e-4 to \
+                 100 are typical for relevance estimates in [0, 1])"
+            ));
         }
         Ok(Self { lambda })
+    }
+}
+
+/// The controller's boost for a group whose exposure per merit is `own`, when the largest
+/// is `best`, after `past` rankings: `lambda * past * (best - own)`, saturating. A group at
+/// the best ratio (including an infinite one: merit so small that the ratio overflows) gets
+/// 0; a group below it gets the product, or `f64::MAX` where the product (or the gap)
+/// overflows. Never NaN or infinite, so the ranking by `score + boost` keeps its meaning.
+fn saturating_boost(lambda: f64, past: f64, best: f64, own: f64) -> f64 {
+    // `own <= best` for every group; equal (an infinite best included) means no gap.
+    if own >= best {
+        return 0.0;
+    }
+    let boost = lambda * past * (best - own);
+    if boost.is_finite() {
+        boost
+    } else if boost.is_nan() {
+        // An infinite product times a zero factor: no gain or no history, no boost.
+        0.0
+    } else {
+        f64::MAX
     }
 }
 
@@ -595,10 +640,12 @@ impl FairCo {
             .keys()
             .filter_map(|&group| ratio(group))
             .fold(f64::NEG_INFINITY, f64::max);
-        if self.lambda > 0.0 && past > 0.0 && best_ratio.is_finite() {
+        // `best_ratio` is -inf when no group has merit yet, +inf when a merit is so small
+        // that its group's ratio overflows; `saturating_boost` handles the latter.
+        if self.lambda > 0.0 && past > 0.0 && best_ratio > f64::NEG_INFINITY {
             for (boost, &label) in boosts.iter_mut().zip(labels.iter()) {
                 if let Some(own) = ratio(label) {
-                    *boost = self.lambda * past * (best_ratio - own);
+                    *boost = saturating_boost(self.lambda, past, best_ratio, own);
                 }
             }
         }
@@ -658,7 +705,8 @@ impl FairCo {
             *next_state.group_exposure.entry(label).or_insert(0.0) += exposure[index] / size;
             *next_state.group_relevance.entry(label).or_insert(0.0) += relevance[index] / size;
         }
-        next_state.rankings += 1;
+        // Saturating: a state may come from outside (a file, a request) with any count.
+        next_state.rankings = next_state.rankings.saturating_add(1);
         report.amortized_disparity = amortized_disparity(&next_state);
         out.state = Some(next_state);
         Ok(())
@@ -729,6 +777,114 @@ mod tests {
         assert!(
             last < 0.25 * baseline_disparity,
             "controller {last} vs score order {baseline_disparity}"
+        );
+    }
+
+    /// The auditor's pool: group 0 for positions 0 to 2, group 1 for 3 to 5, scores
+    /// `1 - 0.1 i`.
+    fn auditor_pool() -> Vec<Candidate> {
+        (0..6)
+            .map(|i| Candidate::new(i, 1.0 - 0.1 * i as f32, u32::from(i >= 3)))
+            .collect()
+    }
+
+    /// After two rankings, group `0` has exposure `exposure_0` per merit `relevance_0`;
+    /// group 1 has 0.5 per 1 (less, as long as `exposure_0 / relevance_0 > 0.5`).
+    fn auditor_state(exposure_0: f64, relevance_0: f64) -> AmortizedState {
+        let mut state = AmortizedState::default();
+        state.group_exposure.extend([(0, exposure_0), (1, 0.5)]);
+        state.group_relevance.extend([(0, relevance_0), (1, 1.0)]);
+        state.rankings = 2;
+        state
+    }
+
+    /// The order of the auditor's pool at k = 3, by `rerank` and by `rerank_summarized`
+    /// (which must agree).
+    fn auditor_order(lambda: f64, state: &AmortizedState) -> Vec<usize> {
+        let pool = auditor_pool();
+        let ranker = FairCo::new(lambda).expect("an accepted gain");
+        let mut out = RerankOutput::new();
+        ranker
+            .rerank(&pool, 3, Some(state), &mut rng(0), &mut out)
+            .expect("reranks");
+        let order = out.order.clone();
+        ranker
+            .rerank_summarized(
+                &pool,
+                &PoolSummary::of(&pool),
+                3,
+                Some(state),
+                &mut rng(0),
+                &mut out,
+            )
+            .expect("reranks");
+        assert_eq!(out.order, order, "lambda {lambda:e}: summarized pass");
+        order
+    }
+
+    /// The auditor's case: group 0 is more exposed per merit, so the controller puts the
+    /// under-exposed group 1 first, for every accepted gain up to the maximum (1e308 used to
+    /// make the boost NaN and give group 0 every slot).
+    #[test]
+    fn the_under_exposed_group_comes_first_for_every_accepted_gain_up_to_the_maximum() {
+        let state = auditor_state(1.0, 1.0);
+        for lambda in [
+            1.0,
+            1e3,
+            MAX_LAMBDA / 2.0,
+            MAX_LAMBDA.next_down(),
+            MAX_LAMBDA,
+        ] {
+            assert_eq!(
+                auditor_order(lambda, &state),
+                [3, 4, 5],
+                "lambda {lambda:e}"
+            );
+        }
+        // And the boost saturates where the product overflows (gains above the maximum are
+        // refused, but the arithmetic does not rely on that).
+        assert_eq!(saturating_boost(1e308, 2.0, 1.0, 1.0), 0.0);
+        assert_eq!(saturating_boost(1e308, 2.0, 1.0, 0.5), f64::MAX);
+        assert_eq!(saturating_boost(2.0, 3.0, 1.0, 0.5), 3.0);
+    }
+
+    /// A merit so small that the group's exposure per merit overflows to infinity: that group
+    /// is the most exposed, and the others get the largest boost (the controller used to
+    /// switch off and leave the score order, the most exposed group first).
+    #[test]
+    fn an_infinite_exposure_per_merit_still_drives_the_controller() {
+        let state = auditor_state(1.0, 1e-320);
+        assert!((1.0 / 1e-320_f64).is_infinite());
+        for lambda in [1e-4, 1.0, MAX_LAMBDA] {
+            assert_eq!(
+                auditor_order(lambda, &state),
+                [3, 4, 5],
+                "lambda {lambda:e}"
+            );
+        }
+        // An astronomically large but finite gap, and every ranking a u64 can count.
+        let mut state = auditor_state(1e300, 1e-8);
+        state.rankings = u64::MAX;
+        assert_eq!(auditor_order(MAX_LAMBDA, &state), [3, 4, 5]);
+    }
+
+    #[test]
+    fn lambda_above_the_maximum_is_refused_naming_it() {
+        assert!(FairCo::new(MAX_LAMBDA).is_ok());
+        for lambda in [MAX_LAMBDA.next_up(), 1e300, 1e308, f64::MAX] {
+            let reason = FairCo::new(lambda).expect_err("refused");
+            assert!(
+                reason.contains("lambda") && reason.contains("1e6"),
+                "{reason}"
+            );
+        }
+        let registry = crate::Registry::with_builtins();
+        let error = registry
+            .build(&serde_json::json!({"name": "fairco", "lambda": 1e308}))
+            .expect_err("refused");
+        assert!(
+            matches!(&error, FairnessError::InvalidParameter { parameter, .. } if parameter == "lambda"),
+            "{error}"
         );
     }
 
