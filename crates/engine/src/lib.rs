@@ -106,8 +106,9 @@ pub use exposure_state::{
     StateUpdate, scope_key,
 };
 pub use private::{
-    DefaultMechanism, ExhaustedPolicy, LedgerCharge, LedgerFailure, LedgerOutcome, MemoryLedger,
-    PrivacyConfig, PrivacyLedger, PrivacySetup, Spend, StateLedger, round_up_rho,
+    DefaultMechanism, ExhaustedPolicy, LedgerCharge, LedgerFailure, LedgerOutcome,
+    MAX_BUDGET_WINDOW_SECS, MemoryLedger, PrivacyConfig, PrivacyLedger, PrivacySetup, Spend,
+    StateLedger, round_up_rho,
 };
 pub use request::{
     BudgetExhaustedAction, Consent, ConsentDecision, ExplainLevel, ExplainOptions, FairnessPolicy,

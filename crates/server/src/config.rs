@@ -564,7 +564,7 @@ const KEY_DOCS: &[(&str, &str, &str)] = &[
     (
         "privacy",
         "budget_window_secs",
-        "Budget window in seconds; 0: a lifetime budget.",
+        "Budget window in seconds, at most 3155760000 (100 years); 0: a lifetime budget.",
     ),
     (
         "privacy",
@@ -945,6 +945,25 @@ mod tests {
         std::fs::write(&path, "[ranking]\nmax_k = 0\n").unwrap();
         let message = format!("{:#}", Config::load(&path).unwrap_err());
         assert!(message.contains("max_k"), "{message}");
+
+        // A window whose end no clock can represent made every DP request INTERNAL.
+        std::fs::write(
+            &path,
+            "[privacy]\nbudget_window_secs = 9300000000000000000\n",
+        )
+        .unwrap();
+        let message = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(
+            message.contains("fairrank.toml")
+                && message.contains("privacy.budget_window_secs")
+                && message.contains("100 years"),
+            "{message}"
+        );
+        std::fs::write(&path, "[privacy]\nbudget_window_secs = 3155760000\n").unwrap();
+        assert_eq!(
+            Config::load(&path).unwrap().privacy.budget_window_secs,
+            engine::MAX_BUDGET_WINDOW_SECS
+        );
 
         std::fs::write(
             &path,

@@ -37,7 +37,8 @@ pub struct Spend {
     pub spent: f64,
     /// The cap per window.
     pub cap: f64,
-    /// When the current window ends; `None` for lifetime budgets.
+    /// When the current window ends; `None` for lifetime budgets (and for a window whose
+    /// end `SystemTime` cannot represent: it never comes).
     pub resets_at: Option<SystemTime>,
 }
 
@@ -128,14 +129,17 @@ impl PrivacyLedger for MemoryLedger {
                 answer: answer.clone(),
             });
         }
+        // A window end beyond what `SystemTime` can hold never comes: no reset.
         if let (Some(window), Some(start)) = (charge.window, account.window_start)
-            && charge.now >= start + window
+            && start
+                .checked_add(window)
+                .is_some_and(|end| charge.now >= end)
         {
             account.window_start = None;
             account.spent = 0.0;
         }
         let start = *account.window_start.get_or_insert(charge.now);
-        let resets_at = charge.window.map(|window| start + window);
+        let resets_at = charge.window.and_then(|window| start.checked_add(window));
         let spent = round_up_rho(account.spent + round_up_rho(charge.rho));
         if spent > charge.cap {
             return Ok(LedgerOutcome::Exceeded(Spend {
@@ -197,6 +201,30 @@ mod tests {
             Ok(LedgerOutcome::Charged(_))
         ));
         assert!((ledger.spent("alice") - 0.2).abs() < 1e-9);
+    }
+
+    /// A window whose end `SystemTime` cannot hold (`budget_window_secs` near `u64::MAX`
+    /// used to panic in `start + window`) never resets and reports no reset time.
+    #[test]
+    fn a_window_too_long_for_system_time_never_resets() {
+        let ledger = MemoryLedger::new();
+        let endless = |request_id, now| LedgerCharge {
+            window: Some(Duration::from_secs(u64::MAX)),
+            ..charge(request_id, 0.4, now)
+        };
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        for (request_id, now) in [("a", t0), ("b", t0 + Duration::from_secs(1 << 40))] {
+            let LedgerOutcome::Charged(spend) =
+                ledger.charge(&endless(request_id, now)).expect("charges")
+            else {
+                panic!("expected a charge");
+            };
+            assert_eq!(spend.resets_at, None);
+        }
+        assert!(
+            (ledger.spent("alice") - 0.8).abs() < 1e-9,
+            "no reset in between"
+        );
     }
 
     #[test]

@@ -90,6 +90,11 @@ pub enum ExhaustedPolicy {
 /// Largest per-subject budget the ledgers can count (fixed point, nano-rho in a u64).
 pub const MAX_RHO_CAP: f64 = 1e9;
 
+/// Longest budget window, in seconds: 100 years of 365.25 days. Longer windows are
+/// refused (use 0 for a lifetime budget); near `u64::MAX` seconds the window's end does
+/// not fit a `SystemTime`.
+pub const MAX_BUDGET_WINDOW_SECS: u64 = 36_525 * 86_400;
+
 /// `[privacy]`: differential privacy defaults, limits and per-subject budgets.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -114,7 +119,8 @@ pub struct PrivacyConfig {
     pub score_budget_share: f64,
     /// Each subject's zCDP budget per window (default 10.0).
     pub subject_rho_cap: f64,
-    /// Budget window in seconds; 0: a lifetime budget that never resets (default 86400).
+    /// Budget window in seconds, at most [`MAX_BUDGET_WINDOW_SECS`] (100 years); 0: a
+    /// lifetime budget that never resets (default 86400).
     pub budget_window_secs: u64,
     /// Behaviour when the budget is exhausted: `reject` or `non-personalized` (default
     /// `reject`).
@@ -184,6 +190,16 @@ impl PrivacyConfig {
             return refuse(
                 "privacy.score_budget_share",
                 format!("{} is not in (0, 1)", self.score_budget_share),
+            );
+        }
+        if self.budget_window_secs > MAX_BUDGET_WINDOW_SECS {
+            return refuse(
+                "privacy.budget_window_secs",
+                format!(
+                    "{} exceeds the maximum of {MAX_BUDGET_WINDOW_SECS} (100 years); use 0 for a \
+                     lifetime budget that never resets",
+                    self.budget_window_secs
+                ),
             );
         }
         if self.workers == 0 {
@@ -954,6 +970,33 @@ pub(crate) fn charge(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn budget_windows_longer_than_a_hundred_years_are_refused() {
+        let window = |budget_window_secs| PrivacyConfig {
+            budget_window_secs,
+            ..PrivacyConfig::default()
+        };
+        for accepted in [0, 1, 86_400, MAX_BUDGET_WINDOW_SECS] {
+            assert_eq!(window(accepted).validate(), Ok(()), "{accepted}");
+        }
+        assert_eq!(MAX_BUDGET_WINDOW_SECS, 3_155_760_000);
+        for refused in [
+            MAX_BUDGET_WINDOW_SECS + 1,
+            9_300_000_000_000_000_000,
+            u64::MAX,
+        ] {
+            let error = window(refused).validate().expect_err("refused");
+            assert!(
+                matches!(
+                    &error,
+                    EngineError::InvalidConfig { field: "privacy.budget_window_secs", message }
+                        if message.contains("100 years")
+                ),
+                "{error}"
+            );
+        }
+    }
 
     #[test]
     fn remembered_epsilons_are_bit_identical_to_fresh_conversions() {

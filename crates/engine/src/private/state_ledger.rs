@@ -60,13 +60,14 @@ impl PrivacyLedger for StateLedger {
         };
         let outcome = self.ledger.charge(&request).map_err(failure)?;
         let spend = |spent: Rho| -> Spend {
-            // When the window ends: read back its start (a cheap read transaction).
+            // When the window ends: read back its start (a cheap read transaction). An end
+            // `SystemTime` cannot represent never comes (`None`, like a lifetime budget).
             let resets_at = charge.window.and_then(|window| {
                 self.ledger
                     .spend(&pseudonym, charge.now)
                     .ok()
                     .and_then(|user| user.window_start)
-                    .map(|start| start + window)
+                    .and_then(|start| start.checked_add(window))
             });
             Spend {
                 spent: spent.to_f64(),
@@ -119,5 +120,27 @@ mod tests {
         assert!((spend.remaining() - 0.4).abs() < 1e-9);
         let user = ledger.spend("alice", now).expect("reads");
         assert_eq!(user.charges, 1);
+    }
+
+    /// A window whose end `SystemTime` cannot hold (`budget_window_secs` near `u64::MAX`
+    /// used to panic in `start + window`) reports no reset time instead.
+    #[test]
+    fn a_window_too_long_for_system_time_reports_no_reset() {
+        let key = PseudonymKey::new(&[7_u8; 32]).expect("key");
+        let ledger = StateLedger::new(Arc::new(state::InMemoryLedger::new()), key);
+        let charge = LedgerCharge {
+            subject: "bob",
+            request_id: "a",
+            rho: 0.5,
+            cap: 1.0,
+            window: Some(Duration::from_secs(u64::MAX)),
+            now: SystemTime::now(),
+            answer: b"a",
+        };
+        let LedgerOutcome::Charged(spend) = ledger.charge(&charge).expect("charges") else {
+            panic!("expected a charge");
+        };
+        assert_eq!(spend.resets_at, None);
+        assert!((spend.spent - 0.5).abs() < 1e-9);
     }
 }
