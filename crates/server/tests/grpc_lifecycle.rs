@@ -841,6 +841,19 @@ async fn calls_are_routed_by_their_path_and_every_service_gets_its_deadline() {
         .await
         .expect("in time");
     assert_eq!(answer.into_inner().status, ServingStatus::Serving as i32);
+    // A Rank call refused on arrival is counted like any other failed Rank call.
+    let mut late_rank = tonic::Request::new(rank_request("late", &tables.data.users.ids[0], 3));
+    late_rank.set_timeout(Duration::ZERO);
+    let status = server
+        .ranker_without_client_deadline()
+        .rank(late_rank)
+        .await
+        .expect_err("too late");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(
+        calls_counted(&server.metrics_text(), "Rank", "DeadlineExceeded"),
+        Some(1.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

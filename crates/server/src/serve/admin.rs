@@ -344,6 +344,15 @@ const ADMIN_METHODS: [&str; 4] = [
     "GetStatus",
 ];
 
+/// The Admin method a gRPC path names, if it is one the own routes serve.
+pub(super) fn method_of(path: &str) -> Option<&'static str> {
+    let method = path.strip_prefix(ADMIN_PATH)?;
+    ADMIN_METHODS
+        .iter()
+        .find(|known| **known == method)
+        .copied()
+}
+
 /// The Admin service's routes: every method as a [`routes::unary`] route (a body that does
 /// not decode is INVALID_ARGUMENT), anything else (an unknown method) by the generated
 /// server.
@@ -372,13 +381,7 @@ impl OwnRoutes for AdminService {
         B::Error: Into<StdError> + Send + 'static,
     {
         let service = Arc::clone(service);
-        let Some(method) = request
-            .uri()
-            .path()
-            .strip_prefix(ADMIN_PATH)
-            .and_then(|method| ADMIN_METHODS.iter().find(|known| **known == method))
-            .copied()
-        else {
+        let Some(method) = method_of(request.uri().path()) else {
             return Err(request);
         };
         // Refused before the body is read (the handlers check again, for direct calls).

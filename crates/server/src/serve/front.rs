@@ -19,7 +19,8 @@ use tonic::body::Body;
 use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
 use tonic::server::NamedService;
 
-use super::deadline;
+use super::{admin, deadline, ranker};
+use crate::metrics::Metrics;
 
 /// A response as every service of the server answers.
 type Answer = http::Response<Body>;
@@ -76,6 +77,8 @@ pub struct Services<Ranker, Echo, Admin, Health, ReflectionV1, ReflectionV1alpha
 pub struct Front<Ranker, Echo, Admin, Health, ReflectionV1, ReflectionV1alpha> {
     services: Arc<Services<Ranker, Echo, Admin, Health, ReflectionV1, ReflectionV1alpha>>,
     default_deadline: Duration,
+    /// Counts the calls of counted methods refused here (their deadline had passed).
+    metrics: Arc<Metrics>,
 }
 
 impl<R, E, A, H, V1, V1a> Clone for Front<R, E, A, H, V1, V1a> {
@@ -83,17 +86,23 @@ impl<R, E, A, H, V1, V1a> Clone for Front<R, E, A, H, V1, V1a> {
         Front {
             services: Arc::clone(&self.services),
             default_deadline: self.default_deadline,
+            metrics: Arc::clone(&self.metrics),
         }
     }
 }
 
 impl<R, E, A, H, V1, V1a> Front<R, E, A, H, V1, V1a> {
     /// The front over `services`; calls without a valid `grpc-timeout` get
-    /// `default_deadline`.
-    pub fn new(services: Services<R, E, A, H, V1, V1a>, default_deadline: Duration) -> Self {
+    /// `default_deadline`; calls refused here are counted in `metrics`.
+    pub fn new(
+        services: Services<R, E, A, H, V1, V1a>,
+        default_deadline: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Front {
             services: Arc::new(services),
             default_deadline,
+            metrics,
         }
     }
 }
@@ -103,6 +112,17 @@ impl<R, E, A, H, V1, V1a> Front<R, E, A, H, V1, V1a> {
 fn service_name(path: &str) -> Option<&str> {
     let (service, method) = path.strip_prefix('/')?.split_once('/')?;
     (!method.is_empty()).then_some(service)
+}
+
+/// Counts a call refused before any service saw it as its method's own refusals are
+/// counted: a `Rank` or `RankBatch` call as a failed call and a rank error, an Admin call as
+/// a failed call; other services' calls are not counted by method.
+fn count_refusal(metrics: &Metrics, path: &str, status: &Status) {
+    if let Some(method) = ranker::method_of(path) {
+        ranker::refused_in_decoding(metrics, method, status);
+    } else if let Some(method) = admin::method_of(path) {
+        metrics.record_call(method, status.code(), Duration::ZERO);
+    }
 }
 
 /// An answer with no body that carries only `status` (as tonic answers a refused call).
@@ -143,6 +163,7 @@ where
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
         if let Err(status) = deadline::stamp(&mut request, self.default_deadline) {
+            count_refusal(&self.metrics, request.uri().path(), &status);
             return Box::pin(std::future::ready(Ok(status_answer(status))));
         }
         let services = &*self.services;
@@ -174,6 +195,32 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_are_counted_by_method_for_the_ranker_and_admin() {
+        let metrics = Metrics::new();
+        let late = Status::deadline_exceeded("on arrival");
+        for path in [
+            "/fairrank.v1.Ranker/Rank",
+            "/fairrank.v1.Ranker/RankBatch",
+            "/fairrank.v1.Admin/GetStatus",
+            "/fairrank.v1.Ranker/NoSuchMethod",
+            "/grpc.health.v1.Health/Check",
+        ] {
+            count_refusal(&metrics, path, &late);
+        }
+        let text = metrics.render();
+        for method in ["Rank", "RankBatch", "GetStatus"] {
+            let line = format!(
+                "fairrank_requests_total{{method=\"{method}\",code=\"DeadlineExceeded\"}} 1"
+            );
+            assert!(text.contains(&line), "{line} missing in:\n{text}");
+        }
+        assert!(
+            !text.contains("NoSuchMethod") && !text.contains("Check"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn service_names_are_taken_as_the_router_matched_them() {

@@ -490,6 +490,7 @@ async fn serve(
             reflection_v1alpha,
         },
         shared.default_deadline,
+        Arc::clone(&shared.metrics),
     );
     // Answers under 1 KiB leave in one write with their headers and trailers unless
     // vectored writes are on (see `connection`).

@@ -525,6 +525,15 @@ fn user_tag(shared: &Shared, request: &pb::RankRequest) -> Option<String> {
     })
 }
 
+/// The Ranker method (`Rank` or `RankBatch`) a gRPC path names, if any.
+pub(super) fn method_of(path: &str) -> Option<&'static str> {
+    match path.strip_prefix("/fairrank.v1.Ranker/")? {
+        "Rank" => Some("Rank"),
+        "RankBatch" => Some("RankBatch"),
+        _ => None,
+    }
+}
+
 /// Counts and logs a call refused by its route before any handler ran (a body over a
 /// limit, or one that does not decode): as a failed call of `method`, one rank error.
 pub(super) fn refused_in_decoding(metrics: &Metrics, method: &'static str, status: &Status) {
