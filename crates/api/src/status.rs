@@ -38,8 +38,12 @@ pub fn error_status(
     if let Ok(value) = MetadataValue::try_from(reason.as_str_name()) {
         metadata.insert(ERROR_REASON_METADATA_KEY, value);
     }
-    if let Some(field) = field.filter(|field| !field.is_empty())
-        && let Ok(value) = MetadataValue::try_from(field)
+    if let Some(field) = field.filter(|field| {
+        !field.is_empty()
+            && field
+                .bytes()
+                .all(|byte| byte == b' ' || byte.is_ascii_graphic())
+    }) && let Ok(value) = MetadataValue::try_from(field)
     {
         metadata.insert(ERROR_FIELD_METADATA_KEY, value);
     }
@@ -201,6 +205,31 @@ mod tests {
         );
         assert_eq!(error_field(&status), None);
         assert_eq!(error_reason(&status), ErrorReason::InvalidConstraintParams);
+        // Bytes a header value may carry but that are not visible ASCII are left out too.
+        for field in [
+            "fairness.params.café",
+            "fairness.params.a\tb",
+            "fairness.params.\u{7f}",
+        ] {
+            let status = error_status(
+                Code::InvalidArgument,
+                "bad",
+                ErrorReason::InvalidConstraintParams,
+                Some(field),
+            );
+            assert_eq!(error_field(&status), None, "{field:?}");
+            assert!(
+                status.metadata().get(ERROR_FIELD_METADATA_KEY).is_none(),
+                "{field:?}"
+            );
+        }
+        let spaced = error_status(
+            Code::InvalidArgument,
+            "bad",
+            ErrorReason::InvalidConstraintParams,
+            Some("fairness.params.my key"),
+        );
+        assert_eq!(error_field(&spaced), Some("fairness.params.my key"));
     }
 
     #[test]

@@ -822,6 +822,13 @@ async fn calls_are_routed_by_their_path_and_every_service_gets_its_deadline() {
             .await
             .expect_err(path);
         assert_eq!(status.code(), Code::Unimplemented, "{path}: {status:?}");
+        if path.starts_with("/no.such") {
+            assert_eq!(
+                api::status::error_reason(&status),
+                pb::ErrorReason::NotSupported,
+                "{path}: {status:?}"
+            );
+        }
     }
     // Not only the Ranker: a health check whose deadline passed on arrival is refused.
     let mut late = tonic::Request::new(HealthCheckRequest::default());

@@ -137,10 +137,16 @@ fn call<S: Served>(service: &S, request: http::Request<Body>) -> BoxFuture<Answe
     service.clone().call(request)
 }
 
-/// tonic's answer to a path that names no service it serves.
+/// tonic's answer to a path that names no service it serves (UNIMPLEMENTED with an empty
+/// message), with the reason every fairrank error carries.
 fn unimplemented() -> BoxFuture<Answer, Infallible> {
     Box::pin(std::future::ready(Ok(status_answer(
-        Status::unimplemented(""),
+        api::status::error_status(
+            tonic::Code::Unimplemented,
+            "",
+            api::fairrank::v1::ErrorReason::NotSupported,
+            None,
+        ),
     ))))
 }
 

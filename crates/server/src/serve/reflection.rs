@@ -470,8 +470,11 @@ where
         }
         if this.shutdown.as_mut().poll(context).is_ready() {
             this.ended = true;
-            return Poll::Ready(Some(Err(Status::unavailable(
+            return Poll::Ready(Some(Err(api::status::error_status(
+                Code::Unavailable,
                 "the server is shutting down: its reflection streams end as the drain starts",
+                api::fairrank::v1::ErrorReason::NotServing,
+                None,
             ))));
         }
         match Pin::new(&mut this.requests).poll_next(context) {
