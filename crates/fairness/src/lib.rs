@@ -73,7 +73,7 @@ pub use reranker::{
     AmortizedState, Measure, Optimality, RerankOutput, RerankReport, Reranker, Violation,
 };
 pub use summary::PoolSummary;
-pub use text::{QUOTED_BYTES, quote_clipped};
+pub use text::{QUOTED_BYTES, quote_clipped, quote_clipped_to};
 
 #[cfg(test)]
 pub(crate) mod test_support {

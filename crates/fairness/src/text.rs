@@ -8,10 +8,15 @@ pub const QUOTED_BYTES: usize = 64;
 /// client strings stays small (gRPC carries it in a trailer, which peers cap at 8 to
 /// 16 KiB).
 pub fn quote_clipped(text: &str) -> String {
-    if text.len() <= QUOTED_BYTES {
+    quote_clipped_to(text, QUOTED_BYTES)
+}
+
+/// [`quote_clipped`] with `max_bytes` in place of [`QUOTED_BYTES`].
+pub fn quote_clipped_to(text: &str, max_bytes: usize) -> String {
+    if text.len() <= max_bytes {
         return format!("{text:?}");
     }
-    format!("{:?}... ({} bytes)", clip(text), text.len())
+    format!("{:?}... ({} bytes)", clip(text, max_bytes), text.len())
 }
 
 /// A client's JSON `value` for an error message, as JSON text, clipped as
@@ -21,12 +26,12 @@ pub fn json_clipped(value: &serde_json::Value) -> String {
     if text.len() <= QUOTED_BYTES {
         return text;
     }
-    format!("{}... ({} bytes)", clip(&text), text.len())
+    format!("{}... ({} bytes)", clip(&text, QUOTED_BYTES), text.len())
 }
 
-/// The first [`QUOTED_BYTES`] bytes of `text` or fewer, cut at a character boundary.
-fn clip(text: &str) -> &str {
-    let end = (0..=QUOTED_BYTES.min(text.len()))
+/// The first `max_bytes` bytes of `text` or fewer, cut at a character boundary.
+fn clip(text: &str, max_bytes: usize) -> &str {
+    let end = (0..=max_bytes.min(text.len()))
         .rev()
         .find(|&end| text.is_char_boundary(end))
         .unwrap_or(0);

@@ -234,14 +234,7 @@ impl ReflectionIndex {
 /// `text` quoted and escaped for an error message, clipped to its first
 /// [`MAX_ECHOED_BYTES`] bytes (at a character boundary) with its length when longer.
 fn quoted(text: &str) -> String {
-    if text.len() <= MAX_ECHOED_BYTES {
-        return format!("{text:?}");
-    }
-    let end = (0..=MAX_ECHOED_BYTES)
-        .rev()
-        .find(|&end| text.is_char_boundary(end))
-        .unwrap_or(0);
-    format!("{:?}... ({} bytes)", &text[..end], text.len())
+    fairness::quote_clipped_to(text, MAX_ECHOED_BYTES)
 }
 
 /// What a reflection request asks, whatever the protocol version.
