@@ -119,7 +119,7 @@ fn service_name(path: &str) -> Option<&str> {
 /// a failed call; other services' calls are not counted by method.
 fn count_refusal(metrics: &Metrics, path: &str, status: &Status) {
     if let Some(method) = ranker::method_of(path) {
-        ranker::refused_in_decoding(metrics, method, status);
+        ranker::refused_before_handler(metrics, method, status);
     } else if let Some(method) = admin::method_of(path) {
         metrics.record_call(method, status.code(), Duration::ZERO);
     }

@@ -35,7 +35,7 @@ use tonic::codegen::{Body, BoxFuture, StdError, http};
 use super::answer::WireRankResponse;
 use super::convert;
 use super::errors;
-use super::ranker::{RankerService, refused_in_decoding};
+use super::ranker::{RankerService, refused_before_handler};
 use super::replay::{CANDIDATE_IDS_FIELD, CANDIDATE_IDS_KEY, IdEntries, IdRun};
 use super::routes::{self, OwnRoutes, Routes};
 
@@ -202,10 +202,7 @@ fn decode_fast_checked(body: &[u8], max_ids: usize) -> Option<Result<FastDecoded
         }
         // Any other id: a longer length varint (ids of 128 bytes or more, or a varint with
         // padding), read as prost reads it.
-        let length = prost::encoding::decode_varint(&mut rest).ok()?;
-        let length = usize::try_from(length)
-            .ok()
-            .filter(|&len| len <= rest.len())?;
+        let length = take_length(&mut rest)?;
         let start = body.len() - rest.len();
         spans.push((start, start + length));
         if spans.len() > max_ids {
@@ -219,14 +216,19 @@ fn decode_fast_checked(body: &[u8], max_ids: usize) -> Option<Result<FastDecoded
 /// Tag of `RankRequest.fairness`.
 const FAIRNESS_FIELD: u32 = 20;
 
-/// The length of the length-delimited field whose length varint starts `rest`, without
-/// taking it; `None` when the varint is invalid or the field runs past `rest` (prost then
-/// refuses the body and says why).
-fn length_ahead(mut rest: &[u8]) -> Option<usize> {
-    let length = prost::encoding::decode_varint(&mut rest).ok()?;
+/// Takes the length varint of a length-delimited field from the front of `rest`: the
+/// field's length, or `None` when the varint is invalid or the field runs past `rest`
+/// (prost then refuses the body and says why).
+fn take_length(rest: &mut &[u8]) -> Option<usize> {
+    let length = prost::encoding::decode_varint(rest).ok()?;
     usize::try_from(length)
         .ok()
         .filter(|&length| length <= rest.len())
+}
+
+/// [`take_length`] without taking it.
+fn length_ahead(mut rest: &[u8]) -> Option<usize> {
+    take_length(&mut rest)
 }
 
 /// Takes the run of simple `candidate_ids` entries starting with the length byte at
@@ -367,7 +369,7 @@ impl Decoder for RequestDecoder {
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<WireRankRequest>, Status> {
         // tonic gathers each message in one `BytesMut`: taking it as `Bytes` does not copy.
-        // A refusal is counted by the route (`refused_in_decoding`).
+        // A refusal is counted by the route (`refused_before_handler`).
         match WireRankRequest::decode(&mut *buf, self.max_ids) {
             Ok(request) => Ok(Some(request)),
             Err(DecodeFailure::Malformed(error)) => Err(errors::undecodable_request(&error)),
@@ -439,7 +441,7 @@ impl Decoder for BatchDecoder {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<pb::RankBatchRequest>, Status> {
-        // A refusal is counted by the route (`refused_in_decoding`).
+        // A refusal is counted by the route (`refused_before_handler`).
         let body = buf.copy_to_bytes(buf.remaining());
         if let Some(refusal) = batch_over_limits(&body, self.limits) {
             return Err(refusal);
@@ -472,10 +474,7 @@ fn batch_over_limits(body: &[u8], limits: BatchLimits) -> Option<Status> {
             prost::encoding::skip_field(wire_type, tag, &mut rest, context.clone()).ok()?;
             continue;
         }
-        let length = prost::encoding::decode_varint(&mut rest).ok()?;
-        let length = usize::try_from(length)
-            .ok()
-            .filter(|&length| length <= rest.len())?;
+        let length = take_length(&mut rest)?;
         let (mut entry, after) = rest.split_at(length);
         rest = after;
         entries += 1;
@@ -558,7 +557,7 @@ impl OwnRoutes for RankerService {
                     let service = Arc::clone(&service);
                     Box::pin(async move { service.rank_wire(request).await })
                 },
-                move |status| refused_in_decoding(&metrics, "Rank", status),
+                move |status| refused_before_handler(&metrics, "Rank", status),
             )),
             RANK_BATCH_PATH => Ok(routes::unary_with_codec(
                 BatchCodec {
@@ -571,7 +570,7 @@ impl OwnRoutes for RankerService {
                     let service = Arc::clone(&service);
                     Box::pin(async move { Ranker::rank_batch(&*service, request).await })
                 },
-                move |status| refused_in_decoding(&metrics, "RankBatch", status),
+                move |status| refused_before_handler(&metrics, "RankBatch", status),
             )),
             _ => Err(request),
         }

@@ -534,9 +534,10 @@ pub(super) fn method_of(path: &str) -> Option<&'static str> {
     }
 }
 
-/// Counts and logs a call refused by its route before any handler ran (a body over a
-/// limit, or one that does not decode): as a failed call of `method`, one rank error.
-pub(super) fn refused_in_decoding(metrics: &Metrics, method: &'static str, status: &Status) {
+/// Counts and logs a call refused before any handler ran (by its route: a body over a
+/// limit, or one that does not decode; or by the front: a deadline passed on arrival): as
+/// a failed call of `method`, one rank error.
+pub(super) fn refused_before_handler(metrics: &Metrics, method: &'static str, status: &Status) {
     metrics.rank_errors.inc();
     finish_call(metrics, method, Some(status), Duration::ZERO, "", None);
 }
