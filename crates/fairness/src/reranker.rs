@@ -207,6 +207,8 @@ pub struct Scratch {
     pub(crate) positions2: Vec<usize>,
     pub(crate) labels: Vec<u32>,
     pub(crate) heap: Vec<(f64, usize)>,
+    pub(crate) tiers: Vec<u32>,
+    pub(crate) tiered: Vec<(u32, f64, usize)>,
     pub(crate) label_index: std::collections::HashMap<u32, usize>,
     pub(crate) deadlines: Vec<usize>,
     pub(crate) weights: Vec<f64>,
