@@ -822,13 +822,12 @@ async fn calls_are_routed_by_their_path_and_every_service_gets_its_deadline() {
             .await
             .expect_err(path);
         assert_eq!(status.code(), Code::Unimplemented, "{path}: {status:?}");
-        if path.starts_with("/no.such") {
-            assert_eq!(
-                api::status::error_reason(&status),
-                pb::ErrorReason::NotSupported,
-                "{path}: {status:?}"
-            );
-        }
+        // tonic's answer to an unknown method carries the reason too.
+        assert_eq!(
+            api::status::error_reason(&status),
+            pb::ErrorReason::NotSupported,
+            "{path}: {status:?}"
+        );
     }
     // Not only the Ranker: a health check whose deadline passed on arrival is refused.
     let mut late = tonic::Request::new(HealthCheckRequest::default());
@@ -861,6 +860,236 @@ async fn calls_are_routed_by_their_path_and_every_service_gets_its_deadline() {
         calls_counted(&server.metrics_text(), "Rank", "DeadlineExceeded"),
         Some(1.0)
     );
+}
+
+/// The statuses the gRPC layer makes itself (tonic's, outside fairrank's handlers) carry a
+/// `fairrank-error-reason` like every other error, with tonic's code and message kept, in
+/// trailers-only answers (the status in the headers) and in a stream's trailers; health and
+/// reflection read request messages up to `server.max_message_bytes` (here 5 MiB, above
+/// tonic's 4 MiB default) and refuse larger ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_of_the_grpc_layer_carry_a_reason() {
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::{ServerReflectionRequest, ServerReflectionResponse};
+    const LIMIT: usize = 5 << 20;
+    let tables = tables(57);
+    let server = Server::start(
+        &tables,
+        Some(&format!(
+            "[server]\nmax_message_bytes = {LIMIT}\necho_service = true\n"
+        )),
+        &admin_env(),
+    );
+    let expect = |what: &str, status: &tonic::Status, code: Code, reason: pb::ErrorReason| {
+        assert_eq!(status.code(), code, "{what}: {status:?}");
+        assert_eq!(error_reason(status), reason, "{what}: {status:?}");
+    };
+    let check = |service: &str| {
+        prost::Message::encode_to_vec(&HealthCheckRequest {
+            service: service.to_owned(),
+        })
+    };
+    let reflection = |message_request: MessageRequest| {
+        prost::Message::encode_to_vec(&ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(message_request),
+        })
+    };
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let token = [("authorization", bearer.as_str())];
+    const CHECK: &str = "/grpc.health.v1.Health/Check";
+    const WATCH: &str = "/grpc.health.v1.Health/Watch";
+    let reflection_paths = [
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ];
+
+    // A method the service lacks: tonic's UNIMPLEMENTED with no message.
+    for service in [
+        "fairrank.v1.Ranker",
+        "fairrank.v1.Admin",
+        "fairrank.bench.v1.Echo",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        let path = format!("/{service}/Nope");
+        let status = server
+            .raw_call(&path, Vec::new(), &token)
+            .await
+            .expect_err(&path);
+        expect(
+            &path,
+            &status,
+            Code::Unimplemented,
+            pb::ErrorReason::NotSupported,
+        );
+        assert_eq!(status.message(), "", "{path}");
+    }
+
+    // A compressed request body (the server accepts none): tonic's UNIMPLEMENTED naming
+    // the encoding, before any handler runs.
+    let gzip = [("grpc-encoding", "gzip"), token[0]];
+    let compressed = |what: &str, status: &tonic::Status| {
+        expect(
+            what,
+            status,
+            Code::Unimplemented,
+            pb::ErrorReason::NotSupported,
+        );
+        assert!(
+            status.message().contains("`gzip` which isn't supported"),
+            "{what}: {status:?}"
+        );
+    };
+    for (path, body) in [
+        (
+            "/fairrank.v1.Ranker/Rank",
+            prost::Message::encode_to_vec(&rank_request("gzip", &tables.data.users.ids[0], 3)),
+        ),
+        ("/fairrank.v1.Ranker/RankBatch", Vec::new()),
+        ("/fairrank.v1.Admin/GetStatus", Vec::new()),
+        ("/fairrank.bench.v1.Echo/Echo", Vec::new()),
+        (CHECK, check("")),
+    ] {
+        let status = server.raw_call(path, body, &gzip).await.expect_err(path);
+        compressed(path, &status);
+    }
+    let status = server
+        .raw_server_stream(WATCH, check(""), &gzip)
+        .await
+        .expect_err("Watch: a trailers-only answer");
+    compressed(WATCH, &status);
+    for path in reflection_paths {
+        let status = server
+            .raw_stream(
+                path,
+                vec![reflection(MessageRequest::ListServices(String::new()))],
+                &gzip,
+            )
+            .await
+            .expect_err("reflection: a trailers-only answer");
+        compressed(path, &status);
+    }
+
+    // Health of a service this server does not serve: NOT_FOUND.
+    let unknown = |what: &str, status: &tonic::Status| {
+        expect(what, status, Code::NotFound, pb::ErrorReason::NotSupported);
+        assert_eq!(status.message(), "service not registered", "{what}");
+    };
+    let status = server
+        .raw_call(CHECK, check("no.such.Service"), &[])
+        .await
+        .expect_err("not served");
+    unknown(CHECK, &status);
+    let status = server
+        .raw_server_stream(WATCH, check("no.such.Service"), &[])
+        .await
+        .expect_err("not served");
+    unknown(WATCH, &status);
+
+    // A body that is not a message of the method's request type: tonic's INTERNAL with
+    // prost's message; for reflection in the stream's trailers.
+    let garbage = vec![0xff_u8; 16];
+    let undecodable = |what: &str, status: &tonic::Status| {
+        expect(what, status, Code::Internal, pb::ErrorReason::InvalidField);
+        assert!(
+            status
+                .message()
+                .starts_with("failed to decode Protobuf message"),
+            "{what}: {status:?}"
+        );
+    };
+    for path in [CHECK, "/fairrank.bench.v1.Echo/Echo"] {
+        let status = server
+            .raw_call(path, garbage.clone(), &[])
+            .await
+            .expect_err(path);
+        undecodable(path, &status);
+    }
+    let status = server
+        .raw_server_stream(WATCH, garbage.clone(), &[])
+        .await
+        .expect_err(WATCH);
+    undecodable(WATCH, &status);
+    for path in reflection_paths {
+        let mut answers = server
+            .raw_stream(path, vec![garbage.clone()], &[])
+            .await
+            .expect("the stream opens: its status comes in the trailers");
+        let status = answers.message().await.expect_err(path);
+        undecodable(path, &status);
+    }
+
+    // Messages above tonic's default limit but within the configured one are read whole...
+    let long_name = "n".repeat(LIMIT - (LIMIT >> 3));
+    assert!(long_name.len() > 4 << 20);
+    let status = server
+        .raw_call(CHECK, check(&long_name), &[])
+        .await
+        .expect_err("not served");
+    unknown(CHECK, &status);
+    for path in reflection_paths {
+        let mut answers = server
+            .raw_stream(
+                path,
+                vec![reflection(MessageRequest::FileByFilename(
+                    long_name.clone(),
+                ))],
+                &[],
+            )
+            .await
+            .expect("the stream opens");
+        let answer = answers
+            .message()
+            .await
+            .expect("an answer")
+            .expect("one answer");
+        let answer: ServerReflectionResponse =
+            prost::Message::decode(answer.as_slice()).expect("a reflection answer");
+        match answer.message_response {
+            Some(MessageResponse::ErrorResponse(error)) => {
+                assert_eq!(error.error_code, Code::NotFound as i32, "{path}: {error:?}");
+            }
+            other => panic!("{path}: an error_response expected, got {other:?}"),
+        }
+        assert!(matches!(answers.message().await, Ok(None)), "{path}");
+    }
+    // ... and larger ones are refused: tonic's OUT_OF_RANGE naming the configured limit.
+    let too_long = check(&"n".repeat(LIMIT + 1));
+    let too_large = |what: &str, status: &tonic::Status| {
+        expect(
+            what,
+            status,
+            Code::OutOfRange,
+            pb::ErrorReason::LimitExceeded,
+        );
+        assert!(
+            status
+                .message()
+                .contains(&format!("the limit is: {LIMIT} bytes")),
+            "{what}: {status:?}"
+        );
+    };
+    let status = server
+        .raw_call(CHECK, too_long.clone(), &[])
+        .await
+        .expect_err(CHECK);
+    too_large(CHECK, &status);
+    let status = server
+        .raw_server_stream(WATCH, too_long.clone(), &[])
+        .await
+        .expect_err(WATCH);
+    too_large(WATCH, &status);
+    for path in reflection_paths {
+        let mut answers = server
+            .raw_stream(path, vec![too_long.clone()], &[])
+            .await
+            .expect("the stream opens: its status comes in the trailers");
+        let status = answers.message().await.expect_err(path);
+        too_large(path, &status);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

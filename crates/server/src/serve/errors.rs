@@ -1,13 +1,16 @@
 //! Every error status the server sends: the one mapping from [`EngineError`] to a gRPC
-//! status, and the statuses of the server's own checks (load shedding, deadlines, admin
-//! authentication, idempotency, reload paths). All carry the `fairrank-error-reason` and,
+//! status, the statuses of the server's own checks (load shedding, deadlines, admin
+//! authentication, idempotency, reload paths), and the reasons of the statuses the gRPC
+//! layer makes itself ([`transport_reason`]). All carry the `fairrank-error-reason` and,
 //! where one field is at fault, `fairrank-error-field` metadata (`api::status`).
 
 use api::fairrank::v1::ErrorReason;
-use api::status::error_status;
+use api::status::{ERROR_REASON_METADATA_KEY, error_status};
 use engine::{
     AbortReason, EngineError, InvalidReason, NotFoundReason, PreconditionReason, ReloadProblem,
 };
+use tonic::codegen::http::{HeaderMap, HeaderName, HeaderValue};
+use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
 
 /// The gRPC status of an engine error. This is the only place engine errors become
@@ -275,6 +278,84 @@ pub fn internal(message: impl Into<String>) -> Status {
     error_status(Code::Internal, message, ErrorReason::Unspecified, None)
 }
 
+/// How tonic's messages for a request body that is not a message of the method's type
+/// begin: prost's decoding error, a unary call without a message, a body that ends inside
+/// a message, a message whose compression flag the call does not allow.
+const TONIC_UNDECODABLE: [&str; 4] = [
+    "failed to decode Protobuf message",
+    "Missing request message",
+    "Unexpected EOF decoding stream",
+    "protocol error: received message with",
+];
+
+/// The reason of an error status the gRPC layer made itself, outside the server's
+/// handlers (tonic's generated servers, its codecs, `tonic-health`), which carries none.
+/// There each of these codes has one cause: UNIMPLEMENTED a method the service lacks or
+/// a request compressed with an encoding the server does not accept (it accepts none),
+/// NOT_FOUND a health check of a service this server does not serve (both
+/// [`ErrorReason::NotSupported`], as for a path that names no service), OUT_OF_RANGE a
+/// request message above `server.max_message_bytes` ([`ErrorReason::LimitExceeded`]);
+/// INTERNAL with one of tonic's messages for a body that does not decode is
+/// [`ErrorReason::InvalidField`]. Anything else (a failed transport) is
+/// [`ErrorReason::Unspecified`]. Codes and messages stay tonic's.
+pub fn transport_reason(code: Code, message: &str) -> ErrorReason {
+    match code {
+        Code::Unimplemented | Code::NotFound => ErrorReason::NotSupported,
+        Code::OutOfRange => ErrorReason::LimitExceeded,
+        Code::Internal
+            if TONIC_UNDECODABLE
+                .iter()
+                .any(|start| message.starts_with(start)) =>
+        {
+            ErrorReason::InvalidField
+        }
+        _ => ErrorReason::Unspecified,
+    }
+}
+
+/// `status` with the reason of [`transport_reason`] when it is an error that carries none
+/// (one the gRPC layer made); otherwise `status` unchanged.
+pub fn with_reason(mut status: Status) -> Status {
+    if status.code() != Code::Ok && !status.metadata().contains_key(ERROR_REASON_METADATA_KEY) {
+        let reason = transport_reason(status.code(), status.message());
+        status.metadata_mut().insert(
+            ERROR_REASON_METADATA_KEY,
+            MetadataValue::from_static(reason.as_str_name()),
+        );
+    }
+    status
+}
+
+/// The header of a gRPC status code.
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
+/// The header of the error reason.
+const ERROR_REASON: HeaderName = HeaderName::from_static(ERROR_REASON_METADATA_KEY);
+
+/// Adds the reason of [`transport_reason`] to `headers` (the headers of a trailers-only
+/// answer, or an answer's trailers) when they carry an error status without one: an answer
+/// tonic made itself. Headers without a status (an answer whose status comes in its
+/// trailers), with status OK or with a reason are left as they are, at the cost of a
+/// lookup or two.
+pub fn stamp_reason(headers: &mut HeaderMap) {
+    let Some(code) = headers.get(&GRPC_STATUS) else {
+        return;
+    };
+    if code.as_bytes() == b"0" || headers.contains_key(&ERROR_REASON) {
+        return;
+    }
+    let code = Code::from_bytes(code.as_bytes());
+    // Only INTERNAL needs the message (its percent-encoding undone).
+    let reason = match code {
+        Code::Internal => Status::from_header_map(headers)
+            .map_or(ErrorReason::Unspecified, |status| {
+                transport_reason(status.code(), status.message())
+            }),
+        code => transport_reason(code, ""),
+    };
+    headers.insert(ERROR_REASON, HeaderValue::from_static(reason.as_str_name()));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -423,5 +504,121 @@ mod tests {
         let status = invalid_field("user", "exactly one of user_id and inline_user must be set");
         assert_eq!(error_field(&status), Some("user"));
         assert!(status.message().contains("`user`"));
+    }
+
+    /// Statuses as tonic makes them, and the reason each gets.
+    fn tonic_statuses() -> Vec<(Status, ErrorReason)> {
+        use prost::Message as _;
+        let undecodable = prost_types::Duration::decode(&[0xff_u8; 4][..]).unwrap_err();
+        vec![
+            (Status::unimplemented(""), ErrorReason::NotSupported),
+            (
+                Status::unimplemented("Content is compressed with `gzip` which isn't supported"),
+                ErrorReason::NotSupported,
+            ),
+            (
+                Status::not_found("service not registered"),
+                ErrorReason::NotSupported,
+            ),
+            (
+                Status::out_of_range(
+                    "Error, decoded message length too large: found 9 bytes, the limit is: 8 bytes",
+                ),
+                ErrorReason::LimitExceeded,
+            ),
+            // tonic-prost's mapping of a decoding error.
+            (
+                Status::internal(undecodable.to_string()),
+                ErrorReason::InvalidField,
+            ),
+            (
+                Status::internal("Missing request message."),
+                ErrorReason::InvalidField,
+            ),
+            (
+                Status::internal("Unexpected EOF decoding stream."),
+                ErrorReason::InvalidField,
+            ),
+            (
+                Status::internal("h2 protocol error: stream reset"),
+                ErrorReason::Unspecified,
+            ),
+            (Status::unknown("transport"), ErrorReason::Unspecified),
+        ]
+    }
+
+    #[test]
+    fn statuses_of_the_grpc_layer_get_a_reason_and_keep_code_and_message() {
+        for (status, reason) in tonic_statuses() {
+            let (code, message) = (status.code(), status.message().to_owned());
+            assert_eq!(transport_reason(code, &message), reason, "{status:?}");
+            let stamped = with_reason(status);
+            assert_eq!(error_reason(&stamped), reason, "{stamped:?}");
+            assert_eq!(
+                (stamped.code(), stamped.message()),
+                (code, message.as_str())
+            );
+        }
+        // A reason already there stays; OK gets none.
+        let ours = with_reason(overloaded(4, 1));
+        assert_eq!(error_reason(&ours), ErrorReason::Overloaded);
+        let ok = with_reason(Status::ok(""));
+        assert!(!ok.metadata().contains_key(ERROR_REASON_METADATA_KEY));
+    }
+
+    #[test]
+    fn headers_carrying_an_error_without_a_reason_get_one() {
+        let reason_in = |headers: &HeaderMap| {
+            headers
+                .get(ERROR_REASON_METADATA_KEY)
+                .map(|value| value.to_str().unwrap().to_owned())
+        };
+        // Trailers-only answers as tonic's servers make them from a status.
+        for (status, reason) in tonic_statuses() {
+            let mut answer = status.clone().into_http::<()>();
+            stamp_reason(answer.headers_mut());
+            assert_eq!(
+                reason_in(answer.headers()).as_deref(),
+                Some(reason.as_str_name()),
+                "{status:?}"
+            );
+            // Code and message as they were.
+            let sent = Status::from_header_map(answer.headers()).unwrap();
+            assert_eq!(
+                (sent.code(), sent.message()),
+                (status.code(), status.message())
+            );
+        }
+        // A generated server's answer to an unknown method: a bare `grpc-status: 12`.
+        let mut unknown = HeaderMap::new();
+        unknown.insert(GRPC_STATUS, HeaderValue::from_static("12"));
+        stamp_reason(&mut unknown);
+        assert_eq!(
+            reason_in(&unknown).as_deref(),
+            Some("ERROR_REASON_NOT_SUPPORTED")
+        );
+        // Left alone: no status (it comes in the trailers), OK, a reason already there.
+        let mut answer = HeaderMap::new();
+        answer.insert("content-type", HeaderValue::from_static("application/grpc"));
+        let before = answer.clone();
+        stamp_reason(&mut answer);
+        assert_eq!(answer, before);
+        let mut ok = HeaderMap::new();
+        ok.insert(GRPC_STATUS, HeaderValue::from_static("0"));
+        stamp_reason(&mut ok);
+        assert_eq!(reason_in(&ok), None);
+        let mut ours = overloaded(4, 1).into_http::<()>();
+        stamp_reason(ours.headers_mut());
+        assert_eq!(
+            reason_in(ours.headers()).as_deref(),
+            Some("ERROR_REASON_OVERLOADED")
+        );
+        assert_eq!(
+            ours.headers()
+                .get_all(ERROR_REASON_METADATA_KEY)
+                .iter()
+                .count(),
+            1
+        );
     }
 }

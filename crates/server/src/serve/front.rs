@@ -1,5 +1,6 @@
 //! The server's front service: stamps every call with its deadline ([`deadline`]) and hands
-//! it to the gRPC service its path names, or answers UNIMPLEMENTED.
+//! it to the gRPC service its path names, or answers UNIMPLEMENTED; gives an error answer
+//! that tonic made without a `fairrank-error-reason` one ([`errors::stamp_reason`]).
 //!
 //! tonic's `Router` does the same through an axum router and, with the deadline
 //! interceptor, a tonic `InterceptorLayer`. Per call that cost a route lookup, a boxed
@@ -9,9 +10,19 @@
 //! comparison per service and no allocation of its own, and answers exactly as that stack
 //! did: the same deadline refusal and, for a path that names no service, tonic's
 //! UNIMPLEMENTED answer (an empty body, `grpc-status: 12`).
+//!
+//! Every fairrank error carries a reason. The answers tonic makes itself before or instead
+//! of a handler (a generated server's UNIMPLEMENTED for an unknown method, a compressed
+//! body refused, a body that does not decode or is too large, `tonic-health`'s NOT_FOUND)
+//! are trailers-only, their status in the headers: [`Stamped`] adds the reason there as the
+//! answer passes, a header lookup per call and no allocation. Statuses that come in a
+//! stream's trailers come from a reflection stream's requests and get theirs in
+//! [`super::reflection`].
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::ready;
 use std::time::Duration;
 
 use tonic::Status;
@@ -19,7 +30,7 @@ use tonic::body::Body;
 use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
 use tonic::server::NamedService;
 
-use super::{admin, deadline, ranker};
+use super::{admin, deadline, errors, ranker};
 use crate::metrics::Metrics;
 
 /// A response as every service of the server answers.
@@ -150,7 +161,28 @@ fn unimplemented() -> BoxFuture<Answer, Infallible> {
     ))))
 }
 
-impl<R, E, A, H, V1, V1a> Service<http::Request<Body>> for Front<R, E, A, H, V1, V1a>
+/// A service's answer on its way out: an error answer with its status in the headers
+/// (trailers-only) that carries no `fairrank-error-reason`, one tonic made itself, gets one
+/// ([`errors::stamp_reason`]).
+pub struct Stamped(BoxFuture<Answer, Infallible>);
+
+impl std::fmt::Debug for Stamped {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_tuple("Stamped").finish_non_exhaustive()
+    }
+}
+
+impl Future for Stamped {
+    type Output = Result<Answer, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Ok(mut answer) = ready!(self.0.as_mut().poll(cx));
+        errors::stamp_reason(answer.headers_mut());
+        Poll::Ready(Ok(answer))
+    }
+}
+
+impl<R, E, A, H, V1, V1a> Front<R, E, A, H, V1, V1a>
 where
     R: Served,
     E: Served,
@@ -159,15 +191,8 @@ where
     V1: Served,
     V1a: Served,
 {
-    type Response = Answer;
-    type Error = Infallible;
-    type Future = BoxFuture<Answer, Infallible>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+    /// The answer to `request`, as the service its path names (or the front) makes it.
+    fn route(&self, mut request: http::Request<Body>) -> BoxFuture<Answer, Infallible> {
         if let Err(status) = deadline::stamp(&mut request, self.default_deadline) {
             count_refusal(&self.metrics, request.uri().path(), &status);
             return Box::pin(std::future::ready(Ok(status_answer(status))));
@@ -195,6 +220,28 @@ where
         } else {
             unimplemented()
         }
+    }
+}
+
+impl<R, E, A, H, V1, V1a> Service<http::Request<Body>> for Front<R, E, A, H, V1, V1a>
+where
+    R: Served,
+    E: Served,
+    A: Served,
+    H: Served,
+    V1: Served,
+    V1a: Served,
+{
+    type Response = Answer;
+    type Error = Infallible;
+    type Future = Stamped;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Stamped {
+        Stamped(self.route(request))
     }
 }
 

@@ -425,7 +425,8 @@ async fn serve(
     let descriptors = api_descriptors(server_config.echo_service)?;
     let reflection_index = reflection::ReflectionIndex::of_server(&names, &descriptors)
         .context("building the reflection index")?;
-    let (reflection_v1, reflection_v1alpha) = reflection::services(reflection_index, &stop);
+    let (reflection_v1, reflection_v1alpha) =
+        reflection::services(reflection_index, &stop, server_config.max_message_bytes);
 
     // Signals are hooked before the address is announced, so a SIGHUP or SIGTERM sent as
     // soon as the server says it listens is handled, never fatal.
@@ -485,7 +486,9 @@ async fn serve(
             ranker,
             echo,
             admin,
-            health: health_service,
+            // Request messages up to the configured limit, as every service reads them
+            // (tonic's default is 4 MiB).
+            health: health_service.max_decoding_message_size(max_message),
             reflection_v1,
             reflection_v1alpha,
         },

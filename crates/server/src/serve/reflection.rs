@@ -24,8 +24,10 @@
 //! asks for the next answer, so nothing queues on the server: a client that sends without
 //! reading is held back by HTTP/2 flow control. No task is spawned per stream. A
 //! conversation ends when the client ends its side (OK), when the client's side fails (its
-//! status), or when the server's graceful shutdown starts (UNAVAILABLE), so an open, idle
-//! stream does not hold up the drain.
+//! status, as tonic's decoder gives it, with the `fairrank-error-reason` every error
+//! carries: a message that does not decode is INTERNAL, one above `server.max_message_bytes`
+//! OUT_OF_RANGE), or when the server's graceful shutdown starts (UNAVAILABLE), so an open,
+//! idle stream does not hold up the drain.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -383,16 +385,21 @@ pub type ReflectionV1alpha =
         Reflection<V1alpha>,
     >;
 
-/// Both reflection services over `index`; their streams end once `stop` is raised (the
-/// start of the graceful shutdown).
+/// Both reflection services over `index`, reading request messages of up to
+/// `max_message_bytes` (`server.max_message_bytes`); their streams end once `stop` is
+/// raised (the start of the graceful shutdown).
 pub fn services(
     index: ReflectionIndex,
     stop: &watch::Receiver<bool>,
+    max_message_bytes: usize,
 ) -> (ReflectionV1, ReflectionV1alpha) {
     let index = Arc::new(index);
     let v1 = Reflection::<V1>::new(Arc::clone(&index), stop.clone());
     let v1alpha = Reflection::<V1alpha>::new(index, stop.clone());
-    (ReflectionV1::new(v1), ReflectionV1alpha::new(v1alpha))
+    (
+        ReflectionV1::new(v1).max_decoding_message_size(max_message_bytes),
+        ReflectionV1alpha::new(v1alpha).max_decoding_message_size(max_message_bytes),
+    )
 }
 
 /// The reflection service of protocol version `P`.
@@ -474,9 +481,12 @@ where
             Poll::Ready(Some(Ok(request))) => {
                 Poll::Ready(Some(Ok(P::respond(&this.index, request))))
             }
+            // The client's side failed: a message that does not decode or is above
+            // `server.max_message_bytes`, as tonic's decoder says it, with the reason
+            // every fairrank error carries (it goes out in the stream's trailers).
             Poll::Ready(Some(Err(status))) => {
                 this.ended = true;
-                Poll::Ready(Some(Err(status)))
+                Poll::Ready(Some(Err(super::errors::with_reason(status))))
             }
             Poll::Ready(None) => {
                 this.ended = true;
@@ -909,22 +919,42 @@ mod tests {
         );
     }
 
+    /// The client's side fails as tonic's decoder says it (a message above the limit, one
+    /// that does not decode): the stream ends with that status, its code and message kept
+    /// and the reason every fairrank error carries added.
     #[tokio::test]
     async fn a_conversation_ends_with_the_status_of_a_failed_client_side() {
+        use api::fairrank::v1::ErrorReason;
         use tokio_stream::StreamExt as _;
         let (_stop_sender, stop) = watch::channel(false);
-        let requests = tokio_stream::iter([
-            Ok(symbol_request("fairrank.v1.Ranker")),
-            Err(Status::resource_exhausted("message too large")),
-            Ok(symbol_request("fairrank.v1.Ranker")),
-        ]);
-        let answers: Vec<_> = conversation(requests, &stop).collect().await;
-        assert_eq!(answers.len(), 2, "{answers:?}");
-        assert!(answers[0].is_ok());
-        assert_eq!(
-            answers[1].as_ref().expect_err("the status").code(),
-            Code::ResourceExhausted
-        );
+        for (failure, reason) in [
+            (
+                Status::out_of_range(
+                    "Error, decoded message length too large: found 9 bytes, the limit is: 8 \
+                     bytes",
+                ),
+                ErrorReason::LimitExceeded,
+            ),
+            (
+                Status::internal("failed to decode Protobuf message: invalid varint"),
+                ErrorReason::InvalidField,
+            ),
+        ] {
+            let requests = tokio_stream::iter([
+                Ok(symbol_request("fairrank.v1.Ranker")),
+                Err(failure.clone()),
+                Ok(symbol_request("fairrank.v1.Ranker")),
+            ]);
+            let answers: Vec<_> = conversation(requests, &stop).collect().await;
+            assert_eq!(answers.len(), 2, "{answers:?}");
+            assert!(answers[0].is_ok());
+            let status = answers[1].as_ref().expect_err("the status");
+            assert_eq!(
+                (status.code(), status.message()),
+                (failure.code(), failure.message())
+            );
+            assert_eq!(api::status::error_reason(status), reason, "{status:?}");
+        }
     }
 
     /// Every full name of an enum value in its enum's scope, and of an extension, in the

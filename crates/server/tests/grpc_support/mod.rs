@@ -329,7 +329,6 @@ impl Server {
         )
     }
 
-    /// An Admin client on a fresh connection.
     /// Calls `path` with `body` as the request bytes as given (see [`RawBodyCodec`]) and
     /// `metadata` (ASCII key, value) pairs; the answer's bytes.
     pub async fn raw_call(
@@ -351,6 +350,53 @@ impl Server {
             .map(tonic::Response::into_inner)
     }
 
+    /// Opens a bidirectional stream of `path` that sends `bodies` as given (see
+    /// [`RawBodyCodec`]) with `metadata`, then ends the client's side. `Err` when the server
+    /// answers at once with a status only (a trailers-only answer); otherwise the answers,
+    /// whose end (or error status) the server sends in trailers. No answer size limit.
+    pub async fn raw_stream(
+        &self,
+        path: &str,
+        bodies: Vec<Vec<u8>>,
+        metadata: &[(&'static str, &str)],
+    ) -> Result<tonic::Streaming<Vec<u8>>, tonic::Status> {
+        let mut raw =
+            tonic::client::Grpc::new(self.channel().await).max_decoding_message_size(usize::MAX);
+        raw.ready().await.expect("channel ready");
+        let mut request = tonic::Request::new(tokio_stream::iter(bodies));
+        for (key, value) in metadata {
+            request
+                .metadata_mut()
+                .insert(*key, value.parse().expect("an ASCII value"));
+        }
+        raw.streaming(request, path.parse().expect("a path"), RawBodyCodec)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Calls the server-streaming method `path` with `body` as given; as
+    /// [`Server::raw_stream`].
+    pub async fn raw_server_stream(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        metadata: &[(&'static str, &str)],
+    ) -> Result<tonic::Streaming<Vec<u8>>, tonic::Status> {
+        let mut raw =
+            tonic::client::Grpc::new(self.channel().await).max_decoding_message_size(usize::MAX);
+        raw.ready().await.expect("channel ready");
+        let mut request = tonic::Request::new(body);
+        for (key, value) in metadata {
+            request
+                .metadata_mut()
+                .insert(*key, value.parse().expect("an ASCII value"));
+        }
+        raw.server_streaming(request, path.parse().expect("a path"), RawBodyCodec)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// An Admin client on a fresh connection.
     pub async fn admin(&self) -> AdminClient<Channel> {
         AdminClient::new(self.channel().await)
     }
