@@ -577,8 +577,9 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero_with_shared_connections()
 }
 
 /// Four connections under load (pinned to connection threads or shared by the runtime's
-/// workers), then SIGTERM: health turns NOT_SERVING while calls still succeed, every call
-/// the server took finishes, later ones are refused, and the server exits 0.
+/// workers) and an idle one, then SIGTERM: health turns NOT_SERVING while calls still
+/// succeed, every call the server took finishes, later ones are refused, and the server
+/// exits 0 without waiting out the grace for the idle connection.
 async fn drains_in_flight_calls_and_exits_zero(pin_connections: bool) {
     let tables = tables(34);
     let mut server = Server::start(
@@ -622,6 +623,8 @@ async fn drains_in_flight_calls_and_exits_zero(pin_connections: bool) {
     }
 
     let mut health_client = HealthClient::new(server.channel().await);
+    // A connection that never sends a request does not hold the drain up.
+    let idle = idle_connection(&server, b"").await;
     server.signal("TERM");
     // During the shutdown delay health says NOT_SERVING while calls still succeed.
     let started = Instant::now();
@@ -652,6 +655,7 @@ async fn drains_in_flight_calls_and_exits_zero(pin_connections: bool) {
         logs.contains("shutdown complete: every call finished"),
         "{logs}"
     );
+    drop(idle);
     for task in load {
         let (answered, status) = task.await.expect("the load task ends");
         assert!(answered > 0);
@@ -1090,6 +1094,83 @@ async fn errors_of_the_grpc_layer_carry_a_reason() {
         let status = answers.message().await.expect_err(path);
         too_large(path, &status);
     }
+}
+
+/// The HTTP/2 connection preface a client sends first.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// An empty SETTINGS frame (no parameters, no flags, stream 0).
+const EMPTY_SETTINGS: [u8; 9] = [0, 0, 0, 0x4, 0, 0, 0, 0, 0];
+
+/// A connection to `server` that sends `sent` and then nothing, open once the server
+/// serves it: its first frame, SETTINGS, which it sends before reading anything, has come.
+async fn idle_connection(server: &Server, sent: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("the server accepts connections");
+    stream.write_all(sent).await.expect("the bytes are sent");
+    let mut head = [0_u8; 9];
+    tokio::time::timeout(CALL_TIMEOUT, stream.read_exact(&mut head))
+        .await
+        .expect("the server's first frame in time")
+        .expect("the server's first frame");
+    assert_eq!(head[3], 0x4, "a SETTINGS frame first: {head:?}");
+    stream
+}
+
+/// SIGTERM while connections that never sent a request are open (each sent one of
+/// `openings`): the server exits 0 at once, having drained, not after the 20 s grace.
+async fn idle_connections_do_not_hold_up_the_shutdown(openings: &[&[u8]], pin_connections: bool) {
+    let tables = tables(58);
+    let mut server = Server::start(
+        &tables,
+        Some(&format!(
+            "[server]\nshutdown_grace_ms = 20000\npin_connections = {pin_connections}\n"
+        )),
+        &[],
+    );
+    let mut connections = Vec::new();
+    for sent in openings {
+        connections.push(idle_connection(&server, sent).await);
+    }
+    let signalled = Instant::now();
+    server.signal("TERM");
+    let (exit, logs) = tokio::task::spawn_blocking(move || {
+        let exit = server.wait(Duration::from_secs(3));
+        (exit, server.logs())
+    })
+    .await
+    .expect("the server exits within 3 s");
+    assert!(exit.success(), "exit status {exit:?}; log:\n{logs}");
+    assert!(
+        logs.contains("shutdown complete: every call finished"),
+        "{logs}"
+    );
+    eprintln!("exited {:?} after SIGTERM", signalled.elapsed());
+    drop(connections);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sends_nothing_does_not_hold_up_the_shutdown() {
+    idle_connections_do_not_hold_up_the_shutdown(&[b""], true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sends_only_the_preface_does_not_hold_up_the_shutdown() {
+    idle_connections_do_not_hold_up_the_shutdown(&[PREFACE], true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sends_the_preface_and_settings_does_not_hold_up_the_shutdown() {
+    let opening = [PREFACE, &EMPTY_SETTINGS].concat();
+    idle_connections_do_not_hold_up_the_shutdown(&[&opening], true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_do_not_hold_up_the_shutdown_with_shared_connections() {
+    let opening = [PREFACE, &EMPTY_SETTINGS].concat();
+    idle_connections_do_not_hold_up_the_shutdown(&[b"", PREFACE, &opening], false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

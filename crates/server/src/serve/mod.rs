@@ -509,10 +509,13 @@ async fn serve(
                 metrics.rankings_shared.clone(),
             )?)
         } else {
+            let connection_stop = stop.clone();
             let incoming = tokio_stream::StreamExt::map(
                 TcpIncoming::from(listener).with_nodelay(Some(true)),
                 move |accepted| {
-                    accepted.map(|stream| connection::Connection::new(stream, vectored))
+                    accepted.map(|stream| {
+                        connection::Connection::new(stream, vectored, &connection_stop)
+                    })
                 },
             );
             let served = Server::builder().serve_with_incoming_shutdown(

@@ -17,7 +17,8 @@
 //!
 //! The listener is read on the main runtime, which hands each accepted socket to a thread;
 //! each thread runs tonic's server over the sockets it is given, with the same shutdown
-//! signal, so a graceful shutdown stops accepting at once and drains every thread's calls.
+//! signal, so a graceful shutdown stops accepting at once and drains every thread's calls
+//! (a connection on which no request has begun ends at once: [`super::connection`]).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -101,10 +102,13 @@ where
                 let served = runtime.block_on(async move {
                     // Registered with this thread's reactor: the socket's readiness wakes
                     // this thread and no other.
-                    let incoming = UnboundedReceiverStream::new(handed).map(|handed: Handed| {
-                        TcpStream::from_std(handed.stream)
-                            .map(|stream| Connection::counted(stream, vectored, handed.open))
-                    });
+                    let connection_stop = stop.clone();
+                    let incoming =
+                        UnboundedReceiverStream::new(handed).map(move |handed: Handed| {
+                            TcpStream::from_std(handed.stream).map(|stream| {
+                                Connection::counted(stream, vectored, &connection_stop, handed.open)
+                            })
+                        });
                     Server::builder()
                         .serve_with_incoming_shutdown(service, incoming, raised(stop))
                         .await
