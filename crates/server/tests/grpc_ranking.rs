@@ -714,6 +714,18 @@ async fn oversized_messages_are_refused_and_echo_works() {
         .expect("echoes")
         .into_inner();
     assert_eq!(answer.payload.len(), 1000);
+    // A sized answer above the limit is refused naming the field, with a reason (not
+    // ended by tonic's encoder with OUT_OF_RANGE and none).
+    let status = echo
+        .echo(api::fairrank::bench::v1::EchoRequest {
+            payload: prost::bytes::Bytes::new(),
+            response_bytes: Some(5000),
+        })
+        .await
+        .expect_err("the answer is too large");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(error_reason(&status), pb::ErrorReason::LimitExceeded);
+    assert_eq!(error_field(&status), Some("response_bytes"));
     let listed = reflection_v1_services(&server).await;
     assert!(
         listed.contains("fairrank.bench.v1.Echo"),
