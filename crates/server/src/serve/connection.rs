@@ -432,12 +432,12 @@ mod tests {
         assert!(serving.await.unwrap() < LINGER_LIMIT);
     }
 
-    /// The HTTP/2 preface, then frames: SETTINGS (a parameter), WINDOW_UPDATE, a PING
-    /// whose payload looks like a HEADERS frame header, then HEADERS; and where the
-    /// HEADERS frame's header ends.
+    /// The HTTP/2 preface, then frames: SETTINGS (INITIAL_WINDOW_SIZE 65536), WINDOW_UPDATE,
+    /// PING, then HEADERS; and where the HEADERS frame's header ends. The SETTINGS and PING
+    /// payloads read as frame headers would be HEADERS frames (type 1 in their fourth byte).
     fn opening() -> (Vec<u8>, usize) {
         let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-        bytes.extend_from_slice(&[0, 0, 6, 0x4, 0, 0, 0, 0, 0, 0, 0x4, 0, 0x10, 0, 0]);
+        bytes.extend_from_slice(&[0, 0, 6, 0x4, 0, 0, 0, 0, 0, 0, 0x4, 0, 0x1, 0, 0]);
         bytes.extend_from_slice(&[0, 0, 4, 0x8, 0, 0, 0, 0, 0, 0, 0x0f, 0, 0x01]);
         bytes.extend_from_slice(&[0, 0, 8, 0x6, 0, 0, 0, 0, 0, 0, 0, 1, 0x1, 0x4, 0, 0, 0]);
         bytes.extend_from_slice(&[0, 0, 3, 0x1, 0x4, 0, 0, 0, 1]);
