@@ -116,6 +116,7 @@ fn engine(
                 store,
                 PseudonymKey::new(&[9_u8; 32]).expect("key"),
             )),
+            answer_limit: None,
         },
         None => PrivacySetup::default(),
     };

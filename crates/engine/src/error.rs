@@ -159,6 +159,21 @@ pub enum EngineError {
         /// The charge, the remaining budget and when it resets.
         message: String,
     },
+    /// A DP answer larger than its caller can deliver ([`AnswerLimit`](crate::AnswerLimit)),
+    /// refused before the ledger was charged: nothing was charged, stored or released, and
+    /// the request id may be sent again (`RESOURCE_EXHAUSTED`, reason limit exceeded).
+    #[error(
+        "the answer would take up to {bytes} bytes, above the limit of {limit}; ask for a smaller \
+         k or lighter explanations (nothing was charged to the privacy budget)"
+    )]
+    AnswerTooLarge {
+        /// The request field to change: `k`.
+        field: String,
+        /// The answer's size bound ([`AnswerLimit::size_bound`](crate::AnswerLimit::size_bound)).
+        bytes: usize,
+        /// The caller's limit ([`AnswerLimit::max_bytes`](crate::AnswerLimit::max_bytes)).
+        limit: usize,
+    },
     /// The privacy ledger cannot be charged; the request failed closed with nothing
     /// released (`UNAVAILABLE`, reason ledger unavailable).
     #[error("privacy ledger unavailable: {message}")]
@@ -229,7 +244,8 @@ impl EngineError {
         match self {
             EngineError::InvalidArgument { field, .. }
             | EngineError::NotFound { field, .. }
-            | EngineError::Unsupported { field, .. } => Some(field),
+            | EngineError::Unsupported { field, .. }
+            | EngineError::AnswerTooLarge { field, .. } => Some(field),
             EngineError::FailedPrecondition { field, .. } => field.as_deref(),
             EngineError::InvalidConfig { field, .. } => Some(field),
             _ => None,
@@ -242,7 +258,8 @@ impl EngineError {
         match &mut self {
             EngineError::InvalidArgument { field, .. }
             | EngineError::NotFound { field, .. }
-            | EngineError::Unsupported { field, .. } => field.insert_str(0, prefix),
+            | EngineError::Unsupported { field, .. }
+            | EngineError::AnswerTooLarge { field, .. } => field.insert_str(0, prefix),
             EngineError::FailedPrecondition {
                 field: Some(field), ..
             } => field.insert_str(0, prefix),

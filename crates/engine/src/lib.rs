@@ -35,7 +35,8 @@
 //! the user embedding is clipped, every candidate is scored, the pool is chosen by one-shot
 //! Gumbel top-k and only its order is released; the subject's budget ledger
 //! ([`PrivacyLedger`]) is charged durably before release, and retries with the same
-//! request id get the stored answer. DP requests run on dedicated worker threads so ledger
+//! request id get the stored answer. An answer the caller could not deliver (its
+//! [`AnswerLimit`]) is refused before the charge, so it costs no budget. DP requests run on dedicated worker threads so ledger
 //! commits never block the compute pool. See `private/mod.rs`.
 //!
 //! Tables are hot-swapped: [`Engine::reload_items`] opens, validates, warms and swaps a new
@@ -106,7 +107,7 @@ pub use exposure_state::{
     StateUpdate, scope_key,
 };
 pub use private::{
-    DefaultMechanism, ExhaustedPolicy, LedgerCharge, LedgerFailure, LedgerOutcome,
+    AnswerLimit, DefaultMechanism, ExhaustedPolicy, LedgerCharge, LedgerFailure, LedgerOutcome,
     MAX_BUDGET_WINDOW_SECS, MemoryLedger, PrivacyConfig, PrivacyLedger, PrivacySetup, Spend,
     StateLedger, round_up_rho,
 };

@@ -357,7 +357,7 @@ fn rerank(
 }
 
 /// Turns the scored pool into the answer: select the pool, re-rank and report (the
-/// fairness stage), explain.
+/// fairness stage), explain; under DP, charge the ledger before anything is released.
 pub(crate) fn finish(
     mut prepared: Prepared,
     mut scored: Vec<ScoredItem>,
@@ -383,8 +383,8 @@ pub(crate) fn finish(
     timings.select_pool_us = micros(now - stage);
 
     // Re-rank and report: positions into the pool, best first. A DP answer may still be
-    // discarded (replayed or refused ledger charge), so its amortized state update waits
-    // for the charge: only a released answer counts.
+    // discarded (replayed, refused ledger charge, too large to deliver), so its amortized
+    // state update waits for the charge: only a released answer counts.
     let outcome = rerank(
         &prepared.fairness,
         &prepared.items,
@@ -395,66 +395,154 @@ pub(crate) fn finish(
     )?;
     timings.rerank_us = outcome.rerank_us;
     timings.report_us = outcome.report_us;
-    let answer = outcome.answer;
-    let mut fairness = outcome.report;
-    // A replay's answer items (row and pseudo-score, pool position) and pool size.
-    let mut restored = None;
-    let pending_state = outcome.pending_state;
+    let released = released_items(&pool, &outcome.answer)?;
+    match prepared.private.take() {
+        None => respond(
+            &mut prepared,
+            &released,
+            pool.len(),
+            scored_items,
+            None,
+            outcome.report,
+        ),
+        Some(plan) => release_private(prepared, &plan, &pool, outcome, &released, scored_items),
+    }
+}
 
-    // Privacy: charge the ledger before anything is released (fail closed).
-    let release = match prepared.private.take() {
-        None => None,
-        Some(plan) => {
-            let stage = Instant::now();
-            let outcome = charge_release(&prepared, &plan, &pool, &answer, &fairness)?;
-            prepared.timings.ledger_us = micros(stage.elapsed());
-            match outcome {
-                Charged::Fresh(record, spend) => {
-                    if let Some(update) = pending_state {
-                        update.commit()?;
-                    }
-                    Some((record, spend, false))
-                }
-                Charged::Replay(record) => {
-                    restored = Some(restore_release(&prepared, &plan, &record)?);
-                    // The report of the answer released first, not of this attempt's pool.
-                    if let Some(report) = &record.tail.fairness {
-                        fairness = report.clone();
-                    }
-                    Some((record, None, true))
-                }
-                Charged::Exhausted => {
-                    prepared.personalization = Personalization::NonPersonalized(
-                        NonPersonalizedReason::PrivacyBudgetExhausted,
-                    );
-                    prepared.users_version = None;
-                    let scored = score_inline(&prepared)?;
-                    return finish(prepared, scored);
-                }
-            }
-        }
-    };
-    // The released items with their positions in the pool, and the pool's size.
-    let (released, pool_size) = match restored {
-        Some(restored) => restored,
-        None => {
-            let mut released = Vec::with_capacity(answer.len());
-            for &pool_position in &answer {
-                let Some(scored) = pool.get(pool_position) else {
-                    return Err(EngineError::internal(
-                        "re-ranker returned a position outside the pool",
-                    ));
-                };
-                released.push((*scored, pool_position));
-            }
-            (released, pool.len())
-        }
-    };
-    let timings = &mut prepared.timings;
-    let now = Instant::now();
+/// The answer's items with their positions in the pool.
+fn released_items(
+    pool: &[ScoredItem],
+    answer: &[usize],
+) -> Result<Vec<(ScoredItem, usize)>, EngineError> {
+    let mut released = Vec::with_capacity(answer.len());
+    for &pool_position in answer {
+        let Some(scored) = pool.get(pool_position) else {
+            return Err(EngineError::internal(
+                "re-ranker returned a position outside the pool",
+            ));
+        };
+        released.push((*scored, pool_position));
+    }
+    Ok(released)
+}
 
-    // Explain and build the items.
-    let stage = now;
+/// A DP answer: builds the fresh release and the whole answer, refuses it (uncharged) if the
+/// caller cannot deliver it, then charges the ledger; only then may it leave the engine.
+///
+/// The size is decided before the charge, so budget is never spent on an answer that is
+/// never released; the noisy scores are drawn and the answer built first, but nothing
+/// leaves the engine until the ledger has durably charged it. Should the ledger already
+/// hold an answer for this request id (a retry), the stored answer is released instead,
+/// without a charge, as the charge would replay it.
+fn release_private(
+    mut prepared: Prepared,
+    plan: &Plan,
+    pool: &[ScoredItem],
+    outcome: FairnessOutcome,
+    released: &[(ScoredItem, usize)],
+    scored_items: usize,
+) -> Result<RankResponse, EngineError> {
+    let stage = Instant::now();
+    let record = fresh_release(&prepared, plan, pool, &outcome.answer)?;
+    let mut ledger_us = micros(stage.elapsed());
+    let fresh = Release {
+        record: &record,
+        spend: None,
+        replay: false,
+    };
+    let mut response = respond(
+        &mut prepared,
+        released,
+        pool.len(),
+        scored_items,
+        Some(fresh),
+        outcome.report,
+    )?;
+    // Free (nothing was selected): released without a charge.
+    let charged = if plan.mechanism.is_none() || record.tail.rho <= 0.0 {
+        Charged::Fresh(None)
+    } else {
+        let stage = Instant::now();
+        // Deliverable? Decided before the charge; a stored answer for the id is a replay.
+        let charged = match private::check_deliverable(plan, &response) {
+            Ok(()) => charge(plan, &response.request_id, &record, &response.fairness)?,
+            Err(too_large) => match private::stored_answer(plan, &response.request_id)? {
+                Some(answer) => Charged::Replay(Box::new(StoredRelease::decode(&answer)?)),
+                None => return Err(too_large),
+            },
+        };
+        ledger_us += micros(stage.elapsed());
+        charged
+    };
+    match charged {
+        Charged::Fresh(spend) => {
+            if let Some(update) = outcome.pending_state {
+                update.commit()?;
+            }
+            response.privacy = record.report(spend, false);
+            response.timings.ledger_us = ledger_us;
+            response.timings.total_us = micros(prepared.received.elapsed());
+            Ok(response)
+        }
+        Charged::Replay(stored) => {
+            // The answer released first, built again from its record.
+            prepared.request_id = std::mem::take(&mut response.request_id);
+            prepared.skipped = std::mem::take(&mut response.skipped_candidate_ids);
+            prepared.timings.ledger_us = ledger_us;
+            let (released, pool_size) = restore_release(&prepared, plan, &stored)?;
+            // The report of the answer released first, not of this attempt's pool.
+            let fairness = match &stored.tail.fairness {
+                Some(report) => report.clone(),
+                None => response.fairness,
+            };
+            let replay = Release {
+                record: &stored,
+                spend: None,
+                replay: true,
+            };
+            respond(
+                &mut prepared,
+                &released,
+                pool_size,
+                scored_items,
+                Some(replay),
+                fairness,
+            )
+        }
+        Charged::Exhausted => {
+            prepared.request_id = std::mem::take(&mut response.request_id);
+            prepared.skipped = std::mem::take(&mut response.skipped_candidate_ids);
+            prepared.timings.ledger_us = ledger_us;
+            prepared.personalization =
+                Personalization::NonPersonalized(NonPersonalizedReason::PrivacyBudgetExhausted);
+            prepared.users_version = None;
+            let scored = score_inline(&prepared)?;
+            finish(prepared, scored)
+        }
+    }
+}
+
+/// A DP release an answer is built from: its record, the subject's spend after the charge
+/// (none before it, for a free release and for a replay), whether it is a replay.
+#[derive(Clone, Copy)]
+struct Release<'a> {
+    record: &'a StoredRelease,
+    spend: Option<private::Spend>,
+    replay: bool,
+}
+
+/// Explains and builds the answer of `released` (items with their pool positions, best
+/// first) from a pool of `pool_size`. Takes the request id and the skipped candidate ids out
+/// of `prepared`; the timings to here (explain and total) are the answer's.
+fn respond(
+    prepared: &mut Prepared,
+    released: &[(ScoredItem, usize)],
+    pool_size: usize,
+    scored_items: usize,
+    release: Option<Release<'_>>,
+    fairness: crate::response::FairnessReport,
+) -> Result<RankResponse, EngineError> {
+    let stage = Instant::now();
     let data = &prepared.items.data;
     let table = &data.table;
     let has_prior = table.prior().is_some();
@@ -462,7 +550,7 @@ pub(crate) fn finish(
         Personalization::Personalized(_) if release.is_some() => (
             Basis::Private { picks: pool_size },
             match &release {
-                Some((record, _, _)) if record.tail.scores.is_some() => ScoreKind::NoisyDotProduct,
+                Some(release) if release.record.tail.scores.is_some() => ScoreKind::NoisyDotProduct,
                 _ => ScoreKind::Withheld,
             },
         ),
@@ -523,7 +611,8 @@ pub(crate) fn finish(
             })
             .collect();
         let score = match &release {
-            Some((record, _, _)) => record
+            Some(release) => release
+                .record
                 .tail
                 .scores
                 .as_ref()
@@ -540,6 +629,7 @@ pub(crate) fn finish(
         });
     }
     let now = Instant::now();
+    let timings = &mut prepared.timings;
     timings.explain_us = micros(now - stage);
 
     let personalized = matches!(prepared.personalization, Personalization::Personalized(_));
@@ -550,15 +640,15 @@ pub(crate) fn finish(
     timings.total_us = micros(now - prepared.received);
 
     Ok(RankResponse {
-        request_id: prepared.request_id,
+        request_id: std::mem::take(&mut prepared.request_id),
         items,
         score_kind,
         group_attributes: table.group_attribute_names().to_vec(),
         personalized,
         non_personalized_reason,
         fairness,
-        privacy: match &release {
-            Some((record, spend, replay)) => record.report(*spend, *replay),
+        privacy: match release {
+            Some(release) => release.record.report(release.spend, release.replay),
             None => PrivacyReport::not_applied(),
         },
         explain_level,
@@ -566,29 +656,29 @@ pub(crate) fn finish(
         users_table: prepared.users_version,
         scored_items,
         pool_size,
-        skipped_candidate_ids: prepared.skipped,
+        skipped_candidate_ids: std::mem::take(&mut prepared.skipped),
         timings: prepared.timings,
     })
 }
 
 /// The ledger's answer to a DP release.
 enum Charged {
-    /// Charged (or free: nothing was selected); the record may be released.
-    Fresh(StoredRelease, Option<private::Spend>),
+    /// Charged (or free: nothing was selected, `None`); the fresh record may be released.
+    Fresh(Option<private::Spend>),
     /// The request id was charged before: release its stored record.
-    Replay(StoredRelease),
+    Replay(Box<StoredRelease>),
     /// The budget is exhausted and the policy asks for a non-personalized answer.
     Exhausted,
 }
 
-/// Adds the noisy scores (if asked for), builds the release record and charges the ledger.
-fn charge_release(
+/// The record of a fresh DP release: the answer's ids and, if asked for, noisy scores. No
+/// charge yet: see [`charge`].
+fn fresh_release(
     prepared: &Prepared,
     plan: &Plan,
     pool: &[ScoredItem],
     answer: &[usize],
-    fairness: &crate::response::FairnessReport,
-) -> Result<Charged, EngineError> {
+) -> Result<StoredRelease, EngineError> {
     let table = &prepared.items.data.table;
     let Personalization::Personalized(query) = &prepared.personalization else {
         return Err(EngineError::internal("a DP plan without a user embedding"));
@@ -615,19 +705,22 @@ fn charge_release(
     } else {
         None
     };
-    let record = private::release_record(plan, pool.len(), answer_ids, scores)?;
-    if plan.mechanism.is_none() || record.tail.rho <= 0.0 {
-        return Ok(Charged::Fresh(record, None));
-    }
-    match private::charge(
-        plan.ledger.as_ref(),
-        plan,
-        &prepared.request_id,
-        &record,
-        fairness,
-    )? {
-        LedgerOutcome::Charged(spend) => Ok(Charged::Fresh(record, Some(spend))),
-        LedgerOutcome::Replayed { answer } => Ok(Charged::Replay(StoredRelease::decode(&answer)?)),
+    private::release_record(plan, pool.len(), answer_ids, scores)
+}
+
+/// Charges the ledger for `record` (the fresh release of `request_id`, whose answer's
+/// fairness report is `fairness`).
+fn charge(
+    plan: &Plan,
+    request_id: &str,
+    record: &StoredRelease,
+    fairness: &crate::response::FairnessReport,
+) -> Result<Charged, EngineError> {
+    match private::charge(plan.ledger.as_ref(), plan, request_id, record, fairness)? {
+        LedgerOutcome::Charged(spend) => Ok(Charged::Fresh(Some(spend))),
+        LedgerOutcome::Replayed { answer } => {
+            Ok(Charged::Replay(Box::new(StoredRelease::decode(&answer)?)))
+        }
         LedgerOutcome::Exceeded(spend) => match plan.on_exhausted {
             private::ExhaustedPolicy::Reject => {
                 Err(private::exhausted_error(plan, record.tail.rho, spend))

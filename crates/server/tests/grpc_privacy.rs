@@ -1,13 +1,13 @@
 //! End-to-end tests of differential privacy over gRPC against the real server process:
 //! DP answers withhold scores and report the charge, budgets refuse or degrade at the cap,
 //! and a retry with the same request id gets the stored answer without a second charge,
-//! also after a restart (the ledger is durable).
+//! also after a restart (the ledger is durable); an answer too large to send costs nothing.
 
 mod grpc_support;
 
 use api::fairrank::v1 as pb;
 use api::fairrank::v1::ranker_client::RankerClient;
-use api::status::error_reason;
+use api::status::{error_field, error_reason};
 use grpc_support::*;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -233,6 +233,75 @@ async fn the_ledger_survives_a_kill_and_replays_after_restart() {
         1,
         first_charge + report(&next).rho_charged,
     );
+}
+
+/// A DP answer above `server.max_message_bytes` is refused before the ledger is charged,
+/// with both ledgers: the subject's budget and the server's totals are untouched, the
+/// request id stays free (the same id with a smaller k is a fresh, charged answer), and a
+/// refusal repeats without a charge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dp_answer_too_large_to_send_is_refused_before_it_is_charged() {
+    let tables = tables(47);
+    let user = tables.data.users.ids[8].clone();
+    let cap = 1.0;
+    for commit in ["per-charge", "leased"] {
+        let state = tables.dir.path().join(format!("state-{commit}"));
+        let config = format!(
+            "{}
+[server]
+max_message_bytes = 4096
+",
+            config_with_commit(&state, cap, commit)
+        );
+        let server = Server::start(&tables, Some(&config), &env());
+        let mut ranker = server.ranker().await;
+        // 50 items explained in sentences: about 10 KB, from a pool costing 0.25.
+        let large = |request_id: &str| {
+            let mut request = dp_request(request_id, &user);
+            request.k = 50;
+            request.pool_size = Some(50);
+            request.explain = Some(pb::ExplainOptions {
+                level: pb::ExplainLevel::Text as i32,
+                max_dimensions: 0,
+            });
+            request
+        };
+        for _ in 0..2 {
+            let status = ranker
+                .rank(large("large"))
+                .await
+                .expect_err("above 4096 bytes");
+            assert_eq!(
+                status.code(),
+                Code::ResourceExhausted,
+                "{commit}: {status:?}"
+            );
+            assert_eq!(error_reason(&status), pb::ErrorReason::LimitExceeded);
+            assert_eq!(error_field(&status), Some("k"));
+            for words in ["`server.max_message_bytes`", "nothing was charged"] {
+                assert!(
+                    status.message().contains(words),
+                    "{commit}: {}",
+                    status.message()
+                );
+            }
+        }
+        assert_totals(&ledger_status(&server).await, 0, 0.0);
+
+        // The same request id, with a k whose answer fits: charged once, from the whole cap.
+        let answer = rank_dp(&mut ranker, "large", &user).await;
+        assert!(!answer.replayed, "{commit}");
+        let privacy = report(&answer);
+        assert!((privacy.rho_charged - CHARGE).abs() < 1e-6, "{privacy:?}");
+        let remaining = privacy.rho_remaining.expect("remaining");
+        assert!(
+            (remaining - (cap - CHARGE)).abs() < 1e-6,
+            "{commit}: a refused answer was charged: {remaining} left of {cap}"
+        );
+        assert_totals(&ledger_status(&server).await, 1, privacy.rho_charged);
+        let counters = server.status().await.counters.expect("counters");
+        assert_eq!(counters.dp_answers, 1, "{commit}: {counters:?}");
+    }
 }
 
 /// With leased budget blocks (the default), a kill wastes the unused rest of the user's

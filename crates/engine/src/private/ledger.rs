@@ -80,6 +80,20 @@ pub trait PrivacyLedger: Send + Sync + fmt::Debug {
     /// Charges `charge.rho` to the subject's budget unless that would exceed the cap, and
     /// stores the answer; or returns the answer stored for the same request id.
     fn charge(&self, charge: &LedgerCharge<'_>) -> Result<LedgerOutcome, LedgerFailure>;
+
+    /// The answer stored for `subject`'s `request_id`, if the ledger holds one: what
+    /// [`PrivacyLedger::charge`] would replay, read without charging. The engine asks only
+    /// before refusing a fresh answer it cannot deliver (too large), so that a retry of a
+    /// charged request still gets its stored answer. The default finds none: a ledger that
+    /// cannot look answers up refuses such a retry as it refuses the fresh answer.
+    fn stored_answer(
+        &self,
+        subject: &str,
+        request_id: &str,
+    ) -> Result<Option<Vec<u8>>, LedgerFailure> {
+        let _ = (subject, request_id);
+        Ok(None)
+    }
 }
 
 /// Rounds a rho up to the ledger's fixed-point unit (`2^-40`), so sums never under-count.
@@ -157,6 +171,18 @@ impl PrivacyLedger for MemoryLedger {
             cap: charge.cap,
             resets_at,
         }))
+    }
+
+    fn stored_answer(
+        &self,
+        subject: &str,
+        request_id: &str,
+    ) -> Result<Option<Vec<u8>>, LedgerFailure> {
+        let accounts = self.accounts.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(accounts
+            .get(subject)
+            .and_then(|account| account.answers.get(request_id))
+            .cloned())
     }
 }
 
@@ -241,5 +267,10 @@ mod tests {
         );
         assert!((ledger.spent("alice") - 0.3).abs() < 1e-9);
         assert!(ledger.charge(&charge("z", f64::NAN, now)).is_err());
+        // Looked up without a charge: the stored answer, none for other ids or subjects.
+        assert_eq!(ledger.stored_answer("alice", "a"), Ok(Some(b"a".to_vec())));
+        assert_eq!(ledger.stored_answer("alice", "z"), Ok(None));
+        assert_eq!(ledger.stored_answer("bob", "a"), Ok(None));
+        assert!((ledger.spent("alice") - 0.3).abs() < 1e-9);
     }
 }

@@ -29,12 +29,15 @@
 //! # Accounting
 //!
 //! The ledger is charged, durably, before anything is released; a ledger failure fails the
-//! request closed. The charge stores the released order and noisy scores, so a retry with
-//! the same request id gets the same answer with no new noise and no second charge, also
-//! after a restart or an upgrade: the record holds a stable digest of the request's content
-//! (`fingerprint.rs`: XXH3-128 over a documented encoding), and a retry whose content
-//! differs is refused instead of replayed.
+//! request closed. Whether the caller can deliver the answer is decided before the charge:
+//! the answer is built whole and measured by the setup's [`AnswerLimit`], and one too large
+//! is refused uncharged (`answer_limit.rs`). The charge stores the released order and noisy
+//! scores, so a retry with the same request id gets the same answer with no new noise and
+//! no second charge, also after a restart or an upgrade: the record holds a stable digest of
+//! the request's content (`fingerprint.rs`: XXH3-128 over a documented encoding), and a
+//! retry whose content differs is refused instead of replayed.
 
+mod answer_limit;
 mod fingerprint;
 mod ledger;
 mod record;
@@ -54,6 +57,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use store::Table;
 
+pub use answer_limit::AnswerLimit;
 pub(crate) use fingerprint::{RequestDigest, StoredFingerprint};
 pub use ledger::{
     LedgerCharge, LedgerFailure, LedgerOutcome, MemoryLedger, PrivacyLedger, Spend, round_up_rho,
@@ -63,7 +67,7 @@ pub(crate) use workers::PrivateWorkers;
 
 use crate::error::{EngineError, PreconditionReason};
 use crate::request::{PrivacyBudget, PrivacyMechanism, PrivacyPolicy, RankRequest, UserRef};
-use crate::response::{FairnessReport, PrivacyReport};
+use crate::response::{FairnessReport, PrivacyReport, RankResponse};
 
 /// Mechanism of requests that leave it unspecified.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,14 +225,18 @@ pub struct PrivacySetup {
     pub config: PrivacyConfig,
     /// The budget ledger.
     pub ledger: Arc<dyn PrivacyLedger>,
+    /// What the caller can deliver of an answer, checked before each charge (`None`: no
+    /// limit). The server's is its message limit.
+    pub answer_limit: Option<Arc<dyn AnswerLimit>>,
 }
 
 impl Default for PrivacySetup {
-    /// The default configuration with an in-memory ledger.
+    /// The default configuration with an in-memory ledger, no answer limit.
     fn default() -> Self {
         PrivacySetup {
             config: PrivacyConfig::default(),
             ledger: Arc::new(MemoryLedger::new()),
+            answer_limit: None,
         }
     }
 }
@@ -277,6 +285,8 @@ pub(crate) struct Plan {
     pub noise_buffer: usize,
     /// The ledger to charge.
     pub ledger: Arc<dyn PrivacyLedger>,
+    /// What the caller can deliver, checked before the charge.
+    pub answer_limit: Option<Arc<dyn AnswerLimit>>,
 }
 
 /// Whether `request` is answered under differential privacy (its scores then come from the
@@ -488,6 +498,7 @@ pub(crate) fn plan(
         window: config.window(),
         noise_buffer: config.noise_buffer,
         ledger: Arc::clone(&setup.ledger),
+        answer_limit: setup.answer_limit.clone(),
     }))
 }
 
@@ -941,6 +952,21 @@ pub(crate) fn exhausted_error(plan: &Plan, rho: f64, spend: Spend) -> EngineErro
             }
         ),
     }
+}
+
+/// Refuses (uncharged) a fresh answer the plan's [`AnswerLimit`] cannot deliver.
+pub(crate) fn check_deliverable(plan: &Plan, answer: &RankResponse) -> Result<(), EngineError> {
+    answer_limit::check(plan.answer_limit.as_deref(), answer)
+}
+
+/// The answer the ledger stores for the plan's subject and `request_id`, read without a
+/// charge (fails closed on ledger errors).
+pub(crate) fn stored_answer(plan: &Plan, request_id: &str) -> Result<Option<Vec<u8>>, EngineError> {
+    plan.ledger
+        .stored_answer(&plan.subject, request_id)
+        .map_err(|failure| EngineError::LedgerUnavailable {
+            message: failure.message,
+        })
 }
 
 /// Charges the ledger for a fresh release (fails closed on ledger errors).

@@ -81,6 +81,18 @@ impl PrivacyLedger for StateLedger {
             ChargeOutcome::Exceeded { spent, .. } => LedgerOutcome::Exceeded(spend(spent)),
         })
     }
+
+    fn stored_answer(
+        &self,
+        subject: &str,
+        request_id: &str,
+    ) -> Result<Option<Vec<u8>>, LedgerFailure> {
+        let stored = self
+            .ledger
+            .lookup(&self.key.pseudonym(subject), request_id)
+            .map_err(failure)?;
+        Ok(stored.map(|stored| stored.answer))
+    }
 }
 
 #[cfg(test)]
@@ -120,6 +132,11 @@ mod tests {
         assert!((spend.remaining() - 0.4).abs() < 1e-9);
         let user = ledger.spend("alice", now).expect("reads");
         assert_eq!(user.charges, 1);
+        // The stored answer, read without a charge (by the subject's pseudonym).
+        assert_eq!(ledger.stored_answer("alice", "a"), Ok(Some(b"a".to_vec())));
+        assert_eq!(ledger.stored_answer("alice", "b"), Ok(None));
+        assert_eq!(ledger.stored_answer("bob", "a"), Ok(None));
+        assert_eq!(ledger.spend("alice", now).expect("reads").charges, 1);
     }
 
     /// A window whose end `SystemTime` cannot hold (`budget_window_secs` near `u64::MAX`

@@ -428,6 +428,7 @@ fn only_released_dp_answers_update_the_amortized_state() {
                 ..PrivacyConfig::default()
             },
             ledger: Arc::new(MemoryLedger::new()) as Arc<dyn PrivacyLedger>,
+            answer_limit: None,
         },
         Table::open(&items_path).expect("items open"),
         Some(Table::open(&users_path).expect("users open")),

@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use store::Table;
 
-use super::util::{DIM, ITEMS, brute_force, items_data, row, users_data, write};
+use super::util::{DIM, ITEMS, brute_force, ids, items_data, row, users_data, write};
 use crate::private::LedgerFailure;
 use crate::{
-    BudgetExhaustedAction, Engine, EngineConfig, EngineError, ExhaustedPolicy, ExplainLevel,
-    ExplainOptions, LedgerCharge, LedgerOutcome, MemoryLedger, NonPersonalizedReason,
+    AnswerLimit, BudgetExhaustedAction, Engine, EngineConfig, EngineError, ExhaustedPolicy,
+    ExplainLevel, ExplainOptions, LedgerCharge, LedgerOutcome, MemoryLedger, NonPersonalizedReason,
     PreconditionReason, PrivacyBudget, PrivacyConfig, PrivacyLedger, PrivacyMechanism,
     PrivacyPolicy, PrivacySetup, RankRequest, ReasonCode, ScoreKind, UserRef,
 };
@@ -23,6 +23,13 @@ struct DpFixture {
 }
 
 fn dp_fixture(config: PrivacyConfig) -> DpFixture {
+    dp_fixture_with_limit(config, None)
+}
+
+fn dp_fixture_with_limit(
+    config: PrivacyConfig,
+    answer_limit: Option<Arc<dyn AnswerLimit>>,
+) -> DpFixture {
     let dir = tempfile::tempdir().expect("temporary directory");
     let items = items_data(1, ITEMS, true);
     let users = users_data(2, 24, DIM);
@@ -34,6 +41,7 @@ fn dp_fixture(config: PrivacyConfig) -> DpFixture {
         PrivacySetup {
             config,
             ledger: Arc::clone(&ledger) as Arc<dyn PrivacyLedger>,
+            answer_limit,
         },
         Table::open(&items_path).expect("items open"),
         Some(Table::open(&users_path).expect("users open")),
@@ -367,6 +375,7 @@ fn batch_dp_entries_are_charged_on_the_dp_workers_not_the_compute_pool() {
         PrivacySetup {
             config: PrivacyConfig::default(),
             ledger: Arc::clone(&ledger) as Arc<dyn PrivacyLedger>,
+            answer_limit: None,
         },
         Table::open(&items_path).expect("items open"),
         Some(Table::open(&users_path).expect("users open")),
@@ -420,6 +429,7 @@ fn a_batch_scoring_time_runs_to_its_last_dp_entry() {
                 inner: MemoryLedger::new(),
                 delay,
             }),
+            answer_limit: None,
         },
         Table::open(&items_path).expect("items open"),
         Some(Table::open(&users_path).expect("users open")),
@@ -461,6 +471,7 @@ fn a_ledger_failure_fails_closed() {
         PrivacySetup {
             config: PrivacyConfig::default(),
             ledger: Arc::new(BrokenLedger),
+            answer_limit: None,
         },
         Table::open(&items_path).expect("items open"),
         None,
@@ -655,4 +666,144 @@ fn an_item_dimension_beyond_the_sensitivity_bound_refuses_dp_requests() {
         ),
         other => panic!("{other}"),
     }
+}
+
+/// An answer limit of `max` bytes that counts 100 bytes per item, and remembers the items
+/// of the last answer it measured.
+#[derive(Debug)]
+struct ItemCountLimit {
+    max: std::sync::atomic::AtomicUsize,
+    measured: std::sync::Mutex<Vec<String>>,
+}
+
+impl ItemCountLimit {
+    const ITEM_BYTES: usize = 100;
+
+    fn new(items: usize) -> Arc<ItemCountLimit> {
+        Arc::new(ItemCountLimit {
+            max: (items * Self::ITEM_BYTES).into(),
+            measured: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    fn set_items(&self, items: usize) {
+        self.max.store(
+            items * Self::ITEM_BYTES,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+    }
+
+    fn measured(&self) -> Vec<String> {
+        self.measured.lock().expect("not poisoned").clone()
+    }
+}
+
+impl AnswerLimit for ItemCountLimit {
+    fn size_bound(&self, answer: &crate::RankResponse) -> usize {
+        *self.measured.lock().expect("not poisoned") =
+            answer.items.iter().map(|item| item.id.clone()).collect();
+        answer.items.len() * Self::ITEM_BYTES
+    }
+
+    fn max_bytes(&self) -> usize {
+        self.max.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A DP answer its caller could not deliver is refused before the ledger is charged: the
+/// subject's budget is untouched and nothing is stored for the request id, which a smaller
+/// request may then use. The answer measured is the one released.
+#[test]
+fn a_dp_answer_too_large_to_deliver_is_refused_without_a_charge() {
+    let limit = ItemCountLimit::new(10);
+    let fixture = dp_fixture_with_limit(
+        PrivacyConfig::default(),
+        Some(Arc::clone(&limit) as Arc<dyn AnswerLimit>),
+    );
+    let error = fixture
+        .engine
+        .rank_blocking(dp_request("big", "user-4", 20, 40, 0.1))
+        .expect_err("20 items do not fit in 10");
+    assert_eq!(
+        error,
+        EngineError::AnswerTooLarge {
+            field: "k".into(),
+            bytes: 2000,
+            limit: 1000,
+        }
+    );
+    assert_eq!(fixture.ledger.spent("user-4"), 0.0, "nothing was charged");
+    assert_eq!(fixture.ledger.stored_answer("user-4", "big"), Ok(None));
+
+    // The same request id, asking for less: a fresh answer, charged once.
+    let (k, pool, epsilon) = (5, 40, 0.1);
+    let answer = fixture
+        .engine
+        .rank_blocking(dp_request("big", "user-4", k, pool, epsilon))
+        .expect("5 items fit");
+    assert_eq!(answer.items.len(), k);
+    assert!(!answer.privacy.ledger_replay);
+    let charge = pool as f64 * epsilon * epsilon / 8.0;
+    assert!((answer.privacy.rho_charged - charge).abs() < 1e-9);
+    assert!((fixture.ledger.spent("user-4") - charge).abs() < 1e-9);
+    assert_eq!(
+        limit.measured(),
+        ids(&answer),
+        "the answer measured is released"
+    );
+
+    // In a batch, the entry too large is refused alone and uncharged.
+    let batch = fixture
+        .engine
+        .rank_batch(vec![
+            dp_request("big-entry", "user-6", 20, 40, 0.1),
+            dp_request("small-entry", "user-6", 5, 40, 0.1),
+        ])
+        .expect("answers");
+    assert!(
+        matches!(
+            &batch.results[0],
+            Err(EngineError::AnswerTooLarge { field, .. }) if field == "k"
+        ),
+        "{:?}",
+        batch.results[0]
+    );
+    assert!(batch.results[1].is_ok(), "{:?}", batch.results[1]);
+    assert!((fixture.ledger.spent("user-6") - charge).abs() < 1e-9);
+}
+
+/// A retry of a charged request whose fresh answer (new noise, other items) would be too
+/// large to deliver still gets the answer the ledger stored, without a second charge.
+#[test]
+fn a_retry_gets_its_stored_answer_when_a_fresh_one_would_be_too_large() {
+    let limit = ItemCountLimit::new(10);
+    let fixture = dp_fixture_with_limit(
+        PrivacyConfig::default(),
+        Some(Arc::clone(&limit) as Arc<dyn AnswerLimit>),
+    );
+    let first = fixture
+        .engine
+        .rank_blocking(dp_request("kept", "user-7", 8, 30, 0.1))
+        .expect("8 items fit in 10");
+    let spent = fixture.ledger.spent("user-7");
+    assert!(spent > 0.0);
+    limit.set_items(4);
+    let retry = fixture
+        .engine
+        .rank_blocking(dp_request("kept", "user-7", 8, 30, 0.1))
+        .expect("the stored answer");
+    assert!(retry.privacy.ledger_replay);
+    assert_eq!(retry.privacy.rho_charged, 0.0);
+    assert_eq!(retry.items, first.items);
+    assert_eq!(fixture.ledger.spent("user-7"), spent, "no second charge");
+    // A request id the ledger does not hold is refused, uncharged.
+    let error = fixture
+        .engine
+        .rank_blocking(dp_request("not-kept", "user-7", 8, 30, 0.1))
+        .expect_err("8 items do not fit in 4");
+    assert!(
+        matches!(error, EngineError::AnswerTooLarge { .. }),
+        "{error}"
+    );
+    assert_eq!(fixture.ledger.spent("user-7"), spent);
 }

@@ -16,7 +16,10 @@ use tonic::{Code, Status};
 /// The gRPC status of an engine error. This is the only place engine errors become
 /// statuses.
 pub fn engine_status(error: &EngineError) -> Status {
-    let message = error.to_string();
+    let message = match error {
+        EngineError::AnswerTooLarge { bytes, limit, .. } => dp_answer_too_large(*bytes, *limit),
+        _ => error.to_string(),
+    };
     let field = error.field();
     let (code, reason) = match error {
         EngineError::InvalidArgument { reason, .. } => (
@@ -60,6 +63,7 @@ pub fn engine_status(error: &EngineError) -> Status {
         EngineError::LedgerUnavailable { .. } => {
             (Code::Unavailable, ErrorReason::LedgerUnavailable)
         }
+        EngineError::AnswerTooLarge { .. } => (Code::ResourceExhausted, ErrorReason::LimitExceeded),
         EngineError::DeadlineExceeded { .. } => (Code::DeadlineExceeded, ErrorReason::Unspecified),
         EngineError::Aborted { reason, .. } => (
             Code::Aborted,
@@ -135,6 +139,18 @@ pub fn rank_answer_too_large(bytes: usize, limit: usize) -> Status {
         ),
         ErrorReason::LimitExceeded,
         Some("k"),
+    )
+}
+
+/// The message of a DP answer (a Rank answer or a batch entry) whose size bound `bytes`
+/// exceeds the transport's message limit, refused by the engine before the privacy ledger
+/// was charged (`EngineError::AnswerTooLarge`: the code, reason and field of
+/// [`rank_answer_too_large`], but nothing was charged or kept, so the id stays free).
+fn dp_answer_too_large(bytes: usize, limit: usize) -> String {
+    format!(
+        "the answer would be up to {bytes} bytes, above the server's limit of {limit} \
+         (`server.max_message_bytes`); ask for a smaller k or lighter explanations (nothing \
+         was charged to the privacy budget, and the request id may be used again)"
     )
 }
 
@@ -487,6 +503,32 @@ mod tests {
             assert_eq!(error_reason(&status), reason, "{error}");
             assert_eq!(status.message(), error.to_string());
         }
+    }
+
+    /// A DP answer refused before its charge: what a Rank answer refused after it says
+    /// (code, reason, field `k`, the configuration key), and that nothing was charged.
+    #[test]
+    fn a_dp_answer_too_large_to_deliver_is_refused_like_any_answer_too_large() {
+        let error = EngineError::AnswerTooLarge {
+            field: "k".into(),
+            bytes: 5000,
+            limit: 4096,
+        };
+        let status = engine_status(&error);
+        let after = rank_answer_too_large(5000, 4096);
+        assert_eq!(status.code(), after.code());
+        assert_eq!(error_reason(&status), error_reason(&after));
+        assert_eq!(error_field(&status), Some("k"));
+        for words in [
+            "5000 bytes",
+            "4096",
+            "`server.max_message_bytes`",
+            "nothing",
+        ] {
+            assert!(status.message().contains(words), "{}", status.message());
+        }
+        let entry = engine_status(&error.with_field_prefix("requests[1]."));
+        assert_eq!(error_field(&entry), Some("requests[1].k"));
     }
 
     #[test]

@@ -104,10 +104,14 @@ fn log_recovery(recovery: &state::LogRecovery) {
     );
 }
 
-/// The engine's privacy setup: the configuration and `ledger` keyed by `key`.
+/// The engine's privacy setup: the configuration, `ledger` keyed by `key`, and the message
+/// limit a DP answer must fit before it is charged.
 pub fn setup(config: &Config, ledger: Arc<dyn BudgetLedger>, key: PseudonymKey) -> PrivacySetup {
     PrivacySetup {
         config: config.privacy.clone(),
         ledger: Arc::new(StateLedger::new(ledger, key)),
+        answer_limit: Some(Arc::new(super::answer::MessageLimit::new(
+            config.server.max_message_bytes,
+        ))),
     }
 }
