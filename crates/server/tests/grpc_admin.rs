@@ -1,6 +1,6 @@
 //! End-to-end tests of `fairrank.v1.Admin`: bearer-token authentication, table reloads
-//! (good and bad files, paths outside the allowed folder) under concurrent load, rollback,
-//! the personalization switch and status.
+//! (good and bad files, paths outside the allowed folder or not usable) under concurrent
+//! load, rollback, the personalization switch and status.
 
 mod grpc_support;
 
@@ -415,6 +415,66 @@ async fn reload_paths_rollback_and_the_personalization_switch() {
     assert_eq!(counters.rollbacks, 1);
     assert_eq!(counters.non_personalized_answers, 1);
     assert!(server.logs().contains("incident 42"), "{}", server.logs());
+}
+
+/// Every reload path the server cannot open names the field `path`, quoting the path
+/// clipped: a file name too long for the file system, a folder, a file used as a folder, a
+/// missing file under a long path. The table keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_path_errors_name_the_path_field_and_clip_the_path() {
+    let tables = tables(25);
+    std::fs::create_dir(tables.dir.path().join("folder")).expect("a folder");
+    let server = Server::start(&tables, None, &admin_env());
+    let mut admin = server.admin().await;
+    let long_name = format!("{}.frt", "x".repeat(5000));
+    let long_missing = format!("{}/missing.frt", "folder/.".repeat(400));
+    for (path, code, reason) in [
+        (
+            long_name.as_str(),
+            Code::FailedPrecondition,
+            pb::ErrorReason::TableInvalid,
+        ),
+        (
+            "folder",
+            Code::FailedPrecondition,
+            pb::ErrorReason::TableInvalid,
+        ),
+        (
+            "items.frt/inside.frt",
+            Code::FailedPrecondition,
+            pb::ErrorReason::TableInvalid,
+        ),
+        (
+            long_missing.as_str(),
+            Code::NotFound,
+            pb::ErrorReason::TableFileNotFound,
+        ),
+    ] {
+        let label = &path[..path.len().min(40)];
+        let status = admin
+            .reload_table(with_token(
+                pb::ReloadTableRequest {
+                    table: pb::TableKind::Items as i32,
+                    path: Some(path.to_owned()),
+                    ..Default::default()
+                },
+                ADMIN_TOKEN,
+            ))
+            .await
+            .expect_err(label);
+        assert_eq!(status.code(), code, "{label}: {}", status.message());
+        assert_eq!(error_reason(&status), reason, "{label}");
+        assert_eq!(error_field(&status), Some("path"), "{label}");
+        assert!(
+            status.message().len() < 1024,
+            "{label}: {} bytes: {}",
+            status.message().len(),
+            status.message()
+        );
+    }
+    let status = server.status().await;
+    let items = status.items_table.expect("items");
+    assert_eq!(items.version.map(|v| v.generation), Some(1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

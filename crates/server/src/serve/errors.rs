@@ -252,12 +252,21 @@ pub fn admin_disabled(token_env: &str) -> Status {
     )
 }
 
+/// Bytes of a reload path quoted in an error message (a file system takes 4 KiB and more).
+const QUOTED_PATH_BYTES: usize = 256;
+
+/// A reload path for an error message: quoted, clipped to [`QUOTED_PATH_BYTES`].
+fn quoted_path(path: &str) -> String {
+    fairness::quote_clipped_to(path, QUOTED_PATH_BYTES)
+}
+
 /// A reload path outside the allowed folder.
 pub fn path_not_allowed(path: &str, folder: &std::path::Path) -> Status {
     error_status(
         Code::PermissionDenied,
         format!(
-            "path {path:?} is outside the folder that reloads may read from ({})",
+            "path {} is outside the folder that reloads may read from ({})",
+            quoted_path(path),
             folder.display()
         ),
         ErrorReason::PathNotAllowed,
@@ -269,8 +278,26 @@ pub fn path_not_allowed(path: &str, folder: &std::path::Path) -> Status {
 pub fn table_file_not_found(path: &std::path::Path) -> Status {
     error_status(
         Code::NotFound,
-        format!("table file {} does not exist", path.display()),
+        format!(
+            "table file {} does not exist",
+            quoted_path(&path.display().to_string())
+        ),
         ErrorReason::TableFileNotFound,
+        Some("path"),
+    )
+}
+
+/// A reload path that exists (or may) but cannot be a table file: a name too long for the
+/// file system, a file where a folder should be, a folder, a file the server may not read.
+/// `TABLE_INVALID`, as the engine refuses a file it cannot open, but naming the field.
+pub fn table_path_unusable(path: &str, problem: impl std::fmt::Display) -> Status {
+    error_status(
+        Code::FailedPrecondition,
+        format!(
+            "table file {} cannot be opened: {problem}",
+            quoted_path(path)
+        ),
+        ErrorReason::TableInvalid,
         Some("path"),
     )
 }

@@ -292,7 +292,8 @@ impl ReloadDirs {
     }
 
     /// The file a reload of `kind` may open for the requested path: inside the table's
-    /// folder (relative paths start there), no `..`, no symbolic link out of it.
+    /// folder (relative paths start there), no `..`, no symbolic link out of it; a regular
+    /// file the server can open. Every refusal names the field `path`.
     fn resolve(&self, kind: TableKind, requested: &str) -> Result<PathBuf, Status> {
         let folder = self.folder(kind);
         if requested.is_empty() {
@@ -317,15 +318,36 @@ impl ReloadDirs {
             return Err(errors::path_not_allowed(requested, folder));
         }
         match joined.canonicalize() {
-            Ok(canonical) if canonical.starts_with(folder) => Ok(canonical),
+            Ok(canonical) if canonical.starts_with(folder) => {
+                openable_file(&canonical)
+                    .map_err(|problem| errors::table_path_unusable(requested, problem))?;
+                Ok(canonical)
+            }
             Ok(_) => Err(errors::path_not_allowed(requested, folder)),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                 Err(errors::table_file_not_found(&joined))
             }
-            // Let the engine open it and report the failure with the store's words.
-            Err(_) => Ok(joined),
+            // A name too long, a file where a folder should be, a folder it may not search.
+            Err(error) => Err(errors::table_path_unusable(requested, error)),
         }
     }
+}
+
+/// Why `path` is not a regular file this process can open for reading, if it is not. Not
+/// opened unless regular: opening a FIFO would wait for a writer. (The engine opens it again
+/// to load it, and reports what fails then with the store's words.)
+fn openable_file(path: &Path) -> Result<(), String> {
+    let metadata = std::fs::metadata(path).map_err(|error| error.to_string())?;
+    if !metadata.is_file() {
+        return Err(if metadata.is_dir() {
+            "it is a folder, not a table file".to_owned()
+        } else {
+            "it is not a regular file".to_owned()
+        });
+    }
+    std::fs::File::open(path)
+        .map(drop)
+        .map_err(|error| format!("it cannot be read: {error}"))
 }
 
 /// Names of the services whose health is reported (besides the server as a whole, ""):
