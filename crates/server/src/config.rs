@@ -651,8 +651,13 @@ impl Config {
         if let Some(moved) = moved_key(&text) {
             bail!("{}: invalid configuration: {moved}", path.display());
         }
-        let config: Config = toml::from_str(&text)
-            .with_context(|| format!("{}: invalid configuration", path.display()))?;
+        let config: Config = toml::from_str(&text).map_err(|error| {
+            anyhow::anyhow!(
+                "{}: invalid configuration: {}",
+                path.display(),
+                toml_problem(&text, &error)
+            )
+        })?;
         config
             .validate()
             .with_context(|| format!("{}: invalid configuration", path.display()))?;
@@ -706,6 +711,16 @@ impl Config {
     /// `--print-config` too.
     fn check_default_fairness(&self) -> anyhow::Result<()> {
         let ranking = &self.ranking;
+        let name = &ranking.default_fairness_constraint;
+        if name.len() > engine::MAX_CONSTRAINT_NAME_BYTES {
+            bail!(
+                "ranking.default_fairness_constraint: {} is {} bytes long, not a constraint \
+                 name (at most {} bytes)",
+                fairness::quote_clipped(name),
+                name.len(),
+                engine::MAX_CONSTRAINT_NAME_BYTES
+            );
+        }
         let params: serde_json::Map<String, serde_json::Value> = ranking
             .default_fairness_params
             .iter()
@@ -719,8 +734,8 @@ impl Config {
                 bail!("ranking.default_fairness_constraint: {error}")
             }
             Err(error) => bail!(
-                "ranking.default_fairness_params (for {:?}): {error}",
-                ranking.default_fairness_constraint
+                "ranking.default_fairness_params (for {}): {error}",
+                fairness::quote_clipped(name)
             ),
         }
     }
@@ -741,7 +756,10 @@ impl Config {
             return Ok(None);
         }
         let addr = text.parse::<SocketAddr>().with_context(|| {
-            format!("server.metrics_addr {text:?} is not HOST:PORT (an IP address and a port)")
+            format!(
+                "server.metrics_addr {} is not HOST:PORT (an IP address and a port)",
+                fairness::quote_clipped(text)
+            )
         })?;
         Ok(Some(addr))
     }
@@ -814,6 +832,46 @@ impl Config {
 }
 
 /// Explains a key of an earlier version that was replaced, if `text` has one.
+/// Longest text of the TOML parser's refusal shown as it is. The parser quotes the whole
+/// line at fault, and serde a value of the wrong type: a longer refusal is shown with the
+/// line and the message clipped.
+const MAX_TOML_PROBLEM_BYTES: usize = 1024;
+
+/// The TOML parser's refusal of `text`, at most about [`MAX_TOML_PROBLEM_BYTES`] long.
+fn toml_problem(text: &str, error: &toml::de::Error) -> String {
+    let whole = error.to_string();
+    if whole.len() <= MAX_TOML_PROBLEM_BYTES {
+        return whole;
+    }
+    let message = clipped(error.message(), MAX_TOML_PROBLEM_BYTES / 2);
+    let Some(start) = error.span().map(|span| span.start) else {
+        return message;
+    };
+    let before = text.get(..start).unwrap_or_default();
+    let line_start = before.rfind('\n').map_or(0, |at| at + 1);
+    let line_end = text[line_start..]
+        .find('\n')
+        .map_or(text.len(), |end| line_start + end);
+    format!(
+        "TOML parse error at line {}, column {}, in the line {}: {message}",
+        before.matches('\n').count() + 1,
+        before.len() - line_start + 1,
+        fairness::quote_clipped(&text[line_start..line_end])
+    )
+}
+
+/// `text`, or its first `max_bytes` bytes or fewer (at a character boundary) and its length.
+fn clipped(text: &str, max_bytes: usize) -> String {
+    if text.len() <= max_bytes {
+        return text.to_owned();
+    }
+    let end = (0..=max_bytes)
+        .rev()
+        .find(|&end| text.is_char_boundary(end))
+        .unwrap_or(0);
+    format!("{}... ({} bytes)", &text[..end], text.len())
+}
+
 fn moved_key(text: &str) -> Option<String> {
     let table: toml::Table = toml::from_str(text).ok()?;
     let (section, _) =
@@ -1000,6 +1058,42 @@ mod tests {
             assert!(error.contains("bad.toml"), "{error}");
             assert!(error.contains(key), "{error}");
         }
+    }
+
+    #[test]
+    fn long_values_in_refusals_are_clipped() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let long = "é".repeat(50_000);
+        for (text, key) in [
+            (
+                format!("[ranking]\ndefault_fairness_constraint = \"{long}\"\n"),
+                "ranking.default_fairness_constraint",
+            ),
+            (
+                format!("[ranking]\ndefault_fairness_constrant = \"{long}\"\n"),
+                "default_fairness_constrant",
+            ),
+            (format!("[ranking]\nmax_k = \"{long}\"\n"), "max_k"),
+            (
+                format!("[server]\nmetrics_addr = \"{long}\"\n"),
+                "server.metrics_addr",
+            ),
+        ] {
+            let path = dir.path().join("long.toml");
+            std::fs::write(&path, &text).expect("writes");
+            let error = format!("{:#}", Config::load(&path).expect_err(key));
+            assert!(error.contains("long.toml"), "{key}: {error}");
+            assert!(error.contains(key), "{key}: {error}");
+            assert!(error.len() < 1536, "{key}: {} bytes: {error}", error.len());
+        }
+        // Short refusals are the parser's own, with the line and its marker.
+        let path = dir.path().join("short.toml");
+        std::fs::write(&path, "[ranking]\nmax_k = \"five\"\n").expect("writes");
+        let error = format!("{:#}", Config::load(&path).expect_err("a string"));
+        assert!(
+            error.contains("max_k = \"five\"") && error.contains('^'),
+            "{error}"
+        );
     }
 
     #[test]

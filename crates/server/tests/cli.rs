@@ -1,4 +1,5 @@
-//! End-to-end tests of the `fairrank` CLI's table, topk and bench commands on real files.
+//! End-to-end tests of the `fairrank` CLI's table, topk and bench commands on real files,
+//! and of `serve` refusing bad tables and configuration.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -626,4 +627,46 @@ fn built_tables_are_marked_and_tables_in_swapped_roles_are_refused() {
     assert!(message.contains(&user_as_item), "{message}");
     let message = serve_refusal(&[&items, &items], dir.path());
     assert!(message.contains(&item_as_user), "{message}");
+}
+
+/// Configuration values echoed in a start-up refusal are clipped: a 100 KB default fairness
+/// constraint (and a 100 KB line under a misspelt key, or of the wrong type) is refused
+/// naming the file and the key, in a short message.
+#[test]
+fn config_values_in_start_up_refusals_are_clipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = "y".repeat(100_000);
+    for (text, key) in [
+        (
+            format!("[ranking]\ndefault_fairness_constraint = \"{long}\"\n"),
+            "ranking.default_fairness_constraint",
+        ),
+        (
+            format!("[ranking]\ndefault_fairness_constrant = \"{long}\"\n"),
+            "default_fairness_constrant",
+        ),
+        (format!("[ranking]\nmax_k = \"{long}\"\n"), "max_k"),
+    ] {
+        let path = dir.path().join("long-value.toml");
+        std::fs::write(&path, &text).unwrap();
+        // Without a backtrace, as an operator sees the refusal.
+        let output = Command::new(env!("CARGO_BIN_EXE_fairrank"))
+            .args(["serve", "--print-config", "--config"])
+            .arg(&path)
+            .env("FAIRRANK_CACHE", dir.path())
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE")
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{key}: accepted");
+        let refusal = stderr(&output);
+        assert!(refusal.contains("long-value.toml"), "{key}: {refusal}");
+        assert!(refusal.contains(key), "{key}: {refusal}");
+        assert!(
+            refusal.len() < 2048,
+            "{key}: {} bytes: {}",
+            refusal.len(),
+            &refusal[..refusal.len().min(600)]
+        );
+    }
 }
