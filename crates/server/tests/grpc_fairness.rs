@@ -221,6 +221,28 @@ async fn bad_constraints_and_parameters_are_invalid_arguments_naming_the_field()
             pb::ErrorReason::LimitExceeded,
             "fairness",
         ),
+        // So is one whose string is above the wire limit: the string is named.
+        (
+            pb::FairnessPolicy {
+                exposure_scope: "s".repeat(70_000),
+                ..policy("none", serde_json::json!({}))
+            },
+            pb::ErrorReason::LimitExceeded,
+            "fairness.exposure_scope",
+        ),
+        (
+            pb::FairnessPolicy {
+                group_attribute: "g".repeat(70_000),
+                ..policy("none", serde_json::json!({}))
+            },
+            pb::ErrorReason::LimitExceeded,
+            "fairness.group_attribute",
+        ),
+        (
+            policy(&"c".repeat(70_000), serde_json::json!({})),
+            pb::ErrorReason::LimitExceeded,
+            "fairness.constraint",
+        ),
     ];
     for (index, (fairness, reason, field)) in cases.into_iter().enumerate() {
         let status = ranker
@@ -254,6 +276,31 @@ async fn bad_constraints_and_parameters_are_invalid_arguments_naming_the_field()
         .await
         .expect_err("unknown");
     assert!(status.message().contains("fa*ir") && status.message().contains("det-greedy"));
+    // In a batch, the entry's string is named.
+    let status = ranker
+        .rank_batch(pb::RankBatchRequest {
+            requests: vec![
+                fair_request("ok", &user, 5, 50, policy("none", serde_json::json!({}))),
+                fair_request(
+                    "long-scope",
+                    &user,
+                    5,
+                    50,
+                    pb::FairnessPolicy {
+                        exposure_scope: "s".repeat(70_000),
+                        ..policy("none", serde_json::json!({}))
+                    },
+                ),
+            ],
+        })
+        .await
+        .expect_err("a string above the wire limit");
+    assert_eq!(error_reason(&status), pb::ErrorReason::LimitExceeded);
+    assert_eq!(
+        error_field(&status),
+        Some("requests[1].fairness.exposure_scope"),
+        "{status:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

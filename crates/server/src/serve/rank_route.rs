@@ -74,8 +74,100 @@ pub enum DecodeFailure {
     /// More candidate ids than the server's `max_candidates`.
     TooManyIds { limit: usize },
     /// A `fairness` policy above [`convert::MAX_FAIRNESS_WIRE_BYTES`] on the wire (all its
-    /// occurrences together, as prost merges them): `bytes` counted when refused.
-    FairnessTooLarge { bytes: usize },
+    /// occurrences together, as prost merges them): `bytes` counted when refused, and the
+    /// policy's string that is above its own limit, if one is.
+    FairnessTooLarge {
+        bytes: usize,
+        oversized: Option<OversizedString>,
+    },
+}
+
+/// A string field of a `fairness` policy above its own limit, found on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OversizedString {
+    /// Its path in the request (`fairness.exposure_scope`, ...).
+    pub field: &'static str,
+    /// Its length.
+    pub bytes: usize,
+    /// Its limit.
+    pub limit: usize,
+}
+
+impl OversizedString {
+    /// The refusal the engine gives the same string in a smaller policy, for the field
+    /// `prefix` + its path (`requests[3].` in a batch).
+    pub fn status(&self, prefix: &str) -> Status {
+        errors::limit_exceeded(
+            &format!("{prefix}{}", self.field),
+            format!(
+                "is {} bytes long; at most {} are allowed",
+                self.bytes, self.limit
+            ),
+        )
+    }
+}
+
+/// The string fields of `FairnessPolicy` with their limits, in the order the engine checks
+/// them: (tag, path, limit).
+const POLICY_STRINGS: [(u32, &str, usize); 3] = [
+    (1, "fairness.constraint", engine::MAX_CONSTRAINT_NAME_BYTES),
+    (
+        3,
+        "fairness.group_attribute",
+        engine::MAX_GROUP_ATTRIBUTE_BYTES,
+    ),
+    (
+        4,
+        "fairness.exposure_scope",
+        engine::MAX_EXPOSURE_SCOPE_BYTES,
+    ),
+];
+
+/// The string of the `fairness` policy of the `RankRequest` `body` that is above its own
+/// limit, if one is, as prost would decode the policy (the last occurrence of a string
+/// wins; the first field over its limit in the engine's order). Read on the wire, keys and
+/// lengths only, without decoding any policy (its `Struct` is what the wire bound keeps
+/// prost from building); `None` where the body is malformed.
+fn oversized_policy_string(body: &[u8]) -> Option<OversizedString> {
+    let context = DecodeContext::default();
+    let mut lengths = [None; POLICY_STRINGS.len()];
+    let mut rest = body;
+    while !rest.is_empty() {
+        let (tag, wire_type) = prost::encoding::decode_key(&mut rest).ok()?;
+        if tag != FAIRNESS_FIELD || wire_type != WireType::LengthDelimited {
+            prost::encoding::skip_field(wire_type, tag, &mut rest, context.clone()).ok()?;
+            continue;
+        }
+        let length = take_length(&mut rest)?;
+        let (mut policy, after) = rest.split_at(length);
+        rest = after;
+        while !policy.is_empty() {
+            let (tag, wire_type) = prost::encoding::decode_key(&mut policy).ok()?;
+            let string = POLICY_STRINGS.iter().position(|&(known, ..)| known == tag);
+            match string {
+                Some(index) if wire_type == WireType::LengthDelimited => {
+                    let length = take_length(&mut policy)?;
+                    lengths[index] = Some(length);
+                    policy = policy.get(length..)?;
+                }
+                _ => {
+                    prost::encoding::skip_field(wire_type, tag, &mut policy, context.clone())
+                        .ok()?;
+                }
+            }
+        }
+    }
+    POLICY_STRINGS
+        .iter()
+        .zip(lengths)
+        .find_map(|(&(_, field, limit), length)| {
+            let bytes = length.filter(|&length| length > limit)?;
+            Some(OversizedString {
+                field,
+                bytes,
+                limit,
+            })
+        })
 }
 
 /// Why [`decode_fast`] stopped.
@@ -110,9 +202,10 @@ impl WireRankRequest {
     pub fn decode_body(body: Bytes, max_ids: usize) -> Result<WireRankRequest, DecodeFailure> {
         match decode_fast(&body, max_ids) {
             Err(FastFailure::TooManyIds) => Err(DecodeFailure::TooManyIds { limit: max_ids }),
-            Err(FastFailure::FairnessTooLarge(bytes)) => {
-                Err(DecodeFailure::FairnessTooLarge { bytes })
-            }
+            Err(FastFailure::FairnessTooLarge(bytes)) => Err(DecodeFailure::FairnessTooLarge {
+                bytes,
+                oversized: oversized_policy_string(&body),
+            }),
             Err(FastFailure::Refused) => Err(prost_verdict(&body)),
             Ok((message, spans, runs)) => match CandidateIds::from_shared(body.clone(), spans) {
                 Some(ids) => Ok(WireRankRequest {
@@ -377,11 +470,12 @@ impl Decoder for RequestDecoder {
                 "candidate_ids",
                 format!("more than {limit} ids; at most {limit} are allowed"),
             )),
-            Err(DecodeFailure::FairnessTooLarge { bytes }) => Err(convert::fairness_too_large(
-                "fairness",
-                bytes,
-                convert::MAX_FAIRNESS_WIRE_BYTES,
-            )),
+            Err(DecodeFailure::FairnessTooLarge { bytes, oversized }) => Err(match oversized {
+                Some(oversized) => oversized.status(""),
+                None => {
+                    convert::fairness_too_large("fairness", bytes, convert::MAX_FAIRNESS_WIRE_BYTES)
+                }
+            }),
             Err(DecodeFailure::Inconsistent) => {
                 Err(errors::internal("candidate ids decoded inconsistently"))
             }
@@ -476,6 +570,7 @@ fn batch_over_limits(body: &[u8], limits: BatchLimits) -> Option<Status> {
         }
         let length = take_length(&mut rest)?;
         let (mut entry, after) = rest.split_at(length);
+        let whole_entry = entry;
         rest = after;
         entries += 1;
         if entries > limits.max_entries {
@@ -497,11 +592,15 @@ fn batch_over_limits(body: &[u8], limits: BatchLimits) -> Option<Status> {
                 fairness_bytes += length;
                 batch_fairness_bytes += length;
                 if fairness_bytes > convert::MAX_FAIRNESS_WIRE_BYTES {
-                    return Some(convert::fairness_too_large(
-                        &format!("requests[{}].fairness", entries - 1),
-                        fairness_bytes,
-                        convert::MAX_FAIRNESS_WIRE_BYTES,
-                    ));
+                    let prefix = format!("requests[{}].", entries - 1);
+                    return Some(match oversized_policy_string(whole_entry) {
+                        Some(oversized) => oversized.status(&prefix),
+                        None => convert::fairness_too_large(
+                            &format!("{prefix}fairness"),
+                            fairness_bytes,
+                            convert::MAX_FAIRNESS_WIRE_BYTES,
+                        ),
+                    });
                 }
                 if batch_fairness_bytes > convert::MAX_BATCH_FAIRNESS_WIRE_BYTES {
                     return Some(convert::fairness_too_large(
@@ -984,12 +1083,13 @@ mod tests {
         // One policy over the limit, or several that are over it together.
         for parts in [1, 2, 7] {
             let body = fairness_heavy(limit / 2 + 100, parts);
-            let Err(DecodeFailure::FairnessTooLarge { bytes }) =
+            let Err(DecodeFailure::FairnessTooLarge { bytes, oversized }) =
                 WireRankRequest::decode(&body[..], 10)
             else {
                 panic!("{parts} parts over the limit must be refused");
             };
             assert!(bytes > limit, "{bytes}");
+            assert_eq!(oversized, None, "no string is over its own limit");
             // prost itself would have decoded it.
             assert!(pb::RankRequest::decode(&body[..]).is_ok());
         }
@@ -1000,6 +1100,81 @@ mod tests {
             WireRankRequest::decode(&cut[..], 10),
             Err(DecodeFailure::Malformed(_))
         ));
+    }
+
+    /// A request body with each of `policies` in an occurrence of its own (prost merges
+    /// them: the last occurrence of a string wins).
+    fn with_policies(policies: &[pb::FairnessPolicy]) -> Vec<u8> {
+        let mut body = request(&["a"]).encode_to_vec();
+        for policy in policies {
+            pb::RankRequest {
+                fairness: Some(policy.clone()),
+                ..Default::default()
+            }
+            .encode(&mut body)
+            .expect("encodes");
+        }
+        body
+    }
+
+    #[test]
+    fn strings_above_the_wire_limit_are_named_as_prost_would_decode_them() {
+        let long = "s".repeat(convert::MAX_FAIRNESS_WIRE_BYTES + 10);
+        let scope = |scope: &str| pb::FairnessPolicy {
+            exposure_scope: scope.to_owned(),
+            ..Default::default()
+        };
+        let refusal = |policies: &[pb::FairnessPolicy]| {
+            let body = with_policies(policies);
+            assert!(
+                pb::RankRequest::decode(&body[..]).is_ok(),
+                "prost decodes it"
+            );
+            match WireRankRequest::decode(&body[..], 10) {
+                Err(DecodeFailure::FairnessTooLarge { oversized, .. }) => oversized,
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        };
+        assert_eq!(
+            refusal(&[scope(&long)]),
+            Some(OversizedString {
+                field: "fairness.exposure_scope",
+                bytes: long.len(),
+                limit: engine::MAX_EXPOSURE_SCOPE_BYTES,
+            })
+        );
+        // The engine's order: the constraint's name before the scope.
+        let both = pb::FairnessPolicy {
+            constraint: "c".repeat(100),
+            ..scope(&long)
+        };
+        assert_eq!(
+            refusal(&[both]).map(|oversized| oversized.field),
+            Some("fairness.constraint")
+        );
+        let attribute = pb::FairnessPolicy {
+            group_attribute: long.clone(),
+            ..Default::default()
+        };
+        let status = refusal(&[attribute])
+            .expect("the attribute is named")
+            .status("");
+        assert_eq!(
+            api::status::error_field(&status),
+            Some("fairness.group_attribute")
+        );
+        assert_eq!(
+            api::status::error_reason(&status),
+            pb::ErrorReason::LimitExceeded
+        );
+        assert!(status.message().contains("at most 128"), "{status:?}");
+        // A later occurrence replaces the long scope: no string is over its limit, and the
+        // whole policy is refused as before.
+        assert_eq!(refusal(&[scope(&long), scope("home")]), None);
+        assert_eq!(
+            refusal(&[scope("home"), scope(&long)]).map(|oversized| oversized.bytes),
+            Some(long.len())
+        );
     }
 
     #[test]
@@ -1029,6 +1204,17 @@ mod tests {
             .expect("over the batch's limit");
         assert_eq!(api::status::error_field(&all), Some("requests"));
         assert!(all.message().contains("fairness"), "{all:?}");
+        // An entry's string above the limit is named in the entry.
+        let mut long_scope = entry(10);
+        if let Some(policy) = long_scope.fairness.as_mut() {
+            policy.exposure_scope = "s".repeat(per_entry + 10);
+        }
+        let named = batch_over_limits(&batch(vec![entry(10), long_scope]), limits)
+            .expect("the entry is over the limit");
+        assert_eq!(
+            api::status::error_field(&named),
+            Some("requests[1].fairness.exposure_scope")
+        );
     }
 
     #[test]
