@@ -184,6 +184,17 @@ pub fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
     request
 }
 
+/// A request carrying `message` and the ASCII `metadata` pairs.
+fn with_metadata<T>(message: T, metadata: &[(&'static str, &str)]) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    for (key, value) in metadata {
+        request
+            .metadata_mut()
+            .insert(*key, value.parse().expect("an ASCII value"));
+    }
+    request
+}
+
 /// A running `fairrank serve` process, killed on drop if still running.
 pub struct Server {
     child: Child,
@@ -339,12 +350,7 @@ impl Server {
     ) -> Result<Vec<u8>, tonic::Status> {
         let mut raw = tonic::client::Grpc::new(self.channel().await);
         raw.ready().await.expect("channel ready");
-        let mut request = tonic::Request::new(body);
-        for (key, value) in metadata {
-            request
-                .metadata_mut()
-                .insert(*key, value.parse().expect("an ASCII value"));
-        }
+        let request = with_metadata(body, metadata);
         raw.unary(request, path.parse().expect("a path"), RawBodyCodec)
             .await
             .map(tonic::Response::into_inner)
@@ -363,12 +369,7 @@ impl Server {
         let mut raw =
             tonic::client::Grpc::new(self.channel().await).max_decoding_message_size(usize::MAX);
         raw.ready().await.expect("channel ready");
-        let mut request = tonic::Request::new(tokio_stream::iter(bodies));
-        for (key, value) in metadata {
-            request
-                .metadata_mut()
-                .insert(*key, value.parse().expect("an ASCII value"));
-        }
+        let request = with_metadata(tokio_stream::iter(bodies), metadata);
         raw.streaming(request, path.parse().expect("a path"), RawBodyCodec)
             .await
             .map(tonic::Response::into_inner)
@@ -385,12 +386,7 @@ impl Server {
         let mut raw =
             tonic::client::Grpc::new(self.channel().await).max_decoding_message_size(usize::MAX);
         raw.ready().await.expect("channel ready");
-        let mut request = tonic::Request::new(body);
-        for (key, value) in metadata {
-            request
-                .metadata_mut()
-                .insert(*key, value.parse().expect("an ASCII value"));
-        }
+        let request = with_metadata(body, metadata);
         raw.server_streaming(request, path.parse().expect("a path"), RawBodyCodec)
             .await
             .map(tonic::Response::into_inner)
