@@ -210,8 +210,8 @@ pub struct ServerConfig {
     /// more are shed with `RESOURCE_EXHAUSTED` (default 256).
     pub max_concurrent_requests: usize,
     /// Largest encoded request message, and largest Rank or RankBatch answer, in bytes
-    /// (default 16 MiB); either larger is refused with `RESOURCE_EXHAUSTED` (a health or
-    /// reflection request with tonic's `OUT_OF_RANGE`). Admin, health and reflection
+    /// (default 16 MiB); either larger is refused with `RESOURCE_EXHAUSTED` (requests to
+    /// every service, health and reflection included). Admin, health and reflection
     /// answers are not limited.
     pub max_message_bytes: usize,
     /// Deadline of calls that send no `grpc-timeout`, in milliseconds (default 5000).
@@ -334,7 +334,7 @@ const KEY_DOCS: &[(&str, &str, &str)] = &[
     (
         "server",
         "max_message_bytes",
-        "Largest encoded request message (every service), and largest Rank or RankBatch answer, in bytes; either larger is refused with RESOURCE_EXHAUSTED (health and reflection requests: OUT_OF_RANGE; Admin, health and reflection answers are not limited).",
+        "Largest encoded request message (every service), and largest Rank or RankBatch answer, in bytes; either larger is refused with RESOURCE_EXHAUSTED (requests to every service, health and reflection included; Admin, health and reflection answers are not limited).",
     ),
     (
         "server",

@@ -1060,19 +1060,21 @@ async fn errors_of_the_grpc_layer_carry_a_reason() {
         }
         assert!(matches!(answers.message().await, Ok(None)), "{path}");
     }
-    // ... and larger ones are refused: tonic's OUT_OF_RANGE naming the configured limit.
+    // ... and larger ones are refused as every service refuses them: RESOURCE_EXHAUSTED
+    // naming the message's size and the configured limit (tonic's own code is OUT_OF_RANGE).
     let too_long = check(&"n".repeat(LIMIT + 1));
     let too_large = |what: &str, status: &tonic::Status| {
         expect(
             what,
             status,
-            Code::OutOfRange,
+            Code::ResourceExhausted,
             pb::ErrorReason::LimitExceeded,
         );
+        let size = too_long.len();
         assert!(
-            status
-                .message()
-                .contains(&format!("the limit is: {LIMIT} bytes")),
+            status.message().contains(&format!(
+                "message of {size} bytes is above the server's limit of {LIMIT} bytes"
+            )),
             "{what}: {status:?}"
         );
     };

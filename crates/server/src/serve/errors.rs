@@ -321,6 +321,42 @@ pub fn internal(message: impl Into<String>) -> Status {
     error_status(Code::Internal, message, ErrorReason::Unspecified, None)
 }
 
+/// How tonic's refusal of a request message above the decoding limit begins (its code is
+/// OUT_OF_RANGE; the text goes on "N bytes, the limit is: M bytes").
+const TONIC_BODY_TOO_LARGE: &str = "Error, decoded message length too large: found ";
+
+/// Where tonic's refusal names the limit, after the message's size.
+const TONIC_LIMIT_IS: &str = " bytes, the limit is: ";
+
+/// When `status` is tonic's refusal of a request message above the decoding limit
+/// (OUT_OF_RANGE), the message's size and the limit as it names them (`None` for a number
+/// it does not give); `None` for any other status.
+pub fn tonic_too_large(status: &Status) -> Option<(Option<usize>, Option<usize>)> {
+    if status.code() != Code::OutOfRange {
+        return None;
+    }
+    let rest = status.message().strip_prefix(TONIC_BODY_TOO_LARGE)?;
+    let leading_number = |text: &str| {
+        let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+        text[..digits].parse().ok()
+    };
+    let limit = rest
+        .split_once(TONIC_LIMIT_IS)
+        .and_then(|(_, limit)| leading_number(limit));
+    Some((leading_number(rest), limit))
+}
+
+/// `status` as the client should see it when the gRPC layer made it: tonic's refusal of a
+/// request message above the limit it names becomes [`request_too_large`]
+/// (RESOURCE_EXHAUSTED, as every fairrank service and gRPC's own implementations answer
+/// it); any other status gets its reason from [`with_reason`].
+pub fn uniform_transport_status(status: Status) -> Status {
+    match tonic_too_large(&status) {
+        Some((size, Some(limit))) => request_too_large(size, limit),
+        _ => with_reason(status),
+    }
+}
+
 /// How tonic's messages for a request body that is not a message of the method's type
 /// begin: prost's decoding error, a unary call without a message, a body that ends inside
 /// a message, a message whose compression flag the call does not allow.
@@ -340,7 +376,9 @@ const TONIC_UNDECODABLE: [&str; 4] = [
 /// request message above `server.max_message_bytes` ([`ErrorReason::LimitExceeded`]);
 /// INTERNAL with one of tonic's messages for a body that does not decode is
 /// [`ErrorReason::InvalidField`]. Anything else (a failed transport) is
-/// [`ErrorReason::Unspecified`]. Codes and messages stay tonic's.
+/// [`ErrorReason::Unspecified`]. Codes and messages stay tonic's, but for the refusal of
+/// a message above the limit, which the front and reflection turn into RESOURCE_EXHAUSTED
+/// ([`uniform_transport_status`]).
 pub fn transport_reason(code: Code, message: &str) -> ErrorReason {
     match code {
         Code::Unimplemented | Code::NotFound => ErrorReason::NotSupported,
@@ -633,6 +671,40 @@ mod tests {
         assert_eq!(error_reason(&ours), ErrorReason::Overloaded);
         let ok = with_reason(Status::ok(""));
         assert!(!ok.metadata().contains_key(ERROR_REASON_METADATA_KEY));
+    }
+
+    #[test]
+    fn tonics_refusal_of_a_large_message_reads_as_every_services() {
+        let tonic = Status::out_of_range(
+            "Error, decoded message length too large: found 5000 bytes, the limit is: 4096 bytes",
+        );
+        assert_eq!(tonic_too_large(&tonic), Some((Some(5000), Some(4096))));
+        let uniform = uniform_transport_status(tonic);
+        let expected = request_too_large(Some(5000), 4096);
+        assert_eq!(
+            (uniform.code(), uniform.message()),
+            (expected.code(), expected.message())
+        );
+        assert_eq!(uniform.code(), Code::ResourceExhausted);
+        assert_eq!(error_reason(&uniform), ErrorReason::LimitExceeded);
+        // Numbers it does not give are unknown; without the limit the status stays tonic's.
+        let no_limit = Status::out_of_range("Error, decoded message length too large: found ");
+        assert_eq!(tonic_too_large(&no_limit), Some((None, None)));
+        let kept = uniform_transport_status(no_limit);
+        assert_eq!(kept.code(), Code::OutOfRange);
+        assert_eq!(error_reason(&kept), ErrorReason::LimitExceeded);
+        // Other statuses are not tonic's refusal, and keep code and message.
+        for status in [
+            Status::out_of_range("the index is out of range"),
+            Status::internal(
+                "Error, decoded message length too large: found 5000 bytes, the limit is: 4096 bytes",
+            ),
+        ] {
+            assert_eq!(tonic_too_large(&status), None, "{status:?}");
+            let (code, message) = (status.code(), status.message().to_owned());
+            let kept = uniform_transport_status(status);
+            assert_eq!((kept.code(), kept.message()), (code, message.as_str()));
+        }
     }
 
     #[test]

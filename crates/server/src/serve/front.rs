@@ -163,7 +163,9 @@ fn unimplemented() -> BoxFuture<Answer, Infallible> {
 
 /// A service's answer on its way out: an error answer with its status in the headers
 /// (trailers-only) that carries no `fairrank-error-reason`, one tonic made itself, gets one
-/// ([`errors::stamp_reason`]).
+/// ([`errors::stamp_reason`]); tonic's OUT_OF_RANGE for a request message above the limit
+/// (a health request) becomes the RESOURCE_EXHAUSTED every service answers
+/// ([`errors::request_too_large`]).
 pub struct Stamped(BoxFuture<Answer, Infallible>);
 
 impl std::fmt::Debug for Stamped {
@@ -177,6 +179,14 @@ impl Future for Stamped {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let Ok(mut answer) = ready!(self.0.as_mut().poll(cx));
+        // tonic keeps the status of an answer it makes from one in the answer's extensions.
+        let too_large = answer
+            .extensions()
+            .get::<Status>()
+            .and_then(errors::tonic_too_large);
+        if let Some((size, Some(limit))) = too_large {
+            return Poll::Ready(Ok(status_answer(errors::request_too_large(size, limit))));
+        }
         errors::stamp_reason(answer.headers_mut());
         Poll::Ready(Ok(answer))
     }

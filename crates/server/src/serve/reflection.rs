@@ -26,7 +26,7 @@
 //! conversation ends when the client ends its side (OK), when the client's side fails (its
 //! status, as tonic's decoder gives it, with the `fairrank-error-reason` every error
 //! carries: a message that does not decode is INTERNAL, one above `server.max_message_bytes`
-//! OUT_OF_RANGE), or when the server's graceful shutdown starts (UNAVAILABLE), so an open,
+//! RESOURCE_EXHAUSTED, as every service answers it), or when the server's graceful shutdown starts (UNAVAILABLE), so an open,
 //! idle stream does not hold up the drain.
 
 use std::collections::HashMap;
@@ -481,12 +481,13 @@ where
             Poll::Ready(Some(Ok(request))) => {
                 Poll::Ready(Some(Ok(P::respond(&this.index, request))))
             }
-            // The client's side failed: a message that does not decode or is above
-            // `server.max_message_bytes`, as tonic's decoder says it, with the reason
-            // every fairrank error carries (it goes out in the stream's trailers).
+            // The client's side failed: a message that does not decode (tonic's status)
+            // or is above `server.max_message_bytes` (RESOURCE_EXHAUSTED, as every service
+            // answers it), with the reason every fairrank error carries (it goes out in the
+            // stream's trailers).
             Poll::Ready(Some(Err(status))) => {
                 this.ended = true;
-                Poll::Ready(Some(Err(super::errors::with_reason(status))))
+                Poll::Ready(Some(Err(super::errors::uniform_transport_status(status))))
             }
             Poll::Ready(None) => {
                 this.ended = true;
@@ -920,25 +921,26 @@ mod tests {
     }
 
     /// The client's side fails as tonic's decoder says it (a message above the limit, one
-    /// that does not decode): the stream ends with that status, its code and message kept
-    /// and the reason every fairrank error carries added.
+    /// that does not decode): the stream ends with that status and the reason every
+    /// fairrank error carries, a message above the limit as every service refuses it
+    /// (RESOURCE_EXHAUSTED, [`super::super::errors::request_too_large`]), the other with
+    /// tonic's code and message.
     #[tokio::test]
     async fn a_conversation_ends_with_the_status_of_a_failed_client_side() {
         use api::fairrank::v1::ErrorReason;
         use tokio_stream::StreamExt as _;
         let (_stop_sender, stop) = watch::channel(false);
-        for (failure, reason) in [
+        let undecodable = Status::internal("failed to decode Protobuf message: invalid varint");
+        for (failure, expected, reason) in [
             (
                 Status::out_of_range(
                     "Error, decoded message length too large: found 9 bytes, the limit is: 8 \
                      bytes",
                 ),
+                super::super::errors::request_too_large(Some(9), 8),
                 ErrorReason::LimitExceeded,
             ),
-            (
-                Status::internal("failed to decode Protobuf message: invalid varint"),
-                ErrorReason::InvalidField,
-            ),
+            (undecodable.clone(), undecodable, ErrorReason::InvalidField),
         ] {
             let requests = tokio_stream::iter([
                 Ok(symbol_request("fairrank.v1.Ranker")),
@@ -951,7 +953,7 @@ mod tests {
             let status = answers[1].as_ref().expect_err("the status");
             assert_eq!(
                 (status.code(), status.message()),
-                (failure.code(), failure.message())
+                (expected.code(), expected.message())
             );
             assert_eq!(api::status::error_reason(status), reason, "{status:?}");
         }

@@ -16,10 +16,10 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use prost::Message;
+use tonic::Status;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
 use tonic::server::{NamedService, UnaryService};
-use tonic::{Code, Status};
 
 use super::errors;
 
@@ -169,10 +169,6 @@ where
     })
 }
 
-/// How tonic's refusal of a request body above the decoding limit begins (its code is
-/// OUT_OF_RANGE; the text goes on "N bytes, the limit is: M bytes").
-const TONIC_BODY_TOO_LARGE: &str = "Error, decoded message length too large: found ";
-
 /// The answer to a call refused before its handler ran, `answer` as tonic made it: a body
 /// above `limit` becomes [`errors::request_too_large`] (RESOURCE_EXHAUSTED, as grpc-go,
 /// grpc-java and gRPC core answer a message above the receiver's limit; tonic's
@@ -187,15 +183,11 @@ fn refusal_answer(
     let Some(status) = answer.extensions().get::<Status>() else {
         return answer;
     };
-    let too_large = (status.code() == Code::OutOfRange)
-        .then(|| status.message().strip_prefix(TONIC_BODY_TOO_LARGE))
-        .flatten();
-    let Some(rest) = too_large else {
+    let Some((size, _)) = errors::tonic_too_large(status) else {
         refused(status);
         return answer;
     };
-    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-    let status = errors::request_too_large(rest[..digits].parse().ok(), limit);
+    let status = errors::request_too_large(size, limit);
     refused(&status);
     let (parts, ()) = status.into_http::<()>().into_parts();
     http::Response::from_parts(parts, tonic::body::Body::empty())
