@@ -866,6 +866,46 @@ async fn calls_are_routed_by_their_path_and_every_service_gets_its_deadline() {
     );
 }
 
+/// Health's unary and server-streaming methods, and both reflection versions' stream.
+const CHECK: &str = "/grpc.health.v1.Health/Check";
+const WATCH: &str = "/grpc.health.v1.Health/Watch";
+const REFLECTION_PATHS: [&str; 2] = [
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// The refusal of `body` by each of `unary` (unary calls), Watch (a trailers-only answer)
+/// and both reflection streams (which open, their status coming in the trailers), with
+/// its path.
+async fn refusals_of(
+    server: &Server,
+    body: &[u8],
+    unary: &[&'static str],
+) -> Vec<(&'static str, tonic::Status)> {
+    let mut refusals = Vec::new();
+    for &path in unary {
+        let status = server
+            .raw_call(path, body.to_vec(), &[])
+            .await
+            .expect_err(path);
+        refusals.push((path, status));
+    }
+    let status = server
+        .raw_server_stream(WATCH, body.to_vec(), &[])
+        .await
+        .expect_err(WATCH);
+    refusals.push((WATCH, status));
+    for path in REFLECTION_PATHS {
+        let mut answers = server
+            .raw_stream(path, vec![body.to_vec()], &[])
+            .await
+            .expect("the stream opens: its status comes in the trailers");
+        let status = answers.message().await.expect_err(path);
+        refusals.push((path, status));
+    }
+    refusals
+}
+
 /// The statuses the gRPC layer makes itself (tonic's, outside fairrank's handlers) carry a
 /// `fairrank-error-reason` like every other error, with tonic's code and message kept, in
 /// trailers-only answers (the status in the headers) and in a stream's trailers; health and
@@ -902,12 +942,6 @@ async fn errors_of_the_grpc_layer_carry_a_reason() {
     };
     let bearer = format!("Bearer {ADMIN_TOKEN}");
     let token = [("authorization", bearer.as_str())];
-    const CHECK: &str = "/grpc.health.v1.Health/Check";
-    const WATCH: &str = "/grpc.health.v1.Health/Watch";
-    let reflection_paths = [
-        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-    ];
 
     // A method the service lacks: tonic's UNIMPLEMENTED with no message.
     for service in [
@@ -965,7 +999,7 @@ async fn errors_of_the_grpc_layer_carry_a_reason() {
         .await
         .expect_err("Watch: a trailers-only answer");
     compressed(WATCH, &status);
-    for path in reflection_paths {
+    for path in REFLECTION_PATHS {
         let status = server
             .raw_stream(
                 path,
@@ -1005,24 +1039,9 @@ async fn errors_of_the_grpc_layer_carry_a_reason() {
             "{what}: {status:?}"
         );
     };
-    for path in [CHECK, "/fairrank.bench.v1.Echo/Echo"] {
-        let status = server
-            .raw_call(path, garbage.clone(), &[])
-            .await
-            .expect_err(path);
-        undecodable(path, &status);
-    }
-    let status = server
-        .raw_server_stream(WATCH, garbage.clone(), &[])
-        .await
-        .expect_err(WATCH);
-    undecodable(WATCH, &status);
-    for path in reflection_paths {
-        let mut answers = server
-            .raw_stream(path, vec![garbage.clone()], &[])
-            .await
-            .expect("the stream opens: its status comes in the trailers");
-        let status = answers.message().await.expect_err(path);
+    for (path, status) in
+        refusals_of(&server, &garbage, &[CHECK, "/fairrank.bench.v1.Echo/Echo"]).await
+    {
         undecodable(path, &status);
     }
 
@@ -1034,7 +1053,7 @@ async fn errors_of_the_grpc_layer_carry_a_reason() {
         .await
         .expect_err("not served");
     unknown(CHECK, &status);
-    for path in reflection_paths {
+    for path in REFLECTION_PATHS {
         let mut answers = server
             .raw_stream(
                 path,
@@ -1078,22 +1097,7 @@ async fn errors_of_the_grpc_layer_carry_a_reason() {
             "{what}: {status:?}"
         );
     };
-    let status = server
-        .raw_call(CHECK, too_long.clone(), &[])
-        .await
-        .expect_err(CHECK);
-    too_large(CHECK, &status);
-    let status = server
-        .raw_server_stream(WATCH, too_long.clone(), &[])
-        .await
-        .expect_err(WATCH);
-    too_large(WATCH, &status);
-    for path in reflection_paths {
-        let mut answers = server
-            .raw_stream(path, vec![too_long.clone()], &[])
-            .await
-            .expect("the stream opens: its status comes in the trailers");
-        let status = answers.message().await.expect_err(path);
+    for (path, status) in refusals_of(&server, &too_long, &[CHECK]).await {
         too_large(path, &status);
     }
 }
