@@ -392,8 +392,7 @@ impl OwnRoutes for AdminService {
                 .shared
                 .metrics
                 .record_call(method, status.code(), std::time::Duration::ZERO);
-            let (parts, ()) = status.into_http::<()>().into_parts();
-            let answer = http::Response::from_parts(parts, tonic::body::Body::empty());
+            let answer = errors::status_answer(status);
             return Ok(Box::pin(async move { Ok(answer) }));
         }
         // A body over the size limit or one that does not decode is counted like any

@@ -9,7 +9,7 @@ use api::status::{ERROR_REASON_METADATA_KEY, error_status};
 use engine::{
     AbortReason, EngineError, InvalidReason, NotFoundReason, PreconditionReason, ReloadProblem,
 };
-use tonic::codegen::http::{HeaderMap, HeaderName, HeaderValue};
+use tonic::codegen::http::{self, HeaderMap, HeaderName, HeaderValue};
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
 
@@ -168,6 +168,13 @@ pub fn request_too_large(bytes: Option<usize>, limit: usize) -> Status {
         ErrorReason::LimitExceeded,
         None,
     )
+}
+
+/// An answer with no body that carries only `status` in its headers (trailers-only), as
+/// tonic answers a call it refuses.
+pub fn status_answer(status: Status) -> http::Response<tonic::body::Body> {
+    let (parts, ()) = status.into_http::<()>().into_parts();
+    http::Response::from_parts(parts, tonic::body::Body::empty())
 }
 
 /// Load shedding: the concurrency limit is reached.

@@ -136,12 +136,6 @@ fn count_refusal(metrics: &Metrics, path: &str, status: &Status) {
     }
 }
 
-/// An answer with no body that carries only `status` (as tonic answers a refused call).
-fn status_answer(status: Status) -> Answer {
-    let (parts, ()) = status.into_http::<()>().into_parts();
-    http::Response::from_parts(parts, Body::empty())
-}
-
 /// Calls a clone of `service` (the generated servers' `call` needs `&mut`; a clone is a
 /// reference count or two).
 fn call<S: Served>(service: &S, request: http::Request<Body>) -> BoxFuture<Answer, Infallible> {
@@ -151,7 +145,7 @@ fn call<S: Served>(service: &S, request: http::Request<Body>) -> BoxFuture<Answe
 /// tonic's answer to a path that names no service it serves (UNIMPLEMENTED with an empty
 /// message), with the reason every fairrank error carries.
 fn unimplemented() -> BoxFuture<Answer, Infallible> {
-    Box::pin(std::future::ready(Ok(status_answer(
+    Box::pin(std::future::ready(Ok(errors::status_answer(
         api::status::error_status(
             tonic::Code::Unimplemented,
             "",
@@ -185,7 +179,9 @@ impl Future for Stamped {
             .get::<Status>()
             .and_then(errors::tonic_too_large);
         if let Some((size, Some(limit))) = too_large {
-            return Poll::Ready(Ok(status_answer(errors::request_too_large(size, limit))));
+            return Poll::Ready(Ok(errors::status_answer(errors::request_too_large(
+                size, limit,
+            ))));
         }
         errors::stamp_reason(answer.headers_mut());
         Poll::Ready(Ok(answer))
@@ -205,7 +201,7 @@ where
     fn route(&self, mut request: http::Request<Body>) -> BoxFuture<Answer, Infallible> {
         if let Err(status) = deadline::stamp(&mut request, self.default_deadline) {
             count_refusal(&self.metrics, request.uri().path(), &status);
-            return Box::pin(std::future::ready(Ok(status_answer(status))));
+            return Box::pin(std::future::ready(Ok(errors::status_answer(status))));
         }
         let services = &*self.services;
         let Some(name) = service_name(request.uri().path()) else {

@@ -189,8 +189,7 @@ fn refusal_answer(
     };
     let status = errors::request_too_large(size, limit);
     refused(&status);
-    let (parts, ()) = status.into_http::<()>().into_parts();
-    http::Response::from_parts(parts, tonic::body::Body::empty())
+    errors::status_answer(status)
 }
 
 /// A service that serves its methods through its own routes ([`unary`],
